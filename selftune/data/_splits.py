@@ -1,0 +1,75 @@
+"""Turn raw arrays into normalised train/validation/test tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ._loaders import DATASETS
+
+
+@dataclass
+class Splits:
+    """Train, validation and test sets of one dataset, with what a model needs to know of it."""
+
+    name: str
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("train", "val", "test")}
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float = 0.2, train_subset: int = 0,
+                 test_subset: int = 0, split_seed: int = 0) -> Splits:
+    """Load ``name`` and split it reproducibly.
+
+    Args:
+        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``).
+        val_fraction: share of the training set held out for validation (hyper steps).
+        test_fraction: share held out as test set, only for datasets without an official one.
+        train_subset: keep only this many training examples (0: all), for quick runs.
+        test_subset: keep only this many test examples (0: all).
+        split_seed: seed of the shuffle that draws the splits (independent of the run seed).
+
+    Returns:
+        :class:`Splits` whose inputs are standardised with the training set's mean and std.
+
+    Raises:
+        LookupError: on an unknown dataset name.
+        DatasetUnavailable: when the package shipping the data is not installed.
+    """
+    if name not in DATASETS:
+        raise LookupError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+        raise ValueError("val_fraction and test_fraction must lie in (0, 1)")
+    train_x, train_y, test_x, test_y = DATASETS[name]()
+    rng = np.random.default_rng(split_seed)
+    order = rng.permutation(len(train_x))
+    if test_x is None or test_y is None:
+        n_test = int(round(test_fraction * len(order)))
+        test_idx, order = order[:n_test], order[n_test:]
+        test_x, test_y = train_x[test_idx], train_y[test_idx]
+    n_val = int(round(val_fraction * len(order)))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if train_subset:
+        train_idx = train_idx[:train_subset]
+    if test_subset:
+        test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+
+    xs = {"train": _to_float(train_x[train_idx]), "val": _to_float(train_x[val_idx]), "test": _to_float(test_x)}
+    ys = {"train": train_y[train_idx], "val": train_y[val_idx], "test": test_y}
+    mean, std = float(xs["train"].mean()), float(xs["train"].std()) or 1.0
+    sets = {k: TensorDataset(torch.from_numpy((xs[k] - mean) / std), torch.from_numpy(ys[k])) for k in xs}
+    return Splits(name=name, train=sets["train"], val=sets["val"], test=sets["test"],
+                  input_shape=tuple(xs["train"].shape[1:]), num_classes=int(train_y.max()) + 1)

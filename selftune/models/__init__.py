@@ -1,0 +1,135 @@
+"""Reference models used by the examples and benchmarks, written with selftune regularisers.
+
+Each takes the names of the hyperparameters that drive its dropout layers (``None`` for no dropout
+there), so one architecture serves every space. ``build(name, ...)`` is the registry the config uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..nn import Dropout
+
+__all__ = ["MLP", "AlexNetSmall", "SimpleCNN", "MODELS", "build"]
+
+
+def _drop(name: str | None, channelwise: bool = False) -> nn.Module:
+    return Dropout(name, channelwise=channelwise) if name else nn.Identity()
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on flattened inputs.
+
+    Args:
+        in_features, num_classes: input width and output classes.
+        hidden: widths of the hidden layers.
+        dropout: ``len(hidden) + 1`` hyperparameter names: input dropout first, then one after each
+            hidden layer (``None`` entries: no dropout there).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
+                 dropout: Sequence[str | None] | None = None) -> None:
+        super().__init__()
+        dropout = list(dropout) if dropout is not None else [None] * (len(hidden) + 1)
+        if len(dropout) != len(hidden) + 1:
+            raise ValueError(f"dropout needs {len(hidden) + 1} entries (input + one per hidden layer), "
+                             f"got {len(dropout)}")
+        layers: list[nn.Module] = [nn.Flatten(), _drop(dropout[0])]
+        width = in_features
+        for h, d in zip(hidden, dropout[1:], strict=True):
+            layers += [nn.Linear(width, h), nn.ReLU(), _drop(d)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.net(x)
+
+
+class SimpleCNN(nn.Module):
+    """The Delta-STN paper's SimpleCNN: two 5x5 conv blocks and two fully connected layers.
+
+    Args:
+        in_channels, image_size, num_classes: input shape and classes (``image_size`` divisible by 4).
+        channels: output channels of the two conv layers.
+        fc: width of the hidden fully connected layer.
+        dropout: four hyperparameter names: input, after conv1 block, after conv2 block (both
+            channel-wise), after the hidden fully connected layer.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
+                 channels: Sequence[int] = (16, 32), fc: int = 128,
+                 dropout: Sequence[str | None] | None = None) -> None:
+        super().__init__()
+        d = list(dropout) if dropout is not None else [None] * 4
+        if len(d) != 4:
+            raise ValueError(f"dropout needs 4 entries (input, conv1, conv2, fc), got {len(d)}")
+        c1, c2 = channels
+        side = image_size // 4
+        self.features = nn.Sequential(
+            _drop(d[0]),
+            nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), _drop(d[1], channelwise=True),
+            nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), _drop(d[2], channelwise=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * side * side, fc), nn.ReLU(), _drop(d[3]), nn.Linear(fc, num_classes))
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.classifier(self.features(x))
+
+
+class AlexNetSmall(nn.Module):
+    """A small AlexNet for 28x28 (or 32x32) images: three conv blocks, two hidden FC layers.
+
+    Args:
+        in_channels, image_size, num_classes: input shape and classes (``image_size`` divisible by 8).
+        width: channels of the first conv (later convs use 2x and 4x).
+        fc: width of the two hidden fully connected layers.
+        dropout: five hyperparameter names: input, after each of the three conv blocks (channel-wise),
+            and one shared by the two hidden FC layers.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width: int = 32,
+                 fc: int = 256, dropout: Sequence[str | None] | None = None) -> None:
+        super().__init__()
+        d = list(dropout) if dropout is not None else [None] * 5
+        if len(d) != 5:
+            raise ValueError(f"dropout needs 5 entries (input, conv1..3, fc), got {len(d)}")
+        side = image_size // 8
+        w = width
+        self.features = nn.Sequential(
+            _drop(d[0]),
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _drop(d[1], True),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _drop(d[2], True),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), _drop(d[3], True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * side * side, fc), nn.ReLU(), _drop(d[4]),
+            nn.Linear(fc, fc), nn.ReLU(), _drop(d[4]), nn.Linear(fc, num_classes))
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.classifier(self.features(x))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "simple_cnn": SimpleCNN, "alexnet_small": AlexNetSmall}
+
+
+def build(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a reference model for data of ``input_shape`` (without the batch dimension).
+
+    Raises:
+        LookupError: on an unknown model name.
+    """
+    if name not in MODELS:
+        raise LookupError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name == "mlp":
+        in_features = 1
+        for n in input_shape:
+            in_features *= n
+        return MLP(in_features, num_classes, **kwargs)
+    if len(input_shape) != 3:
+        raise ValueError(f"model {name!r} needs image data (C, H, W), got input shape {input_shape}")
+    return MODELS[name](in_channels=input_shape[0], image_size=input_shape[1], num_classes=num_classes, **kwargs)

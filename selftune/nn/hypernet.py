@@ -1,0 +1,181 @@
+"""``hypernetize``: turn an existing model into a best-response network in one call.
+
+The wrapper :class:`HyperNet` owns the hyperparameters (as unconstrained parameters) and their
+perturbation scales, so the trained model that ``fit`` returns is self-contained: ``net(x)``
+evaluates at the tuned hyperparameters and ``net.state_dict()`` carries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..space import Space
+from .layers import FORMS, BestResponseConv2d, BestResponseLinear, Form, _BestResponse
+from .state import HyperModule, HyperState
+
+
+def _inverse_softplus(x: float) -> float:
+    return float(torch.log(torch.expm1(torch.tensor(x, dtype=torch.float64))))
+
+
+class HyperNet(nn.Module):
+    """A model whose layers respond to hyperparameters, plus those hyperparameters.
+
+    Build it with :func:`hypernetize`. Call it as ``net(x)`` to evaluate at the current
+    hyperparameters, or ``net(x, u)`` with ``(B, H)`` unconstrained per-example hyperparameters.
+
+    Attributes:
+        model: the wrapped user model (its layers replaced in place).
+        space: the hyperparameter space.
+        form: ``"stn"`` or ``"delta"``.
+        hparams: ``(H,)`` unconstrained hyperparameters (``lambda``).
+        scale_raw: ``(H,)`` perturbation scales before softplus (``sigma = softplus(scale_raw)``).
+    """
+
+    def __init__(self, model: nn.Module, space: Space, form: Form = "delta", init_scale: float = 0.5) -> None:
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS} (got {form!r})")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0 (got {init_scale})")
+        self.model = model
+        self.space = space
+        self.form = form
+        self.hparams = nn.Parameter(space.init_unconstrained())
+        self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale)))
+        self._state = HyperState(space)
+        for module in model.modules():
+            if isinstance(module, HyperModule):
+                module.bind_state(self._state)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, u: torch.Tensor | None = None, *, respond: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the model at per-example hyperparameters.
+
+        Args:
+            x: a batch; its first dimension is the batch size ``B``.
+            u: ``(B, H)`` unconstrained hyperparameters; ``None`` means the current ``hparams``.
+            respond: ``False`` switches the response path off (plain training at fixed values).
+            generator: random source for dropout masks.
+        """
+        batch = x.shape[0]
+        centre = self.hparams.unsqueeze(0).expand(batch, -1)
+        at_centre = u is None
+        if u is None:
+            u = centre
+        values = self.space.discretize(self.space.to_constrained(u))
+        cond: torch.Tensor | None = None
+        if respond:
+            if self.form == "stn":
+                cond = self.space.encode(u)
+            elif not at_centre:
+                # Delta-STN is centred: at the current hyperparameters the response is exactly 0,
+                # so the response path is skipped there and such a step costs a plain step.
+                cond = self.space.encode(u) - self.space.encode(centre.detach())
+        with self._state.bind(values, cond, generator):
+            return self.model(x)
+
+    # -- hyperparameters ------------------------------------------------------------------------
+    @property
+    def scale(self) -> torch.Tensor:
+        """``(H,)`` perturbation standard deviations in unconstrained space."""
+        return F.softplus(self.scale_raw)
+
+    def perturb(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``(B, H)`` hyperparameters ``lambda + sigma * eps``, one draw per example."""
+        eps = torch.randn(batch_size, len(self.space), generator=generator, device=self.hparams.device)
+        return self.hparams + self.scale * eps
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the perturbation distribution, ``sum(log(sigma * sqrt(2 pi e)))``."""
+        return torch.log(self.scale * (2 * torch.pi * torch.e) ** 0.5).sum()
+
+    def values(self) -> dict[str, float | int]:
+        """Current hyperparameters as readable constrained values."""
+        return self.space.values_dict(self.hparams)
+
+    def set_values(self, values: dict[str, float]) -> None:
+        """Set hyperparameters from constrained values (names missing from ``values`` go to init)."""
+        with torch.no_grad():
+            self.hparams.copy_(self.space.from_dict(values))
+
+    # -- parameter groups -----------------------------------------------------------------------
+    def best_response_layers(self) -> list[_BestResponse]:
+        return [m for m in self.model.modules() if isinstance(m, _BestResponse)]
+
+    def response_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the response paths (``W_r``, ``b_r``, ``V``) of every best-response layer."""
+        return [p for layer in self.best_response_layers() for p in layer.response_parameters()]
+
+    def general_parameters(self) -> list[nn.Parameter]:
+        """Every model weight that is not a response parameter (the plain network)."""
+        response = {id(p) for p in self.response_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in response]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """All model weights (general and response), excluding hyperparameters and scales."""
+        return list(self.model.parameters())
+
+
+def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        new: _BestResponse = BestResponseLinear(module.in_features, module.out_features, encoding_size,
+                                                bias=module.bias is not None, form=form)
+    elif isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise TypeError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
+        new = BestResponseConv2d(module.in_channels, module.out_channels, module.kernel_size, encoding_size,
+                                 stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                 groups=module.groups, bias=module.bias is not None, form=form)
+    else:
+        raise TypeError(f"cannot make {type(module).__name__} a best-response layer (Linear and Conv2d only)")
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None and new.bias is not None:
+            new.bias.copy_(module.bias)
+    return new.to(device=module.weight.device, dtype=module.weight.dtype)
+
+
+def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
+                modules: Iterable[str] | None = None, init_scale: float = 0.5) -> HyperNet:
+    """Make ``model`` a best-response network for ``space``.
+
+    Every ``nn.Linear`` and ``nn.Conv2d`` (or only those named in ``modules``) is replaced, in place,
+    by its best-response counterpart with the same weights; every selftune regulariser in the model
+    (:class:`~selftune.nn.Dropout`, ...) is attached to the returned wrapper.
+
+    Args:
+        model: any ``nn.Module``; its ``forward`` keeps working unchanged.
+        space: the hyperparameters the layers respond to.
+        form: ``"delta"`` (Delta-STN, centred, recommended) or ``"stn"``.
+        modules: qualified names (as in ``model.named_modules()``) of the layers to convert;
+            ``None`` converts every Linear and Conv2d.
+        init_scale: initial perturbation scale ``sigma`` (unconstrained space).
+
+    Returns:
+        The :class:`HyperNet` wrapping ``model``.
+
+    Raises:
+        LookupError: a name in ``modules`` that the model does not have.
+        TypeError: a named module that is not a Linear or Conv2d.
+    """
+    named = dict(model.named_modules())
+    if modules is None:
+        targets = [n for n, m in named.items() if type(m) in (nn.Linear, nn.Conv2d)]
+    else:
+        targets = list(modules)
+        for name in targets:
+            if name not in named:
+                raise LookupError(f"model has no module named {name!r}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = named[parent_name] if parent_name else model
+        if not name:
+            raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
+        setattr(parent, child, _convert(named[name], space.encoding_size, form))
+    return HyperNet(model, space, form=form, init_scale=init_scale)

@@ -1,0 +1,76 @@
+"""The per-forward hyperparameter state shared by a :class:`~selftune.nn.HyperNet` and its layers.
+
+A user's ``forward`` keeps its signature: best-response layers and hyperparameter-driven regularisers
+read the current per-example hyperparameters from this shared object instead of from arguments.
+The state is set only for the duration of one forward pass (:meth:`HyperState.bind`), so a stale
+value can never leak into the next call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..space import Space
+
+
+@dataclass
+class HyperState:
+    """What the modules of one HyperNet see during a forward pass.
+
+    Attributes:
+        space: the hyperparameter space (for name -> column lookups).
+        values: ``(B, H)`` constrained per-example hyperparameters, integers rounded.
+        cond: ``(B, 2H)`` gate input of best-response layers, or ``None`` to skip the response path
+            (plain training, or Delta-STN at the unperturbed point where the response is exactly 0).
+        generator: random source for dropout masks (the tuner's, so runs are reproducible).
+    """
+
+    space: Space
+    values: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    _active: bool = field(default=False, repr=False)
+
+    @contextmanager
+    def bind(self, values: torch.Tensor, cond: torch.Tensor | None,
+             generator: torch.Generator | None) -> Iterator[None]:
+        if self._active:
+            raise RuntimeError("HyperNet forward passes cannot be nested")
+        self.values, self.cond, self.generator, self._active = values, cond, generator, True
+        try:
+            yield
+        finally:
+            self.values, self.cond, self.generator, self._active = None, None, None, False
+
+    def value(self, name: str) -> torch.Tensor:
+        """``(B,)`` per-example value of one hyperparameter.
+
+        Raises:
+            RuntimeError: when called outside a HyperNet forward pass.
+            LookupError: for a name the space does not declare.
+        """
+        if self.values is None:
+            raise RuntimeError(f"hyperparameter {name!r} read outside a HyperNet forward pass")
+        return self.values[:, self.space.index(name)]
+
+
+class HyperModule(torch.nn.Module):
+    """Base of every module that reads hyperparameters; :func:`~selftune.hypernetize` binds it."""
+
+    _hyper_state: HyperState | None = None
+
+    def bind_state(self, state: HyperState) -> None:
+        # A plain attribute, not a submodule or buffer: the state is transient and never saved.
+        object.__setattr__(self, "_hyper_state", state)
+
+    @property
+    def hyper_state(self) -> HyperState:
+        if self._hyper_state is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not attached to a HyperNet: wrap the model with "
+                "selftune.hypernetize(model, space) before calling it")
+        return self._hyper_state

@@ -1,0 +1,47 @@
+"""Settings of the self-tuning loop, validated by pydantic.
+
+One model serves the Python API (``TunerSettings(lr=0.05)``) and the ``[tuner]`` table of a config
+file, so defaults and error messages are the same in both places.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+Method = Literal["stn", "delta-stn", "fixed"]
+METHODS: tuple[str, ...] = ("stn", "delta-stn", "fixed")
+
+
+class TunerSettings(BaseModel):
+    """How weights and hyperparameters are trained (DESIGN.md section 3).
+
+    ``None`` for ``hyper_optimizer``/``hyper_lr`` picks the official default of the method:
+    Adam at 3e-3 for STN, RMSprop at 1e-2 for Delta-STN.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: PositiveInt = 128
+    val_batch_size: PositiveInt | None = Field(None, description="defaults to batch_size")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.01
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="fixed (untuned) decay of the weight optimizer")
+    hyper_optimizer: Literal["adam", "rmsprop"] | None = None
+    hyper_lr: PositiveFloat | None = None
+    scale_lr: PositiveFloat | None = Field(None, description="defaults to hyper_lr")
+    init_scale: PositiveFloat = Field(0.5, description="initial perturbation std (unconstrained space)")
+    tune_scales: bool = True
+    entropy_weight: float = Field(1e-3, ge=0.0)
+    warmup_epochs: int = Field(1, ge=0)
+    train_steps: PositiveInt = 5
+    val_steps: PositiveInt = 1
+    log_every: PositiveInt = 10
+
+    def resolved_hyper(self, method: str) -> tuple[str, float, float]:
+        """``(optimizer, lr, scale_lr)`` for the hyperparameters of ``method``."""
+        opt = self.hyper_optimizer or ("adam" if method == "stn" else "rmsprop")
+        lr = self.hyper_lr or (3e-3 if method == "stn" else 1e-2)
+        return opt, lr, self.scale_lr or lr
