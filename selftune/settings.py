@@ -37,6 +37,10 @@ class TunerSettings(BaseModel):
     entropy_weight: float = Field(1e-3, ge=0.0)
     warmup_epochs: int = Field(1, ge=0)
     train_steps: PositiveInt = 5
+    response_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Delta-STN: share of each batch used by the response-weight step (1.0 as in the paper; "
+                    "lower trades response-data for speed, the general weights always see the whole batch)")
     val_steps: PositiveInt = 1
     log_every: PositiveInt = 10
 

@@ -153,6 +153,9 @@ class Space:
         self._width = torch.tensor([s[1] - s[0] for s in spans], dtype=torch.float64)
         self._log = torch.tensor([p.log for p in self.params])
         self._int = torch.tensor([p.is_int for p in self.params])
+        # Bounds of the continuous value, to clamp away float rounding of exp(log(low)).
+        self._min = torch.tensor([p.low - 0.5 if p.is_int else p.low for p in self.params], dtype=torch.float64)
+        self._max = torch.tensor([p.high + 0.5 if p.is_int else p.high for p in self.params], dtype=torch.float64)
 
     # -- container protocol -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -199,7 +202,8 @@ class Space:
         """Map unconstrained reals ``(..., H)`` to values inside the declared bounds (differentiable)."""
         lo, width, log, _ = self._consts(u)
         v = lo + width * torch.sigmoid(u)
-        return torch.where(log, torch.exp(v), v)
+        v = torch.where(log, torch.exp(v), v)
+        return torch.clamp(v, self._min.to(v), self._max.to(v))
 
     def to_unconstrained(self, v: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_constrained`; values on a bound map to a large finite logit."""

@@ -284,6 +284,9 @@ class SelfTuner:
         # General weights at the current hyperparameters: no bias from perturbed training data.
         loss = self._weight_step(x, y, None, "general")
         # Response weights at perturbed hyperparameters: learn how the weights should move.
+        # They are few functions of few hyperparameters, so a share of the batch can be enough.
+        keep = max(1, math.ceil(self.settings.response_fraction * x.shape[0]))
+        x, y = x[:keep], y[:keep]
         u = self.net.perturb(x.shape[0], self.generator).detach()
         with self._frozen(self.net.general_parameters()):
             self._weight_step(x, y, u, "response")

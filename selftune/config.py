@@ -1,0 +1,245 @@
+"""Run configuration: a TOML file validated by pydantic, with one-line errors that name the field.
+
+Loading is split from running so that every check (types, bounds, references between sections,
+model arguments) happens before anything is written. The format is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .augment import Augment, Cutout, Flip, Noise, Shift
+from .objective import Objective
+from .settings import TunerSettings
+from .space import Float, Int, Space
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A bad config: ``str(err)`` is one line naming the field and what to do."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(BaseModel):
+    model_config = _STRICT
+    name: str
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    train_subset: int = Field(0, ge=0)
+    test_subset: int = Field(0, ge=0)
+    split_seed: int = 0
+
+
+class ModelConfig(BaseModel):
+    """``name`` picks a reference model; every other key is passed to its constructor."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class HyperparameterConfig(BaseModel):
+    model_config = _STRICT
+    type: Literal["float", "int"] = "float"
+    low: float
+    high: float
+    init: float
+    log: bool = False
+
+
+class ObjectiveConfig(BaseModel):
+    model_config = _STRICT
+    weight_decay: str | float | None = None
+    label_smoothing: str | float | None = None
+
+
+_Strength = str | float
+
+
+class CutoutConfig(BaseModel):
+    model_config = _STRICT
+    op: Literal["cutout"]
+    length: _Strength
+    holes: _Strength = 1.0
+
+
+class NoiseConfig(BaseModel):
+    model_config = _STRICT
+    op: Literal["noise"]
+    std: _Strength
+
+
+class ShiftConfig(BaseModel):
+    model_config = _STRICT
+    op: Literal["shift"]
+    max_shift: _Strength
+
+
+class FlipConfig(BaseModel):
+    model_config = _STRICT
+    op: Literal["flip"]
+    p: _Strength
+
+
+AugmentConfig = Annotated[CutoutConfig | NoiseConfig | ShiftConfig | FlipConfig, Field(discriminator="op")]
+
+
+class RunConfig(BaseModel):
+    """A whole run: what to train, what to tune, and how."""
+
+    model_config = _STRICT
+    method: Literal["stn", "delta-stn", "fixed"] = "delta-stn"
+    seed: int = 0
+    epochs: int = Field(ge=1)
+    data: DataConfig
+    model: ModelConfig
+    space: dict[str, HyperparameterConfig]
+    tuner: TunerSettings = TunerSettings()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    augment: list[AugmentConfig] = []
+
+    @field_validator("space")
+    @classmethod
+    def _nonempty(cls, v: dict[str, HyperparameterConfig]) -> dict[str, HyperparameterConfig]:
+        if not v:
+            raise ValueError("declare at least one hyperparameter as a [space.NAME] table")
+        return v
+
+    # -- the objects the config describes --------------------------------------------------------
+    def build_space(self) -> Space:
+        params: list[Float | Int] = []
+        for name, h in self.space.items():
+            try:
+                if h.type == "int":
+                    for f in ("low", "high", "init"):
+                        if float(getattr(h, f)) != int(getattr(h, f)):
+                            raise ValueError(f"{name}.{f} must be an integer for type = \"int\"")
+                    if h.log:
+                        raise ValueError(f"{name}.log is only supported for type = \"float\"")
+                    params.append(Int(name, int(h.low), int(h.high), int(h.init)))
+                else:
+                    params.append(Float(name, h.low, h.high, h.init, log=h.log))
+            except ValueError as err:
+                raise ConfigError(f"space.{name}", str(err).removeprefix(f"{name}.").removeprefix(f"{name}: ")) from None
+        return Space(params)
+
+    def build_objective(self) -> Objective:
+        return Objective(weight_decay=self.objective.weight_decay, label_smoothing=self.objective.label_smoothing)
+
+    def build_augment(self) -> Augment | None:
+        if not self.augment:
+            return None
+        kinds = {"cutout": Cutout, "noise": Noise, "shift": Shift, "flip": Flip}
+        return Augment([kinds[a.op](**a.model_dump(exclude={"op"})) for a in self.augment])
+
+    def check_references(self, space: Space) -> None:
+        """Every hyperparameter named by the objective or an augmentation must be declared."""
+        refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items()]
+        for i, a in enumerate(self.augment):
+            refs += [(f"augment[{i}].{k}", v) for k, v in a.model_dump(exclude={"op"}).items()]
+        for where, value in refs:
+            if isinstance(value, str) and value not in space:
+                raise ConfigError(where, f"{value!r} is not declared; add a [space.{value}] table or use a number")
+
+
+def _format_validation(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    # Drop the union-member names pydantic inserts (e.g. 'cutout', 'str', 'float').
+    cleaned: list[str] = []
+    for part in loc:
+        if cleaned and cleaned[-1].startswith("augment") and part in {"cutout", "noise", "shift", "flip"}:
+            continue
+        if part in {"str", "float", "int", "bool"}:
+            continue
+        cleaned.append(part)
+    field = ""
+    for part in cleaned:
+        field += f"[{part}]" if part.isdigit() else (f".{part}" if field else part)
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = "is required"
+    elif first["type"] == "extra_forbidden":
+        message = "is not a known setting; remove it or check its spelling (see docs/config.md)"
+    elif first["type"] == "union_tag_invalid":
+        message = "op must be one of 'cutout', 'noise', 'shift', 'flip'"
+    elif first["type"] == "union_tag_not_found":
+        message = "needs an op ('cutout', 'noise', 'shift' or 'flip')"
+    else:
+        message = f"{message} (got {first.get('input')!r})"
+    return ConfigError(field or "config", message)
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping (as read from TOML).
+
+    Raises:
+        ConfigError: the first problem, naming its field.
+    """
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation(err) from None
+    config.check_references(config.build_space())
+    return config
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; unreadable or malformed files raise :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("CONFIG", f"file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("CONFIG", f"cannot read {str(p)!r}: {err.__class__.__name__}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("CONFIG", f"{str(p)!r} is not valid TOML: {err}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare words are strings: --set data.name=mnist
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as TOML, else taken as strings).
+
+    Raises:
+        ConfigError: on a malformed override or a path through a non-table.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", f"{item!r} must look like key.path=value")
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError("--set", f"{'.'.join(parts[: i + 1])} is not a table, cannot set {key}")
+            node = child
+        node[parts[-1]] = _parse_value(value.strip())
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config."""
+    return parse_config(apply_overrides(read_toml(path), overrides or []))

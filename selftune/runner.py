@@ -1,0 +1,131 @@
+"""From a validated config to a finished run and its output folder.
+
+``prepare`` builds everything (data, model, space, tuner) and is where every remaining error is
+raised, before anything is written; ``execute`` trains; ``write_outputs`` writes the folder
+atomically (a temporary sibling renamed into place), so an interrupted or failed run never leaves a
+half-written result behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ConfigError, RunConfig
+from .data import DatasetUnavailable, Splits, load_dataset
+from .models import build
+from .nn import Dropout, HyperNet, hypernetize
+from .tuner import Callback, FitResult, SelfTuner, evaluate
+
+__all__ = ["Prepared", "execute", "prepare", "write_outputs"]
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    splits: Splits
+    tuner: SelfTuner
+
+
+def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
+    space = config.build_space()
+    torch.manual_seed(config.seed)
+    try:
+        model = build(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                      **config.model.kwargs())
+    except LookupError as err:
+        raise ConfigError("model.name", str(err).strip("'\"")) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError("model", str(err)) from None
+    for module in model.modules():
+        if isinstance(module, Dropout) and module.name not in space:
+            raise ConfigError("model.dropout", f"{module.name!r} is not declared; add a [space.{module.name}] table")
+    form = "stn" if config.method == "stn" else "delta"
+    return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale)
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Load data and build the model and tuner the config describes.
+
+    Raises:
+        ConfigError: anything the schema alone could not check (dataset and model names, model
+            arguments, references to undeclared hyperparameters, missing data packages).
+    """
+    d = config.data
+    try:
+        splits = load_dataset(d.name, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                              train_subset=d.train_subset, test_subset=d.test_subset, split_seed=d.split_seed)
+    except LookupError as err:
+        raise ConfigError("data.name", str(err).strip("'\"")) from None
+    except DatasetUnavailable as err:
+        raise ConfigError("data.name", str(err)) from None
+    net = _build_net(config, splits)
+    tuner = SelfTuner(net, splits.train, splits.val, method=config.method, settings=config.tuner,
+                      objective=config.build_objective(), augment=config.build_augment(), seed=config.seed)
+    return Prepared(config, splits, tuner)
+
+
+def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tuple[FitResult, dict[str, Any]]:
+    """Train and evaluate; returns the fit result and the ``result.json`` payload."""
+    config, tuner = prepared.config, prepared.tuner
+    fit = tuner.fit(config.epochs, callbacks=callbacks or [])
+    test_loss, test_acc = evaluate(fit.net, prepared.splits.test)
+    val_loss, val_acc = evaluate(fit.net, prepared.splits.val)
+    result = {
+        "method": config.method,
+        "seed": config.seed,
+        "hparams": fit.hparams,
+        "test": {"loss": test_loss, "accuracy": test_acc},
+        "val": {"loss": val_loss, "accuracy": val_acc},
+        "compute": fit.compute,
+        "epochs": config.epochs,
+        "data": {"name": prepared.splits.name, **prepared.splits.sizes()},
+        "config": config.model_dump(mode="json"),
+        "versions": {"selftune": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    return fit, result
+
+
+def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def write_outputs(out: str | Path, fit: FitResult, result: dict[str, Any]) -> Path:
+    """Write ``result.json``, ``trajectory.csv``, ``epochs.csv`` and the plots into ``out`` atomically."""
+    from .report.plots import plot_losses, plot_trajectory
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+        _write_csv(tmp / "trajectory.csv", fit.trajectory)
+        _write_csv(tmp / "epochs.csv", fit.history)
+        names = fit.net.space.names
+        plot_trajectory(fit.trajectory, names, tmp / "trajectory.png", title=f"{result['method']} hyperparameters")
+        plot_losses(fit.trajectory, fit.history, tmp / "losses.png", title=f"{result['method']} losses")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

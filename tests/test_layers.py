@@ -1,0 +1,97 @@
+import copy
+
+import torch
+from torch import nn
+
+import selftune as st
+from selftune.nn import BestResponseConv2d, BestResponseLinear
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def space():
+    return st.Space([st.Float("a", 0.0, 0.9, init=0.3), st.Int("k", 0, 5, init=2)])
+
+
+def randomize_gates(net):
+    with torch.no_grad():
+        for layer in net.best_response_layers():
+            layer.gate.normal_(std=0.5)
+
+
+def test_hypernetize_swaps_layers_and_keeps_weights():
+    plain = Small()
+    net = st.hypernetize(copy.deepcopy(plain), space(), form="delta")
+    assert isinstance(net.model.conv, BestResponseConv2d) and isinstance(net.model.fc, BestResponseLinear)
+    assert torch.equal(net.model.fc.weight, plain.fc.weight) and torch.equal(net.model.conv.bias, plain.conv.bias)
+
+
+def test_delta_layer_at_current_hyperparameters_equals_plain_layer():
+    plain = Small()
+    net = st.hypernetize(copy.deepcopy(plain), space(), form="delta")
+    randomize_gates(net)  # even with trained gates, lam_tilde == lam must give the plain network
+    x = torch.randn(8, 2, 6, 6)
+    u = net.hparams.detach().expand(8, -1).clone()
+    assert torch.allclose(net(x, u), plain(x), atol=1e-6)
+    assert torch.allclose(net(x), plain(x), atol=1e-6)
+    # ... and away from lam the response changes the output.
+    assert not torch.allclose(net(x, u + 1.0), plain(x), atol=1e-4)
+
+
+def test_stn_layer_with_zero_gates_equals_its_elementary_part():
+    plain = Small()
+    net = st.hypernetize(copy.deepcopy(plain), space(), form="stn")
+    with torch.no_grad():
+        for layer in net.best_response_layers():
+            layer.gate.zero_()
+            layer.scale.fill_(1.7)
+    x = torch.randn(8, 2, 6, 6)
+    u = torch.randn(8, 2)
+    h = 1.7 * plain.conv(x)
+    expected = 1.7 * plain.fc(torch.relu(h).flatten(1))
+    assert torch.allclose(net(x, u), expected, atol=1e-5)
+
+
+def test_gates_are_per_example():
+    net = st.hypernetize(Small(), space(), form="stn")
+    randomize_gates(net)
+    x = torch.randn(1, 2, 6, 6).expand(4, -1, -1, -1)
+    u = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, -1.0], [-2.0, 1.0]])
+    out = net(x, u)
+    assert torch.allclose(out[0], out[1])
+    assert not torch.allclose(out[0], out[2], atol=1e-4) and not torch.allclose(out[2], out[3], atol=1e-4)
+
+
+def test_linear_layer_handles_sequence_inputs():
+    layer_space = space()
+    net = st.hypernetize(nn.Sequential(nn.Linear(3, 4)), layer_space, form="stn")
+    randomize_gates(net)
+    out = net(torch.randn(5, 7, 3), torch.randn(5, 2))
+    assert out.shape == (5, 7, 4)
+
+
+def test_hypernetize_selected_modules_and_errors():
+    net = st.hypernetize(Small(), space(), modules=["fc"])
+    assert isinstance(net.model.conv, nn.Conv2d) and not isinstance(net.model.conv, BestResponseConv2d)
+    try:
+        st.hypernetize(Small(), space(), modules=["nope"])
+    except LookupError as err:
+        assert "nope" in str(err)
+    else:
+        raise AssertionError("expected LookupError")
+
+
+def test_parameter_groups_partition_the_weights():
+    net = st.hypernetize(Small(), space(), form="delta")
+    general, response = net.general_parameters(), net.response_parameters()
+    assert {id(p) for p in general}.isdisjoint({id(p) for p in response})
+    assert len(general) + len(response) == len(list(net.model.parameters()))
+    assert all(p is not net.hparams for p in general + response)
