@@ -17,7 +17,7 @@ from .objective import Objective
 from .settings import TunerSettings
 from .space import Float, Int, Space
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides"]
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -133,7 +133,8 @@ class RunConfig(BaseModel):
                 else:
                     params.append(Float(name, h.low, h.high, h.init, log=h.log))
             except ValueError as err:
-                raise ConfigError(f"space.{name}", str(err).removeprefix(f"{name}.").removeprefix(f"{name}: ")) from None
+                message = str(err).removeprefix(f"{name}.").removeprefix(f"{name}: ")
+                raise ConfigError(f"space.{name}", message) from None
         return Space(params)
 
     def build_objective(self) -> Objective:

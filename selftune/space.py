@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Float", "Int", "Space", "Hyperparameter"]
+__all__ = ["Float", "Hyperparameter", "Int", "Space"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keeps the unit value away from 0 and 1 so the inverse transform stays finite for an init on a bound.

@@ -335,7 +335,7 @@ class SelfTuner:
     # ------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------
-    def _lookup(self, values: torch.Tensor):  # noqa: ANN202 - a closure over one batch's values
+    def _lookup(self, values: torch.Tensor):
         index = self.net.space.index
         return lambda name: values[:, index(name)]
 

@@ -16,7 +16,7 @@ import numpy as np
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(RuntimeError):  # noqa: N818 - reads better at the raise site
     """The package that ships a dataset is not installed; the message says which to install."""
 
 

@@ -57,10 +57,10 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
     rng = np.random.default_rng(split_seed)
     order = rng.permutation(len(train_x))
     if test_x is None or test_y is None:
-        n_test = int(round(test_fraction * len(order)))
+        n_test = round(test_fraction * len(order))
         test_idx, order = order[:n_test], order[n_test:]
         test_x, test_y = train_x[test_idx], train_y[test_idx]
-    n_val = int(round(val_fraction * len(order)))
+    n_val = round(val_fraction * len(order))
     val_idx, train_idx = order[:n_val], order[n_val:]
     if train_subset:
         train_idx = train_idx[:train_subset]

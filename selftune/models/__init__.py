@@ -13,7 +13,7 @@ from torch import nn
 
 from ..nn import Dropout
 
-__all__ = ["MLP", "AlexNetSmall", "SimpleCNN", "MODELS", "build"]
+__all__ = ["MLP", "MODELS", "AlexNetSmall", "SimpleCNN", "build"]
 
 
 def _drop(name: str | None, channelwise: bool = False) -> nn.Module:
@@ -45,7 +45,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.net(x)
 
 
@@ -77,7 +77,7 @@ class SimpleCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c2 * side * side, fc), nn.ReLU(), _drop(d[3]), nn.Linear(fc, num_classes))
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.classifier(self.features(x))
 
 
@@ -110,7 +110,7 @@ class AlexNetSmall(nn.Module):
             nn.Flatten(), nn.Linear(4 * w * side * side, fc), nn.ReLU(), _drop(d[4]),
             nn.Linear(fc, fc), nn.ReLU(), _drop(d[4]), nn.Linear(fc, num_classes))
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.classifier(self.features(x))
 
 

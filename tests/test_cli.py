@@ -1,0 +1,96 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selftune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits_mlp.toml"
+
+
+def test_run_writes_results_trajectory_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", str(DIGITS), "--set", "epochs=3", "--seed", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "delta-stn" and result["seed"] == 4
+    assert set(result["hparams"]) == {"dropout_in", "dropout1", "dropout2"}
+    for key in ("loss", "accuracy"):
+        assert 0 <= result["test"][key] and 0 <= result["val"][key]
+    assert result["compute"]["examples"] > 3 * result["data"]["train"]  # hyper steps and responses counted
+    assert result["compute"]["seconds"] > 0
+    rows = list(csv.DictReader((out / "trajectory.csv").open()))
+    assert rows and {"step", "dropout_in", "dropout1", "dropout2", "train_loss", "val_loss"} <= set(rows[0])
+    for name in ("trajectory.png", "losses.png", "epochs.csv"):
+        assert (out / name).stat().st_size > 0
+    assert "test loss" in capsys.readouterr().out
+
+
+def test_fixed_method_from_the_command_line(tmp_path):
+    out = tmp_path / "fixed"
+    assert main(["run", str(DIGITS), "--method", "fixed", "--set", "epochs=2", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "fixed" and result["hparams"]["dropout1"] == pytest.approx(0.6, rel=1e-4)
+
+
+BAD = {
+    "missing epochs": ("epochs = 1\n", "", "epochs"),
+    "wrong type": ('epochs = "ten"\n', "", "epochs"),
+    "init out of range": ("", "\n[space.dropout1]\nlow = 0.0\nhigh = 0.5\ninit = 0.6\n", "space.dropout1"),
+    "unknown dataset": ("", "", "data.name"),
+    "unknown model": ("", "", "model.name"),
+    "unknown key": ("", "\n[tuner]\nlearning_rate = 0.1\n", "tuner.learning_rate"),
+    "undeclared dropout": ("", "", "model.dropout"),
+    "bad augment op": ("", '\n[[augment]]\nop = "rotate"\n', "augment[0]"),
+    "undeclared augment": ("", '\n[[augment]]\nop = "noise"\nstd = "sigma"\n', "augment[0].std"),
+    "negative lr": ("", "\n[tuner]\nlr = -1.0\n", "tuner.lr"),
+    "int with float bound": ("", '\n[space.k]\ntype = "int"\nlow = 0.5\nhigh = 4\ninit = 1\n', "space.k"),
+}
+
+
+def _config(case: str) -> str:
+    head, tail, _ = BAD[case]
+    data = "mnist-9" if case == "unknown dataset" else "digits"
+    model = "transformer" if case == "unknown model" else "mlp"
+    drop = '["d0", "nope"]' if case == "undeclared dropout" else '["d0", "dropout1"]'
+    epochs = "" if case == "missing epochs" else (head if head else "epochs = 1\n")
+    space1 = "" if case == "init out of range" else "\n[space.dropout1]\nlow = 0.0\nhigh = 0.9\ninit = 0.5\n"
+    return (f"{epochs}[data]\nname = \"{data}\"\n[model]\nname = \"{model}\"\nhidden = [16]\ndropout = {drop}\n"
+            f"[space.d0]\nlow = 0.0\nhigh = 0.9\ninit = 0.5\n{space1}{tail}")
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_one_line_error_exit_2_nothing_written(case, tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(_config(case))
+    out = tmp_path / "out"
+    code = main(["run", str(cfg), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert BAD[case][2] in err, err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]
+
+
+def test_unreadable_and_malformed_files(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "broken.toml"
+    bad.write_text("epochs = [\n")
+    assert main(["run", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_bad_override_and_bad_arguments_exit_2(tmp_path):
+    assert main(["run", str(DIGITS), "--set", "noequals"]) == 2
+    assert main(["run", str(DIGITS), "--set", "epochs.x=1"]) == 2
+    proc = subprocess.run([sys.executable, "-m", "selftune.cli", "run", str(DIGITS), "--method", "grid"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--method" in proc.stderr
+    assert "Traceback" not in proc.stderr
