@@ -19,14 +19,14 @@ demo: $(STAMP)
 	$(BIN)/selftune run examples/mnist_cnn.toml --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check selftune tests
+	$(BIN)/ruff check selftune tests scripts
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check selftune tests
+	$(BIN)/ruff check selftune tests scripts
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

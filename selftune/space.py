@@ -156,6 +156,7 @@ class Space:
         # Bounds of the continuous value, to clamp away float rounding of exp(log(low)).
         self._min = torch.tensor([p.low - 0.5 if p.is_int else p.low for p in self.params], dtype=torch.float64)
         self._max = torch.tensor([p.high + 0.5 if p.is_int else p.high for p in self.params], dtype=torch.float64)
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     # -- container protocol -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -195,19 +196,26 @@ class Space:
 
     # -- transforms -----------------------------------------------------------------------------
     def _consts(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(device=like.device, dtype=like.dtype) if t.is_floating_point() else t.to(like.device)
-                     for t in (self._lo, self._width, self._log, self._int))
+        """``(lo, width, log, is_int, min, max)`` on ``like``'s device and dtype, cached: the
+        transforms run on every training step."""
+        key = (like.device, like.dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = tuple(t.to(device=like.device, dtype=like.dtype) if t.is_floating_point() else t.to(like.device)
+                           for t in (self._lo, self._width, self._log, self._int, self._min, self._max))
+            self._cache[key] = cached
+        return cached
 
     def to_constrained(self, u: torch.Tensor) -> torch.Tensor:
         """Map unconstrained reals ``(..., H)`` to values inside the declared bounds (differentiable)."""
-        lo, width, log, _ = self._consts(u)
+        lo, width, log, _, vmin, vmax = self._consts(u)
         v = lo + width * torch.sigmoid(u)
         v = torch.where(log, torch.exp(v), v)
-        return torch.clamp(v, self._min.to(v), self._max.to(v))
+        return torch.clamp(v, vmin, vmax)
 
     def to_unconstrained(self, v: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_constrained`; values on a bound map to a large finite logit."""
-        lo, width, log, _ = self._consts(v)
+        lo, width, log, *_ = self._consts(v)
         v = torch.where(log, torch.log(v.clamp_min(torch.finfo(v.dtype).tiny)), v)
         g = ((v - lo) / width).clamp(_UNIT_EPS, 1 - _UNIT_EPS)
         return torch.logit(g)
@@ -219,7 +227,7 @@ class Space:
 
     def discretize(self, v: torch.Tensor) -> torch.Tensor:
         """Round the integer hyperparameters of constrained ``v`` and clamp them to their bounds."""
-        lo, width, _, is_int = self._consts(v)
+        lo, width, _, is_int, *_ = self._consts(v)
         rounded = torch.minimum(torch.maximum(torch.round(v), lo + 0.5), lo + width - 0.5)
         return torch.where(is_int, rounded, v)
 

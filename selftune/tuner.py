@@ -180,15 +180,17 @@ class SelfTuner:
         self.n_val = len(self.val_data)  # type: ignore[arg-type]
         self.batches_per_epoch = _batches(self.n_train, s.batch_size)
 
+        # Parameter groups are fixed for the run; collecting them walks the module tree, so do it once.
+        self._general, self._response = net.general_parameters(), net.response_parameters()
+        self._weights = net.weight_parameters()
         make = (lambda p: torch.optim.SGD(p, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)) \
             if s.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=s.lr, weight_decay=s.weight_decay))
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         if method == "delta-stn":
-            self.optimizers["general"] = make(net.general_parameters())
-            self.optimizers["response"] = make(net.response_parameters())
+            self.optimizers["general"] = make(self._general)
+            self.optimizers["response"] = make(self._response)
         else:
-            self.optimizers["weights"] = make(net.general_parameters() if method == "fixed"
-                                              else net.weight_parameters())
+            self.optimizers["weights"] = make(self._general if method == "fixed" else self._weights)
         if method != "fixed":
             opt, lr, scale_lr = s.resolved_hyper(method)
             groups = [{"params": [net.hparams], "lr": lr}]
@@ -196,7 +198,7 @@ class SelfTuner:
                 groups.append({"params": [net.scale_raw], "lr": scale_lr})
             cls = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
             self.optimizers["hyper"] = cls(groups)
-        self._decayed = [p for p in net.general_parameters() if p.dim() > 1]
+        self._decayed = [p for p in self._general if p.dim() > 1]
 
         # Progress and bookkeeping: all of it is in state_dict().
         self.epoch = 0
@@ -288,7 +290,7 @@ class SelfTuner:
         keep = max(1, math.ceil(self.settings.response_fraction * x.shape[0]))
         x, y = x[:keep], y[:keep]
         u = self.net.perturb(x.shape[0], self.generator).detach()
-        with self._frozen(self.net.general_parameters()):
+        with self._frozen(self._general):
             self._weight_step(x, y, u, "response")
         return loss
 
@@ -315,7 +317,7 @@ class SelfTuner:
         """One step of the hyperparameters (and scales) on a validation batch, in eval mode."""
         net, s = self.net, self.settings
         net.eval()
-        with self._frozen(net.weight_parameters()):
+        with self._frozen(self._weights):
             net.zero_grad(set_to_none=True)
             if s.tune_scales:
                 u = net.perturb(x.shape[0], self.generator)
