@@ -162,7 +162,7 @@ def _format_validation(err: ValidationError) -> ConfigError:
     # Drop the union-member names pydantic inserts (e.g. 'cutout', 'str', 'float').
     cleaned: list[str] = []
     for part in loc:
-        if cleaned and cleaned[-1].startswith("augment") and part in {"cutout", "noise", "shift", "flip"}:
+        if cleaned[:1] == ["augment"] and len(cleaned) == 2 and part in {"cutout", "noise", "shift", "flip"}:
             continue
         if part in {"str", "float", "int", "bool"}:
             continue
@@ -170,7 +170,7 @@ def _format_validation(err: ValidationError) -> ConfigError:
     field = ""
     for part in cleaned:
         field += f"[{part}]" if part.isdigit() else (f".{part}" if field else part)
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "is required"
     elif first["type"] == "extra_forbidden":

@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .config import ConfigError, RunConfig
 from .data import DatasetUnavailable, Splits, load_dataset
-from .models import build
+from .models import MODELS, build, model_arguments
 from .nn import Dropout, HyperNet, hypernetize
 from .tuner import Callback, FitResult, SelfTuner, evaluate
 
@@ -40,6 +40,11 @@ class Prepared:
 
 def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
     space = config.build_space()
+    accepted = model_arguments(config.model.name) if config.model.name in MODELS else set()
+    for key in config.model.kwargs():
+        if accepted and key not in accepted:
+            raise ConfigError(f"model.{key}", f"not an argument of {config.model.name!r}; "
+                                              f"it takes {', '.join(sorted(accepted))}")
     torch.manual_seed(config.seed)
     try:
         model = build(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,

@@ -42,6 +42,8 @@ class TunerSettings(BaseModel):
         description="Delta-STN: share of each batch used by the response-weight step (1.0 as in the paper; "
                     "lower trades response-data for speed, the general weights always see the whole batch)")
     val_steps: PositiveInt = 1
+    linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
+                                               "(Jacobian-vector product) form; ignored by other methods")
     log_every: PositiveInt = 10
 
     def resolved_hyper(self, method: str) -> tuple[str, float, float]:

@@ -172,7 +172,8 @@ class SelfTuner:
         self.train_data = _as_dataset(train, "train")
         self.val_data = _as_dataset(val, "val")
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        # On the training device, so masks and perturbations are drawn where they are used.
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
         s = self.settings
         self.val_batch_size = s.val_batch_size or s.batch_size
@@ -237,7 +238,7 @@ class SelfTuner:
         try:
             while self.epoch < epochs and not self._stop:
                 if self._perm is None:
-                    self._perm = torch.randperm(self.n_train, generator=self.generator)
+                    self._perm = self._randperm(self.n_train)
                 while self.batch_in_epoch < self.batches_per_epoch and not self._stop:
                     x, y = self._train_batch()
                     if self.method == "fixed":
@@ -291,11 +292,11 @@ class SelfTuner:
         x, y = x[:keep], y[:keep]
         u = self.net.perturb(x.shape[0], self.generator).detach()
         with self._frozen(self._general):
-            self._weight_step(x, y, u, "response")
+            self._weight_step(x, y, u, "response", linearize=self.settings.linearize)
         return loss
 
     def _weight_step(self, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None, group: str,
-                     respond: bool = True) -> float:
+                     respond: bool = True, linearize: bool = False) -> float:
         """One SGD step of the ``group`` weights at per-example hyperparameters ``u`` (None: current)."""
         net = self.net
         with torch.no_grad():
@@ -305,7 +306,10 @@ class SelfTuner:
         if self.augment is not None:
             x = self.augment(x, lookup, self.generator)
         net.zero_grad(set_to_none=True)
-        logits = net(x, u, respond=respond, generator=self.generator)
+        if linearize and u is not None:
+            logits = net.forward_linearized(x, u, generator=self.generator)
+        else:
+            logits = net(x, u, respond=respond, generator=self.generator)
         loss = self.objective.train_loss(logits, y, lookup, self._decayed)
         self._check_finite(loss, "training loss")
         loss.backward()
@@ -359,6 +363,9 @@ class SelfTuner:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{what} became {loss.item()}; lower the learning rate")
 
+    def _randperm(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator, device=self.generator.device).cpu()
+
     def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._perm is not None
         size = self.settings.batch_size
@@ -369,7 +376,7 @@ class SelfTuner:
     def _val_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.val_batch_size
         if self._val_perm is None or self._val_pos + size > self.n_val:
-            self._val_perm = torch.randperm(self.n_val, generator=self.generator)
+            self._val_perm = self._randperm(self.n_val)
             self._val_pos = 0
         index = self._val_perm[self._val_pos:self._val_pos + size]
         self._val_pos += size

@@ -95,3 +95,17 @@ def test_parameter_groups_partition_the_weights():
     assert {id(p) for p in general}.isdisjoint({id(p) for p in response})
     assert len(general) + len(response) == len(list(net.model.parameters()))
     assert all(p is not net.hparams for p in general + response)
+
+
+def test_linearized_response_is_first_order_exact_and_trains_the_response():
+    net = st.hypernetize(Small(), space(), form="delta")
+    randomize_gates(net)
+    net.eval()
+    x = torch.randn(4, 2, 6, 6)
+    centre = net.hparams.detach().expand(4, -1)
+    step = 1e-3 * torch.randn(4, 2)
+    exact_change = net(x, centre + step) - net(x)
+    linear_change = net.forward_linearized(x, centre + step) - net(x)
+    assert (linear_change - exact_change).abs().max() < 1e-2 * exact_change.abs().max()
+    net.forward_linearized(x, centre + 1.0).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.response_parameters())

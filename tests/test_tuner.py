@@ -132,3 +132,10 @@ def test_tuned_run_beats_fixed_run_on_digits_for_three_seeds(tmp_path):
             config = load_config("examples/digits_mlp.toml", [f'method="{method}"', f"seed={seed}"])
             losses[method] = execute(prepare(config))[1]["test"]["loss"]
         assert losses["delta-stn"] < losses["fixed"], (seed, losses)
+
+
+def test_linearized_delta_stn_tunes_and_resumes(digits, space3):
+    tuner = make_tuner(digits, space3, warmup_epochs=0, linearize=True)
+    before = tuner.net.hparams.detach().clone()
+    tuner.fit(2)
+    assert torch.all((tuner.net.hparams.detach() - before).abs() > 1e-4)

@@ -6,7 +6,6 @@ holds out a test part itself.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import os
 from collections.abc import Callable
@@ -57,16 +56,18 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-FASHION_GLOB = "/usr/share/**/train-images-idx3-ubyte.gz"
+# Where Debian's dataset-fashion-mnist puts the idx files; SELFTUNE_FASHION_MNIST_DIR overrides.
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
 
 
 def load_fashion_mnist() -> Raw:
     """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (the four original idx files)."""
-    found = [p for p in glob.glob(FASHION_GLOB, recursive=True) if "fashion" in p.lower()]
+    candidates = [os.environ.get("SELFTUNE_FASHION_MNIST_DIR", ""), *FASHION_DIRS]
+    found = [d for d in candidates if d and os.path.exists(os.path.join(d, "train-images-idx3-ubyte.gz"))]
     if not found:
         raise DatasetUnavailable("fashion-mnist needs the Debian package dataset-fashion-mnist "
                                  "(apt-get install -y dataset-fashion-mnist)")
-    folder = os.path.dirname(found[0])
+    folder = found[0]
     read = lambda name: _read_idx(os.path.join(folder, name))  # noqa: E731
     return (read("train-images-idx3-ubyte.gz")[:, None], read("train-labels-idx1-ubyte.gz").astype(np.int64),
             read("t10k-images-idx3-ubyte.gz")[:, None], read("t10k-labels-idx1-ubyte.gz").astype(np.int64))

@@ -6,6 +6,7 @@ there), so one architecture serves every space. ``build(name, ...)`` is the regi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,8 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
                  dropout: Sequence[str | None] | None = None) -> None:
         super().__init__()
+        if isinstance(hidden, str) or not all(isinstance(h, int) and h > 0 for h in hidden):
+            raise ValueError(f"hidden must be a list of positive integers (got {hidden!r})")
         dropout = list(dropout) if dropout is not None else [None] * (len(hidden) + 1)
         if len(dropout) != len(hidden) + 1:
             raise ValueError(f"dropout needs {len(hidden) + 1} entries (input + one per hidden layer), "
@@ -115,6 +118,12 @@ class AlexNetSmall(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "simple_cnn": SimpleCNN, "alexnet_small": AlexNetSmall}
+
+
+def model_arguments(name: str) -> set[str]:
+    """Constructor keys a config may set for model ``name`` (input shape and classes come from the data)."""
+    params = inspect.signature(MODELS[name]).parameters
+    return set(params) - {"in_features", "in_channels", "image_size", "num_classes"}
 
 
 def build(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:

@@ -80,6 +80,30 @@ class HyperNet(nn.Module):
         with self._state.bind(values, cond, generator):
             return self.model(x)
 
+    def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """Delta-STN's first-order response ``f(x; lam) + J (enc(u) - enc(lam))``.
+
+        The Jacobian-vector product comes from forward-mode autodiff (one dual forward pass), and
+        it stays differentiable, so the response weights train through it. Dropout and other
+        regularisers run at ``u``, as in the exact forward.
+
+        Raises:
+            ValueError: for an STN-form net (its response is not centred).
+        """
+        if self.form != "delta":
+            raise ValueError("linearisation needs a net built with form='delta'")
+        import torch.autograd.forward_ad as fwad
+
+        values = self.space.discretize(self.space.to_constrained(u))
+        delta = self.space.encode(u) - self.space.encode(self.hparams.detach().unsqueeze(0))
+        with fwad.dual_level():
+            cond = fwad.make_dual(torch.zeros_like(delta), delta)
+            with self._state.bind(values, cond, generator):
+                out = self.model(x)
+            primal, tangent = fwad.unpack_dual(out)
+        return primal if tangent is None else primal + tangent
+
     # -- hyperparameters ------------------------------------------------------------------------
     @property
     def scale(self) -> torch.Tensor:
