@@ -28,7 +28,7 @@ from .models import MODELS, build, model_arguments
 from .nn import Dropout, HyperNet, hypernetize
 from .tuner import Callback, FitResult, SelfTuner, evaluate
 
-__all__ = ["Prepared", "execute", "prepare", "write_outputs"]
+__all__ = ["Prepared", "execute", "prepare", "resume_recorded", "run_recorded", "write_outputs"]
 
 
 @dataclass
@@ -122,6 +122,7 @@ def write_outputs(out: str | Path, fit: FitResult, result: dict[str, Any]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+        torch.save(fit.net.state_dict(), tmp / "model.pt")
         _write_csv(tmp / "trajectory.csv", fit.trajectory)
         _write_csv(tmp / "epochs.csv", fit.history)
         names = fit.net.space.names
@@ -134,3 +135,57 @@ def write_outputs(out: str | Path, fit: FitResult, result: dict[str, Any]) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs recorded in the store, checkpointed as they go, resumable after a crash
+# ----------------------------------------------------------------------------------------------
+def _drive(prepared: Prepared, store: Any, run_id: int, out: Path, checkpoint_dir: str, every: int,
+           callbacks: list[Callback]) -> dict[str, Any]:
+    from .store import StoreRecorder
+
+    recorder = StoreRecorder(store, run_id, checkpoint_dir, every=every)
+    try:
+        fit, result = execute(prepared, [*callbacks, recorder])
+        result["run_id"] = run_id
+        write_outputs(out, fit, result)
+    except Exception as err:
+        store.fail(run_id, f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+    store.finish(run_id, result)
+    return result
+
+
+def run_recorded(prepared: Prepared, store: Any, *, out: str | Path, checkpoint_root: str | Path = "checkpoints",
+                 every: int = 100, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run a prepared config as a new run of ``store``; returns ``result.json``'s payload (with ``run_id``)."""
+    config = prepared.config
+    run_id = store.create_run(method=config.method, seed=config.seed, config=config.model_dump(mode="json"),
+                              out_dir=str(Path(out).resolve()), checkpoint_root=str(checkpoint_root))
+    return _drive(prepared, store, run_id, Path(out), store.get_run(run_id).checkpoint_dir, every, callbacks or [])
+
+
+def resume_recorded(store: Any, run_id: int, *, every: int = 100, callbacks: list[Callback] | None = None,
+                    force: bool = False) -> dict[str, Any]:
+    """Continue run ``run_id`` from its last checkpoint (from the start if it has none).
+
+    Raises:
+        LookupError: no such run.
+        ConfigError: the run already finished, or it still runs (``force`` overrides the latter).
+    """
+    from .config import parse_config
+
+    info = store.get_run(run_id)
+    if info.status == "finished":
+        raise ConfigError("RUN", f"run {run_id} already finished; its results are in {info.out_dir}")
+    if info.status == "running" and not force:
+        raise ConfigError("RUN", f"run {run_id} is still running (pid {info.pid} on {info.host}); "
+                                 "pass --force if that process is gone")
+    prepared = prepare(parse_config(info.config))
+    checkpoints = store.checkpoints(run_id)
+    step, epoch = -1, 0
+    if checkpoints:
+        step, epoch, path = checkpoints[-1]
+        prepared.tuner.load_state_dict(torch.load(path, weights_only=True))
+    store.rewind(run_id, step, epoch)
+    return _drive(prepared, store, run_id, Path(info.out_dir), info.checkpoint_dir, every, callbacks or [])

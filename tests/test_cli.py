@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_mlp.toml"
 
 
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Each test runs in its own folder with its own store, so nothing lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELFTUNE_STORE", f"sqlite:///{tmp_path / 'selftune.db'}")
+
+
 def test_run_writes_results_trajectory_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", str(DIGITS), "--set", "epochs=3", "--seed", "4", "--out", str(out), "--quiet"])
@@ -74,7 +81,7 @@ def test_bad_config_one_line_error_exit_2_nothing_written(case, tmp_path, capsys
     assert len(err.splitlines()) == 1, err
     assert BAD[case][2] in err, err
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]  # no store, no checkpoints, no output
 
 
 def test_unreadable_and_malformed_files(tmp_path, capsys):

@@ -1,11 +1,14 @@
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import selftune as st
 from selftune.models import build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows(records, drop=()):
@@ -129,7 +132,7 @@ def test_tuned_run_beats_fixed_run_on_digits_for_three_seeds(tmp_path):
     for seed in range(3):
         losses = {}
         for method in ("fixed", "delta-stn"):
-            config = load_config("examples/digits_mlp.toml", [f'method="{method}"', f"seed={seed}"])
+            config = load_config(ROOT / "examples" / "digits_mlp.toml", [f'method="{method}"', f"seed={seed}"])
             losses[method] = execute(prepare(config))[1]["test"]["loss"]
         assert losses["delta-stn"] < losses["fixed"], (seed, losses)
 
