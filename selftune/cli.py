@@ -128,8 +128,14 @@ def _run(args: argparse.Namespace) -> int:
     sizes = prepared.splits.sizes()
     print(f"selftune {config.method}: {config.data.name} (train {sizes['train']}, val {sizes['val']}, "
           f"test {sizes['test']}), model {config.model.name}, {config.epochs} epochs, seed {config.seed}")
-    result = run_recorded(prepared, store, out=out, checkpoint_root=args.checkpoint_dir,
-                          every=args.checkpoint_every, callbacks=_progress(args))
+    from .tuner import DivergenceError
+
+    try:
+        result = run_recorded(prepared, store, out=out, checkpoint_root=args.checkpoint_dir,
+                              every=args.checkpoint_every, callbacks=_progress(args))
+    except DivergenceError as err:
+        print(f"selftune: run failed: {err}", file=sys.stderr)
+        return 1
     _summary(result)
     print(f"run {result['run_id']} in {store.display_url}; wrote {out}/result.json, model.pt, trajectory.csv, "
           "epochs.csv, trajectory.png, losses.png")
@@ -140,6 +146,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .runner import resume_recorded
     from .store import StoreError
+    from .tuner import DivergenceError
 
     try:
         store = _open_store(args.store)
@@ -149,6 +156,9 @@ def _resume(args: argparse.Namespace) -> int:
                                  force=args.force)
     except (ConfigError, StoreError, LookupError) as err:
         return _fail(str(err).strip("'\""))
+    except DivergenceError as err:
+        print(f"selftune: run failed: {err}", file=sys.stderr)
+        return 1
     _summary(result)
     print(f"run {args.run} finished; wrote {info.out_dir}")
     return 0

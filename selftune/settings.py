@@ -45,6 +45,9 @@ class TunerSettings(BaseModel):
     linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
                                                "(Jacobian-vector product) form; ignored by other methods")
     log_every: PositiveInt = 10
+    max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
+    divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
+                                        description="factor applied to the offending learning rate on a roll-back")
 
     def resolved_hyper(self, method: str) -> tuple[str, float, float]:
         """``(optimizer, lr, scale_lr)`` for the hyperparameters of ``method``."""

@@ -19,6 +19,7 @@ it together with the data order and position, so a restored tuner continues bit-
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,7 @@ from .nn.hypernet import HyperNet
 from .objective import Objective
 from .settings import METHODS, TunerSettings
 
-__all__ = ["Callback", "FitResult", "SelfTuner", "evaluate"]
+__all__ = ["Callback", "DivergenceError", "FitResult", "NonFiniteError", "SelfTuner", "evaluate"]
 
 DataLike = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -83,6 +84,19 @@ def evaluate(net: HyperNet, data: DataLike, batch_size: int = 512,
     return total_loss / count, correct / count
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, gradient or hyperparameter; ``group`` is the optimizer to blame
+    (``"hyper"`` or a weight group)."""
+
+    def __init__(self, what: str, group: str, step: int) -> None:
+        super().__init__(f"{what} became non-finite at step {step}")
+        self.what, self.group, self.step = what, group, step
+
+
+class DivergenceError(RuntimeError):
+    """The run diverged more often than ``max_divergences`` allows."""
+
+
 class Callback:
     """Hooks into :meth:`SelfTuner.fit`; override what you need. ``tuner.request_stop()`` ends the fit
     cleanly after the current step (the state stays resumable)."""
@@ -91,6 +105,7 @@ class Callback:
     def on_step(self, tuner: SelfTuner, row: dict[str, float] | None) -> None: ...
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None: ...
     def on_fit_end(self, tuner: SelfTuner) -> None: ...
+    def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -212,6 +227,8 @@ class SelfTuner:
         self.trajectory: list[dict[str, float]] = []
         self.history: list[dict[str, float]] = []
         self._stop = False
+        self.divergences = 0
+        self._good: dict[str, Any] | None = None  # last known-good state, the roll-back target
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -229,45 +246,88 @@ class SelfTuner:
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1 (got {epochs})")
-        s = self.settings
         self._stop = False
         for cb in callbacks:
             cb.on_fit_start(self, epochs * self.batches_per_epoch)
         self.net.to(self.device).train()
         started = time.perf_counter()
+        if self._good is None:
+            self.mark_good()
         try:
-            while self.epoch < epochs and not self._stop:
-                if self._perm is None:
-                    self._perm = self._randperm(self.n_train)
-                while self.batch_in_epoch < self.batches_per_epoch and not self._stop:
-                    x, y = self._train_batch()
-                    if self.method == "fixed":
-                        loss = self._fixed_step(x, y)
-                    elif self.method == "stn":
-                        loss = self._stn_step(x, y)
-                    else:
-                        loss = self._delta_stn_step(x, y)
-                    self._record_train(loss)
-                    self.batch_in_epoch += 1
-                    self.counters.steps += 1
-                    tuning = self.method != "fixed" and self.epoch >= s.warmup_epochs
-                    if tuning and self.counters.steps % s.train_steps == 0:
-                        for _ in range(s.val_steps):
-                            self._hyper_step(*self._val_batch())
-                    row = self._log_row() if self.counters.steps % s.log_every == 0 else None
-                    for cb in callbacks:
-                        cb.on_step(self, row)
-                    if max_steps is not None and self.counters.steps >= max_steps:
-                        self._stop = True
-                if self.batch_in_epoch >= self.batches_per_epoch:
-                    row = self._end_epoch(started)
-                    for cb in callbacks:
-                        cb.on_epoch_end(self, row)
+            while True:
+                try:
+                    self._loop(epochs, callbacks, max_steps, started)
+                    break
+                except NonFiniteError as div:
+                    self._roll_back(div, callbacks)
         finally:
             self.counters.seconds += time.perf_counter() - started
         for cb in callbacks:
             cb.on_fit_end(self)
         return self.result()
+
+    def _loop(self, epochs: int, callbacks: Sequence[Callback], max_steps: int | None, started: float) -> None:
+        s = self.settings
+        while self.epoch < epochs and not self._stop:
+            if self._perm is None:
+                self._perm = self._randperm(self.n_train)
+            while self.batch_in_epoch < self.batches_per_epoch and not self._stop:
+                x, y = self._train_batch()
+                if self.method == "fixed":
+                    loss = self._fixed_step(x, y)
+                elif self.method == "stn":
+                    loss = self._stn_step(x, y)
+                else:
+                    loss = self._delta_stn_step(x, y)
+                self._record_train(loss)
+                self.batch_in_epoch += 1
+                self.counters.steps += 1
+                tuning = self.method != "fixed" and self.epoch >= s.warmup_epochs
+                if tuning and self.counters.steps % s.train_steps == 0:
+                    for _ in range(s.val_steps):
+                        self._hyper_step(*self._val_batch())
+                row = self._log_row() if self.counters.steps % s.log_every == 0 else None
+                for cb in callbacks:
+                    cb.on_step(self, row)
+                if max_steps is not None and self.counters.steps >= max_steps:
+                    self._stop = True
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                row = self._end_epoch(started)
+                for cb in callbacks:
+                    cb.on_epoch_end(self, row)
+
+    # ------------------------------------------------------------------------------------------
+    # NonFiniteError: roll back to the last good state and lower the offending learning rate
+    # ------------------------------------------------------------------------------------------
+    def mark_good(self, state: dict[str, Any] | None = None) -> None:
+        """Remember the current state (or ``state``, a :meth:`state_dict` of it) as the roll-back target.
+        Called at fit start and at every epoch end, and by checkpointing callbacks after each checkpoint,
+        so a roll-back lands exactly on the last checkpoint."""
+        self._good = copy.deepcopy(state if state is not None else self.state_dict())
+
+    def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
+        assert self._good is not None
+        if self.divergences >= self.settings.max_divergences:
+            raise DivergenceError(
+                f"run diverged {self.divergences + 1} times (last: {div}); the last good state is at step "
+                f"{self._good['counters']['steps']}; lower tuner.lr / tuner.hyper_lr") from div
+        count = self.divergences + 1
+        self.load_state_dict(self._good)
+        self.divergences = count
+        groups = ["hyper"] if div.group == "hyper" else [k for k in self.optimizers if k != "hyper"]
+        changes = []
+        for key in groups:
+            for group in self.optimizers[key].param_groups:
+                old = group["lr"]
+                group["lr"] = old * self.settings.divergence_lr_factor
+                changes.append(f"{key} lr {old:.3g} -> {group['lr']:.3g}")
+        self._good = None
+        self.mark_good()  # the lowered rates are part of the new roll-back target
+        info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
+                "divergences": count,
+                "message": f"{div}; rolled back to step {self.counters.steps}; {', '.join(changes)}"}
+        for cb in callbacks:
+            cb.on_divergence(self, info)
 
     def request_stop(self) -> None:
         """Stop :meth:`fit` after the current step."""
@@ -299,6 +359,7 @@ class SelfTuner:
                      respond: bool = True, linearize: bool = False) -> float:
         """One SGD step of the ``group`` weights at per-example hyperparameters ``u`` (None: current)."""
         net = self.net
+        self._check(net.hparams, "hyperparameters", "hyper")
         with torch.no_grad():
             values = net.space.discretize(net.space.to_constrained(
                 net.hparams.expand(x.shape[0], -1) if u is None else u))
@@ -311,8 +372,10 @@ class SelfTuner:
         else:
             logits = net(x, u, respond=respond, generator=self.generator)
         loss = self.objective.train_loss(logits, y, lookup, self._decayed)
-        self._check_finite(loss, "training loss")
+        self._check(loss, "training loss", group)
         loss.backward()
+        params = self.optimizers[group].param_groups[0]["params"]
+        self._check(torch.nn.utils.clip_grad_norm_(params, math.inf), "weight gradient", group)
         self.optimizers[group].step()
         self.counters.examples += x.shape[0]
         return loss.item()
@@ -329,9 +392,13 @@ class SelfTuner:
                 u = net.hparams.unsqueeze(0).expand(x.shape[0], -1)
             val_loss = self.objective.eval_loss(net(x, u), y)
             loss = val_loss - s.entropy_weight * net.entropy() if s.tune_scales else val_loss
-            self._check_finite(loss, "validation loss")
+            # The hyperparameters are bounded by construction, so a non-finite validation loss comes
+            # from the weights: blame their learning rate, not the hyperparameters'.
+            self._check(loss, "validation loss", "weights")
             loss.backward()
+            self._check(net.hparams.grad, "hypergradient", "hyper")
             self.optimizers["hyper"].step()
+            self._check(net.hparams, "hyperparameters", "hyper")
         net.train()
         self.counters.examples += x.shape[0]
         self.counters.hyper_steps += 1
@@ -358,10 +425,9 @@ class SelfTuner:
             for p, f in zip(params, flags, strict=True):
                 p.requires_grad_(f)
 
-    @staticmethod
-    def _check_finite(loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{what} became {loss.item()}; lower the learning rate")
+    def _check(self, value: torch.Tensor | None, what: str, group: str) -> None:
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(what, group, self.counters.steps + 1)
 
     def _randperm(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=self.generator, device=self.generator.device).cpu()
@@ -425,6 +491,7 @@ class SelfTuner:
         self.epoch += 1
         self.batch_in_epoch = 0
         self._perm = None
+        self.mark_good()
         return row
 
     def result(self) -> FitResult:
@@ -454,6 +521,7 @@ class SelfTuner:
             "running": [r.train_sum, r.train_n, r.val_sum, r.val_n, r.epoch_sum, r.epoch_n],
             "trajectory": [dict(row) for row in self.trajectory],
             "history": [dict(row) for row in self.history],
+            "divergences": self.divergences,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -475,3 +543,4 @@ class SelfTuner:
         self._running = _Running(ts, tn, vs, vn, es, en)
         self.trajectory = [dict(row) for row in state["trajectory"]]
         self.history = [dict(row) for row in state["history"]]
+        self.divergences = int(state.get("divergences", 0))

@@ -101,3 +101,33 @@ def test_bad_override_and_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--method" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_store_commands_and_a_failing_run(tmp_path, capsys):
+    assert main(["run", str(DIGITS), "--set", "epochs=2", "--out", "ok", "--quiet"]) == 0
+    code = main(["run", str(DIGITS), "--set", "epochs=2", "--set", "tuner.lr=50", "--set", "tuner.max_divergences=1",
+                 "--out", "bad", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1 and "diverged 2 times" in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "bad").exists()
+    assert main(["runs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert "finished" in listing[1] and "failed" in listing[2]
+    assert main(["show", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "failed" in shown and "event at step" in shown and "divergence" in shown
+    assert main(["report", "1", "--out", "report"]) == 0
+    assert (tmp_path / "report" / "trajectory.png").exists() and (tmp_path / "report" / "trajectory.csv").exists()
+    assert main(["show", "9"]) == 2 and "no run 9" in capsys.readouterr().err
+    assert main(["resume", "1"]) == 2 and "already finished" in capsys.readouterr().err
+
+
+def test_bad_store_urls_are_one_line_errors_without_secrets(tmp_path, capsys):
+    for url, expected in [("nonsense", "not a database URL"),
+                          ("sqlite:////no/such/folder/x.db", "does not exist"),
+                          ("postgresql+nodriver://alice:s3cret@127.0.0.1/db", "no database driver")]:
+        code = main(["run", str(DIGITS), "--set", "epochs=1", "--store", url, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+        assert "s3cret" not in err
+    assert not (tmp_path / "runs").exists()

@@ -68,12 +68,19 @@ class StoreRecorder(Callback):
         if step == self._last_step and not force and not (self._trajectory or self._epochs):
             return
         path = self.dir / f"step-{step:09d}-epoch-{tuner.epoch:05d}.pt"
-        save_atomic(tuner.state_dict(), path)
+        state = tuner.state_dict()
+        save_atomic(state, path)
         self.store.commit_checkpoint(self.run_id, step=step, epoch=tuner.epoch, path=str(path),
                                      trajectory=self._trajectory, epochs=self._epochs)
         self._trajectory, self._epochs = [], []
         self._last_step, self._last_beat = step, time.monotonic()
+        tuner.mark_good(state)  # a roll-back after divergence lands on this checkpoint
         self._prune(path)
+
+    def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None:
+        # The tuner rolled back to the last checkpoint: rows logged since then never happened.
+        self._trajectory, self._epochs = [], []
+        self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
 
     def _prune(self, newest: Path) -> None:
         files = sorted(p for p in self.dir.glob("step-*.pt") if p != newest)

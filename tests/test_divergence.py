@@ -1,0 +1,97 @@
+"""Divergence recovery: injected NaNs roll the run back to its last good state with a lower rate."""
+
+import math
+
+import pytest
+import torch
+
+import selftune as st
+from selftune.models import build
+from selftune.store import RunStore, StoreRecorder
+from selftune.tuner import DivergenceError
+
+
+def make_tuner(digits, **settings):
+    torch.manual_seed(0)
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.5), st.Float("d1", 0.0, 0.95, init=0.5)])
+    model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[32, 32], dropout=["d0", "d1", None])
+    net = st.hypernetize(model, space)
+    base = dict(batch_size=64, lr=0.05, warmup_epochs=0, log_every=5)
+    base.update(settings)
+    return st.SelfTuner(net, digits.train, digits.val, settings=st.TunerSettings(**base), seed=0)
+
+
+class Inject(st.Callback):
+    """Poison the weights (or the hyperparameters) once, after step `at`."""
+
+    def __init__(self, at, target="weights", times=1):
+        self.at, self.target, self.left = at, target, times
+        self.events = []
+
+    def on_step(self, tuner, row):
+        if tuner.counters.steps == self.at and self.left:
+            self.left -= 1
+            with torch.no_grad():
+                if self.target == "weights":
+                    tuner.net.general_parameters()[0].fill_(math.nan)
+                else:
+                    tuner.net.hparams.fill_(math.nan)
+
+    def on_divergence(self, tuner, info):
+        self.events.append(info)
+
+
+@pytest.mark.parametrize("target, group, optimizers", [("weights", "general", ("general", "response")),
+                                                       ("hparams", "hyper", ("hyper",))])
+def test_injected_nan_rolls_back_lowers_the_rate_and_finishes(digits, target, group, optimizers):
+    tuner = make_tuner(digits)
+    before = {k: [g["lr"] for g in o.param_groups] for k, o in tuner.optimizers.items()}
+    inject = Inject(at=30, target=target)
+    result = tuner.fit(3, callbacks=[inject])
+    assert len(inject.events) == 1 and inject.events[0]["group"] == group
+    assert inject.events[0]["rolled_back_to"] == 18  # the epoch end before the poison
+    assert tuner.divergences == 1
+    for key, opt in tuner.optimizers.items():
+        expected = [lr * 0.5 if key in optimizers else lr for lr in before[key]]
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected)
+    assert all(math.isfinite(v) for v in result.hparams.values())
+    assert all(torch.isfinite(p).all() for p in tuner.net.parameters())
+    steps = [r["step"] for r in result.trajectory]
+    assert steps == list(range(5, tuner.counters.steps + 1, 5))  # no row lost or repeated by the roll-back
+
+
+def test_repeated_divergence_fails_clearly_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run(method="delta-stn", seed=0, config={}, out_dir=str(tmp_path / "out"),
+                           checkpoint_root=str(tmp_path / "ck"))
+    tuner = make_tuner(digits, max_divergences=2)
+    recorder = StoreRecorder(store, run, store.get_run(run).checkpoint_dir, every=10)
+    with pytest.raises(DivergenceError, match="diverged 3 times") as err:
+        tuner.fit(4, callbacks=[Inject(at=25, times=99), recorder])
+    assert "lower tuner.lr" in str(err.value)
+    events = store.events(run)
+    assert [e["kind"] for e in events] == ["divergence", "divergence"]
+    step, _, path = store.checkpoints(run)[-1]
+    assert step == 20
+    state = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["net"].values())
+    fresh = make_tuner(digits)
+    fresh.load_state_dict(state)
+    fresh.fit(2)  # the last good checkpoint is usable
+
+
+def test_a_hopeless_learning_rate_fails_with_a_clear_message(digits):
+    """lr=50 wrecks the weights before the first roll-back target, so lowering the rate cannot save
+    the run: it must stop with a message that says what to change, not loop or crash."""
+    tuner = make_tuner(digits, lr=50.0, max_divergences=3)
+    events = []
+
+    class Listen(st.Callback):
+        def on_divergence(self, tuner, info):
+            events.append(info)
+
+    with pytest.raises(DivergenceError, match=r"diverged 4 times.*lower tuner\.lr"):
+        tuner.fit(2, callbacks=[Listen()])
+    assert len(events) == 3
+    assert all(e["group"] in ("general", "response", "weights") for e in events)
+    assert tuner.optimizers["general"].param_groups[0]["lr"] == pytest.approx(50.0 * 0.5**3)
