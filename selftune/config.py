@@ -28,7 +28,7 @@ class ConfigError(ValueError):
         self.field = field
 
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)  # TOML has real types: no "5" for 5
 
 
 class DataConfig(BaseModel):
@@ -44,7 +44,7 @@ class DataConfig(BaseModel):
 class ModelConfig(BaseModel):
     """``name`` picks a reference model; every other key is passed to its constructor."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     name: str
 
     def kwargs(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ class TunerSettings(BaseModel):
     Adam at 3e-3 for STN, RMSprop at 1e-2 for Delta-STN.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     batch_size: PositiveInt = 128
     val_batch_size: PositiveInt | None = Field(None, description="defaults to batch_size")
