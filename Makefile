@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/selftune run examples/mnist_cnn.toml --out runs/demo
 
+# The store tests also run against PostgreSQL: a throwaway local server is started (installed from
+# Debian's packages when missing) and stopped afterwards, whatever the outcome.
 test: $(STAMP)
 	$(BIN)/ruff check selftune tests scripts
-	$(BIN)/python -m pytest -q
+	@url=$$(scripts/pg-test-server start) || exit 1; \
+	SELFTUNE_TEST_PG_URL=$$url $(BIN)/python -m pytest -q; status=$$?; \
+	scripts/pg-test-server stop; exit $$status
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -s -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check selftune tests scripts
