@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS")
     _store_arg(resume)
 
+    bench = sub.add_parser("bench", help="run several tuning methods on one task at equal accounting of compute",
+                           description="Run every method on the same task (splits, model, epochs, space), record "
+                                       "them in the store, and write results.json, README.md (table) and "
+                                       "loss_vs_compute.png to --out.")
+    bench.add_argument("task", help="benchmark task (digits-mlp, mnist-cnn)")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD",
+                       help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha)")
+    bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
+    bench.add_argument("--seeds", type=_positive, default=3, help="seeds 0..K-1 (default 3)")
+    bench.add_argument("--quick", action="store_true",
+                       help="4 epochs, at most 3 trials, small training subsets: proves every method runs")
+    bench.add_argument("--out", help="output folder (default bench/<task>)")
+    _store_arg(bench)
+
     runs = sub.add_parser("runs", help="list the runs in the store")
     _store_arg(runs)
     show = sub.add_parser("show", help="print one run: config, status, result, events")
@@ -252,7 +266,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "resume": _resume, "runs": _runs, "show": _show, "report": _report}
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import TASKS, run_bench
+    from .methods import METHODS
+    from .store import StoreError
+
+    if args.task not in TASKS:
+        return _fail(f"TASK: unknown task {args.task!r}; choose one of {list(TASKS)}")
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        return _fail(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    try:
+        store = _open_store(args.store)
+    except StoreError as err:
+        return _fail(err)
+    out = Path(args.out) if args.out else Path("bench") / (args.task + ("-quick" if args.quick else ""))
+    run_bench(args.task, methods=methods, trials=args.trials, seeds=args.seeds, quick=args.quick, out=out,
+              store=store)
+    print((out / "README.md").read_text())
+    print(f"wrote {out}/README.md, results.json, loss_vs_compute.png; runs and Optuna studies in {store.display_url}")
+    return 0
+
+
+COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "runs": _runs, "show": _show, "report": _report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

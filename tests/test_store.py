@@ -19,7 +19,7 @@ def _reset_postgres(url):
     engine = create_engine(url)
     with engine.begin() as conn:
         Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        conn.execute(text("DROP TABLE IF EXISTS selftune_alembic_version"))
     engine.dispose()
 
 
@@ -76,7 +76,7 @@ def test_schema_is_versioned_and_reopening_is_a_no_op(store_url, tmp_path):
     store = RunStore(store_url)
     store.create_run(method="fixed", seed=0, config={}, out_dir="o", checkpoint_root=str(tmp_path))
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM selftune_alembic_version")).scalar() == "0001"
     again = RunStore(store_url)
     assert len(again.list_runs()) == 1
 

@@ -1,0 +1,5 @@
+"""Benchmarks: every method on the same task, same splits, model, epochs and space (DESIGN.md section 4)."""
+
+from .harness import QUICK, TASKS, load_task, run_bench
+
+__all__ = ["QUICK", "TASKS", "load_task", "run_bench"]

@@ -1,0 +1,129 @@
+"""``selftune bench``: run methods side by side, record them, and write a table and plots.
+
+Compute is reported in units of one plain run: a method's training examples (forward + backward,
+hyper steps included, every trial of a search counted) divided by those of the ``fixed`` run of the
+same seed, and the same for wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..config import RunConfig, load_config
+from ..methods import METHODS, SEARCH_METHODS, MethodResult, run_search, run_single
+from ..store import RunStore
+
+TASK_DIR = Path(__file__).parent / "tasks"
+TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
+#: What --quick changes: a short budget that proves every method runs and is recorded.
+QUICK = {"epochs": 4, "trials": 3, "train_subset": 2000}
+
+
+def load_task(name: str, *, quick: bool = False) -> RunConfig:
+    """The task's config (quick: fewer epochs and, for large datasets, a smaller training subset).
+
+    Raises:
+        LookupError: an unknown task name.
+    """
+    if name not in TASKS:
+        raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)}")
+    overrides = []
+    if quick:
+        overrides.append(f"epochs={QUICK['epochs']}")
+        if name != "digits-mlp":
+            overrides.append(f"data.train_subset={QUICK['train_subset']}")
+    return load_config(TASK_DIR / f"{name}.toml", overrides)
+
+
+def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, seeds: int = 3,
+              quick: bool = False, out: str | Path = "bench", store: RunStore,
+              progress: Callable[[str], None] = print) -> list[MethodResult]:
+    """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
+    into ``out``; return every result."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    config = load_task(task, quick=quick)
+    if quick:
+        trials = min(trials, QUICK["trials"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = ["fixed", *[m for m in methods if m != "fixed"]]  # fixed is the unit of compute
+    results: list[MethodResult] = []
+    for seed in range(seeds):
+        for method in ordered:
+            progress(f"[{task}] seed {seed}: {method}" + (f" ({trials} trials)" if method in SEARCH_METHODS else ""))
+            if method in SEARCH_METHODS:
+                study = f"{task}{'-quick' if quick else ''}-{method}-seed{seed}-{trials}trials"
+                r = run_search(config, method, seed, trials, store.url.render_as_string(hide_password=False), study)
+            else:
+                r = run_single(config, method, seed, store, out / "runs" / f"{method}-seed{seed}",
+                               checkpoint_root=out / "checkpoints")
+            progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
+                     f"{r.examples} examples, {r.seconds:.1f} s")
+            results.append(r)
+    (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+    (out / "README.md").write_text(table(task, results, trials, quick))
+    plot_compute(task, results, out / "loss_vs_compute.png")
+    return results
+
+
+def _units(results: list[MethodResult]) -> dict[tuple[str, int], tuple[float, float]]:
+    fixed = {r.seed: r for r in results if r.method == "fixed"}
+    return {(r.method, r.seed): (r.examples / fixed[r.seed].examples, r.seconds / fixed[r.seed].seconds)
+            for r in results}
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(task: str, results: list[MethodResult], trials: int, quick: bool) -> str:
+    """Markdown: mean ± sd over seeds of test loss and accuracy, compute in units of one plain run."""
+    units = _units(results)
+    methods = list(dict.fromkeys(r.method for r in results))
+    lines = [f"# {task}{' (quick)' if quick else ''}", "",
+             f"Seeds: {len({r.seed for r in results})}; searches: {trials} trials each. Compute in units of "
+             "one plain (fixed) run of the same seed.", "",
+             "| method | test loss | test accuracy | examples (x plain) | seconds (x plain) | trials |",
+             "|---|---|---|---|---|---|"]
+    for m in methods:
+        rs = [r for r in results if r.method == m]
+        ex = statistics.mean(units[(m, r.seed)][0] for r in rs)
+        sec = statistics.mean(units[(m, r.seed)][1] for r in rs)
+        lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {_mean_sd([r.test_accuracy for r in rs])} | "
+                     f"{ex:.2f} | {sec:.2f} | {rs[0].trials} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
+    """Best test loss so far against compute (examples, in plain runs), one line per method and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = {r.seed: r.examples for r in results if r.method == "fixed"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for r in results:
+        color = colors.setdefault(r.method, f"C{len(colors)}")
+        xs = [c[0] / fixed[r.seed] for c in r.curve]
+        ys = [c[1] for c in r.curve]
+        label = r.method if r.seed == min(x.seed for x in results if x.method == r.method) else None
+        ax.plot(xs, ys, "o-" if len(xs) == 1 else "-", color=color, label=label, alpha=0.8, markersize=5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute (training examples, in plain runs)")
+    ax.set_ylabel("test loss of the returned model")
+    ax.set_title(task)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

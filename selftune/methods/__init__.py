@@ -1,0 +1,15 @@
+"""Ways to tune the same task, behind one interface so benchmarks compare them fairly.
+
+Single-run methods (``fixed``, ``stn``, ``delta-stn``) train once; black-box methods (``random``,
+``tpe``, ``tpe-asha``) run Optuna studies whose trials are full training runs of the same config at
+fixed hyperparameters. Every method returns a :class:`MethodResult` with the same accounting of
+compute: training examples forwarded and backwarded (hyper steps included) and wall-clock seconds.
+"""
+
+from ._result import MethodResult
+from .search import SEARCH_METHODS, run_search
+from .single import SINGLE_METHODS, run_single
+
+METHODS: tuple[str, ...] = SINGLE_METHODS + SEARCH_METHODS
+
+__all__ = ["METHODS", "SEARCH_METHODS", "SINGLE_METHODS", "MethodResult", "run_search", "run_single"]

@@ -1,0 +1,47 @@
+"""`selftune bench digits-mlp --quick`: every method runs on the same task and is recorded."""
+
+import json
+
+import optuna
+import pytest
+
+from selftune.bench import load_task
+from selftune.cli import main
+from selftune.methods import METHODS
+from selftune.store import RunStore
+
+
+def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--store", url, "--out", "b"]) == 0
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [r["method"] for r in results] == list(METHODS)
+    for r in results:
+        assert r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["examples"] > 0 and r["seconds"] > 0
+    store = RunStore(url)
+    runs = store.list_runs()
+    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn"])
+    assert all(r.status == "finished" for r in runs)
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage=url)}
+    for method in ("random", "tpe", "tpe-asha"):
+        study = next(s for name, s in summaries.items() if f"-{method}-seed0-" in name)
+        assert study.n_trials == 3
+    # Equal accounting: one search trial costs what one plain run costs.
+    fixed = next(r for r in results if r["method"] == "fixed")
+    random_search = next(r for r in results if r["method"] == "random")
+    assert random_search["examples"] == 3 * fixed["examples"]
+    table = (tmp_path / "b" / "README.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS)
+    assert (tmp_path / "b" / "loss_vs_compute.png").stat().st_size > 0
+
+
+def test_bench_bad_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "cifar-resnet", "--quick"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["bench", "digits-mlp", "--methods", "grid"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(LookupError):
+        load_task("nope")
