@@ -21,9 +21,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy import create_engine, delete, event, select, text, update
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._schema import CheckpointRow, EpochRow, EventRow, RunRow, TrajectoryRow
@@ -153,13 +160,18 @@ class RunStore:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        for attempt in range(5):  # two processes creating the same new store: the loser retries
+        # Several processes may open a new store at once. PostgreSQL: an advisory lock serialises the
+        # migrations (concurrent CREATE TABLEs otherwise collide on the catalog). SQLite: the database
+        # lock does, and a loser that still collides retries, then finds the schema up to date.
+        for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(73556081)"))
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
                 return
-            except OperationalError:
+            except (OperationalError, IntegrityError, ProgrammingError):
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
