@@ -267,7 +267,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import TASKS, run_bench
+    from .bench import TASKS, load_task, run_bench
     from .methods import METHODS
     from .store import StoreError
 
@@ -281,6 +281,13 @@ def _bench(args: argparse.Namespace) -> int:
         store = _open_store(args.store)
     except StoreError as err:
         return _fail(err)
+    from .config import ConfigError
+    from .runner import prepare
+
+    try:  # a task whose data package is missing fails here, before any run starts
+        prepare(load_task(args.task, quick=args.quick))
+    except ConfigError as err:
+        return _fail(f"TASK: {args.task}: {err}")
     out = Path(args.out) if args.out else Path("bench") / (args.task + ("-quick" if args.quick else ""))
     run_bench(args.task, methods=methods, trials=args.trials, seeds=args.seeds, quick=args.quick, out=out,
               store=store)

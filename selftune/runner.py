@@ -140,11 +140,12 @@ def write_outputs(out: str | Path, fit: FitResult, result: dict[str, Any]) -> Pa
 # ----------------------------------------------------------------------------------------------
 # Runs recorded in the store, checkpointed as they go, resumable after a crash
 # ----------------------------------------------------------------------------------------------
-def _drive(prepared: Prepared, store: Any, run_id: int, out: Path, checkpoint_dir: str, every: int,
+def _drive(prepared: Prepared, store: Any, run_id: int, out: Path, checkpoint_dir: str, every: int | None,
            callbacks: list[Callback]) -> dict[str, Any]:
     from .store import StoreRecorder
 
-    recorder = StoreRecorder(store, run_id, checkpoint_dir, every=every)
+    # every=None: a single checkpoint at the end (benchmarks, where checkpoint I/O would skew wall times).
+    recorder = StoreRecorder(store, run_id, checkpoint_dir, every=every or 2**62, at_epoch_end=every is not None)
     try:
         fit, result = execute(prepared, [*callbacks, recorder])
         result["run_id"] = run_id
@@ -157,8 +158,9 @@ def _drive(prepared: Prepared, store: Any, run_id: int, out: Path, checkpoint_di
 
 
 def run_recorded(prepared: Prepared, store: Any, *, out: str | Path, checkpoint_root: str | Path = "checkpoints",
-                 every: int = 100, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Run a prepared config as a new run of ``store``; returns ``result.json``'s payload (with ``run_id``)."""
+                 every: int | None = 100, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run a prepared config as a new run of ``store``; returns ``result.json``'s payload (with ``run_id``).
+    ``every``: steps between checkpoints (plus one per epoch end); ``None``: only a final checkpoint."""
     config = prepared.config
     run_id = store.create_run(method=config.method, seed=config.seed, config=config.model_dump(mode="json"),
                               out_dir=str(Path(out).resolve()), checkpoint_root=str(checkpoint_root))

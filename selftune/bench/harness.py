@@ -98,6 +98,10 @@ def table(task: str, results: list[MethodResult], trials: int, quick: bool) -> s
         sec = statistics.mean(units[(m, r.seed)][1] for r in rs)
         lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {_mean_sd([r.test_accuracy for r in rs])} | "
                      f"{ex:.2f} | {sec:.2f} | {rs[0].trials} |")
+    single = [m for m in methods if m in ("stn", "delta-stn")]
+    if single:
+        lines += ["", "Hyperparameter trajectories (seed 0): "
+                  + ", ".join(f"[{m}](runs/{m}-seed0/trajectory.png)" for m in single) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,8 @@ SEARCH_METHODS: tuple[str, ...] = ("random", "tpe", "tpe-asha")
 
 
 class _Report(Callback):
-    """Report each epoch's validation loss to the trial; stop the run when the pruner says so."""
+    """Report each epoch's validation loss to the trial; stop the run when the pruner says so.
+    Only used with a pruner: every report is a database write."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
@@ -73,7 +74,8 @@ def run_search(config: RunConfig, method: str, seed: int, n_trials: int, storage
         values = _suggest(trial, config)
         sets = ['method="fixed"', f"seed={seed}", *(f"space.{k}.init={v!r}" for k, v in values.items())]
         report = _Report(trial)
-        _, result = execute(prepare(parse_config(apply_overrides(_copy(base), sets))), [report])
+        callbacks = [report] if method == "tpe-asha" else []
+        _, result = execute(prepare(parse_config(apply_overrides(_copy(base), sets))), callbacks)
         totals["examples"] += int(result["compute"]["examples"])
         totals["seconds"] += result["compute"]["seconds"]
         for key in ("loss", "accuracy"):

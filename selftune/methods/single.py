@@ -18,7 +18,7 @@ def run_single(config: RunConfig, method: str, seed: int, store: RunStore, out: 
     if method not in SINGLE_METHODS:
         raise ValueError(f"{method!r} is not a single-run method {SINGLE_METHODS}")
     config = parse_config(apply_overrides(config.model_dump(mode="json"), [f'method="{method}"', f"seed={seed}"]))
-    r = run_recorded(prepare(config), store, out=out, checkpoint_root=checkpoint_root, every=10**9)
+    r = run_recorded(prepare(config), store, out=out, checkpoint_root=checkpoint_root, every=None)
     examples = int(r["compute"]["examples"])
     return MethodResult(method=method, seed=seed, test_loss=r["test"]["loss"], test_accuracy=r["test"]["accuracy"],
                         val_loss=r["val"]["loss"], hparams=r["hparams"], examples=examples,

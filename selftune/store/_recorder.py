@@ -34,14 +34,15 @@ class StoreRecorder(Callback):
         every: steps between checkpoints.
         keep: checkpoint files kept on disk (older ones are deleted once a newer one is committed).
         heartbeat_s: seconds between heartbeats when no checkpoint happens.
+        at_epoch_end: also checkpoint at every epoch end (benchmarks turn it off: only the final one).
     """
 
     def __init__(self, store: RunStore, run_id: int, checkpoint_dir: str | Path, *, every: int = 100,
-                 keep: int = 2, heartbeat_s: float = 10.0) -> None:
+                 keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True) -> None:
         self.store, self.run_id = store, run_id
         self.dir = Path(checkpoint_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.every, self.keep, self.heartbeat_s = every, keep, heartbeat_s
+        self.every, self.keep, self.heartbeat_s, self.at_epoch_end = every, keep, heartbeat_s, at_epoch_end
         self._trajectory: list[dict[str, float]] = []
         self._epochs: list[dict[str, float]] = []
         self._last_beat = time.monotonic()
@@ -58,7 +59,8 @@ class StoreRecorder(Callback):
 
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
         self._epochs.append(row)
-        self.checkpoint(tuner, force=True)
+        if self.at_epoch_end:
+            self.checkpoint(tuner, force=True)
 
     def on_fit_end(self, tuner: SelfTuner) -> None:
         self.checkpoint(tuner)
