@@ -297,7 +297,7 @@ class SelfTuner:
                     cb.on_epoch_end(self, row)
 
     # ------------------------------------------------------------------------------------------
-    # NonFiniteError: roll back to the last good state and lower the offending learning rate
+    # Divergence: roll back to the last good state and lower the offending learning rate
     # ------------------------------------------------------------------------------------------
     def mark_good(self, state: dict[str, Any] | None = None) -> None:
         """Remember the current state (or ``state``, a :meth:`state_dict` of it) as the roll-back target.
