@@ -34,6 +34,15 @@ def test_fashion_mnist_loads_or_names_the_package_to_install():
         assert set(train_y.tolist()) == set(range(10))
 
 
+def test_adult_table_loads_offline_and_is_standardised_per_feature():
+    splits = load_dataset("adult")
+    assert splits.sizes() == {"train": 26049, "val": 6512, "test": 16281}
+    assert splits.num_classes == 2 and splits.input_shape[0] > 100
+    x = splits.train.tensors[0]
+    assert torch.allclose(x.mean(0), torch.zeros(x.shape[1]), atol=1e-3)
+    assert 0.2 < float(splits.test.tensors[1].float().mean()) < 0.3  # about 24% earn > 50K
+
+
 def test_unknown_dataset():
     with pytest.raises(LookupError, match="choose one of"):
         load_dataset("cifar10")

