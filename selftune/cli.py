@@ -57,10 +57,12 @@ def _parser() -> argparse.ArgumentParser:
                            description="Run every method on the same task (splits, model, epochs, space), record "
                                        "them in the store, and write results.json, README.md (table) and "
                                        "loss_vs_compute.png to --out.")
-    bench.add_argument("task", help="benchmark task (digits-mlp, mnist-cnn)")
+    bench.add_argument("task", help="benchmark task (see docs/cli.md: digits-mlp, adult-mlp, mnist-cnn, ...)")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
-                       help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha)")
+                       help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha pbt)")
     bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
+    bench.add_argument("--population", type=_at_least_two, default=8,
+                       help="members of the PBT population (default 8)")
     bench.add_argument("--seeds", type=_positive, default=3, help="seeds 0..K-1 (default 3)")
     bench.add_argument("--quick", action="store_true",
                        help="4 epochs, at most 3 trials, small training subsets: proves every method runs")
@@ -86,6 +88,13 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 2 (a population needs someone to copy)")
     return value
 
 
@@ -289,8 +298,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _fail(f"TASK: {args.task}: {err}")
     out = Path(args.out) if args.out else Path("bench") / (args.task + ("-quick" if args.quick else ""))
-    run_bench(args.task, methods=methods, trials=args.trials, seeds=args.seeds, quick=args.quick, out=out,
-              store=store)
+    run_bench(args.task, methods=methods, trials=args.trials, population=args.population, seeds=args.seeds,
+              quick=args.quick, out=out, store=store)
     print((out / "README.md").read_text())
     print(f"wrote {out}/README.md, results.json, loss_vs_compute.png; runs and Optuna studies in {store.display_url}")
     return 0

@@ -21,8 +21,13 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
         assert r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["examples"] > 0 and r["seconds"] > 0
     store = RunStore(url)
     runs = store.list_runs()
-    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn"])
+    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn", "pbt"])
     assert all(r.status == "finished" for r in runs)
+    # PBT: the best member's lineage is a recorded run with its schedule, and the population was trained.
+    pbt_run = next(r for r in runs if r.method == "pbt")
+    assert len(store.epochs(pbt_run.id)) == 4 and store.trajectory(pbt_run.id)
+    pbt = next(r for r in results if r["method"] == "pbt")
+    assert pbt["trials"] == 3 and pbt["examples"] >= 2 * next(r for r in results if r["method"] == "fixed")["examples"]
     summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage=url)}
     for method in ("random", "tpe", "tpe-asha"):
         study = next(s for name, s in summaries.items() if f"-{method}-seed0-" in name)
@@ -34,6 +39,7 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
     table = (tmp_path / "b" / "README.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS)
     assert (tmp_path / "b" / "loss_vs_compute.png").stat().st_size > 0
+    assert (tmp_path / "b" / "schedules.png").stat().st_size > 0
 
 
 def test_bench_bad_arguments(tmp_path, monkeypatch, capsys):

@@ -7,19 +7,24 @@ same seed, and the same for wall-clock seconds.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import RunConfig, load_config
-from ..methods import METHODS, SEARCH_METHODS, MethodResult, run_search, run_single
+from ..methods import METHODS, PBT_METHODS, SEARCH_METHODS, MethodResult, run_pbt, run_search, run_single
+from ..report.plots import plot_schedules
 from ..store import RunStore
 
 TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
 #: What --quick changes: a short budget that proves every method runs and is recorded.
-QUICK = {"epochs": 4, "trials": 3, "train_subset": 2000}
+#: Methods whose result is a schedule of hyperparameters, plotted side by side.
+SCHEDULED: tuple[str, ...] = ("stn", "delta-stn", "pbt")
+QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
 
 
 def load_task(name: str, *, quick: bool = False) -> RunConfig:
@@ -38,27 +43,39 @@ def load_task(name: str, *, quick: bool = False) -> RunConfig:
     return load_config(TASK_DIR / f"{name}.toml", overrides)
 
 
-def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, seeds: int = 3,
-              quick: bool = False, out: str | Path = "bench", store: RunStore,
+def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, population: int = 8,
+              seeds: int = 3, quick: bool = False, out: str | Path = "bench", store: RunStore,
               progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
-    into ``out``; return every result."""
+    into ``out``; return every result.
+
+    Args:
+        trials: trials of each Optuna search.
+        population: members of the PBT population.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     config = load_task(task, quick=quick)
     if quick:
         trials = min(trials, QUICK["trials"])
+        population = min(population, QUICK["population"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ordered = ["fixed", *[m for m in methods if m != "fixed"]]  # fixed is the unit of compute
     results: list[MethodResult] = []
     for seed in range(seeds):
         for method in ordered:
-            progress(f"[{task}] seed {seed}: {method}" + (f" ({trials} trials)" if method in SEARCH_METHODS else ""))
+            size = f" ({trials} trials)" if method in SEARCH_METHODS else \
+                f" (population {population})" if method in PBT_METHODS else ""
+            progress(f"[{task}] seed {seed}: {method}{size}")
             if method in SEARCH_METHODS:
                 study = f"{task}{'-quick' if quick else ''}-{method}-seed{seed}-{trials}trials"
                 r = run_search(config, method, seed, trials, store.url.render_as_string(hide_password=False), study)
+            elif method in PBT_METHODS:
+                r = run_pbt(config, seed, population, store, out / "runs" / f"{method}-seed{seed}",
+                            ray_dir=out / "ray", checkpoint_root=out / "checkpoints",
+                            name=f"{task}{'-quick' if quick else ''}-seed{seed}")
             else:
                 r = run_single(config, method, seed, store, out / "runs" / f"{method}-seed{seed}",
                                checkpoint_root=out / "checkpoints")
@@ -68,7 +85,17 @@ def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, 
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     (out / "README.md").write_text(table(task, results, trials, quick))
     plot_compute(task, results, out / "loss_vs_compute.png")
+    schedules = {m: _read_csv(out / "runs" / f"{m}-seed0" / "trajectory.csv") for m in SCHEDULED
+                 if any(r.method == m and r.seed == 0 for r in results)}
+    if schedules:
+        plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{task}, seed 0",
+                       log={name for name, h in config.space.items() if h.log})
     return results
+
+
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    with path.open(newline="") as f:
+        return [{k: float(v) if v else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _units(results: list[MethodResult]) -> dict[tuple[str, int], tuple[float, float]]:
@@ -90,7 +117,7 @@ def table(task: str, results: list[MethodResult], trials: int, quick: bool) -> s
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
              f"Seeds: {len({r.seed for r in results})}; searches: {trials} trials each. Compute in units of "
              "one plain (fixed) run of the same seed.", "",
-             "| method | test loss | test accuracy | examples (x plain) | seconds (x plain) | trials |",
+             "| method | test loss | test accuracy | examples (x plain) | seconds (x plain) | trials / members |",
              "|---|---|---|---|---|---|"]
     for m in methods:
         rs = [r for r in results if r.method == m]
@@ -98,10 +125,10 @@ def table(task: str, results: list[MethodResult], trials: int, quick: bool) -> s
         sec = statistics.mean(units[(m, r.seed)][1] for r in rs)
         lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {_mean_sd([r.test_accuracy for r in rs])} | "
                      f"{ex:.2f} | {sec:.2f} | {rs[0].trials} |")
-    single = [m for m in methods if m in ("stn", "delta-stn")]
-    if single:
-        lines += ["", "Hyperparameter trajectories (seed 0): "
-                  + ", ".join(f"[{m}](runs/{m}-seed0/trajectory.png)" for m in single) + "."]
+    scheduled = [m for m in methods if m in SCHEDULED]
+    if scheduled:
+        lines += ["", "Hyperparameter schedules (seed 0): [all together](schedules.png); "
+                  + ", ".join(f"[{m}](runs/{m}-seed0/trajectory.png)" for m in scheduled) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -52,3 +52,36 @@ def plot_losses(trajectory: list[dict[str, float]], history: list[dict[str, floa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_schedules(schedules: dict[str, list[dict[str, float]]], names: list[str], path: str | Path,
+                   title: str = "schedules", log: frozenset[str] | set[str] = frozenset()) -> None:
+    """One panel per hyperparameter, one line per method: how each method moved it over its run.
+
+    ``schedules`` maps a method to its trajectory rows; the x axis is the fraction of the run's steps,
+    so methods with different step counts line up. Names in ``log`` get a logarithmic axis.
+    """
+    n = len(names)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for i, (method, trajectory) in enumerate(schedules.items()):
+        if not trajectory:
+            continue
+        last = max(r["step"] for r in trajectory) or 1
+        for ax, name in zip(axes.flat, names, strict=False):
+            ax.plot([r["step"] / last for r in trajectory], [r[name] for r in trajectory], color=f"C{i}",
+                    label=method)
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.set_title(name)
+        if name in log:
+            ax.set_yscale("log")
+        ax.set_xlabel("fraction of the run")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

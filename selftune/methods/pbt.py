@@ -1,0 +1,215 @@
+"""Population Based Training through Ray Tune (Jaderberg et al. 2017), the baseline that also yields a schedule.
+
+A population of ``fixed`` runs trains on a local Ray instance. Every ``interval`` epochs each member
+reports its validation loss and a checkpoint (the whole :class:`~selftune.tuner.SelfTuner` state);
+Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining` copies the checkpoint of a top
+member into a bottom one and perturbs its hyperparameters (Ray's defaults: quantile 0.25, resample
+probability 0.25, factors 1.2/0.8). Checkpoints move through Ray's own API, never through our files.
+
+The tuner's history travels inside its checkpoint, so the member that finishes best carries the exact
+schedule of its lineage (every exploit included): that is the trajectory recorded in the store.
+
+Compute: every epoch any member trains is counted, copied-over members included, so the population
+costs ``P`` plain runs; ``seconds`` is the population's wall clock on this machine, with
+``concurrency`` members training at once on one thread each (a plain run uses every core).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig, apply_overrides, parse_config
+from ..runner import prepare, write_outputs
+from ..store import RunStore
+from ..tuner import evaluate
+from ._result import MethodResult
+
+PBT_METHODS: tuple[str, ...] = ("pbt",)
+_STATE = "tuner.pt"
+
+
+def _fixed_config(base: dict[str, Any], seed: int, values: dict[str, Any]) -> RunConfig:
+    sets = ['method="fixed"', f"seed={seed}", *(f"space.{k}.init={v!r}" for k, v in values.items())]
+    return parse_config(apply_overrides(copy.deepcopy(base), sets))
+
+
+def clip_to_space(config: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """Bring perturbed values back into the space: Ray multiplies by 1.2/0.8 without looking at bounds."""
+    out = dict(values)
+    for name, h in config.space.items():
+        v = min(max(float(values[name]), h.low), h.high)
+        out[name] = round(v) if h.type == "int" else v
+    return out
+
+
+def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: int) -> None:
+    """One population member: a fixed run that reports every ``interval`` epochs (a Ray Tune trainable)."""
+    from ray import tune
+
+    torch.set_num_threads(1)  # members run side by side, one core each
+    config = _fixed_config(base, seed, clip_to_space(parse_config(base), hp))
+    prepared = prepare(config)
+    tuner = prepared.tuner
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # resumed after a pause, or exploited: continue from that state
+        with checkpoint.as_directory() as folder:
+            tuner.load_state_dict(torch.load(Path(folder) / _STATE, weights_only=True))
+        tuner.net.set_values(clip_to_space(config, hp))
+    while tuner.epoch < config.epochs:
+        examples, started = tuner.counters.examples, time.perf_counter()
+        tuner.fit(min(tuner.epoch + interval, config.epochs))
+        last = tuner.history[-1]
+        metrics = {"val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], "epoch": tuner.epoch,
+                   "examples": tuner.counters.examples - examples, "seconds": time.perf_counter() - started}
+        if tuner.epoch >= config.epochs:  # reported for the record; selection uses val_loss only
+            metrics["test_loss"], metrics["test_accuracy"] = evaluate(tuner.net, prepared.splits.test)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(tuner.state_dict(), Path(folder) / _STATE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _domains(config: RunConfig) -> dict[str, Any]:
+    from ray import tune
+
+    domains: dict[str, Any] = {}
+    for name, h in config.space.items():
+        if h.type == "int":
+            domains[name] = tune.randint(int(h.low), int(h.high) + 1)
+        elif h.log:
+            domains[name] = tune.loguniform(h.low, h.high)
+        else:
+            domains[name] = tune.uniform(h.low, h.high)
+    return domains
+
+
+def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out: str | Path, *,
+            ray_dir: str | Path = "ray", checkpoint_root: str | Path = "checkpoints", interval: int | None = None,
+            concurrency: int | None = None, name: str = "pbt") -> MethodResult:
+    """Train a population of ``population`` fixed runs with Ray Tune's PBT.
+
+    Args:
+        config: the task; its space gives the sampling ranges and bounds of the perturbations.
+        seed: seeds the members' training, the initial sampling and PBT's explore steps.
+        population: members trained (``P``).
+        store: the run store; the best member's lineage is recorded there as a run of method ``pbt``.
+        out: folder of the best member's outputs (as ``selftune run`` writes them).
+        ray_dir: where Ray Tune keeps the experiment (members' checkpoints, PBT's policy logs).
+        checkpoint_root: folder under which the recorded run's final checkpoint goes.
+        interval: epochs between exploit/explore steps (default: a tenth of the epochs, at least 1).
+        concurrency: members training at once (default: the machine's cores).
+        name: Ray experiment name.
+
+    Returns:
+        The best member's (lowest final validation loss) result, with the whole population's compute.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network at run time
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables of Ray's own
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if population < 2:
+        raise ValueError(f"population must be >= 2 (got {population})")
+    out, ray_dir = Path(out).resolve(), Path(ray_dir).resolve()
+    interval = interval or max(1, config.epochs // 10)
+    concurrency = min(concurrency or os.cpu_count() or 1, population)
+    base = config.model_dump(mode="json")
+    domains = _domains(config)
+    random.seed(seed)  # PBT's explore draws from Python's random module
+    scheduler = PopulationBasedTraining(
+        time_attr="epoch", perturbation_interval=interval, hyperparam_mutations=domains,
+        quantile_fraction=0.25, resample_probability=0.25, perturbation_factors=(1.2, 0.8),
+        custom_explore_fn=lambda values: clip_to_space(config, values))
+    tally = _tally()
+    trainable = tune.with_resources(tune.with_parameters(_member, base=base, seed=seed, interval=interval),
+                                    {"cpu": 1})
+    started = time.perf_counter()
+    # Ray's own chatter (per-trial warnings, missing-file notices while trials are paused) is not ours to show.
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    ray_logger.setLevel(logging.ERROR)
+    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*num_to_keep.*", category=UserWarning)
+            # Resources bound the concurrency: Ray has `concurrency` CPUs and each member takes one.
+            grid = tune.Tuner(
+                trainable, param_space=domains,
+                tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                                            num_samples=population, reuse_actors=True,
+                                            search_alg=BasicVariantGenerator(random_state=seed)),
+                run_config=tune.RunConfig(name=name, storage_path=str(ray_dir), verbose=0, callbacks=[tally],
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
+            ).fit()
+    finally:
+        ray.shutdown()
+        ray_logger.setLevel(level)
+    seconds = time.perf_counter() - started
+    errors = [str(e).splitlines()[0] for e in grid.errors]
+    if errors:
+        raise RuntimeError(f"{len(errors)} PBT member(s) failed; first: {errors[0]}")
+    best = grid.get_best_result(metric="val_loss", mode="min", scope="last")
+    assert best.checkpoint is not None
+    values = clip_to_space(config, {k: best.config[k] for k in domains})
+    return _record(config, seed, values, best, store, out, Path(checkpoint_root), tally, seconds, population)
+
+
+def _tally() -> Any:
+    """A Ray Tune callback summing every member's reported compute (built here: Ray imports lazily)."""
+    from ray import tune
+
+    class Tally(tune.Callback):
+        def __init__(self) -> None:
+            self.examples = 0
+            self.member_seconds = 0.0
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any],
+                            **info: Any) -> None:
+            self.examples += int(result.get("examples", 0))
+            self.member_seconds += float(result.get("seconds", 0.0))
+
+    return Tally()
+
+
+def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, store: RunStore, out: Path,
+            checkpoint_root: Path, tally: Any, seconds: float, population: int) -> MethodResult:
+    """Rebuild the best member from its last checkpoint, write its outputs and record it in the store."""
+    prepared = prepare(_fixed_config(config.model_dump(mode="json"), seed, values))
+    with best.checkpoint.as_directory() as folder:
+        state_path = Path(folder) / _STATE
+        prepared.tuner.load_state_dict(torch.load(state_path, weights_only=True))
+    fit = prepared.tuner.result()
+    test_loss, test_acc = evaluate(fit.net, prepared.splits.test)
+    val_loss, val_acc = evaluate(fit.net, prepared.splits.val)
+    compute = {"examples": tally.examples, "eval_examples": fit.compute["eval_examples"], "seconds": seconds,
+               "member_seconds": tally.member_seconds, "population": population}
+    result = {"method": "pbt", "seed": seed, "hparams": fit.hparams,
+              "test": {"loss": test_loss, "accuracy": test_acc}, "val": {"loss": val_loss, "accuracy": val_acc},
+              "compute": compute, "epochs": prepared.config.epochs, "config": prepared.config.model_dump(mode="json"),
+              "ray": {"experiment": str(Path(best.path).parent)}}
+    run_id = store.create_run(method="pbt", seed=seed, config=result["config"], out_dir=str(out),
+                              checkpoint_root=str(checkpoint_root))
+    checkpoint_dir = Path(store.get_run(run_id).checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / "final.pt"
+    torch.save(prepared.tuner.state_dict(), final)
+    store.commit_checkpoint(run_id, step=fit.compute["steps"], epoch=prepared.tuner.epoch, path=str(final),
+                            trajectory=fit.trajectory, epochs=fit.history)
+    result["run_id"] = run_id
+    write_outputs(out, fit, result)
+    store.finish(run_id, result)
+    return MethodResult(method="pbt", seed=seed, test_loss=test_loss, test_accuracy=test_acc, val_loss=val_loss,
+                        hparams=fit.hparams, examples=tally.examples, seconds=seconds, trials=population,
+                        run_id=run_id, curve=[(tally.examples, test_loss)])
