@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="Run every method on the same task (splits, model, epochs, space), record "
                                        "them in the store, and write results.json, README.md (table) and "
                                        "loss_vs_compute.png to --out.")
-    bench.add_argument("task", help="benchmark task (see docs/cli.md: digits-mlp, adult-mlp, mnist-cnn, ...)")
+    bench.add_argument("task", nargs="?", help="benchmark task (see docs/cli.md: digits-mlp, adult-mlp, mnist-cnn, "
+                                               "ptb-lstm, ...); with --gpu and no task: every paper-scale task")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
                        help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha pbt)")
     bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_positive, default=3, help="seeds 0..K-1 (default 3)")
     bench.add_argument("--quick", action="store_true",
                        help="4 epochs, at most 3 trials, small training subsets: proves every method runs")
+    bench.add_argument("--gpu", action="store_true",
+                       help="train on the CUDA device; without a task, run the paper-scale tasks "
+                            "(mnist-alexnet, fashion-alexnet, ptb-lstm-650)")
     bench.add_argument("--out", help="output folder (default bench/<task>)")
     _store_arg(bench)
 
@@ -276,32 +280,52 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import TASKS, load_task, run_bench
+    from .bench import GPU_TASKS, TASKS, load_task, run_bench
     from .methods import METHODS
     from .store import StoreError
 
-    if args.task not in TASKS:
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return _fail("--gpu: no CUDA device is visible here; run on a machine with a GPU, or drop --gpu")
+    if args.task is None:
+        if not args.gpu:
+            return _fail(f"TASK: name a task (one of {list(TASKS)}), or pass --gpu for the paper-scale tasks")
+        tasks = list(GPU_TASKS)
+        if args.out:
+            return _fail("--out: with several tasks each goes to bench/<task>; drop --out or name one task")
+    elif args.task not in TASKS:
         return _fail(f"TASK: unknown task {args.task!r}; choose one of {list(TASKS)}")
+    else:
+        tasks = [args.task]
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         return _fail(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    try:
-        store = _open_store(args.store)
-    except StoreError as err:
-        return _fail(err)
     from .config import ConfigError
     from .runner import prepare
 
-    try:  # a task whose data package is missing fails here, before any run starts
-        prepare(load_task(args.task, quick=args.quick))
-    except ConfigError as err:
-        return _fail(f"TASK: {args.task}: {err}")
-    out = Path(args.out) if args.out else Path("bench") / (args.task + ("-quick" if args.quick else ""))
-    run_bench(args.task, methods=methods, trials=args.trials, population=args.population, seeds=args.seeds,
-              quick=args.quick, out=out, store=store)
-    print((out / "README.md").read_text())
-    print(f"wrote {out}/README.md, results.json, loss_vs_compute.png; runs and Optuna studies in {store.display_url}")
+    runnable = []
+    for task in tasks:
+        try:  # a task whose data package (or GPU) is missing fails here, before any run starts
+            prepare(load_task(task, quick=args.quick, gpu=args.gpu))
+            runnable.append(task)
+        except ConfigError as err:
+            if args.task is not None:
+                return _fail(f"TASK: {task}: {err}")
+            print(f"selftune: skipping {task}: {err}", file=sys.stderr)
+    try:  # opened only now: a refused command leaves no database behind
+        store = _open_store(args.store)
+    except StoreError as err:
+        return _fail(err)
+    for task in runnable:
+        out = Path(args.out) if args.out else Path("bench") / (task + ("-quick" if args.quick else ""))
+        run_bench(task, methods=methods, trials=args.trials, population=args.population, seeds=args.seeds,
+                  quick=args.quick, gpu=args.gpu, out=out, store=store)
+        print((out / "README.md").read_text())
+        print(f"wrote {out}/README.md, results.json, loss_vs_compute.png, schedules.png; runs and Optuna studies "
+              f"in {store.display_url}")
     return 0
 
 

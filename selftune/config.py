@@ -39,6 +39,7 @@ class DataConfig(BaseModel):
     train_subset: int = Field(0, ge=0)
     test_subset: int = Field(0, ge=0)
     split_seed: int = 0
+    seq_len: int = Field(35, ge=2, description="tokens per example, for text corpora (ptb)")
 
 
 class ModelConfig(BaseModel):
@@ -103,6 +104,7 @@ class RunConfig(BaseModel):
     model_config = _STRICT
     method: Literal["stn", "delta-stn", "fixed"] = "delta-stn"
     seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     epochs: int = Field(ge=1)
     data: DataConfig
     model: ModelConfig
@@ -119,6 +121,21 @@ class RunConfig(BaseModel):
         return v
 
     # -- the objects the config describes --------------------------------------------------------
+    def resolve_device(self) -> str:
+        """``"cpu"`` or ``"cuda"``; ``"auto"`` takes the GPU when one is visible.
+
+        Raises:
+            ConfigError: ``device = "cuda"`` on a machine without a visible CUDA device.
+        """
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", 'no CUDA device is visible here; use device = "cpu" or "auto", or run '
+                                        "on a machine with a GPU")
+        return self.device
+
     def build_space(self) -> Space:
         params: list[Float | Int] = []
         for name, h in self.space.items():

@@ -16,6 +16,14 @@ import torch.nn.functional as F
 Lookup = Callable[[str], torch.Tensor]
 
 
+def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence outputs ``(B, T, C)`` with targets ``(B, T)`` become ``(B*T, C)`` and ``(B*T,)``:
+    a language model's loss is the mean over every predicted token. Classifier outputs pass unchanged."""
+    if logits.dim() > 2:
+        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    return logits, target
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy with a per-example label-smoothing rate ``smoothing`` ``(B,)``.
 
@@ -53,13 +61,16 @@ class Objective:
 
     def train_loss(self, logits: torch.Tensor, target: torch.Tensor, lookup: Lookup,
                    decayed: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``."""
+        """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``; sequence outputs
+        ``(B, T, C)`` average over tokens, each token at its example's hyperparameters."""
         batch = logits.shape[0]
+        tokens = logits[0].numel() // logits.shape[-1]  # predictions per example (1 for classifiers)
+        flat_logits, flat_target = flatten_tokens(logits, target)
         if self.label_smoothing is None:
-            loss = F.cross_entropy(logits, target)
+            loss = F.cross_entropy(flat_logits, flat_target)
         else:
-            loss = smoothed_cross_entropy(logits, target,
-                                          self._per_example(self.label_smoothing, lookup, batch, logits))
+            smoothing = self._per_example(self.label_smoothing, lookup, batch, logits)
+            loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens))
         if self.weight_decay is not None:
             wd = self._per_example(self.weight_decay, lookup, batch, logits).detach().mean()
             loss = loss + 0.5 * wd * sum((p * p).sum() for p in decayed)
@@ -67,5 +78,6 @@ class Objective:
 
     @staticmethod
     def eval_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Validation/test loss: plain mean cross-entropy, whatever the hyperparameters."""
-        return F.cross_entropy(logits, target)
+        """Validation/test loss: plain mean cross-entropy (per token for sequences), whatever the
+        hyperparameters."""
+        return F.cross_entropy(*flatten_tokens(logits, target))

@@ -15,17 +15,18 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from . import __version__
 from .config import ConfigError, RunConfig
 from .data import DatasetUnavailable, Splits, load_dataset
 from .models import MODELS, build, model_arguments
-from .nn import Dropout, HyperNet, hypernetize
+from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
 from .tuner import Callback, FitResult, SelfTuner, evaluate
 
 __all__ = ["Prepared", "execute", "prepare", "resume_recorded", "run_recorded", "write_outputs"]
@@ -54,7 +55,7 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
     except (TypeError, ValueError) as err:
         raise ConfigError("model", str(err)) from None
     for module in model.modules():
-        if isinstance(module, Dropout) and module.name not in space:
+        if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
             raise ConfigError("model.dropout", f"{module.name!r} is not declared; add a [space.{module.name}] table")
     form = "stn" if config.method == "stn" else "delta"
     return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale)
@@ -70,15 +71,25 @@ def prepare(config: RunConfig) -> Prepared:
     d = config.data
     try:
         splits = load_dataset(d.name, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                              train_subset=d.train_subset, test_subset=d.test_subset, split_seed=d.split_seed)
+                              train_subset=d.train_subset, test_subset=d.test_subset, split_seed=d.split_seed,
+                              seq_len=d.seq_len)
     except LookupError as err:
         raise ConfigError("data.name", str(err).strip("'\"")) from None
     except DatasetUnavailable as err:
         raise ConfigError("data.name", str(err)) from None
+    device = config.resolve_device()
     net = _build_net(config, splits)
+    if device != "cpu":  # the whole (small) dataset moves once, not batch by batch
+        splits = _to_device(splits, device)
     tuner = SelfTuner(net, splits.train, splits.val, method=config.method, settings=config.tuner,
-                      objective=config.build_objective(), augment=config.build_augment(), seed=config.seed)
+                      objective=config.build_objective(), augment=config.build_augment(), seed=config.seed,
+                      device=device)
     return Prepared(config, splits, tuner)
+
+
+def _to_device(splits: Splits, device: str) -> Splits:
+    moved = {k: TensorDataset(*(t.to(device) for t in getattr(splits, k).tensors)) for k in ("train", "val", "test")}
+    return replace(splits, **moved)
 
 
 def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tuple[FitResult, dict[str, Any]]:
@@ -99,6 +110,9 @@ def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tupl
         "config": config.model_dump(mode="json"),
         "versions": {"selftune": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+    if prepared.splits.kind == "language-model":
+        for key in ("test", "val"):
+            result[key]["perplexity"] = math.exp(min(result[key]["loss"], 700.0))
     return fit, result
 
 

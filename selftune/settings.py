@@ -29,6 +29,8 @@ class TunerSettings(BaseModel):
     lr: PositiveFloat = 0.01
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0, description="fixed (untuned) decay of the weight optimizer")
+    grad_clip: PositiveFloat | None = Field(None, description="clip each weight step's gradient to this norm "
+                                                                "(recurrent networks need it); None: no clipping")
     hyper_optimizer: Literal["adam", "rmsprop"] | None = None
     hyper_lr: PositiveFloat | None = None
     scale_lr: PositiveFloat | None = Field(None, description="defaults to hyper_lr")

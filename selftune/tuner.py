@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from .augment import Augment
 from .nn.hypernet import HyperNet
-from .objective import Objective
+from .objective import Objective, flatten_tokens
 from .settings import METHODS, TunerSettings
 
 __all__ = ["Callback", "DivergenceError", "FitResult", "NonFiniteError", "SelfTuner", "evaluate"]
@@ -66,9 +66,12 @@ def _batches(n: int, size: int) -> int:
 
 @torch.no_grad()
 def evaluate(net: HyperNet, data: DataLike, batch_size: int = 512,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``net`` at its current hyperparameters (eval mode)."""
+             device: torch.device | str | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``net`` at its current hyperparameters (eval mode); for
+    sequence models, per predicted token (``exp`` of the loss is the perplexity). Batches go to
+    ``device``, by default the net's."""
     data = _as_dataset(data, "data")
+    device = device or net.hparams.device
     was_training = net.training
     net.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -76,7 +79,7 @@ def evaluate(net: HyperNet, data: DataLike, batch_size: int = 512,
     for start in range(0, n, batch_size):
         x, y = _take(data, torch.arange(start, min(start + batch_size, n)))
         x, y = x.to(device), y.to(device)
-        logits = net(x)
+        logits, y = flatten_tokens(net(x), y)
         total_loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(-1) == y).sum())
         count += len(y)
@@ -375,7 +378,8 @@ class SelfTuner:
         self._check(loss, "training loss", group)
         loss.backward()
         params = self.optimizers[group].param_groups[0]["params"]
-        self._check(torch.nn.utils.clip_grad_norm_(params, math.inf), "weight gradient", group)
+        clip = self.settings.grad_clip or math.inf
+        self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
         self.optimizers[group].step()
         self.counters.examples += x.shape[0]
         return loss.item()

@@ -4,8 +4,9 @@ import json
 
 import optuna
 import pytest
+import torch
 
-from selftune.bench import load_task
+from selftune.bench import GPU_TASKS, load_task
 from selftune.cli import main
 from selftune.methods import METHODS
 from selftune.store import RunStore
@@ -51,3 +52,17 @@ def test_bench_bad_arguments(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(LookupError):
         load_task("nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_rows_refuse_clearly_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert set(GPU_TASKS) == {"mnist-alexnet", "fashion-alexnet", "ptb-lstm-650"}
+    assert main(["bench", "--gpu"]) == 2
+    assert "--gpu: no CUDA device" in capsys.readouterr().err
+    assert main(["bench", "mnist-alexnet", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "mnist-alexnet" in err and "device" in err and "CUDA" in err
+    assert main(["bench"]) == 2
+    assert "name a task" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -15,27 +15,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import RunConfig, load_config
+from ..data import CORPORA
 from ..methods import METHODS, PBT_METHODS, SEARCH_METHODS, MethodResult, run_pbt, run_search, run_single
 from ..report.plots import plot_schedules
 from ..store import RunStore
 
 TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
+#: Paper-scale tasks: their configs say ``device = "cuda"``; ``selftune bench --gpu`` runs them all.
+GPU_TASKS: tuple[str, ...] = tuple(t for t in TASKS if 'device = "cuda"' in (TASK_DIR / f"{t}.toml").read_text())
 #: What --quick changes: a short budget that proves every method runs and is recorded.
 #: Methods whose result is a schedule of hyperparameters, plotted side by side.
 SCHEDULED: tuple[str, ...] = ("stn", "delta-stn", "pbt")
 QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
 
 
-def load_task(name: str, *, quick: bool = False) -> RunConfig:
-    """The task's config (quick: fewer epochs and, for large datasets, a smaller training subset).
+def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig:
+    """The task's config (quick: fewer epochs and, for large datasets, a smaller training subset;
+    gpu: train on the CUDA device).
 
     Raises:
         LookupError: an unknown task name.
     """
     if name not in TASKS:
         raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)}")
-    overrides = []
+    overrides = ['device="cuda"'] if gpu else []
     if quick:
         overrides.append(f"epochs={QUICK['epochs']}")
         if name != "digits-mlp":
@@ -44,7 +48,7 @@ def load_task(name: str, *, quick: bool = False) -> RunConfig:
 
 
 def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, population: int = 8,
-              seeds: int = 3, quick: bool = False, out: str | Path = "bench", store: RunStore,
+              seeds: int = 3, quick: bool = False, gpu: bool = False, out: str | Path = "bench", store: RunStore,
               progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
     into ``out``; return every result.
@@ -56,7 +60,7 @@ def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    config = load_task(task, quick=quick)
+    config = load_task(task, quick=quick, gpu=gpu)
     if quick:
         trials = min(trials, QUICK["trials"])
         population = min(population, QUICK["population"])
@@ -83,7 +87,7 @@ def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, 
                      f"{r.examples} examples, {r.seconds:.1f} s")
             results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-    (out / "README.md").write_text(table(task, results, trials, quick))
+    (out / "README.md").write_text(table(task, results, trials, quick, perplexity=config.data.name in CORPORA))
     plot_compute(task, results, out / "loss_vs_compute.png")
     schedules = {m: _read_csv(out / "runs" / f"{m}-seed0" / "trajectory.csv") for m in SCHEDULED
                  if any(r.method == m and r.seed == 0 for r in results)}
@@ -104,27 +108,30 @@ def _units(results: list[MethodResult]) -> dict[tuple[str, int], tuple[float, fl
             for r in results}
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(task: str, results: list[MethodResult], trials: int, quick: bool) -> str:
-    """Markdown: mean ± sd over seeds of test loss and accuracy, compute in units of one plain run."""
+def table(task: str, results: list[MethodResult], trials: int, quick: bool, perplexity: bool = False) -> str:
+    """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
+    compute in units of one plain run."""
     units = _units(results)
     methods = list(dict.fromkeys(r.method for r in results))
+    quality = "test loss | test perplexity | test token accuracy" if perplexity else "test loss | test accuracy"
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
              f"Seeds: {len({r.seed for r in results})}; searches: {trials} trials each. Compute in units of "
              "one plain (fixed) run of the same seed.", "",
-             "| method | test loss | test accuracy | examples (x plain) | seconds (x plain) | trials / members |",
-             "|---|---|---|---|---|---|"]
+             f"| method | {quality} | examples (x plain) | seconds (x plain) | trials / members |",
+             "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
     for m in methods:
         rs = [r for r in results if r.method == m]
         ex = statistics.mean(units[(m, r.seed)][0] for r in rs)
         sec = statistics.mean(units[(m, r.seed)][1] for r in rs)
-        lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {_mean_sd([r.test_accuracy for r in rs])} | "
-                     f"{ex:.2f} | {sec:.2f} | {rs[0].trials} |")
+        ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
+        lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {ppl}{_mean_sd([r.test_accuracy for r in rs])} "
+                     f"| {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
     scheduled = [m for m in methods if m in SCHEDULED]
     if scheduled:
         lines += ["", "Hyperparameter schedules (seed 0): [all together](schedules.png); "

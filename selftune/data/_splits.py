@@ -8,12 +8,17 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._loaders import DATASETS
+from ._loaders import CORPORA, DATASETS
 
 
 @dataclass
 class Splits:
-    """Train, validation and test sets of one dataset, with what a model needs to know of it."""
+    """Train, validation and test sets of one dataset, with what a model needs to know of it.
+
+    ``kind`` is ``"classification"`` or ``"language-model"``; for the latter each example is a
+    sequence of ``input_shape[0]`` token ids, its target the same sequence shifted by one, and
+    ``num_classes`` the vocabulary size.
+    """
 
     name: str
     train: TensorDataset
@@ -21,6 +26,7 @@ class Splits:
     test: TensorDataset
     input_shape: tuple[int, ...]
     num_classes: int
+    kind: str = "classification"
 
     def sizes(self) -> dict[str, int]:
         return {k: len(getattr(self, k)) for k in ("train", "val", "test")}
@@ -30,17 +36,41 @@ def _to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
+def _sequences(ids: np.ndarray, seq_len: int) -> TensorDataset:
+    """Cut a token stream into consecutive, non-overlapping ``seq_len`` windows and their next tokens."""
+    n = (len(ids) - 1) // seq_len
+    x = torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).copy())
+    y = torch.from_numpy(ids[1: n * seq_len + 1].reshape(n, seq_len).copy())
+    return TensorDataset(x, y)
+
+
+def _corpus_splits(name: str, seq_len: int, train_subset: int, test_subset: int) -> Splits:
+    train, valid, test, vocabulary = CORPORA[name]()
+    sets = {"train": _sequences(train, seq_len), "val": _sequences(valid, seq_len), "test": _sequences(test, seq_len)}
+    for key, keep in (("train", train_subset), ("test", test_subset)):
+        if keep:  # a prefix: consecutive text, the same on every machine
+            sets[key] = TensorDataset(*(t[:keep] for t in sets[key].tensors))
+    return Splits(name=name, train=sets["train"], val=sets["val"], test=sets["test"], input_shape=(seq_len,),
+                  num_classes=len(vocabulary), kind="language-model")
+
+
 def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float = 0.2, train_subset: int = 0,
-                 test_subset: int = 0, split_seed: int = 0) -> Splits:
+                 test_subset: int = 0, split_seed: int = 0, seq_len: int = 35) -> Splits:
     """Load ``name`` and split it reproducibly.
 
+    Text corpora (``ptb``) keep their official train/valid/test splits, cut into ``seq_len``-token
+    sequences; ``val_fraction``, ``test_fraction`` and ``split_seed`` do not apply to them, and the
+    subsets count sequences.
+
     Args:
-        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``, ``adult``).
+        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``, ``adult``) or
+            :data:`CORPORA` (``ptb``).
         val_fraction: share of the training set held out for validation (hyper steps).
         test_fraction: share held out as test set, only for datasets without an official one.
         train_subset: keep only this many training examples (0: all), for quick runs.
         test_subset: keep only this many test examples (0: all).
         split_seed: seed of the shuffle that draws the splits (independent of the run seed).
+        seq_len: tokens per example, for text corpora.
 
     Returns:
         :class:`Splits` whose inputs are standardised with the training set's mean and std.
@@ -49,10 +79,12 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
         LookupError: on an unknown dataset name.
         DatasetUnavailable: when the package shipping the data is not installed.
     """
-    if name not in DATASETS:
-        raise LookupError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if name not in DATASETS and name not in CORPORA:
+        raise LookupError(f"unknown dataset {name!r}; choose one of {sorted([*DATASETS, *CORPORA])}")
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
         raise ValueError("val_fraction and test_fraction must lie in (0, 1)")
+    if name in CORPORA:
+        return _corpus_splits(name, seq_len, train_subset, test_subset)
     train_x, train_y, test_x, test_y = DATASETS[name]()
     rng = np.random.default_rng(split_seed)
     order = rng.permutation(len(train_x))

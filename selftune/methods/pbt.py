@@ -56,7 +56,7 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
     """One population member: a fixed run that reports every ``interval`` epochs (a Ray Tune trainable)."""
     from ray import tune
 
-    torch.set_num_threads(1)  # members run side by side, one core each
+    torch.set_num_threads(1)  # members run side by side, one core each (the GPU's share where there is one)
     config = _fixed_config(base, seed, clip_to_space(parse_config(base), hp))
     prepared = prepare(config)
     tuner = prepared.tuner
@@ -133,8 +133,11 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
         quantile_fraction=0.25, resample_probability=0.25, perturbation_factors=(1.2, 0.8),
         custom_explore_fn=lambda values: clip_to_space(config, values))
     tally = _tally()
+    resources: dict[str, float] = {"cpu": 1.0}
+    if config.resolve_device() == "cuda":  # members share the GPU
+        resources["gpu"] = 1 / concurrency
     trainable = tune.with_resources(tune.with_parameters(_member, base=base, seed=seed, interval=interval),
-                                    {"cpu": 1})
+                                    resources)
     started = time.perf_counter()
     # Ray's own chatter (per-trial warnings, missing-file notices while trials are paused) is not ours to show.
     ray_logger = logging.getLogger("ray")

@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from ..nn import Dropout
+from ..nn import Dropout, EmbeddingDropout
 
-__all__ = ["MLP", "MODELS", "AlexNetSmall", "SimpleCNN", "build"]
+__all__ = ["MLP", "MODELS", "AlexNetSmall", "LSTMLanguageModel", "SimpleCNN", "build"]
 
 
-def _drop(name: str | None, channelwise: bool = False) -> nn.Module:
-    return Dropout(name, channelwise=channelwise) if name else nn.Identity()
+def _drop(name: str | None, channelwise: bool = False, locked: bool = False) -> nn.Module:
+    return Dropout(name, channelwise=channelwise, locked=locked) if name else nn.Identity()
 
 
 class MLP(nn.Module):
@@ -117,13 +117,62 @@ class AlexNetSmall(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "simple_cnn": SimpleCNN, "alexnet_small": AlexNetSmall}
+class LSTMLanguageModel(nn.Module):
+    """Word-level LSTM language model with the STN paper's four dropouts (AWD-LSTM style, scaled down).
+
+    Embedding -> stacked one-layer LSTMs -> linear decoder over the vocabulary. ``hypernetize`` makes
+    the embedding, every LSTM's input and recurrent maps, and the decoder best-response layers.
+    Input, hidden and output dropout are variational (one mask per sequence); embedding dropout drops
+    whole word types. Every sequence starts from a zero state.
+
+    Args:
+        vocab_size: vocabulary size (from the data).
+        embed: embedding width.
+        hidden: LSTM width.
+        layers: stacked LSTM layers.
+        dropout: four hyperparameter names: embedding (word types), input (embeddings), hidden
+            (between LSTM layers) and output (before the decoder); ``None`` entries: none there.
+    """
+
+    def __init__(self, vocab_size: int, embed: int = 200, hidden: int = 200, layers: int = 2,
+                 dropout: Sequence[str | None] | None = None) -> None:
+        super().__init__()
+        if layers < 1 or embed < 1 or hidden < 1:
+            raise ValueError(f"embed, hidden and layers must be positive (got {embed}, {hidden}, {layers})")
+        d = list(dropout) if dropout is not None else [None] * 4
+        if len(d) != 4:
+            raise ValueError(f"dropout needs 4 entries (embedding, input, hidden, output), got {len(d)}")
+        self.embedding = nn.Embedding(vocab_size, embed)
+        self.drop_embedding = EmbeddingDropout(d[0], vocab_size) if d[0] else None
+        self.drop_input = _drop(d[1], locked=True)
+        self.lstms = nn.ModuleList(nn.LSTM(embed if i == 0 else hidden, hidden, batch_first=True)
+                                   for i in range(layers))
+        self.drop_hidden = _drop(d[2], locked=True)
+        self.drop_output = _drop(d[3], locked=True)
+        self.decoder = nn.Linear(hidden, vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, ids):
+        x = self.embedding(ids)
+        if self.drop_embedding is not None:
+            x = self.drop_embedding(ids, x)
+        x = self.drop_input(x)
+        for i, lstm in enumerate(self.lstms):
+            x, _ = lstm(x)
+            x = self.drop_hidden(x) if i < len(self.lstms) - 1 else self.drop_output(x)
+        return self.decoder(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "simple_cnn": SimpleCNN, "alexnet_small": AlexNetSmall,
+                                               "lstm_lm": LSTMLanguageModel}
 
 
 def model_arguments(name: str) -> set[str]:
     """Constructor keys a config may set for model ``name`` (input shape and classes come from the data)."""
     params = inspect.signature(MODELS[name]).parameters
-    return set(params) - {"in_features", "in_channels", "image_size", "num_classes"}
+    return set(params) - {"in_features", "in_channels", "image_size", "num_classes", "vocab_size"}
 
 
 def build(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
@@ -139,6 +188,11 @@ def build(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs
         for n in input_shape:
             in_features *= n
         return MLP(in_features, num_classes, **kwargs)
+    if name == "lstm_lm":
+        if len(input_shape) != 1:
+            raise ValueError(f"model 'lstm_lm' needs token sequences (data.name = \"ptb\"), got input shape "
+                             f"{input_shape}")
+        return LSTMLanguageModel(num_classes, **kwargs)
     if len(input_shape) != 3:
         raise ValueError(f"model {name!r} needs image data (C, H, W), got input shape {input_shape}")
     return MODELS[name](in_channels=input_shape[0], image_size=input_shape[1], num_classes=num_classes, **kwargs)

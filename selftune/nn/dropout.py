@@ -13,7 +13,7 @@ from .state import HyperModule
 
 
 def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelwise: bool = False,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            locked: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """Inverted dropout with a per-example rate.
 
     Args:
@@ -23,6 +23,8 @@ def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelw
         training: identity when ``False``.
         channelwise: drop whole channels (dimension 1) as ``nn.Dropout2d`` does, instead of
             single elements.
+        locked: for ``(B, T, ...)`` sequences, one mask per example shared by every time step
+            (variational dropout, Gal & Ghahramani 2016; AWD-LSTM's ``LockedDropout``).
         generator: random source, for reproducible masks.
 
     Returns:
@@ -32,8 +34,15 @@ def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelw
         return x
     if p.dim() != 1 or p.shape[0] != x.shape[0]:
         raise ValueError(f"p must have shape ({x.shape[0]},), got {tuple(p.shape)}")
+    if channelwise and locked:
+        raise ValueError("dropout is either channelwise or locked, not both")
     keep = (1.0 - p.detach()).clamp_min(1e-6).to(x.dtype)
-    mask_shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if channelwise else x.shape
+    if channelwise:
+        mask_shape: tuple[int, ...] = (*x.shape[:2], *([1] * (x.dim() - 2)))
+    elif locked:
+        mask_shape = (x.shape[0], 1, *x.shape[2:])
+    else:
+        mask_shape = tuple(x.shape)
     keep = keep.view(-1, *([1] * (x.dim() - 1)))
     mask = torch.rand(mask_shape, generator=generator, device=x.device, dtype=x.dtype) < keep
     return x * mask / keep
@@ -48,19 +57,54 @@ class Dropout(HyperModule):
     Args:
         name: the hyperparameter holding the rate (declare it with bounds inside ``[0, 1)``).
         channelwise: drop whole feature maps instead of elements.
+        locked: on ``(B, T, ...)`` sequences, drop the same units at every time step.
     """
 
-    def __init__(self, name: str, *, channelwise: bool = False) -> None:
+    def __init__(self, name: str, *, channelwise: bool = False, locked: bool = False) -> None:
         super().__init__()
+        if channelwise and locked:
+            raise ValueError("Dropout is either channelwise or locked, not both")
         self.name = name
         self.channelwise = channelwise
+        self.locked = locked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         state = self.hyper_state
-        return dropout(x, state.value(self.name), channelwise=self.channelwise,
+        return dropout(x, state.value(self.name), channelwise=self.channelwise, locked=self.locked,
                        generator=state.generator)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, channelwise={self.channelwise}"
+        return f"name={self.name!r}, channelwise={self.channelwise}, locked={self.locked}"
+
+
+class EmbeddingDropout(HyperModule):
+    """Drops whole word types from the embedding, one draw per example (AWD-LSTM's embedding dropout,
+    the STN paper's ``dropoute``): every occurrence of a dropped word in the example is zeroed, and kept
+    words are scaled by ``1 / (1 - p)``.
+
+    Call it as ``drop(ids, embedded)`` with ``ids`` ``(B, T)`` and ``embedded`` ``(B, T, D)``.
+    Inactive in ``eval()`` mode.
+
+    Args:
+        name: the hyperparameter holding the rate.
+        num_embeddings: vocabulary size.
+    """
+
+    def __init__(self, name: str, num_embeddings: int) -> None:
+        super().__init__()
+        self.name = name
+        self.num_embeddings = num_embeddings
+
+    def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return embedded
+        state = self.hyper_state
+        keep = (1.0 - state.value(self.name).detach()).clamp_min(1e-6).to(embedded.dtype)  # (B,)
+        draws = torch.rand(ids.shape[0], self.num_embeddings, generator=state.generator, device=ids.device)
+        kept = (draws < keep[:, None]).to(embedded.dtype) / keep[:, None]  # (B, V): one decision per word type
+        return embedded * kept.gather(1, ids.flatten(1)).view(*ids.shape, *([1] * (embedded.dim() - ids.dim())))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_embeddings={self.num_embeddings}"

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..space import Space
-from .layers import FORMS, BestResponseConv2d, BestResponseLinear, Form, _BestResponse
+from .layers import (
+    FORMS,
+    BestResponseConv2d,
+    BestResponseEmbedding,
+    BestResponseLinear,
+    BestResponseLSTM,
+    BestResponseModule,
+    Form,
+)
 from .state import HyperModule, HyperState
 
 
@@ -129,8 +137,8 @@ class HyperNet(nn.Module):
             self.hparams.copy_(self.space.from_dict(values))
 
     # -- parameter groups -----------------------------------------------------------------------
-    def best_response_layers(self) -> list[_BestResponse]:
-        return [m for m in self.model.modules() if isinstance(m, _BestResponse)]
+    def best_response_layers(self) -> list[BestResponseModule]:
+        return [m for m in self.model.modules() if isinstance(m, BestResponseModule)]
 
     def response_parameters(self) -> list[nn.Parameter]:
         """Parameters of the response paths (``W_r``, ``b_r``, ``V``) of every best-response layer."""
@@ -146,9 +154,29 @@ class HyperNet(nn.Module):
         return list(self.model.parameters())
 
 
+CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM)
+
+
+def _convert_lstm(module: nn.LSTM, encoding_size: int, form: Form) -> BestResponseLSTM:
+    if module.num_layers != 1 or module.bidirectional or module.proj_size:
+        raise TypeError("only one-layer, one-direction LSTMs without projection can become best-response layers; "
+                        "stack nn.LSTM(num_layers=1) modules (with selftune.Dropout between them) instead")
+    new = BestResponseLSTM(module.input_size, module.hidden_size, encoding_size, bias=module.bias,
+                           batch_first=module.batch_first, form=form)
+    new.load_state_dict(module.state_dict(), strict=False)  # general weights share nn.LSTM's names
+    return new.to(device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype)
+
+
 def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
-    if isinstance(module, nn.Linear):
-        new: _BestResponse = BestResponseLinear(module.in_features, module.out_features, encoding_size,
+    if isinstance(module, nn.LSTM):
+        return _convert_lstm(module, encoding_size, form)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.sparse:
+            raise TypeError("Embedding with max_norm or sparse gradients cannot become a best-response layer")
+        new: BestResponseModule = BestResponseEmbedding(module.num_embeddings, module.embedding_dim, encoding_size,
+                                                        padding_idx=module.padding_idx, form=form)
+    elif isinstance(module, nn.Linear):
+        new = BestResponseLinear(module.in_features, module.out_features, encoding_size,
                                                 bias=module.bias is not None, form=form)
     elif isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
@@ -157,19 +185,23 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
                                  stride=module.stride, padding=module.padding, dilation=module.dilation,
                                  groups=module.groups, bias=module.bias is not None, form=form)
     else:
-        raise TypeError(f"cannot make {type(module).__name__} a best-response layer (Linear and Conv2d only)")
+        raise TypeError(f"cannot make {type(module).__name__} a best-response layer "
+                        "(Linear, Conv2d, Embedding and one-layer LSTM only)")
+    weight, bias = module.weight, getattr(module, "bias", None)
+    assert isinstance(weight, torch.Tensor)
     with torch.no_grad():
-        new.weight.copy_(module.weight)
-        if module.bias is not None and new.bias is not None:
-            new.bias.copy_(module.bias)
-    return new.to(device=module.weight.device, dtype=module.weight.dtype)
+        new.weight.copy_(weight)
+        if isinstance(bias, torch.Tensor) and new.bias is not None:
+            new.bias.copy_(bias)
+    return new.to(device=weight.device, dtype=weight.dtype)
 
 
 def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                 modules: Iterable[str] | None = None, init_scale: float = 0.5) -> HyperNet:
     """Make ``model`` a best-response network for ``space``.
 
-    Every ``nn.Linear`` and ``nn.Conv2d`` (or only those named in ``modules``) is replaced, in place,
+    Every ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and one-layer ``nn.LSTM`` (or only those named
+    in ``modules``) is replaced, in place,
     by its best-response counterpart with the same weights; every selftune regulariser in the model
     (:class:`~selftune.nn.Dropout`, ...) is attached to the returned wrapper.
 
@@ -186,11 +218,12 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
 
     Raises:
         LookupError: a name in ``modules`` that the model does not have.
-        TypeError: a named module that is not a Linear or Conv2d.
+        TypeError: a named module that cannot respond (not one of the four above, or a multi-layer or
+            bidirectional LSTM).
     """
     named = dict(model.named_modules())
     if modules is None:
-        targets = [n for n, m in named.items() if type(m) in (nn.Linear, nn.Conv2d)]
+        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE]
     else:
         targets = list(modules)
         for name in targets:

@@ -27,16 +27,36 @@ Form = Literal["stn", "delta"]
 FORMS: tuple[str, ...] = ("stn", "delta")
 
 
-class _BestResponse(HyperModule):
-    """Shared gate machinery; subclasses supply the linear operator ``_op``."""
+class BestResponseModule(HyperModule):
+    """A layer whose weights respond to the hyperparameters; the tuner trains its two groups apart."""
+
+    def general_parameters(self) -> list[nn.Parameter]:
+        """Weights that do not depend on the hyperparameters (``W0``, ``b0`` and the STN scale)."""
+        raise NotImplementedError
+
+    def response_parameters(self) -> list[nn.Parameter]:
+        """Weights of the response path (``W_r``, ``b_r`` and the gate map ``V``)."""
+        raise NotImplementedError
+
+    def _cond(self) -> torch.Tensor | None:
+        state = self._hyper_state
+        return state.cond if state is not None else None
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} (got {form!r})")
+
+
+class _BestResponse(BestResponseModule):
+    """Shared gate machinery of single-map layers; subclasses supply the linear operator ``_op``."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     out_units: int
 
     def _init_response(self, encoding_size: int, form: str) -> None:
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS} (got {form!r})")
+        _check_form(form)
         self.form = form
         self.encoding_size = encoding_size
         self.response_weight = nn.Parameter(torch.empty_like(self.weight))
@@ -60,19 +80,16 @@ class _BestResponse(HyperModule):
         raise NotImplementedError
 
     def general_parameters(self) -> list[nn.Parameter]:
-        """Weights that do not depend on the hyperparameters (``W0``, ``b0`` and the STN scale)."""
         return [p for p in (self.weight, self.bias, self.scale) if p is not None]
 
     def response_parameters(self) -> list[nn.Parameter]:
-        """Weights of the response path: ``W_r``, ``b_r`` and the gate map ``V``."""
         return [p for p in (self.response_weight, self.response_bias, self.gate) if p is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._op(x, self.weight, self.bias)
         if self.scale is not None:
             y = y * self.scale
-        state = self._hyper_state
-        cond = state.cond if state is not None else None
+        cond = self._cond()
         if cond is None:
             return y
         gates = F.linear(cond, self.gate)
@@ -146,3 +163,135 @@ class BestResponseConv2d(_BestResponse):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, form={self.form!r}")
+
+
+class BestResponseEmbedding(_BestResponse):
+    """``nn.Embedding`` whose vectors respond to the hyperparameters, one gate per embedding dimension:
+    ``y = E[ids] + g(c) * E_r[ids]`` (``s * E[ids]`` first for STN).
+
+    Args:
+        num_embeddings, embedding_dim, padding_idx: as for ``nn.Embedding``.
+        encoding_size: width of the gate input (``space.encoding_size``).
+        form: ``"stn"`` or ``"delta"``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, encoding_size: int, *,
+                 padding_idx: int | None = None, form: Form = "delta") -> None:
+        super().__init__()
+        plain = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.num_embeddings, self.embedding_dim, self.out_units = num_embeddings, embedding_dim, embedding_dim
+        self.padding_idx = plain.padding_idx
+        self.weight = plain.weight
+        self.bias = None
+        self._init_response(encoding_size, form)
+        with torch.no_grad():
+            self.response_weight.normal_(0.0, 1.0)  # nn.Embedding's own initialisation
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.embedding(x, weight, self.padding_idx)
+
+    def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return g.view(g.shape[0], *([1] * (like.dim() - 2)), g.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, form={self.form!r}"
+
+
+class BestResponseLSTM(BestResponseModule):
+    """A one-layer ``nn.LSTM`` whose input and recurrent maps respond to the hyperparameters.
+
+    The pre-activations of the four gates are, per example ``b`` and step ``t``::
+
+        s * (W_ih x_t + b_ih + W_hh h_{t-1} + b_hh) + g_ih(c) * (R_ih x_t) + g_hh(c) * (R_hh h_{t-1}) + g_b(c) * r_b
+
+    with one gate value per pre-activation unit (``4 * hidden_size`` of each kind) and ``s = 1`` for
+    Delta-STN. Without a response (plain training, or Delta-STN at the current hyperparameters) the
+    layer runs PyTorch's fused LSTM; with one it unrolls the steps in Python, the recurrent maps of
+    both paths in one matrix product per step. The general weights keep ``nn.LSTM``'s names, so a plain
+    layer's ``state_dict`` loads.
+
+    Args:
+        input_size, hidden_size, bias, batch_first: as for ``nn.LSTM`` (one layer, one direction).
+        encoding_size: width of the gate input (``space.encoding_size``).
+        form: ``"stn"`` or ``"delta"``.
+
+    Returns (forward): ``(output, (h_n, c_n))`` as ``nn.LSTM`` does.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, encoding_size: int, *, bias: bool = True,
+                 batch_first: bool = False, form: Form = "delta") -> None:
+        super().__init__()
+        _check_form(form)
+        plain = nn.LSTM(input_size, hidden_size, bias=bias, batch_first=batch_first)
+        self.input_size, self.hidden_size, self.batch_first, self.form = input_size, hidden_size, batch_first, form
+        self.encoding_size = encoding_size
+        self.weight_ih_l0, self.weight_hh_l0 = plain.weight_ih_l0, plain.weight_hh_l0
+        self.bias_ih_l0: nn.Parameter | None = plain.bias_ih_l0 if bias else None
+        self.bias_hh_l0: nn.Parameter | None = plain.bias_hh_l0 if bias else None
+        units, bound = 4 * hidden_size, 1 / math.sqrt(hidden_size)
+        self.response_weight_ih = nn.Parameter(torch.empty(units, input_size).uniform_(-bound, bound))
+        self.response_weight_hh = nn.Parameter(torch.empty(units, hidden_size).uniform_(-bound, bound))
+        self.response_bias = nn.Parameter(torch.empty(units).uniform_(-bound, bound)) if bias else None
+        self.gate = nn.Parameter(torch.zeros(3 * units, encoding_size))
+        if form == "stn":
+            nn.init.normal_(self.gate, std=0.01)
+            self.scale: nn.Parameter | None = nn.Parameter(torch.ones(1))
+        else:
+            self.scale = None
+
+    def general_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.scale)
+                if p is not None]
+
+    def response_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.response_weight_ih, self.response_weight_hh, self.response_bias, self.gate)
+                if p is not None]
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if x.dim() != 3:
+            raise ValueError(f"BestResponseLSTM takes batched 3-d input, got shape {tuple(x.shape)}")
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        batch = x.shape[0]
+        if hx is None:
+            zeros = x.new_zeros(1, batch, self.hidden_size)
+            hx = (zeros, zeros)
+        cond = self._cond()
+        if cond is None and self.scale is None:
+            weights = [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
+                       if p is not None]
+            out, h, c = torch.lstm(x, hx, weights, self.bias_ih_l0 is not None, 1, 0.0, self.training, False, True)
+        else:
+            out, h, c = self._unrolled(x, hx, cond)
+        return (out if self.batch_first else out.transpose(0, 1)), (h, c)
+
+    def _unrolled(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        units = 4 * self.hidden_size
+        bias = None if self.bias_ih_l0 is None else self.bias_ih_l0 + self.bias_hh_l0
+        inputs = F.linear(x, self.weight_ih_l0, bias)  # every step's input map at once: (B, T, 4H)
+        recurrent = self.weight_hh_l0
+        if self.scale is not None:
+            inputs, recurrent = inputs * self.scale, recurrent * self.scale
+        g_hh = None
+        if cond is not None:
+            g_ih, g_hh, g_b = F.linear(cond, self.gate).split(units, dim=1)
+            inputs = inputs + g_ih.unsqueeze(1) * F.linear(x, self.response_weight_ih)
+            if self.response_bias is not None:
+                inputs = inputs + (g_b * self.response_bias).unsqueeze(1)
+            recurrent = torch.cat([recurrent, self.response_weight_hh])  # both recurrent maps in one product
+        h, c = hx[0][0], hx[1][0]
+        outputs = []
+        for t in range(x.shape[1]):
+            z = F.linear(h, recurrent)
+            pre = inputs[:, t] + (z if g_hh is None else z[:, :units] + g_hh * z[:, units:])
+            i, f, g, o = pre.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h.unsqueeze(0), c.unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih_l0 is not None}, "
+                f"batch_first={self.batch_first}, form={self.form!r}")

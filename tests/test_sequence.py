@@ -1,0 +1,140 @@
+"""Sequence models: best-response LSTM and embedding, sequence dropouts, PTB, token-level losses."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import selftune as st
+from selftune.data import load_dataset
+from selftune.models import LSTMLanguageModel, build
+from selftune.nn import BestResponseEmbedding, BestResponseLSTM, dropout
+from selftune.objective import Objective
+
+
+class Tagger(nn.Module):
+    def __init__(self, vocab=50, dim=8, hidden=12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        return self.out(self.lstm(self.emb(ids))[0])
+
+
+def space():
+    return st.Space([st.Float("p", 0.0, 0.9, init=0.3), st.Float("q", 0.0, 0.9, init=0.5)])
+
+
+def test_hypernetize_converts_embedding_and_lstm_keeping_the_function():
+    plain = Tagger()
+    ids = torch.randint(0, 50, (4, 7))
+    for form in ("delta", "stn"):
+        net = st.hypernetize(copy.deepcopy(plain), space(), form=form)
+        assert isinstance(net.model.emb, BestResponseEmbedding) and isinstance(net.model.lstm, BestResponseLSTM)
+        with torch.no_grad():
+            for layer in net.best_response_layers():
+                layer.gate.zero_()
+        u = net.hparams.detach().expand(4, -1) + torch.randn(4, 2)  # any hyperparameters: gates are zero
+        assert torch.allclose(net(ids, u), plain(ids), atol=1e-5), form
+
+
+def test_lstm_response_path_moves_the_output_per_example_and_trains():
+    plain = Tagger()
+    net = st.hypernetize(copy.deepcopy(plain), space(), form="delta")
+    with torch.no_grad():
+        for layer in net.best_response_layers():
+            layer.gate.normal_(std=0.5)
+    ids = torch.randint(0, 50, (4, 7))
+    centre = net.hparams.detach().expand(4, -1).clone()
+    assert torch.allclose(net(ids, centre), plain(ids), atol=1e-5)  # Delta-STN: plain LSTM at lambda
+    u = centre.clone()
+    u[0] += 1.0  # only example 0 moves away from lambda
+    out = net(ids, u)
+    assert not torch.allclose(out[0], plain(ids)[0], atol=1e-4)
+    assert torch.allclose(out[1:], plain(ids)[1:], atol=1e-5)
+    out.sum().backward()
+    lstm = net.model.lstm
+    assert lstm.response_weight_hh.grad is not None and lstm.response_weight_hh.grad.abs().sum() > 0
+    assert lstm.gate.grad is not None and lstm.gate.grad.abs().sum() > 0
+
+
+def test_unrolled_lstm_equals_fused_lstm():
+    layer = BestResponseLSTM(5, 6, encoding_size=4, batch_first=False)
+    x = torch.randn(9, 3, 5)  # (T, B, I)
+    fused, (h1, c1) = layer(x)
+    unrolled, h2, c2 = layer._unrolled(x.transpose(0, 1), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6)), None)
+    assert torch.allclose(fused, unrolled.transpose(0, 1), atol=1e-5)
+    assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(c1, c2, atol=1e-5)
+
+
+def test_multilayer_lstm_is_refused_with_a_fix():
+    with pytest.raises(TypeError, match="num_layers=1"):
+        st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2)), space())
+
+
+def test_locked_dropout_shares_the_mask_across_time():
+    x = torch.ones(64, 10, 16)
+    y = dropout(x, torch.full((64,), 0.5), locked=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y[:, :1].expand_as(y), y)
+    assert abs(float((y == 0).float().mean()) - 0.5) < 0.05
+
+
+def test_embedding_dropout_drops_word_types_per_example():
+    model = LSTMLanguageModel(30, embed=6, hidden=6, layers=1, dropout=["p", None, None, None])
+    net = st.hypernetize(model, st.Space([st.Float("p", 0.0, 0.9, init=0.5)]))
+    ids = torch.randint(0, 30, (200, 12))
+    with torch.no_grad():
+        embedded = net.model.embedding(ids)
+        with net._state.bind(torch.full((200, 1), 0.5), None, torch.Generator().manual_seed(0)):
+            dropped = net.model.drop_embedding(ids, embedded)
+    zero = (dropped == 0).all(-1)
+    for b in range(200):  # a word type is dropped everywhere in its example or nowhere
+        for w in ids[b].unique():
+            assert zero[b][ids[b] == w].all() or not zero[b][ids[b] == w].any()
+    assert 0.4 < float(zero.float().mean()) < 0.6
+    net.eval()
+    assert torch.equal(net.model.drop_embedding(ids, embedded), embedded)
+
+
+def test_sequence_losses_average_over_tokens():
+    logits, target = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
+    flat = F.cross_entropy(logits.reshape(15, 7), target.reshape(15))
+    objective = Objective(label_smoothing="s")
+    assert torch.allclose(Objective.eval_loss(logits, target), flat)
+    zero = objective.train_loss(logits, target, lambda name: torch.zeros(3), [])
+    assert torch.allclose(zero, flat)
+    smooth = objective.train_loss(logits, target, lambda name: torch.full((3,), 0.2), [])
+    expected = F.cross_entropy(logits.reshape(15, 7), target.reshape(15), label_smoothing=0.2)
+    assert torch.allclose(smooth, expected, atol=1e-6)
+
+
+def test_ptb_ships_offline_with_the_official_token_counts():
+    splits = load_dataset("ptb", seq_len=35)
+    assert splits.kind == "language-model" and splits.num_classes == 10000 and splits.input_shape == (35,)
+    assert len(splits.train) == (929_589 - 1) // 35
+    assert len(splits.val) == (73_760 - 1) // 35 and len(splits.test) == (82_430 - 1) // 35
+    x, y = splits.train.tensors
+    assert torch.equal(x[0, 1:], y[0, :-1]) and torch.equal(x[1, 0], y[0, -1])  # targets are the next tokens
+    model = build("lstm_lm", input_shape=splits.input_shape, num_classes=splits.num_classes, embed=8, hidden=8)
+    assert model(x[:2]).shape == (2, 35, 10000)
+
+
+def test_lstm_language_model_learns_under_delta_stn():
+    """A tiny LM on PTB: the perplexity after a short self-tuning run is far below the vocabulary size."""
+    splits = load_dataset("ptb", seq_len=20, train_subset=600, test_subset=100)
+    sp = st.Space([st.Float(n, 0.0, 0.8, init=0.1) for n in ("de", "di", "dh", "do")])
+    model = LSTMLanguageModel(splits.num_classes, embed=32, hidden=32, dropout=["de", "di", "dh", "do"])
+    net = st.hypernetize(model, sp, form="delta", init_scale=1.0)
+    val = torch.utils.data.TensorDataset(*(t[:200] for t in splits.val.tensors))
+    tuner = st.SelfTuner(net, splits.train, val, method="delta-stn", seed=0,
+                         settings=st.TunerSettings(batch_size=20, lr=20.0, momentum=0.0, grad_clip=0.25,
+                                                   warmup_epochs=1, response_fraction=0.25))
+    result = tuner.fit(epochs=2)
+    loss, _ = st.evaluate(net, splits.test)
+    assert math.exp(loss) < 1500 and result.compute["hyper_steps"] > 0
+    assert all(0.0 <= v <= 0.8 for v in result.hparams.values())
