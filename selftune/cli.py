@@ -315,6 +315,8 @@ def _bench(args: argparse.Namespace) -> int:
             if args.task is not None:
                 return _fail(f"TASK: {task}: {err}")
             print(f"selftune: skipping {task}: {err}", file=sys.stderr)
+    if not runnable:
+        return _fail("TASK: none of the paper-scale tasks can run here (see the reasons above)")
     try:  # opened only now: a refused command leaves no database behind
         store = _open_store(args.store)
     except StoreError as err:

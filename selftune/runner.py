@@ -40,6 +40,8 @@ class Prepared:
 
 
 def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
+    if splits.kind == "language-model" and config.model.name != "lstm_lm":
+        raise ConfigError("model.name", f"data {splits.name!r} is a text corpus: use the language model \"lstm_lm\"")
     space = config.build_space()
     accepted = model_arguments(config.model.name) if config.model.name in MODELS else set()
     for key in config.model.kwargs():

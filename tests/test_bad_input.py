@@ -46,7 +46,9 @@ OUT_OF_RANGE = [(("epochs",), st.integers(max_value=0)), (("tuner", "batch_size"
                 (("data", "val_fraction"), st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0))),
                 (("tuner", "momentum"), st.floats(min_value=1.0, allow_infinity=False)),
                 (("tuner", "response_fraction"), st.floats(min_value=1.0001, allow_infinity=False)),
-                (("data", "train_subset"), st.integers(max_value=-1))]
+                (("data", "train_subset"), st.integers(max_value=-1)),
+                (("data", "seq_len"), st.integers(max_value=1)),
+                (("tuner", "grad_clip"), st.floats(max_value=0.0, allow_nan=False))]
 REQUIRED = [("epochs",), ("data",), ("data", "name"), ("model",), ("model", "name"), ("space",),
             ("space", "dropout1", "low"), ("space", "dropout1", "high"), ("space", "dropout1", "init")]
 
@@ -62,7 +64,7 @@ def malformed(draw):
         _set(cfg, path, draw(not_a_number))
         field = ".".join(path)
     elif kind == "string-type":
-        path = draw(st.sampled_from([("data", "name"), ("model", "name"), ("method",)]))
+        path = draw(st.sampled_from([("data", "name"), ("model", "name"), ("method",), ("device",)]))
         _set(cfg, path, draw(not_a_string))
         field = ".".join(path)
     elif kind == "range":

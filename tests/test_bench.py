@@ -66,3 +66,14 @@ def test_gpu_rows_refuse_clearly_without_a_gpu(tmp_path, monkeypatch, capsys):
     assert main(["bench"]) == 2
     assert "name a task" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pbt_perturbations_stay_inside_the_space():
+    """Ray multiplies values by 1.2/0.8 without bounds; every value a member trains at is clipped back."""
+    from selftune.methods.pbt import clip_to_space
+
+    config = load_task("mnist-cnn")
+    values = clip_to_space(config, {"dropout_in": 0.95 * 1.2, "dropout_conv1": -0.1, "dropout_conv2": 0.3,
+                                    "dropout_fc": 0.5, "cutout_length": 24 * 1.2, "cutout_holes": 0.8 * 1})
+    assert values["dropout_in"] == 0.95 and values["dropout_conv1"] == 0.0 and values["dropout_conv2"] == 0.3
+    assert values["cutout_length"] == 24 and values["cutout_holes"] == 1 and isinstance(values["cutout_holes"], int)

@@ -138,3 +138,18 @@ def test_lstm_language_model_learns_under_delta_stn():
     loss, _ = st.evaluate(net, splits.test)
     assert math.exp(loss) < 1500 and result.compute["hyper_steps"] > 0
     assert all(0.0 <= v <= 0.8 for v in result.hparams.values())
+
+
+def test_text_data_and_language_model_must_go_together(tmp_path, monkeypatch, capsys):
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    task = "selftune/bench/tasks/ptb-lstm.toml"
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert main(["run", str(root / task), "--set", "model.name=mlp", "--set", "model.hidden=[8]"]) == 2
+    assert "model.name" in capsys.readouterr().err
+    assert main(["run", str(root / "examples/digits_mlp.toml"), "--set", "model.name=lstm_lm",
+                 "--set", 'model.dropout=["dropout_in", "dropout1", "dropout2", "dropout2"]']) == 2
+    assert "token sequences" in capsys.readouterr().err
+    assert main(["run", str(root / task), "--set", "device=cuda"]) == 2 or torch.cuda.is_available()
+    assert list(tmp_path.iterdir()) == []

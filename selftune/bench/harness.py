@@ -24,9 +24,9 @@ TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
 #: Paper-scale tasks: their configs say ``device = "cuda"``; ``selftune bench --gpu`` runs them all.
 GPU_TASKS: tuple[str, ...] = tuple(t for t in TASKS if 'device = "cuda"' in (TASK_DIR / f"{t}.toml").read_text())
-#: What --quick changes: a short budget that proves every method runs and is recorded.
 #: Methods whose result is a schedule of hyperparameters, plotted side by side.
 SCHEDULED: tuple[str, ...] = ("stn", "delta-stn", "pbt")
+#: What --quick changes: a short budget that proves every method runs and is recorded.
 QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
 
 
