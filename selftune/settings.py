@@ -28,6 +28,10 @@ class TunerSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: PositiveFloat = 0.01
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    response_lr: PositiveFloat | None = Field(
+        None, description="learning rate of the response weights (W_r, b_r, V); None: lr. STN trains them in the "
+                          "same step as the network, and a recurrent net's plain rate (20 for an SGD LSTM) "
+                          "swamps its gates")
     weight_decay: float = Field(0.0, ge=0.0, description="fixed (untuned) decay of the weight optimizer")
     grad_clip: PositiveFloat | None = Field(None, description="clip each weight step's gradient to this norm "
                                                                 "(recurrent networks need it); None: no clipping")

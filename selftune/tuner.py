@@ -204,12 +204,15 @@ class SelfTuner:
         self._weights = net.weight_parameters()
         make = (lambda p: torch.optim.SGD(p, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)) \
             if s.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=s.lr, weight_decay=s.weight_decay))
+        response = {"params": self._response, "lr": s.response_lr or s.lr}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         if method == "delta-stn":
             self.optimizers["general"] = make(self._general)
-            self.optimizers["response"] = make(self._response)
+            self.optimizers["response"] = make([response])
+        elif method == "stn":
+            self.optimizers["weights"] = make([{"params": self._general}, response])
         else:
-            self.optimizers["weights"] = make(self._general if method == "fixed" else self._weights)
+            self.optimizers["weights"] = make(self._general)
         if method != "fixed":
             opt, lr, scale_lr = s.resolved_hyper(method)
             groups = [{"params": [net.hparams], "lr": lr}]
@@ -377,7 +380,7 @@ class SelfTuner:
         loss = self.objective.train_loss(logits, y, lookup, self._decayed)
         self._check(loss, "training loss", group)
         loss.backward()
-        params = self.optimizers[group].param_groups[0]["params"]
+        params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
         clip = self.settings.grad_clip or math.inf
         self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
         self.optimizers[group].step()

@@ -87,7 +87,7 @@ def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, 
                      f"{r.examples} examples, {r.seconds:.1f} s")
             results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-    (out / "README.md").write_text(table(task, results, trials, quick, perplexity=config.data.name in CORPORA))
+    (out / "README.md").write_text(table(task, results, quick, perplexity=config.data.name in CORPORA))
     plot_compute(task, results, out / "loss_vs_compute.png")
     schedules = {m: _read_csv(out / "runs" / f"{m}-seed0" / "trajectory.csv") for m in SCHEDULED
                  if any(r.method == m and r.seed == 0 for r in results)}
@@ -114,15 +114,15 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(task: str, results: list[MethodResult], trials: int, quick: bool, perplexity: bool = False) -> str:
+def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False) -> str:
     """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
     compute in units of one plain run."""
     units = _units(results)
     methods = list(dict.fromkeys(r.method for r in results))
     quality = "test loss | test perplexity | test token accuracy" if perplexity else "test loss | test accuracy"
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
-             f"Seeds: {len({r.seed for r in results})}; searches: {trials} trials each. Compute in units of "
-             "one plain (fixed) run of the same seed.", "",
+             f"Seeds: {len({r.seed for r in results})}. Compute in units of one plain (fixed) run of the same "
+             "seed; searches count every trial, PBT every member-epoch.", "",
              f"| method | {quality} | examples (x plain) | seconds (x plain) | trials / members |",
              "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
     for m in methods:
@@ -134,8 +134,8 @@ def table(task: str, results: list[MethodResult], trials: int, quick: bool, perp
                      f"| {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
     scheduled = [m for m in methods if m in SCHEDULED]
     if scheduled:
-        lines += ["", "Hyperparameter schedules (seed 0): [all together](schedules.png); "
-                  + ", ".join(f"[{m}](runs/{m}-seed0/trajectory.png)" for m in scheduled) + "."]
+        lines += ["", f"Hyperparameter schedules of {', '.join(scheduled)} (seed 0): [schedules.png](schedules.png); "
+                  "each run's own plots and CSV files are in `runs/<method>-seed<N>/`."]
     return "\n".join(lines) + "\n"
 
 

@@ -31,11 +31,13 @@ class BestResponseModule(HyperModule):
     """A layer whose weights respond to the hyperparameters; the tuner trains its two groups apart."""
 
     def general_parameters(self) -> list[nn.Parameter]:
-        """Weights that do not depend on the hyperparameters (``W0``, ``b0`` and the STN scale)."""
+        """Weights that do not depend on the hyperparameters (``W0``, ``b0``)."""
         raise NotImplementedError
 
     def response_parameters(self) -> list[nn.Parameter]:
-        """Weights of the response path (``W_r``, ``b_r`` and the gate map ``V``)."""
+        """Weights of the response path (``W_r``, ``b_r``, the gate map ``V``) and STN's scale ``s``: the
+        multipliers of the layer's output, which take ``tuner.response_lr`` (one scalar gain of a whole
+        layer cannot take a plain weight's step)."""
         raise NotImplementedError
 
     def _cond(self) -> torch.Tensor | None:
@@ -80,10 +82,10 @@ class _BestResponse(BestResponseModule):
         raise NotImplementedError
 
     def general_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.weight, self.bias, self.scale) if p is not None]
+        return [p for p in (self.weight, self.bias) if p is not None]
 
     def response_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.response_weight, self.response_bias, self.gate) if p is not None]
+        return [p for p in (self.response_weight, self.response_bias, self.gate, self.scale) if p is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._op(x, self.weight, self.bias)
@@ -240,12 +242,11 @@ class BestResponseLSTM(BestResponseModule):
             self.scale = None
 
     def general_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.scale)
-                if p is not None]
+        return [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0) if p is not None]
 
     def response_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.response_weight_ih, self.response_weight_hh, self.response_bias, self.gate)
-                if p is not None]
+        return [p for p in (self.response_weight_ih, self.response_weight_hh, self.response_bias, self.gate,
+                            self.scale) if p is not None]
 
     def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
