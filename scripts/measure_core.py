@@ -21,7 +21,7 @@ GRID = [0.0, 0.15, 0.3, 0.45, 0.6]
 
 
 def run(path: str, overrides: list[str]) -> dict:
-    return execute(prepare(load_config(path, overrides)))[1]
+    return execute(prepare(load_config(path, overrides)))[1].to_json()
 
 
 def main(task: str, seeds: int = 3) -> None:

@@ -14,10 +14,11 @@ import sys
 
 import torch
 
+from selftune.algorithms import ALGORITHMS
 from selftune.config import load_config
 from selftune.runner import prepare
 
-METHODS = ("fixed", "delta-stn", "stn")
+METHODS = tuple(ALGORITHMS)  # the baseline (fixed) is registered first
 
 
 def main(path: str, reps: int, *overrides: str) -> None:
@@ -25,7 +26,7 @@ def main(path: str, reps: int, *overrides: str) -> None:
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     for _ in range(reps):
         for method in METHODS:
-            prepared = prepare(load_config(path, [f'method="{method}"', *overrides]))
+            prepared = prepare(load_config(path, list(overrides)).derive(method=method))
             fit = prepared.tuner.fit(prepared.config.epochs)
             seconds[method].append(fit.compute["seconds"])
     fixed = statistics.median(seconds["fixed"])

@@ -1,12 +1,15 @@
 """The ``selftune`` command line.
 
-``selftune run CONFIG.toml [--method stn|delta-stn|fixed] [--seed N] [--set key=value ...] [--out DIR]``
-``selftune resume RUN`` | ``selftune runs`` | ``selftune show RUN`` | ``selftune report RUN``
+``selftune run CONFIG.toml [--method M] [--seed N] [--set key=value ...] [--out DIR] [--overwrite]``
+``selftune resume RUN`` | ``selftune runs`` | ``selftune show RUN`` | ``selftune report RUN`` | ``selftune bench TASK``
 
 Every command takes ``--store URL`` (default ``$SELFTUNE_STORE`` or ``sqlite:///selftune.db``).
 
-Bad input (config, arguments) prints one line naming the field to stderr and exits with status 2
-before anything is written.
+:func:`main` is the one place that turns a :class:`~selftune.errors.SelftuneError` into one line on
+stderr and its exit status: 2 for anything refused before a run starts (nothing is written), 1 for a
+run that failed after starting, 130/143 for a run stopped by SIGINT/SIGTERM (checkpointed, resumable).
+Method names come from the registries (:mod:`selftune.algorithms`, :mod:`selftune.methods`); the
+in-loop names are read without importing torch, from the module's source.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
-
-from .settings import METHODS
 
 EXIT_USAGE = 2
 
@@ -34,21 +35,26 @@ def _parser() -> argparse.ArgumentParser:
                          description="Train the model a config describes and write result.json, "
                                      "trajectory.csv, epochs.csv and plots to --out.")
     run.add_argument("config", help="run config (TOML, see docs/config.md)")
-    run.add_argument("--method", choices=METHODS, help="override the config's method")
+    run.add_argument("--method", help="override the config's method (fixed, stn, delta-stn, ...: see docs/cli.md)")
     run.add_argument("--seed", type=int, help="override the config's seed")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set tuner.lr=0.05 (repeatable)")
-    run.add_argument("--out", help="output folder (default: runs/<config>-<method>-seed<seed>)")
+    run.add_argument("--out", help="output folder (default: runs/<config>-<method>-<run uuid>, new for every run); "
+                                   "an existing non-empty folder is refused unless it holds this run's outputs")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --out folder, replacing only selftune's own files there")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
                      help="steps between checkpoints (also one at every epoch end; default 100)")
     run.add_argument("--checkpoint-dir", default="checkpoints",
-                     help="folder under which each run's checkpoints go (default ./checkpoints)")
+                     help="folder under which each run's checkpoints go, as DIR/<run uuid>/ (default ./checkpoints)")
     _store_arg(run)
 
     resume = sub.add_parser("resume", help="continue a run that was interrupted, from its last checkpoint")
     resume.add_argument("run", type=_positive, help="run id (see `selftune runs`)")
-    resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
+    resume.add_argument("--force", action="store_true",
+                        help="take over a run whose driver stopped beating its heartbeat but cannot be shown dead "
+                             "(another host); a live driver is never taken over")
     resume.add_argument("--quiet", action="store_true", help="no progress bar")
     resume.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS")
     _store_arg(resume)
@@ -70,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", action="store_true",
                        help="train on the CUDA device; without a task, run the paper-scale tasks "
                             "(mnist-alexnet, fashion-alexnet, ptb-lstm-650)")
-    bench.add_argument("--out", help="output folder (default bench/<task>)")
+    bench.add_argument("--out", help="output folder (default bench/<task>); a non-empty folder that is not a "
+                                     "benchmark's is refused unless --overwrite")
+    bench.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty --out folder, replacing only the benchmark's own files")
     _store_arg(bench)
 
     runs = sub.add_parser("runs", help="list the runs in the store")
@@ -81,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild a run's plots and CSV files from the store alone")
     report.add_argument("run", type=_positive)
     report.add_argument("--out", help="folder for the report (default: the run's output folder)")
+    report.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder that is not this run's, replacing only these files")
     _store_arg(report)
     return parser
 
@@ -107,15 +118,20 @@ def _store_arg(parser: argparse.ArgumentParser) -> None:
                                         "sqlite:///selftune.db)")
 
 
-def _open_store(url: str | None):
+def _open_store(url: str | None, *, create: bool = True):
+    """The run store; read-only commands pass ``create=False`` so they never create a file or a table."""
     from .store import RunStore
 
-    return RunStore(url)
+    return RunStore(url, create=create)
 
 
-def _fail(message: object) -> int:
-    print(f"selftune: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _get_run(store, run_id: int):
+    from .errors import ConfigError
+
+    try:
+        return store.get_run(run_id)
+    except LookupError as err:
+        raise ConfigError("RUN", str(err).strip("'\"")) from None
 
 
 def _progress(args: argparse.Namespace) -> list:
@@ -124,68 +140,52 @@ def _progress(args: argparse.Namespace) -> list:
     return [] if args.quiet else [ProgressBar()]
 
 
-def _summary(result: dict) -> None:
+def _summary(result) -> None:
     print("hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in result["hparams"].items()))
-    print(f"test loss {result['test']['loss']:.4f}  test accuracy {result['test']['accuracy']:.4f}  "
-          f"({result['compute']['seconds']:.1f} s, {result['compute']['examples']} examples)")
+                                          for k, v in result.hparams.items()))
+    print(f"test loss {result.test['loss']:.4f}  test accuracy {result.test['accuracy']:.4f}  "
+          f"({result.compute['seconds']:.1f} s, {result.compute['examples']} examples)")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .store import StoreError
+    from .algorithms import ALGORITHMS
+    from .config import load_config
+    from .errors import ConfigError
+    from .runner import RecordedRun, prepare
 
-    overrides = list(args.overrides)
-    if args.method:
-        overrides.append(f'method="{args.method}"')
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    try:
-        config = load_config(args.config, overrides)
-        from .runner import prepare
-
-        prepared = prepare(config)
-        store = _open_store(args.store)
-    except (ConfigError, StoreError) as err:
-        return _fail(err)
-
-    from .runner import run_recorded
-
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.method}-seed{config.seed}"
+    if args.method is not None and args.method not in ALGORITHMS:
+        raise ConfigError("--method", f"unknown method {args.method!r}; choose one of {list(ALGORITHMS)}")
+    config = load_config(args.config, args.overrides)
+    if args.method is not None or args.seed is not None:
+        config = config.derive(method=args.method, seed=args.seed)
+    prepared = prepare(config)
+    store = _open_store(args.store)
+    run = RecordedRun.start(store, config, out=args.out, checkpoint_root=args.checkpoint_dir,
+                            overwrite=args.overwrite, name=Path(args.config).stem)
     sizes = prepared.splits.sizes()
     print(f"selftune {config.method}: {config.data.name} (train {sizes['train']}, val {sizes['val']}, "
-          f"test {sizes['test']}), model {config.model.name}, {config.epochs} epochs, seed {config.seed}")
-    from .tuner import DivergenceError
-
-    try:
-        result = run_recorded(prepared, store, out=out, checkpoint_root=args.checkpoint_dir,
-                              every=args.checkpoint_every, callbacks=_progress(args))
-    except DivergenceError as err:
-        print(f"selftune: run failed: {err}", file=sys.stderr)
-        return 1
+          f"test {sizes['test']}), model {config.model.name}, {config.epochs} epochs, seed {config.seed}; "
+          f"run {run.run_id} in {store.display_url}")
+    result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
     _summary(result)
-    print(f"run {result['run_id']} in {store.display_url}; wrote {out}/result.json, model.pt, trajectory.csv, "
-          "epochs.csv, trajectory.png, losses.png")
+    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, trajectory.csv, epochs.csv, "
+          "trajectory.png, losses.png")
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .config import ConfigError
     from .runner import resume_recorded
-    from .store import StoreError
-    from .tuner import DivergenceError
 
+    store = _open_store(args.store, create=False)
+    info = _get_run(store, args.run)
+    print(f"resuming run {info.id} ({info.method}, seed {info.seed}, {info.status})")
+    notes: list[str] = []
     try:
-        store = _open_store(args.store)
-        info = store.get_run(args.run)
-        print(f"resuming run {info.id} ({info.method}, seed {info.seed}, {info.status})")
         result = resume_recorded(store, args.run, every=args.checkpoint_every, callbacks=_progress(args),
-                                 force=args.force)
-    except (ConfigError, StoreError, LookupError) as err:
-        return _fail(str(err).strip("'\""))
-    except DivergenceError as err:
-        print(f"selftune: run failed: {err}", file=sys.stderr)
-        return 1
+                                 force=args.force, notes=notes)
+    finally:
+        for note in notes:
+            print(f"selftune: note: {note}", file=sys.stderr)
     _summary(result)
     print(f"run {args.run} finished; wrote {info.out_dir}")
     return 0
@@ -202,12 +202,7 @@ def _age(when) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from .store import StoreError
-
-    try:
-        runs = _open_store(args.store).list_runs()
-    except StoreError as err:
-        return _fail(err)
+    runs = _open_store(args.store, create=False).list_runs()
     if not runs:
         print("no runs yet")
         return 0
@@ -223,14 +218,9 @@ def _runs(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    from .store import StoreError
-
-    try:
-        store = _open_store(args.store)
-        r = store.get_run(args.run)
-    except (StoreError, LookupError) as err:
-        return _fail(str(err).strip("'\""))
-    print(f"run {r.id}: {r.method}, seed {r.seed}, {r.status}")
+    store = _open_store(args.store, create=False)
+    r = _get_run(store, args.run)
+    print(f"run {r.id}: {r.method}, seed {r.seed}, {r.status}  (uuid {r.uuid})")
     print(f"created {r.created_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {_age(r.heartbeat_at)} ago, "
           f"process {r.pid} on {r.host}")
     print(f"output {r.out_dir}; checkpoints {r.checkpoint_dir}")
@@ -248,6 +238,8 @@ def _show(args: argparse.Namespace) -> int:
                                                      and not k.endswith("_scale")))
     if r.error:
         print(f"error: {r.error}")
+    if r.status == "interrupted":
+        print(f"resume with: selftune resume {r.id}")
     for e in store.events(r.id):
         print(f"event at step {e['step']}: {e['kind']}: {e['message']}")
     print("config: " + json.dumps(r.config, sort_keys=True))
@@ -255,57 +247,58 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .outputs import claim_folder, mark_folder, write_csv
     from .report.plots import plot_losses, plot_trajectory
-    from .runner import _write_csv
-    from .store import StoreError
 
-    try:
-        store = _open_store(args.store)
-        r = store.get_run(args.run)
-    except (StoreError, LookupError) as err:
-        return _fail(str(err).strip("'\""))
+    store = _open_store(args.store, create=False)
+    r = _get_run(store, args.run)
     trajectory, epochs = store.trajectory(r.id), store.epochs(r.id)
     if not trajectory:
-        return _fail(f"RUN: run {r.id} has no recorded trajectory yet")
-    out = Path(args.out) if args.out else Path(r.out_dir)
+        raise ConfigError("RUN", f"run {r.id} has no recorded trajectory yet")
+    # The run's own folder (or one the user names) may receive these files only under the folder rule.
+    out = claim_folder(args.out or r.out_dir, r.uuid, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if not any(p for p in out.iterdir()):  # a new folder is this run's: its outputs may land here later
+        mark_folder(out, r.uuid, r.id, store.display_url)
     names = [k for k in trajectory[0] if k not in {"step", "epoch", "train_loss", "val_loss"}
              and not k.endswith("_scale")]
     plot_trajectory(trajectory, names, out / "trajectory.png", title=f"run {r.id} ({r.method}) hyperparameters")
     plot_losses(trajectory, epochs, out / "losses.png", title=f"run {r.id} ({r.method}) losses")
-    _write_csv(out / "trajectory.csv", trajectory)
-    _write_csv(out / "epochs.csv", epochs)
+    write_csv(out / "trajectory.csv", trajectory)
+    write_csv(out / "epochs.csv", epochs)
     print(f"wrote {out}/trajectory.png, losses.png, trajectory.csv, epochs.csv from {store.display_url}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import GPU_TASKS, TASKS, load_task, run_bench
-    from .methods import METHODS
-    from .store import StoreError
+    from .bench.harness import claim_bench_folder
+    from .errors import ConfigError
+    from .methods import METHODS, get_method
+    from .runner import prepare
 
     if args.gpu:
         import torch
 
         if not torch.cuda.is_available():
-            return _fail("--gpu: no CUDA device is visible here; run on a machine with a GPU, or drop --gpu")
+            raise ConfigError("--gpu", "no CUDA device is visible here; run on a machine with a GPU, or drop --gpu")
     if args.task is None:
         if not args.gpu:
-            return _fail(f"TASK: name a task (one of {list(TASKS)}), or pass --gpu for the paper-scale tasks")
+            raise ConfigError("TASK", f"name a task (one of {list(TASKS)}), or pass --gpu for the paper-scale tasks")
         tasks = list(GPU_TASKS)
         if args.out:
-            return _fail("--out: with several tasks each goes to bench/<task>; drop --out or name one task")
+            raise ConfigError("--out", "with several tasks each goes to bench/<task>; drop --out or name one task")
     elif args.task not in TASKS:
-        return _fail(f"TASK: unknown task {args.task!r}; choose one of {list(TASKS)}")
+        raise ConfigError("TASK", f"unknown task {args.task!r}; choose one of {list(TASKS)}")
     else:
         tasks = [args.task]
     methods = args.methods or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        return _fail(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    from .config import ConfigError
-    from .runner import prepare
-
+    for m in methods:
+        get_method(m)
+    outs = {t: Path(args.out) if args.out else Path("bench") / (t + ("-quick" if args.quick else "")) for t in tasks}
+    for out in outs.values():
+        claim_bench_folder(out, overwrite=args.overwrite)
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts
@@ -313,18 +306,15 @@ def _bench(args: argparse.Namespace) -> int:
             runnable.append(task)
         except ConfigError as err:
             if args.task is not None:
-                return _fail(f"TASK: {task}: {err}")
+                raise ConfigError("TASK", f"{task}: {err}") from None
             print(f"selftune: skipping {task}: {err}", file=sys.stderr)
     if not runnable:
-        return _fail("TASK: none of the paper-scale tasks can run here (see the reasons above)")
-    try:  # opened only now: a refused command leaves no database behind
-        store = _open_store(args.store)
-    except StoreError as err:
-        return _fail(err)
+        raise ConfigError("TASK", "none of the paper-scale tasks can run here (see the reasons above)")
+    store = _open_store(args.store)  # opened only now: a refused command leaves no database behind
     for task in runnable:
-        out = Path(args.out) if args.out else Path("bench") / (task + ("-quick" if args.quick else ""))
+        out = outs[task]
         run_bench(task, methods=methods, trials=args.trials, population=args.population, seeds=args.seeds,
-                  quick=args.quick, gpu=args.gpu, out=out, store=store)
+                  quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite)
         print((out / "README.md").read_text())
         print(f"wrote {out}/README.md, results.json, loss_vs_compute.png, schedules.png; runs and Optuna studies "
               f"in {store.display_url}")
@@ -335,8 +325,16 @@ COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "runs": _runs, "sho
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every selftune error becomes one line on stderr and an exit status."""
     args = _parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    from .errors import SelftuneError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SelftuneError as err:
+        kind = "run failed" if err.exit_code == 1 else "stopped" if err.exit_code > 2 else "error"
+        print(f"selftune: {kind}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,20 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from .augment import Augment, Cutout, Flip, Noise, Shift
+from .errors import ConfigError
 from .objective import Objective
 from .settings import TunerSettings
 from .space import Float, Int, Space
 
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config"]
-
-
-class ConfigError(ValueError):
-    """A bad config: ``str(err)`` is one line naming the field and what to do."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
 
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)  # TOML has real types: no "5" for 5
@@ -102,7 +96,7 @@ class RunConfig(BaseModel):
     """A whole run: what to train, what to tune, and how."""
 
     model_config = _STRICT
-    method: Literal["stn", "delta-stn", "fixed"] = "delta-stn"
+    method: str = Field(DEFAULT_ALGORITHM, description="an in-loop algorithm of selftune.algorithms.ALGORITHMS")
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     epochs: int = Field(ge=1)
@@ -113,12 +107,41 @@ class RunConfig(BaseModel):
     objective: ObjectiveConfig = ObjectiveConfig()
     augment: list[AugmentConfig] = []
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown method {v!r}; choose one of {list(ALGORITHMS)}")
+        return v
+
     @field_validator("space")
     @classmethod
     def _nonempty(cls, v: dict[str, HyperparameterConfig]) -> dict[str, HyperparameterConfig]:
         if not v:
             raise ValueError("declare at least one hyperparameter as a [space.NAME] table")
         return v
+
+    # -- derived configs: typed edits, validated like a file --------------------------------------
+    def derive(self, *, method: str | None = None, seed: int | None = None,
+               values: dict[str, float | int] | None = None, epochs: int | None = None,
+               device: str | None = None) -> RunConfig:
+        """A copy with another method, seed, epochs, device, or hyperparameter init ``values``
+        (what searches, PBT and the harness train), validated exactly as a config file is.
+
+        Raises:
+            ConfigError: a value the schema refuses (unknown method, a value outside its bounds,
+                a name not in the space).
+        """
+        raw = self.model_dump(mode="python")
+        for key, value in (("method", method), ("seed", seed), ("epochs", epochs), ("device", device)):
+            if value is not None:
+                raw[key] = value
+        for name, value in (values or {}).items():
+            if name not in raw["space"]:
+                raise ConfigError(f"space.{name}", f"is not declared; the space has {list(raw['space'])}")
+            h = raw["space"][name]
+            h["init"] = int(value) if h["type"] == "int" else float(value)
+        return parse_config(raw)
 
     # -- the objects the config describes --------------------------------------------------------
     def resolve_device(self) -> str:

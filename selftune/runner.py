@@ -1,20 +1,23 @@
-"""From a validated config to a finished run and its output folder.
+"""From a validated config to a finished run, its store record and its output folder.
 
 ``prepare`` builds everything (data, model, space, tuner) and is where every remaining error is
-raised, before anything is written; ``execute`` trains; ``write_outputs`` writes the folder
-atomically (a temporary sibling renamed into place), so an interrupted or failed run never leaves a
-half-written result behind.
+raised, before anything is written. ``execute`` trains and evaluates without recording (search
+trials). :class:`RecordedRun` is the one path of a recorded run, new or resumed: it claims the
+output folder, holds the run's lease in the store, checkpoints under the run's UUID, turns
+SIGINT/SIGTERM into a checkpoint and an ``interrupted`` status, and writes the outputs through
+:func:`selftune.outputs.write_outputs`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import platform
-import shutil
-import tempfile
+import signal
+import threading
+import uuid as uuidlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,17 @@ import torch
 from torch.utils.data import TensorDataset
 
 from . import __version__
-from .config import ConfigError, RunConfig
+from .algorithms import get_algorithm
+from .config import RunConfig, parse_config
 from .data import DatasetUnavailable, Splits, load_dataset
+from .errors import ConfigError, Interrupted, LeaseError, SelftuneError
 from .models import MODELS, build, model_arguments
 from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
+from .outputs import RunResult, claim_folder, write_outputs
 from .tuner import Callback, FitResult, SelfTuner, evaluate
 
-__all__ = ["Prepared", "execute", "prepare", "resume_recorded", "run_recorded", "write_outputs"]
+__all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", "prepare", "resume_recorded",
+           "run_recorded"]
 
 
 @dataclass
@@ -59,7 +66,7 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
     for module in model.modules():
         if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
             raise ConfigError("model.dropout", f"{module.name!r} is not declared; add a [space.{module.name}] table")
-    form = "stn" if config.method == "stn" else "delta"
+    form = get_algorithm(config.method).form or "delta"
     return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale)
 
 
@@ -94,116 +101,226 @@ def _to_device(splits: Splits, device: str) -> Splits:
     return replace(splits, **moved)
 
 
-def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tuple[FitResult, dict[str, Any]]:
-    """Train and evaluate; returns the fit result and the ``result.json`` payload."""
-    config, tuner = prepared.config, prepared.tuner
-    fit = tuner.fit(config.epochs, callbacks=callbacks or [])
+def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = None) -> RunResult:
+    """Test and validation quality of ``fit``'s model and everything ``result.json`` records."""
+    config = prepared.config
     test_loss, test_acc = evaluate(fit.net, prepared.splits.test)
     val_loss, val_acc = evaluate(fit.net, prepared.splits.val)
-    result = {
-        "method": config.method,
-        "seed": config.seed,
-        "hparams": fit.hparams,
-        "test": {"loss": test_loss, "accuracy": test_acc},
-        "val": {"loss": val_loss, "accuracy": val_acc},
-        "compute": fit.compute,
-        "epochs": config.epochs,
-        "data": {"name": prepared.splits.name, **prepared.splits.sizes()},
-        "config": config.model_dump(mode="json"),
-        "versions": {"selftune": __version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
+    test, val = {"loss": test_loss, "accuracy": test_acc}, {"loss": val_loss, "accuracy": val_acc}
     if prepared.splits.kind == "language-model":
-        for key in ("test", "val"):
-            result[key]["perplexity"] = math.exp(min(result[key]["loss"], 700.0))
-    return fit, result
+        for d in (test, val):
+            d["perplexity"] = math.exp(min(d["loss"], 700.0))
+    return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
+                     compute=dict(fit.compute), epochs=config.epochs,
+                     data={"name": prepared.splits.name, **prepared.splits.sizes()},
+                     config=config.model_dump(mode="json"),
+                     versions={"selftune": __version__, "torch": torch.__version__,
+                               "python": platform.python_version()})
 
 
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    if not rows:
-        path.write_text("")
+def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tuple[FitResult, RunResult]:
+    """Train and evaluate without recording (a search trial); returns the fit and its result."""
+    fit = prepared.tuner.fit(prepared.config.epochs, callbacks=callbacks or [])
+    return fit, evaluate_run(prepared, fit)
+
+
+def default_out(config_name: str, method: str, run_uuid: str) -> Path:
+    """``runs/<config>-<method>-<uuid prefix>``: unique per run, so no run replaces another's outputs."""
+    return Path("runs") / f"{config_name}-{method}-{run_uuid[:8]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs recorded in the store, checkpointed as they go, resumable after a crash or a signal
+# ----------------------------------------------------------------------------------------------
+class _Signals:
+    """SIGINT/SIGTERM ask the tuner to stop after the current step; a second one acts as usual."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.tuner: SelfTuner | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.tuner is not None:
+            self.tuner.request_stop()
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_Signals]:
+    caught = _Signals()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield caught
         return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-
-
-def write_outputs(out: str | Path, fit: FitResult, result: dict[str, Any]) -> Path:
-    """Write ``result.json``, ``trajectory.csv``, ``epochs.csv`` and the plots into ``out`` atomically."""
-    from .report.plots import plot_losses, plot_trajectory
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = {s: signal.signal(s, caught) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-        torch.save(fit.net.state_dict(), tmp / "model.pt")
-        _write_csv(tmp / "trajectory.csv", fit.trajectory)
-        _write_csv(tmp / "epochs.csv", fit.history)
-        names = fit.net.space.names
-        plot_trajectory(fit.trajectory, names, tmp / "trajectory.png", title=f"{result['method']} hyperparameters")
-        plot_losses(fit.trajectory, fit.history, tmp / "losses.png", title=f"{result['method']} losses")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
-# ----------------------------------------------------------------------------------------------
-# Runs recorded in the store, checkpointed as they go, resumable after a crash
-# ----------------------------------------------------------------------------------------------
-def _drive(prepared: Prepared, store: Any, run_id: int, out: Path, checkpoint_dir: str, every: int | None,
-           callbacks: list[Callback]) -> dict[str, Any]:
-    from .store import StoreRecorder
+class RecordedRun:
+    """One run of a store, driven by this process: its row (held under a lease), its checkpoint
+    folder (named by the run's UUID, unique across stores) and its output folder.
 
-    # every=None: a single checkpoint at the end (benchmarks, where checkpoint I/O would skew wall times).
-    recorder = StoreRecorder(store, run_id, checkpoint_dir, every=every or 2**62, at_epoch_end=every is not None)
-    try:
-        fit, result = execute(prepared, [*callbacks, recorder])
-        result["run_id"] = run_id
-        write_outputs(out, fit, result)
-    except Exception as err:
-        store.fail(run_id, f"{type(err).__name__}: {err}".splitlines()[0])
-        raise
-    store.finish(run_id, result)
-    return result
+    Build it with :meth:`start` (a new run) or :meth:`reopen` (resume), then :meth:`drive`.
+    """
+
+    def __init__(self, store: Any, run_id: int, run_uuid: str, out: Path, checkpoint_dir: Path, *,
+                 overwrite: bool = False) -> None:
+        self.store, self.run_id, self.uuid = store, run_id, run_uuid
+        self.out, self.checkpoint_dir, self.overwrite = out, checkpoint_dir, overwrite
+        self.notes: list[str] = []  # what a resume had to work around (shown to the user)
+
+    @classmethod
+    def start(cls, store: Any, config: RunConfig, *, out: str | Path | None = None,
+              checkpoint_root: str | Path = "checkpoints", overwrite: bool = False, method: str | None = None,
+              name: str = "run") -> RecordedRun:
+        """Claim ``out`` (default :func:`default_out`) and create the run's row, holding its lease.
+
+        Raises:
+            OutputError: ``out`` holds files that are not this run's (and ``overwrite`` is false).
+            StoreError: the store refused the row.
+        """
+        run_uuid = uuidlib.uuid4().hex
+        out = Path(out) if out is not None else default_out(name, method or config.method, run_uuid)
+        claim_folder(out, run_uuid, overwrite=overwrite)
+        run_id = store.create_run(method=method or config.method, seed=config.seed,
+                                  config=config.model_dump(mode="json"), out_dir=str(out.resolve()),
+                                  checkpoint_root=str(Path(checkpoint_root).resolve()), uuid=run_uuid)
+        return cls(store, run_id, run_uuid, out, Path(store.get_run(run_id).checkpoint_dir), overwrite=overwrite)
+
+    @classmethod
+    def reopen(cls, store: Any, run_id: int, *, force: bool = False) -> tuple[RecordedRun, RunConfig]:
+        """Take the lease of run ``run_id`` to resume it; returns the run and its config.
+
+        Raises:
+            LookupError: no such run.
+            LeaseError: it finished, or another process drives it.
+        """
+        info = store.acquire(run_id, force=force)
+        run = cls(store, run_id, info.uuid, Path(info.out_dir), Path(info.checkpoint_dir), overwrite=True)
+        return run, parse_config(info.config)
+
+    def restore(self, tuner: SelfTuner) -> int:
+        """Load the newest intact checkpoint of this run into ``tuner`` and rewind the store to it;
+        returns its step (-1: none usable, the run starts over). A truncated or foreign newest
+        file is skipped with a note, and the previous one is used."""
+        for step, epoch, path in reversed(self.store.checkpoints(self.run_id)):
+            try:
+                saved = torch.load(path, weights_only=True)
+            except FileNotFoundError:
+                self.notes.append(f"checkpoint {path} is missing; trying an older one")
+                continue
+            except Exception as err:  # a torn or corrupt file: any unpickling error
+                self.notes.append(f"checkpoint {path} is unreadable ({type(err).__name__}); trying an older one")
+                continue
+            if not isinstance(saved, dict) or saved.get("run_uuid") != self.uuid:
+                self.notes.append(f"checkpoint {path} belongs to another run; trying an older one")
+                continue
+            tuner.load_state_dict(saved["tuner"])
+            self.store.rewind(self.run_id, step, epoch)
+            return step
+        self.store.rewind(self.run_id, -1, 0)
+        if self.notes:
+            self.notes.append("no intact checkpoint of this run is left: it starts over from step 0")
+        return -1
+
+    def drive(self, prepared: Prepared, *, every: int | None = 100,
+              callbacks: list[Callback] | None = None) -> RunResult:
+        """Train to the end (checkpointing every ``every`` steps and at epoch ends; ``None``: only at
+        the end), write the outputs and mark the run finished.
+
+        Raises:
+            Interrupted: SIGINT/SIGTERM arrived; a checkpoint was written and the run is ``interrupted``.
+            DivergenceError: the run diverged too often; it is marked ``failed``.
+        """
+        from .store import StoreRecorder
+
+        config, tuner = prepared.config, prepared.tuner
+        recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
+                                 every=every or 2**62, at_epoch_end=every is not None)
+        try:
+            with _stop_on_signals() as caught:
+                caught.tuner = tuner
+                fit = tuner.fit(config.epochs, callbacks=[*(callbacks or []), recorder])
+            if tuner.epoch < config.epochs:  # stopped early: by a signal, or by a callback's request_stop
+                cause = signal.Signals(caught.signum).name if caught.signum is not None else "a callback"
+                message = f"run {self.run_id} interrupted by {cause} at step {tuner.counters.steps} (checkpoint saved)"
+                self.store.interrupt(self.run_id, message)
+                raise Interrupted(f"{message}; resume with: selftune resume {self.run_id}"
+                                  f"{_store_hint(self.store)}", caught.signum)
+            result = evaluate_run(prepared, fit, method=self.store.get_run(self.run_id).method)
+            return self.complete(fit, result)
+        except (Interrupted, LeaseError):
+            raise  # recorded as interrupted already / the run is someone else's now
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, from the last checkpoint
+            message = f"run {self.run_id} stopped by a second SIGINT; it continues from its last checkpoint"
+            self._record(self.store.interrupt, message)
+            raise Interrupted(f"{message}: selftune resume {self.run_id}{_store_hint(self.store)}",
+                              signal.SIGINT) from None
+        except BaseException as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._record(self.store.fail, f"{type(err).__name__}: {message}")
+            raise
+
+    def _record(self, action: Any, message: str) -> None:
+        """Record how the run ended, unless the store itself is what failed (the original error wins)."""
+        try:
+            action(self.run_id, message)
+        except SelftuneError:
+            pass
+
+    def save(self, tuner: SelfTuner) -> None:
+        """One checkpoint of ``tuner`` committed with its rows (a run recorded after the fact: PBT)."""
+        from .store import StoreRecorder
+
+        StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid).checkpoint(tuner)
+
+    def complete(self, fit: FitResult, result: RunResult) -> RunResult:
+        """Write the outputs of a finished run and mark it finished in the store."""
+        result.run_id, result.run_uuid = self.run_id, self.uuid
+        write_outputs(self.out, fit, result, store=self.store.display_url, overwrite=self.overwrite)
+        self.store.finish(self.run_id, result.to_json())
+        return result
 
 
-def run_recorded(prepared: Prepared, store: Any, *, out: str | Path, checkpoint_root: str | Path = "checkpoints",
-                 every: int | None = 100, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Run a prepared config as a new run of ``store``; returns ``result.json``'s payload (with ``run_id``).
-    ``every``: steps between checkpoints (plus one per epoch end); ``None``: only a final checkpoint."""
-    config = prepared.config
-    run_id = store.create_run(method=config.method, seed=config.seed, config=config.model_dump(mode="json"),
-                              out_dir=str(Path(out).resolve()), checkpoint_root=str(checkpoint_root))
-    return _drive(prepared, store, run_id, Path(out), store.get_run(run_id).checkpoint_dir, every, callbacks or [])
+def _store_hint(store: Any) -> str:
+    from .store import resolve_url
+
+    return "" if store.display_url == resolve_url(None) else f" --store {store.display_url}"
+
+
+def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = None,
+                 checkpoint_root: str | Path = "checkpoints", every: int | None = 100,
+                 callbacks: list[Callback] | None = None, overwrite: bool = False, name: str = "run") -> RunResult:
+    """Run a prepared config as a new run of ``store``. ``every``: steps between checkpoints (plus one
+    per epoch end); ``None``: only a final checkpoint (benchmarks, where checkpoint I/O would skew times)."""
+    run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=overwrite,
+                            name=name)
+    return run.drive(prepared, every=every, callbacks=callbacks)
 
 
 def resume_recorded(store: Any, run_id: int, *, every: int = 100, callbacks: list[Callback] | None = None,
-                    force: bool = False) -> dict[str, Any]:
-    """Continue run ``run_id`` from its last checkpoint (from the start if it has none).
+                    force: bool = False, notes: list[str] | None = None) -> RunResult:
+    """Continue run ``run_id`` from its newest intact checkpoint (from the start if it has none).
+    What the resume had to work around (a torn newest checkpoint, ...) goes to ``notes``, or is
+    issued as warnings when ``notes`` is None.
 
     Raises:
         LookupError: no such run.
-        ConfigError: the run already finished, or it still runs (``force`` overrides the latter).
+        LeaseError: the run finished, or another process drives it (``force`` takes over a stale one).
+        ConfigError: the run's config no longer builds here (a missing data package, ...).
     """
-    from .config import parse_config
-
-    info = store.get_run(run_id)
-    if info.status == "finished":
-        raise ConfigError("RUN", f"run {run_id} already finished; its results are in {info.out_dir}")
-    if info.status == "running" and not force:
-        raise ConfigError("RUN", f"run {run_id} is still running (pid {info.pid} on {info.host}); "
-                                 "pass --force if that process is gone")
-    prepared = prepare(parse_config(info.config))
-    checkpoints = store.checkpoints(run_id)
-    step, epoch = -1, 0
-    if checkpoints:
-        step, epoch, path = checkpoints[-1]
-        prepared.tuner.load_state_dict(torch.load(path, weights_only=True))
-    store.rewind(run_id, step, epoch)
-    return _drive(prepared, store, run_id, Path(info.out_dir), info.checkpoint_dir, every, callbacks or [])
+    run, config = RecordedRun.reopen(store, run_id, force=force)
+    try:
+        prepared = prepare(config)
+        run.restore(prepared.tuner)
+    except SelftuneError as err:
+        store.interrupt(run_id, f"resume failed: {err}")
+        raise
+    finally:
+        for note in run.notes:
+            notes.append(note) if notes is not None else warnings.warn(note, stacklevel=2)
+    return run.drive(prepared, every=every, callbacks=callbacks)

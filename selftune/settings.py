@@ -10,15 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-Method = Literal["stn", "delta-stn", "fixed"]
-METHODS: tuple[str, ...] = ("stn", "delta-stn", "fixed")
-
 
 class TunerSettings(BaseModel):
     """How weights and hyperparameters are trained (DESIGN.md section 3).
 
-    ``None`` for ``hyper_optimizer``/``hyper_lr`` picks the official default of the method:
-    Adam at 3e-3 for STN, RMSprop at 1e-2 for Delta-STN.
+    ``None`` for ``hyper_optimizer``/``hyper_lr`` picks the official default of the algorithm
+    (:mod:`selftune.algorithms`): Adam at 3e-3 for STN, RMSprop at 1e-2 for Delta-STN.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -54,9 +51,3 @@ class TunerSettings(BaseModel):
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
-
-    def resolved_hyper(self, method: str) -> tuple[str, float, float]:
-        """``(optimizer, lr, scale_lr)`` for the hyperparameters of ``method``."""
-        opt = self.hyper_optimizer or ("adam" if method == "stn" else "rmsprop")
-        lr = self.hyper_lr or (3e-3 if method == "stn" else 1e-2)
-        return opt, lr, self.scale_lr or lr

@@ -65,7 +65,8 @@ def test_repeated_divergence_fails_clearly_and_keeps_the_last_good_checkpoint(di
     run = store.create_run(method="delta-stn", seed=0, config={}, out_dir=str(tmp_path / "out"),
                            checkpoint_root=str(tmp_path / "ck"))
     tuner = make_tuner(digits, max_divergences=2)
-    recorder = StoreRecorder(store, run, store.get_run(run).checkpoint_dir, every=10)
+    info = store.get_run(run)
+    recorder = StoreRecorder(store, run, info.checkpoint_dir, run_uuid=info.uuid, every=10)
     with pytest.raises(DivergenceError, match="diverged 3 times") as err:
         tuner.fit(4, callbacks=[Inject(at=25, times=99), recorder])
     assert "lower tuner.lr" in str(err.value)
@@ -73,7 +74,9 @@ def test_repeated_divergence_fails_clearly_and_keeps_the_last_good_checkpoint(di
     assert [e["kind"] for e in events] == ["divergence", "divergence"]
     step, _, path = store.checkpoints(run)[-1]
     assert step == 20
-    state = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True)
+    assert saved["run_uuid"] == info.uuid
+    state = saved["tuner"]
     assert all(torch.isfinite(t).all() for t in state["net"].values())
     fresh = make_tuner(digits)
     fresh.load_state_dict(state)
@@ -95,3 +98,20 @@ def test_a_hopeless_learning_rate_fails_with_a_clear_message(digits):
     assert len(events) == 3
     assert all(e["group"] in ("general", "response", "weights") for e in events)
     assert tuner.optimizers["general"].param_groups[0]["lr"] == pytest.approx(50.0 * 0.5**3)
+
+
+def test_a_roll_back_in_benchmark_mode_keeps_every_trajectory_row(digits, tmp_path):
+    """Benchmarks checkpoint only at the end: a roll-back to the last epoch end must not drop the
+    rows logged before it (the store once kept 5 of 20 rows: two owners of the roll-back point)."""
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run(method="delta-stn", seed=0, config={}, out_dir=str(tmp_path / "out"),
+                           checkpoint_root=str(tmp_path / "ck"))
+    info = store.get_run(run)
+    tuner = make_tuner(digits)
+    recorder = StoreRecorder(store, run, info.checkpoint_dir, run_uuid=info.uuid, every=2**62, at_epoch_end=False)
+    steps_per_epoch = tuner.batches_per_epoch
+    result = tuner.fit(4, callbacks=[Inject(at=2 * steps_per_epoch + 3), recorder])
+    assert tuner.divergences == 1
+    stored = [r["step"] for r in store.trajectory(run)]
+    assert stored == [r["step"] for r in result.trajectory] == list(range(5, tuner.counters.steps + 1, 5))
+    assert [r["epoch"] for r in store.epochs(run)] == [1, 2, 3, 4]

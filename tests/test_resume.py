@@ -118,6 +118,6 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, seed", [("delta-stn", 1), ("stn", 2), ("fixed", 3), ("delta-stn", 4)])
+@pytest.mark.parametrize("method, seed", [("delta-stn", 1), ("stn", 2), ("fixed", 3), ("delta-stn", 4), ("stn", 5)])
 def test_many_sigkills_and_resumes(tmp_path, method, seed):
     assert len(check_kills(tmp_path, method, seed, kills=6, rng=random.Random(seed))) == 6

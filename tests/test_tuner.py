@@ -133,7 +133,7 @@ def test_tuned_run_beats_fixed_run_on_digits_for_three_seeds(tmp_path):
         losses = {}
         for method in ("fixed", "delta-stn"):
             config = load_config(ROOT / "examples" / "digits_mlp.toml", [f'method="{method}"', f"seed={seed}"])
-            losses[method] = execute(prepare(config))[1]["test"]["loss"]
+            losses[method] = execute(prepare(config))[1].test["loss"]
         assert losses["delta-stn"] < losses["fixed"], (seed, losses)
 
 

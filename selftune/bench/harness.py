@@ -14,9 +14,11 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..algorithms import Fixed
 from ..config import RunConfig, load_config
 from ..data import CORPORA
-from ..methods import METHODS, PBT_METHODS, SEARCH_METHODS, MethodResult, run_pbt, run_search, run_single
+from ..errors import OutputError
+from ..methods import METHODS, Context, MethodResult, get_method
 from ..report.plots import plot_schedules
 from ..store import RunStore
 
@@ -24,8 +26,9 @@ TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
 #: Paper-scale tasks: their configs say ``device = "cuda"``; ``selftune bench --gpu`` runs them all.
 GPU_TASKS: tuple[str, ...] = tuple(t for t in TASKS if 'device = "cuda"' in (TASK_DIR / f"{t}.toml").read_text())
-#: Methods whose result is a schedule of hyperparameters, plotted side by side.
-SCHEDULED: tuple[str, ...] = ("stn", "delta-stn", "pbt")
+#: The marker of a benchmark folder: re-running a benchmark replaces only what a benchmark wrote.
+BENCH_MARKER = ".selftune-bench.json"
+BENCH_FILES = ("results.json", "README.md", "loss_vs_compute.png", "schedules.png")
 #: What --quick changes: a short budget that proves every method runs and is recorded.
 QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
 
@@ -47,49 +50,62 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig
     return load_config(TASK_DIR / f"{name}.toml", overrides)
 
 
-def run_bench(task: str, *, methods: Sequence[str] = METHODS, trials: int = 20, population: int = 8,
+def claim_bench_folder(out: str | Path, *, overwrite: bool = False) -> Path:
+    """A benchmark folder may be missing, empty, or a previous benchmark's; anything else needs
+    ``overwrite`` (and even then only the benchmark's own files and sub-folders are replaced).
+
+    Raises:
+        OutputError: the folder holds other files.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out: {str(path)!r} is a file, not a folder; choose a folder path")
+    if not path.exists() or (path / BENCH_MARKER).exists() or overwrite or not any(path.iterdir()):
+        return path
+    shown = ", ".join(sorted(p.name for p in path.iterdir())[:4])
+    raise OutputError(f"--out: folder {str(path)!r} is not empty ({shown}, ...) and is no benchmark folder; "
+                      "choose a new folder, or pass --overwrite to replace only the benchmark's own files")
+
+
+def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int = 20, population: int = 8,
               seeds: int = 3, quick: bool = False, gpu: bool = False, out: str | Path = "bench", store: RunStore,
-              progress: Callable[[str], None] = print) -> list[MethodResult]:
+              overwrite: bool = False, progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
     into ``out``; return every result.
 
     Args:
         trials: trials of each Optuna search.
         population: members of the PBT population.
+        overwrite: allow a non-empty folder that is not a benchmark's (only the benchmark's files are replaced).
+
+    Raises:
+        ConfigError: an unknown method.
+        OutputError: ``out`` holds files that are not a benchmark's.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    chosen = [get_method(m) for m in dict.fromkeys([Fixed.name, *methods])]  # fixed is the unit of compute
     config = load_task(task, quick=quick, gpu=gpu)
     if quick:
         trials = min(trials, QUICK["trials"])
         population = min(population, QUICK["population"])
-    out = Path(out)
+    out = claim_bench_folder(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    ordered = ["fixed", *[m for m in methods if m != "fixed"]]  # fixed is the unit of compute
+    (out / BENCH_MARKER).write_text(json.dumps({"task": task, "quick": quick}) + "\n")
+    ctx = Context(store=store, folder=out, label=f"{task}{'-quick' if quick else ''}", trials=trials,
+                  population=population)
     results: list[MethodResult] = []
     for seed in range(seeds):
-        for method in ordered:
-            size = f" ({trials} trials)" if method in SEARCH_METHODS else \
-                f" (population {population})" if method in PBT_METHODS else ""
-            progress(f"[{task}] seed {seed}: {method}{size}")
-            if method in SEARCH_METHODS:
-                study = f"{task}{'-quick' if quick else ''}-{method}-seed{seed}-{trials}trials"
-                r = run_search(config, method, seed, trials, store.url.render_as_string(hide_password=False), study)
-            elif method in PBT_METHODS:
-                r = run_pbt(config, seed, population, store, out / "runs" / f"{method}-seed{seed}",
-                            ray_dir=out / "ray", checkpoint_root=out / "checkpoints",
-                            name=f"{task}{'-quick' if quick else ''}-seed{seed}")
-            else:
-                r = run_single(config, method, seed, store, out / "runs" / f"{method}-seed{seed}",
-                               checkpoint_root=out / "checkpoints")
+        for method in chosen:
+            progress(f"[{task}] seed {seed}: {method.name}{method.budget(ctx)}")
+            r = method.run(config, seed, ctx)
             progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
                      f"{r.examples} examples, {r.seconds:.1f} s")
             results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-    (out / "README.md").write_text(table(task, results, quick, perplexity=config.data.name in CORPORA))
+    scheduled = [m.name for m in chosen if m.schedule]
+    (out / "README.md").write_text(table(task, results, quick, perplexity=config.data.name in CORPORA,
+                                         scheduled=scheduled))
     plot_compute(task, results, out / "loss_vs_compute.png")
-    schedules = {m: _read_csv(out / "runs" / f"{m}-seed0" / "trajectory.csv") for m in SCHEDULED
+    schedules = {m: _read_csv(ctx.run_folder(m, 0) / "trajectory.csv") for m in scheduled
                  if any(r.method == m and r.seed == 0 for r in results)}
     if schedules:
         plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{task}, seed 0",
@@ -103,7 +119,7 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def _units(results: list[MethodResult]) -> dict[tuple[str, int], tuple[float, float]]:
-    fixed = {r.seed: r for r in results if r.method == "fixed"}
+    fixed = {r.seed: r for r in results if r.method == Fixed.name}
     return {(r.method, r.seed): (r.examples / fixed[r.seed].examples, r.seconds / fixed[r.seed].seconds)
             for r in results}
 
@@ -114,7 +130,8 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False) -> str:
+def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False,
+          scheduled: Sequence[str] = ()) -> str:
     """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
     compute in units of one plain run."""
     units = _units(results)
@@ -132,7 +149,7 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
         ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
         lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {ppl}{_mean_sd([r.test_accuracy for r in rs])} "
                      f"| {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
-    scheduled = [m for m in methods if m in SCHEDULED]
+    scheduled = [m for m in methods if m in scheduled]
     if scheduled:
         lines += ["", f"Hyperparameter schedules of {', '.join(scheduled)} (seed 0): [schedules.png](schedules.png); "
                   "each run's own plots and CSV files are in `runs/<method>-seed<N>/`."]
@@ -146,7 +163,7 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = {r.seed: r.examples for r in results if r.method == "fixed"}
+    fixed = {r.seed: r.examples for r in results if r.method == Fixed.name}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
     for r in results:

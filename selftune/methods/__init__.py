@@ -1,18 +1,37 @@
 """Ways to tune the same task, behind one interface so benchmarks compare them fairly.
 
-Single-run methods (``fixed``, ``stn``, ``delta-stn``) train once; black-box methods (``random``,
-``tpe``, ``tpe-asha``) run Optuna studies whose trials are full training runs of the same config at
-fixed hyperparameters; ``pbt`` trains a population through Ray Tune's Population Based Training.
-Every method returns a :class:`MethodResult` with the same accounting of
-compute: training examples forwarded and backwarded (hyper steps included) and wall-clock seconds.
+Every method is a :class:`Method` in :data:`METHODS`, the one registry the harness and the CLI read:
+single-run methods (one per in-loop algorithm of :data:`selftune.algorithms.ALGORITHMS`: ``fixed``,
+``stn``, ``delta-stn``, ...) train once; black-box searches (``random``, ``tpe``, ``tpe-asha``) run
+Optuna studies whose trials are full ``fixed`` runs; ``pbt`` trains a population through Ray Tune.
+Every method returns a :class:`MethodResult` with the same accounting of compute: training examples
+forwarded and backwarded (hyper steps included) and wall-clock seconds.
 """
 
-from ._result import MethodResult
-from .pbt import PBT_METHODS, run_pbt
-from .search import SEARCH_METHODS, run_search
-from .single import SINGLE_METHODS, run_single
+from __future__ import annotations
 
-METHODS: tuple[str, ...] = SINGLE_METHODS + SEARCH_METHODS + PBT_METHODS
+from ..algorithms import ALGORITHMS
+from ..errors import ConfigError
+from ._base import Context, Method, MethodResult
+from .pbt import PBT, run_pbt
+from .search import SEARCHES, Search, run_search
+from .single import SingleRun
 
-__all__ = ["METHODS", "PBT_METHODS", "SEARCH_METHODS", "SINGLE_METHODS", "MethodResult", "run_pbt", "run_search",
-           "run_single"]
+#: Every method by name: single runs first (``fixed``, the unit of compute, leads), then searches, then PBT.
+METHODS: dict[str, Method] = {m.name: m for m in (*(SingleRun(a) for a in ALGORITHMS), *SEARCHES, PBT())}
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError("--methods", f"unknown method {name!r}; choose from {list(METHODS)}") from None
+
+
+__all__ = ["METHODS", "PBT", "Context", "Method", "MethodResult", "Search", "SingleRun", "get_method", "run_pbt",
+           "run_search"]

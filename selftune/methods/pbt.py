@@ -16,7 +16,6 @@ costs ``P`` plain runs; ``seconds`` is the population's wall clock on this machi
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -28,19 +27,37 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig, apply_overrides, parse_config
-from ..runner import prepare, write_outputs
+from ..algorithms import Fixed
+from ..config import RunConfig, parse_config
+from ..runner import RecordedRun, evaluate_run, prepare
 from ..store import RunStore
 from ..tuner import evaluate
-from ._result import MethodResult
+from ._base import Context, Method, MethodResult
 
-PBT_METHODS: tuple[str, ...] = ("pbt",)
 _STATE = "tuner.pt"
+_NAME = "pbt"  # the registry key (selftune.methods.METHODS)
+
+
+class PBT(Method):
+    """Population Based Training of ``fixed`` members (Ray Tune); the best member's lineage is the schedule."""
+
+    def __init__(self, name: str = _NAME) -> None:
+        super().__init__(name, schedule=True)
+
+    def budget(self, ctx: Context) -> str:
+        return f" (population {ctx.population})"
+
+    def trials(self, ctx: Context) -> int:
+        return ctx.population
+
+    def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
+        return run_pbt(config, seed, ctx.population, ctx.store, ctx.run_folder(self.name, seed),
+                       ray_dir=ctx.folder / "ray", checkpoint_root=ctx.folder / "checkpoints",
+                       name=f"{ctx.label}-seed{seed}", method=self.name)
 
 
 def _fixed_config(base: dict[str, Any], seed: int, values: dict[str, Any]) -> RunConfig:
-    sets = ['method="fixed"', f"seed={seed}", *(f"space.{k}.init={v!r}" for k, v in values.items())]
-    return parse_config(apply_overrides(copy.deepcopy(base), sets))
+    return parse_config(base).derive(method=Fixed.name, seed=seed, values=values)
 
 
 def clip_to_space(config: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def _domains(config: RunConfig) -> dict[str, Any]:
 
 def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out: str | Path, *,
             ray_dir: str | Path = "ray", checkpoint_root: str | Path = "checkpoints", interval: int | None = None,
-            concurrency: int | None = None, name: str = "pbt") -> MethodResult:
+            concurrency: int | None = None, name: str = _NAME, method: str = _NAME) -> MethodResult:
     """Train a population of ``population`` fixed runs with Ray Tune's PBT.
 
     Args:
@@ -108,6 +125,7 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
         interval: epochs between exploit/explore steps (default: a tenth of the epochs, at least 1).
         concurrency: members training at once (default: the machine's cores).
         name: Ray experiment name.
+        method: the method name the run is recorded under.
 
     Returns:
         The best member's (lowest final validation loss) result, with the whole population's compute.
@@ -166,7 +184,8 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
     best = grid.get_best_result(metric="val_loss", mode="min", scope="last")
     assert best.checkpoint is not None
     values = clip_to_space(config, {k: best.config[k] for k in domains})
-    return _record(config, seed, values, best, store, out, Path(checkpoint_root), tally, seconds, population)
+    return _record(config, seed, values, best, store, out, Path(checkpoint_root), tally, seconds, population,
+                   method)
 
 
 def _tally() -> Any:
@@ -187,32 +206,22 @@ def _tally() -> Any:
 
 
 def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, store: RunStore, out: Path,
-            checkpoint_root: Path, tally: Any, seconds: float, population: int) -> MethodResult:
-    """Rebuild the best member from its last checkpoint, write its outputs and record it in the store."""
+            checkpoint_root: Path, tally: Any, seconds: float, population: int, method: str) -> MethodResult:
+    """Rebuild the best member from its last checkpoint and record it as a run of ``method``, through
+    the same recorder and writer as every run."""
     prepared = prepare(_fixed_config(config.model_dump(mode="json"), seed, values))
     with best.checkpoint.as_directory() as folder:
-        state_path = Path(folder) / _STATE
-        prepared.tuner.load_state_dict(torch.load(state_path, weights_only=True))
+        prepared.tuner.load_state_dict(torch.load(Path(folder) / _STATE, weights_only=True))
     fit = prepared.tuner.result()
-    test_loss, test_acc = evaluate(fit.net, prepared.splits.test)
-    val_loss, val_acc = evaluate(fit.net, prepared.splits.val)
-    compute = {"examples": tally.examples, "eval_examples": fit.compute["eval_examples"], "seconds": seconds,
-               "member_seconds": tally.member_seconds, "population": population}
-    result = {"method": "pbt", "seed": seed, "hparams": fit.hparams,
-              "test": {"loss": test_loss, "accuracy": test_acc}, "val": {"loss": val_loss, "accuracy": val_acc},
-              "compute": compute, "epochs": prepared.config.epochs, "config": prepared.config.model_dump(mode="json"),
-              "ray": {"experiment": str(Path(best.path).parent)}}
-    run_id = store.create_run(method="pbt", seed=seed, config=result["config"], out_dir=str(out),
-                              checkpoint_root=str(checkpoint_root))
-    checkpoint_dir = Path(store.get_run(run_id).checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir / "final.pt"
-    torch.save(prepared.tuner.state_dict(), final)
-    store.commit_checkpoint(run_id, step=fit.compute["steps"], epoch=prepared.tuner.epoch, path=str(final),
-                            trajectory=fit.trajectory, epochs=fit.history)
-    result["run_id"] = run_id
-    write_outputs(out, fit, result)
-    store.finish(run_id, result)
-    return MethodResult(method="pbt", seed=seed, test_loss=test_loss, test_accuracy=test_acc, val_loss=val_loss,
-                        hparams=fit.hparams, examples=tally.examples, seconds=seconds, trials=population,
-                        run_id=run_id, curve=[(tally.examples, test_loss)])
+    result = evaluate_run(prepared, fit, method=method)
+    result.compute = {"examples": tally.examples, "eval_examples": fit.compute["eval_examples"], "seconds": seconds,
+                      "steps": fit.compute["steps"], "hyper_steps": 0, "member_seconds": tally.member_seconds,
+                      "population": population}
+    result.extra = {"ray": {"experiment": str(Path(best.path).parent)}}
+    run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=True,
+                            method=method)
+    run.save(prepared.tuner)
+    run.complete(fit, result)
+    return MethodResult(method=method, seed=seed, test_loss=result.test["loss"], test_accuracy=result.test["accuracy"],
+                        val_loss=result.val["loss"], hparams=fit.hparams, examples=tally.examples, seconds=seconds,
+                        trials=population, run_id=run.run_id, curve=[(tally.examples, result.test["loss"])])

@@ -8,16 +8,17 @@ minimises the final validation loss, and the method returns the test loss of the
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import optuna
-
-from ..config import RunConfig, apply_overrides, parse_config
-from ..runner import execute, prepare
+from ..algorithms import Fixed
 from ..tuner import Callback, SelfTuner
-from ._result import MethodResult
+from ._base import Context, Method, MethodResult
 
-SEARCH_METHODS: tuple[str, ...] = ("random", "tpe", "tpe-asha")
+if TYPE_CHECKING:
+    import optuna
+
+    from ..config import RunConfig
 
 
 class _Report(Callback):
@@ -45,58 +46,92 @@ def _suggest(trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
     return values
 
 
-def run_search(config: RunConfig, method: str, seed: int, n_trials: int, storage: str,
+class Search(Method):
+    """An Optuna study whose trials are full ``fixed`` training runs of the task.
+
+    Args:
+        name: registry key.
+        sampler: builds the Optuna sampler from the seed.
+        pruned: prune with Optuna's SuccessiveHalvingPruner on per-epoch validation losses (ASHA).
+    """
+
+    def __init__(self, name: str, sampler: Callable[[int], optuna.samplers.BaseSampler], *,
+                 pruned: bool = False) -> None:
+        super().__init__(name)
+        self.sampler, self.pruned = sampler, pruned
+
+    def budget(self, ctx: Context) -> str:
+        return f" ({ctx.trials} trials)"
+
+    def trials(self, ctx: Context) -> int:
+        return ctx.trials
+
+    def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
+        study = f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials"
+        return run_search(config, self, seed, ctx.trials, ctx.store.url.render_as_string(hide_password=False),
+                          study)
+
+
+def _random(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _tpe(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+#: The black-box searches, in the order tables show them.
+SEARCHES: tuple[Search, ...] = (Search("random", _random), Search("tpe", _tpe), Search("tpe-asha", _tpe, pruned=True))
+
+
+def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, storage: str,
                study_name: str) -> MethodResult:
     """Run an Optuna study of ``n_trials`` full training runs.
 
     Args:
-        config: the task; its space gives the search ranges, ``method`` is forced to ``fixed``.
-        method: ``random``, ``tpe`` or ``tpe-asha``.
+        config: the task; its space gives the search ranges; every trial trains it with ``fixed``.
+        search: which sampler, pruned or not.
         seed: seeds the sampler and every trial's training.
         n_trials: trials to run.
         storage: SQLAlchemy URL for the study (the run store's).
         study_name: unique study name (``load_if_exists``: a re-run continues the study).
     """
-    if method not in SEARCH_METHODS:
-        raise ValueError(f"{method!r} is not a search method {SEARCH_METHODS}")
-    sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else \
-        optuna.samplers.TPESampler(seed=seed)
-    pruner = optuna.pruners.SuccessiveHalvingPruner() if method == "tpe-asha" else optuna.pruners.NopPruner()
+    import optuna
+
+    from ..runner import execute, prepare
+
+    pruner = optuna.pruners.SuccessiveHalvingPruner() if search.pruned else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=search.sampler(seed), pruner=pruner,
                                 direction="minimize", load_if_exists=True)
-    base = config.model_dump(mode="json")
     totals = {"examples": 0, "seconds": 0.0}
     curve: list[tuple[int, float]] = []
     best = {"val": float("inf"), "test": float("nan")}
 
     def objective(trial: optuna.Trial) -> float:
         values = _suggest(trial, config)
-        sets = ['method="fixed"', f"seed={seed}", *(f"space.{k}.init={v!r}" for k, v in values.items())]
         report = _Report(trial)
-        callbacks = [report] if method == "tpe-asha" else []
-        _, result = execute(prepare(parse_config(apply_overrides(_copy(base), sets))), callbacks)
-        totals["examples"] += int(result["compute"]["examples"])
-        totals["seconds"] += result["compute"]["seconds"]
+        callbacks = [report] if search.pruned else []
+        _, result = execute(prepare(config.derive(method=Fixed.name, seed=seed, values=values)), callbacks)
+        totals["examples"] += int(result.compute["examples"])
+        totals["seconds"] += result.compute["seconds"]
         for key in ("loss", "accuracy"):
-            trial.set_user_attr(f"test_{key}", result["test"][key])
-        trial.set_user_attr("examples", int(result["compute"]["examples"]))
-        if not report.pruned and result["val"]["loss"] < best["val"]:
-            best.update(val=result["val"]["loss"], test=result["test"]["loss"])
+            trial.set_user_attr(f"test_{key}", result.test[key])
+        trial.set_user_attr("examples", int(result.compute["examples"]))
+        if not report.pruned and result.val["loss"] < best["val"]:
+            best.update(val=result.val["loss"], test=result.test["loss"])
         curve.append((totals["examples"], best["test"]))
         if report.pruned:
             raise optuna.TrialPruned()
-        return result["val"]["loss"]
+        return result.val["loss"]
 
     study.optimize(objective, n_trials=n_trials)
     chosen = study.best_trial
-    return MethodResult(method=method, seed=seed, test_loss=chosen.user_attrs["test_loss"],
+    return MethodResult(method=search.name, seed=seed, test_loss=chosen.user_attrs["test_loss"],
                         test_accuracy=chosen.user_attrs["test_accuracy"], val_loss=float(chosen.value),
                         hparams=dict(chosen.params), examples=totals["examples"], seconds=totals["seconds"],
                         trials=n_trials, study=study_name, curve=curve)
-
-
-def _copy(raw: dict[str, Any]) -> dict[str, Any]:
-    import copy
-
-    return copy.deepcopy(raw)

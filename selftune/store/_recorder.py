@@ -24,33 +24,40 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 class StoreRecorder(Callback):
-    """Checkpoints every ``every`` steps and at each epoch end, and commits the rows logged since the
-    previous checkpoint together with it; beats the heartbeat in between.
+    """Checkpoints every ``every`` steps and at each epoch end, and commits the trajectory and epoch
+    rows logged since the previous checkpoint together with it; beats the heartbeat in between.
+
+    The rows are read from the tuner's :class:`~selftune.bookkeeping.RunLog`, never buffered here:
+    each checkpoint is taken with :meth:`SelfTuner.snapshot`, which makes it the tuner's roll-back
+    point, so a divergence can only roll back rows that were not committed yet.
+
+    A checkpoint file holds ``{"run_uuid": ..., "tuner": state}``: a resume checks that the file
+    belongs to the run it resumes.
 
     Args:
         store: the run store.
         run_id: the run being recorded.
         checkpoint_dir: folder for this run's checkpoint files (created).
+        run_uuid: the run's UUID, written into every checkpoint.
         every: steps between checkpoints.
-        keep: checkpoint files kept on disk (older ones are deleted once a newer one is committed).
+        keep: checkpoint files kept on disk (older ones are deleted once a newer one is committed; a
+            resume falls back to the previous one when the newest is torn).
         heartbeat_s: seconds between heartbeats when no checkpoint happens.
         at_epoch_end: also checkpoint at every epoch end (benchmarks turn it off: only the final one).
     """
 
-    def __init__(self, store: RunStore, run_id: int, checkpoint_dir: str | Path, *, every: int = 100,
+    def __init__(self, store: RunStore, run_id: int, checkpoint_dir: str | Path, *, run_uuid: str, every: int = 100,
                  keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True) -> None:
-        self.store, self.run_id = store, run_id
+        self.store, self.run_id, self.uuid = store, run_id, run_uuid
         self.dir = Path(checkpoint_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.every, self.keep, self.heartbeat_s, self.at_epoch_end = every, keep, heartbeat_s, at_epoch_end
-        self._trajectory: list[dict[str, float]] = []
-        self._epochs: list[dict[str, float]] = []
         self._last_beat = time.monotonic()
-        self._last_step = -1
+        self._committed: tuple[int, int] | None = None  # (steps, epochs) the store holds rows up to
+
+    def on_fit_start(self, tuner: SelfTuner, total_steps: int) -> None:
+        self._committed = (tuner.counters.steps, tuner.epoch)  # a resumed store holds rows up to here
 
     def on_step(self, tuner: SelfTuner, row: dict[str, float] | None) -> None:
-        if row is not None:
-            self._trajectory.append(row)
         if tuner.counters.steps % self.every == 0:
             self.checkpoint(tuner)
         elif time.monotonic() - self._last_beat > self.heartbeat_s:
@@ -58,30 +65,31 @@ class StoreRecorder(Callback):
             self._last_beat = time.monotonic()
 
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
-        self._epochs.append(row)
         if self.at_epoch_end:
-            self.checkpoint(tuner, force=True)
+            self.checkpoint(tuner)
 
     def on_fit_end(self, tuner: SelfTuner) -> None:
         self.checkpoint(tuner)
 
-    def checkpoint(self, tuner: SelfTuner, force: bool = False) -> None:
-        step = tuner.counters.steps
-        if step == self._last_step and not force and not (self._trajectory or self._epochs):
+    def checkpoint(self, tuner: SelfTuner) -> None:
+        """Save the tuner's state and commit it with the rows logged since the previous checkpoint."""
+        steps, epochs = tuner.counters.steps, tuner.epoch
+        if self._committed == (steps, epochs):
             return
-        path = self.dir / f"step-{step:09d}-epoch-{tuner.epoch:05d}.pt"
-        state = tuner.state_dict()
-        save_atomic(state, path)
-        self.store.commit_checkpoint(self.run_id, step=step, epoch=tuner.epoch, path=str(path),
-                                     trajectory=self._trajectory, epochs=self._epochs)
-        self._trajectory, self._epochs = [], []
-        self._last_step, self._last_beat = step, time.monotonic()
-        tuner.mark_good(state)  # a roll-back after divergence lands on this checkpoint
+        last_step, last_epoch = self._committed or (-1, 0)
+        trajectory = [r for r in tuner.trajectory if r["step"] > last_step]
+        history = [r for r in tuner.history if r["epoch"] > last_epoch]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot()}, path)
+        self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
+                                     epochs=history)
+        self._committed, self._last_beat = (steps, epochs), time.monotonic()
         self._prune(path)
 
     def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None:
-        # The tuner rolled back to the last checkpoint: rows logged since then never happened.
-        self._trajectory, self._epochs = [], []
+        # The tuner rolled back to its last snapshot, which is at or after the last commit: the
+        # rows it dropped were never committed, so there is nothing to undo here.
         self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
 
     def _prune(self, newest: Path) -> None:

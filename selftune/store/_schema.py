@@ -16,9 +16,13 @@ class RunRow(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: uuid4 hex: names the run across stores (ids collide between stores) and its checkpoint folder.
+    uuid: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    #: Token of the process that drives the run (NULL when none does); see RunStore.acquire.
+    lease: Mapped[str | None] = mapped_column(String(32), nullable=True)
     method: Mapped[str] = mapped_column(String(32))
     seed: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | finished | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | finished | failed | interrupted
     config: Mapped[dict] = mapped_column(JSON)
     out_dir: Mapped[str] = mapped_column(Text)
     checkpoint_dir: Mapped[str] = mapped_column(Text)

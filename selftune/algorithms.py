@@ -1,0 +1,181 @@
+"""In-loop tuning algorithms: what one weight step is, which optimizers exist, and their defaults.
+
+Like ``torch.optim`` has one class per algorithm, each way of training inside
+:class:`~selftune.tuner.SelfTuner` is one class here, registered under its name in
+:data:`ALGORITHMS` — the one place an in-loop method name is spelled. The tuner owns the loop (data
+order, hyper steps, roll-backs, records); an algorithm owns
+
+* the net form it needs (``"stn"`` or ``"delta"`` best-response layers, or any),
+* its weight optimizers (which parameters move together, at which rate),
+* its hyper optimizer and that optimizer's official default rate,
+* its weight step.
+
+A new single-run method (a learning-rate hypergradient, a data-selection rule) is a subclass
+decorated with :func:`register`; the CLI, the config schema, the benchmark harness and the searches
+pick it up from the registry without another edit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .nn.hypernet import HyperNet
+    from .settings import TunerSettings
+    from .tuner import SelfTuner
+
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "STN", "Algorithm", "DeltaSTN", "Fixed", "get_algorithm", "register"]
+
+#: Every in-loop algorithm by name, in registration order.
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make ``cls`` available under ``cls.name`` everywhere (API, config, CLI, bench)."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in ALGORITHMS and ALGORITHMS[cls.name] is not cls:
+        raise ValueError(f"an algorithm named {cls.name!r} is already registered ({ALGORITHMS[cls.name].__name__})")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    """The algorithm registered as ``name``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones).
+    """
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ConfigError("method", f"unknown method {name!r}; choose one of {list(ALGORITHMS)}") from None
+
+
+class Algorithm:
+    """Base class of in-loop algorithms. Subclasses set the class attributes and :meth:`step`.
+
+    Attributes:
+        name: registry key (the ``method`` of a config).
+        form: best-response form the net must have (``None``: any; the response path is unused).
+        tunes: whether the loop takes hyper steps at all.
+        default_hyper_optimizer, default_hyper_lr: the official implementation's choice, used when
+            the settings leave ``hyper_optimizer``/``hyper_lr`` unset.
+        description: one line for ``--help`` and docs.
+    """
+
+    name: ClassVar[str] = ""
+    form: ClassVar[str | None] = None
+    tunes: ClassVar[bool] = True
+    default_hyper_optimizer: ClassVar[str] = "rmsprop"
+    default_hyper_lr: ClassVar[float] = 1e-2
+    description: ClassVar[str] = ""
+
+    def __init__(self, settings: TunerSettings) -> None:
+        self.settings = settings
+
+    # -- construction ----------------------------------------------------------------------------
+    def check_net(self, net: HyperNet) -> None:
+        """Raises ValueError when ``net``'s layers do not have the form this algorithm trains."""
+        if self.form is not None and net.form != self.form:
+            raise ValueError(f"method {self.name!r} needs a net built with form={self.form!r} (got {net.form!r}); "
+                             f"build it with selftune.hypernetize(model, space, form={self.form!r})")
+
+    def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
+        s = self.settings
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
+
+    def _response_group(self, net: HyperNet) -> dict:
+        return {"params": net.response_parameters(), "lr": self.settings.response_lr or self.settings.lr}
+
+    def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers of the weights by group name; :meth:`step` passes those names to the tuner."""
+        return {"weights": self._weight_optimizer(net.general_parameters())}
+
+    def hyper_settings(self) -> tuple[str, float, float]:
+        """``(optimizer, lr, scale_lr)`` of the hyperparameters, defaults filled in."""
+        s = self.settings
+        lr = s.hyper_lr or self.default_hyper_lr
+        return s.hyper_optimizer or self.default_hyper_optimizer, lr, s.scale_lr or lr
+
+    def hyper_optimizer(self, net: HyperNet) -> torch.optim.Optimizer | None:
+        """The optimizer of the hyperparameters (and perturbation scales), or ``None`` if not tuning."""
+        if not self.tunes:
+            return None
+        opt, lr, scale_lr = self.hyper_settings()
+        groups = [{"params": [net.hparams], "lr": lr}]
+        if self.settings.tune_scales:
+            groups.append({"params": [net.scale_raw], "lr": scale_lr})
+        cls = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
+        return cls(groups)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:  # pragma: no cover - abstract
+        """One weight step on the training batch ``(x, y)``; returns its training loss."""
+        raise NotImplementedError
+
+
+@register
+class Fixed(Algorithm):
+    """Plain training at the current hyperparameters: the baseline every tuner is compared with."""
+
+    name = "fixed"
+    tunes = False
+    description = "plain training at the space's init values (the baseline)"
+
+    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
+        return tuner.weight_step(x, y, None, "weights", respond=False)
+
+
+@register
+class STN(Algorithm):
+    """Self-Tuning Networks (MacKay et al. 2019): every weight, response included, at perturbed
+    per-example hyperparameters; Adam at 3e-3 on the hyperparameters (official code)."""
+
+    name = "stn"
+    form = "stn"
+    default_hyper_optimizer = "adam"
+    default_hyper_lr = 3e-3
+    description = "Self-Tuning Networks (MacKay et al. 2019)"
+
+    def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
+        return {"weights": self._weight_optimizer([{"params": net.general_parameters()}, self._response_group(net)])}
+
+    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
+        u = tuner.net.perturb(x.shape[0], tuner.generator).detach()
+        return tuner.weight_step(x, y, u, "weights")
+
+
+@register
+class DeltaSTN(Algorithm):
+    """Delta-STN (Bae & Grosse 2020): general weights at the unperturbed hyperparameters (no bias
+    from perturbed data), then the response weights at perturbed ones; RMSprop at 1e-2."""
+
+    name = "delta-stn"
+    form = "delta"
+    description = "Delta-STN (Bae & Grosse 2020), the default"
+
+    def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
+        return {"general": self._weight_optimizer(net.general_parameters()),
+                "response": self._weight_optimizer([self._response_group(net)])}
+
+    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = tuner.weight_step(x, y, None, "general")
+        # The response weights are few functions of few hyperparameters, so a share of the batch can do.
+        keep = max(1, math.ceil(self.settings.response_fraction * x.shape[0]))
+        x, y = x[:keep], y[:keep]
+        u = tuner.net.perturb(x.shape[0], tuner.generator).detach()
+        with tuner.frozen(tuner.general_params):
+            tuner.weight_step(x, y, u, "response", linearize=self.settings.linearize)
+        return loss
+
+
+#: The algorithm a config or a tuner uses when it names none.
+DEFAULT_ALGORITHM: str = DeltaSTN.name

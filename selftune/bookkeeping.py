@@ -1,0 +1,180 @@
+"""The loop's bookkeeping, apart from the learning: where the data order stands, and what was logged.
+
+:class:`BatchOrder` is the position in the data (epoch, batch, the permutations, the validation
+cursor); :class:`RunLog` is what the run has recorded (counters, running loss sums, trajectory and
+epoch rows, wall-clock seconds). Each has its own ``state_dict`` so a checkpoint restores both
+exactly, and each is restored as a whole on a divergence roll-back: the tuner owns the one
+roll-back point, and recorders read rows from the log instead of keeping copies of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BatchOrder", "Counters", "RunLog"]
+
+
+class BatchOrder:
+    """Epoch and batch position, the epoch's permutation, and the validation cursor.
+
+    Every permutation is drawn from the generator passed in, so the order is reproducible from the
+    seed and a restored order continues exactly.
+    """
+
+    def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int) -> None:
+        self.n_train, self.n_val = n_train, n_val
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.batches_per_epoch = max(1, math.ceil(n_train / batch_size))
+        self.epoch = 0
+        self.batch = 0
+        self.perm: torch.Tensor | None = None
+        self.val_perm: torch.Tensor | None = None
+        self.val_pos = 0
+
+    @staticmethod
+    def _randperm(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(n, generator=generator, device=generator.device).cpu()
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.batch >= self.batches_per_epoch
+
+    def next_train(self, generator: torch.Generator) -> torch.Tensor:
+        """Indices of the next training batch (a new permutation at the start of each epoch)."""
+        if self.perm is None:
+            self.perm = self._randperm(self.n_train, generator)
+        size = self.batch_size
+        index = self.perm[self.batch * size:(self.batch + 1) * size]
+        self.batch += 1
+        return index
+
+    def next_val(self, generator: torch.Generator) -> torch.Tensor:
+        """Indices of the next validation batch (cycling through reshuffled permutations)."""
+        size = self.val_batch_size
+        if self.val_perm is None or self.val_pos + size > self.n_val:
+            self.val_perm = self._randperm(self.n_val, generator)
+            self.val_pos = 0
+        index = self.val_perm[self.val_pos:self.val_pos + size]
+        self.val_pos += size
+        return index
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch = 0
+        self.perm = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "perm": self.perm, "val_perm": self.val_perm,
+                "val_pos": self.val_pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.perm, self.val_perm, self.val_pos = state["perm"], state["val_perm"], int(state["val_pos"])
+
+
+@dataclass
+class Counters:
+    """Compute so far: training examples (forward + backward, hyper steps included), evaluation
+    examples (forward only), wall-clock seconds of training, weight steps and hyper steps."""
+
+    examples: int = 0
+    eval_examples: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    hyper_steps: int = 0
+
+
+@dataclass
+class _Sums:
+    train: float = 0.0
+    train_n: int = 0
+    val: float = 0.0
+    val_n: int = 0
+    epoch: float = 0.0
+    epoch_n: int = 0
+
+
+@dataclass
+class RunLog:
+    """What the run has recorded: counters, the running loss sums, trajectory rows (every
+    ``log_every`` steps) and epoch rows.
+
+    Seconds run on a clock started by :meth:`start_clock`, and :meth:`state_dict` includes the time
+    elapsed so far, so a checkpoint taken mid-fit carries the time up to that checkpoint and a run
+    resumed from it counts the sum of its pieces.
+    """
+
+    counters: Counters = field(default_factory=Counters)
+    sums: _Sums = field(default_factory=_Sums)
+    trajectory: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    divergences: int = 0
+    _clock: float | None = None
+
+    # -- time ----------------------------------------------------------------------------------------
+    def start_clock(self) -> None:
+        self._clock = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        self.counters.seconds = self.seconds
+        self._clock = None
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds so far, the running fit included."""
+        extra = time.perf_counter() - self._clock if self._clock is not None else 0.0
+        return self.counters.seconds + extra
+
+    # -- losses --------------------------------------------------------------------------------------
+    def add_train_loss(self, loss: float) -> None:
+        s = self.sums
+        s.train += loss
+        s.train_n += 1
+        s.epoch += loss
+        s.epoch_n += 1
+
+    def add_val_loss(self, loss: float) -> None:
+        self.sums.val += loss
+        self.sums.val_n += 1
+
+    def log_row(self, epoch: int, hparams: dict[str, float]) -> dict[str, float]:
+        """Append and return a trajectory row: mean losses since the previous row, current hparams."""
+        s = self.sums
+        row: dict[str, float] = {"step": self.counters.steps, "epoch": epoch, **hparams,
+                                 "train_loss": s.train / s.train_n if s.train_n else math.nan,
+                                 "val_loss": s.val / s.val_n if s.val_n else math.nan}
+        s.train, s.train_n, s.val, s.val_n = 0.0, 0, 0.0, 0
+        self.trajectory.append(row)
+        return row
+
+    def epoch_row(self, epoch: int, val_loss: float, val_accuracy: float,
+                  hparams: dict[str, float]) -> dict[str, float]:
+        """Append and return the row of the epoch that just ended (``epoch`` counts from 1)."""
+        s = self.sums
+        row: dict[str, float] = {"epoch": epoch, "step": self.counters.steps,
+                                 "train_loss": s.epoch / max(s.epoch_n, 1), "val_loss": val_loss,
+                                 "val_accuracy": val_accuracy, "seconds": self.seconds, **hparams}
+        s.epoch, s.epoch_n = 0.0, 0
+        self.history.append(row)
+        return row
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        counters = asdict(self.counters)
+        counters["seconds"] = self.seconds
+        return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
+                "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters = Counters(**state["counters"])
+        self.sums = _Sums(**state["sums"])
+        self.divergences = int(state["divergences"])
+        self.trajectory = [dict(r) for r in state["trajectory"]]
+        self.history = [dict(r) for r in state["history"]]
+        if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time
+            self._clock = time.perf_counter()

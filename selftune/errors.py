@@ -1,0 +1,65 @@
+"""selftune's exceptions: one base class, one line of text each.
+
+Every error a user can cause or meet (bad config, bad data, bad store, a lease held by another
+process, an occupied output folder, a signal) is a :class:`SelftuneError`. Its ``str`` is one line
+that says what happened and what to do, and its ``exit_code`` is what the command line exits with:
+2 for anything refused before a run starts, 1 for a run that failed after starting, 128+N for a
+run stopped by signal N. ``selftune.cli.main`` is the one place that turns them into messages, so
+no traceback reaches a command-line user. This module imports nothing, so every layer (core
+included) can raise these.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DataError", "DivergenceError", "Interrupted", "LeaseError", "OutputError",
+           "ResumeError", "SelftuneError", "StoreError"]
+
+
+class SelftuneError(Exception):
+    """Base of every selftune error: ``str(err)`` is one line; ``exit_code`` is the CLI's exit status."""
+
+    exit_code: int = 2
+
+
+class ConfigError(SelftuneError, ValueError):
+    """A bad config or argument: ``str(err)`` names the field and what to do."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class DataError(SelftuneError, ValueError):
+    """Training, validation or test data that cannot be trained on (found before training starts)."""
+
+
+class StoreError(SelftuneError, RuntimeError):
+    """The store cannot be opened or used; the message is one line and never shows a password."""
+
+
+class LeaseError(StoreError):
+    """Another process drives the run (or took it over): only one process may drive a run at a time."""
+
+
+class ResumeError(SelftuneError):
+    """A run cannot be resumed (finished, no intact checkpoint of its own, ...)."""
+
+
+class OutputError(SelftuneError):
+    """An output folder holds files selftune did not write for this run."""
+
+
+class DivergenceError(SelftuneError, RuntimeError):
+    """The run diverged more often than ``max_divergences`` allows (a run that failed after starting)."""
+
+    exit_code = 1
+
+
+class Interrupted(SelftuneError):  # noqa: N818 - a state, not a fault
+    """A run stopped before its end after writing a checkpoint (SIGINT/SIGTERM, or a callback's
+    ``request_stop``); ``exit_code`` is 128 + the signal, 1 without one."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum if signum else 1

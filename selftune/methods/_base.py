@@ -1,0 +1,92 @@
+"""The interface every tuning method answers to, and the result it returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..store import RunStore
+
+
+@dataclass
+class MethodResult:
+    """What a method returned on one task and seed.
+
+    Attributes:
+        method, seed: which.
+        test_loss, test_accuracy: of the model the method returns (the best trial's, for searches).
+        val_loss: the validation loss the method selected on.
+        hparams: the final (or best) hyperparameters.
+        examples: training examples forwarded + backwarded, summed over every trial (pruned included).
+        seconds: wall-clock seconds of training, summed over trials.
+        trials: full or partial training runs the method used (1 for single-run methods).
+        run_id: store id of the run (single-run methods and PBT's best member).
+        study: Optuna study name (searches), in the same database as the store.
+        curve: ``(examples so far, best test loss so far)`` after each trial, for compute plots.
+    """
+
+    method: str
+    seed: int
+    test_loss: float
+    test_accuracy: float
+    val_loss: float
+    hparams: dict[str, Any]
+    examples: int
+    seconds: float
+    trials: int = 1
+    run_id: int | None = None
+    study: str | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """Where and how much a method may run.
+
+    Attributes:
+        store: the run store (searches keep their Optuna studies in its database).
+        folder: the benchmark folder; a method writes under ``runs/``, ``checkpoints/``, ``ray/`` there.
+        label: names this task and budget (study names, Ray experiment names), e.g. ``digits-mlp-quick``.
+        trials: trials of a search.
+        population: members of a population method.
+    """
+
+    store: RunStore
+    folder: Path
+    label: str
+    trials: int = 20
+    population: int = 8
+
+    def run_folder(self, method: str, seed: int) -> Path:
+        return self.folder / "runs" / f"{method}-seed{seed}"
+
+
+class Method(ABC):
+    """A way to tune a task. The harness and the CLI call :meth:`run` and nothing else.
+
+    Attributes:
+        name: registry key (``selftune bench --methods NAME``).
+        schedule: its result carries a hyperparameter schedule worth plotting beside the others'.
+    """
+
+    def __init__(self, name: str, *, schedule: bool = False) -> None:
+        self.name, self.schedule = name, schedule
+
+    def budget(self, ctx: Context) -> str:
+        """What one run of this method costs, in words (for progress lines)."""
+        return ""
+
+    def trials(self, ctx: Context) -> int:
+        """Training runs the method uses (for tables)."""
+        return 1
+
+    @abstractmethod
+    def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
+        """Tune ``config`` with ``seed``; every run it trains has the config's epochs and splits."""

@@ -1,0 +1,165 @@
+"""A run's result and its output folder: one typed result, one writer, and a folder rule that never
+destroys a user's files.
+
+Rules (DESIGN.md section 4b):
+
+* A folder is *claimed* before a run starts: it may be missing, empty, or a previous output of the
+  same run (its ``.selftune-run.json`` marker names the run's UUID). Anything else is refused with
+  one line unless ``overwrite`` is given, and even then only the files selftune writes
+  (:data:`OUTPUT_FILES`) are replaced; nothing else in the folder is touched.
+* A new folder appears whole: written in a temporary sibling and renamed into place. In an existing
+  folder each file is written to a temporary name and renamed over its old version, so a reader
+  sees the old file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import OutputError
+
+if TYPE_CHECKING:
+    from .tuner import FitResult
+
+__all__ = ["MARKER", "OUTPUT_FILES", "RunResult", "claim_folder", "mark_folder", "write_csv", "write_outputs"]
+
+#: The marker naming the run a folder belongs to.
+MARKER = ".selftune-run.json"
+#: Every file a run writes into its folder (the marker last).
+OUTPUT_FILES = ("result.json", "model.pt", "trajectory.csv", "epochs.csv", "trajectory.png", "losses.png")
+
+
+@dataclass
+class RunResult:
+    """What one recorded run produced: the content of ``result.json``.
+
+    Attributes:
+        method: how it was tuned (``fixed``, ``stn``, ``delta-stn``, ``pbt``, ...).
+        seed: the training seed.
+        hparams: final hyperparameters (integers rounded).
+        test, val: ``loss`` and ``accuracy`` (and ``perplexity`` for language models) of the returned model.
+        compute: ``examples``, ``eval_examples``, ``seconds``, ``steps``, ``hyper_steps`` (and, for
+            population methods, what the whole population cost).
+        epochs: the epoch budget.
+        data: dataset name and split sizes.
+        config: the full config the run was trained with.
+        versions: selftune, torch and Python versions.
+        run_id, run_uuid: the run in its store (the UUID is unique across stores).
+        extra: method-specific records (e.g. the Ray experiment of a PBT run).
+    """
+
+    method: str
+    seed: int
+    hparams: dict[str, Any]
+    test: dict[str, float]
+    val: dict[str, float]
+    compute: dict[str, Any]
+    epochs: int
+    data: dict[str, Any]
+    config: dict[str, Any]
+    versions: dict[str, str]
+    run_id: int | None = None
+    run_uuid: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``result.json`` payload (``extra``'s keys at the top level)."""
+        payload = asdict(self)
+        payload.update(payload.pop("extra"))
+        return payload
+
+
+def _marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check that ``out`` may receive run ``run_uuid``'s outputs; nothing is written.
+
+    Raises:
+        OutputError: ``out`` is a file, or a folder with files not written for this run (and
+            ``overwrite`` is false).
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option}: {str(path)!r} is a file, not a folder; choose a folder path")
+    if not path.exists():
+        return path
+    marker = _marker(path)
+    if marker is not None and marker.get("run_uuid") == run_uuid:
+        return path
+    others = sorted(p.name for p in path.iterdir())
+    if not others or overwrite:
+        return path
+    owner = f" (outputs of run {marker.get('run_id')} of {marker.get('store')})" if marker else ""
+    shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+    raise OutputError(f"{option}: folder {str(path)!r} is not empty ({shown}){owner}; choose a new folder, "
+                      "or pass --overwrite to replace only selftune's own files in it")
+
+
+def mark_folder(out: Path, run_uuid: str, run_id: int | None, store: str) -> None:
+    """Write the marker that says ``out`` holds run ``run_uuid``'s files (so the run may later write there)."""
+    marker = {"run_uuid": run_uuid, "run_id": run_id, "store": store, "files": list(OUTPUT_FILES)}
+    (out / MARKER).write_text(json.dumps(marker) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    """Rows as CSV (NaN as an empty cell); an empty file when there are none."""
+    if not rows:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _render(folder: Path, fit: FitResult, result: RunResult) -> None:
+    import torch
+
+    from .report.plots import plot_losses, plot_trajectory
+
+    (folder / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    torch.save(fit.net.state_dict(), folder / "model.pt")
+    write_csv(folder / "trajectory.csv", fit.trajectory)
+    write_csv(folder / "epochs.csv", fit.history)
+    names = fit.net.space.names
+    plot_trajectory(fit.trajectory, names, folder / "trajectory.png", title=f"{result.method} hyperparameters")
+    plot_losses(fit.trajectory, fit.history, folder / "losses.png", title=f"{result.method} losses")
+
+
+def write_outputs(out: str | Path, fit: FitResult, result: RunResult, *, store: str = "",
+                  overwrite: bool = False) -> Path:
+    """Write :data:`OUTPUT_FILES` and the marker into ``out`` under the rules of this module.
+
+    Raises:
+        OutputError: the folder was claimed by something else since the run started.
+    """
+    assert result.run_uuid, "a recorded run has a UUID"
+    out = claim_folder(out, result.run_uuid, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not out.exists()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.selftune-", dir=out.parent if fresh else out))
+    try:
+        _render(tmp, fit, result)
+        mark_folder(tmp, result.run_uuid, result.run_id, store)
+        if fresh:
+            os.replace(tmp, out)
+            return out
+        for name in (*OUTPUT_FILES, MARKER):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,282 @@
+"""Checks on training and validation data that run before anything trains.
+
+Every problem the tuner would otherwise meet as a traceback (an ``AssertionError`` from
+``TensorDataset``, an ``IndexError`` from cross-entropy after an hour, a NaN loss at step one) is
+found here and raised as a :class:`~selftune.errors.DataError` (or a
+:class:`~selftune.errors.ConfigError` for a setting) whose one-line message names the problem and
+the fix. The checks are cheap: a pass over each floating-point tensor in chunks, a min/max over the
+targets, and the first example of a Dataset that is not a ``TensorDataset``.
+
+This is core code: it imports only torch and :mod:`selftune.errors`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from .errors import ConfigError, DataError
+
+__all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
+
+#: Elements checked for NaN/inf at a time, so a large tensor needs no second full-size copy in memory.
+CHUNK_ELEMENTS = 1 << 22
+_ACCEPTED = "an (inputs, targets) tuple of tensors or a map-style torch.utils.data.Dataset"
+_PART_NAMES = ("inputs", "targets")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _part(i: int) -> str:
+    return _PART_NAMES[i] if i < len(_PART_NAMES) else f"tensor {i}"
+
+
+def _labels(num_outputs: int) -> str:
+    return f"0..{num_outputs - 1}" if num_outputs > 1 else "0"
+
+
+def as_dataset(data: Any, what: str) -> Dataset:
+    """Validate training or validation data and return it as an indexable Dataset.
+
+    Args:
+        data: an ``(inputs, targets)`` tuple of tensors (becomes a ``TensorDataset``) or a map-style
+            Dataset with ``__len__`` whose items are ``(input, target)`` pairs.
+        what: how messages name the data (``"train"``, ``"val"``).
+
+    Returns:
+        ``data`` itself if it is a Dataset, else a ``TensorDataset`` of the pair.
+
+    Raises:
+        DataError: on another type, a pair of other than two tensors or of different lengths, an
+            empty dataset, an ``IterableDataset`` or one without ``__len__``, and NaN/inf values:
+            anywhere in the floating-point tensors of a pair or ``TensorDataset`` (checked in chunks
+            of :data:`CHUNK_ELEMENTS`), in the first example of any other Dataset.
+    """
+    if isinstance(data, tuple):
+        tensors = _pair(data, what)
+        dataset: Dataset = TensorDataset(*tensors)
+    elif isinstance(data, TensorDataset):
+        if len(data.tensors) != 2:
+            raise DataError(f"{what}: a TensorDataset must hold 2 tensors (inputs, targets), got "
+                            f"{len(data.tensors)}; build it as TensorDataset(inputs, targets)")
+        tensors = _same_length(data.tensors, what)
+        dataset = data
+    elif isinstance(data, IterableDataset):
+        raise DataError(f"{what}: an IterableDataset cannot be indexed, but the tuner draws examples by index; "
+                        f"pass {_ACCEPTED}")
+    elif isinstance(data, Dataset):
+        if not isinstance(data, Sized):
+            raise DataError(f"{what}: {type(data).__name__} has no __len__, but the tuner needs the number of "
+                            "examples; define __len__ on it or pass an (inputs, targets) tuple of tensors")
+        if len(data) == 0:
+            raise DataError(f"{what}: the dataset is empty (0 examples); give at least one example")
+        _check_first_item(data, what)
+        return data
+    else:
+        hint = "; wrap it with TensorDataset(inputs, targets) or pass a tuple" if isinstance(data, list) else ""
+        hint = hint or ("; pass a tuple (inputs, targets)" if isinstance(data, torch.Tensor) else "")
+        raise DataError(f"{what}: expected {_ACCEPTED}, got {type(data).__name__}{hint}")
+    if len(tensors[0]) == 0:
+        raise DataError(f"{what}: the dataset is empty (0 examples); give at least one example")
+    for i, t in enumerate(tensors):
+        _check_finite(t, f"{what}: {_part(i)}")
+    return dataset
+
+
+def _pair(data: tuple, what: str) -> tuple[torch.Tensor, ...]:
+    if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+        kinds = ", ".join(type(t).__name__ for t in data)
+        raise DataError(f"{what}: expected {_ACCEPTED}, got a tuple of {len(data)} ({kinds}); pass exactly two "
+                        "tensors (torch.as_tensor converts arrays)")
+    for i, t in enumerate(data):
+        if t.dim() == 0:
+            raise DataError(f"{what}: {_part(i)} are a 0-dimensional tensor; give one row per example")
+    return _same_length(data, what)
+
+
+def _same_length(tensors: tuple[torch.Tensor, ...], what: str) -> tuple[torch.Tensor, ...]:
+    inputs, targets = tensors[0], tensors[1]
+    if len(inputs) != len(targets):
+        raise DataError(f"{what}: inputs have {len(inputs)} rows but targets {len(targets)}; "
+                        "give one target per input")
+    return tuple(tensors)
+
+
+def _check_finite(t: torch.Tensor, label: str) -> None:
+    """Count NaN/inf in a floating-point tensor, ``CHUNK_ELEMENTS`` at a time, and name the first bad row."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    rows = max(1, CHUNK_ELEMENTS // max(1, t[0].numel()))
+    total = torch.float64 if t.dtype == torch.float64 else torch.float32
+    count, first = 0, -1
+    for start in range(0, len(t), rows):
+        chunk = t[start:start + rows]
+        # Fast path: a finite sum proves every element finite (NaN and inf propagate through additions);
+        # a non-finite one (NaN/inf, or rarely an overflow) is settled element by element.
+        if bool(torch.isfinite(chunk.sum(dtype=total))):
+            continue
+        bad = torch.isfinite(chunk).logical_not_()
+        n = int(torch.count_nonzero(bad))
+        if n and first < 0:
+            first = start + int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        count += n
+    if count:
+        raise DataError(f"{label} contain {count} NaN/inf value{'s' if count > 1 else ''} (first at row {first}); "
+                        "clean or impute them before training")
+
+
+def _tensors(value: Any) -> Iterator[Any]:
+    if isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _tensors(v)
+    else:
+        yield value
+
+
+def _check_first_item(data: Dataset, what: str) -> None:
+    """Check example 0 of a Dataset (cheap; RNG states are restored in case reading it draws randomness)."""
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            item = data[0]
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DataError(f"{what}: reading example 0 failed ({reason}); the tuner reads examples by index "
+                        "0..len-1, so fix the dataset's __getitem__") from err
+    finally:
+        random.setstate(py_state)
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        got = f"a {type(item).__name__} of {len(item)}" if isinstance(item, tuple | list) else \
+            f"a {type(item).__name__}"
+        raise DataError(f"{what}: example 0 is {got}; each example must be an (input, target) pair")
+    for i, part in enumerate(item):
+        bad = 0
+        for v in _tensors(part):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                bad += int(torch.count_nonzero(torch.isfinite(v).logical_not_()))
+            elif isinstance(v, float) and not math.isfinite(v):
+                bad += 1
+        if bad:
+            raise DataError(f"{what}: example 0's {_part(i)} contain {bad} NaN/inf value{'s' if bad > 1 else ''}; "
+                            "clean or impute them before training")
+
+
+def check_batch_sizes(n_train: int, n_val: int, batch_size: int, val_batch_size: int | None) -> None:
+    """Refuse batch sizes larger than the data they are drawn from.
+
+    Args:
+        n_train: training examples.
+        n_val: validation examples.
+        batch_size: ``tuner.batch_size``.
+        val_batch_size: ``tuner.val_batch_size``; ``None`` or 0 means "same as ``batch_size``".
+
+    Raises:
+        ConfigError: on a batch size below 1.
+        DataError: when ``batch_size`` exceeds ``n_train`` or the validation batch size ``n_val``.
+    """
+    if batch_size < 1:
+        raise ConfigError("tuner.batch_size", f"must be at least 1 (got {batch_size})")
+    if val_batch_size is not None and val_batch_size < 0:
+        raise ConfigError("tuner.val_batch_size", f"must be at least 1 (got {val_batch_size})")
+    if batch_size > n_train:
+        raise DataError(f"tuner.batch_size ({batch_size}) is larger than the training set ({n_train} examples); "
+                        f"lower it to at most {n_train}")
+    size = val_batch_size or batch_size
+    if size > n_val:
+        setting = f"{size}" if val_batch_size else f"unset, so tuner.batch_size = {size}"
+        raise DataError(f"tuner.val_batch_size ({setting}) is larger than the validation set ({n_val} examples); "
+                        f"set it to at most {n_val}")
+
+
+def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:
+    """Check that a batch's targets fit the model's outputs for cross-entropy.
+
+    Integer targets are class labels: they must be ``torch.int64``, have the outputs' shape without
+    the class dimension (``(B,)`` for ``(B, C)`` outputs, ``(B, T)`` for a sequence model's
+    ``(B, T, C)``) and lie in ``[0, C)`` with ``C = outputs.shape[-1]``. Floating-point targets
+    (class probabilities) must have the outputs' shape; their values are not checked.
+
+    Args:
+        outputs: the model's output on a small batch.
+        targets: that batch's targets.
+        what: how messages name the data (``"train"``, ``"val"``).
+
+    Raises:
+        DataError: naming the bad label and ``C``, the mismatched shapes, or the wrong dtype.
+    """
+    out_shape, tgt_shape = _shape(outputs), _shape(targets)
+    if outputs.dim() < 2:
+        raise DataError(f"{what}: the model's outputs have shape {out_shape}, but cross-entropy needs one score per "
+                        "class, (batch, classes) or (batch, steps, classes); check the model's last layer")
+    if targets.dim() == 0:
+        raise DataError(f"{what}: targets are a 0-dimensional tensor; give one label per example")
+    if len(targets) != len(outputs):
+        raise DataError(f"{what}: the model returned {len(outputs)} output rows for {len(targets)} examples "
+                        f"(outputs {out_shape}, targets {tgt_shape}); the model must keep the batch dimension first")
+    if targets.is_floating_point():
+        if tgt_shape != out_shape:
+            raise DataError(f"{what}: floating-point targets (class probabilities) have shape {tgt_shape} but the "
+                            f"model's outputs {out_shape}; give integer labels or one probability per output")
+        return
+    if targets.dtype != torch.int64:
+        raise DataError(f"{what}: targets are {targets.dtype}, but class labels must be torch.int64; "
+                        "convert them with .long()")
+    expected = out_shape[:-1]
+    if tgt_shape != expected:
+        raise DataError(f"{what}: targets have shape {tgt_shape} but the model's outputs {out_shape} need targets of "
+                        f"shape {expected} (one class label per output row); reshape the targets or check the model")
+    if targets.numel():
+        classes = outputs.shape[-1]
+        low, high = (int(v) for v in torch.aminmax(targets.detach()))
+        if high >= classes:
+            _label_error(what, high, "", classes, 1)
+        if low < 0:
+            _label_error(what, low, "", classes, 1)
+
+
+def _label_error(what: str, label: int, where: str, classes: int, count: int) -> None:
+    extra = f"; {count} labels are out of range" if count > 1 else ""
+    if label < 0:
+        raise DataError(f"{what}: label {label}{where} is negative (labels must be {_labels(classes)}{extra}); "
+                        "map missing or ignored labels to a class or drop those examples")
+    raise DataError(f"{what}: label {label}{where} is outside the model's {classes} outputs (labels must be "
+                    f"{_labels(classes)}{extra}); check num_classes or the labels")
+
+
+def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
+    """Check that every integer target of a ``TensorDataset`` lies in ``[0, num_outputs)``.
+
+    A min/max over the whole target tensor (no copy), so a bad label deep in the data is found before
+    training instead of when its batch comes up. Other Datasets and floating-point targets are skipped
+    (:func:`check_targets` covers the batch it is given).
+
+    Args:
+        data: the dataset (as returned by :func:`as_dataset`).
+        num_outputs: the model's number of classes, ``outputs.shape[-1]``.
+        what: how messages name the data (``"train"``, ``"val"``).
+
+    Raises:
+        DataError: naming the first bad label, its row and ``num_outputs``.
+    """
+    if not isinstance(data, TensorDataset) or len(data.tensors) < 2:
+        return
+    targets = data.tensors[1]
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool or not targets.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(targets))
+    if low >= 0 and high < num_outputs:
+        return
+    bad = (targets < 0) | (targets >= num_outputs)  # only on failure: the one full-size temporary
+    row = int(bad.reshape(len(targets), -1).any(dim=1).nonzero()[0, 0])
+    value = int(targets[row].reshape(-1)[bad[row].reshape(-1)][0])
+    _label_error(what, value, f" at row {row}", num_outputs, int(bad.sum()))

@@ -1,0 +1,515 @@
+"""Bad data is refused before training with a one-line DataError/ConfigError naming the problem and the fix;
+valid data passes unchanged and the dataset splits stay bit-identical."""
+
+import hashlib
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from selftune import validation
+from selftune.data import _splits, load_dataset
+from selftune.data._loaders import load_digits
+from selftune.errors import ConfigError, DataError, SelftuneError
+from selftune.validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text and text.strip() == text
+    return text
+
+
+@pytest.fixture
+def pair():
+    return torch.randn(100, 5), torch.randint(0, 10, (100,))
+
+
+class Items(Dataset):
+    """A map-style dataset over a list of items (anything: pairs, tensors, ...)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+# ---------------------------------------------------------------------------------------------------
+# as_dataset
+# ---------------------------------------------------------------------------------------------------
+def test_a_valid_pair_becomes_a_tensor_dataset_of_the_same_tensors(pair):
+    data = as_dataset(pair, "train")
+    assert isinstance(data, TensorDataset) and data.tensors[0] is pair[0] and data.tensors[1] is pair[1]
+    same = TensorDataset(*pair)
+    assert as_dataset(same, "train") is same
+    custom = Items([(torch.zeros(3), 1), (torch.ones(3), 0)])
+    assert as_dataset(custom, "val") is custom
+
+
+def test_data_errors_are_value_errors_and_selftune_errors(pair):
+    with pytest.raises(DataError) as err:
+        as_dataset((pair[0], pair[1][:99]), "train")
+    assert isinstance(err.value, ValueError) and isinstance(err.value, SelftuneError)
+    assert err.value.exit_code == 2
+
+
+def test_nan_inputs_are_counted_and_the_first_row_named(pair):
+    x, y = pair
+    x[17, 2] = float("nan")
+    x[40, 0] = float("nan")
+    x[99, 4] = float("nan")
+    with pytest.raises(DataError) as err:
+        as_dataset((x, y), "train")
+    assert one_line(err) == ("train: inputs contain 3 NaN/inf values (first at row 17); "
+                             "clean or impute them before training")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_inputs_are_refused(pair, value):
+    x, y = pair
+    x[63, 1] = value
+    with pytest.raises(DataError, match=r"^val: inputs contain 1 NaN/inf value \(first at row 63\)"):
+        as_dataset(TensorDataset(x, y), "val")
+
+
+def test_nan_in_float_targets_is_refused():
+    x, y = torch.randn(10, 2), torch.rand(10, 3)
+    y[4, 2] = float("nan")
+    with pytest.raises(DataError, match=r"^train: targets contain 1 NaN/inf value \(first at row 4\)"):
+        as_dataset((x, y), "train")
+
+
+def test_half_precision_inputs_are_checked_too(pair):
+    x = pair[0].half()
+    x[5, 0] = float("inf")
+    with pytest.raises(DataError, match="first at row 5"):
+        as_dataset((x, pair[1]), "train")
+
+
+def test_the_scan_works_in_chunks_and_counts_across_them(monkeypatch):
+    """A chunk of at most CHUNK_ELEMENTS is checked at a time (no full-size temporary), and NaN in
+    several chunks are all counted, the first row named exactly."""
+    monkeypatch.setattr(validation, "CHUNK_ELEMENTS", 64)  # 64 // 8 = 8 rows per chunk
+    seen = []
+    real = torch.isfinite
+
+    def spy(t):
+        seen.append(t.numel())
+        return real(t)
+
+    monkeypatch.setattr(torch, "isfinite", spy)
+    x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    for row in (19, 20, 57, 99):
+        x[row, row % 8] = float("nan")
+    with pytest.raises(DataError) as err:
+        as_dataset((x, y), "train")
+    assert "4 NaN/inf values (first at row 19)" in one_line(err)
+    assert max(seen) <= 64 and len(seen) >= 100 // 8
+
+
+def test_a_large_tensor_is_scanned_without_a_full_size_temporary(monkeypatch):
+    seen = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real(t))
+    x = torch.randn(3 * validation.CHUNK_ELEMENTS // 16 + 5, 16)
+    y = torch.zeros(len(x), dtype=torch.long)
+    as_dataset((x, y), "train")  # clean: passes
+    x[-1, 3] = float("nan")
+    with pytest.raises(DataError, match=rf"1 NaN/inf value \(first at row {len(x) - 1}\)"):
+        as_dataset((x, y), "train")
+    assert seen and max(seen) <= validation.CHUNK_ELEMENTS
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    x = torch.full((1000, 4), 3e38)  # their float32 sum overflows, but every value is finite
+    as_dataset((x, torch.zeros(1000, dtype=torch.long)), "train")
+    as_dataset((x.half().clamp(max=6e4), torch.zeros(1000, dtype=torch.long)), "train")
+
+
+def test_length_mismatch_names_both_counts(pair):
+    x, y = pair
+    with pytest.raises(DataError) as err:
+        as_dataset((x, y[:99]), "train")
+    assert one_line(err) == "train: inputs have 100 rows but targets 99; give one target per input"
+
+
+@pytest.mark.parametrize("data", [
+    (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+    TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+    Items([]),
+], ids=["pair", "tensor-dataset", "dataset"])
+def test_empty_data_is_refused(data):
+    with pytest.raises(DataError) as err:
+        as_dataset(data, "val")
+    assert one_line(err) == "val: the dataset is empty (0 examples); give at least one example"
+
+
+@pytest.mark.parametrize("data, named", [
+    ([torch.zeros(3, 2), torch.zeros(3)], "got list; wrap it with TensorDataset"),
+    (np.zeros((3, 2)), "got ndarray"),
+    (torch.zeros(3, 2), "got Tensor; pass a tuple (inputs, targets)"),
+    ({"x": torch.zeros(3)}, "got dict"),
+    (None, "got NoneType"),
+    ((torch.zeros(3, 2), torch.zeros(3), torch.zeros(3)), "got a tuple of 3 (Tensor, Tensor, Tensor)"),
+    ((np.zeros((3, 2)), torch.zeros(3)), "got a tuple of 2 (ndarray, Tensor)"),
+    ((torch.zeros(3, 2),), "got a tuple of 1 (Tensor)"),
+])
+def test_wrong_types_name_the_type_and_what_is_accepted(data, named):
+    with pytest.raises(DataError) as err:  # not TypeError / AssertionError
+        as_dataset(data, "train")
+    text = one_line(err)
+    assert text.startswith("train: expected an (inputs, targets) tuple of tensors or a map-style "
+                           "torch.utils.data.Dataset, ") and named in text
+
+
+def test_scalar_tensors_and_one_tensor_datasets_are_refused():
+    with pytest.raises(DataError, match="0-dimensional"):
+        as_dataset((torch.tensor(1.0), torch.tensor(1)), "train")
+    with pytest.raises(DataError, match=r"must hold 2 tensors .* got 1"):
+        as_dataset(TensorDataset(torch.zeros(3, 2)), "train")
+
+
+def test_iterable_and_unsized_datasets_are_refused():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(2), 0
+
+    class NoLen(Dataset):
+        def __getitem__(self, i):
+            return torch.zeros(2), 0
+
+    with pytest.raises(DataError, match=r"^train: an IterableDataset cannot be indexed"):
+        as_dataset(Stream(), "train")
+    with pytest.raises(DataError) as err:
+        as_dataset(NoLen(), "train")
+    assert one_line(err).startswith("train: NoLen has no __len__") and "define __len__" in str(err.value)
+
+
+def test_other_datasets_check_their_first_example():
+    bad = torch.zeros(4)
+    bad[2] = float("nan")
+    with pytest.raises(DataError) as err:
+        as_dataset(Items([(bad, 1), (torch.zeros(4), 0)]), "val")
+    assert one_line(err) == ("val: example 0's inputs contain 1 NaN/inf value; clean or impute them before "
+                             "training")
+    with pytest.raises(DataError, match="example 0's targets contain 1 NaN/inf"):
+        as_dataset(Items([(torch.zeros(4), float("inf"))]), "val")
+    with pytest.raises(DataError, match=r"example 0 is a Tensor; each example must be an .input, target. pair"):
+        as_dataset(Items([torch.zeros(4)]), "val")
+    # Only the first example is read: a bad one further on is left to the per-batch check.
+    later = Items([(torch.zeros(4), 0), (bad, 1)])
+    assert as_dataset(later, "val") is later
+
+
+def test_a_failing_getitem_becomes_a_one_line_data_error():
+    class Broken(Items):
+        def __getitem__(self, i):
+            raise KeyError("no\nsuch key")
+
+    with pytest.raises(DataError) as err:
+        as_dataset(Broken([1, 2]), "train")
+    assert one_line(err).startswith("train: reading example 0 failed (KeyError:")
+    assert isinstance(err.value.__cause__, KeyError)
+
+
+def test_reading_the_first_example_leaves_the_random_states_alone():
+    class Random(Items):
+        def __getitem__(self, i):
+            random.random()
+            return torch.rand(3), 0
+
+    torch.manual_seed(5)
+    random.seed(5)
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(5)
+    random.seed(5)
+    as_dataset(Random([None] * 4), "train")
+    got = torch.rand(3), random.random()
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_batch_sizes
+# ---------------------------------------------------------------------------------------------------
+def test_batch_size_larger_than_the_training_set():
+    with pytest.raises(DataError) as err:
+        check_batch_sizes(100, 50, 128, None)
+    assert one_line(err) == ("tuner.batch_size (128) is larger than the training set (100 examples); "
+                             "lower it to at most 100")
+
+
+def test_val_batch_size_larger_than_the_validation_set():
+    with pytest.raises(DataError) as err:
+        check_batch_sizes(1000, 50, 32, 64)
+    assert one_line(err) == ("tuner.val_batch_size (64) is larger than the validation set (50 examples); "
+                             "set it to at most 50")
+    with pytest.raises(DataError) as err:  # unset: it defaults to batch_size, and the message says so
+        check_batch_sizes(1000, 50, 64, None)
+    assert one_line(err).startswith("tuner.val_batch_size (unset, so tuner.batch_size = 64) is larger than the "
+                                    "validation set (50 examples)")
+    with pytest.raises(DataError, match=r"unset, so tuner\.batch_size = 64"):
+        check_batch_sizes(1000, 50, 64, 0)
+
+
+def test_batch_sizes_that_fit_pass():
+    check_batch_sizes(100, 50, 100, 50)
+    check_batch_sizes(100, 50, 50, None)
+    check_batch_sizes(1150, 288, 64, 0)
+    check_batch_sizes(100, 50, 100, 10)  # a validation batch may be smaller than the training batch
+
+
+def test_non_positive_batch_size_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        check_batch_sizes(100, 50, 0, None)
+    assert err.value.field == "tuner.batch_size"
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_targets
+# ---------------------------------------------------------------------------------------------------
+def test_labels_in_range_pass():
+    check_targets(torch.randn(8, 10), torch.tensor([0, 1, 2, 3, 4, 5, 6, 9]), "train")
+    check_targets(torch.randn(4, 35, 100), torch.randint(0, 100, (4, 35)), "train")
+    check_targets(torch.randn(3, 1), torch.zeros(3, dtype=torch.long), "train")
+    check_targets(torch.randn(8, 10), torch.softmax(torch.randn(8, 10), -1), "val")  # class probabilities
+
+
+def test_a_label_above_the_outputs_names_the_label_and_the_class_count():
+    with pytest.raises(DataError) as err:
+        check_targets(torch.randn(8, 10), torch.tensor([0, 1, 2, 3, 12, 5, 6, 7]), "train")
+    assert one_line(err) == ("train: label 12 is outside the model's 10 outputs (labels must be 0..9); "
+                             "check num_classes or the labels")
+    with pytest.raises(DataError, match="label 10 is outside the model's 10 outputs"):  # off by one
+        check_targets(torch.randn(2, 10), torch.tensor([10, 0]), "val")
+
+
+def test_negative_labels_are_refused():
+    with pytest.raises(DataError) as err:
+        check_targets(torch.randn(4, 10), torch.tensor([0, -1, 2, 3]), "train")
+    assert one_line(err).startswith("train: label -1 is negative (labels must be 0..9)")
+    with pytest.raises(DataError, match="label -100 is negative"):  # an "ignore index" is not supported
+        check_targets(torch.randn(2, 10), torch.tensor([-100, 3]), "train")
+
+
+def test_sequence_outputs_check_every_token():
+    outputs, targets = torch.randn(4, 35, 100), torch.randint(0, 100, (4, 35))
+    targets[3, 34] = 100
+    with pytest.raises(DataError, match=r"^val: label 100 is outside the model's 100 outputs \(labels must be 0..99\)"):
+        check_targets(outputs, targets, "val")
+    with pytest.raises(DataError) as err:  # the sequence lengths differ
+        check_targets(outputs, torch.randint(0, 100, (4, 20)), "train")
+    assert "targets have shape (4, 20) but the model's outputs (4, 35, 100) need targets of shape (4, 35)" \
+        in one_line(err)
+
+
+@pytest.mark.parametrize("outputs, targets, message", [
+    (torch.randn(8, 10), torch.randint(0, 10, (8, 1)), "targets have shape (8, 1) but the model's outputs (8, 10) "
+                                                       "need targets of shape (8,)"),
+    (torch.randn(8, 10), torch.randint(0, 10, (4,)), "the model returned 8 output rows for 4 examples"),
+    (torch.randn(8, 10), torch.tensor(3), "targets are a 0-dimensional tensor"),
+    (torch.randn(8), torch.randint(0, 10, (8,)), "the model's outputs have shape (8,)"),
+    (torch.randn(8, 10), torch.rand(8, 3), "floating-point targets (class probabilities) have shape (8, 3)"),
+    (torch.randn(8, 10), torch.randint(0, 10, (8,), dtype=torch.int32), "targets are torch.int32"),
+    (torch.randn(8, 10), torch.zeros(8, dtype=torch.bool), "targets are torch.bool"),
+])
+def test_shapes_and_dtypes_that_cannot_match_are_refused(outputs, targets, message):
+    with pytest.raises(DataError) as err:
+        check_targets(outputs, targets, "train")
+    assert one_line(err).startswith("train: ") and message in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_all_targets
+# ---------------------------------------------------------------------------------------------------
+def test_a_bad_label_deep_in_the_data_is_found_before_training(digits):
+    x, y = digits.train.tensors
+    y = y.clone()
+    y[1100] = 10
+    data = TensorDataset(x, y)
+    check_targets(torch.randn(64, 10), y[:64], "train")  # the first batch alone would not see it
+    with pytest.raises(DataError) as err:
+        check_all_targets(data, 10, "train")
+    assert one_line(err) == ("train: label 10 at row 1100 is outside the model's 10 outputs (labels must be 0..9); "
+                             "check num_classes or the labels")
+
+
+def test_all_targets_reports_the_first_bad_row_and_the_count():
+    y = torch.randint(0, 5, (5000,))
+    y[3000], y[4000], y[4999] = -2, 7, 9
+    with pytest.raises(DataError) as err:
+        check_all_targets(TensorDataset(torch.zeros(5000, 1), y), 5, "val")
+    assert one_line(err) == ("val: label -2 at row 3000 is negative (labels must be 0..4; 3 labels are out of "
+                             "range); map missing or ignored labels to a class or drop those examples")
+
+
+def test_all_targets_of_sequences():
+    y = torch.randint(0, 50, (300, 20))
+    y[250, 13] = 50
+    with pytest.raises(DataError, match="label 50 at row 250 is outside the model's 50 outputs"):
+        check_all_targets(TensorDataset(torch.zeros(300, 20, dtype=torch.long), y), 50, "train")
+    check_all_targets(TensorDataset(torch.zeros(300, 20, dtype=torch.long), y.clamp(max=49)), 50, "train")
+
+
+def test_all_targets_skips_float_targets_and_other_datasets(digits):
+    check_all_targets(TensorDataset(torch.zeros(3, 2), torch.tensor([[0.0, 7.0], [1.0, -3.0], [2.0, 9.0]])), 2, "t")
+    check_all_targets(Items([(torch.zeros(2), 99)]), 2, "train")
+    check_all_targets(digits.train, 10, "train")
+    check_all_targets(digits.val, 10, "val")
+    with pytest.raises(DataError, match="label 9 at row"):  # the real data with a model of too few outputs
+        check_all_targets(digits.train, 9, "train")
+
+
+# ---------------------------------------------------------------------------------------------------
+# load_dataset: fractions and subsets
+# ---------------------------------------------------------------------------------------------------
+def test_a_tiny_val_fraction_is_a_config_error_naming_the_smallest_that_works():
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", val_fraction=0.0001)
+    assert err.value.field == "data.val_fraction" and isinstance(err.value, ValueError)
+    assert one_line(err) == ("data.val_fraction: 0.0001 of 1438 examples left after the test split leaves 0 for "
+                             "validation; use at least 0.0007 (1 example)")
+    assert load_dataset("digits", val_fraction=0.0007).sizes() == {"train": 1437, "val": 1, "test": 359}
+
+
+def test_a_tiny_test_fraction_fails_before_training_not_after():
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", test_fraction=0.0001)
+    assert err.value.field == "data.test_fraction"
+    assert one_line(err) == ("data.test_fraction: 0.0001 of 1797 examples leaves 0 for testing; "
+                             "use at least 0.0006 (1 example)")
+    assert load_dataset("digits", test_fraction=0.0006).sizes()["test"] == 1
+
+
+@pytest.mark.parametrize("kwargs, field, message, fixed", [
+    ({"val_fraction": 0.9999}, "data.val_fraction", "leaves 0 for training (at least 1 needed); use at most 0.999",
+     {"val_fraction": 0.999}),
+    ({"test_fraction": 0.9999}, "data.test_fraction",
+     "leaves 0 for training and validation (at least 2 needed); use at most 0.9988",
+     {"test_fraction": 0.9988, "val_fraction": 0.5}),  # 2 examples left: half of them for validation
+])
+def test_fractions_that_leave_no_training_data(kwargs, field, message, fixed):
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", **kwargs)
+    assert err.value.field == field and message in one_line(err)
+    assert min(load_dataset("digits", **fixed).sizes().values()) >= 1
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"val_fraction": 0.0}, "data.val_fraction"), ({"val_fraction": 1.0}, "data.val_fraction"),
+    ({"test_fraction": -0.1}, "data.test_fraction"), ({"val_fraction": "0.2"}, "data.val_fraction"),
+    ({"val_fraction": float("nan")}, "data.val_fraction"), ({"test_fraction": True}, "data.test_fraction"),
+    ({"train_subset": -5}, "data.train_subset"), ({"test_subset": -1}, "data.test_subset"),
+    ({"train_subset": 10.5}, "data.train_subset"),
+    ({"train_subset": 1151}, "data.train_subset"), ({"test_subset": 360}, "data.test_subset"),
+])
+def test_bad_fractions_and_subsets_name_their_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", **kwargs)
+    assert err.value.field == field and one_line(err).startswith(field + ": ")
+
+
+def test_subsets_larger_than_their_split_name_the_largest_that_works():
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", train_subset=5000)
+    assert one_line(err) == ("data.train_subset: 5000 is more than the 1150 training examples left after the "
+                             "splits; use at most 1150 (0 keeps all)")
+    assert load_dataset("digits", train_subset=1150, test_subset=359).sizes() == {"train": 1150, "val": 288,
+                                                                                  "test": 359}
+
+
+def test_corpus_sequence_length_and_subsets_are_checked(monkeypatch):
+    tokens = np.arange(200, dtype=np.int64) % 7
+    monkeypatch.setitem(_splits.CORPORA, "tiny", lambda: (tokens, tokens[:41], tokens[:61], list("abcdefg")))
+    splits = load_dataset("tiny", seq_len=10, train_subset=19)
+    assert splits.sizes() == {"train": 19, "val": 4, "test": 6}
+    with pytest.raises(ConfigError) as err:
+        load_dataset("tiny", seq_len=41)
+    assert err.value.field == "data.seq_len" and "leaves no validation sequence" in one_line(err)
+    assert "use at most 40" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^data\.train_subset: 20 is more than the 19 train sequences"):
+        load_dataset("tiny", seq_len=10, train_subset=20)
+    with pytest.raises(ConfigError, match=r"^data\.test_subset: 7 is more than the 6 test sequences"):
+        load_dataset("tiny", seq_len=10, test_subset=7)
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 10, 57, 1797])
+@pytest.mark.parametrize("official_test", [False, True])
+def test_every_fraction_either_fills_every_split_or_is_refused_with_a_fix_that_works(monkeypatch, n, official_test):
+    x, y = np.random.default_rng(0).random((n, 2)).astype(np.float32), np.arange(n) % 2
+    monkeypatch.setitem(_splits.DATASETS, "fake", lambda: (x, y, x[:2], y[:2]) if official_test else (x, y, None, None))
+    rng = random.Random(n)
+    fractions = [0.5, 0.2, 1e-4, 1 - 1e-4] + [10 ** -rng.uniform(0, 5) for _ in range(8)] \
+        + [1 - 10 ** -rng.uniform(0, 5) for _ in range(8)]
+    refused = 0
+    for _ in range(60):
+        kwargs = {"val_fraction": rng.choice(fractions), "test_fraction": rng.choice(fractions)}
+        try:
+            sizes = load_dataset("fake", **kwargs).sizes()
+        except ConfigError as err:
+            refused += 1
+            suggestion = re.search(r"use at (?:least|most) ([0-9.e-]+)", str(err))
+            assert suggestion, str(err)
+            kwargs[err.field.removeprefix("data.")] = float(suggestion.group(1))
+            try:
+                load_dataset("fake", **kwargs)
+            except ConfigError as again:
+                assert again.field != err.field, (str(err), str(again))
+        else:
+            assert min(sizes.values()) >= 1, (kwargs, sizes)
+    assert refused
+
+
+# ---------------------------------------------------------------------------------------------------
+# load_dataset: valid inputs give the same splits as before the checks
+# ---------------------------------------------------------------------------------------------------
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("kwargs, sizes, labels", [
+    ({}, {"train": 1150, "val": 288, "test": 359},
+     {"train": ([8, 2, 0, 6, 4, 7, 1, 3], 5127, "8e86cf724513"),
+      "val": ([0, 4, 9, 5, 8, 5, 3, 3], 1281, "4dbd01a35928"),
+      "test": ([6, 6, 6, 2, 5, 6, 6, 2], 1662, "8a92789e10af")}),
+    ({"val_fraction": 0.1, "test_fraction": 0.3, "split_seed": 3, "train_subset": 500, "test_subset": 100},
+     {"train": 500, "val": 126, "test": 100},
+     {"train": ([4, 7, 5, 4, 7, 1, 5, 3], 2181, "a23bb33b262e"),
+      "val": ([8, 9, 9, 6, 9, 0, 7, 9], 519, "31a541e15145"),
+      "test": ([2, 8, 8, 3, 7, 2, 5, 7], 504, "f7df0c4d9bee")}),
+])
+def test_valid_digits_splits_are_unchanged(kwargs, sizes, labels):
+    splits = load_dataset("digits", **kwargs)
+    assert splits.sizes() == sizes and splits.num_classes == 10 and splits.input_shape == (1, 8, 8)
+    for key, (head, total, sha) in labels.items():
+        y = getattr(splits, key).tensors[1]
+        assert y[:8].tolist() == head and int(y.sum()) == total and _sha(y) == sha
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"val_fraction": 0.1, "test_fraction": 0.3, "split_seed": 3, "train_subset": 500, "test_subset": 100},
+    {"val_fraction": 0.0007, "test_fraction": 0.0006},
+])
+def test_valid_digits_splits_match_the_split_recipe(kwargs):
+    """The same permutation, rounding and prefixes as always: rebuilt here from the raw digits."""
+    splits = load_dataset("digits", **kwargs)
+    raw_x, raw_y, _, _ = load_digits()
+    order = np.random.default_rng(kwargs.get("split_seed", 0)).permutation(len(raw_x))
+    n_test = round(kwargs.get("test_fraction", 0.2) * len(order))
+    test_idx, order = order[:n_test], order[n_test:]
+    n_val = round(kwargs.get("val_fraction", 0.2) * len(order))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_idx = train_idx[:kwargs.get("train_subset") or None]
+    test_idx = test_idx[:kwargs.get("test_subset") or None]
+    train_x = raw_x[train_idx]
+    mean, std = float(train_x.mean()), float(train_x.std())
+    for key, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+        x, y = getattr(splits, key).tensors
+        assert torch.equal(y, torch.from_numpy(raw_y[idx]))
+        assert torch.equal(x, torch.from_numpy((raw_x[idx] - mean) / std))

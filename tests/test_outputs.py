@@ -1,0 +1,147 @@
+"""A run never deletes or overwrites what it did not create (issue: "One path for every run").
+
+Each test is one of the data-loss findings: `--out .` wiped a working directory; checkpoints of
+two stores in one folder collided and a resume finished with the other run's weights; the default
+output folder ignored `--set`, so a second run replaced the first one's outputs.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+
+from selftune.cli import main
+from selftune.outputs import MARKER, OUTPUT_FILES
+from selftune.runner import RecordedRun, prepare, resume_recorded
+from selftune.store import RunStore
+from selftune.testing import DIGITS_CONFIG, SMALL, StopAt, digits_config, tear
+
+RUN = ["run", str(DIGITS_CONFIG), *[a for s in SMALL for a in ("--set", s)], "--set", "epochs=2", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELFTUNE_STORE", f"sqlite:///{tmp_path / 'selftune.db'}")
+
+
+def _user_files(folder):
+    (folder / "config.toml").write_text("mine = true\n")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "a.txt").write_text("keep me")
+    (folder / "result.json").write_text('{"mine": true}')
+
+
+def test_out_into_a_users_folder_is_refused_and_deletes_nothing(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    _user_files(work)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    assert main([*RUN, "--out", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "--overwrite" in err, err
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    assert not (tmp_path / "selftune.db").exists() or RunStore().list_runs() == []  # no run recorded
+
+
+def test_out_dot_with_overwrite_replaces_only_selftunes_files(tmp_path):
+    _user_files(tmp_path)
+    assert main([*RUN, "--out", ".", "--overwrite"]) == 0
+    assert (tmp_path / "config.toml").read_text() == "mine = true\n"
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
+    assert (tmp_path / "selftune.db").exists()
+    result = json.loads((tmp_path / "result.json").read_text())  # a file selftune writes: replaced, as asked
+    assert result["run_id"] == 1 and result["method"] == "delta-stn"
+    assert json.loads((tmp_path / MARKER).read_text())["run_uuid"] == result["run_uuid"]
+    assert all((tmp_path / name).exists() for name in OUTPUT_FILES)
+    assert not [p for p in tmp_path.iterdir() if ".selftune-" in p.name and p.is_dir()]  # no temp folder left
+
+
+def test_default_output_folders_are_unique_and_show_points_at_each_runs_own(tmp_path, capsys):
+    assert main([*RUN]) == 0
+    assert main([*RUN, "--set", "seed=5"]) == 0
+    store = RunStore()
+    first, second = store.get_run(1), store.get_run(2)
+    assert first.out_dir != second.out_dir
+    for run in (first, second):
+        result = json.loads((tmp_path / run.out_dir / "result.json").read_text())
+        assert result["run_id"] == run.id and result["run_uuid"] == run.uuid
+    capsys.readouterr()
+    assert main(["show", "1"]) == 0
+    assert first.out_dir in capsys.readouterr().out
+
+
+def _interrupted(store, seed, at):
+    config = digits_config(f"seed={seed}")
+    prepared = prepare(config)
+    run = RecordedRun.start(store, config, checkpoint_root="checkpoints")
+    with pytest.raises(Exception, match="interrupted by a callback"):
+        run.drive(prepared, every=7, callbacks=[StopAt(at)])
+    return run
+
+
+def _uninterrupted_test_loss(seed):
+    from selftune.runner import execute
+
+    return execute(prepare(digits_config(f"seed={seed}")))[1].test["loss"]
+
+
+def test_two_stores_in_one_folder_keep_their_own_checkpoints(tmp_path):
+    a, b = RunStore("sqlite:///a.db"), RunStore("sqlite:///b.db")
+    run_a, run_b = _interrupted(a, seed=1, at=15), _interrupted(b, seed=2, at=15)
+    assert run_a.run_id == run_b.run_id == 1  # the ids collide ...
+    assert run_a.checkpoint_dir != run_b.checkpoint_dir  # ... the checkpoint folders do not
+    saved = torch.load(a.checkpoints(1)[-1][2], weights_only=True)
+    assert saved["run_uuid"] == run_a.uuid
+    first_piece = saved["tuner"]["log"]["counters"]["seconds"]
+    started = time.perf_counter()
+    result = resume_recorded(a, 1, notes=[])
+    second_piece_bound = time.perf_counter() - started
+    assert result.seed == 1 and result.run_uuid == run_a.uuid
+    assert result.test["loss"] == pytest.approx(_uninterrupted_test_loss(1), abs=1e-6)
+    # compute.seconds is the sum of the pieces: the first piece's checkpointed time plus the resumed part.
+    assert first_piece > 0 and first_piece < result.compute["seconds"] <= first_piece + second_piece_bound
+
+
+def test_a_foreign_or_torn_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path):
+    store, other = RunStore("sqlite:///a.db"), RunStore("sqlite:///b.db")
+    run = _interrupted(store, seed=3, at=20)
+    foreign = _interrupted(other, seed=4, at=20)
+    checkpoints = store.checkpoints(run.run_id)
+    assert len(checkpoints) >= 2
+    newest, previous = checkpoints[-1][2], checkpoints[-2][2]
+    # The newest file replaced by another run's checkpoint: it must never be loaded.
+    newest_foreign = other.checkpoints(foreign.run_id)[-1][2]
+    torch.save(torch.load(newest_foreign, weights_only=True), newest)
+    notes = []
+    result = resume_recorded(store, run.run_id, notes=notes)
+    assert any("belongs to another run" in n for n in notes), notes
+    assert result.test["loss"] == pytest.approx(_uninterrupted_test_loss(3), abs=1e-6)
+    assert previous  # the fallback target existed
+
+    run2 = _interrupted(store, seed=3, at=20)
+    tear(store.checkpoints(run2.run_id)[-1][2])
+    notes = []
+    result2 = resume_recorded(store, run2.run_id, notes=notes)
+    assert any("unreadable" in n for n in notes), notes
+    assert result2.test["loss"] == pytest.approx(_uninterrupted_test_loss(3), abs=1e-6)
+
+
+def test_read_only_commands_create_no_store_and_memory_stores_are_refused(tmp_path, capsys):
+    for args in (["runs"], ["show", "1"], ["report", "1"], ["resume", "1"]):
+        assert main([*args, "--store", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "none.db").exists()
+    for url in ("sqlite:///", "sqlite://", "sqlite:///:memory:"):
+        assert main([*RUN, "--store", url]) == 2
+        assert "memory" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_refuses_a_users_folder(tmp_path, capsys):
+    _user_files(tmp_path)
+    assert main(["bench", "digits-mlp", "--quick", "--methods", "fixed", "--seeds", "1", "--out", "."]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "result.json").read_text()) == {"mine": True}

@@ -1,0 +1,95 @@
+"""SIGINT/SIGTERM end a run cleanly (checkpoint, `interrupted`, how to resume, 130/143), and only
+one process drives a run at a time (a second `selftune resume` is refused, naming the holder)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selftune.errors import StoreError
+from selftune.runner import execute, prepare
+from selftune.store import RunStore
+from selftune.testing import DIGITS_CONFIG, SMALL, cli, digits_config
+
+LONG = [*[a for s in SMALL for a in ("--set", s)], "--set", "epochs=40", "--quiet", "--checkpoint-every", "7"]
+
+
+def _start(args, cwd, store):
+    cmd = [sys.executable, "-m", "selftune.cli", *args, "--store", store]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (StoreError, LookupError):
+            pass  # the store is not created yet
+        assert proc.poll() is None, f"process ended before {what}: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpointed(url, run_id=1, after=0):
+    return lambda: len(RunStore(url, create=False).checkpoints(run_id)) > after
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_marks_interrupted_and_says_how_to_resume(tmp_path, signum, code):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = _start(["run", str(DIGITS_CONFIG), *LONG, "--seed", "3", "--out", "out"], tmp_path, url)
+    _wait_for(_checkpointed(url), proc, "the first checkpoint")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "resume with: selftune resume 1" in err
+    run = RunStore(url, create=False).get_run(1)
+    assert run.status == "interrupted" and signal.Signals(signum).name in run.error
+    assert not (tmp_path / "out").exists()  # outputs appear only when the run finishes
+
+    resumed = cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url)
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    uninterrupted = execute(prepare(digits_config("epochs=40", "seed=3")))[1]
+    assert result["test"]["loss"] == pytest.approx(uninterrupted.test["loss"], abs=1e-6)
+    assert result["hparams"] == pytest.approx(uninterrupted.hparams, abs=1e-6)
+    trajectory = RunStore(url, create=False).trajectory(1)
+    assert [r["step"] for r in trajectory] == [r["step"] for r in uninterrupted_trajectory(uninterrupted)]
+
+
+def uninterrupted_trajectory(result):
+    steps = result.compute["steps"]
+    log_every = 4
+    return [{"step": s} for s in range(log_every, steps + 1, log_every)]
+
+
+def test_only_one_process_drives_a_run(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    first = _start(["run", str(DIGITS_CONFIG), *LONG, "--out", "out"], tmp_path, url)
+    _wait_for(_checkpointed(url), first, "the first checkpoint")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 130
+
+    driver = _start(["resume", "1", "--quiet", "--checkpoint-every", "7"], tmp_path, url)
+    before = len(RunStore(url, create=False).checkpoints(1))
+    _wait_for(lambda: RunStore(url, create=False).get_run(1).pid == driver.pid and
+              _checkpointed(url, after=before)(), driver, "the resume to take the lease")
+    for extra in ([], ["--force"]):  # a live driver is never taken over, not even with --force
+        second = cli(["resume", "1", "--quiet", *extra], cwd=tmp_path, store=url)
+        assert second.returncode == 2, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and str(driver.pid) in second.stderr, second.stderr
+    assert driver.poll() is None  # the refused resumes did not disturb the driver
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=120) == 143
+    assert RunStore(url, create=False).get_run(1).status == "interrupted"
+    assert cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url).returncode == 0
+    assert RunStore(url, create=False).get_run(1).status == "finished"
+    late = cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url)
+    assert late.returncode == 2 and "finished" in late.stderr
+    assert RunStore(url, create=False).get_run(1).status == "finished"
