@@ -114,6 +114,12 @@ class RunLog:
     trajectory: list[dict[str, float]] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     divergences: int = 0
+    #: per hyperparameter: has any hyper step given it a non-zero gradient? (for the run's explanation)
+    hypergrad_seen: list[bool] = field(default_factory=list)
+    #: declared hyperparameters that nothing in the model, loss or augmentation read (None: not checked yet)
+    idle: list[str] | None = None
+    #: hyperparameter values when the run started (before its first step)
+    start: dict[str, float] = field(default_factory=dict)
     _clock: float | None = None
 
     # -- time ----------------------------------------------------------------------------------------
@@ -168,12 +174,16 @@ class RunLog:
         counters = asdict(self.counters)
         counters["seconds"] = self.seconds
         return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
+                "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counters = Counters(**state["counters"])
         self.sums = _Sums(**state["sums"])
         self.divergences = int(state["divergences"])
+        self.hypergrad_seen = list(state.get("hypergrad_seen", self.hypergrad_seen))
+        self.idle = state.get("idle")
+        self.start = dict(state.get("start", {}))
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]
         if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time

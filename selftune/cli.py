@@ -8,8 +8,7 @@ Every command takes ``--store URL`` (default ``$SELFTUNE_STORE`` or ``sqlite:///
 :func:`main` is the one place that turns a :class:`~selftune.errors.SelftuneError` into one line on
 stderr and its exit status: 2 for anything refused before a run starts (nothing is written), 1 for a
 run that failed after starting, 130/143 for a run stopped by SIGINT/SIGTERM (checkpointed, resumable).
-Method names come from the registries (:mod:`selftune.algorithms`, :mod:`selftune.methods`); the
-in-loop names are read without importing torch, from the module's source.
+Method names come from the registries (:mod:`selftune.algorithms`, :mod:`selftune.methods`).
 """
 
 from __future__ import annotations
@@ -145,6 +144,8 @@ def _summary(result) -> None:
                                           for k, v in result.hparams.items()))
     print(f"test loss {result.test['loss']:.4f}  test accuracy {result.test['accuracy']:.4f}  "
           f"({result.compute['seconds']:.1f} s, {result.compute['examples']} examples)")
+    for line in result.explanation:
+        print(f"  {line}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.method is not None or args.seed is not None:
         config = config.derive(method=args.method, seed=args.seed)
     prepared = prepare(config)
+    if args.out is not None:  # refused before the store is opened (or created): nothing written
+        from .outputs import claim_folder
+
+        claim_folder(args.out, "", overwrite=args.overwrite)
     store = _open_store(args.store)
     run = RecordedRun.start(store, config, out=args.out, checkpoint_root=args.checkpoint_dir,
                             overwrite=args.overwrite, name=Path(args.config).stem)
@@ -297,8 +302,8 @@ def _bench(args: argparse.Namespace) -> int:
     for m in methods:
         get_method(m)
     outs = {t: Path(args.out) if args.out else Path("bench") / (t + ("-quick" if args.quick else "")) for t in tasks}
-    for out in outs.values():
-        claim_bench_folder(out, overwrite=args.overwrite)
+    for task, out in outs.items():
+        claim_bench_folder(out, task=task, quick=args.quick, overwrite=args.overwrite)
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts
@@ -327,14 +332,28 @@ COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "runs": _runs, "sho
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every selftune error becomes one line on stderr and an exit status."""
     args = _parser().parse_args(argv)
-    from .errors import SelftuneError
+    import warnings
 
+    from .errors import SelftuneError, SelftuneWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, no source excerpt
+        if issubclass(category, SelftuneWarning):
+            print(f"selftune: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    previous, warnings.showwarning = warnings.showwarning, show
     try:
         return COMMANDS[args.command](args)
     except SelftuneError as err:
         kind = "run failed" if err.exit_code == 1 else "stopped" if err.exit_code > 2 else "error"
         print(f"selftune: {kind}: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (start-up, data loading, a search)
+        print("selftune: stopped: interrupted by SIGINT", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":  # pragma: no cover

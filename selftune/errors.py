@@ -12,7 +12,7 @@ included) can raise these.
 from __future__ import annotations
 
 __all__ = ["ConfigError", "DataError", "DivergenceError", "Interrupted", "LeaseError", "OutputError",
-           "ResumeError", "SelftuneError", "StoreError"]
+           "ResumeError", "SelftuneError", "SelftuneWarning", "StoreError"]
 
 
 class SelftuneError(Exception):
@@ -63,3 +63,8 @@ class Interrupted(SelftuneError):  # noqa: N818 - a state, not a fault
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum if signum else 1
+
+
+class SelftuneWarning(UserWarning):
+    """Something the user should know that does not stop the run (an init pulled off its bound, a
+    hyperparameter that drives nothing); the CLI prints each as one ``selftune: warning:`` line."""

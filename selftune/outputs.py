@@ -33,7 +33,7 @@ __all__ = ["MARKER", "OUTPUT_FILES", "RunResult", "claim_folder", "mark_folder",
 
 #: The marker naming the run a folder belongs to.
 MARKER = ".selftune-run.json"
-#: Every file a run writes into its folder (the marker last).
+#: Every file a run writes into its folder (besides the marker, written last).
 OUTPUT_FILES = ("result.json", "model.pt", "trajectory.csv", "epochs.csv", "trajectory.png", "losses.png")
 
 
@@ -53,6 +53,7 @@ class RunResult:
         config: the full config the run was trained with.
         versions: selftune, torch and Python versions.
         run_id, run_uuid: the run in its store (the UUID is unique across stores).
+        explanation: what the run did to its hyperparameters, in sentences (:func:`selftune.explain.explain`).
         extra: method-specific records (e.g. the Ray experiment of a PBT run).
     """
 
@@ -68,6 +69,7 @@ class RunResult:
     versions: dict[str, str]
     run_id: int | None = None
     run_uuid: str | None = None
+    explanation: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import platform
 import signal
+import tempfile
 import threading
 import uuid as uuidlib
 import warnings
@@ -29,10 +30,10 @@ from . import __version__
 from .algorithms import get_algorithm
 from .config import RunConfig, parse_config
 from .data import DatasetUnavailable, Splits, load_dataset
-from .errors import ConfigError, Interrupted, LeaseError, SelftuneError
+from .errors import ConfigError, Interrupted, LeaseError, OutputError, ResumeError, SelftuneError
 from .models import MODELS, build, model_arguments
 from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
-from .outputs import RunResult, claim_folder, write_outputs
+from .outputs import RunResult, claim_folder, mark_folder, write_outputs
 from .tuner import Callback, FitResult, SelfTuner, evaluate
 
 __all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", "prepare", "resume_recorded",
@@ -110,7 +111,10 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
     if prepared.splits.kind == "language-model":
         for d in (test, val):
             d["perplexity"] = math.exp(min(d["loss"], 700.0))
+    from .explain import explain
+
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
+                     explanation=explain(prepared.tuner),
                      compute=dict(fit.compute), epochs=config.epochs,
                      data={"name": prepared.splits.name, **prepared.splits.sizes()},
                      config=config.model_dump(mode="json"),
@@ -167,10 +171,9 @@ class RecordedRun:
     Build it with :meth:`start` (a new run) or :meth:`reopen` (resume), then :meth:`drive`.
     """
 
-    def __init__(self, store: Any, run_id: int, run_uuid: str, out: Path, checkpoint_dir: Path, *,
-                 overwrite: bool = False) -> None:
+    def __init__(self, store: Any, run_id: int, run_uuid: str, out: Path, checkpoint_dir: Path) -> None:
         self.store, self.run_id, self.uuid = store, run_id, run_uuid
-        self.out, self.checkpoint_dir, self.overwrite = out, checkpoint_dir, overwrite
+        self.out, self.checkpoint_dir = out, checkpoint_dir
         self.notes: list[str] = []  # what a resume had to work around (shown to the user)
 
     @classmethod
@@ -186,10 +189,23 @@ class RecordedRun:
         run_uuid = uuidlib.uuid4().hex
         out = Path(out) if out is not None else default_out(name, method or config.method, run_uuid)
         claim_folder(out, run_uuid, overwrite=overwrite)
+        checkpoint_root = Path(checkpoint_root)
+        for folder, option in ((checkpoint_root, "--checkpoint-dir"), (out.resolve().parent, "--out")):
+            _writable(folder, option)
         run_id = store.create_run(method=method or config.method, seed=config.seed,
                                   config=config.model_dump(mode="json"), out_dir=str(out.resolve()),
-                                  checkpoint_root=str(Path(checkpoint_root).resolve()), uuid=run_uuid)
-        return cls(store, run_id, run_uuid, out, Path(store.get_run(run_id).checkpoint_dir), overwrite=overwrite)
+                                  checkpoint_root=str(checkpoint_root.resolve()), uuid=run_uuid)
+        run = cls(store, run_id, run_uuid, out, Path(store.get_run(run_id).checkpoint_dir))
+        # Reserve the folder now: its marker names this run, so a later run cannot take it silently,
+        # and this run (or its resume) may write there at the end without --overwrite.
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            mark_folder(out, run_uuid, run_id, store.display_url)
+        except OSError as err:
+            run._record(store.fail, f"cannot write to {out}: {err.strerror}")
+            raise OutputError(f"--out: cannot write to {str(out)!r} ({err.strerror}); choose a writable "
+                              "folder") from None
+        return run
 
     @classmethod
     def reopen(cls, store: Any, run_id: int, *, force: bool = False) -> tuple[RecordedRun, RunConfig]:
@@ -200,8 +216,18 @@ class RecordedRun:
             LeaseError: it finished, or another process drives it.
         """
         info = store.acquire(run_id, force=force)
-        run = cls(store, run_id, info.uuid, Path(info.out_dir), Path(info.checkpoint_dir), overwrite=True)
-        return run, parse_config(info.config)
+        run = cls(store, run_id, info.uuid, Path(info.out_dir), Path(info.checkpoint_dir))
+        try:
+            # The folder must still be this run's (or gone/empty): a resume never takes another's.
+            claim_folder(run.out, run.uuid, option=f"run {run_id}'s output folder")
+            config = parse_config(info.config)
+        except ConfigError as err:
+            run._record(store.interrupt, f"resume refused: {err}")
+            raise ResumeError(f"run {run_id}: its recorded config no longer validates here ({err})") from None
+        except OutputError:
+            run._record(store.interrupt, "resume refused: its output folder holds another run's files")
+            raise
+        return run, config
 
     def restore(self, tuner: SelfTuner) -> int:
         """Load the newest intact checkpoint of this run into ``tuner`` and rewind the store to it;
@@ -211,10 +237,13 @@ class RecordedRun:
             try:
                 saved = torch.load(path, weights_only=True)
             except FileNotFoundError:
-                self.notes.append(f"checkpoint {path} is missing; trying an older one")
-                continue
+                continue  # pruned long ago: only the newest files are kept
             except Exception as err:  # a torn or corrupt file: any unpickling error
                 self.notes.append(f"checkpoint {path} is unreadable ({type(err).__name__}); trying an older one")
+                continue
+            if isinstance(saved, dict) and "run_uuid" not in saved and "net" in saved:
+                self.notes.append(f"checkpoint {path} was written by an older selftune, which did not record "
+                                  "which run a checkpoint belongs to; it cannot be verified and is not used")
                 continue
             if not isinstance(saved, dict) or saved.get("run_uuid") != self.uuid:
                 self.notes.append(f"checkpoint {path} belongs to another run; trying an older one")
@@ -224,7 +253,7 @@ class RecordedRun:
             return step
         self.store.rewind(self.run_id, -1, 0)
         if self.notes:
-            self.notes.append("no intact checkpoint of this run is left: it starts over from step 0")
+            self.notes.append("no usable checkpoint of this run is left: it starts over from step 0")
         return -1
 
     def drive(self, prepared: Prepared, *, every: int | None = 100,
@@ -242,17 +271,18 @@ class RecordedRun:
         recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
                                  every=every or 2**62, at_epoch_end=every is not None)
         try:
-            with _stop_on_signals() as caught:
+            with _stop_on_signals() as caught, _heartbeat(self.store, self.run_id):
                 caught.tuner = tuner
                 fit = tuner.fit(config.epochs, callbacks=[*(callbacks or []), recorder])
-            if tuner.epoch < config.epochs:  # stopped early: by a signal, or by a callback's request_stop
-                cause = signal.Signals(caught.signum).name if caught.signum is not None else "a callback"
-                message = f"run {self.run_id} interrupted by {cause} at step {tuner.counters.steps} (checkpoint saved)"
-                self.store.interrupt(self.run_id, message)
-                raise Interrupted(f"{message}; resume with: selftune resume {self.run_id}"
-                                  f"{_store_hint(self.store)}", caught.signum)
-            result = evaluate_run(prepared, fit, method=self.store.get_run(self.run_id).method)
-            return self.complete(fit, result)
+                if tuner.epoch < config.epochs:  # stopped early: by a signal, or by a callback's request_stop
+                    cause = signal.Signals(caught.signum).name if caught.signum is not None else "a callback"
+                    message = (f"run {self.run_id} interrupted by {cause} at step {tuner.counters.steps} "
+                               "(checkpoint saved)")
+                    self.store.interrupt(self.run_id, message)
+                    raise Interrupted(f"{message}; resume with: selftune resume {self.run_id}"
+                                      f"{_store_hint(self.store)}", caught.signum)
+                result = evaluate_run(prepared, fit, method=self.store.get_run(self.run_id).method)
+                return self.complete(fit, result)
         except (Interrupted, LeaseError):
             raise  # recorded as interrupted already / the run is someone else's now
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, from the last checkpoint
@@ -260,6 +290,12 @@ class RecordedRun:
             self._record(self.store.interrupt, message)
             raise Interrupted(f"{message}: selftune resume {self.run_id}{_store_hint(self.store)}",
                               signal.SIGINT) from None
+        except OSError as err:  # a full disk or an unwritable folder while checkpointing or writing outputs
+            where = f" ({err.filename})" if err.filename else ""
+            message = f"run {self.run_id} could not write a file{where}: {err.strerror or err}"
+            self._record(self.store.interrupt, message)
+            raise OutputError(f"{message}; free space or fix permissions, then selftune resume {self.run_id}"
+                              f"{_store_hint(self.store)}") from None
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._record(self.store.fail, f"{type(err).__name__}: {message}")
@@ -281,9 +317,43 @@ class RecordedRun:
     def complete(self, fit: FitResult, result: RunResult) -> RunResult:
         """Write the outputs of a finished run and mark it finished in the store."""
         result.run_id, result.run_uuid = self.run_id, self.uuid
-        write_outputs(self.out, fit, result, store=self.store.display_url, overwrite=self.overwrite)
+        self.store.heartbeat(self.run_id)  # raises LeaseError if another process took the run over
+        write_outputs(self.out, fit, result, store=self.store.display_url)
         self.store.finish(self.run_id, result.to_json())
         return result
+
+
+def _writable(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed; an unwritable one is refused before the run starts, not hours in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OutputError(f"{option}: cannot write to {str(folder)!r} ({err.strerror}); choose a writable "
+                          "folder") from None
+
+
+@contextmanager
+def _heartbeat(store: Any, run_id: int, every_s: float = 10.0) -> Iterator[None]:
+    """Beat the run's heartbeat from a thread while this process drives it, so evaluation, output
+    writing or a slow epoch never make a live run look stale (and never let --force take it)."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            try:
+                store.heartbeat(run_id)
+            except SelftuneError:
+                return  # lost the lease or the store: the driving thread finds out at its next write
+
+    thread = threading.Thread(target=beat, name=f"selftune-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def _store_hint(store: Any) -> str:

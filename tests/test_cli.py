@@ -109,7 +109,7 @@ def test_store_commands_and_a_failing_run(tmp_path, capsys):
                  "--out", "bad", "--quiet"])
     captured = capsys.readouterr()
     assert code == 1 and "diverged 2 times" in captured.err and "Traceback" not in captured.err
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad" / "result.json").exists()  # only the folder marker of the failed run
     assert main(["runs"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert "finished" in listing[1] and "failed" in listing[2]

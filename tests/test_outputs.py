@@ -145,3 +145,35 @@ def test_bench_refuses_a_users_folder(tmp_path, capsys):
     assert main(["bench", "digits-mlp", "--quick", "--methods", "fixed", "--seeds", "1", "--out", "."]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert json.loads((tmp_path / "result.json").read_text()) == {"mine": True}
+
+
+def test_a_resume_never_writes_into_a_folder_another_run_took(tmp_path, capsys):
+    store = RunStore("sqlite:///a.db")
+    config = digits_config("seed=1")
+    first = RecordedRun.start(store, config, out="res")
+    with pytest.raises(Exception, match="interrupted by a callback"):
+        first.drive(prepare(config), every=7, callbacks=[StopAt(10)])
+    # Another run may not take the folder silently ...
+    assert main([*RUN, "--out", "res", "--store", "sqlite:///a.db"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # ... and when the user forces it, the first run's resume refuses instead of overwriting the second's files.
+    assert main([*RUN, "--out", "res", "--overwrite", "--store", "sqlite:///a.db"]) == 0
+    second = json.loads((tmp_path / "res" / "result.json").read_text())
+    assert main(["resume", "1", "--quiet", "--store", "sqlite:///a.db"]) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((tmp_path / "res" / "result.json").read_text()) == second
+    assert RunStore("sqlite:///a.db").get_run(1).status == "interrupted"
+
+
+def test_events_after_a_checkpoint_are_dropped_with_it_on_resume(tmp_path):
+    store = RunStore("sqlite:///e.db")
+    run = store.create_run(method="delta-stn", seed=0, config={}, out_dir="o", checkpoint_root="ck")
+    for step in (5, 15):
+        store.add_event(run, step=step, kind="divergence", message=f"at {step}")
+    store.commit_checkpoint(run, step=10, epoch=1, path="a.pt", trajectory=[], epochs=[])
+    store.commit_checkpoint(run, step=10, epoch=2, path="b.pt", trajectory=[], epochs=[])  # epoch end, same step
+    assert [c[2] for c in store.checkpoints(run)] == ["a.pt", "b.pt"]
+    store.rewind(run, 10, 1)  # the (10, 2) file was torn: the resume starts from (10, 1)
+    assert [e["step"] for e in store.events(run)] == [5]  # step 15 happens again when the run is replayed
+    assert [c[2] for c in store.checkpoints(run)] == ["a.pt"]

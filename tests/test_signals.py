@@ -51,7 +51,7 @@ def test_a_signal_checkpoints_marks_interrupted_and_says_how_to_resume(tmp_path,
     assert "resume with: selftune resume 1" in err
     run = RunStore(url, create=False).get_run(1)
     assert run.status == "interrupted" and signal.Signals(signum).name in run.error
-    assert not (tmp_path / "out").exists()  # outputs appear only when the run finishes
+    assert not (tmp_path / "out" / "result.json").exists()  # outputs appear only when the run finishes
 
     resumed = cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url)
     assert resumed.returncode == 0, resumed.stderr

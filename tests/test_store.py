@@ -403,7 +403,10 @@ def test_a_fresh_lease_is_refused_even_with_force(store_url, tmp_path):
 def test_a_stale_lease_needs_force_and_a_dead_holder_does_not(store_url, tmp_path):
     a, b = RunStore(store_url), RunStore(store_url)
     run = _new_run(a, tmp_path)
-    _set(a, run, heartbeat_at=_stale())  # its holder (this very process) lives on: it may just be stuck
+    _set(a, run, heartbeat_at=_stale())  # a holder alive on this host is never taken over, not even with --force
+    with pytest.raises(LeaseError, match=rf"run {run} is driven by pid {os.getpid()} .*still alive on this host"):
+        b.acquire(run, force=True)
+    _set(a, run, host="another-host")  # a holder on another host may just be stuck: only --force takes it
     with pytest.raises(LeaseError, match=rf"run {run} is still marked running by pid {os.getpid()} .*--force"):
         b.acquire(run)
     info = b.acquire(run, force=True)
@@ -423,7 +426,7 @@ def test_a_taken_over_process_can_neither_write_nor_fail_the_run(store_url, tmp_
     a, b = RunStore(store_url), RunStore(store_url)
     run = _new_run(a, tmp_path)
     a.commit_checkpoint(run, step=5, epoch=0, path="a.pt", trajectory=rows(5), epochs=[])
-    _set(a, run, heartbeat_at=_stale())
+    _set(a, run, heartbeat_at=_stale(), host="another-host")  # a stuck driver on another machine
     b.acquire(run, force=True)
     b.rewind(run, 5, 0)
     b.commit_checkpoint(run, step=10, epoch=0, path="b.pt", trajectory=rows(5, 5), epochs=[])

@@ -50,9 +50,11 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig
     return load_config(TASK_DIR / f"{name}.toml", overrides)
 
 
-def claim_bench_folder(out: str | Path, *, overwrite: bool = False) -> Path:
-    """A benchmark folder may be missing, empty, or a previous benchmark's; anything else needs
-    ``overwrite`` (and even then only the benchmark's own files and sub-folders are replaced).
+def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool = False,
+                       overwrite: bool = False) -> Path:
+    """A benchmark folder may be missing, empty, or a previous run of the same benchmark (task and
+    quick); anything else needs ``overwrite`` (and even then only the benchmark's own files and
+    sub-folders are replaced).
 
     Raises:
         OutputError: the folder holds other files.
@@ -60,7 +62,17 @@ def claim_bench_folder(out: str | Path, *, overwrite: bool = False) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out: {str(path)!r} is a file, not a folder; choose a folder path")
-    if not path.exists() or (path / BENCH_MARKER).exists() or overwrite or not any(path.iterdir()):
+    if not path.exists() or overwrite or not any(path.iterdir()):
+        return path
+    try:
+        marker = json.loads((path / BENCH_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if marker is not None and task is not None and (marker.get("task"), marker.get("quick")) != (task, quick):
+        raise OutputError(f"--out: folder {str(path)!r} holds the benchmark of {marker.get('task')!r}"
+                          f"{' (quick)' if marker.get('quick') else ''}; choose another folder, or pass --overwrite "
+                          "to replace its results")
+    if marker is not None:
         return path
     shown = ", ".join(sorted(p.name for p in path.iterdir())[:4])
     raise OutputError(f"--out: folder {str(path)!r} is not empty ({shown}, ...) and is no benchmark folder; "
@@ -87,7 +99,7 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
     if quick:
         trials = min(trials, QUICK["trials"])
         population = min(population, QUICK["population"])
-    out = claim_bench_folder(out, overwrite=overwrite)
+    out = claim_bench_folder(out, task=task, quick=quick, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / BENCH_MARKER).write_text(json.dumps({"task": task, "quick": quick}) + "\n")
     ctx = Context(store=store, folder=out, label=f"{task}{'-quick' if quick else ''}", trials=trials,

@@ -27,6 +27,8 @@ def get_method(name: str) -> Method:
     Raises:
         ConfigError: an unknown name (the message lists the known ones).
     """
+    if name not in METHODS and name in ALGORITHMS:  # an algorithm registered after this module was imported
+        METHODS[name] = SingleRun(name)
     try:
         return METHODS[name]
     except KeyError:

@@ -53,7 +53,7 @@ class PBT(Method):
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         return run_pbt(config, seed, ctx.population, ctx.store, ctx.run_folder(self.name, seed),
                        ray_dir=ctx.folder / "ray", checkpoint_root=ctx.folder / "checkpoints",
-                       name=f"{ctx.label}-seed{seed}", method=self.name)
+                       name=f"{ctx.label}-seed{seed}", method=self.name, overwrite=True)
 
 
 def _fixed_config(base: dict[str, Any], seed: int, values: dict[str, Any]) -> RunConfig:
@@ -111,7 +111,8 @@ def _domains(config: RunConfig) -> dict[str, Any]:
 
 def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out: str | Path, *,
             ray_dir: str | Path = "ray", checkpoint_root: str | Path = "checkpoints", interval: int | None = None,
-            concurrency: int | None = None, name: str = _NAME, method: str = _NAME) -> MethodResult:
+            concurrency: int | None = None, name: str = _NAME, method: str = _NAME,
+            overwrite: bool = False) -> MethodResult:
     """Train a population of ``population`` fixed runs with Ray Tune's PBT.
 
     Args:
@@ -126,6 +127,7 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
         concurrency: members training at once (default: the machine's cores).
         name: Ray experiment name.
         method: the method name the run is recorded under.
+        overwrite: allow a non-empty ``out`` that is not this run's (only selftune's own files are replaced).
 
     Returns:
         The best member's (lowest final validation loss) result, with the whole population's compute.
@@ -185,7 +187,7 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
     assert best.checkpoint is not None
     values = clip_to_space(config, {k: best.config[k] for k in domains})
     return _record(config, seed, values, best, store, out, Path(checkpoint_root), tally, seconds, population,
-                   method)
+                   method, overwrite)
 
 
 def _tally() -> Any:
@@ -206,7 +208,8 @@ def _tally() -> Any:
 
 
 def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, store: RunStore, out: Path,
-            checkpoint_root: Path, tally: Any, seconds: float, population: int, method: str) -> MethodResult:
+            checkpoint_root: Path, tally: Any, seconds: float, population: int, method: str,
+            overwrite: bool) -> MethodResult:
     """Rebuild the best member from its last checkpoint and record it as a run of ``method``, through
     the same recorder and writer as every run."""
     prepared = prepare(_fixed_config(config.model_dump(mode="json"), seed, values))
@@ -218,7 +221,7 @@ def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, sto
                       "steps": fit.compute["steps"], "hyper_steps": 0, "member_seconds": tally.member_seconds,
                       "population": population}
     result.extra = {"ray": {"experiment": str(Path(best.path).parent)}}
-    run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=True,
+    run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=overwrite,
                             method=method)
     run.save(prepared.tuner)
     run.complete(fit, result)

@@ -127,6 +127,11 @@ class HyperNet(nn.Module):
         """Entropy of the perturbation distribution, ``sum(log(sigma * sqrt(2 pi e)))``."""
         return torch.log(self.scale * (2 * torch.pi * torch.e) ** 0.5).sum()
 
+    @property
+    def hyperparameters_read(self) -> set[str]:
+        """Names some module of the model has read in a forward pass so far (dropout rates, ...)."""
+        return set(self._state.read)
+
     def values(self) -> dict[str, float | int]:
         """Current hyperparameters as readable constrained values."""
         return self.space.values_dict(self.hparams)

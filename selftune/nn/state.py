@@ -27,6 +27,8 @@ class HyperState:
         cond: ``(B, 2H)`` gate input of best-response layers, or ``None`` to skip the response path
             (plain training, or Delta-STN at the unperturbed point where the response is exactly 0).
         generator: random source for dropout masks (the tuner's, so runs are reproducible).
+        read: names of the hyperparameters some module has read (a declared one that is never read
+            drives nothing in the model).
     """
 
     space: Space
@@ -34,6 +36,7 @@ class HyperState:
     cond: torch.Tensor | None = None
     generator: torch.Generator | None = None
     _active: bool = field(default=False, repr=False)
+    read: set[str] = field(default_factory=set, repr=False)
 
     @contextmanager
     def bind(self, values: torch.Tensor, cond: torch.Tensor | None,
@@ -55,6 +58,7 @@ class HyperState:
         """
         if self.values is None:
             raise RuntimeError(f"hyperparameter {name!r} read outside a HyperNet forward pass")
+        self.read.add(name)
         return self.values[:, self.space.index(name)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,18 @@ from ._store import RunStore
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
+    The temporary file is unique to this write, so two writers never interleave in one file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class StoreRecorder(Callback):
@@ -93,6 +99,13 @@ class StoreRecorder(Callback):
         self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
 
     def _prune(self, newest: Path) -> None:
-        files = sorted(p for p in self.dir.glob("step-*.pt") if p != newest)
-        for old in files[: max(0, len(files) - (self.keep - 1))]:
+        """Keep the files of the ``keep`` newest committed checkpoints. Delete the older files this run
+        committed, and, in a folder named by this run's UUID (nobody else's), uncommitted leftovers of a
+        crash between a save and its commit. Files of other runs are never touched."""
+        committed = [Path(path) for _, _, path in self.store.checkpoints(self.run_id)]
+        kept = {newest, *committed[-self.keep:]}
+        doomed = set(committed) - kept
+        if self.dir.name == self.uuid:
+            doomed |= {p for p in self.dir.glob("step-*.pt") if p not in kept}
+        for old in doomed:
             old.unlink(missing_ok=True)

@@ -474,6 +474,9 @@ class RunStore:
             if row.status == "running" and not _dead_here(row.host, row.pid):
                 age = _now() - row.heartbeat_at
                 holder = f"pid {row.pid} on {row.host} (last heartbeat {_age(age)} ago)"
+                if row.host == socket.gethostname() and age > STALE_AFTER:  # alive here: never taken over
+                    raise LeaseError(f"run {run_id} is driven by {holder}, a process that is still alive on this "
+                                     "host; wait for it to end or stop it")
                 if age <= STALE_AFTER:
                     raise LeaseError(f"run {run_id} is driven by {holder}; wait for it to end or stop it "
                                      f"(--force only takes a run whose heartbeat is older than "
@@ -518,7 +521,10 @@ class RunStore:
         def rewind(session: Session) -> None:
             session.execute(delete(TrajectoryRow).where(TrajectoryRow.run_id == run_id, TrajectoryRow.step > step))
             session.execute(delete(EpochRow).where(EpochRow.run_id == run_id, EpochRow.epoch > epoch))
-            session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, CheckpointRow.step > step))
+            later = (CheckpointRow.step > step) | ((CheckpointRow.step == step) & (CheckpointRow.epoch > epoch))
+            session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, later))
+            # Events after the checkpoint happen again (bit for bit) when the run is replayed from it.
+            session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
         self._owned_write(run_id, rewind)
 
     def add_event(self, run_id: int, *, step: int, kind: str, message: str) -> None:
@@ -574,7 +580,8 @@ class RunStore:
     def checkpoints(self, run_id: int) -> list[tuple[int, int, str]]:
         """``(step, epoch, path)`` of every recorded checkpoint, oldest first."""
         with self._read() as s:
-            rows = s.scalars(select(CheckpointRow).where(CheckpointRow.run_id == run_id).order_by(CheckpointRow.step))
+            rows = s.scalars(select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+                             .order_by(CheckpointRow.step, CheckpointRow.epoch, CheckpointRow.id))
             return [(r.step, r.epoch, r.path) for r in rows]
 
     def events(self, run_id: int) -> list[dict[str, Any]]:

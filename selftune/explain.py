@@ -1,0 +1,70 @@
+"""What a run did to its hyperparameters, in sentences: the end-of-run explanation.
+
+A tuned run returns numbers; a user needs to know which hyperparameters moved and which way, which
+ended on a bound of their range (the range may be too narrow), which never received a hypergradient
+or drive nothing (declared but unused), and how the validation loss moved while tuning. Positions
+are measured in the unit space of each transform (a share of the range, log-scaled where declared),
+so "moved 3% of its range" means the same for a dropout rate and a weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .tuner import SelfTuner
+
+__all__ = ["explain"]
+
+#: A hyperparameter that moved less than this share of its range "barely moved".
+STILL = 0.01
+#: A final position within this share of a bound "ended on" that bound.
+ON_BOUND = 0.01
+
+
+def _units(tuner: SelfTuner, values: dict[str, float]) -> list[float]:
+    space = tuner.net.space
+    v = torch.tensor([float(values[n]) for n in space.names], dtype=torch.float64)
+    return torch.sigmoid(space.to_unconstrained(v)).tolist()
+
+
+def explain(tuner: SelfTuner) -> list[str]:
+    """One line per hyperparameter, then one on the validation loss, for the run ``tuner`` holds."""
+    log, space = tuner.log, tuner.net.space
+    start, end = log.start, tuner.net.values()
+    if not start:
+        return []
+    lines: list[str] = []
+    if not tuner.algorithm.tunes:
+        lines.append(f"{tuner.method}: every hyperparameter held at its init value (the baseline)")
+    else:
+        u0, u1 = _units(tuner, start), _units(tuner, end)
+        hyper_steps = log.counters.hyper_steps
+        for i, name in enumerate(space.names):
+            delta = u1[i] - u0[i]
+            what = f"{name}: {start[name]:.4g} -> {end[name]:.4g}"
+            if log.idle and name in log.idle:
+                lines.append(f"{what}: drives nothing (no dropout, augmentation or loss term reads it)")
+                continue
+            if hyper_steps and not log.hypergrad_seen[i]:
+                lines.append(f"{what}: never received a hypergradient in {hyper_steps} hyper steps")
+                continue
+            if abs(delta) < STILL:
+                lines.append(f"{what}: barely moved (under {STILL:.0%} of its range)")
+                continue
+            move = f"moved {'up' if delta > 0 else 'down'} {abs(delta):.0%} of its range"
+            bound = " and ended on its upper bound" if u1[i] > 1 - ON_BOUND else \
+                " and ended on its lower bound" if u1[i] < ON_BOUND else ""
+            lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
+        if hyper_steps == 0:
+            lines.append(f"no hyper step was taken ({tuner.settings.warmup_epochs} warm-up epochs cover the run)")
+    val = [(int(r["epoch"]), r["val_loss"]) for r in log.history if not math.isnan(r["val_loss"])]
+    if val:
+        first, last = val[0], val[-1]
+        best = min(val, key=lambda e: e[1])
+        lines.append(f"validation loss: {first[1]:.4f} after epoch {first[0]} -> {last[1]:.4f} after epoch {last[0]} "
+                     f"(best {best[1]:.4f} after epoch {best[0]})")
+    return lines

@@ -1,0 +1,80 @@
+"""No frozen hyperparameters, idle ones reported, and the end-of-run explanation (issue: "Tuning that
+finds the right direction", items 3 and 7)."""
+
+import warnings
+
+import pytest
+import torch
+
+import selftune as st
+from selftune.errors import SelftuneWarning
+from selftune.explain import explain
+from selftune.models import build
+
+
+def _tuner(digits, space, method="delta-stn", **settings):
+    torch.manual_seed(0)
+    model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[32, 32], dropout=["d0", "d1", None])
+    net = st.hypernetize(model, space, form="stn" if method == "stn" else "delta")
+    base = dict(batch_size=64, lr=0.05, warmup_epochs=1, log_every=5)
+    base.update(settings)
+    return st.SelfTuner(net, digits.train, digits.val, method=method, settings=st.TunerSettings(**base), seed=0)
+
+
+def test_an_init_on_a_bound_is_pulled_inside_with_a_warning_and_then_moves(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.0), st.Float("d1", 0.0, 0.95, init=0.5)])
+    with pytest.warns(SelftuneWarning, match=r"d0 0 -> 0\.019.*on a bound"):
+        tuner = _tuner(digits, space)
+    start = tuner.net.values()["d0"]
+    assert start == pytest.approx(0.019, abs=1e-3) and tuner.net.values()["d1"] == pytest.approx(0.5, abs=1e-4)
+    tuner.fit(6)
+    # From the bound itself it moved by less than 1e-4 in a whole run (the sigmoid is flat there).
+    assert abs(tuner.net.values()["d0"] - start) > 3e-3
+
+
+def test_fixed_training_keeps_an_init_on_its_bound(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.0), st.Float("d1", 0.0, 0.95, init=0.5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        tuner = _tuner(digits, space, method="fixed")
+    assert tuner.net.values()["d0"] < 1e-3
+
+
+def test_a_hyperparameter_that_drives_nothing_is_reported(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.5), st.Float("d1", 0.0, 0.95, init=0.5),
+                      st.Float("unused", 0.0, 1.0, init=0.5)])
+    tuner = _tuner(digits, space)
+    with pytest.warns(SelftuneWarning, match="unused drive"):
+        tuner.fit(3)
+    lines = explain(tuner)
+    assert any(line.startswith("unused:") and "drives nothing" in line for line in lines), lines
+    assert not any(line.startswith("d0:") and "drives nothing" in line for line in lines)
+
+
+def test_the_explanation_says_what_moved_and_how_the_validation_loss_went(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.8), st.Float("d1", 0.0, 0.95, init=0.8)])
+    tuner = _tuner(digits, space, warmup_epochs=0)
+    tuner.fit(8)
+    lines = explain(tuner)
+    assert len(lines) == 3
+    for line, name in zip(lines, ("d0", "d1"), strict=False):
+        assert line.startswith(f"{name}: 0.8 -> ")
+        assert "moved down" in line  # from an over-regularised start, the rates come down
+    assert lines[-1].startswith("validation loss: ") and "after epoch 8" in lines[-1]
+    fixed = _tuner(digits, space, method="fixed")
+    fixed.fit(2)
+    assert explain(fixed)[0].startswith("fixed: every hyperparameter held at its init value")
+
+
+def test_the_cli_prints_warnings_as_one_line(tmp_path, capsys, monkeypatch):
+    from selftune.cli import main
+    from selftune.testing import DIGITS_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(DIGITS_CONFIG), "--set", "epochs=2", "--set", "space.dropout1.init=0.0", "--quiet",
+                 "--store", f"sqlite:///{tmp_path / 's.db'}"])
+    captured = capsys.readouterr()
+    assert code == 0
+    warning_lines = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("selftune: warning: space: dropout1 0 -> ")
+    assert "dropout1: 0 -> " in captured.out or "dropout1: 0.019" in captured.out
