@@ -120,6 +120,8 @@ class RunLog:
     idle: list[str] | None = None
     #: hyperparameter values when the run started (before its first step)
     start: dict[str, float] = field(default_factory=dict)
+    #: how the hyper learning rate was chosen: ``{"lr", "planned_steps", "travel", "rule"}`` (empty: not tuning)
+    hyper_lr: dict[str, Any] = field(default_factory=dict)
     _clock: float | None = None
 
     # -- time ----------------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class RunLog:
         counters["seconds"] = self.seconds
         return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
+                "hyper_lr": dict(self.hyper_lr),
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,6 +187,7 @@ class RunLog:
         self.hypergrad_seen = list(state.get("hypergrad_seen", self.hypergrad_seen))
         self.idle = state.get("idle")
         self.start = dict(state.get("start", {}))
+        self.hyper_lr = dict(state.get("hyper_lr", {}))
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]
         if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time

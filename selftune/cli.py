@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "an existing non-empty folder is refused unless it holds this run's outputs")
     run.add_argument("--overwrite", action="store_true",
                      help="write into a non-empty --out folder, replacing only selftune's own files there")
+    run.add_argument("--compare", metavar="METHOD",
+                     help="also train METHOD (e.g. fixed) from the same config and seed, recorded as its own run in "
+                          "<out>-METHOD, and print both results side by side: did tuning help?")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
                      help="steps between checkpoints (also one at every epoch end; default 100)")
@@ -63,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "them in the store, and write results.json, README.md (table) and "
                                        "loss_vs_compute.png to --out.")
     bench.add_argument("task", nargs="?", help="benchmark task (see docs/cli.md: digits-mlp, adult-mlp, mnist-cnn, "
-                                               "ptb-lstm, ...); with --gpu and no task: every paper-scale task")
+                                               "ptb-lstm, ...) or a config file (.toml); with --gpu and no task: every "
+                                               "paper-scale task")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
                        help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha pbt)")
     bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
@@ -152,20 +156,38 @@ def _run(args: argparse.Namespace) -> int:
     from .algorithms import ALGORITHMS
     from .config import load_config
     from .errors import ConfigError
-    from .runner import RecordedRun, prepare
+    from .outputs import claim_folder
+    from .runner import prepare
 
-    if args.method is not None and args.method not in ALGORITHMS:
-        raise ConfigError("--method", f"unknown method {args.method!r}; choose one of {list(ALGORITHMS)}")
+    for option, method in (("--method", args.method), ("--compare", args.compare)):
+        if method is not None and method not in ALGORITHMS:
+            raise ConfigError(option, f"unknown method {method!r}; choose one of {list(ALGORITHMS)}")
     config = load_config(args.config, args.overrides)
     if args.method is not None or args.seed is not None:
         config = config.derive(method=args.method, seed=args.seed)
+    if args.compare == config.method:
+        raise ConfigError("--compare", f"the run already uses {config.method!r}; compare with another method "
+                                       "(e.g. --compare fixed)")
     prepared = prepare(config)
+    baseline = config.derive(method=args.compare) if args.compare else None
     if args.out is not None:  # refused before the store is opened (or created): nothing written
-        from .outputs import claim_folder
-
         claim_folder(args.out, "", overwrite=args.overwrite)
+        if baseline is not None:
+            claim_folder(f"{args.out}-{args.compare}", "", overwrite=args.overwrite)
     store = _open_store(args.store)
-    run = RecordedRun.start(store, config, out=args.out, checkpoint_root=args.checkpoint_dir,
+    result, out = _recorded_run(args, prepared, store)
+    if baseline is None:
+        return 0
+    other, _ = _recorded_run(args, prepare(baseline), store, out=f"{out}-{args.compare}")
+    _comparison(result, other)
+    return 0
+
+
+def _recorded_run(args: argparse.Namespace, prepared, store, out: str | None = None):
+    from .runner import RecordedRun
+
+    config = prepared.config
+    run = RecordedRun.start(store, config, out=out or args.out, checkpoint_root=args.checkpoint_dir,
                             overwrite=args.overwrite, name=Path(args.config).stem)
     sizes = prepared.splits.sizes()
     print(f"selftune {config.method}: {config.data.name} (train {sizes['train']}, val {sizes['val']}, "
@@ -175,7 +197,21 @@ def _run(args: argparse.Namespace) -> int:
     _summary(result)
     print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, trajectory.csv, epochs.csv, "
           "trajectory.png, losses.png")
-    return 0
+    return result, run.out
+
+
+def _comparison(tuned, baseline) -> None:
+    """Both runs side by side, and what the difference means (one seed is one draw)."""
+    print(f"\ncompared on the same data, model, epochs and seed (runs {tuned.run_id} and {baseline.run_id}):")
+    unit = baseline.compute["examples"] or 1
+    for r in (tuned, baseline):
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.hparams.items())
+        print(f"  {r.method:<10} test loss {r.test['loss']:.4f}  accuracy {r.test['accuracy']:.4f}  "
+              f"{r.compute['examples'] / unit:.2f}x examples  {r.compute['seconds']:.1f} s  ({shown})")
+    change = (tuned.test["loss"] / baseline.test["loss"] - 1) * 100
+    verb = "lowers" if change < 0 else "raises"
+    print(f"  {tuned.method} {verb} the test loss by {abs(change):.1f}% against {baseline.method} on this seed; "
+          "a single seed is one draw: docs/benchmarks/ gives the spread over seeds")
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -278,7 +314,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import GPU_TASKS, TASKS, load_task, run_bench
-    from .bench.harness import claim_bench_folder
+    from .bench.harness import claim_bench_folder, task_name
     from .errors import ConfigError
     from .methods import METHODS, get_method
     from .runner import prepare
@@ -294,16 +330,18 @@ def _bench(args: argparse.Namespace) -> int:
         tasks = list(GPU_TASKS)
         if args.out:
             raise ConfigError("--out", "with several tasks each goes to bench/<task>; drop --out or name one task")
-    elif args.task not in TASKS:
-        raise ConfigError("TASK", f"unknown task {args.task!r}; choose one of {list(TASKS)}")
+    elif args.task not in TASKS and not (args.task.endswith(".toml") and Path(args.task).is_file()):
+        raise ConfigError("TASK", f"unknown task {args.task!r}; choose one of {list(TASKS)} or give a config file "
+                                  "(.toml)")
     else:
         tasks = [args.task]
     methods = args.methods or list(METHODS)
     for m in methods:
         get_method(m)
-    outs = {t: Path(args.out) if args.out else Path("bench") / (t + ("-quick" if args.quick else "")) for t in tasks}
+    outs = {t: Path(args.out) if args.out else Path("bench") / (task_name(t) + ("-quick" if args.quick else ""))
+            for t in tasks}
     for task, out in outs.items():
-        claim_bench_folder(out, task=task, quick=args.quick, overwrite=args.overwrite)
+        claim_bench_folder(out, task=task_name(task), quick=args.quick, overwrite=args.overwrite)
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from .augment import Augment, Cutout, Flip, Noise, Shift
@@ -92,6 +92,20 @@ class FlipConfig(BaseModel):
 AugmentConfig = Annotated[CutoutConfig | NoiseConfig | ShiftConfig | FlipConfig, Field(discriminator="op")]
 
 
+class BenchConfig(BaseModel):
+    """How ``selftune bench`` measures this config (``selftune run`` ignores the table).
+
+    ``starts`` names initial hyperparameter values to run every single-run method from, e.g.
+    ``overfit`` (little regularisation), ``default`` and ``overreg`` (too much): a tuner must find the
+    right direction from each. Names missing from a start keep the space's ``init``. Without starts
+    the space's ``init`` is the one start. Searches and PBT sample the whole space, so they run once
+    per seed whatever the starts.
+    """
+
+    model_config = _STRICT
+    starts: dict[str, dict[str, float | int]] = {}
+
+
 class RunConfig(BaseModel):
     """A whole run: what to train, what to tune, and how."""
 
@@ -106,6 +120,7 @@ class RunConfig(BaseModel):
     tuner: TunerSettings = TunerSettings()
     objective: ObjectiveConfig = ObjectiveConfig()
     augment: list[AugmentConfig] = []
+    bench: BenchConfig = BenchConfig()
 
     @field_validator("method")
     @classmethod
@@ -121,11 +136,30 @@ class RunConfig(BaseModel):
             raise ValueError("declare at least one hyperparameter as a [space.NAME] table")
         return v
 
+    @model_validator(mode="after")
+    def _starts_in_space(self) -> RunConfig:
+        for start, values in self.bench.starts.items():
+            for name, value in values.items():
+                if name not in self.space:
+                    raise ConfigError(f"bench.starts.{start}.{name}", f"is not declared in the space (it has "
+                                                                      f"{list(self.space)})")
+                h = self.space[name]
+                if not h.low <= value <= h.high:
+                    raise ConfigError(f"bench.starts.{start}.{name}", f"{value} is outside the range "
+                                                                      f"[{h.low}, {h.high}] of space.{name}")
+        return self
+
+    def starts(self) -> dict[str, RunConfig]:
+        """The config at each of its benchmark starts (``{"init": self}`` when it declares none)."""
+        if not self.bench.starts:
+            return {"init": self}
+        return {name: self.derive(values=values) for name, values in self.bench.starts.items()}
+
     # -- derived configs: typed edits, validated like a file --------------------------------------
     def derive(self, *, method: str | None = None, seed: int | None = None,
                values: dict[str, float | int] | None = None, epochs: int | None = None,
-               device: str | None = None) -> RunConfig:
-        """A copy with another method, seed, epochs, device, or hyperparameter init ``values``
+               device: str | None = None, train_subset: int | None = None) -> RunConfig:
+        """A copy with another method, seed, epochs, device, training subset, or hyperparameter init ``values``
         (what searches, PBT and the harness train), validated exactly as a config file is.
 
         Raises:
@@ -136,6 +170,8 @@ class RunConfig(BaseModel):
         for key, value in (("method", method), ("seed", seed), ("epochs", epochs), ("device", device)):
             if value is not None:
                 raw[key] = value
+        if train_subset is not None:
+            raw["data"]["train_subset"] = train_subset
         for name, value in (values or {}).items():
             if name not in raw["space"]:
                 raise ConfigError(f"space.{name}", f"is not declared; the space has {list(raw['space'])}")
@@ -198,6 +234,9 @@ class RunConfig(BaseModel):
 
 def _format_validation(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
+    raised = first.get("ctx", {}).get("error")
+    if isinstance(raised, ConfigError):  # a validator that already names its field
+        return raised
     loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union"))]
     # Drop the union-member names pydantic inserts (e.g. 'cutout', 'str', 'float').
     cleaned: list[str] = []

@@ -61,6 +61,11 @@ def explain(tuner: SelfTuner) -> list[str]:
             lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
         if hyper_steps == 0:
             lines.append(f"no hyper step was taken ({tuner.settings.warmup_epochs} warm-up epochs cover the run)")
+        plan = log.hyper_lr
+        if plan.get("rule") == "travel":
+            lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "
+                         f"{plan['planned_steps']} planned hyper steps can move a hyperparameter {plan['travel']:g} "
+                         "units (tuner.hyper_travel)")
     val = [(int(r["epoch"]), r["val_loss"]) for r in log.history if not math.isnan(r["val_loss"])]
     if val:
         first, last = val[0], val[-1]

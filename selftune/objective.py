@@ -60,9 +60,13 @@ class Objective:
         return torch.full((batch,), float(spec), device=like.device, dtype=like.dtype)
 
     def train_loss(self, logits: torch.Tensor, target: torch.Tensor, lookup: Lookup,
-                   decayed: Iterable[torch.Tensor]) -> torch.Tensor:
+                   decayed: Iterable[torch.Tensor] = (), *, norms: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``; sequence outputs
-        ``(B, T, C)`` average over tokens, each token at its example's hyperparameters."""
+        ``(B, T, C)`` average over tokens, each token at its example's hyperparameters.
+
+        Weight decay penalises ``0.5 * mean_i(wd_i * norms_i)`` when ``norms`` (the ``(B,)`` squared
+        norms of each example's effective weights, from :meth:`~selftune.nn.HyperNet.recording_norms`)
+        is given, else ``0.5 * mean(wd) * sum ||p||^2`` over ``decayed``."""
         batch = logits.shape[0]
         tokens = logits[0].numel() // logits.shape[-1]  # predictions per example (1 for classifiers)
         flat_logits, flat_target = flatten_tokens(logits, target)
@@ -72,8 +76,11 @@ class Objective:
             smoothing = self._per_example(self.label_smoothing, lookup, batch, logits)
             loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens))
         if self.weight_decay is not None:
-            wd = self._per_example(self.weight_decay, lookup, batch, logits).detach().mean()
-            loss = loss + 0.5 * wd * sum((p * p).sum() for p in decayed)
+            wd = self._per_example(self.weight_decay, lookup, batch, logits).detach()
+            if norms is not None:
+                loss = loss + 0.5 * (wd * norms).mean()
+            else:
+                loss = loss + 0.5 * wd.mean() * sum((p * p).sum() for p in decayed)
         return loss
 
     @staticmethod

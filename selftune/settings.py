@@ -33,7 +33,16 @@ class TunerSettings(BaseModel):
     grad_clip: PositiveFloat | None = Field(None, description="clip each weight step's gradient to this norm "
                                                                 "(recurrent networks need it); None: no clipping")
     hyper_optimizer: Literal["adam", "rmsprop"] | None = None
-    hyper_lr: PositiveFloat | None = None
+    hyper_lr: PositiveFloat | None = Field(
+        None, description="learning rate of the hyperparameters; None: the algorithm's official default, raised "
+                          "when needed so that the run can move a hyperparameter hyper_travel units (see below)")
+    hyper_travel: float = Field(
+        8.0, ge=0.0,
+        description="with hyper_lr unset and an Adam hyper optimizer (STN's): the distance (unconstrained units; "
+                    "7.8 spans 2%..98% of a range) that a hyperparameter pushed the same way at every hyper step "
+                    "must be able to cover in the run. The hyper learning rate becomes max(default, hyper_travel "
+                    "/ planned hyper steps), so a small data set or a short run (few hyper steps) still lets the "
+                    "rates cross their range; 0 keeps the default")
     scale_lr: PositiveFloat | None = Field(None, description="defaults to hyper_lr")
     init_scale: PositiveFloat = Field(0.5, description="initial perturbation std (unconstrained space)")
     tune_scales: bool = True

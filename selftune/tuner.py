@@ -288,8 +288,9 @@ class SelfTuner:
         for cb in callbacks:
             cb.on_fit_start(self, epochs * self.batches_per_epoch)
         self.net.to(self.device).train()
-        if not self.log.start:
+        if not self.log.start:  # a fresh run (a restored one carries both in its state)
             self.log.start = dict(self.net.values())
+            self._plan_hyper_lr(epochs)
         self.log.start_clock()
         if self._good is None:
             self.snapshot()
@@ -305,6 +306,31 @@ class SelfTuner:
         for cb in callbacks:
             cb.on_fit_end(self)
         return self.result()
+
+    def _plan_hyper_lr(self, epochs: int) -> None:
+        """Scale an Adam hyper learning rate to the run (``settings.hyper_travel``).
+
+        Adam moves a parameter by about its learning rate per step, so ``lr * steps`` bounds how far a
+        hyperparameter can go. Hyper steps come every ``train_steps`` weight steps, so their number
+        follows the data size and the run length: 141 in a 40-epoch run on 1,150 digits, where STN's
+        official 3e-3 allows 0.4 units and STN barely moved (measured: 3% of a range). The floor keeps
+        the official rate wherever it already covers the travel. RMSprop (Delta-STN's default) is left
+        alone: without bias correction its first steps are up to ``1/sqrt(1 - alpha)`` = 10x its rate,
+        so it already crosses a range in such a run, and raising it measured worse (docs/benchmarks)."""
+        if not self.algorithm.tunes or "hyper" not in self.optimizers:
+            return
+        s = self.settings
+        optimizer, default, _ = self.algorithm.hyper_settings()
+        tuning_epochs = max(epochs - s.warmup_epochs, 0)
+        planned = max(1, tuning_epochs * self.batches_per_epoch // s.train_steps * s.val_steps)
+        lr, rule = default, "given" if s.hyper_lr is not None else "default"
+        if s.hyper_lr is None and optimizer == "adam" and s.hyper_travel > 0 and s.hyper_travel / planned > default:
+            lr, rule = s.hyper_travel / planned, "travel"
+            groups = self.optimizers["hyper"].param_groups
+            groups[0]["lr"] = lr
+            if s.scale_lr is None and len(groups) > 1:
+                groups[1]["lr"] = lr
+        self.log.hyper_lr = {"lr": lr, "planned_steps": planned, "travel": s.hyper_travel, "rule": rule}
 
     def _loop(self, epochs: int, callbacks: Sequence[Callback], max_steps: int | None) -> None:
         s, order, log = self.settings, self.order, self.log
@@ -393,11 +419,17 @@ class SelfTuner:
         if self.augment is not None:
             x = self.augment(x, lookup, self.generator)
         net.zero_grad(set_to_none=True)
+        norms = None
         if linearize and u is not None:
+            # The first-order response has no effective weights to decay: the decay sees the general ones.
             logits = net.forward_linearized(x, u, generator=self.generator)
-        else:
+        elif self.objective.weight_decay is None:
             logits = net(x, u, respond=respond, generator=self.generator)
-        loss = self.objective.train_loss(logits, y, lookup, self._decayed)
+        else:
+            with net.recording_norms() as recorded:
+                logits = net(x, u, respond=respond, generator=self.generator)
+            norms = recorded()
+        loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms)
         self._check(loss, "training loss", group)
         loss.backward()
         params = [p for g in self.optimizers[group].param_groups for p in g["params"]]

@@ -17,12 +17,20 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
     url = f"sqlite:///{tmp_path / 'bench.db'}"
     assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--store", url, "--out", "b"]) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert [r["method"] for r in results] == list(METHODS)
+    assert list(dict.fromkeys(r["method"] for r in results)) == list(METHODS)
+    # Single runs start from each of the task's three starts; searches and PBT sample the space once.
+    starts = ["overfit", "default", "overreg"]
+    for m in METHODS:
+        expected = starts if METHODS[m].uses_start else [""]
+        assert [r["start"] for r in results if r["method"] == m] == expected
+    overfit = next(r for r in results if r["method"] == "fixed" and r["start"] == "overfit")
+    assert overfit["start_values"]["dropout1"] == 0.05 and overfit["hparams"]["dropout1"] == pytest.approx(0.05)
+    assert (tmp_path / "b" / "runs" / "delta-stn-overreg-seed0" / "result.json").exists()
     for r in results:
         assert r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["examples"] > 0 and r["seconds"] > 0
     store = RunStore(url)
     runs = store.list_runs()
-    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn", "pbt"])
+    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn"] * 3 + ["pbt"])
     assert all(r.status == "finished" for r in runs)
     # PBT: the best member's lineage is a recorded run with its schedule, and the population was trained.
     pbt_run = next(r for r in runs if r.method == "pbt")
@@ -34,11 +42,13 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
         study = next(s for name, s in summaries.items() if f"-{method}-seed0-" in name)
         assert study.n_trials == 3
     # Equal accounting: one search trial costs what one plain run costs.
-    fixed = next(r for r in results if r["method"] == "fixed")
+    fixed = overfit
     random_search = next(r for r in results if r["method"] == "random")
     assert random_search["examples"] == 3 * fixed["examples"]
     table = (tmp_path / "b" / "README.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS)
+    assert "## From overfit (dropout_in 0, dropout1 0.05" in table and "## Verdict" in table
+    assert "| overreg | delta-stn |" in table
     assert (tmp_path / "b" / "loss_vs_compute.png").stat().st_size > 0
     assert (tmp_path / "b" / "schedules.png").stat().st_size > 0
 
@@ -77,3 +87,37 @@ def test_pbt_perturbations_stay_inside_the_space():
                                     "dropout_fc": 0.5, "cutout_length": 24 * 1.2, "cutout_holes": 0.8 * 1})
     assert values["dropout_in"] == 0.95 and values["dropout_conv1"] == 0.0 and values["dropout_conv2"] == 0.3
     assert values["cutout_length"] == 24 and values["cutout_holes"] == 1 and isinstance(values["cutout_holes"], int)
+
+
+def test_a_config_file_is_a_task_and_its_starts_are_checked(tmp_path, monkeypatch, capsys):
+    """A user's own config runs through `selftune bench FILE`; a start outside the space is one line."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "mine.toml"
+    config.write_text("""epochs = 2
+[data]
+name = "digits"
+[model]
+name = "mlp"
+hidden = [16]
+dropout = ["p", "p"]
+[space.p]
+low = 0.0
+high = 0.9
+init = 0.3
+[bench.starts.low]
+p = 0.05
+[bench.starts.high]
+p = 0.8
+""")
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    assert main(["bench", str(config), "--methods", "delta-stn", "random", "--trials", "2", "--seeds", "1",
+                 "--store", url]) == 0
+    results = json.loads((tmp_path / "bench" / "mine" / "results.json").read_text())
+    assert [(r["method"], r["start"]) for r in results] == [
+        ("fixed", "low"), ("fixed", "high"), ("delta-stn", "low"), ("delta-stn", "high"), ("random", "")]
+    assert {r["start_values"]["p"] for r in results if r["start"]} == {0.05, 0.8}
+    capsys.readouterr()
+    config.write_text(config.read_text().replace("p = 0.8", "p = 0.95"))
+    assert main(["bench", str(config), "--store", url, "--out", "other"]) == 2
+    assert "bench.starts.high.p: 0.95 is outside the range [0.0, 0.9] of space.p" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -44,6 +44,23 @@ def test_fixed_method_from_the_command_line(tmp_path):
     assert result["method"] == "fixed" and result["hparams"]["dropout1"] == pytest.approx(0.6, rel=1e-4)
 
 
+def test_compare_trains_the_baseline_and_prints_both(tmp_path, capsys):
+    """`--compare fixed` answers the newcomer's question (did tuning help?) with a recorded baseline."""
+    out = tmp_path / "tuned"
+    assert main(["run", str(DIGITS), "--set", "epochs=2", "--out", str(out), "--compare", "fixed", "--quiet"]) == 0
+    tuned = json.loads((out / "result.json").read_text())
+    fixed = json.loads((tmp_path / "tuned-fixed" / "result.json").read_text())
+    assert (tuned["method"], fixed["method"]) == ("delta-stn", "fixed")
+    assert fixed["hparams"]["dropout1"] == pytest.approx(0.6, rel=1e-4) and fixed["seed"] == tuned["seed"]
+    printed = capsys.readouterr().out
+    assert f"test loss {tuned['test']['loss']:.4f}" in printed and f"test loss {fixed['test']['loss']:.4f}" in printed
+    assert "against fixed on this seed" in printed
+    assert main(["run", str(DIGITS), "--compare", "delta-stn", "--out", str(tmp_path / "same")]) == 2
+    assert main(["run", str(DIGITS), "--compare", "grid", "--out", str(tmp_path / "bad")]) == 2
+    assert "--compare: unknown method 'grid'" in capsys.readouterr().err
+    assert not (tmp_path / "same").exists() and not (tmp_path / "bad").exists()
+
+
 BAD = {
     "missing epochs": ("epochs = 1\n", "", "epochs"),
     "wrong type": ('epochs = "ten"\n', "", "epochs"),

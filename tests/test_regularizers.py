@@ -74,3 +74,30 @@ def test_weight_decay_term():
     w = torch.ones(2, 2)
     loss = Objective(weight_decay=0.5).train_loss(logits, target, lambda n: None, [w])
     assert torch.allclose(loss, F.cross_entropy(logits, target) + 0.5 * 0.5 * 4)
+
+
+def test_weight_decay_penalises_the_effective_weights_of_each_example():
+    """The per-example norm of a best-response layer is that of W + diag(g_i) W_r, so the response
+    path, not only the general weights, feels the decay."""
+    torch.manual_seed(0)
+    space = st.Space([st.Float("wd", 1e-5, 1e-1, init=1e-3, log=True)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(),
+                                             torch.nn.Linear(48, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)), space)
+    for layer in net.best_response_layers():
+        torch.nn.init.normal_(layer.gate)
+    u, x = net.perturb(7), torch.randn(7, 1, 6, 6)
+    with net.recording_norms() as norms:
+        net(x, u)
+    cond = space.encode(u) - space.encode(net.hparams.detach().unsqueeze(0))
+    expected = torch.zeros(7)
+    for layer in net.best_response_layers():
+        g = (cond @ layer.gate.t())[:, : layer.out_units]
+        for i in range(7):
+            w = layer.weight + g[i].view(-1, *[1] * (layer.weight.dim() - 1)) * layer.response_weight
+            expected[i] += (w * w).sum()
+    assert torch.allclose(norms(), expected, rtol=1e-5)
+    with net.recording_norms() as norms:  # at the current hyperparameters: the plain squared norm
+        net(x)
+    plain = sum((p * p).sum() for p in net.general_parameters() if p.dim() > 1)
+    assert torch.allclose(norms(), plain.expand(7))
+

@@ -142,3 +142,31 @@ def test_linearized_delta_stn_tunes_and_resumes(digits, space3):
     before = tuner.net.hparams.detach().clone()
     tuner.fit(2)
     assert torch.all((tuner.net.hparams.detach() - before).abs() > 1e-4)
+
+
+def test_hyper_learning_rate_follows_the_run_length(digits, space3):
+    """A short run on a small set gets few hyper steps: an Adam rate (STN's) is raised so a hyperparameter
+    can still travel `hyper_travel` units; a long run keeps the official default; a given rate is kept;
+    RMSprop (Delta-STN's, whose first steps are larger than its rate) keeps its default."""
+    short = make_tuner(digits, space3, "stn", warmup_epochs=1)
+    short.fit(3)
+    planned = 2 * short.batches_per_epoch // 5
+    assert short.counters.hyper_steps == planned
+    assert short.log.hyper_lr == {"lr": pytest.approx(8.0 / planned), "planned_steps": planned, "travel": 8.0,
+                                  "rule": "travel"}
+    assert [g["lr"] for g in short.optimizers["hyper"].param_groups] == [pytest.approx(8.0 / planned)] * 2
+    from selftune.explain import explain
+
+    assert any("hyper learning rate" in line for line in explain(short))
+    many = make_tuner(digits, space3, "stn", train_steps=1, val_steps=200)
+    many.fit(2, max_steps=1)
+    assert many.log.hyper_lr["rule"] == "default" and many.optimizers["hyper"].param_groups[0]["lr"] == 3e-3
+    rmsprop = make_tuner(digits, space3, "delta-stn")
+    rmsprop.fit(2, max_steps=1)
+    assert rmsprop.log.hyper_lr["rule"] == "default" and rmsprop.optimizers["hyper"].param_groups[0]["lr"] == 1e-2
+    given = make_tuner(digits, space3, "stn", hyper_lr=1e-3)
+    given.fit(2, max_steps=1)
+    assert given.log.hyper_lr["rule"] == "given" and given.optimizers["hyper"].param_groups[0]["lr"] == 1e-3
+    fixed = make_tuner(digits, space3, "fixed")
+    fixed.fit(1, max_steps=1)
+    assert fixed.log.hyper_lr == {}

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ..algorithms import Fixed
@@ -31,6 +32,8 @@ BENCH_MARKER = ".selftune-bench.json"
 BENCH_FILES = ("results.json", "README.md", "loss_vs_compute.png", "schedules.png")
 #: What --quick changes: a short budget that proves every method runs and is recorded.
 QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
+#: Datasets small enough that --quick keeps all of them.
+SMALL_DATASETS = frozenset({"digits"})
 
 
 def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig:
@@ -40,14 +43,19 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig
     Raises:
         LookupError: an unknown task name.
     """
-    if name not in TASKS:
-        raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)}")
-    overrides = ['device="cuda"'] if gpu else []
+    if name in TASKS:
+        path = TASK_DIR / f"{name}.toml"
+    elif name.endswith(".toml") and Path(name).is_file():
+        path = Path(name)
+    else:
+        raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)} or give a config file (.toml)")
+    config = load_config(path, ['device="cuda"'] if gpu else [])
     if quick:
-        overrides.append(f"epochs={QUICK['epochs']}")
-        if name != "digits-mlp":
-            overrides.append(f"data.train_subset={QUICK['train_subset']}")
-    return load_config(TASK_DIR / f"{name}.toml", overrides)
+        config = config.derive(epochs=min(config.epochs, QUICK["epochs"]))
+        subset = config.data.train_subset
+        if config.data.name not in SMALL_DATASETS and not 0 < subset <= QUICK["train_subset"]:
+            config = config.derive(train_subset=QUICK["train_subset"])
+    return config
 
 
 def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool = False,
@@ -85,7 +93,12 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
     into ``out``; return every result.
 
+    Single-run methods run from each of the task's ``[bench.starts]`` (see
+    :class:`~selftune.config.BenchConfig`); searches and PBT sample the whole space and run once per
+    seed. Every run of a seed uses the same data split.
+
     Args:
+        task: a built-in task name (:data:`TASKS`) or the path of a config file.
         trials: trials of each Optuna search.
         population: members of the PBT population.
         overwrite: allow a non-empty folder that is not a benchmark's (only the benchmark's files are replaced).
@@ -96,33 +109,48 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
     """
     chosen = [get_method(m) for m in dict.fromkeys([Fixed.name, *methods])]  # fixed is the unit of compute
     config = load_task(task, quick=quick, gpu=gpu)
+    name = task_name(task)
+    starts = config.starts() if config.bench.starts else {"": config}
     if quick:
         trials = min(trials, QUICK["trials"])
         population = min(population, QUICK["population"])
-    out = claim_bench_folder(out, task=task, quick=quick, overwrite=overwrite)
+    out = claim_bench_folder(out, task=name, quick=quick, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    (out / BENCH_MARKER).write_text(json.dumps({"task": task, "quick": quick}) + "\n")
-    ctx = Context(store=store, folder=out, label=f"{task}{'-quick' if quick else ''}", trials=trials,
+    (out / BENCH_MARKER).write_text(json.dumps({"task": name, "quick": quick}) + "\n")
+    ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
                   population=population)
     results: list[MethodResult] = []
     for seed in range(seeds):
         for method in chosen:
-            progress(f"[{task}] seed {seed}: {method.name}{method.budget(ctx)}")
-            r = method.run(config, seed, ctx)
-            progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
-                     f"{r.examples} examples, {r.seconds:.1f} s")
-            results.append(r)
+            runs = [(start, cfg, replace(ctx, start=start)) for start, cfg in starts.items()] if method.uses_start \
+                else [("", config, ctx)]
+            for start, cfg, run_ctx in runs:
+                progress(f"[{name}] seed {seed}: {method.name}{f' from {start}' if start else ''}"
+                         f"{method.budget(ctx)}")
+                r = method.run(cfg, seed, run_ctx)
+                progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
+                         f"{r.examples} examples, {r.seconds:.1f} s")
+                results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     scheduled = [m.name for m in chosen if m.schedule]
-    (out / "README.md").write_text(table(task, results, quick, perplexity=config.data.name in CORPORA,
-                                         scheduled=scheduled))
-    plot_compute(task, results, out / "loss_vs_compute.png")
-    schedules = {m: _read_csv(ctx.run_folder(m, 0) / "trajectory.csv") for m in scheduled
-                 if any(r.method == m and r.seed == 0 for r in results)}
+    (out / "README.md").write_text(table(name, results, quick, perplexity=config.data.name in CORPORA,
+                                         scheduled=scheduled, config=config))
+    plot_compute(name, results, out / "loss_vs_compute.png")
+    schedules = {}
+    for m in scheduled:
+        for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
+            if any(r.method == m and r.seed == 0 and r.start == start for r in results):
+                label = f"{m} from {start}" if start else m
+                schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
     if schedules:
-        plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{task}, seed 0",
-                       log={name for name, h in config.space.items() if h.log})
+        plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{name}, seed 0",
+                       log={n for n, h in config.space.items() if h.log})
     return results
+
+
+def task_name(task: str) -> str:
+    """The name a task is reported under: itself, or a config file's stem."""
+    return task if task in TASKS else Path(task).stem
 
 
 def _read_csv(path: Path) -> list[dict[str, float]]:
@@ -130,10 +158,19 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) if v else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _units(results: list[MethodResult]) -> dict[tuple[str, int], tuple[float, float]]:
-    fixed = {r.seed: r for r in results if r.method == Fixed.name}
-    return {(r.method, r.seed): (r.examples / fixed[r.seed].examples, r.seconds / fixed[r.seed].seconds)
-            for r in results}
+def _units(results: list[MethodResult]) -> dict[int, tuple[float, float]]:
+    """Compute in plain runs, by result index: against the fixed run of the same seed and start (the
+    first start's for methods without one)."""
+    fixed: dict[tuple[int, str], MethodResult] = {}
+    for r in results:
+        if r.method == Fixed.name:
+            fixed.setdefault((r.seed, r.start), r)
+            fixed.setdefault((r.seed, ""), r)
+    units = {}
+    for i, r in enumerate(results):
+        unit = fixed[(r.seed, r.start)]
+        units[i] = (r.examples / unit.examples, r.seconds / max(unit.seconds, 1e-9))
+    return units
 
 
 def _mean_sd(values: list[float], digits: int = 4) -> str:
@@ -142,30 +179,98 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], perplexity: bool,
+          label: Callable[[str], str] = str) -> list[str]:
+    lines = []
+    for m in dict.fromkeys(r.method for r in results):
+        idx = [i for i, r in enumerate(results) if r.method == m]
+        rs = [results[i] for i in idx]
+        ex = statistics.mean(units[i][0] for i in idx)
+        sec = statistics.mean(units[i][1] for i in idx)
+        ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
+        lines.append(f"| {label(m)} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
+                     f"{_mean_sd([r.test_accuracy for r in rs])} | {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
+    return lines
+
+
 def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False,
-          scheduled: Sequence[str] = ()) -> str:
+          scheduled: Sequence[str] = (), config: RunConfig | None = None) -> str:
     """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
-    compute in units of one plain run."""
-    units = _units(results)
-    methods = list(dict.fromkeys(r.method for r in results))
+    compute in units of one plain run; one table per start, and a verdict per start when the task
+    declares starts."""
+    units = {id(results[i]): u for i, u in _units(results).items()}
     quality = "test loss | test perplexity | test token accuracy" if perplexity else "test loss | test accuracy"
+    header = [f"| method | {quality} | examples (x plain) | seconds (x plain) | trials / members |",
+              "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
              f"Seeds: {len({r.seed for r in results})}. Compute in units of one plain (fixed) run of the same "
-             "seed; searches count every trial, PBT every member-epoch.", "",
-             f"| method | {quality} | examples (x plain) | seconds (x plain) | trials / members |",
-             "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
-    for m in methods:
-        rs = [r for r in results if r.method == m]
-        ex = statistics.mean(units[(m, r.seed)][0] for r in rs)
-        sec = statistics.mean(units[(m, r.seed)][1] for r in rs)
-        ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
-        lines.append(f"| {m} | {_mean_sd([r.test_loss for r in rs])} | {ppl}{_mean_sd([r.test_accuracy for r in rs])} "
-                     f"| {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
-    scheduled = [m for m in methods if m in scheduled]
+             "seed; searches count every trial, PBT every member-epoch.", ""]
+    starts = list(dict.fromkeys(r.start for r in results if r.start))
+
+    def section(rs: list[MethodResult]) -> list[str]:
+        return header + _rows(rs, {i: units[id(r)] for i, r in enumerate(rs)}, perplexity)
+
+    if not starts:
+        lines += section(results)
+    else:
+        for start in starts:
+            rs = [r for r in results if r.start == start]
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in rs[0].start_values.items())
+            lines += [f"## From {start} ({shown})", "", *section(rs), ""]
+        free = [r for r in results if not r.start]
+        if free:
+            lines += ["## Searches and populations (they sample the whole space: no start)", "", *section(free), ""]
+        if config is not None:
+            lines += verdict(results, config)
+    scheduled = [m for m in dict.fromkeys(r.method for r in results) if m in scheduled]
     if scheduled:
         lines += ["", f"Hyperparameter schedules of {', '.join(scheduled)} (seed 0): [schedules.png](schedules.png); "
-                  "each run's own plots and CSV files are in `runs/<method>-seed<N>/`."]
+                  "each run's own plots and CSV files are in `runs/<method>[-<start>]-seed<N>/`."]
     return "\n".join(lines) + "\n"
+
+
+def unit_moves(result: MethodResult, config: RunConfig) -> dict[str, float]:
+    """How far each hyperparameter moved over a run, as a share of its range in the unit space of its
+    transform (+: up). For regularisers, up means more regularisation."""
+    import torch
+
+    space = config.build_space()
+    start = torch.sigmoid(space.from_dict({k: float(v) for k, v in result.start_values.items()}).double())
+    end = torch.sigmoid(space.from_dict({k: float(v) for k, v in result.hparams.items()}).double())
+    return dict(zip(space.names, (end - start).tolist(), strict=True))
+
+
+def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
+    """Per start and tuning method: cases that beat fixed training at that start, the mean test loss
+    against the best search's, and which way the hyperparameters moved."""
+    fixed = {(r.start, r.seed): r.test_loss for r in results if r.method == Fixed.name}
+    searches = {}
+    for r in results:
+        if not r.start:
+            searches.setdefault(r.method, []).append(r.test_loss)
+    best_search = min(searches, key=lambda m: statistics.mean(searches[m])) if searches else None
+    names = config.build_space().names
+    lines = ["## Verdict", "",
+             f"Against fixed training from the same start and seed, and against the best search"
+             f"{f' ({best_search}, mean {statistics.mean(searches[best_search]):.4f})' if best_search else ''}. "
+             "Moves: mean change of each hyperparameter over the run, as a share of its range in the unit space "
+             "of its transform (+ is up).", "",
+             "| start | method | beats fixed | mean test loss vs fixed | vs best search | moves |",
+             "|---|---|---|---|---|---|"]
+    tuners = [m for m in dict.fromkeys(r.method for r in results if r.start) if m != Fixed.name]
+    for start in dict.fromkeys(r.start for r in results if r.start):
+        for m in tuners:
+            rs = [r for r in results if r.method == m and r.start == start]
+            if not rs:
+                continue
+            wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)
+            mean = statistics.mean(r.test_loss for r in rs)
+            base = statistics.mean(fixed[(start, r.seed)] for r in rs)
+            vs = f"{(mean / statistics.mean(searches[best_search]) - 1) * 100:+.1f}%" if best_search else "-"
+            moves = [unit_moves(r, config) for r in rs]
+            shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
+            lines.append(f"| {start} | {m} | {wins}/{len(rs)} | {mean:.4f} vs {base:.4f} | {vs} | {shown} |")
+    return lines
 
 
 def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:

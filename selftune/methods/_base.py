@@ -27,6 +27,9 @@ class MethodResult:
         run_id: store id of the run (single-run methods and PBT's best member).
         study: Optuna study name (searches), in the same database as the store.
         curve: ``(examples so far, best test loss so far)`` after each trial, for compute plots.
+        start: the named benchmark start the run began from (``""``: the method samples the whole
+            space, so it has no start).
+        start_values: the hyperparameters it began from.
     """
 
     method: str
@@ -41,6 +44,8 @@ class MethodResult:
     run_id: int | None = None
     study: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    start: str = ""
+    start_values: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +61,7 @@ class Context:
         label: names this task and budget (study names, Ray experiment names), e.g. ``digits-mlp-quick``.
         trials: trials of a search.
         population: members of a population method.
+        start: name of the benchmark start being run (part of each run's folder name), or ``""``.
     """
 
     store: RunStore
@@ -63,9 +69,11 @@ class Context:
     label: str
     trials: int = 20
     population: int = 8
+    start: str = ""
 
     def run_folder(self, method: str, seed: int) -> Path:
-        return self.folder / "runs" / f"{method}-seed{seed}"
+        start = f"{self.start}-" if self.start else ""
+        return self.folder / "runs" / f"{method}-{start}seed{seed}"
 
 
 class Method(ABC):
@@ -75,6 +83,9 @@ class Method(ABC):
         name: registry key (``selftune bench --methods NAME``).
         schedule: its result carries a hyperparameter schedule worth plotting beside the others'.
     """
+
+    #: The result depends on the space's init values (single runs); searches and PBT sample the space.
+    uses_start: bool = False
 
     def __init__(self, name: str, *, schedule: bool = False) -> None:
         self.name, self.schedule = name, schedule

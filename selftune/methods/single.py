@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 class SingleRun(Method):
     """Train once with the in-loop algorithm ``algorithm`` (a key of :data:`selftune.algorithms.ALGORITHMS`)."""
 
+    uses_start = True
+
     def __init__(self, algorithm: str) -> None:
         self.algorithm = ALGORITHMS[algorithm]
         super().__init__(self.algorithm.name, schedule=self.algorithm.tunes)
@@ -27,4 +29,5 @@ class SingleRun(Method):
         examples = int(r.compute["examples"])
         return MethodResult(method=self.name, seed=seed, test_loss=r.test["loss"], test_accuracy=r.test["accuracy"],
                             val_loss=r.val["loss"], hparams=r.hparams, examples=examples,
-                            seconds=r.compute["seconds"], run_id=r.run_id, curve=[(examples, r.test["loss"])])
+                            seconds=r.compute["seconds"], run_id=r.run_id, curve=[(examples, r.test["loss"])],
+                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()})

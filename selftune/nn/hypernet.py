@@ -7,7 +7,8 @@ evaluates at the tuned hyperparameters and ``net.state_dict()`` carries them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,33 @@ class HyperNet(nn.Module):
                 out = self.model(x)
             primal, tangent = fwad.unpack_dual(out)
         return primal if tangent is None else primal + tangent
+
+    @contextmanager
+    def recording_norms(self) -> Iterator[Callable[[], torch.Tensor]]:
+        """Record, for the forward passes inside the block, the per-example squared norm of the weights
+        that weight decay penalises; yields a function returning that ``(B,)`` norm of the last pass.
+
+        Best-response layers report the norm of their *effective* weights at each example's
+        hyperparameters (general plus response path), so weight decay acts on what the layer applies
+        and a decay rate reaches the validation loss through the response. Every other weight matrix
+        or kernel of the model (biases and other vectors excluded) adds its plain squared norm.
+        """
+        decayed = [p for p in self.general_parameters() if p.dim() > 1]
+        state = self._state
+        state.norms = {}
+        recorded = state.norms
+
+        def norms() -> torch.Tensor:
+            covered = {id(p) for params, _ in recorded.values() for p in params}
+            zero = torch.zeros((), device=self.hparams.device)
+            plain = sum(((p * p).sum() for p in decayed if id(p) not in covered), zero)
+            per_example = [n for _, n in recorded.values()]
+            return plain + (torch.stack(per_example).sum(0) if per_example else plain.new_zeros(1))
+
+        try:
+            yield norms
+        finally:
+            state.norms = None
 
     # -- hyperparameters ------------------------------------------------------------------------
     @property

@@ -45,6 +45,23 @@ class BestResponseModule(HyperModule):
         return state.cond if state is not None else None
 
 
+def _effective_sq_norm(rows: torch.Tensor, response_rows: torch.Tensor, g: torch.Tensor | None,
+                       batch: int) -> torch.Tensor:
+    """Per-example ``||W + diag(g_i) R||^2`` for unit rows ``W``, ``R`` ``(U, k)`` and gates ``g`` ``(B, U)``,
+    without building the ``B`` effective matrices: ``sum_j |W_j|^2 + 2 g_ij <W_j, R_j> + g_ij^2 |R_j|^2``.
+
+    Weight decay penalises the weights a layer actually applies. With the response path included, the
+    response learns how the weights shrink when the decay grows, which is the only route by which a
+    decay rate reaches the validation loss (a penalty on the general weights alone is constant for the
+    response step, and the decay would receive no hypergradient)."""
+    plain = (rows * rows).sum()
+    if g is None:
+        return plain.expand(batch)
+    cross = (rows * response_rows).sum(1)
+    own = (response_rows * response_rows).sum(1)
+    return plain + 2 * (g @ cross) + (g * g) @ own
+
+
 def _check_form(form: str) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} (got {form!r})")
@@ -81,6 +98,20 @@ class _BestResponse(BestResponseModule):
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _unit_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as one row per output unit (the unit a gate multiplies)."""
+        return weight.flatten(1)
+
+    def _record_norm(self, g_w: torch.Tensor | None) -> None:
+        state = self._hyper_state
+        if state is None or state.norms is None or state.values is None:
+            return
+        rows = self._unit_rows(self.weight)
+        if self.scale is not None:
+            rows = rows * self.scale
+        state.record_norm(self, [self.weight], _effective_sq_norm(rows, self._unit_rows(self.response_weight), g_w,
+                                                                  state.values.shape[0]))
+
     def general_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
@@ -93,9 +124,11 @@ class _BestResponse(BestResponseModule):
             y = y * self.scale
         cond = self._cond()
         if cond is None:
+            self._record_norm(None)
             return y
         gates = F.linear(cond, self.gate)
         g_w, g_b = gates[:, : self.out_units], gates[:, self.out_units:]
+        self._record_norm(g_w)
         response = self._unit_view(g_w, y) * self._op(x, self.response_weight, None)
         if self.response_bias is not None:
             response = response + self._unit_view(g_b * self.response_bias, y)
@@ -192,6 +225,9 @@ class BestResponseEmbedding(_BestResponse):
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.embedding(x, weight, self.padding_idx)
 
+    def _unit_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # a gate scales one embedding dimension across the vocabulary
+
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return g.view(g.shape[0], *([1] * (like.dim() - 2)), g.shape[1])
 
@@ -259,6 +295,7 @@ class BestResponseLSTM(BestResponseModule):
             zeros = x.new_zeros(1, batch, self.hidden_size)
             hx = (zeros, zeros)
         cond = self._cond()
+        self._record_norm(cond)
         if cond is None and self.scale is None:
             weights = [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
                        if p is not None]
@@ -266,6 +303,21 @@ class BestResponseLSTM(BestResponseModule):
         else:
             out, h, c = self._unrolled(x, hx, cond)
         return (out if self.batch_first else out.transpose(0, 1)), (h, c)
+
+    def _record_norm(self, cond: torch.Tensor | None) -> None:
+        state = self._hyper_state
+        if state is None or state.norms is None or state.values is None:
+            return
+        batch, units = state.values.shape[0], 4 * self.hidden_size
+        g_ih = g_hh = None
+        if cond is not None:
+            g_ih, g_hh, _ = F.linear(cond, self.gate).split(units, dim=1)
+        w_ih, w_hh = self.weight_ih_l0, self.weight_hh_l0
+        if self.scale is not None:
+            w_ih, w_hh = w_ih * self.scale, w_hh * self.scale
+        norm = (_effective_sq_norm(w_ih, self.response_weight_ih, g_ih, batch)
+                + _effective_sq_norm(w_hh, self.response_weight_hh, g_hh, batch))
+        state.record_norm(self, [self.weight_ih_l0, self.weight_hh_l0], norm)
 
     def _unrolled(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

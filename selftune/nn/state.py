@@ -29,6 +29,9 @@ class HyperState:
         generator: random source for dropout masks (the tuner's, so runs are reproducible).
         read: names of the hyperparameters some module has read (a declared one that is never read
             drives nothing in the model).
+        norms: while :meth:`~selftune.nn.HyperNet.recording_norms` is active, each best-response layer
+            stores here the per-example squared norm of its *effective* weights (general plus
+            response), keyed by the layer, with the weights that norm covers.
     """
 
     space: Space
@@ -37,6 +40,13 @@ class HyperState:
     generator: torch.Generator | None = None
     _active: bool = field(default=False, repr=False)
     read: set[str] = field(default_factory=set, repr=False)
+    norms: dict[int, tuple[list[torch.nn.Parameter], torch.Tensor]] | None = field(default=None, repr=False)
+
+    def record_norm(self, module: torch.nn.Module, covered: list[torch.nn.Parameter], norm: torch.Tensor) -> None:
+        """Store ``module``'s ``(B,)`` squared effective-weight norm if norms are being recorded (a
+        layer called twice in one pass, like a tied embedding, is counted once)."""
+        if self.norms is not None:
+            self.norms[id(module)] = (covered, norm)
 
     @contextmanager
     def bind(self, values: torch.Tensor, cond: torch.Tensor | None,
