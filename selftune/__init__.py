@@ -1,13 +1,48 @@
-"""selftune: tune a network's hyperparameters inside the one run that trains it (STN, Delta-STN)."""
+"""selftune: tune a network's hyperparameters inside the one run that trains it (STN, Delta-STN).
 
-from .augment import Augment, Cutout, Flip, Noise, Shift
-from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
-from .objective import Objective
-from .settings import TunerSettings
-from .space import Float, Int, Space
-from .tuner import Callback, FitResult, SelfTuner, evaluate
+The public names below are imported on first use (PEP 562), so ``import selftune`` and the command
+line's ``selftune --help`` start without importing PyTorch; ``selftune.hypernetize`` and the rest load
+it when first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: public name -> submodule that defines it
+_EXPORTS = {
+    "Augment": "augment", "Cutout": "augment", "Flip": "augment", "Noise": "augment", "Shift": "augment",
+    "Dropout": "nn", "EmbeddingDropout": "nn", "HyperNet": "nn", "hypernetize": "nn",
+    "Objective": "objective",
+    "TunerSettings": "settings",
+    "Float": "space", "Int": "space", "Space": "space",
+    "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner",
+}
+
 __all__ = ["Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip", "Float", "HyperNet",
            "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "TunerSettings", "evaluate", "hypernetize"]
+assert sorted(__all__) == sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .augment import Augment, Cutout, Flip, Noise, Shift
+    from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
+    from .objective import Objective
+    from .settings import TunerSettings
+    from .space import Float, Int, Space
+    from .tuner import Callback, FitResult, SelfTuner, evaluate
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'selftune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

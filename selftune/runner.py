@@ -68,7 +68,8 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
         if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
             raise ConfigError("model.dropout", f"{module.name!r} is not declared; add a [space.{module.name}] table")
     form = get_algorithm(config.method).form or "delta"
-    return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale)
+    return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale,
+                       encoding=config.tuner.encoding)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -164,6 +165,23 @@ def _stop_on_signals() -> Iterator[_Signals]:
             signal.signal(s, handler)
 
 
+def recorded_meaning(raw: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config, with the defaults it was recorded under made explicit.
+
+    Records are full dumps, so a key missing from one marks a run recorded before that setting
+    existed. Runs recorded before ``tuner.encoding`` fed their gates the ``"mip"`` encoding and trained
+    their response at ``lr`` (``response_lr = None`` meant ``lr`` then): a resume must rebuild that net,
+    not today's default, or its checkpoint would not load and its rates would change mid-run.
+    """
+    tuner = raw.get("tuner")
+    if not isinstance(tuner, dict) or "encoding" in tuner:
+        return raw
+    tuner = {**tuner, "encoding": "mip"}
+    if tuner.get("response_lr") is None and "lr" in tuner:
+        tuner["response_lr"] = tuner["lr"]
+    return {**raw, "tuner": tuner}
+
+
 class RecordedRun:
     """One run of a store, driven by this process: its row (held under a lease), its checkpoint
     folder (named by the run's UUID, unique across stores) and its output folder.
@@ -220,7 +238,7 @@ class RecordedRun:
         try:
             # The folder must still be this run's (or gone/empty): a resume never takes another's.
             claim_folder(run.out, run.uuid, option=f"run {run_id}'s output folder")
-            config = parse_config(info.config)
+            config = parse_config(recorded_meaning(info.config))
         except ConfigError as err:
             run._record(store.interrupt, f"resume refused: {err}")
             raise ResumeError(f"run {run_id}: its recorded config no longer validates here ({err})") from None

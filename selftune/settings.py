@@ -26,9 +26,9 @@ class TunerSettings(BaseModel):
     lr: PositiveFloat = 0.01
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     response_lr: PositiveFloat | None = Field(
-        None, description="learning rate of the response weights (W_r, b_r, V); None: lr. STN trains them in the "
-                          "same step as the network, and a recurrent net's plain rate (20 for an SGD LSTM) "
-                          "swamps its gates")
+        None, description="learning rate of the response weights (W_r, b_r, V); None: min(lr, 0.01), the official "
+                          "code's rate: a response is the product of two trained factors (gates and response "
+                          "weights), which blows up at rates the plain weights take well")
     weight_decay: float = Field(0.0, ge=0.0, description="fixed (untuned) decay of the weight optimizer")
     grad_clip: PositiveFloat | None = Field(None, description="clip each weight step's gradient to this norm "
                                                                 "(recurrent networks need it); None: no clipping")
@@ -45,6 +45,10 @@ class TunerSettings(BaseModel):
                     "rates cross their range; 0 keeps the default")
     scale_lr: PositiveFloat | None = Field(None, description="defaults to hyper_lr")
     init_scale: PositiveFloat = Field(0.5, description="initial perturbation std (unconstrained space)")
+    encoding: Literal["logit", "mip"] = Field(
+        "logit", description="what the best-response gates see of the hyperparameters: the unconstrained value "
+                             "(logit, as the official STN code) or MIP's bounded cos/sin map, whose slope near a "
+                             "bound is ~100x smaller and keeps small rates from rising")
     tune_scales: bool = True
     entropy_weight: float = Field(1e-3, ge=0.0)
     warmup_epochs: int = Field(1, ge=0)

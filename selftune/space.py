@@ -14,8 +14,17 @@ space). Integers use the continuous range ``[low - 0.5, high + 0.5]`` so that ro
 integer an equally wide cell; they are rounded only where applied to data (:meth:`Space.discretize`),
 while the best-response layers see the continuous value.
 
-The encoding fed to best-response gates is MIP's constant-norm map ``[cos(pi g / 2), sin(pi g / 2)]``
-(Ortiz et al. 2023): a raw logit input would make the response grow with ``|u|``.
+Two encodings feed the best-response gates (:data:`ENCODINGS`):
+
+* ``"logit"`` (default): the unconstrained value ``u`` itself, as the official STN and Delta-STN code
+  feed it. Its slope is 1 everywhere, so a hyperparameter near a bound (a dropout of 0.05) gets as
+  strong a hypergradient as one in the middle of its range, and Delta-STN's centred input
+  ``u - lambda`` is exactly the perturbation.
+* ``"mip"``: MIP's constant-norm map ``[cos(pi g / 2), sin(pi g / 2)]`` (Ortiz et al. 2023), bounded
+  whatever ``u`` is. Its slope ``(pi / 2) g (1 - g)`` is 0.075 at ``g = 0.05``, against 0.39 in the
+  middle: near a bound it shrinks the hypergradient ~13x relative to the middle and ~100x relative
+  to the logit input's, which measurably kept rates from leaving small values
+  (docs/benchmarks/official-delta-stn).
 """
 
 from __future__ import annotations
@@ -24,10 +33,14 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["Float", "Hyperparameter", "Int", "Space"]
+__all__ = ["ENCODINGS", "Encoding", "Float", "Hyperparameter", "Int", "Space"]
+
+Encoding = Literal["logit", "mip"]
+ENCODINGS: tuple[str, ...] = ("logit", "mip")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keeps the unit value away from 0 and 1 so the inverse transform stays finite for an init on a bound.
@@ -178,10 +191,12 @@ class Space:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
-    @property
-    def encoding_size(self) -> int:
-        """Width of :meth:`encode`'s output: two features per hyperparameter."""
-        return 2 * len(self.params)
+    def encoding_width(self, kind: Encoding = "logit") -> int:
+        """Width of :meth:`encode`'s output for ``kind``: one feature per hyperparameter for
+        ``"logit"``, two for ``"mip"``."""
+        if kind not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS} (got {kind!r})")
+        return (2 if kind == "mip" else 1) * len(self.params)
 
     def index(self, name: str) -> int:
         """Position of ``name`` in the last dimension of every tensor of this space.
@@ -220,8 +235,13 @@ class Space:
         g = ((v - lo) / width).clamp(_UNIT_EPS, 1 - _UNIT_EPS)
         return torch.logit(g)
 
-    def encode(self, u: torch.Tensor) -> torch.Tensor:
-        """Constant-norm gate input ``(..., 2H)`` for unconstrained ``u`` ``(..., H)``."""
+    def encode(self, u: torch.Tensor, kind: Encoding = "logit") -> torch.Tensor:
+        """Gate input for unconstrained ``u`` ``(..., H)``: ``u`` itself (``"logit"``) or the
+        constant-norm ``(..., 2H)`` map (``"mip"``); see the module docstring for the trade-off."""
+        if kind == "logit":
+            return u
+        if kind != "mip":
+            raise ValueError(f"encoding must be one of {ENCODINGS} (got {kind!r})")
         angle = (math.pi / 2) * torch.sigmoid(u)
         return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
 

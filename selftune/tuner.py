@@ -76,6 +76,13 @@ def evaluate(net: HyperNet, data: DataLike, batch_size: int = 512,
     return total_loss / count, correct / count
 
 
+#: what to change when a group of parameters keeps diverging (the one-line error names it)
+_DIVERGENCE_FIX = {
+    "hyper": "lower tuner.hyper_lr",
+    "weights": "lower tuner.lr (tuner.response_lr for the best-response weights) or set tuner.grad_clip",
+}
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss, gradient or hyperparameter; ``group`` is the optimizer to blame
     (``"hyper"`` or a weight group)."""
@@ -375,7 +382,8 @@ class SelfTuner:
         if self.log.divergences >= self.settings.max_divergences:
             raise DivergenceError(
                 f"run diverged {self.log.divergences + 1} times (last: {div}); the last good state is at step "
-                f"{self._good['log']['counters']['steps']}; lower tuner.lr / tuner.hyper_lr") from div
+                f"{self._good['log']['counters']['steps']}; "
+                f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
         count, seconds = self.log.divergences + 1, self.log.seconds
         self.load_state_dict(self._good)
         self.log.divergences = count

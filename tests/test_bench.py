@@ -121,3 +121,36 @@ p = 0.8
     assert main(["bench", str(config), "--store", url, "--out", "other"]) == 2
     assert "bench.starts.high.p: 0.95 is outside the range [0.0, 0.9] of space.p" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_diverging_tuner_is_a_recorded_loss_not_the_end_of_the_benchmark(tmp_path, monkeypatch, capsys):
+    """A response learning rate of 1e6 makes delta-stn diverge (fixed training never uses it): the
+    benchmark goes on, and the table counts the diverged run as a loss against fixed training."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "wild.toml"
+    config.write_text("""epochs = 2
+[data]
+name = "digits"
+[model]
+name = "mlp"
+hidden = [16]
+dropout = ["p", "p"]
+[space.p]
+low = 0.0
+high = 0.9
+init = 0.3
+[tuner]
+response_lr = 1e6
+max_divergences = 0
+[bench.starts.low]
+p = 0.05
+""")
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    assert main(["bench", str(config), "--methods", "delta-stn", "--seeds", "2", "--store", url, "--out", "b"]) == 0
+    assert "FAILED: run diverged" in capsys.readouterr().out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [(r["method"], r["seed"], bool(r["failed"])) for r in results] == [
+        ("fixed", 0, False), ("delta-stn", 0, True), ("fixed", 1, False), ("delta-stn", 1, True)]
+    table = (tmp_path / "b" / "README.md").read_text()
+    assert "| delta-stn (2 of 2 diverged) |" in table
+    assert "| low | delta-stn | 0/2 (2 diverged) |" in table

@@ -148,3 +148,14 @@ def test_bad_store_urls_are_one_line_errors_without_secrets(tmp_path, capsys):
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
         assert "s3cret" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_starts_without_importing_torch():
+    """`selftune --help` (and `import selftune`) must not pay for PyTorch, Optuna or Ray."""
+    code = ("import sys\nfrom selftune.cli import main\n"
+            "for args in (['--help'], ['run', '--help'], ['bench', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'optuna', 'ray', 'sklearn', 'numpy'})\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out

@@ -88,7 +88,7 @@ def test_weight_decay_penalises_the_effective_weights_of_each_example():
     u, x = net.perturb(7), torch.randn(7, 1, 6, 6)
     with net.recording_norms() as norms:
         net(x, u)
-    cond = space.encode(u) - space.encode(net.hparams.detach().unsqueeze(0))
+    cond = net.encode(u) - net.encode(net.hparams.detach().unsqueeze(0))
     expected = torch.zeros(7)
     for layer in net.best_response_layers():
         g = (cond @ layer.gate.t())[:, : layer.out_units]

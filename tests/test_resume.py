@@ -121,3 +121,24 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("method, seed", [("delta-stn", 1), ("stn", 2), ("fixed", 3), ("delta-stn", 4), ("stn", 5)])
 def test_many_sigkills_and_resumes(tmp_path, method, seed):
     assert len(check_kills(tmp_path, method, seed, kills=6, rng=random.Random(seed))) == 6
+
+
+def test_a_run_recorded_before_encodings_resumes_with_the_net_it_was_recorded_with():
+    """Records are full dumps: one without ``tuner.encoding`` came from before the setting and used the
+    MIP gates with the response at ``lr``; its resume rebuilds exactly that, whatever today's defaults."""
+    from selftune.config import parse_config
+    from selftune.runner import prepare, recorded_meaning
+    from selftune.testing import digits_config
+
+    raw = digits_config().model_dump(mode="json")
+    today = prepare(parse_config(recorded_meaning(raw))).tuner
+    del raw["tuner"]["encoding"]
+    old = prepare(parse_config(recorded_meaning(raw))).tuner
+    h = len(old.net.space)
+    assert (today.net.encoding, old.net.encoding) == ("logit", "mip")
+    gates = [m.gate.shape[1] for m in old.net.best_response_layers()]
+    assert gates and all(w == 2 * h for w in gates)
+    assert all(m.gate.shape[1] == h for m in today.net.best_response_layers())
+    lr = raw["tuner"]["lr"]
+    assert old.optimizers["response"].param_groups[0]["lr"] == lr
+    assert today.optimizers["response"].param_groups[0]["lr"] == min(lr, 0.01)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..algorithms import Fixed
 from ..config import RunConfig, load_config
 from ..data import CORPORA
-from ..errors import OutputError
+from ..errors import DivergenceError, OutputError
 from ..methods import METHODS, Context, MethodResult, get_method
 from ..report.plots import plot_schedules
 from ..store import RunStore
@@ -127,9 +127,18 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
             for start, cfg, run_ctx in runs:
                 progress(f"[{name}] seed {seed}: {method.name}{f' from {start}' if start else ''}"
                          f"{method.budget(ctx)}")
-                r = method.run(cfg, seed, run_ctx)
-                progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
-                         f"{r.examples} examples, {r.seconds:.1f} s")
+                try:
+                    r = method.run(cfg, seed, run_ctx)
+                except DivergenceError as err:
+                    # A tuner that diverges is a result (a loss against fixed training), not a reason to
+                    # throw away the rest of the benchmark.
+                    r = MethodResult(method=method.name, seed=seed, test_loss=math.nan, test_accuracy=math.nan,
+                                     val_loss=math.nan, hparams={}, examples=0, seconds=0.0, start=start,
+                                     start_values={n: h.init for n, h in cfg.space.items()}, failed=str(err))
+                    progress(f"    FAILED: {err}")
+                else:
+                    progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
+                             f"{r.examples} examples, {r.seconds:.1f} s")
                 results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     scheduled = [m.name for m in chosen if m.schedule]
@@ -139,7 +148,7 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
     schedules = {}
     for m in scheduled:
         for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
-            if any(r.method == m and r.seed == 0 and r.start == start for r in results):
+            if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results):
                 label = f"{m} from {start}" if start else m
                 schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
     if schedules:
@@ -168,6 +177,8 @@ def _units(results: list[MethodResult]) -> dict[int, tuple[float, float]]:
             fixed.setdefault((r.seed, ""), r)
     units = {}
     for i, r in enumerate(results):
+        if r.failed:
+            continue
         unit = fixed[(r.seed, r.start)]
         units[i] = (r.examples / unit.examples, r.seconds / max(unit.seconds, 1e-9))
     return units
@@ -183,12 +194,18 @@ def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], pe
           label: Callable[[str], str] = str) -> list[str]:
     lines = []
     for m in dict.fromkeys(r.method for r in results):
-        idx = [i for i, r in enumerate(results) if r.method == m]
+        every = [i for i, r in enumerate(results) if r.method == m]
+        idx = [i for i in every if not results[i].failed]
+        failed = len(every) - len(idx)
+        name = label(m) + (f" ({failed} of {len(every)} diverged)" if failed else "")
+        if not idx:
+            lines.append(f"| {name} | - | {'- | ' if perplexity else ''}- | - | - | - |")
+            continue
         rs = [results[i] for i in idx]
         ex = statistics.mean(units[i][0] for i in idx)
         sec = statistics.mean(units[i][1] for i in idx)
         ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
-        lines.append(f"| {label(m)} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
+        lines.append(f"| {name} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
                      f"{_mean_sd([r.test_accuracy for r in rs])} | {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
     return lines
 
@@ -208,7 +225,7 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
     starts = list(dict.fromkeys(r.start for r in results if r.start))
 
     def section(rs: list[MethodResult]) -> list[str]:
-        return header + _rows(rs, {i: units[id(r)] for i, r in enumerate(rs)}, perplexity)
+        return header + _rows(rs, {i: units[id(r)] for i, r in enumerate(rs) if id(r) in units}, perplexity)
 
     if not starts:
         lines += section(results)
@@ -260,16 +277,20 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
     tuners = [m for m in dict.fromkeys(r.method for r in results if r.start) if m != Fixed.name]
     for start in dict.fromkeys(r.start for r in results if r.start):
         for m in tuners:
-            rs = [r for r in results if r.method == m and r.start == start]
+            every = [r for r in results if r.method == m and r.start == start]
+            rs = [r for r in every if not r.failed]
+            failed = f" ({len(every) - len(rs)} diverged)" if len(rs) < len(every) else ""
             if not rs:
+                if every:
+                    lines.append(f"| {start} | {m} | 0/{len(every)}{failed} | - | - | - |")
                 continue
-            wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)
+            wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
             mean = statistics.mean(r.test_loss for r in rs)
             base = statistics.mean(fixed[(start, r.seed)] for r in rs)
             vs = f"{(mean / statistics.mean(searches[best_search]) - 1) * 100:+.1f}%" if best_search else "-"
             moves = [unit_moves(r, config) for r in rs]
             shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
-            lines.append(f"| {start} | {m} | {wins}/{len(rs)} | {mean:.4f} vs {base:.4f} | {vs} | {shown} |")
+            lines.append(f"| {start} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {base:.4f} | {vs} | {shown} |")
     return lines
 
 
@@ -284,6 +305,8 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
     for r in results:
+        if r.failed:
+            continue
         color = colors.setdefault(r.method, f"C{len(colors)}")
         xs = [c[0] / fixed[r.seed] for c in r.curve]
         ys = [c[1] for c in r.curve]

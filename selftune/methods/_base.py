@@ -30,6 +30,8 @@ class MethodResult:
         start: the named benchmark start the run began from (``""``: the method samples the whole
             space, so it has no start).
         start_values: the hyperparameters it began from.
+        failed: why the run failed (a divergence past ``max_divergences``); ``""`` when it finished.
+            A failed run has no model: its losses are NaN and benchmark tables count it apart.
     """
 
     method: str
@@ -46,6 +48,7 @@ class MethodResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     start: str = ""
     start_values: dict[str, Any] = field(default_factory=dict)
+    failed: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..space import Space
+from ..space import ENCODINGS, Encoding, Space
 from .layers import (
     FORMS,
     BestResponseConv2d,
@@ -43,12 +43,17 @@ class HyperNet(nn.Module):
         form: ``"stn"`` or ``"delta"``.
         hparams: ``(H,)`` unconstrained hyperparameters (``lambda``).
         scale_raw: ``(H,)`` perturbation scales before softplus (``sigma = softplus(scale_raw)``).
+        encoding: what the gates see of the hyperparameters (:data:`selftune.space.ENCODINGS`).
     """
 
-    def __init__(self, model: nn.Module, space: Space, form: Form = "delta", init_scale: float = 0.5) -> None:
+    def __init__(self, model: nn.Module, space: Space, form: Form = "delta", init_scale: float = 0.5,
+                 encoding: Encoding = "logit") -> None:
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS} (got {form!r})")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS} (got {encoding!r})")
+        self.encoding: Encoding = encoding
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0 (got {init_scale})")
         self.model = model
@@ -81,11 +86,11 @@ class HyperNet(nn.Module):
         cond: torch.Tensor | None = None
         if respond:
             if self.form == "stn":
-                cond = self.space.encode(u)
+                cond = self.encode(u)
             elif not at_centre:
                 # Delta-STN is centred: at the current hyperparameters the response is exactly 0,
                 # so the response path is skipped there and such a step costs a plain step.
-                cond = self.space.encode(u) - self.space.encode(centre.detach())
+                cond = self.encode(u) - self.encode(centre.detach())
         with self._state.bind(values, cond, generator):
             return self.model(x)
 
@@ -105,7 +110,7 @@ class HyperNet(nn.Module):
         import torch.autograd.forward_ad as fwad
 
         values = self.space.discretize(self.space.to_constrained(u))
-        delta = self.space.encode(u) - self.space.encode(self.hparams.detach().unsqueeze(0))
+        delta = self.encode(u) - self.encode(self.hparams.detach().unsqueeze(0))
         with fwad.dual_level():
             cond = fwad.make_dual(torch.zeros_like(delta), delta)
             with self._state.bind(values, cond, generator):
@@ -141,6 +146,10 @@ class HyperNet(nn.Module):
             state.norms = None
 
     # -- hyperparameters ------------------------------------------------------------------------
+    def encode(self, u: torch.Tensor) -> torch.Tensor:
+        """What the gates see of unconstrained hyperparameters ``u`` (this net's encoding)."""
+        return self.space.encode(u, self.encoding)
+
     @property
     def scale(self) -> torch.Tensor:
         """``(H,)`` perturbation standard deviations in unconstrained space."""
@@ -230,7 +239,8 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
 
 
 def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
-                modules: Iterable[str] | None = None, init_scale: float = 0.5) -> HyperNet:
+                modules: Iterable[str] | None = None, init_scale: float = 0.5,
+                encoding: Encoding = "logit") -> HyperNet:
     """Make ``model`` a best-response network for ``space``.
 
     Every ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and one-layer ``nn.LSTM`` (or only those named
@@ -245,6 +255,9 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         modules: qualified names (as in ``model.named_modules()``) of the layers to convert;
             ``None`` converts every Linear and Conv2d.
         init_scale: initial perturbation scale ``sigma`` (unconstrained space).
+        encoding: what the gates see of the hyperparameters: ``"logit"`` (the unconstrained value,
+            as the official code; default) or ``"mip"`` (a bounded cos/sin map whose slope vanishes
+            near a bound); see :mod:`selftune.space`.
 
     Returns:
         The :class:`HyperNet` wrapping ``model``.
@@ -262,10 +275,12 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         for name in targets:
             if name not in named:
                 raise LookupError(f"model has no module named {name!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS} (got {encoding!r})")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = named[parent_name] if parent_name else model
         if not name:
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
-        setattr(parent, child, _convert(named[name], space.encoding_size, form))
-    return HyperNet(model, space, form=form, init_scale=init_scale)
+        setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
+    return HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding)

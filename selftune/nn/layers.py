@@ -140,7 +140,7 @@ class BestResponseLinear(_BestResponse):
 
     Args:
         in_features, out_features, bias: as for ``nn.Linear``.
-        encoding_size: width of the gate input (``space.encoding_size``).
+        encoding_size: width of the gate input (``space.encoding_width(encoding)``).
         form: ``"stn"`` or ``"delta"``.
     """
 
@@ -171,7 +171,7 @@ class BestResponseConv2d(_BestResponse):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as for
             ``nn.Conv2d`` (zero padding only).
-        encoding_size: width of the gate input (``space.encoding_size``).
+        encoding_size: width of the gate input (``space.encoding_width(encoding)``).
         form: ``"stn"`` or ``"delta"``.
     """
 
@@ -206,7 +206,7 @@ class BestResponseEmbedding(_BestResponse):
 
     Args:
         num_embeddings, embedding_dim, padding_idx: as for ``nn.Embedding``.
-        encoding_size: width of the gate input (``space.encoding_size``).
+        encoding_size: width of the gate input (``space.encoding_width(encoding)``).
         form: ``"stn"`` or ``"delta"``.
     """
 
@@ -250,7 +250,7 @@ class BestResponseLSTM(BestResponseModule):
 
     Args:
         input_size, hidden_size, bias, batch_first: as for ``nn.LSTM`` (one layer, one direction).
-        encoding_size: width of the gate input (``space.encoding_size``).
+        encoding_size: width of the gate input (``space.encoding_width(encoding)``).
         form: ``"stn"`` or ``"delta"``.
 
     Returns (forward): ``(output, (h_n, c_n))`` as ``nn.LSTM`` does.
