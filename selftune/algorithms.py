@@ -64,9 +64,10 @@ def get_algorithm(name: str) -> type[Algorithm]:
 RESPONSE_LR_CAP = 0.01
 
 
-def response_lr(settings: TunerSettings) -> float:
-    """Learning rate of the response weights: ``settings.response_lr``, else ``min(lr, RESPONSE_LR_CAP)``."""
-    return settings.response_lr if settings.response_lr is not None else min(settings.lr, RESPONSE_LR_CAP)
+def response_lr(settings: TunerSettings, lr: float) -> float:
+    """Learning rate of the response weights: ``settings.response_lr``, else ``min(lr, RESPONSE_LR_CAP)``
+    (``lr``: the weights' rate, the bound hyperparameter's initial value when the rate is tuned)."""
+    return settings.response_lr if settings.response_lr is not None else min(lr, RESPONSE_LR_CAP)
 
 
 class Algorithm:
@@ -76,6 +77,10 @@ class Algorithm:
         name: registry key (the ``method`` of a config).
         form: best-response form the net must have (``None``: any; the response path is unused).
         tunes: whether the loop takes hyper steps at all.
+        tunes_lr: whether a learning rate bound to a hyperparameter (``[tuner] lr = "name"``) is tuned
+            by hypergradient descent (:mod:`selftune.hd`); ``False`` trains at its initial value.
+        needs_lr: the algorithm tunes nothing but the learning rate, so it needs that binding.
+        lr_group: the weight optimizer holding the network's own weights (the rate a binding drives).
         default_hyper_optimizer, default_hyper_lr: the official implementation's choice, used when
             the settings leave ``hyper_optimizer``/``hyper_lr`` unset.
         description: one line for ``--help`` and docs.
@@ -84,12 +89,21 @@ class Algorithm:
     name: ClassVar[str] = ""
     form: ClassVar[str | None] = None
     tunes: ClassVar[bool] = True
+    tunes_lr: ClassVar[bool] = True
+    needs_lr: ClassVar[bool] = False
+    lr_group: ClassVar[str] = "weights"
     default_hyper_optimizer: ClassVar[str] = "rmsprop"
     default_hyper_lr: ClassVar[float] = 1e-2
     description: ClassVar[str] = ""
 
-    def __init__(self, settings: TunerSettings) -> None:
+    def __init__(self, settings: TunerSettings, lr: float | None = None) -> None:
+        """``lr``: the weights' initial learning rate when ``settings.lr`` names a hyperparameter."""
         self.settings = settings
+        if lr is None:
+            if isinstance(settings.lr, str):
+                raise ValueError(f"tuner.lr names the hyperparameter {settings.lr!r}: pass its initial value as lr")
+            lr = settings.lr
+        self.lr = float(lr)
 
     # -- construction ----------------------------------------------------------------------------
     def check_net(self, net: HyperNet) -> None:
@@ -101,11 +115,11 @@ class Algorithm:
     def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
         s = self.settings
         if s.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        return torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
+            return torch.optim.SGD(groups, lr=self.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.Adam(groups, lr=self.lr, weight_decay=s.weight_decay)
 
     def _response_group(self, net: HyperNet) -> dict:
-        return {"params": net.response_parameters(), "lr": response_lr(self.settings)}
+        return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}
 
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
         """Optimizers of the weights by group name; :meth:`step` passes those names to the tuner."""
@@ -140,10 +154,23 @@ class Fixed(Algorithm):
 
     name = "fixed"
     tunes = False
+    tunes_lr = False
     description = "plain training at the space's init values (the baseline)"
 
     def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
         return tuner.weight_step(x, y, None, "weights", respond=False)
+
+
+@register
+class HD(Fixed):
+    """Hypergradient descent on the learning rate alone (Baydin et al. 2018), every other
+    hyperparameter fixed: plain training whose rate follows ``g_t . delta_{t-1}`` (:mod:`selftune.hd`).
+    Needs ``[tuner] lr = "name"``; stn and delta-stn tune such a rate the same way, beside the rest."""
+
+    name = "hd"
+    tunes_lr = True
+    needs_lr = True
+    description = "hypergradient descent on the learning rate only (Baydin et al. 2018)"
 
 
 @register
@@ -172,6 +199,7 @@ class DeltaSTN(Algorithm):
 
     name = "delta-stn"
     form = "delta"
+    lr_group = "general"
     description = "Delta-STN (Bae & Grosse 2020), the default"
 
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:

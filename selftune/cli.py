@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                                                "ptb-lstm, ...) or a config file (.toml); with --gpu and no task: every "
                                                "paper-scale task")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
-                       help="methods to run (default: all of fixed stn delta-stn random tpe tpe-asha pbt)")
+                       help="methods to run (default: every method that can run the task: fixed hd stn delta-stn "
+                            "random tpe tpe-asha pbt; hd only where tuner.lr names a hyperparameter)")
     bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
     bench.add_argument("--population", type=_at_least_two, default=8,
                        help="members of the PBT population (default 8)")
@@ -314,9 +315,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import GPU_TASKS, TASKS, load_task, run_bench
-    from .bench.harness import claim_bench_folder, task_name
+    from .bench.harness import claim_bench_folder, task_name, usable_methods
     from .errors import ConfigError
-    from .methods import METHODS, get_method
+    from .methods import get_method
     from .runner import prepare
 
     if args.gpu:
@@ -335,8 +336,7 @@ def _bench(args: argparse.Namespace) -> int:
                                   "(.toml)")
     else:
         tasks = [args.task]
-    methods = args.methods or list(METHODS)
-    for m in methods:
+    for m in args.methods or []:
         get_method(m)
     outs = {t: Path(args.out) if args.out else Path("bench") / (task_name(t) + ("-quick" if args.quick else ""))
             for t in tasks}
@@ -345,7 +345,9 @@ def _bench(args: argparse.Namespace) -> int:
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts
-            prepare(load_task(task, quick=args.quick, gpu=args.gpu))
+            config = load_task(task, quick=args.quick, gpu=args.gpu)
+            usable_methods(config, args.methods)  # a named method that cannot run this task: refused now
+            prepare(config)
             runnable.append(task)
         except ConfigError as err:
             if args.task is not None:
@@ -356,7 +358,7 @@ def _bench(args: argparse.Namespace) -> int:
     store = _open_store(args.store)  # opened only now: a refused command leaves no database behind
     for task in runnable:
         out = outs[task]
-        run_bench(task, methods=methods, trials=args.trials, population=args.population, seeds=args.seeds,
+        run_bench(task, methods=args.methods, trials=args.trials, population=args.population, seeds=args.seeds,
                   quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite)
         print((out / "README.md").read_text())
         print(f"wrote {out}/README.md, results.json, loss_vs_compute.png, schedules.png; runs and Optuna studies "

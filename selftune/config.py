@@ -225,6 +225,7 @@ class RunConfig(BaseModel):
     def check_references(self, space: Space) -> None:
         """Every hyperparameter named by the objective or an augmentation must be declared."""
         refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items()]
+        refs.append(("tuner.lr", self.tuner.lr))
         for i, a in enumerate(self.augment):
             refs += [(f"augment[{i}].{k}", v) for k, v in a.model_dump(exclude={"op"}).items()]
         for where, value in refs:

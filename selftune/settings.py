@@ -23,7 +23,11 @@ class TunerSettings(BaseModel):
     batch_size: PositiveInt = 128
     val_batch_size: PositiveInt | None = Field(None, description="defaults to batch_size")
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: PositiveFloat = 0.01
+    lr: PositiveFloat | str = Field(
+        0.01, description="learning rate of the weights, or the name of a hyperparameter of the space that holds it "
+                          "(declare it log-scaled, e.g. [space.lr] low = 1e-4, high = 1, log = true): fixed trains at "
+                          "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
+                          "descent (selftune.hd)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     response_lr: PositiveFloat | None = Field(
         None, description="learning rate of the response weights (W_r, b_r, V); None: min(lr, 0.01), the official "
@@ -60,6 +64,13 @@ class TunerSettings(BaseModel):
     val_steps: PositiveInt = 1
     linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
                                                "(Jacobian-vector product) form; ignored by other methods")
+    lr_travel: float = Field(
+        32.0, ge=0.0,
+        description="with a tuned learning rate: each weight step moves it (unconstrained units) by at most "
+                    "lr_travel / planned weight steps times the cosine of this step's gradient with the last "
+                    "update, so the rule follows the run length. Consecutive mini-batch gradients agree weakly "
+                    "(cosines of a few hundredths), hence 32 rather than the 8 of hyper_travel: a rate 10x too "
+                    "small on digits reached 0.018 instead of 0.012 and trained better (docs/algorithms.md)")
     log_every: PositiveInt = 10
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,

@@ -32,6 +32,7 @@ from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
 from .augment import Augment
 from .bookkeeping import BatchOrder, Counters, RunLog
 from .errors import ConfigError, DivergenceError, SelftuneWarning
+from .hd import HypergradientLR
 from .nn.hypernet import HyperNet
 from .objective import Objective, flatten_tokens
 from .settings import TunerSettings
@@ -157,7 +158,8 @@ class SelfTuner:
                             f"(got {type(net).__name__}); wrap your model first")
         self.settings = settings or TunerSettings()
         cls = method if isinstance(method, type) else get_algorithm(method)
-        self.algorithm: Algorithm = cls(self.settings)
+        lr_name = _bound_lr(net, self.settings, cls)
+        self.algorithm: Algorithm = cls(self.settings, lr=None if lr_name is None else float(net.values()[lr_name]))
         self.algorithm.check_net(net)
         self.net, self.method = net, cls.name
         self.objective = objective or Objective()
@@ -180,6 +182,8 @@ class SelfTuner:
         self.log = RunLog(hypergrad_seen=[False] * len(net.space))
         if self.algorithm.tunes:
             self._pull_off_bounds()
+        elif lr_name is not None and self.algorithm.tunes_lr:
+            self._pull_off_bounds([net.space.index(lr_name)])
 
         # Parameter groups are fixed for the run; collecting them walks the module tree, so do it once.
         self.general_params = net.general_parameters()
@@ -188,11 +192,17 @@ class SelfTuner:
         hyper = self.algorithm.hyper_optimizer(net)
         if hyper is not None:
             self.optimizers["hyper"] = hyper
+        # A learning rate bound to a hyperparameter: applied at every step, tuned by hypergradient
+        # descent where the algorithm tunes it (hd, stn, delta-stn), held at its value by fixed.
+        self.lr_tuner: HypergradientLR | None = None
+        if lr_name is not None:
+            self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
+                                            tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
 
-    def _pull_off_bounds(self) -> None:
+    def _pull_off_bounds(self, only: list[int] | None = None) -> None:
         """A hyperparameter that starts on (or next to) a bound of its range cannot move: the sigmoid
         is flat there, so neither its perturbations nor its steps change the value (measured: 120
         epochs at 1e-4). Tuning algorithms start it :data:`BOUND_MARGIN` of the range inside, and
@@ -201,6 +211,10 @@ class SelfTuner:
         with torch.no_grad():
             unit = torch.sigmoid(net.hparams.double())
             inside = unit.clamp(BOUND_MARGIN, 1 - BOUND_MARGIN)
+            if only is not None:  # hd tunes the learning rate alone: the other values stay where they are
+                keep = torch.ones_like(unit, dtype=torch.bool)
+                keep[only] = False
+                inside = torch.where(keep, unit, inside)
             moved = (inside != unit).tolist()
             if not any(moved):
                 return
@@ -217,6 +231,8 @@ class SelfTuner:
     def _check_driven(self) -> None:
         """After the first weight step: warn about declared hyperparameters nothing reads."""
         used = self.net.hyperparameters_read | self.objective.hyperparameters()
+        if self.lr_tuner is not None:
+            used.add(self.lr_tuner.name)
         if self.augment is not None:
             used |= self.augment.hyperparameters()
         self.log.idle = [n for n in self.net.space.names if n not in used]
@@ -298,6 +314,8 @@ class SelfTuner:
         if not self.log.start:  # a fresh run (a restored one carries both in its state)
             self.log.start = dict(self.net.values())
             self._plan_hyper_lr(epochs)
+            if self.lr_tuner is not None:
+                self.lr_tuner.plan(epochs * self.batches_per_epoch, self.settings.lr_travel)
         self.log.start_clock()
         if self._good is None:
             self.snapshot()
@@ -391,10 +409,14 @@ class SelfTuner:
         self.log.start_clock()
         groups = ["hyper"] if div.group == "hyper" else [k for k in self.optimizers if k != "hyper"]
         changes = []
+        factor = self.settings.divergence_lr_factor
         for key in groups:
-            for group in self.optimizers[key].param_groups:
+            for i, group in enumerate(self.optimizers[key].param_groups):
                 old = group["lr"]
-                group["lr"] = old * self.settings.divergence_lr_factor
+                if self.lr_tuner is not None and key == self.algorithm.lr_group and i == 0:
+                    self.lr_tuner.scale(factor)  # the rate is a hyperparameter: lower it there
+                else:
+                    group["lr"] = old * factor
                 changes.append(f"{key} lr {old:.3g} -> {group['lr']:.3g}")
         self.snapshot()  # the lowered rates are part of the new roll-back target
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
@@ -443,7 +465,12 @@ class SelfTuner:
         params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
         clip = self.settings.grad_clip or math.inf
         self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
+        lr_tuner = self.lr_tuner if self.lr_tuner is not None and group == self.algorithm.lr_group else None
+        if lr_tuner is not None and lr_tuner.before_step():
+            self.log.hypergrad_seen[lr_tuner.index] = True
         self.optimizers[group].step()
+        if lr_tuner is not None:
+            lr_tuner.after_step()
         self.log.counters.examples += x.shape[0]
         return loss.item()
 
@@ -463,6 +490,12 @@ class SelfTuner:
             # from the weights: blame their learning rate, not the hyperparameters'.
             self._check(loss, "validation loss", "weights")
             loss.backward()
+            if self.lr_tuner is not None:
+                # The rate reaches no validation loss through the gates (it drives no module): only
+                # hypergradient descent moves it, and its perturbation scale stays put.
+                for p in (net.hparams, net.scale_raw):
+                    if p.grad is not None:
+                        p.grad[self.lr_tuner.index] = 0
             self._check(net.hparams.grad, "hypergradient", "hyper")
             if net.hparams.grad is not None:
                 seen = (net.hparams.grad != 0).tolist()
@@ -543,6 +576,7 @@ class SelfTuner:
             "generator": self.generator.get_state(),
             "order": self.order.state_dict(),
             "log": self.log.state_dict(),
+            "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -564,6 +598,31 @@ class SelfTuner:
         self.generator.set_state(state["generator"])
         self.order.load_state_dict(state["order"])
         self.log.load_state_dict(state["log"])
+        if self.lr_tuner is not None:
+            self.lr_tuner.load_state_dict(state.get("lr") or {})
+
+
+def _bound_lr(net: HyperNet, settings: TunerSettings, algorithm: type[Algorithm]) -> str | None:
+    """The hyperparameter ``settings.lr`` names (``None``: a number), checked against the space.
+
+    Raises:
+        ConfigError: an undeclared name, a range that is not a positive real, or an algorithm that
+            tunes only the learning rate without such a binding.
+    """
+    name = settings.lr if isinstance(settings.lr, str) else None
+    if name is None:
+        if algorithm.needs_lr:
+            raise ConfigError("tuner.lr", f"method {algorithm.name!r} tunes the learning rate: name a hyperparameter "
+                                          "that holds it, e.g. [space.lr] low = 1e-4, high = 1.0, init = 0.01, "
+                                          "log = true and [tuner] lr = \"lr\"")
+        return None
+    if name not in net.space:
+        raise ConfigError("tuner.lr", f"{name!r} is not declared; add a [space.{name}] table or use a number")
+    param = net.space[name]
+    if param.is_int or not param.low > 0:
+        raise ConfigError("tuner.lr", f"hyperparameter {name!r} must be a float with low > 0 to be a learning rate "
+                                      f"(got {type(param).__name__} low={param.low}); declare it log = true")
+    return name
 
 
 _STATE_FORMAT = 2

@@ -1,6 +1,7 @@
 """`selftune bench digits-mlp --quick`: every method runs on the same task and is recorded."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,10 +18,12 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
     url = f"sqlite:///{tmp_path / 'bench.db'}"
     assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--store", url, "--out", "b"]) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert list(dict.fromkeys(r["method"] for r in results)) == list(METHODS)
+    # every method that can run the task: hd tunes a learning rate, which digits-mlp does not bind
+    usable = [m for m in METHODS if m != "hd"]
+    assert list(dict.fromkeys(r["method"] for r in results)) == usable
     # Single runs start from each of the task's three starts; searches and PBT sample the space once.
     starts = ["overfit", "default", "overreg"]
-    for m in METHODS:
+    for m in usable:
         expected = starts if METHODS[m].uses_start else [""]
         assert [r["start"] for r in results if r["method"] == m] == expected
     overfit = next(r for r in results if r["method"] == "fixed" and r["start"] == "overfit")
@@ -46,7 +49,7 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
     random_search = next(r for r in results if r["method"] == "random")
     assert random_search["examples"] == 3 * fixed["examples"]
     table = (tmp_path / "b" / "README.md").read_text()
-    assert all(f"| {m} |" in table for m in METHODS)
+    assert all(f"| {m} |" in table for m in usable)
     assert "## From overfit (dropout_in 0, dropout1 0.05" in table and "## Verdict" in table
     assert "| overreg | delta-stn |" in table
     assert (tmp_path / "b" / "loss_vs_compute.png").stat().st_size > 0
@@ -154,3 +157,18 @@ p = 0.05
     table = (tmp_path / "b" / "README.md").read_text()
     assert "| delta-stn (2 of 2 diverged) |" in table
     assert "| low | delta-stn | 0/2 (2 diverged) |" in table
+
+
+def test_hd_runs_where_the_learning_rate_is_a_hyperparameter_and_is_refused_elsewhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    assert main(["bench", "digits-mlp", "--methods", "hd", "--store", url, "--out", "refused"]) == 2
+    assert "--methods: hd tunes the learning rate, and this config's tuner.lr is a number" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml"
+    assert main(["bench", str(example), "--quick", "--methods", "hd", "random", "--trials", "2", "--seeds", "1",
+                 "--store", url, "--out", "lr"]) == 0
+    results = {r["method"]: r for r in json.loads((tmp_path / "lr" / "results.json").read_text())}
+    assert set(results) == {"fixed", "hd", "random"}
+    assert results["fixed"]["hparams"]["lr"] == pytest.approx(0.005)
+    assert results["hd"]["hparams"]["lr"] != pytest.approx(0.005)

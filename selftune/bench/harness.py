@@ -18,8 +18,8 @@ from pathlib import Path
 from ..algorithms import Fixed
 from ..config import RunConfig, load_config
 from ..data import CORPORA
-from ..errors import DivergenceError, OutputError
-from ..methods import METHODS, Context, MethodResult, get_method
+from ..errors import ConfigError, DivergenceError, OutputError
+from ..methods import METHODS, Context, Method, MethodResult, get_method
 from ..report.plots import plot_schedules
 from ..store import RunStore
 
@@ -87,7 +87,7 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
                       "choose a new folder, or pass --overwrite to replace only the benchmark's own files")
 
 
-def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int = 20, population: int = 8,
+def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 20, population: int = 8,
               seeds: int = 3, quick: bool = False, gpu: bool = False, out: str | Path = "bench", store: RunStore,
               overwrite: bool = False, progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
@@ -99,16 +99,18 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
 
     Args:
         task: a built-in task name (:data:`TASKS`) or the path of a config file.
+        methods: names from :data:`~selftune.methods.METHODS`; ``None``: every method that can run the
+            task (``hd`` only where the config binds its learning rate to a hyperparameter).
         trials: trials of each Optuna search.
         population: members of the PBT population.
         overwrite: allow a non-empty folder that is not a benchmark's (only the benchmark's files are replaced).
 
     Raises:
-        ConfigError: an unknown method.
+        ConfigError: an unknown method, or a named method that cannot run this task.
         OutputError: ``out`` holds files that are not a benchmark's.
     """
-    chosen = [get_method(m) for m in dict.fromkeys([Fixed.name, *methods])]  # fixed is the unit of compute
     config = load_task(task, quick=quick, gpu=gpu)
+    chosen = usable_methods(config, methods)
     name = task_name(task)
     starts = config.starts() if config.bench.starts else {"": config}
     if quick:
@@ -155,6 +157,23 @@ def run_bench(task: str, *, methods: Sequence[str] = tuple(METHODS), trials: int
         plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{name}, seed 0",
                        log={n for n, h in config.space.items() if h.log})
     return results
+
+
+def usable_methods(config: RunConfig, methods: Sequence[str] | None) -> list[Method]:
+    """The methods to run on ``config``, ``fixed`` first (the unit of compute): the named ones, or with
+    ``None`` every registered method that can run it.
+
+    Raises:
+        ConfigError: an unknown name, or a named method that cannot run this config (says why).
+    """
+    if methods is None:
+        return [m for m in METHODS.values() if m.unusable(config) is None]
+    chosen = [get_method(m) for m in dict.fromkeys([Fixed.name, *methods])]
+    for m in chosen:
+        reason = m.unusable(config)
+        if reason is not None:
+            raise ConfigError("--methods", reason)
+    return chosen
 
 
 def task_name(task: str) -> str:

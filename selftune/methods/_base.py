@@ -93,6 +93,11 @@ class Method(ABC):
     def __init__(self, name: str, *, schedule: bool = False) -> None:
         self.name, self.schedule = name, schedule
 
+    def unusable(self, config: RunConfig) -> str | None:
+        """Why this method cannot run ``config`` (``None``: it can), e.g. a learning-rate tuner on a
+        config whose learning rate is a number."""
+        return None
+
     def budget(self, ctx: Context) -> str:
         """What one run of this method costs, in words (for progress lines)."""
         return ""

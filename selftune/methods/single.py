@@ -18,7 +18,13 @@ class SingleRun(Method):
 
     def __init__(self, algorithm: str) -> None:
         self.algorithm = ALGORITHMS[algorithm]
-        super().__init__(self.algorithm.name, schedule=self.algorithm.tunes)
+        super().__init__(self.algorithm.name, schedule=self.algorithm.tunes or self.algorithm.needs_lr)
+
+    def unusable(self, config: RunConfig) -> str | None:
+        if self.algorithm.needs_lr and not isinstance(config.tuner.lr, str):
+            return (f"{self.name} tunes the learning rate, and this config's tuner.lr is a number; "
+                    "bind it to a hyperparameter ([tuner] lr = \"lr\" with a [space.lr] table)")
+        return None
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         from ..runner import prepare, run_recorded

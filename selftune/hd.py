@@ -1,0 +1,125 @@
+"""The learning rate as a hyperparameter, tuned online by hypergradient descent.
+
+Hypergradient descent (Baydin et al. 2018, gbaydin/hypergradient-descent) differentiates the
+training loss after a step with respect to the learning rate of the step before. The previous
+update was ``delta = -lr * direction``, so ``d theta_t / d lr = delta / lr`` and
+
+    dL(theta_t) / d log(lr) = g_t . delta_{t-1}
+
+for any optimizer whose update is proportional to its rate (SGD, momentum, Adam): gradients that
+keep pointing the way the last step went say the rate is too small, gradients that turn back say
+it is too large. Upstream adds ``beta * g_t . g_{t-1}`` to the raw rate, which turns negative or
+explodes under large gradients (its issue #4). This module keeps the paper's *multiplicative*,
+normalised form instead, and applies it in the declared hyperparameter's bounded unconstrained space:
+
+    u <- clamp(u - step * cos(g_t, delta_{t-1}))
+
+so one step moves ``u`` by at most ``step`` whatever the gradients' size, the rate is
+``low..high`` by construction (the space's transform), ``u`` stays where the transform is not flat
+(:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a NaN-free but exploding loss can push
+the rate down at most ``step`` per step. ``step`` follows the run: ``travel / planned steps``, so a
+rate pushed the same way at every step crosses its range once in the run, however long the run is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .nn import HyperNet
+
+__all__ = ["HypergradientLR"]
+
+
+class HypergradientLR:
+    """Drives the learning rate of ``optimizer``'s first parameter group from hyperparameter ``name``.
+
+    Args:
+        net: the HyperNet whose space declares ``name`` (its ``hparams`` hold the rate).
+        name: the hyperparameter bound to the learning rate (``[tuner] lr = "name"``).
+        optimizer: the weight optimizer whose first group (the network's own weights) it sets.
+        tune: ``False`` only applies the hyperparameter's value (fixed training, search trials).
+        margin: share of the unit range kept free at each bound (the transform is flat there).
+    """
+
+    def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
+                 margin: float) -> None:
+        self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
+        self.index = net.space.index(name)
+        self.step_size = 0.0
+        self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
+        self._previous: list[torch.Tensor] | None = None  # the last update of the group's weights
+        self._before: list[torch.Tensor] | None = None
+        self.apply()
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.optimizer.param_groups[0]["params"])
+
+    @property
+    def value(self) -> float:
+        """The learning rate the hyperparameter stands for now."""
+        return float(self.net.space.values_dict(self.net.hparams)[self.name])
+
+    def apply(self) -> None:
+        """Write the hyperparameter's value into the optimizer (first group)."""
+        self.optimizer.param_groups[0]["lr"] = self.value
+
+    def plan(self, steps: int, travel: float) -> None:
+        """Size the per-step move so ``travel`` unconstrained units take ``steps`` steps."""
+        self.step_size = travel / max(steps, 1)
+
+    # -- around each step of the optimizer -------------------------------------------------------
+    def before_step(self) -> bool:
+        """Update the rate from this step's gradients and the last update; call after ``backward``
+        (and clipping), before ``optimizer.step()``. Returns whether the rate received a hypergradient."""
+        moved = False
+        if self.tune and self._previous is not None and self.step_size > 0:
+            grads = [p.grad for p in self.params]
+            pairs = [(g, d) for g, d in zip(grads, self._previous, strict=True) if g is not None]
+            if pairs:
+                dot = sum(float((g.double() * d.double()).sum()) for g, d in pairs)
+                g_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in pairs))
+                d_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for _, d in pairs))
+                if g_norm > 0 and d_norm > 0 and math.isfinite(dot) and math.isfinite(g_norm * d_norm):
+                    cosine = max(-1.0, min(1.0, dot / (g_norm * d_norm)))
+                    with torch.no_grad():
+                        u = self.net.hparams[self.index]
+                        u.copy_((u - self.step_size * cosine).clamp(*self._limits))
+                    moved = cosine != 0
+        self.apply()
+        if self.tune:
+            self._before = [p.detach().clone() for p in self.params]
+        return moved
+
+    def after_step(self) -> None:
+        """Remember the update the optimizer just made (the direction the next gradient is tested on)."""
+        if self._before is not None:
+            self._previous = [p.detach() - b for p, b in zip(self.params, self._before, strict=True)]
+            self._before = None
+
+    def forget(self) -> None:
+        """Drop the last update (after a roll-back it no longer leads to the current weights)."""
+        self._previous, self._before = None, None
+
+    def scale(self, factor: float) -> None:
+        """Multiply the rate by ``factor`` (a roll-back), staying inside the space and off its bounds."""
+        space = self.net.space
+        value = max(self.value * factor, space[self.name].low)
+        with torch.no_grad():
+            u = space.from_dict({**space.values_dict(self.net.hparams), self.name: value})[self.index]
+            self.net.hparams[self.index] = u.clamp(*self._limits)
+        self.forget()
+        self.apply()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self._previous, "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._previous = state.get("previous")
+        self.step_size = float(state.get("step_size", self.step_size))
+        self._before = None
+        self.apply()

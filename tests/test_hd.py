@@ -1,0 +1,152 @@
+"""The learning rate as a hyperparameter: hypergradient descent (selftune.hd) with its safeguards."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import selftune as st
+from selftune.config import load_config
+from selftune.errors import ConfigError
+from selftune.hd import HypergradientLR
+from selftune.models import build
+from selftune.runner import execute, prepare
+from selftune.tuner import BOUND_MARGIN
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml"
+
+
+def lr_space(init=0.005, low=1e-4, high=1.0):
+    return st.Space([st.Float("d0", 0.0, 0.95, init=0.2), st.Float("lr", low, high, init=init, log=True)])
+
+
+def make_tuner(digits, method="hd", space=None, **settings):
+    torch.manual_seed(0)
+    space = space or lr_space()
+    model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[32], dropout=["d0", None])
+    net = st.hypernetize(model, space)
+    base = dict(batch_size=64, lr="lr", warmup_epochs=0, log_every=5)
+    base.update(settings)
+    return st.SelfTuner(net, digits.train, digits.val, method=method, settings=st.TunerSettings(**base), seed=0)
+
+
+def test_the_rate_stays_inside_its_bounds_under_adversarial_gradients():
+    """Gradients that grow 10x per step (finite, no NaN) and flip direction at random: the rate moves
+    at most one step size per step, never leaves [low, high] and never sits on a bound."""
+    space = st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
+    opt = torch.optim.SGD(net.general_parameters(), lr=1.0)
+    hd = HypergradientLR(net, "lr", opt, tune=True, margin=BOUND_MARGIN)
+    hd.plan(steps=20, travel=8.0)  # 0.4 units per step: a few steps cross the range
+    gen = torch.Generator().manual_seed(0)
+    u_before = float(net.hparams.detach()[0])
+    values = []
+    for step in range(300):
+        scale = 10.0 ** min(step, 30)
+        for p in hd.params:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        hd.before_step()
+        opt.step()
+        hd.after_step()
+        u = float(net.hparams.detach()[0])
+        assert abs(u - u_before) <= hd.step_size + 1e-6
+        u_before = u
+        values.append(hd.value)
+        assert opt.param_groups[0]["lr"] == hd.value
+    unit = [(math.log(v) - math.log(1e-4)) / (math.log(1.0) - math.log(1e-4)) for v in values]
+    assert all(math.isfinite(v) and 1e-4 <= v <= 1.0 for v in values)
+    assert min(unit) >= BOUND_MARGIN - 1e-6 and max(unit) <= 1 - BOUND_MARGIN + 1e-6
+    assert len({round(v, 12) for v in values}) > 10  # it did move
+
+
+def test_hd_raises_a_rate_that_is_too_small_and_trains_better_than_fixed_at_it():
+    """examples/digits_lr.toml starts at lr 0.005, 10x below the benchmark's 0.05: hd must raise it and
+    beat fixed training at 0.005 (fixed keeps the value it was given)."""
+    config = load_config(EXAMPLE, ["epochs=20"])
+    fit_fixed, fixed = execute(prepare(config.derive(method="fixed", seed=0)))
+    fit_hd, tuned = execute(prepare(config.derive(method="hd", seed=0)))
+    assert fixed.hparams["lr"] == pytest.approx(0.005)
+    assert tuned.hparams["lr"] > 2 * 0.005
+    assert {k: v for k, v in tuned.hparams.items() if k != "lr"} == pytest.approx(
+        {k: v for k, v in fixed.hparams.items() if k != "lr"})
+    assert tuned.test["loss"] < fixed.test["loss"]
+    assert fit_hd.compute["examples"] == fit_fixed.compute["examples"]  # hd costs no extra examples
+    lrs = [row["lr"] for row in fit_hd.trajectory]
+    assert lrs[-1] > lrs[0]  # the schedule is recorded in the trajectory
+
+
+def test_delta_stn_tunes_the_rate_beside_the_dropouts(digits):
+    tuner = make_tuner(digits, method="delta-stn")
+    start = tuner.net.values()
+    result = tuner.fit(3)
+    assert result.hparams["lr"] != pytest.approx(start["lr"])
+    assert result.hparams["d0"] != pytest.approx(start["d0"])
+    assert tuner.optimizers["general"].param_groups[0]["lr"] == pytest.approx(result.hparams["lr"])
+    assert tuner.log.hypergrad_seen == [True, True] and not tuner.log.idle
+    # the response weights keep their own rate (min(initial lr, 0.01)), the rate's scale is not inflated
+    assert tuner.optimizers["response"].param_groups[0]["lr"] == pytest.approx(0.005)
+    assert float(tuner.net.scale.detach()[1]) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(
+        st.nn.hypernet._inverse_softplus(0.5)))), rel=1e-5)
+
+
+def test_a_resumed_hd_run_equals_an_uninterrupted_one(digits):
+    whole = make_tuner(digits)
+    whole.fit(3)
+    first = make_tuner(digits)
+    first.fit(3, max_steps=25)
+    state = first.state_dict()
+    second = make_tuner(digits)
+    second.load_state_dict(state)
+    second.fit(3)
+    assert torch.equal(second.net.hparams, whole.net.hparams)
+    for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_diverging_rate_is_lowered_in_its_hyperparameter(digits):
+    """A roll-back lowers the rate where it lives (the hyperparameter), so hypergradient descent goes
+    on from the lowered value instead of writing the old one back at the next step."""
+    tuner = make_tuner(digits)
+    seen, epoch_ends = [], []
+
+    class Poison(st.Callback):
+        def on_epoch_end(self, tuner, row):
+            epoch_ends.append(tuner.lr_tuner.value)
+
+        def on_step(self, tuner, row):
+            if tuner.counters.steps == 30 and not seen:
+                seen.append(tuner.lr_tuner.value)
+                with torch.no_grad():
+                    tuner.net.general_parameters()[0].fill_(math.nan)
+
+        def on_divergence(self, tuner, info):
+            seen.append((tuner.lr_tuner.value, tuner.optimizers["weights"].param_groups[0]["lr"], len(epoch_ends)))
+
+    tuner.fit(3, callbacks=[Poison()])
+    assert len(seen) == 2 and tuner.divergences == 1
+    value, applied, epochs_done = seen[1]
+    assert epochs_done == 1  # rolled back to the end of epoch 1 (step 18)
+    assert value == pytest.approx(applied) == pytest.approx(0.5 * epoch_ends[0], rel=1e-5)
+    assert all(torch.isfinite(p).all() for p in tuner.net.parameters())
+
+
+@pytest.mark.parametrize("space, settings, method, match", [
+    (lr_space(), dict(lr="nope"), "hd", r"tuner\.lr: 'nope' is not declared"),
+    (None, dict(lr=0.01), "hd", r"tuner\.lr: method 'hd' tunes the learning rate"),
+    (st.Space([st.Float("d0", 0.0, 0.95, init=0.2), st.Int("lr", 1, 5, init=2)]), dict(lr="lr"), "delta-stn",
+     r"tuner\.lr: hyperparameter 'lr' must be a float with low > 0"),
+])
+def test_bad_learning_rate_bindings_are_one_line_errors(digits, space, settings, method, match):
+    space = space or lr_space()
+    with pytest.raises(ConfigError, match=match):
+        make_tuner(digits, method=method, space=space, **settings)
+
+
+def test_a_config_that_binds_an_undeclared_rate_is_refused_before_anything_runs(tmp_path):
+    from selftune.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace('lr = "lr"', 'lr = "rate"'))
+    assert main(["run", str(bad), "--store", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
