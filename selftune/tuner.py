@@ -168,7 +168,7 @@ class SelfTuner:
             net.space.index(name)
         self.train_data = as_dataset(train, "train")
         self.val_data = as_dataset(val, "val")
-        self.device = torch.device(device)
+        self.device = _usable_device(device)
         # On the training device, so masks and perturbations are drawn where they are used.
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
@@ -600,6 +600,29 @@ class SelfTuner:
         self.log.load_state_dict(state["log"])
         if self.lr_tuner is not None:
             self.lr_tuner.load_state_dict(state.get("lr") or {})
+
+
+def _usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device, refused in one line where this machine cannot run it (PyTorch
+    would fail later, at the first ``.to()``, with a message about how it was compiled).
+
+    Raises:
+        ConfigError: a malformed name, or a CUDA/MPS device this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError("device", f"{device!r} is not a device ({err}); use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{str(dev)!r}: CUDA is not available here (no GPU, or a CPU build of "
+                                        "PyTorch); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                        "device(s); pick one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "'mps' is not available here; use device='cpu'")
+    return dev
 
 
 def _bound_lr(net: HyperNet, settings: TunerSettings, algorithm: type[Algorithm]) -> str | None:

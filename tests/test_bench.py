@@ -172,3 +172,32 @@ def test_hd_runs_where_the_learning_rate_is_a_hyperparameter_and_is_refused_else
     assert set(results) == {"fixed", "hd", "random"}
     assert results["fixed"]["hparams"]["lr"] == pytest.approx(0.005)
     assert results["hd"]["hparams"]["lr"] != pytest.approx(0.005)
+
+
+def test_a_method_whose_extra_is_missing_is_skipped_or_refused_with_the_install_command(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Without Optuna (`selftune[search]`) a default bench runs the rest and says what it skipped; naming
+    a search is exit 2 with the command that installs it, before anything runs."""
+    import selftune.methods.search as search
+
+    monkeypatch.setattr(search, "missing", lambda module: module == "optuna")
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    assert main(["bench", "digits-mlp", "--methods", "tpe", "--store", url, "--out", "no"]) == 2
+    assert "--methods: tpe is an Optuna study, and Optuna is not installed: pip install 'selftune[search]'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "b.db").exists()
+    from selftune.bench.harness import usable_methods
+
+    names = [m.name for m in usable_methods(load_task("digits-mlp", quick=True), None)]
+    assert "tpe" not in names and "random" not in names and "delta-stn" in names and "hd" not in names
+
+
+def test_a_dataset_whose_package_is_missing_names_the_extra(monkeypatch):
+    import sys
+
+    from selftune.data._loaders import DatasetUnavailable, load_digits
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
+    with pytest.raises(DatasetUnavailable, match=r"digits ships with scikit-learn.*pip install 'selftune\[data\]'"):
+        load_digits()

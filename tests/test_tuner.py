@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import selftune as st
+from selftune.errors import ConfigError
 from selftune.models import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,15 @@ def test_hyper_learning_rate_follows_the_run_length(digits, space3):
     fixed = make_tuner(digits, space3, "fixed")
     fixed.fit(1, max_steps=1)
     assert fixed.log.hyper_lr == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available here"),
+                                           ("cuda:0", "CUDA is not available here"),
+                                           ("gpu7", "is not a device")])
+def test_a_device_the_machine_lacks_is_a_one_line_error(digits, device, match):
+    """PyTorch itself fails only at the first .to(), with a message about how it was compiled."""
+    space = st.Space([st.Float("d0", 0.0, 0.9, init=0.3)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), space)
+    with pytest.raises(ConfigError, match=rf"^device: .*{match}"):
+        st.SelfTuner(net, digits.train, digits.val, device=device)

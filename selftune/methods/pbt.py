@@ -29,6 +29,7 @@ import torch
 
 from ..algorithms import Fixed
 from ..config import RunConfig, parse_config
+from ..extras import install_hint, missing
 from ..runner import RecordedRun, evaluate_run, prepare
 from ..store import RunStore
 from ..tuner import evaluate
@@ -43,6 +44,11 @@ class PBT(Method):
 
     def __init__(self, name: str = _NAME) -> None:
         super().__init__(name, schedule=True)
+
+    def unusable(self, config: RunConfig) -> str | None:
+        if missing("ray"):
+            return f"{self.name} runs on Ray Tune, which is not installed: {install_hint('pbt')}"
+        return None
 
     def budget(self, ctx: Context) -> str:
         return f" (population {ctx.population})"

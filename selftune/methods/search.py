@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import Fixed
+from ..extras import install_hint, missing
 from ..tuner import Callback, SelfTuner
 from ._base import Context, Method, MethodResult
 
@@ -65,6 +66,11 @@ class Search(Method):
 
     def trials(self, ctx: Context) -> int:
         return ctx.trials
+
+    def unusable(self, config: RunConfig) -> str | None:
+        if missing("optuna"):
+            return f"{self.name} is an Optuna study, and Optuna is not installed: {install_hint('search')}"
+        return None
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         study = f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials"
