@@ -17,19 +17,22 @@ _EXPORTS = {
     "Augment": "augment", "Cutout": "augment", "Flip": "augment", "Noise": "augment", "Shift": "augment",
     "Dropout": "nn", "EmbeddingDropout": "nn", "HyperNet": "nn", "hypernetize": "nn",
     "Objective": "objective",
+    "export": "plain_model",
     "TunerSettings": "settings",
     "Float": "space", "Int": "space", "Space": "space",
     "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner",
 }
 
 __all__ = ["Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip", "Float", "HyperNet",
-           "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "TunerSettings", "evaluate", "hypernetize"]
+           "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "TunerSettings", "evaluate", "export",
+           "hypernetize"]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .augment import Augment, Cutout, Flip, Noise, Shift
     from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
     from .objective import Objective
+    from .plain_model import export
     from .settings import TunerSettings
     from .space import Float, Int, Space
     from .tuner import Callback, FitResult, SelfTuner, evaluate

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from .schedules import ScheduleSettings
+
 
 class TunerSettings(BaseModel):
     """How weights and hyperparameters are trained (DESIGN.md section 3).
@@ -64,6 +66,10 @@ class TunerSettings(BaseModel):
     val_steps: PositiveInt = 1
     linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
                                                "(Jacobian-vector product) form; ignored by other methods")
+    schedule: ScheduleSettings = Field(
+        default_factory=ScheduleSettings,
+        description="[tuner.schedule]: the shape of the weights' rate over the run (constant, cosine, cosine_power, "
+                    "step, with an optional linear warm-up); it multiplies the base rate, tuned or not")
     lr_travel: float = Field(
         8.0, ge=0.0,
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "

@@ -35,6 +35,7 @@ from .errors import ConfigError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR
 from .nn.hypernet import HyperNet
 from .objective import Objective, flatten_tokens
+from .schedules import factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
 
@@ -198,6 +199,9 @@ class SelfTuner:
         if lr_name is not None:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
                                             tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
+        # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
+        self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
+        self._planned_steps = 0  # set at a fresh fit: the schedule's run length
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
@@ -314,8 +318,9 @@ class SelfTuner:
         if not self.log.start:  # a fresh run (a restored one carries both in its state)
             self.log.start = dict(self.net.values())
             self._plan_hyper_lr(epochs)
+            self._planned_steps = epochs * self.batches_per_epoch
             if self.lr_tuner is not None:
-                self.lr_tuner.plan(epochs * self.batches_per_epoch, self.settings.lr_travel)
+                self.lr_tuner.plan(self._planned_steps, self.settings.lr_travel)
         self.log.start_clock()
         if self._good is None:
             self.snapshot()
@@ -412,12 +417,18 @@ class SelfTuner:
         factor = self.settings.divergence_lr_factor
         for key in groups:
             for i, group in enumerate(self.optimizers[key].param_groups):
-                old = group["lr"]
                 if self.lr_tuner is not None and key == self.algorithm.lr_group and i == 0:
+                    old = self.lr_tuner.value
                     self.lr_tuner.scale(factor)  # the rate is a hyperparameter: lower it there
-                else:
-                    group["lr"] = old * factor
-                changes.append(f"{key} lr {old:.3g} -> {group['lr']:.3g}")
+                    new = self.lr_tuner.value
+                elif key == "hyper":
+                    old = group["lr"]
+                    new = group["lr"] = old * factor
+                else:  # the base rate; the schedule's factor applies on top at the next step
+                    old = self._base_lrs[key][i]
+                    new = self._base_lrs[key][i] = old * factor
+                    group["lr"] = group["lr"] * factor
+                changes.append(f"{key} lr {old:.3g} -> {new:.3g}")
         self.snapshot()  # the lowered rates are part of the new roll-back target
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
                 "divergences": count,
@@ -468,11 +479,30 @@ class SelfTuner:
         lr_tuner = self.lr_tuner if self.lr_tuner is not None and group == self.algorithm.lr_group else None
         if lr_tuner is not None and lr_tuner.before_step():
             self.log.hypergrad_seen[lr_tuner.index] = True
+        self._apply_schedule(group)
         self.optimizers[group].step()
         if lr_tuner is not None:
             lr_tuner.after_step()
         self.log.counters.examples += x.shape[0]
         return loss.item()
+
+    def _apply_schedule(self, group: str) -> None:
+        """Set ``group``'s rates to base x the schedule's factor at this step (the bound rate's base is
+        its hyperparameter)."""
+        s = self.settings.schedule
+        if s.kind == "constant" and s.warmup_epochs == 0:
+            if self.lr_tuner is None or group != self.algorithm.lr_group:
+                return
+        f = factor(s, self.log.counters.steps, self._planned_steps or self.batches_per_epoch,
+                   self.batches_per_epoch)
+        for i, g in enumerate(self.optimizers[group].param_groups):
+            bound = self.lr_tuner is not None and group == self.algorithm.lr_group and i == 0
+            g["lr"] = (self.lr_tuner.value if bound else self._base_lrs[group][i]) * f
+
+    @property
+    def weights_lr(self) -> float:
+        """The rate the network's own weights trained at in the last step (schedule and tuning included)."""
+        return float(self.optimizers[self.algorithm.lr_group].param_groups[0]["lr"])
 
     def _hyper_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step of the hyperparameters (and scales) on a validation batch, in eval mode."""
@@ -542,6 +572,7 @@ class SelfTuner:
             scales = net.scale.double().tolist()
         row = dict(zip(net.space.names, values, strict=True))
         row.update({f"{n}_scale": v for n, v in zip(net.space.names, scales, strict=True)})
+        row["weights_lr"] = self.weights_lr
         return row
 
     def _end_epoch(self) -> dict[str, float]:
@@ -577,6 +608,7 @@ class SelfTuner:
             "order": self.order.state_dict(),
             "log": self.log.state_dict(),
             "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
+            "schedule": {"base_lrs": self._base_lrs, "planned_steps": self._planned_steps},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -600,6 +632,10 @@ class SelfTuner:
         self.log.load_state_dict(state["log"])
         if self.lr_tuner is not None:
             self.lr_tuner.load_state_dict(state.get("lr") or {})
+        schedule = state.get("schedule") or {}
+        if "base_lrs" in schedule:
+            self._base_lrs = {k: list(v) for k, v in schedule["base_lrs"].items()}
+            self._planned_steps = int(schedule["planned_steps"])
 
 
 def _usable_device(device: torch.device | str) -> torch.device:

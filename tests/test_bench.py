@@ -201,3 +201,28 @@ def test_a_dataset_whose_package_is_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
     with pytest.raises(DatasetUnavailable, match=r"digits ships with scikit-learn.*pip install 'selftune\[data\]'"):
         load_digits()
+
+
+def test_a_fixed_run_that_diverged_leaves_a_readable_table(tmp_path):
+    """Where the baseline itself diverged (a plain run at too much dropout and a high rate), the table
+    says so, counts nothing in its units, and any tuned run that finished beats it."""
+    from selftune.bench.harness import plot_compute, table
+    from selftune.methods import MethodResult
+
+    def result(method, start, loss, failed=""):
+        return MethodResult(method=method, seed=0, test_loss=loss, test_accuracy=0.9, val_loss=loss,
+                            hparams={} if failed else {"p": 0.5}, examples=0 if failed else 100, seconds=1.0,
+                            start=start, start_values={"p": 0.8 if start == "high" else 0.1}, failed=failed,
+                            curve=[] if failed else [(100, loss)])
+
+    results = [result("fixed", "low", 0.5), result("fixed", "high", float("nan"), failed="run diverged"),
+               result("delta-stn", "low", 0.4), result("delta-stn", "high", 0.7)]
+    from selftune.config import parse_config
+
+    config = parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
+                           "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}})
+    text = table("t", results, quick=False, config=config)
+    assert "| fixed (1 of 1 diverged) |" in text
+    assert "| high | delta-stn | 1/1 |" in text and "| low | delta-stn | 1/1 |" in text
+    plot_compute("t", results, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

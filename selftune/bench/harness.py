@@ -202,6 +202,9 @@ def _units(results: list[MethodResult]) -> dict[int, tuple[float, float]]:
         if r.failed:
             continue
         unit = fixed[(r.seed, r.start)]
+        if unit.failed:  # the plain run diverged: there is no unit to count in
+            units[i] = (math.nan, math.nan)
+            continue
         units[i] = (r.examples / unit.examples, r.seconds / max(unit.seconds, 1e-9))
     return units
 
@@ -282,7 +285,8 @@ def unit_moves(result: MethodResult, config: RunConfig) -> dict[str, float]:
 def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
     """Per start and tuning method: cases that beat fixed training at that start, the mean test loss
     against the best search's, and which way the hyperparameters moved."""
-    fixed = {(r.start, r.seed): r.test_loss for r in results if r.method == Fixed.name}
+    # A fixed run that diverged left no model: any tuned run that finished beats it.
+    fixed = {(r.start, r.seed): math.inf if r.failed else r.test_loss for r in results if r.method == Fixed.name}
     searches = {}
     for r in results:
         if not r.start:
@@ -308,7 +312,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
                 continue
             wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
             mean = statistics.mean(r.test_loss for r in rs)
-            base = statistics.mean(fixed[(start, r.seed)] for r in rs)
+            bases = [fixed[(start, r.seed)] for r in rs if math.isfinite(fixed[(start, r.seed)])]
+            base = statistics.mean(bases) if bases else math.nan
             vs = f"{(mean / statistics.mean(searches[best_search]) - 1) * 100:+.1f}%" if best_search else "-"
             moves = [unit_moves(r, config) for r in rs]
             shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
@@ -323,11 +328,11 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = {r.seed: r.examples for r in results if r.method == Fixed.name}
+    fixed = {r.seed: r.examples for r in results if r.method == Fixed.name and not r.failed}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
     for r in results:
-        if r.failed:
+        if r.failed or r.seed not in fixed:
             continue
         color = colors.setdefault(r.method, f"C{len(colors)}")
         xs = [c[0] / fixed[r.seed] for c in r.curve]

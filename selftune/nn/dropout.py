@@ -67,10 +67,14 @@ class Dropout(HyperModule):
         self.name = name
         self.channelwise = channelwise
         self.locked = locked
+        #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
+        self.fixed: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if self.fixed is not None:
+            return dropout(x, x.new_full((x.shape[0],), self.fixed), channelwise=self.channelwise, locked=self.locked)
         state = self.hyper_state
         return dropout(x, state.value(self.name), channelwise=self.channelwise, locked=self.locked,
                        generator=state.generator)
@@ -96,13 +100,19 @@ class EmbeddingDropout(HyperModule):
         super().__init__()
         self.name = name
         self.num_embeddings = num_embeddings
+        #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
+        self.fixed: float | None = None
 
     def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return embedded
-        state = self.hyper_state
-        keep = (1.0 - state.value(self.name).detach()).clamp_min(1e-6).to(embedded.dtype)  # (B,)
-        draws = torch.rand(ids.shape[0], self.num_embeddings, generator=state.generator, device=ids.device)
+        if self.fixed is not None:
+            rate, generator = embedded.new_full((ids.shape[0],), self.fixed), None
+        else:
+            state = self.hyper_state
+            rate, generator = state.value(self.name).detach(), state.generator
+        keep = (1.0 - rate).clamp_min(1e-6).to(embedded.dtype)  # (B,)
+        draws = torch.rand(ids.shape[0], self.num_embeddings, generator=generator, device=ids.device)
         kept = (draws < keep[:, None]).to(embedded.dtype) / keep[:, None]  # (B, V): one decision per word type
         return embedded * kept.gather(1, ids.flatten(1)).view(*ids.shape, *([1] * (embedded.dim() - ids.dim())))
 

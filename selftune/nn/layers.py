@@ -40,6 +40,11 @@ class BestResponseModule(HyperModule):
         layer cannot take a plain weight's step)."""
         raise NotImplementedError
 
+    def plain(self, cond: torch.Tensor | None) -> nn.Module:
+        """The plain PyTorch layer (``nn.Linear``, ...) that computes what this one does at gate input
+        ``cond``, with the same parameter names as the layer it replaced."""
+        raise NotImplementedError
+
     def _cond(self) -> torch.Tensor | None:
         state = self._hyper_state
         return state.cond if state is not None else None
@@ -118,6 +123,34 @@ class _BestResponse(BestResponseModule):
     def response_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.response_weight, self.response_bias, self.gate, self.scale) if p is not None]
 
+    def _plain_shell(self) -> nn.Module:
+        """A new plain module of this layer's kind and shape (its weights are overwritten)."""
+        raise NotImplementedError
+
+    def _from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_unit_rows`."""
+        return rows.view_as(self.weight)
+
+    @torch.no_grad()
+    def plain(self, cond: torch.Tensor | None) -> nn.Module:
+        """The plain PyTorch layer this one computes at gate input ``cond`` (``(E,)``; ``None``: no
+        response, as Delta-STN at its own hyperparameters): ``s W + diag(g_w) W_r`` and
+        ``s b + g_b * b_r`` folded into one weight and bias."""
+        scale = 1.0 if self.scale is None else float(self.scale)
+        rows = self._unit_rows(self.weight) * scale
+        bias = None if self.bias is None else self.bias * scale
+        if cond is not None:
+            gates = F.linear(cond.reshape(1, -1), self.gate)[0]
+            g_w, g_b = gates[: self.out_units], gates[self.out_units:]
+            rows = rows + g_w[:, None] * self._unit_rows(self.response_weight)
+            if bias is not None and self.response_bias is not None:
+                bias = bias + g_b * self.response_bias
+        shell = self._plain_shell().to(device=self.weight.device, dtype=self.weight.dtype)
+        shell.weight.copy_(self._from_rows(rows))
+        if bias is not None:
+            shell.bias.copy_(bias)
+        return shell
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._op(x, self.weight, self.bias)
         if self.scale is not None:
@@ -165,6 +198,10 @@ class BestResponseLinear(_BestResponse):
                 f"bias={self.bias is not None}, form={self.form!r}")
 
 
+    def _plain_shell(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
+
 class BestResponseConv2d(_BestResponse):
     """``nn.Conv2d`` whose output channels respond to the hyperparameters.
 
@@ -200,6 +237,11 @@ class BestResponseConv2d(_BestResponse):
                 f"stride={self.stride}, padding={self.padding}, form={self.form!r}")
 
 
+    def _plain_shell(self) -> nn.Module:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None)
+
+
 class BestResponseEmbedding(_BestResponse):
     """``nn.Embedding`` whose vectors respond to the hyperparameters, one gate per embedding dimension:
     ``y = E[ids] + g(c) * E_r[ids]`` (``s * E[ids]`` first for STN).
@@ -227,6 +269,12 @@ class BestResponseEmbedding(_BestResponse):
 
     def _unit_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()  # a gate scales one embedding dimension across the vocabulary
+
+    def _from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t()
+
+    def _plain_shell(self) -> nn.Module:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
 
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return g.view(g.shape[0], *([1] * (like.dim() - 2)), g.shape[1])
@@ -303,6 +351,31 @@ class BestResponseLSTM(BestResponseModule):
         else:
             out, h, c = self._unrolled(x, hx, cond)
         return (out if self.batch_first else out.transpose(0, 1)), (h, c)
+
+    @torch.no_grad()
+    def plain(self, cond: torch.Tensor | None) -> nn.LSTM:
+        """The ``nn.LSTM`` this layer computes at gate input ``cond`` (``(E,)``; ``None``: no response):
+        every map folded as ``s W + diag(g) R``, the response bias into ``bias_ih_l0``."""
+        scale = 1.0 if self.scale is None else float(self.scale)
+        bias = self.bias_ih_l0 is not None
+        lstm = nn.LSTM(self.input_size, self.hidden_size, bias=bias, batch_first=self.batch_first)
+        lstm = lstm.to(device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
+        w_ih, w_hh = self.weight_ih_l0 * scale, self.weight_hh_l0 * scale
+        b_ih = b_hh = None
+        if bias:
+            b_ih, b_hh = self.bias_ih_l0 * scale, self.bias_hh_l0 * scale
+        if cond is not None:
+            g_ih, g_hh, g_b = F.linear(cond.reshape(1, -1), self.gate)[0].split(4 * self.hidden_size)
+            w_ih = w_ih + g_ih[:, None] * self.response_weight_ih
+            w_hh = w_hh + g_hh[:, None] * self.response_weight_hh
+            if bias and self.response_bias is not None:
+                b_ih = b_ih + g_b * self.response_bias
+        lstm.weight_ih_l0.copy_(w_ih)
+        lstm.weight_hh_l0.copy_(w_hh)
+        if bias:
+            lstm.bias_ih_l0.copy_(b_ih)
+            lstm.bias_hh_l0.copy_(b_hh)
+        return lstm
 
     def _record_norm(self, cond: torch.Tensor | None) -> None:
         state = self._hyper_state

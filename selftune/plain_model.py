@@ -1,0 +1,57 @@
+"""``export``: the user's own model back, plain, at the tuned hyperparameters.
+
+A :class:`~selftune.nn.HyperNet` is the user's model with its layers swapped for best-response layers
+and its regularisers reading a shared state. Deploying it, or loading its weights into the user's
+own class, needs neither: at fixed hyperparameters every best-response layer computes a plain layer
+(``s W + diag(g) W_r``, which is just ``W`` for Delta-STN at its own hyperparameters), and every
+regulariser applies a constant rate. :func:`export` folds them, so the result is an ordinary
+``nn.Module`` whose ``state_dict`` has exactly the keys of the model the user passed to
+:func:`~selftune.hypernetize`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .nn import HyperNet
+from .nn.dropout import Dropout, EmbeddingDropout
+from .nn.layers import BestResponseModule
+from .nn.state import HyperModule
+
+__all__ = ["export"]
+
+
+def export(net: HyperNet) -> nn.Module:
+    """A plain copy of the wrapped model at ``net``'s current (tuned) hyperparameters.
+
+    Every best-response layer becomes the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` /
+    ``nn.LSTM`` it computes at those values; every selftune dropout keeps its class (so the copy still
+    loads into the user's own model) with the tuned rate fixed, so it trains and evaluates without a
+    HyperNet. ``net`` itself is not changed. The copy's outputs equal ``net(x)`` in eval mode.
+
+    Raises:
+        TypeError: ``net`` is not a HyperNet.
+    """
+    if not isinstance(net, HyperNet):
+        raise TypeError(f"export takes the HyperNet from selftune.hypernetize (got {type(net).__name__})")
+    with torch.no_grad():
+        u = net.hparams.detach()
+        # Delta-STN is centred: at its own hyperparameters the response is exactly zero.
+        cond = net.encode(u.unsqueeze(0))[0] if net.form == "stn" else None
+        values = net.values()
+    model = copy.deepcopy(net.model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BestResponseModule):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            plain = module.plain(cond)
+            plain.train(module.training)
+            setattr(parent, child, plain)
+        elif isinstance(module, Dropout | EmbeddingDropout):
+            module.fixed = float(values[module.name])
+        if isinstance(module, HyperModule):
+            object.__setattr__(module, "_hyper_state", None)  # the copy answers to no HyperNet
+    return model

@@ -1,0 +1,77 @@
+"""`selftune.export`: the user's own model back, plain, at the tuned hyperparameters."""
+
+import pytest
+import torch
+from torch import nn
+
+import selftune as st
+
+
+class Small(nn.Module):
+    """A user's model: every convertible layer kind, and selftune's regularisers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.lstm = nn.LSTM(6, 5, batch_first=True)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.drop = st.Dropout("p")
+        self.edrop = st.EmbeddingDropout("pe", 20)
+        self.head = nn.Linear(5 + 3 * 16, 4)
+
+    def forward(self, x):
+        ids, image = x[:, :5].long(), x[:, 5:].view(-1, 1, 4, 4)
+        seq, _ = self.lstm(self.edrop(ids, self.embed(ids)))
+        feats = torch.cat([seq[:, -1], self.conv(image).flatten(1)], dim=1)
+        return self.head(self.drop(feats))
+
+
+def _trained(form):
+    torch.manual_seed(0)
+    space = st.Space([st.Float("p", 0.0, 0.9, init=0.3), st.Float("pe", 0.0, 0.9, init=0.2)])
+    net = st.hypernetize(Small(), space, form=form)
+    with torch.no_grad():  # a trained response: gates, response weights and STN's scale away from init
+        for layer in net.best_response_layers():
+            for p in layer.response_parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        net.hparams.add_(torch.tensor([0.4, -0.3]))
+    return net
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.cat([torch.randint(0, 20, (8, 5), generator=gen).float(), torch.randn(8, 16, generator=gen)], 1)
+
+
+@pytest.mark.parametrize("form", ["stn", "delta"])
+def test_export_gives_a_plain_model_with_the_wrappers_outputs(form):
+    net = _trained(form)
+    x = _batch()
+    net.eval()
+    with torch.no_grad():
+        expected = net(x)
+    plain = st.export(net).eval()
+    assert not any(isinstance(m, st.nn.layers.BestResponseModule) for m in plain.modules())
+    assert {type(m) for m in plain.modules()} >= {nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM}
+    with torch.no_grad():
+        assert torch.allclose(plain(x), expected, atol=1e-5)
+    # The user's own class loads it, key for key, and computes the same.
+    mine = Small()
+    mine.load_state_dict(plain.state_dict())
+    assert mine.state_dict().keys() == plain.state_dict().keys()
+    mine.eval()
+    with torch.no_grad():
+        assert torch.allclose(mine(x), expected, atol=1e-5)  # eval: its dropouts need no HyperNet
+    # The wrapper is untouched, and the copy trains on its own at the tuned rates.
+    assert any(isinstance(m, st.nn.layers.BestResponseModule) for m in net.modules())
+    plain.train()
+    values = net.values()
+    assert plain.drop.fixed == pytest.approx(values["p"]) and plain.edrop.fixed == pytest.approx(values["pe"])
+    loss = plain(x).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in plain.parameters())
+
+
+def test_export_refuses_what_is_not_a_hypernet():
+    with pytest.raises(TypeError, match="export takes the HyperNet"):
+        st.export(nn.Linear(2, 2))
