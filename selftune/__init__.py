@@ -20,12 +20,13 @@ _EXPORTS = {
     "export": "plain_model",
     "TunerSettings": "settings",
     "Float": "space", "Int": "space", "Space": "space",
-    "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner",
+    "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner", "score": "tuner",
+    "Task": "task",
 }
 
 __all__ = ["Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip", "Float", "HyperNet",
-           "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "TunerSettings", "evaluate", "export",
-           "hypernetize"]
+           "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "Task", "TunerSettings", "evaluate",
+           "export", "hypernetize", "score"]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from .plain_model import export
     from .settings import TunerSettings
     from .space import Float, Int, Space
-    from .tuner import Callback, FitResult, SelfTuner, evaluate
+    from .task import Task
+    from .tuner import Callback, FitResult, SelfTuner, evaluate, score
 
 
 def __getattr__(name: str) -> Any:

@@ -18,10 +18,11 @@ pick it up from the registry without another edit.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .batches import batch_size, head
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -113,10 +114,20 @@ class Algorithm:
                              f"build it with selftune.hypernetize(model, space, form={self.form!r})")
 
     def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
+        """The user's optimizer class over ``groups``: ``tuner.momentum`` reaches SGD only (as before
+        any optimizer could be named), ``optimizer_args`` override the rest."""
+        from .settings import optimizer_class
+
         s = self.settings
-        if s.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        return torch.optim.Adam(groups, lr=self.lr, weight_decay=s.weight_decay)
+        cls = optimizer_class(s.optimizer)
+        kwargs: dict = {"lr": self.lr, "weight_decay": s.weight_decay}
+        if cls is torch.optim.SGD:
+            kwargs["momentum"] = s.momentum
+        kwargs.update(s.optimizer_args)
+        try:
+            return cls(groups, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError("tuner.optimizer_args", f"torch.optim.{cls.__name__} refused them: {err}") from None
 
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}
@@ -143,7 +154,7 @@ class Algorithm:
         return cls(groups)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:  # pragma: no cover - abstract
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:  # pragma: no cover - abstract
         """One weight step on the training batch ``(x, y)``; returns its training loss."""
         raise NotImplementedError
 
@@ -157,7 +168,7 @@ class Fixed(Algorithm):
     tunes_lr = False
     description = "plain training at the space's init values (the baseline)"
 
-    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
         return tuner.weight_step(x, y, None, "weights", respond=False)
 
 
@@ -187,8 +198,8 @@ class STN(Algorithm):
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
         return {"weights": self._weight_optimizer([{"params": net.general_parameters()}, self._response_group(net)])}
 
-    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
-        u = tuner.net.perturb(x.shape[0], tuner.generator).detach()
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
+        u = tuner.net.perturb(batch_size(x), tuner.generator).detach()
         return tuner.weight_step(x, y, u, "weights")
 
 
@@ -206,12 +217,12 @@ class DeltaSTN(Algorithm):
         return {"general": self._weight_optimizer(net.general_parameters()),
                 "response": self._weight_optimizer([self._response_group(net)])}
 
-    def step(self, tuner: SelfTuner, x: torch.Tensor, y: torch.Tensor) -> float:
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
         loss = tuner.weight_step(x, y, None, "general")
         # The response weights are few functions of few hyperparameters, so a share of the batch can do.
-        keep = max(1, math.ceil(self.settings.response_fraction * x.shape[0]))
-        x, y = x[:keep], y[:keep]
-        u = tuner.net.perturb(x.shape[0], tuner.generator).detach()
+        keep = max(1, math.ceil(self.settings.response_fraction * batch_size(x)))
+        x, y = head(x, keep), head(y, keep)
+        u = tuner.net.perturb(keep, tuner.generator).detach()
         with tuner.frozen(tuner.general_params):
             tuner.weight_step(x, y, u, "response", linearize=self.settings.linearize)
         return loss

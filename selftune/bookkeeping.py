@@ -160,13 +160,13 @@ class RunLog:
         self.trajectory.append(row)
         return row
 
-    def epoch_row(self, epoch: int, val_loss: float, val_accuracy: float,
-                  hparams: dict[str, float]) -> dict[str, float]:
-        """Append and return the row of the epoch that just ended (``epoch`` counts from 1)."""
+    def epoch_row(self, epoch: int, val: dict[str, float], hparams: dict[str, float]) -> dict[str, float]:
+        """Append and return the row of the epoch that just ended (``epoch`` counts from 1); ``val``'s
+        metrics (``loss``, ``accuracy``, the user's) become ``val_<name>`` columns."""
         s = self.sums
         row: dict[str, float] = {"epoch": epoch, "step": self.counters.steps,
-                                 "train_loss": s.epoch / max(s.epoch_n, 1), "val_loss": val_loss,
-                                 "val_accuracy": val_accuracy, "seconds": self.seconds, **hparams}
+                                 "train_loss": s.epoch / max(s.epoch_n, 1),
+                                 **{f"val_{k}": v for k, v in val.items()}, "seconds": self.seconds, **hparams}
         s.epoch, s.epoch_n = 0.0, 0
         self.history.append(row)
         return row

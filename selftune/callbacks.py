@@ -35,8 +35,9 @@ class ProgressBar(Callback):
         assert self.bar is not None
         if int(row["epoch"]) % self.every:
             return
-        self.bar.write(f"epoch {int(row['epoch'])}: val loss {row['val_loss']:.4f}  "
-                       f"val acc {row['val_accuracy']:.4f}", file=self.file)
+        shown = "  ".join(f"val {k.removeprefix('val_').replace('accuracy', 'acc')} {v:.4f}" for k, v in row.items()
+                          if k.startswith("val_"))
+        self.bar.write(f"epoch {int(row['epoch'])}: {shown}", file=self.file)
 
     def on_fit_end(self, tuner: SelfTuner) -> None:
         if self.bar is not None:

@@ -144,11 +144,15 @@ def _progress(args: argparse.Namespace) -> list:
     return [] if args.quiet else [ProgressBar()]
 
 
+def _quality(scores: dict) -> str:
+    """``loss 0.1234  accuracy 0.9700`` (and the task's own metrics; no accuracy where it means nothing)."""
+    return "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+
 def _summary(result) -> None:
     print("hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in result.hparams.items()))
-    print(f"test loss {result.test['loss']:.4f}  test accuracy {result.test['accuracy']:.4f}  "
-          f"({result.compute['seconds']:.1f} s, {result.compute['examples']} examples)")
+    print(f"test {_quality(result.test)}  ({result.compute['seconds']:.1f} s, {result.compute['examples']} examples)")
     for line in result.explanation:
         print(f"  {line}")
 
@@ -190,9 +194,9 @@ def _recorded_run(args: argparse.Namespace, prepared, store, out: str | None = N
     config = prepared.config
     run = RecordedRun.start(store, config, out=out or args.out, checkpoint_root=args.checkpoint_dir,
                             overwrite=args.overwrite, name=Path(args.config).stem)
-    sizes = prepared.splits.sizes()
-    print(f"selftune {config.method}: {config.data.name} (train {sizes['train']}, val {sizes['val']}, "
-          f"test {sizes['test']}), model {config.model.name}, {config.epochs} epochs, seed {config.seed}; "
+    sizes = prepared.data
+    print(f"selftune {config.method}: {sizes['name']} (train {sizes['train']}, val {sizes['val']}, "
+          f"test {sizes['test']}), model {config.model_name}, {config.epochs} epochs, seed {config.seed}; "
           f"run {run.run_id} in {store.display_url}")
     result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
     _summary(result)
@@ -207,7 +211,7 @@ def _comparison(tuned, baseline) -> None:
     unit = baseline.compute["examples"] or 1
     for r in (tuned, baseline):
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.hparams.items())
-        print(f"  {r.method:<10} test loss {r.test['loss']:.4f}  accuracy {r.test['accuracy']:.4f}  "
+        print(f"  {r.method:<10} test {_quality(r.test)}  "
               f"{r.compute['examples'] / unit:.2f}x examples  {r.compute['seconds']:.1f} s  ({shown})")
     change = (tuned.test["loss"] / baseline.test["loss"] - 1) * 100
     verb = "lowers" if change < 0 else "raises"
@@ -251,7 +255,11 @@ def _runs(args: argparse.Namespace) -> int:
     print(f"{'id':>4}  {'method':<10} {'seed':>4}  {'status':<11} {'test loss':>9}  {'age':>5}  config")
     for r in runs:
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "-"
-        data, model = r.config.get("data", {}).get("name", "?"), r.config.get("model", {}).get("name", "?")
+        if r.config.get("task"):
+            data, model = r.config["task"].get("source", "?").rsplit(":", 1)[-1], "own model"
+        else:
+            data = (r.config.get("data") or {}).get("name", "?")
+            model = (r.config.get("model") or {}).get("name", "?")
         print(f"{r.id:>4}  {r.method:<10} {r.seed:>4}  {r.status:<11} {loss:>9}  {_age(r.created_at):>5}  "
               f"{data}/{model}, {r.config.get('epochs')} epochs")
     return 0
@@ -272,7 +280,7 @@ def _show(args: argparse.Namespace) -> int:
           + (f" (last at step {checkpoints[-1][0]})" if checkpoints else ""))
     if r.result:
         print("hyperparameters: " + json.dumps(r.result["hparams"]))
-        print(f"test loss {r.result['test']['loss']:.4f}, accuracy {r.result['test']['accuracy']:.4f}")
+        print(f"test {_quality(r.result['test'])}")
     elif trajectory:
         last = trajectory[-1]
         print("latest hyperparameters: " + ", ".join(f"{k}={last[k]:.4g}" for k in last

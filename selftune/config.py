@@ -46,6 +46,15 @@ class ModelConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TaskConfig(BaseModel):
+    """``[task]``: a user's own model and data, built by a Python function (:mod:`selftune.task`)."""
+
+    model_config = _STRICT
+    source: str = Field(description="'path/to/file.py:function' (relative to the config file) or "
+                                    "'package.module:function'; it returns a selftune.Task")
+    args: dict[str, Any] = Field({}, description="keyword arguments of the function")
+
+
 class HyperparameterConfig(BaseModel):
     model_config = _STRICT
     type: Literal["float", "int"] = "float"
@@ -114,9 +123,10 @@ class RunConfig(BaseModel):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     epochs: int = Field(ge=1)
-    data: DataConfig
-    model: ModelConfig
-    space: dict[str, HyperparameterConfig]
+    task: TaskConfig | None = None
+    data: DataConfig | None = None
+    model: ModelConfig | None = None
+    space: dict[str, HyperparameterConfig] = {}
     tuner: TunerSettings = TunerSettings()
     objective: ObjectiveConfig = ObjectiveConfig()
     augment: list[AugmentConfig] = []
@@ -129,15 +139,42 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown method {v!r}; choose one of {list(ALGORITHMS)}")
         return v
 
-    @field_validator("space")
-    @classmethod
-    def _nonempty(cls, v: dict[str, HyperparameterConfig]) -> dict[str, HyperparameterConfig]:
-        if not v:
-            raise ValueError("declare at least one hyperparameter as a [space.NAME] table")
-        return v
+    @model_validator(mode="after")
+    def _one_task(self) -> RunConfig:
+        """A run trains either a user's ``[task]`` or a built-in ``[data]`` + ``[model]``."""
+        if self.task is not None:
+            for other in ("data", "model"):
+                if getattr(self, other) is not None:
+                    raise ConfigError(other, "a [task] builds its own model and data; remove the "
+                                             f"[{other}] table (or the [task] table)")
+            return self
+        for needed in ("data", "model"):
+            if getattr(self, needed) is None:
+                raise ConfigError(needed, f"is required: add a [{needed}] table for a built-in {needed}, or a "
+                                          "[task] table naming your own function (source = \"file.py:function\")")
+        if not self.space:
+            raise ConfigError("space", "declare at least one hyperparameter as a [space.NAME] table")
+        return self
+
+    @property
+    def data_name(self) -> str:
+        """How tables and listings name the data: the built-in dataset, or the task's function."""
+        if self.task is not None:
+            return self.task.source.rpartition(":")[2]
+        assert self.data is not None
+        return self.data.name
+
+    @property
+    def model_name(self) -> str:
+        if self.task is not None:
+            return "own model"
+        assert self.model is not None
+        return self.model.name
 
     @model_validator(mode="after")
     def _starts_in_space(self) -> RunConfig:
+        if self.task is not None and not self.space:
+            return self  # the task's space is read next (parse_config), and this check runs again then
         for start, values in self.bench.starts.items():
             for name, value in values.items():
                 if name not in self.space:
@@ -171,6 +208,9 @@ class RunConfig(BaseModel):
             if value is not None:
                 raw[key] = value
         if train_subset is not None:
+            if raw.get("data") is None:
+                raise ConfigError("data.train_subset", "a [task] builds its own data; pass a smaller data set "
+                                                       "through [task.args]")
             raw["data"]["train_subset"] = train_subset
         for name, value in (values or {}).items():
             if name not in raw["space"]:
@@ -274,8 +314,34 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise _format_validation(err) from None
+    if config.task is not None:
+        from .task import resolve_source
+
+        source = resolve_source(config.task.source)
+        if source != config.task.source or not config.space:
+            raw = config.model_dump(mode="python")
+            raw["task"]["source"] = source
+            if not config.space:
+                raw["space"] = _task_space(raw)
+            return parse_config(raw)
     config.check_references(config.build_space())
     return config
+
+
+def _task_space(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``[space]`` tables of the space a task function returns (a config without ``[space]``).
+
+    Raises:
+        ConfigError: the task returns no space either.
+    """
+    from .task import call_task
+
+    task = call_task(raw["task"]["source"], raw["task"]["args"])
+    if task.space is None:
+        raise ConfigError("space", "the task returns no space (Task.space) and the config declares none; add "
+                                   "[space.NAME] tables or return a selftune.Space from the task")
+    return {p.name: {"type": "int" if p.is_int else "float", "low": p.low, "high": p.high, "init": p.init,
+                     "log": bool(p.log)} for p in task.space}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -322,5 +388,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config."""
-    return parse_config(apply_overrides(read_toml(path), overrides or []))
+    """Read, override and validate a run config; a ``[task]`` file path is taken relative to the
+    config file's folder and recorded absolute."""
+    raw = apply_overrides(read_toml(path), overrides or [])
+    task = raw.get("task")
+    if isinstance(task, dict) and isinstance(task.get("source"), str):
+        from .task import resolve_source
+
+        task["source"] = resolve_source(task["source"], Path(path).resolve().parent)
+    return parse_config(raw)

@@ -34,7 +34,8 @@ from .errors import ConfigError, Interrupted, LeaseError, OutputError, ResumeErr
 from .models import MODELS, build, model_arguments
 from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
 from .outputs import RunResult, claim_folder, mark_folder, write_outputs
-from .tuner import Callback, FitResult, SelfTuner, evaluate
+from .tuner import Callback, FitResult, SelfTuner
+from .validation import as_dataset
 
 __all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", "prepare", "resume_recorded",
            "run_recorded"]
@@ -42,12 +43,31 @@ __all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", 
 
 @dataclass
 class Prepared:
+    """A run ready to train: its config, its tuner, the test data it is scored on at the end, and how
+    results name the data (``data``: name, sizes and, for a task, its source and the file's digest)."""
+
     config: RunConfig
-    splits: Splits
     tuner: SelfTuner
+    test: Any
+    data: dict[str, Any]
+    kind: str = "classification"
+
+    def score(self, split: str) -> dict[str, float]:
+        """The tuner's loss and metrics on ``"test"`` or ``"val"`` (perplexity added for language models)."""
+        result = self.tuner.score(self.test if split == "test" else None)
+        if self.kind == "language-model":
+            result["perplexity"] = math.exp(min(result["loss"], 700.0))
+        return result
+
+
+def _check_dropouts(model: torch.nn.Module, space: Any, where: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
+            raise ConfigError(where, f"{module.name!r} is not declared; add a [space.{module.name}] table")
 
 
 def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
+    assert config.model is not None
     if splits.kind == "language-model" and config.model.name != "lstm_lm":
         raise ConfigError("model.name", f"data {splits.name!r} is a text corpus: use the language model \"lstm_lm\"")
     space = config.build_space()
@@ -64,12 +84,17 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
         raise ConfigError("model.name", str(err).strip("'\"")) from None
     except (TypeError, ValueError) as err:
         raise ConfigError("model", str(err)) from None
-    for module in model.modules():
-        if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
-            raise ConfigError("model.dropout", f"{module.name!r} is not declared; add a [space.{module.name}] table")
+    _check_dropouts(model, space, "model.dropout")
+    return _hypernetize(config, model, space)
+
+
+def _hypernetize(config: RunConfig, model: torch.nn.Module, space: Any) -> HyperNet:
     form = get_algorithm(config.method).form or "delta"
-    return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale,
-                       encoding=config.tuner.encoding)
+    try:
+        return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale,
+                           encoding=config.tuner.encoding)
+    except (TypeError, LookupError) as err:
+        raise ConfigError("model", str(err).strip("'\"")) from None
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -79,7 +104,10 @@ def prepare(config: RunConfig) -> Prepared:
         ConfigError: anything the schema alone could not check (dataset and model names, model
             arguments, references to undeclared hyperparameters, missing data packages).
     """
+    if config.task is not None:
+        return _prepare_task(config)
     d = config.data
+    assert d is not None
     try:
         splits = load_dataset(d.name, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                               train_subset=d.train_subset, test_subset=d.test_subset, split_seed=d.split_seed,
@@ -95,7 +123,44 @@ def prepare(config: RunConfig) -> Prepared:
     tuner = SelfTuner(net, splits.train, splits.val, method=config.method, settings=config.tuner,
                       objective=config.build_objective(), augment=config.build_augment(), seed=config.seed,
                       device=device)
-    return Prepared(config, splits, tuner)
+    return Prepared(config, tuner, splits.test, {"name": splits.name, **splits.sizes()}, kind=splits.kind)
+
+
+def _prepare_task(config: RunConfig) -> Prepared:
+    """Build a user's task: call its function after seeding PyTorch (its model's init follows the run's
+    seed), convert its model and hand its data, loss and metrics to the tuner."""
+    from .task import call_task, source_digest
+
+    assert config.task is not None
+    device = config.resolve_device()
+    torch.manual_seed(config.seed)
+    task = call_task(config.task.source, config.task.args)
+    if task.test is None:
+        raise ConfigError("task.source", "the task returns no test data (Task.test); every method is scored on "
+                                         "the same held-out test split, so return one")
+    space = config.build_space()
+    _check_dropouts(task.model, space, "space")
+    net = _hypernetize(config, task.model, space)
+    try:
+        objective = replace(config.build_objective(), loss=task.loss)
+    except ValueError:
+        raise ConfigError("objective.label_smoothing", "applies to the default cross-entropy only, and the "
+                                                       "task has its own loss; remove it or smooth inside the "
+                                                       "loss") from None
+    except TypeError as err:
+        raise ConfigError("task.source", f"Task.loss: {err}") from None
+    try:
+        tuner = SelfTuner(net, task.train, task.val, method=config.method, settings=config.tuner,
+                          objective=objective,
+                          augment=config.build_augment(), seed=config.seed, device=device, metrics=task.metrics,
+                          input_key=task.input_key, target_key=task.target_key)
+    except ValueError as err:
+        if isinstance(err, SelftuneError):
+            raise
+        raise ConfigError("task", str(err)) from None
+    sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
+    info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source)}
+    return Prepared(config, tuner, task.test, info)
 
 
 def _to_device(splits: Splits, device: str) -> Splits:
@@ -106,18 +171,13 @@ def _to_device(splits: Splits, device: str) -> Splits:
 def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = None) -> RunResult:
     """Test and validation quality of ``fit``'s model and everything ``result.json`` records."""
     config = prepared.config
-    test_loss, test_acc = evaluate(fit.net, prepared.splits.test)
-    val_loss, val_acc = evaluate(fit.net, prepared.splits.val)
-    test, val = {"loss": test_loss, "accuracy": test_acc}, {"loss": val_loss, "accuracy": val_acc}
-    if prepared.splits.kind == "language-model":
-        for d in (test, val):
-            d["perplexity"] = math.exp(min(d["loss"], 700.0))
+    test, val = prepared.score("test"), prepared.score("val")
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
                      explanation=explain(prepared.tuner),
                      compute=dict(fit.compute), epochs=config.epochs,
-                     data={"name": prepared.splits.name, **prepared.splits.sizes()},
+                     data=dict(prepared.data),
                      config=config.model_dump(mode="json"),
                      versions={"selftune": __version__, "torch": torch.__version__,
                                "python": platform.python_version()})

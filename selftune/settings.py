@@ -6,10 +6,12 @@ file, so defaults and error messages are the same in both places.
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from .errors import ConfigError
 from .schedules import ScheduleSettings
 
 
@@ -24,7 +26,13 @@ class TunerSettings(BaseModel):
 
     batch_size: PositiveInt = 128
     val_batch_size: PositiveInt | None = Field(None, description="defaults to batch_size")
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: str = Field(
+        "sgd", description="the weights' optimizer: any torch.optim class by name, any case (sgd, adam, adamw, "
+                           "rmsprop, nadam, ...); lr, weight_decay and, for SGD, momentum come from their own "
+                           "settings, every other argument from optimizer_args")
+    optimizer_args: dict[str, Any] = Field(
+        {}, description="further keyword arguments of the optimizer class, e.g. {nesterov = true} for SGD or "
+                        "{betas = [0.9, 0.99]} for Adam/AdamW")
     lr: PositiveFloat | str = Field(
         0.01, description="learning rate of the weights, or the name of a hyperparameter of the space that holds it "
                           "(declare it log-scaled, e.g. [space.lr] low = 1e-4, high = 1, log = true): fixed trains at "
@@ -79,3 +87,43 @@ class TunerSettings(BaseModel):
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        optimizer_class(v)  # raises ValueError naming the choices
+        return v
+
+    @model_validator(mode="after")
+    def _arguments_taken(self) -> TunerSettings:
+        cls = optimizer_class(self.optimizer)
+        takes = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        for key in self.optimizer_args:
+            if key == "lr":
+                raise ConfigError("tuner.optimizer_args.lr", "set tuner.lr instead (a number, or a hyperparameter's "
+                                                             "name)")
+            if key not in takes:
+                raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of torch.optim.{cls.__name__}; it "
+                                                                 f"takes {', '.join(sorted(takes - {'lr'}))}")
+        return self
+
+
+def optimizer_class(name: str) -> type:
+    """The ``torch.optim`` optimizer class called ``name`` (any case: ``"adamw"`` is ``AdamW``).
+
+    Raises:
+        ValueError: no such optimizer (the message lists them).
+    """
+    import torch
+
+    classes = {n.lower(): c for n, c in vars(torch.optim).items()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    if name.lower() == "lbfgs":  # its step needs a closure re-evaluating the loss, which a tuner step is not
+        raise ValueError("LBFGS needs a closure at every step and cannot train inside the tuner; use sgd, adam, "
+                         "adamw, ...")
+    classes.pop("lbfgs", None)
+    try:
+        return classes[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose a torch.optim class: {', '.join(sorted(classes))}") \
+            from None

@@ -20,62 +20,113 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
 from .augment import Augment
+from .batches import Fields, Source, to_device
+from .batches import batch_size as batch_of
 from .bookkeeping import BatchOrder, Counters, RunLog
-from .errors import ConfigError, DivergenceError, SelftuneWarning
+from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR
 from .nn.hypernet import HyperNet
-from .objective import Objective, flatten_tokens
+from .objective import LossFn, Objective, flatten_tokens
 from .schedules import factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
 
-__all__ = ["Callback", "DivergenceError", "FitResult", "NonFiniteError", "SelfTuner", "evaluate"]
+__all__ = ["Callback", "DivergenceError", "FitResult", "NonFiniteError", "SelfTuner", "evaluate", "score"]
 
 #: Share of a hyperparameter's range (in the unit space of its transform) kept between a tuned init and a bound.
 BOUND_MARGIN = 0.02
 
-DataLike = Dataset | tuple[torch.Tensor, torch.Tensor]
+DataLike = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
 
-def _take(data: Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, TensorDataset):
-        x, y = (t[index] for t in data.tensors)
-    else:
-        x, y = default_collate([data[i] for i in index.tolist()])
-    return x, y
+def _as_source(data: Any, what: str, batch: int | None = None) -> Source:
+    """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
+    dataset = as_dataset(data, what)
+    return Source(data if isinstance(data, DataLoader) else dataset, what, batch)
+
+
+def _is_classification(outputs: Any, target: Any) -> bool:
+    """Accuracy means something: class scores ``(B, [T,] C)`` against integer labels ``(B, [T])``."""
+    return (isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor) and outputs.dim() >= 2
+            and not target.is_floating_point() and target.shape == outputs.shape[:-1])
+
+
+Metric = Callable[[Any, Any], "torch.Tensor | float"]
 
 
 @torch.no_grad()
-def evaluate(net: HyperNet, data: DataLike, batch_size: int = 512,
-             device: torch.device | str | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``net`` at its current hyperparameters (eval mode); for
-    sequence models, per predicted token (``exp`` of the loss is the perplexity). Batches go to
-    ``device``, by default the net's."""
-    data = data if isinstance(data, Dataset) else as_dataset(data, "data")
-    device = device or net.hparams.device
+def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapping[str, Metric] | None = None,
+          input_key: str | Sequence[str] | None = None, target_key: str | None = None, batch_size: int = 512,
+          device: torch.device | str | None = None) -> dict[str, float]:
+    """Quality of ``net`` at its current hyperparameters (eval mode) on ``data``.
+
+    Returns ``{"loss": ...}`` (the mean of ``loss``, by default cross-entropy per predicted token), plus
+    ``"accuracy"`` where it means something (the default loss on integer class labels), plus each of
+    ``metrics``: ``metric(outputs, targets)`` is a batch's mean, averaged over examples.
+
+    Args:
+        data: an ``(inputs, targets)`` pair, a Dataset or a DataLoader (its collate is used).
+        loss, input_key, target_key: as :class:`SelfTuner` takes them.
+        device: where batches go; by default the net's.
+    """
+    return _score(net, _as_source(data, "data"), Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
+                  batch_size, device or net.hparams.device)
+
+
+@torch.no_grad()
+def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping[str, Metric], fields: Fields,
+           batch_size: int, device: torch.device | str) -> dict[str, float]:
+    loss = objective.loss
     was_training = net.training
     net.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    n = len(data)  # type: ignore[arg-type]
-    for start in range(0, n, batch_size):
-        x, y = _take(data, torch.arange(start, min(start + batch_size, n)))
-        x, y = x.to(device), y.to(device)
-        logits, y = flatten_tokens(net(x), y)
-        total_loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(-1) == y).sum())
-        count += len(y)
-    net.train(was_training)
-    return total_loss / count, correct / count
+    sums: dict[str, float] = {}
+    count, tokens, correct, classification = 0, 0, 0, loss is None
+    n = len(source)
+    try:
+        for start in range(0, n, batch_size):
+            x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
+            x, y = to_device(x, device), to_device(y, device)
+            out = net(x)
+            b = batch_of(x)
+            if loss is None:
+                logits, flat = flatten_tokens(out, y)
+                sums["loss"] = sums.get("loss", 0.0) + F.cross_entropy(logits, flat, reduction="sum").item()
+                tokens += len(flat)
+                classification = classification and _is_classification(out, y)
+                if classification:
+                    correct += int((logits.argmax(-1) == flat).sum())
+            else:
+                sums["loss"] = sums.get("loss", 0.0) + objective.eval_loss(out, y).item() * b
+            for name, metric in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(metric(out, y)) * b
+            count += b
+    finally:
+        net.train(was_training)
+    result = {"loss": sums["loss"] / (tokens if loss is None else count)}
+    if classification:
+        result["accuracy"] = correct / tokens
+    result.update({name: sums[name] / count for name in metrics})
+    return result
+
+
+def evaluate(net: HyperNet, data: Any, batch_size: int = 512,
+             device: torch.device | str | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a classifier ``net`` at its current hyperparameters (eval
+    mode); for sequence models, per predicted token (``exp`` of the loss is the perplexity). Batches go
+    to ``device``, by default the net's. For another loss or metrics, use :func:`score`."""
+    result = score(net, data, batch_size=batch_size, device=device)
+    return result["loss"], result.get("accuracy", math.nan)
 
 
 #: what to change when a group of parameters keeps diverging (the one-line error names it)
@@ -132,14 +183,22 @@ class SelfTuner:
     Args:
         net: from :func:`~selftune.hypernetize`; its form must match the algorithm (``"stn"`` for STN,
             ``"delta"`` for Delta-STN; ``fixed`` accepts either).
-        train: training data, an ``(inputs, targets)`` pair or an indexable Dataset.
-        val: validation data for the hyper steps (held out from training).
+        train: training data: an ``(inputs, targets)`` pair of tensors, a map-style Dataset of pairs or
+            dicts, or a DataLoader (its dataset and ``collate_fn``; the tuner draws its own batches).
+        val: validation data for the hyper steps (held out from training), in the same forms.
         method: a registered algorithm name (``"delta-stn"``, ``"stn"``, ``"fixed"``, ...) or class.
         settings: loop settings (:class:`~selftune.settings.TunerSettings`).
         objective: loss-side hyperparameters (weight decay, label smoothing).
         augment: augmentations applied to training batches at per-example strengths.
         seed: seeds the tuner's generator (data order, perturbations, masks, augmentations).
         device: where batches are moved before the forward pass.
+        loss: ``loss(outputs, targets) -> scalar``, the batch's mean loss (regression, multi-label,
+            sequence, ...); ``None``: cross-entropy. The hyper steps minimise it on validation batches.
+        metrics: ``{name: metric(outputs, targets)}``, each a batch's mean, reported per epoch on
+            validation data (``val_<name>``) and by :meth:`score`. Accuracy is added by itself only
+            where it means something (cross-entropy on integer labels).
+        input_key, target_key: for dict examples, which key is the target and which the input (a
+            list of keys: the model receives them as keyword arguments); see :class:`~selftune.batches.Fields`.
 
     Raises:
         ConfigError: an unknown method.
@@ -153,7 +212,9 @@ class SelfTuner:
     def __init__(self, net: HyperNet, train: DataLike, val: DataLike, *,
                  method: str | type[Algorithm] = DEFAULT_ALGORITHM, settings: TunerSettings | None = None,
                  objective: Objective | None = None, augment: Augment | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", loss: LossFn | None = None,
+                 metrics: Mapping[str, Metric] | None = None, input_key: str | Sequence[str] | None = None,
+                 target_key: str | None = None) -> None:
         if not isinstance(net, HyperNet):
             raise TypeError(f"net must be a HyperNet from selftune.hypernetize(model, space) "
                             f"(got {type(net).__name__}); wrap your model first")
@@ -164,16 +225,30 @@ class SelfTuner:
         self.algorithm.check_net(net)
         self.net, self.method = net, cls.name
         self.objective = objective or Objective()
+        if loss is not None:
+            if self.objective.loss is not None and self.objective.loss is not loss:
+                raise ValueError("loss is given twice (loss= and objective.loss) with different functions; pass one")
+            try:
+                self.objective = replace(self.objective, loss=loss)
+            except (TypeError, ValueError) as err:
+                raise ConfigError("loss", str(err)) from None
+        self.metrics = dict(metrics or {})
+        for name, metric in self.metrics.items():
+            if not callable(metric):
+                raise TypeError(f"metrics[{name!r}] must be a callable metric(outputs, targets) (got "
+                                f"{type(metric).__name__})")
+        self.fields = Fields(input_key, target_key)
         self.augment = augment
         for name in self.objective.hyperparameters() | (augment.hyperparameters() if augment else set()):
             net.space.index(name)
-        self.train_data = as_dataset(train, "train")
-        self.val_data = as_dataset(val, "val")
+        s = self.settings
+        self.sources = {"train": _as_source(train, "train", s.batch_size),
+                        "val": _as_source(val, "val", s.val_batch_size or s.batch_size)}
+        self.train_data, self.val_data = self.sources["train"].dataset, self.sources["val"].dataset
         self.device = _usable_device(device)
         # On the training device, so masks and perturbations are drawn where they are used.
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
-        s = self.settings
         self.val_batch_size = s.val_batch_size or s.batch_size
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
         self.n_val = len(self.val_data)  # type: ignore[arg-type]
@@ -247,8 +322,9 @@ class SelfTuner:
                 stacklevel=3)
 
     def _check_targets(self) -> None:
-        """Labels must fit the model's outputs: checked on one example of each split, then on every
-        label, before the first step (a bad label deep in the data would otherwise fail hours in).
+        """Targets must fit the model's outputs and the loss: checked on the first examples of each split
+        (and every integer label of a tensor dataset, for cross-entropy) before the first step, so a bad
+        label or a loss that does not take the model's outputs fails now, in one line, not hours in.
         Runs in eval mode without the tuner's generator and restores the global RNG, so the run is
         bit-identical with or without this check."""
         net, device = self.net, self.net.hparams.device
@@ -256,15 +332,38 @@ class SelfTuner:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 net.eval()
-                for data, what in ((self.train_data, "train"), (self.val_data, "val")):
-                    x, y = _take(data, torch.arange(1))
-                    out = net(x.to(device))
-                    check_targets(out, y.to(device), what)
-                    classes = out.shape[-1]
+                for what, source in self.sources.items():
+                    x, y = source.take(torch.arange(min(2, len(source))), self.fields)
+                    if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
+                        raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
+                                                     f"{type(x).__name__}; remove the augmentations")
+                    x, y = to_device(x, device), to_device(y, device)
+                    out = net(x)
+                    if self.objective.loss is None:
+                        check_targets(out, y, what)
+                        classes = out.shape[-1]
+                    else:
+                        self._try_loss(out, y, what)
         finally:
             net.train(was_training)
-        for data, what in ((self.train_data, "train"), (self.val_data, "val")):
-            check_all_targets(data, classes, what)
+        if self.objective.loss is None:
+            for data, what in ((self.train_data, "train"), (self.val_data, "val")):
+                check_all_targets(data, classes, what)
+
+    def _try_loss(self, out: Any, y: Any, what: str) -> None:
+        """The user's loss and metrics on a first batch: a shape mismatch is a DataError naming both."""
+        def shape(v: Any) -> str:
+            return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
+
+        checks = [("loss", self.objective.eval_loss), *((f"metrics[{k!r}]", m) for k, m in self.metrics.items())]
+        for name, fn in checks:
+            try:
+                value = fn(out, y)
+                float(value)
+            except Exception as err:
+                reason = " ".join(f"{type(err).__name__}: {err}".split())
+                raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
+                                f"model's outputs are {shape(out)} and the targets {shape(y)}") from err
 
     # -- views kept for callbacks and users ------------------------------------------------------------
     @property
@@ -366,7 +465,7 @@ class SelfTuner:
         s, order, log = self.settings, self.order, self.log
         while order.epoch < epochs and not self._stop:
             while not order.epoch_done and not self._stop:
-                x, y = self._batch(self.train_data, order.next_train(self.generator))
+                x, y = self._batch("train", order.next_train(self.generator))
                 log.add_train_loss(self.algorithm.step(self, x, y))
                 log.counters.steps += 1
                 if log.idle is None:
@@ -374,7 +473,7 @@ class SelfTuner:
                 tuning = self.algorithm.tunes and order.epoch >= s.warmup_epochs
                 if tuning and log.counters.steps % s.train_steps == 0:
                     for _ in range(s.val_steps):
-                        self._hyper_step(*self._batch(self.val_data, order.next_val(self.generator)))
+                        self._hyper_step(*self._batch("val", order.next_val(self.generator)))
                 row = None
                 if log.counters.steps % s.log_every == 0:
                     row = log.log_row(order.epoch, self._hparam_columns())
@@ -453,9 +552,12 @@ class SelfTuner:
         (``None``: the current ones); what algorithms compose their weight steps from."""
         net = self.net
         self._check(net.hparams, "hyperparameters", "hyper")
+        # Inside a user's torch.autocast region, autocast keeps its low-precision copy of each weight until
+        # the region ends: without this, every step after the first would run on the first step's weights.
+        torch.clear_autocast_cache()
         with torch.no_grad():
             values = net.space.discretize(net.space.to_constrained(
-                net.hparams.expand(x.shape[0], -1) if u is None else u))
+                net.hparams.expand(batch_of(x), -1) if u is None else u))
         lookup = self._lookup(values)
         if self.augment is not None:
             x = self.augment(x, lookup, self.generator)
@@ -483,7 +585,7 @@ class SelfTuner:
         self.optimizers[group].step()
         if lr_tuner is not None:
             lr_tuner.after_step()
-        self.log.counters.examples += x.shape[0]
+        self.log.counters.examples += batch_of(x)
         return loss.item()
 
     def _apply_schedule(self, group: str) -> None:
@@ -508,12 +610,13 @@ class SelfTuner:
         """One step of the hyperparameters (and scales) on a validation batch, in eval mode."""
         net, s = self.net, self.settings
         net.eval()
+        torch.clear_autocast_cache()  # the weights changed since the last cast (see weight_step)
         with self.frozen(self._weights):
             net.zero_grad(set_to_none=True)
             if s.tune_scales:
-                u = net.perturb(x.shape[0], self.generator)
+                u = net.perturb(batch_of(x), self.generator)
             else:
-                u = net.hparams.unsqueeze(0).expand(x.shape[0], -1)
+                u = net.hparams.unsqueeze(0).expand(batch_of(x), -1)
             val_loss = self.objective.eval_loss(net(x, u), y)
             loss = val_loss - s.entropy_weight * net.entropy() if s.tune_scales else val_loss
             # The hyperparameters are bounded by construction, so a non-finite validation loss comes
@@ -533,7 +636,7 @@ class SelfTuner:
             self.optimizers["hyper"].step()
             self._check(net.hparams, "hyperparameters", "hyper")
         net.train()
-        self.log.counters.examples += x.shape[0]
+        self.log.counters.examples += batch_of(x)
         self.log.counters.hyper_steps += 1
         self.log.add_val_loss(val_loss.item())
 
@@ -561,9 +664,15 @@ class SelfTuner:
         if value is not None and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(what, group, self.counters.steps + 1)
 
-    def _batch(self, data: Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _take(data, index)
-        return x.to(self.device), y.to(self.device)
+    def _batch(self, split: str, index: torch.Tensor) -> tuple[Any, Any]:
+        x, y = self.sources[split].take(index, self.fields)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def score(self, data: Any | None = None, batch_size: int = 512) -> dict[str, float]:
+        """:func:`score` of the net on ``data`` (default: the validation data, with its loader's collate)
+        with this tuner's loss, metrics and fields."""
+        source = self.sources["val"] if data is None else _as_source(data, "data")
+        return _score(self.net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
 
     def _hparam_columns(self) -> dict[str, float]:
         net = self.net
@@ -576,10 +685,10 @@ class SelfTuner:
         return row
 
     def _end_epoch(self) -> dict[str, float]:
-        val_loss, val_acc = evaluate(self.net, self.val_data, device=self.device)
+        val = self.score()
         self.net.train()
         self.log.counters.eval_examples += self.n_val
-        row = self.log.epoch_row(self.order.epoch + 1, val_loss, val_acc, self._hparam_columns())
+        row = self.log.epoch_row(self.order.epoch + 1, val, self._hparam_columns())
         self.order.end_epoch()
         self.snapshot()
         return row

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from .errors import ConfigError, DataError
 
@@ -26,7 +26,7 @@ __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_target
 
 #: Elements checked for NaN/inf at a time, so a large tensor needs no second full-size copy in memory.
 CHUNK_ELEMENTS = 1 << 22
-_ACCEPTED = "an (inputs, targets) tuple of tensors or a map-style torch.utils.data.Dataset"
+_ACCEPTED = "an (inputs, targets) tuple of tensors, a map-style torch.utils.data.Dataset or a DataLoader over one"
 _PART_NAMES = ("inputs", "targets")
 
 
@@ -46,12 +46,14 @@ def as_dataset(data: Any, what: str) -> Dataset:
     """Validate training or validation data and return it as an indexable Dataset.
 
     Args:
-        data: an ``(inputs, targets)`` tuple of tensors (becomes a ``TensorDataset``) or a map-style
-            Dataset with ``__len__`` whose items are ``(input, target)`` pairs.
+        data: an ``(inputs, targets)`` tuple of tensors (becomes a ``TensorDataset``), a map-style
+            Dataset with ``__len__`` whose items are ``(input, target)`` pairs or dicts, or a
+            ``DataLoader`` over one (its items may be anything its ``collate_fn`` takes).
         what: how messages name the data (``"train"``, ``"val"``).
 
     Returns:
-        ``data`` itself if it is a Dataset, else a ``TensorDataset`` of the pair.
+        ``data`` itself if it is a Dataset (a loader's dataset for a loader), else a ``TensorDataset``
+        of the pair.
 
     Raises:
         DataError: on another type, a pair of other than two tensors or of different lengths, an
@@ -59,6 +61,10 @@ def as_dataset(data: Any, what: str) -> Dataset:
             anywhere in the floating-point tensors of a pair or ``TensorDataset`` (checked in chunks
             of :data:`CHUNK_ELEMENTS`), in the first example of any other Dataset.
     """
+    custom_collate = False
+    if isinstance(data, DataLoader):
+        custom_collate = data.collate_fn is not default_collate
+        data = data.dataset
     if isinstance(data, tuple):
         tensors = _pair(data, what)
         dataset: Dataset = TensorDataset(*tensors)
@@ -77,7 +83,7 @@ def as_dataset(data: Any, what: str) -> Dataset:
                             "examples; define __len__ on it or pass an (inputs, targets) tuple of tensors")
         if len(data) == 0:
             raise DataError(f"{what}: the dataset is empty (0 examples); give at least one example")
-        _check_first_item(data, what)
+        _check_first_item(data, what, any_item=custom_collate)
         return data
     else:
         hint = "; wrap it with TensorDataset(inputs, targets) or pass a tuple" if isinstance(data, list) else ""
@@ -143,8 +149,10 @@ def _tensors(value: Any) -> Iterator[Any]:
         yield value
 
 
-def _check_first_item(data: Dataset, what: str) -> None:
-    """Check example 0 of a Dataset (cheap; RNG states are restored in case reading it draws randomness)."""
+def _check_first_item(data: Dataset, what: str, *, any_item: bool = False) -> None:
+    """Check example 0 of a Dataset (cheap; RNG states are restored in case reading it draws randomness):
+    an ``(input, target)`` pair or a dict (``any_item``: anything, a custom collate reads it), free of
+    NaN/inf."""
     py_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -155,11 +163,19 @@ def _check_first_item(data: Dataset, what: str) -> None:
                         "0..len-1, so fix the dataset's __getitem__") from err
     finally:
         random.setstate(py_state)
-    if not isinstance(item, tuple | list) or len(item) != 2:
+    if isinstance(item, Mapping):
+        parts: list[Any] = list(item.values())
+        names = [f"field {k!r}" for k in item]
+    elif isinstance(item, tuple | list) and len(item) == 2:
+        parts, names = list(item), list(_PART_NAMES)
+    elif any_item:
+        parts, names = [item], ["values"]
+    else:
         got = f"a {type(item).__name__} of {len(item)}" if isinstance(item, tuple | list) else \
             f"a {type(item).__name__}"
-        raise DataError(f"{what}: example 0 is {got}; each example must be an (input, target) pair")
-    for i, part in enumerate(item):
+        raise DataError(f"{what}: example 0 is {got}; each example must be an (input, target) pair or a dict "
+                        "(name its target with target_key), or pass a DataLoader whose collate_fn reads it")
+    for i, part in enumerate(parts):
         bad = 0
         for v in _tensors(part):
             if isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -167,7 +183,7 @@ def _check_first_item(data: Dataset, what: str) -> None:
             elif isinstance(v, float) and not math.isfinite(v):
                 bad += 1
         if bad:
-            raise DataError(f"{what}: example 0's {_part(i)} contain {bad} NaN/inf value{'s' if bad > 1 else ''}; "
+            raise DataError(f"{what}: example 0's {names[i]} contain {bad} NaN/inf value{'s' if bad > 1 else ''}; "
                             "clean or impute them before training")
 
 

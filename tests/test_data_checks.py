@@ -165,8 +165,8 @@ def test_wrong_types_name_the_type_and_what_is_accepted(data, named):
     with pytest.raises(DataError) as err:  # not TypeError / AssertionError
         as_dataset(data, "train")
     text = one_line(err)
-    assert text.startswith("train: expected an (inputs, targets) tuple of tensors or a map-style "
-                           "torch.utils.data.Dataset, ") and named in text
+    assert text.startswith("train: expected an (inputs, targets) tuple of tensors, a map-style "
+                           "torch.utils.data.Dataset or a DataLoader over one, ") and named in text
 
 
 def test_scalar_tensors_and_one_tensor_datasets_are_refused():

@@ -52,9 +52,10 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig
     config = load_config(path, ['device="cuda"'] if gpu else [])
     if quick:
         config = config.derive(epochs=min(config.epochs, QUICK["epochs"]))
-        subset = config.data.train_subset
-        if config.data.name not in SMALL_DATASETS and not 0 < subset <= QUICK["train_subset"]:
-            config = config.derive(train_subset=QUICK["train_subset"])
+        if config.data is not None:  # a task sizes its own data (through [task.args])
+            subset = config.data.train_subset
+            if config.data.name not in SMALL_DATASETS and not 0 < subset <= QUICK["train_subset"]:
+                config = config.derive(train_subset=QUICK["train_subset"])
     return config
 
 
@@ -142,13 +143,14 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
                                      start_values={n: h.init for n, h in cfg.space.items()}, failed=str(err))
                     progress(f"    FAILED: {err}")
                 else:
-                    progress(f"    test loss {r.test_loss:.4f}, accuracy {r.test_accuracy:.4f}, "
+                    accuracy = "" if math.isnan(r.test_accuracy) else f", accuracy {r.test_accuracy:.4f}"
+                    progress(f"    test loss {r.test_loss:.4f}{accuracy}, "
                              f"{r.examples} examples, {r.seconds:.1f} s")
                 results.append(r)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     scheduled = [m.name for m in chosen if m.schedule]
-    (out / "README.md").write_text(table(name, results, quick, perplexity=config.data.name in CORPORA,
-                                         scheduled=scheduled, config=config))
+    corpus = config.data is not None and config.data.name in CORPORA
+    (out / "README.md").write_text(table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config))
     plot_compute(name, results, out / "loss_vs_compute.png")
     schedules = {}
     for m in scheduled:
@@ -210,6 +212,8 @@ def _units(results: list[MethodResult]) -> dict[int, tuple[float, float]]:
 
 
 def _mean_sd(values: list[float], digits: int = 4) -> str:
+    if all(math.isnan(v) for v in values):
+        return "—"  # a metric the task does not have (accuracy of a regression)
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"

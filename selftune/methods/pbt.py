@@ -17,6 +17,7 @@ costs ``P`` plain runs; ``seconds`` is the population's wall clock on this machi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import tempfile
@@ -32,7 +33,6 @@ from ..config import RunConfig, parse_config
 from ..extras import install_hint, missing
 from ..runner import RecordedRun, evaluate_run, prepare
 from ..store import RunStore
-from ..tuner import evaluate
 from ._base import Context, Method, MethodResult
 
 _STATE = "tuner.pt"
@@ -92,10 +92,12 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
         examples, started = tuner.counters.examples, time.perf_counter()
         tuner.fit(min(tuner.epoch + interval, config.epochs))
         last = tuner.history[-1]
-        metrics = {"val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], "epoch": tuner.epoch,
+        metrics = {"val_loss": last["val_loss"], "val_accuracy": last.get("val_accuracy", math.nan),
+                   "epoch": tuner.epoch,
                    "examples": tuner.counters.examples - examples, "seconds": time.perf_counter() - started}
         if tuner.epoch >= config.epochs:  # reported for the record; selection uses val_loss only
-            metrics["test_loss"], metrics["test_accuracy"] = evaluate(tuner.net, prepared.splits.test)
+            test = prepared.score("test")
+            metrics["test_loss"], metrics["test_accuracy"] = test["loss"], test.get("accuracy", math.nan)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(tuner.state_dict(), Path(folder) / _STATE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

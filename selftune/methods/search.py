@@ -8,6 +8,7 @@ minimises the final validation loss, and the method returns the test loss of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,7 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         totals["examples"] += int(result.compute["examples"])
         totals["seconds"] += result.compute["seconds"]
         for key in ("loss", "accuracy"):
-            trial.set_user_attr(f"test_{key}", result.test[key])
+            trial.set_user_attr(f"test_{key}", result.test.get(key, math.nan))
         trial.set_user_attr("examples", int(result.compute["examples"]))
         if not report.pruned and result.val["loss"] < best["val"]:
             best.update(val=result.val["loss"], test=result.test["loss"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ..algorithms import ALGORITHMS
@@ -33,7 +34,8 @@ class SingleRun(Method):
         r = run_recorded(prepare(config), ctx.store, out=ctx.run_folder(self.name, seed),
                          checkpoint_root=ctx.folder / "checkpoints", every=None, overwrite=True)
         examples = int(r.compute["examples"])
-        return MethodResult(method=self.name, seed=seed, test_loss=r.test["loss"], test_accuracy=r.test["accuracy"],
+        return MethodResult(method=self.name, seed=seed, test_loss=r.test["loss"],
+                            test_accuracy=r.test.get("accuracy", math.nan),
                             val_loss=r.val["loss"], hparams=r.hparams, examples=examples,
                             seconds=r.compute["seconds"], run_id=r.run_id, curve=[(examples, r.test["loss"])],
                             start=ctx.start, start_values={n: h.init for n, h in config.space.items()})

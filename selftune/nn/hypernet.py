@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batches import Kwargs, batch_size
 from ..space import ENCODINGS, Encoding, Space
 from .layers import (
     FORMS,
@@ -67,17 +69,19 @@ class HyperNet(nn.Module):
                 module.bind_state(self._state)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, u: torch.Tensor | None = None, *, respond: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: Any, u: torch.Tensor | None = None, *, respond: bool = True,
+                generator: torch.Generator | None = None) -> Any:
         """Run the model at per-example hyperparameters.
 
         Args:
-            x: a batch; its first dimension is the batch size ``B``.
+            x: a batch: a tensor whose first dimension is the batch size ``B``, any nesting of such
+                tensors (passed as the model's one argument), or :class:`~selftune.batches.Kwargs`
+                (passed as keyword arguments).
             u: ``(B, H)`` unconstrained hyperparameters; ``None`` means the current ``hparams``.
             respond: ``False`` switches the response path off (plain training at fixed values).
             generator: random source for dropout masks.
         """
-        batch = x.shape[0]
+        batch = batch_size(x)
         centre = self.hparams.unsqueeze(0).expand(batch, -1)
         at_centre = u is None
         if u is None:
@@ -92,7 +96,10 @@ class HyperNet(nn.Module):
                 # so the response path is skipped there and such a step costs a plain step.
                 cond = self.encode(u) - self.encode(centre.detach())
         with self._state.bind(values, cond, generator):
-            return self.model(x)
+            return self._call(x)
+
+    def _call(self, x: Any) -> Any:
+        return self.model(**x) if isinstance(x, Kwargs) else self.model(x)
 
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,
                            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,7 +121,7 @@ class HyperNet(nn.Module):
         with fwad.dual_level():
             cond = fwad.make_dual(torch.zeros_like(delta), delta)
             with self._state.bind(values, cond, generator):
-                out = self.model(x)
+                out = self._call(x)
             primal, tangent = fwad.unpack_dual(out)
         return primal if tangent is None else primal + tangent
 

@@ -1,0 +1,171 @@
+"""How a user's examples become ``(inputs, targets)`` batches: tensors, tuples or dicts, with any collate.
+
+The tuner draws its examples by index (its order is part of every checkpoint, which is what makes a
+resumed run equal an uninterrupted one), so it needs an indexable dataset, not an iterator. A
+``DataLoader`` is accepted for what it knows about the data: its ``dataset`` and its ``collate_fn``
+(padding, tokenising); its sampler, batch size and workers are not used, and the tuner says so once
+when its batch size differs.
+
+A collated batch is split into inputs and targets by :class:`Fields`:
+
+* a 2-item tuple/list is ``(inputs, targets)``;
+* a dict is split by key: ``target`` names the target, ``input`` the input (one key), or a list of
+  keys, which the model then receives as keyword arguments (``model(**inputs)``, as a Hugging Face
+  model takes ``input_ids`` and ``attention_mask``).
+
+Inputs may be any nesting of tensors (dicts, tuples); :func:`batch_size`, :func:`head` and
+:func:`to_device` work on them all. This is core code: it imports torch and :mod:`selftune.errors` only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+from .errors import DataError, SelftuneWarning
+
+__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "to_device"]
+
+Collate = Callable[[list[Any]], Any]
+
+
+class Kwargs(dict):
+    """Inputs the model takes as keyword arguments (``model(**inputs)``): several keys of a dict batch."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which part of a batch is the input and which the target.
+
+    Args:
+        input: for dict examples: the key of the input, or a sequence of keys passed to the model as
+            keyword arguments. ``None``: every key but the target's, as keyword arguments when more
+            than one is left.
+        target: for dict examples: the key of the target. ``None`` is refused for dicts (the message
+            lists the keys).
+    """
+
+    input: str | Sequence[str] | None = None
+    target: str | None = None
+
+    def split(self, batch: Any, what: str) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a collated batch.
+
+        Raises:
+            DataError: a batch that is neither a pair nor a dict, or a dict without the named keys.
+        """
+        if isinstance(batch, Mapping):
+            keys = list(batch)
+            if self.target is None:
+                raise DataError(f"{what}: examples are dicts with keys {keys}; say which key is the target "
+                                "(and which the input), e.g. target_key='label', input_key='image'")
+            if self.target not in batch:
+                raise DataError(f"{what}: target_key {self.target!r} is not a key of the examples ({keys})")
+            names = [k for k in keys if k != self.target] if self.input is None else self.input
+            if isinstance(names, str):
+                names = [names]
+            missing = [k for k in names if k not in batch]
+            if missing:
+                raise DataError(f"{what}: input_key {missing[0]!r} is not a key of the examples ({keys})")
+            if not names:
+                raise DataError(f"{what}: examples hold only the target {self.target!r}; add an input")
+            single = isinstance(self.input, str) or (self.input is None and len(names) == 1)
+            inputs = batch[names[0]] if single else Kwargs({k: batch[k] for k in names})
+            return inputs, batch[self.target]
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            return batch[0], batch[1]
+        got = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, tuple | list) else \
+            f"a {type(batch).__name__}"
+        raise DataError(f"{what}: a batch is {got}; each example must be an (input, target) pair or a dict "
+                        "(with target_key naming its target)")
+
+
+class Source:
+    """An indexable dataset with the collate that turns its examples into a batch.
+
+    Args:
+        data: a ``Dataset`` (map-style, with ``__len__``), or a ``DataLoader`` whose dataset and
+            ``collate_fn`` are used.
+        what: how messages name the data.
+        batch_size: the batch size the tuner draws (only to warn when a loader's differs).
+    """
+
+    def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None) -> None:
+        collate: Collate | None = None
+        if isinstance(data, DataLoader):
+            if batch_size is not None and data.batch_size not in (None, batch_size):
+                warnings.warn(SelftuneWarning(
+                    f"{what}: the DataLoader's batch_size {data.batch_size} is not used: the tuner draws batches of "
+                    f"tuner.batch_size = {batch_size} from its dataset, in its own checkpointed order, with its "
+                    "collate_fn"), stacklevel=3)
+            collate = data.collate_fn
+            data = data.dataset
+        self.dataset = data
+        self.what = what
+        self.collate: Collate = collate or default_collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def take(self, index: torch.Tensor, fields: Fields) -> tuple[Any, Any]:
+        """The batch of examples ``index`` as ``(inputs, targets)``."""
+        data = self.dataset
+        if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+            return data.tensors[0][index], data.tensors[1][index]
+        batch = self.collate([data[i] for i in index.tolist()])
+        return fields.split(batch, self.what)
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, tuple | list) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def batch_size(x: Any) -> int:
+    """Examples in a batch: the first dimension of its first tensor (inputs may be nested).
+
+    Raises:
+        DataError: a batch with no tensor in it.
+    """
+    t = _first_tensor(x)
+    if t is None or t.dim() == 0:
+        raise DataError(f"a batch's inputs hold no batched tensor (got {type(x).__name__}); collate examples into "
+                        "tensors whose first dimension is the batch")
+    return int(t.shape[0])
+
+
+def head(x: Any, k: int) -> Any:
+    """The first ``k`` examples of a (possibly nested) batch."""
+    if isinstance(x, torch.Tensor):
+        return x[:k]
+    if isinstance(x, Mapping):
+        return _like(x, {key: head(v, k) for key, v in x.items()})
+    if isinstance(x, tuple | list):
+        return type(x)(head(v, k) for v in x)
+    return x
+
+
+def to_device(x: Any, device: torch.device | str) -> Any:
+    """A (possibly nested) batch with every tensor on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return _like(x, {key: to_device(v, device) for key, v in x.items()})
+    if isinstance(x, tuple | list):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def _like(original: Mapping, values: dict) -> dict:
+    return Kwargs(values) if isinstance(original, Kwargs) else values

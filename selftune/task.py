@@ -1,0 +1,165 @@
+"""A task is a user's Python callable that returns the model, the data and (optionally) the space and loss.
+
+``selftune run``, ``resume``, ``bench``, the searches and PBT reach a user's own problem through one
+contract: a config's ``[task] source = "path/to/file.py:function"`` (or ``"package.module:function"``)
+names a function that returns a :class:`Task`. Every run calls it afresh, after seeding PyTorch with
+the run's seed, so the model's initialisation follows the seed and a resumed run rebuilds the same
+model; keep the data split independent of that seed, so that every method and seed sees the same split.
+
+A file path is resolved against the config file's folder and recorded absolute, so a recorded run
+resumes from any working directory. Importing runs the file as a module named after its path, once
+per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Task", "call_task", "load_callable", "resolve_source", "source_digest"]
+
+
+@dataclass
+class Task:
+    """What a task callable returns.
+
+    Attributes:
+        model: a plain ``nn.Module`` (its regularisers are :class:`selftune.Dropout` and friends, named
+            after hyperparameters); selftune converts its layers (:func:`selftune.hypernetize`).
+        train, val: training data and the validation data the hyperparameters are tuned on: a pair
+            of tensors, a map-style Dataset (of pairs or dicts) or a DataLoader over one.
+        test: held-out data every method is scored on at the end (same forms); ``None``: the
+            validation data is reported instead, and the result says so.
+        space: the hyperparameters (a :class:`selftune.Space`), used when the config declares no
+            ``[space]`` (a config's ``[space]`` replaces it, so ranges and starts change without code).
+        loss: ``loss(outputs, targets) -> scalar`` mean loss; ``None``: cross-entropy.
+        metrics: ``{name: metric(outputs, targets)}`` batch means, reported beside the loss.
+        input_key, target_key: which keys of dict examples are the input(s) and the target.
+        name: how tables and listings name the data (default: the function's name).
+    """
+
+    model: Any
+    train: Any
+    val: Any
+    test: Any = None
+    space: Any = None
+    loss: Callable[[Any, Any], Any] | None = None
+    metrics: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    input_key: str | Sequence[str] | None = None
+    target_key: str | None = None
+    name: str = ""
+
+
+def resolve_source(source: str, base: Path | None = None) -> str:
+    """``source`` with a relative file path made absolute against ``base`` (default: the working folder).
+
+    Raises:
+        ConfigError: not of the form ``file.py:function`` or ``module:function``.
+    """
+    path, sep, func = source.rpartition(":")
+    if not sep or not path or not func.isidentifier():
+        raise ConfigError("task.source", f"{source!r} must look like 'path/to/file.py:function' or "
+                                         "'package.module:function'")
+    if path.endswith(".py"):
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = (base or Path.cwd()) / p
+        return f"{p.resolve()}:{func}"
+    return source
+
+
+def source_digest(source: str) -> str | None:
+    """SHA-256 of the task's file (``None`` for a module path): a result records which code it ran."""
+    path = source.rpartition(":")[0]
+    if not path.endswith(".py"):
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def load_callable(source: str) -> Callable[..., Any]:
+    """Import the function ``source`` names.
+
+    Raises:
+        ConfigError: a missing file or module, an import that fails (with its first line), or a name
+            that is not a callable of it.
+    """
+    path, _, func = source.rpartition(":")
+    if path.endswith(".py"):
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError("task.source", f"file {path!r} does not exist")
+        name = "selftune_task_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[name]
+                raise ConfigError("task.source", f"importing {path!r} failed: {_first_line(err)}") from err
+    else:
+        try:
+            module = importlib.import_module(path)
+        except ModuleNotFoundError as err:
+            raise ConfigError("task.source", f"no module named {err.name!r}; install it or give a file path "
+                                             "'path/to/file.py:function'") from None
+        except Exception as err:
+            raise ConfigError("task.source", f"importing {path!r} failed: {_first_line(err)}") from err
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ConfigError("task.source", f"{path!r} has no function {func!r}")
+    return fn
+
+
+def call_task(source: str, args: Mapping[str, Any]) -> Task:
+    """Call the task function with ``args`` and check what it returns.
+
+    Raises:
+        ConfigError: arguments the function does not take, an exception inside it, or a return
+            value that is not a :class:`Task` with a module and data.
+    """
+    fn = load_callable(source)
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(**args)
+    except TypeError as err:
+        takes = ", ".join(signature.parameters) or "no arguments"
+        raise ConfigError("task.args", f"{err}; {fn.__name__} takes {takes}") from None
+    except ValueError:  # no signature (a builtin): let the call say what is wrong
+        pass
+    try:
+        task = fn(**args)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError("task.source", f"{fn.__name__}(...) raised {_first_line(err)}") from err
+    import torch
+
+    if not isinstance(task, Task):
+        raise ConfigError("task.source", f"{fn.__name__} returned a {type(task).__name__}; return "
+                                         "selftune.Task(model=..., train=..., val=..., test=...)")
+    if not isinstance(task.model, torch.nn.Module):
+        raise ConfigError("task.source", f"{fn.__name__}: Task.model is a {type(task.model).__name__}, not an "
+                                         "nn.Module")
+    task.name = task.name or fn.__name__
+    return task
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

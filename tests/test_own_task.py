@@ -1,0 +1,225 @@
+"""A user's own task: their model, data (tensors, dict datasets, DataLoaders), loss, metrics and optimizer,
+through the Python API and through `selftune run / resume / bench` with a [task] table."""
+
+import json
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import selftune as st
+from selftune.config import load_config
+from selftune.errors import ConfigError, DataError, Interrupted, SelftuneWarning
+from selftune.runner import RecordedRun, prepare, resume_recorded, run_recorded
+from selftune.store import RunStore
+from selftune.testing import StopAt, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OWN = ROOT / "examples" / "own_task.toml"
+
+
+def regression(n=240, seed=0):
+    """y = sin(x . w) + noise, 8 features: a smooth target a small MLP learns in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    w = torch.randn(8, generator=g)
+    y = torch.sin(0.4 * (x @ w)) + 0.1 * torch.randn(n, generator=g)
+    return x, y
+
+
+def mse(out, y):
+    return F.mse_loss(out.squeeze(-1), y)
+
+
+def regression_net(space, hidden=64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), st.Dropout("drop"), nn.Linear(hidden, 1))
+    return st.hypernetize(model, space)
+
+
+def test_regression_with_a_custom_loss_and_adamw_trains_and_tunes():
+    x, y = regression()
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.3), st.Float("wd", 1e-6, 1e-1, 1e-3, log=True)])
+    net = regression_net(space)
+    before = st.score(net, (x[200:], y[200:]), loss=mse)
+    tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse,
+                         metrics={"mae": lambda o, t: (o.squeeze(-1) - t).abs().mean()},
+                         objective=st.Objective(weight_decay="wd"),
+                         settings=st.TunerSettings(optimizer="adamw", optimizer_args={"betas": [0.9, 0.99]},
+                                                   lr=1e-2, batch_size=32, warmup_epochs=1))
+    assert type(tuner.optimizers["general"]).__name__ == "AdamW"
+    assert tuner.optimizers["general"].param_groups[0]["betas"] in ([0.9, 0.99], (0.9, 0.99))
+    fit = tuner.fit(20)
+    after = st.score(net, (x[200:], y[200:]), loss=mse)
+    assert set(after) == {"loss"}  # no accuracy for a regression
+    assert after["loss"] < 0.7 * before["loss"]  # measured: 0.54 -> 0.32
+    assert set(fit.history[-1]) >= {"val_loss", "val_mae"} and "val_accuracy" not in fit.history[-1]
+    assert all(tuner.log.hypergrad_seen), "the hypergradient must reach the dropout and the decay"
+    assert fit.hparams != {"drop": 0.3, "wd": 1e-3}
+
+
+class Records(Dataset):
+    """Dict examples, as a Hugging Face style dataset returns them."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "scale": torch.tensor(1.0), "target": self.y[i]}
+
+
+class KeywordModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), st.Dropout("drop"), nn.Linear(32, 1))
+
+    def forward(self, features, scale):
+        return self.body(features) * scale.unsqueeze(-1)
+
+
+def test_dict_batches_from_a_dataloader_reach_the_model_as_keyword_arguments():
+    x, y = regression()
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.2)])
+    torch.manual_seed(0)
+    net = st.hypernetize(KeywordModel(), space)
+    train = DataLoader(Records(x[:160], y[:160]), batch_size=16, shuffle=True)
+    with pytest.warns(SelftuneWarning, match="batch_size 16 is not used"):
+        tuner = st.SelfTuner(net, train, Records(x[160:200], y[160:200]), loss=mse, target_key="target",
+                             settings=st.TunerSettings(batch_size=32, lr=0.05))
+    fit = tuner.fit(3)
+    assert fit.compute["examples"] > 0 and fit.history[-1]["val_loss"] < fit.history[0]["val_loss"] * 1.5
+    scores = tuner.score(DataLoader(Records(x[200:], y[200:])))
+    assert set(scores) == {"loss"} and scores["loss"] < 1.0
+
+
+def test_dict_examples_without_a_target_key_name_the_keys():
+    x, y = regression(40)
+    net = st.hypernetize(KeywordModel(), st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    with pytest.raises(DataError, match=r"dicts with keys \['features', 'scale', 'target'\].*target_key"):
+        st.SelfTuner(net, Records(x[:30], y[:30]), Records(x[30:], y[30:]), loss=mse,
+                     settings=st.TunerSettings(batch_size=8))
+    with pytest.raises(DataError, match="target_key 'label' is not a key"):
+        st.SelfTuner(net, Records(x[:30], y[:30]), Records(x[30:], y[30:]), loss=mse, target_key="label",
+                     settings=st.TunerSettings(batch_size=8))
+
+
+def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_shapes():
+    x, y = regression(40)
+    net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    with pytest.raises(DataError, match=r"train: loss\(outputs, targets\) failed.*outputs are \(2, 1\) and the "
+                                        r"targets \(2, 3\)"):
+        st.SelfTuner(net, (x[:30], y[:30, None].expand(-1, 3)), (x[30:], y[30:]), loss=mse,
+                     settings=st.TunerSettings(batch_size=8))
+    with pytest.raises(ConfigError, match="label_smoothing applies to the default cross-entropy only"):
+        st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), loss=mse, objective=st.Objective(label_smoothing=0.1))
+
+
+def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
+    for override, expected in (("tuner.optimizer=\"adamm\"", "tuner.optimizer: unknown optimizer 'adamm'"),
+                               ("tuner.optimizer_args={nesterov=true}",
+                                "tuner.optimizer_args.nesterov: not an argument of torch.optim.AdamW")):
+        proc = cli(["run", str(OWN), "--set", override, "--out", "out"], cwd=tmp_path)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"selftune: error: {expected}"), proc.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "selftune.db").exists()
+
+
+def write_task(folder, body, name="task.py"):
+    (folder / name).write_text(textwrap.dedent(body))
+    return folder / name
+
+
+def test_bad_task_sources_are_one_line_errors(tmp_path):
+    write_task(tmp_path, """
+        def not_a_task():
+            return 42
+        def broken(n=1):
+            raise RuntimeError("no data here")
+    """)
+    cases = {
+        "missing.py:f": "task.source: file",
+        "task.py:nothing": "task.source: '" ,
+        "task.py:not_a_task": "task.source: not_a_task returned a int",
+        "task.py:broken": "task.source: broken(...) raised RuntimeError: no data here",
+        "no_such_module_xyz:f": "task.source: no module named 'no_such_module_xyz'",
+        "task.py": "task.source: 'task.py' must look like",
+    }
+    for source, expected in cases.items():
+        (tmp_path / "c.toml").write_text(f'epochs = 2\n[task]\nsource = "{source}"\n[space.d]\nlow = 0.0\nhigh = 0.5\n'
+                                         'init = 0.1\n')
+        proc = cli(["run", "c.toml"], cwd=tmp_path)
+        assert proc.returncode == 2, (source, proc.stderr)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"selftune: error: {expected}"), (source, last)
+    (tmp_path / "c.toml").write_text('epochs = 2\n[task]\nsource = "task.py:broken"\n[task.args]\nm = 3\n'
+                                     '[space.d]\nlow = 0.0\nhigh = 0.5\ninit = 0.1\n')
+    with pytest.raises(ConfigError, match=r"task\.args: got an unexpected keyword argument 'm'; broken takes n"):
+        prepare(load_config(tmp_path / "c.toml"))
+    (tmp_path / "c.toml").write_text('epochs = 2\n[task]\nsource = "task.py:broken"\n[data]\nname = "digits"\n')
+    with pytest.raises(ConfigError, match=r"^data: a \[task\] builds its own model and data"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_the_example_task_runs_from_another_folder_and_records_where_it_came_from(tmp_path):
+    proc = cli(["run", str(OWN), "--set", "epochs=4", "--out", "out", "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "selftune delta-stn: diabetes (train 150, val 100, test 192), model own model" in proc.stdout
+    assert "test loss" in proc.stdout and "mae" in proc.stdout and "accuracy" not in proc.stdout
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    source = str(ROOT / "examples" / "own_task.py")
+    assert result["data"]["source"] == f"{source}:diabetes" and len(result["data"]["sha256"]) == 64
+    assert set(result["test"]) == {"loss", "mae"}
+    assert result["config"]["space"]["weight_decay"]["log"] is True  # the task's space, recorded in full
+    listing = cli(["runs"], cwd=tmp_path).stdout
+    assert "diabetes/own model, 4 epochs" in listing
+
+
+def test_an_interrupted_task_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(OWN, ["epochs=3", "task.args.hidden=32"])
+    whole = run_recorded(prepare(config), RunStore(f"sqlite:///{tmp_path / 'a.db'}"), out=tmp_path / "a",
+                         checkpoint_root=tmp_path / "ck", every=5)
+    store = RunStore(f"sqlite:///{tmp_path / 'b.db'}")
+    run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        run.drive(prepare(config), every=5, callbacks=[StopAt(7)])
+    resumed = resume_recorded(store, run.run_id, every=5)
+    assert resumed.hparams == whole.hparams and resumed.test == whole.test
+
+
+def test_bench_compares_fixed_a_tuner_and_a_search_on_the_example_task(tmp_path):
+    proc = cli(["bench", str(OWN), "--methods", "fixed", "delta-stn", "tpe", "--trials", "2", "--seeds", "1",
+                "--quick", "--out", "bench"], cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "bench" / "README.md").read_text()
+    for row in ("fixed", "delta-stn", "tpe"):
+        assert f"| {row}" in table
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {r["start"] for r in results if r["method"] == "delta-stn"} == {"overfit", "default", "overreg"}
+    assert all(r["test_loss"] == r["test_loss"] for r in results)  # finished, no NaN
+
+
+def test_fit_inside_a_user_autocast_region_trains_on_fresh_weights():
+    """torch.autocast caches its low-precision copies of the weights until the region ends; a fit wrapped in
+    one region must still see each step's new weights (the cache is cleared per step)."""
+    x, y = regression()
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.1)])
+    results = {}
+    for mode in ("fp32", "bf16"):
+        net = regression_net(space)
+        tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="fixed",
+                             settings=st.TunerSettings(lr=0.05, batch_size=32))
+        with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            tuner.fit(8)
+        results[mode] = st.score(net, (x[200:], y[200:]), loss=mse)["loss"]
+    assert results["bf16"] < 0.6  # stale weights stay near the untrained loss (about 0.9)
+    assert abs(results["bf16"] - results["fp32"]) < 0.1 * results["fp32"] + 0.02
