@@ -198,6 +198,7 @@ def _recorded_run(args: argparse.Namespace, prepared, store, out: str | None = N
     print(f"selftune {config.method}: {sizes['name']} (train {sizes['train']}, val {sizes['val']}, "
           f"test {sizes['test']}), model {config.model_name}, {config.epochs} epochs, seed {config.seed}; "
           f"run {run.run_id} in {store.display_url}")
+    print(f"layers: {prepared.tuner.net.summary()}")
     result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
     _summary(result)
     print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, trajectory.csv, epochs.csv, "

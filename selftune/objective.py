@@ -68,6 +68,12 @@ class Objective:
     loss: LossFn | None = None
 
     def __post_init__(self) -> None:
+        for field_name in ("weight_decay", "label_smoothing"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+                raise TypeError(f"objective.{field_name} must be a hyperparameter's name or a number (got "
+                                f"{type(value).__name__}); one decay applies to every weight matrix and kernel "
+                                "(per-layer decays are not supported yet), so name one hyperparameter for all")
         if self.loss is not None and self.label_smoothing is not None:
             raise ValueError("objective.label_smoothing applies to the default cross-entropy only; remove it, or "
                              "smooth the targets inside your own loss")

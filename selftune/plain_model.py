@@ -27,10 +27,11 @@ __all__ = ["export"]
 def export(net: HyperNet) -> nn.Module:
     """A plain copy of the wrapped model at ``net``'s current (tuned) hyperparameters.
 
-    Every best-response layer becomes the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` /
-    ``nn.LSTM`` it computes at those values; every selftune dropout keeps its class (so the copy still
-    loads into the user's own model) with the tuned rate fixed, so it trains and evaluates without a
-    HyperNet. ``net`` itself is not changed. The copy's outputs equal ``net(x)`` in eval mode.
+    Every best-response layer becomes the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
+    ``nn.Embedding`` / ``nn.LSTM`` / ``nn.GRU`` it computes at those values; every selftune dropout
+    keeps its class (so the copy still loads into the user's own model) with the tuned rate fixed, so
+    it trains and evaluates without a HyperNet. ``net`` itself is not changed. The copy's outputs
+    equal ``net(x)`` in eval mode.
 
     Raises:
         TypeError: ``net`` is not a HyperNet.

@@ -197,11 +197,11 @@ def test_an_interrupted_task_run_resumes_to_the_uninterrupted_result(tmp_path, m
 
 
 def test_bench_compares_fixed_a_tuner_and_a_search_on_the_example_task(tmp_path):
-    proc = cli(["bench", str(OWN), "--methods", "fixed", "delta-stn", "tpe", "--trials", "2", "--seeds", "1",
+    proc = cli(["bench", str(OWN), "--methods", "fixed", "delta-stn", "tpe", "pbt", "--trials", "2", "--seeds", "1",
                 "--quick", "--out", "bench"], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "bench" / "README.md").read_text()
-    for row in ("fixed", "delta-stn", "tpe"):
+    for row in ("fixed", "delta-stn", "tpe", "pbt"):
         assert f"| {row}" in table
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert {r["start"] for r in results if r["method"] == "delta-stn"} == {"overfit", "default", "overreg"}
@@ -223,3 +223,9 @@ def test_fit_inside_a_user_autocast_region_trains_on_fresh_weights():
         results[mode] = st.score(net, (x[200:], y[200:]), loss=mse)["loss"]
     assert results["bf16"] < 0.6  # stale weights stay near the untrained loss (about 0.9)
     assert abs(results["bf16"] - results["fp32"]) < 0.1 * results["fp32"] + 0.02
+
+
+def test_a_per_layer_weight_decay_dict_is_refused_at_once():
+    with pytest.raises(TypeError, match=r"objective.weight_decay must be a hyperparameter's name or a number "
+                                        r"\(got dict"):
+        st.Objective(weight_decay={"0": "wd0", "2": "wd1"})

@@ -63,18 +63,33 @@ def test_lstm_response_path_moves_the_output_per_example_and_trains():
     assert lstm.gate.grad is not None and lstm.gate.grad.abs().sum() > 0
 
 
-def test_unrolled_lstm_equals_fused_lstm():
-    layer = BestResponseLSTM(5, 6, encoding_size=4, batch_first=False)
-    x = torch.randn(9, 3, 5)  # (T, B, I)
-    fused, (h1, c1) = layer(x)
-    unrolled, h2, c2 = layer._unrolled(x.transpose(0, 1), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6)), None)
-    assert torch.allclose(fused, unrolled.transpose(0, 1), atol=1e-5)
-    assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(c1, c2, atol=1e-5)
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("layers, bidirectional, batch_first", [(1, False, False), (2, True, True), (3, False, True)])
+def test_converted_recurrent_layers_compute_the_plain_module_fused_and_unrolled(kind, layers, bidirectional,
+                                                                               batch_first):
+    """At Delta-STN's own hyperparameters the converted module is the user's module (fused kernel), and
+    the Python unrolling (the path a response takes) computes the same thing."""
+    torch.manual_seed(0)
+    plain = kind(5, 6, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    net = st.hypernetize(nn.Sequential(plain), space())
+    layer = net.model[0]
+    x = torch.randn(3, 9, 5) if batch_first else torch.randn(9, 3, 5)
+    want, want_state = plain(x)
+    got, _ = layer(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    seq = x if batch_first else x.transpose(0, 1)
+    zeros = torch.zeros(layers * (2 if bidirectional else 1), 3, 6)
+    unrolled, state = layer._unrolled(seq, (zeros, zeros) if kind is nn.LSTM else zeros, None)
+    assert torch.allclose(unrolled if batch_first else unrolled.transpose(0, 1), want, atol=1e-5)
+    want_h = want_state[0] if kind is nn.LSTM else want_state
+    assert torch.allclose(state[0], want_h, atol=1e-5)
 
 
-def test_multilayer_lstm_is_refused_with_a_fix():
-    with pytest.raises(TypeError, match="num_layers=1"):
-        st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2)), space())
+def test_recurrent_dropout_and_projections_are_refused_with_a_fix():
+    with pytest.raises(TypeError, match=r"LSTM\(dropout=0.3\).*use dropout=0, or stack one-layer LSTMs"):
+        st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.3)), space())
+    with pytest.raises(TypeError, match="proj_size"):
+        st.hypernetize(nn.Sequential(nn.LSTM(3, 4, proj_size=2)), space())
 
 
 def test_locked_dropout_shares_the_mask_across_time():

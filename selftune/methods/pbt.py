@@ -233,6 +233,7 @@ def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, sto
                             method=method)
     run.save(prepared.tuner)
     run.complete(fit, result)
-    return MethodResult(method=method, seed=seed, test_loss=result.test["loss"], test_accuracy=result.test["accuracy"],
-                        val_loss=result.val["loss"], hparams=fit.hparams, examples=tally.examples, seconds=seconds,
+    return MethodResult(method=method, seed=seed, test_loss=result.test["loss"],
+                        test_accuracy=result.test.get("accuracy", math.nan), val_loss=result.val["loss"],
+                        hparams=fit.hparams, examples=tally.examples, seconds=seconds,
                         trials=population, run_id=run.run_id, curve=[(tally.examples, result.test["loss"])])

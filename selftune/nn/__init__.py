@@ -3,14 +3,17 @@
 from .dropout import Dropout, EmbeddingDropout, dropout
 from .hypernet import HyperNet, hypernetize
 from .layers import (
+    BestResponseConv1d,
     BestResponseConv2d,
     BestResponseEmbedding,
+    BestResponseGRU,
     BestResponseLinear,
     BestResponseLSTM,
     BestResponseModule,
+    BestResponseRecurrent,
 )
 from .state import HyperModule, HyperState
 
-__all__ = ["BestResponseConv2d", "BestResponseEmbedding", "BestResponseLSTM", "BestResponseLinear",
-           "BestResponseModule", "Dropout", "EmbeddingDropout", "HyperModule", "HyperNet", "HyperState", "dropout",
-           "hypernetize"]
+__all__ = ["BestResponseConv1d", "BestResponseConv2d", "BestResponseEmbedding", "BestResponseGRU", "BestResponseLSTM",
+           "BestResponseLinear", "BestResponseModule", "BestResponseRecurrent", "Dropout", "EmbeddingDropout",
+           "HyperModule", "HyperNet", "HyperState", "dropout", "hypernetize"]

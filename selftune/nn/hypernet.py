@@ -19,11 +19,14 @@ from ..batches import Kwargs, batch_size
 from ..space import ENCODINGS, Encoding, Space
 from .layers import (
     FORMS,
+    BestResponseConv1d,
     BestResponseConv2d,
     BestResponseEmbedding,
+    BestResponseGRU,
     BestResponseLinear,
     BestResponseLSTM,
     BestResponseModule,
+    BestResponseRecurrent,
     Form,
 )
 from .state import HyperModule, HyperState
@@ -64,6 +67,9 @@ class HyperNet(nn.Module):
         self.hparams = nn.Parameter(space.init_unconstrained())
         self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale)))
         self._state = HyperState(space)
+        #: what :func:`hypernetize` did: converted layers by name, and layers with weights left plain (why)
+        self.converted: dict[str, str] = {}
+        self.left_plain: dict[str, str] = {}
         for module in model.modules():
             if isinstance(module, HyperModule):
                 module.bind_state(self._state)
@@ -99,7 +105,14 @@ class HyperNet(nn.Module):
             return self._call(x)
 
     def _call(self, x: Any) -> Any:
-        return self.model(**x) if isinstance(x, Kwargs) else self.model(x)
+        # PyTorch's fused Transformer/attention fast path (eval mode, no grad) reads linear1.weight and
+        # friends directly and would skip the response of a converted layer: it is off inside the net.
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.model(**x) if isinstance(x, Kwargs) else self.model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
 
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,
                            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -152,6 +165,16 @@ class HyperNet(nn.Module):
         finally:
             state.norms = None
 
+    def summary(self) -> str:
+        """One line: which layers respond to the hyperparameters and which were left plain, and why."""
+        kinds: dict[str, int] = {}
+        for kind in self.converted.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        text = "converted " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "no layer")
+        if self.left_plain:
+            text += "; left plain: " + "; ".join(f"{name} ({why})" for name, why in self.left_plain.items())
+        return text
+
     # -- hyperparameters ------------------------------------------------------------------------
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         """What the gates see of unconstrained hyperparameters ``u`` (this net's encoding)."""
@@ -203,22 +226,28 @@ class HyperNet(nn.Module):
         return list(self.model.parameters())
 
 
-CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LSTM)
+CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU)
 
 
-def _convert_lstm(module: nn.LSTM, encoding_size: int, form: Form) -> BestResponseLSTM:
-    if module.num_layers != 1 or module.bidirectional or module.proj_size:
-        raise TypeError("only one-layer, one-direction LSTMs without projection can become best-response layers; "
-                        "stack nn.LSTM(num_layers=1) modules (with selftune.Dropout between them) instead")
-    new = BestResponseLSTM(module.input_size, module.hidden_size, encoding_size, bias=module.bias,
-                           batch_first=module.batch_first, form=form)
-    new.load_state_dict(module.state_dict(), strict=False)  # general weights share nn.LSTM's names
-    return new.to(device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype)
+def _convert_recurrent(module: nn.LSTM | nn.GRU, encoding_size: int, form: Form) -> BestResponseRecurrent:
+    kind = type(module).__name__
+    if getattr(module, "proj_size", 0):
+        raise TypeError(f"{kind} with proj_size cannot become a best-response layer; use proj_size=0")
+    if module.dropout:
+        raise TypeError(f"{kind}(dropout={module.dropout}) between stacked layers is not tunable and draws from the "
+                        f"global random generator (a resumed run would differ); use dropout=0, or stack one-layer "
+                        f"{kind}s with selftune.Dropout between them")
+    cls = BestResponseLSTM if isinstance(module, nn.LSTM) else BestResponseGRU
+    new = cls(module.input_size, module.hidden_size, encoding_size, num_layers=module.num_layers, bias=module.bias,
+              batch_first=module.batch_first, bidirectional=module.bidirectional, form=form)
+    new.load_state_dict(module.state_dict(), strict=False)  # general weights share PyTorch's names
+    first = next(module.parameters())
+    return new.to(device=first.device, dtype=first.dtype)
 
 
 def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
-    if isinstance(module, nn.LSTM):
-        return _convert_lstm(module, encoding_size, form)
+    if isinstance(module, nn.LSTM | nn.GRU):
+        return _convert_recurrent(module, encoding_size, form)
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None or module.sparse:
             raise TypeError("Embedding with max_norm or sparse gradients cannot become a best-response layer")
@@ -226,16 +255,18 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
                                                         padding_idx=module.padding_idx, form=form)
     elif isinstance(module, nn.Linear):
         new = BestResponseLinear(module.in_features, module.out_features, encoding_size,
-                                                bias=module.bias is not None, form=form)
-    elif isinstance(module, nn.Conv2d):
+                                 bias=module.bias is not None, form=form)
+    elif isinstance(module, nn.Conv1d | nn.Conv2d):
         if module.padding_mode != "zeros":
-            raise TypeError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
-        new = BestResponseConv2d(module.in_channels, module.out_channels, module.kernel_size, encoding_size,
-                                 stride=module.stride, padding=module.padding, dilation=module.dilation,
-                                 groups=module.groups, bias=module.bias is not None, form=form)
+            raise TypeError(f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported; "
+                            "use 'zeros'")
+        cls = BestResponseConv1d if isinstance(module, nn.Conv1d) else BestResponseConv2d
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, encoding_size,
+                  stride=module.stride, padding=module.padding, dilation=module.dilation,
+                  groups=module.groups, bias=module.bias is not None, form=form)
     else:
         raise TypeError(f"cannot make {type(module).__name__} a best-response layer "
-                        "(Linear, Conv2d, Embedding and one-layer LSTM only)")
+                        "(Linear, Conv1d, Conv2d, Embedding, LSTM and GRU only)")
     weight, bias = module.weight, getattr(module, "bias", None)
     assert isinstance(weight, torch.Tensor)
     with torch.no_grad():
@@ -250,17 +281,19 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                 encoding: Encoding = "logit") -> HyperNet:
     """Make ``model`` a best-response network for ``space``.
 
-    Every ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and one-layer ``nn.LSTM`` (or only those named
-    in ``modules``) is replaced, in place,
-    by its best-response counterpart with the same weights; every selftune regulariser in the model
-    (:class:`~selftune.nn.Dropout`, ...) is attached to the returned wrapper.
+    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` and ``nn.GRU`` (any
+    number of layers, either direction; exact classes, not subclasses), or only those named in
+    ``modules``, is replaced in place by its best-response counterpart with the same weights; every
+    selftune regulariser in the model (:class:`~selftune.nn.Dropout`, ...) is attached to the returned
+    wrapper. ``net.summary()`` says what was converted and what was left plain (attention projections,
+    normalisation layers, other modules with weights), and why.
 
     Args:
         model: any ``nn.Module``; its ``forward`` keeps working unchanged.
         space: the hyperparameters the layers respond to.
         form: ``"delta"`` (Delta-STN, centred, recommended) or ``"stn"``.
         modules: qualified names (as in ``model.named_modules()``) of the layers to convert;
-            ``None`` converts every Linear and Conv2d.
+            ``None`` converts every layer of the kinds above.
         init_scale: initial perturbation scale ``sigma`` (unconstrained space).
         encoding: what the gates see of the hyperparameters: ``"logit"`` (the unconstrained value,
             as the official code; default) or ``"mip"`` (a bounded cos/sin map whose slope vanishes
@@ -271,8 +304,8 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
 
     Raises:
         LookupError: a name in ``modules`` that the model does not have.
-        TypeError: a named module that cannot respond (not one of the four above, or a multi-layer or
-            bidirectional LSTM).
+        TypeError: a named module that cannot respond (not one of the kinds above, an LSTM with a
+            projection, a recurrent module with its own dropout between layers).
     """
     named = dict(model.named_modules())
     if modules is None:
@@ -284,10 +317,41 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                 raise LookupError(f"model has no module named {name!r}")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS} (got {encoding!r})")
+    converted: dict[str, str] = {}
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = named[parent_name] if parent_name else model
         if not name:
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
+        converted[name] = type(named[name]).__name__
         setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
-    return HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding)
+    net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding)
+    net.converted = converted
+    net.left_plain = _left_plain(named, set(targets))
+    return net
+
+
+#: Why a kind of layer with weights stays plain (the summary says it to the user).
+_PLAIN_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.MultiheadAttention, "attention projections run inside F.multi_head_attention_forward; its out_proj too"),
+    (nn.modules.batchnorm._NormBase, "normalisation layers stay plain"),
+    (nn.LayerNorm, "normalisation layers stay plain"),
+    (nn.GroupNorm, "normalisation layers stay plain"),
+)
+
+
+def _left_plain(named: dict[str, nn.Module], converted: set[str]) -> dict[str, str]:
+    """Modules that hold weights of their own and were not converted, with the reason."""
+    plain: dict[str, str] = {}
+    inside = tuple(f"{n}." for n, m in named.items() if isinstance(m, nn.MultiheadAttention))
+    for name, module in named.items():
+        if name in converted or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if name.startswith(inside):
+            continue  # an attention's out_proj: reported with the attention
+        reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
+        if reason is None:
+            reason = ("not in modules=" if type(module) in CONVERTIBLE
+                      else f"{type(module).__name__} has no best-response form")
+        plain[name] = reason
+    return plain

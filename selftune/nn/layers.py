@@ -15,7 +15,7 @@ into them and :func:`~selftune.hypernetize` preserves a model's initialisation.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -212,13 +212,15 @@ class BestResponseConv2d(_BestResponse):
         form: ``"stn"`` or ``"delta"``.
     """
 
+    _plain_conv: type[nn.Conv1d] | type[nn.Conv2d] = nn.Conv2d
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  encoding_size: int, *, stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
                  groups: int = 1, bias: bool = True, form: Form = "delta") -> None:
         super().__init__()
-        plain = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                          dilation=dilation, groups=groups, bias=bias)
+        plain = self._plain_conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                 dilation=dilation, groups=groups, bias=bias)
         self.in_channels, self.out_channels, self.out_units = in_channels, out_channels, out_channels
         self.kernel_size, self.stride, self.padding = plain.kernel_size, plain.stride, plain.padding
         self.dilation, self.groups = plain.dilation, plain.groups
@@ -238,8 +240,21 @@ class BestResponseConv2d(_BestResponse):
 
 
     def _plain_shell(self) -> nn.Module:
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None)
+        return self._plain_conv(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                bias=self.bias is not None)
+
+
+class BestResponseConv1d(BestResponseConv2d):
+    """``nn.Conv1d`` whose output channels respond to the hyperparameters (as :class:`BestResponseConv2d`)."""
+
+    _plain_conv = nn.Conv1d
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return g.view(g.shape[0], g.shape[1], 1)
 
 
 class BestResponseEmbedding(_BestResponse):
@@ -283,141 +298,243 @@ class BestResponseEmbedding(_BestResponse):
         return f"{self.num_embeddings}, {self.embedding_dim}, form={self.form!r}"
 
 
-class BestResponseLSTM(BestResponseModule):
-    """A one-layer ``nn.LSTM`` whose input and recurrent maps respond to the hyperparameters.
+_RNN_UNITS = {"LSTM": 4, "GRU": 3}
 
-    The pre-activations of the four gates are, per example ``b`` and step ``t``::
 
-        s * (W_ih x_t + b_ih + W_hh h_{t-1} + b_hh) + g_ih(c) * (R_ih x_t) + g_hh(c) * (R_hh h_{t-1}) + g_b(c) * r_b
+class BestResponseRecurrent(BestResponseModule):
+    """An ``nn.LSTM`` or ``nn.GRU`` (any number of layers, one or two directions) whose input and
+    recurrent maps respond to the hyperparameters.
 
-    with one gate value per pre-activation unit (``4 * hidden_size`` of each kind) and ``s = 1`` for
-    Delta-STN. Without a response (plain training, or Delta-STN at the current hyperparameters) the
-    layer runs PyTorch's fused LSTM; with one it unrolls the steps in Python, the recurrent maps of
-    both paths in one matrix product per step. The general weights keep ``nn.LSTM``'s names, so a plain
-    layer's ``state_dict`` loads.
+    In every layer and direction the pre-activations are, per example ``b`` and step ``t``::
 
-    Args:
-        input_size, hidden_size, bias, batch_first: as for ``nn.LSTM`` (one layer, one direction).
-        encoding_size: width of the gate input (``space.encoding_width(encoding)``).
-        form: ``"stn"`` or ``"delta"``.
+        s * (W_ih x_t + b_ih) + g_ih(c) * (R_ih x_t) + g_b(c) * r_b      (input part)
+        s * (W_hh h_{t-1} + b_hh) + g_hh(c) * (R_hh h_{t-1})              (recurrent part)
 
-    Returns (forward): ``(output, (h_n, c_n))`` as ``nn.LSTM`` does.
+    combined as the LSTM or GRU cell combines them (for the GRU, the reset gate multiplies the
+    recurrent part of the candidate, as in ``nn.GRU``), with one gate value per pre-activation unit and
+    ``s = 1`` for Delta-STN. Without a response (plain training, or Delta-STN at the current
+    hyperparameters) the layer runs PyTorch's fused kernel; with one it unrolls the steps in Python,
+    both recurrent maps in one matrix product per step. The general weights keep PyTorch's names
+    (``weight_ih_l1_reverse``, ...), so a plain module's ``state_dict`` loads, and :meth:`plain` gives
+    the module back. The response parameters of layer 0's forward direction have no suffix
+    (``response_weight_ih``, ``gate``), the others ``_l{k}`` and ``_reverse`` as PyTorch's do.
+
+    PyTorch's own ``dropout`` between stacked layers is refused at conversion: it draws from the global
+    random generator (a resumed run would differ) and cannot be tuned; put a
+    :class:`~selftune.nn.Dropout` between one-layer modules instead.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, encoding_size: int, *, bias: bool = True,
-                 batch_first: bool = False, form: Form = "delta") -> None:
+    mode = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, encoding_size: int, *, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, bidirectional: bool = False,
+                 form: Form = "delta") -> None:
         super().__init__()
         _check_form(form)
-        plain = nn.LSTM(input_size, hidden_size, bias=bias, batch_first=batch_first)
+        plain = self._plain_class()(input_size, hidden_size, num_layers=num_layers, bias=bias,
+                                    batch_first=batch_first, bidirectional=bidirectional)
         self.input_size, self.hidden_size, self.batch_first, self.form = input_size, hidden_size, batch_first, form
-        self.encoding_size = encoding_size
-        self.weight_ih_l0, self.weight_hh_l0 = plain.weight_ih_l0, plain.weight_hh_l0
-        self.bias_ih_l0: nn.Parameter | None = plain.bias_ih_l0 if bias else None
-        self.bias_hh_l0: nn.Parameter | None = plain.bias_hh_l0 if bias else None
-        units, bound = 4 * hidden_size, 1 / math.sqrt(hidden_size)
-        self.response_weight_ih = nn.Parameter(torch.empty(units, input_size).uniform_(-bound, bound))
-        self.response_weight_hh = nn.Parameter(torch.empty(units, hidden_size).uniform_(-bound, bound))
-        self.response_bias = nn.Parameter(torch.empty(units).uniform_(-bound, bound)) if bias else None
-        self.gate = nn.Parameter(torch.zeros(3 * units, encoding_size))
-        if form == "stn":
-            nn.init.normal_(self.gate, std=0.01)
-            self.scale: nn.Parameter | None = nn.Parameter(torch.ones(1))
-        else:
-            self.scale = None
+        self.num_layers, self.bidirectional, self.encoding_size = num_layers, bidirectional, encoding_size
+        self.has_bias = bias
+        self._names = list(plain._flat_weights_names)
+        for name in self._names:
+            setattr(self, name, getattr(plain, name))
+        units = _RNN_UNITS[self.mode] * hidden_size
+        bound = 1 / math.sqrt(hidden_size)
+        for layer, direction in self._cells():
+            width = input_size if layer == 0 else hidden_size * self.directions
+            sfx = self._response_suffix(layer, direction)
+            self.register_parameter(f"response_weight_ih{sfx}",
+                                    nn.Parameter(torch.empty(units, width).uniform_(-bound, bound)))
+            self.register_parameter(f"response_weight_hh{sfx}",
+                                    nn.Parameter(torch.empty(units, hidden_size).uniform_(-bound, bound)))
+            self.register_parameter(f"response_bias{sfx}",
+                                    nn.Parameter(torch.empty(units).uniform_(-bound, bound)) if bias else None)
+            gate = nn.Parameter(torch.zeros(3 * units, encoding_size))
+            if form == "stn":
+                nn.init.normal_(gate, std=0.01)
+            self.register_parameter(f"gate{sfx}", gate)
+        self.scale: nn.Parameter | None = nn.Parameter(torch.ones(1)) if form == "stn" else None
+
+    # -- structure ------------------------------------------------------------------------------------
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _plain_class(self) -> type[nn.RNNBase]:
+        return nn.LSTM if self.mode == "LSTM" else nn.GRU
+
+    def _cells(self) -> list[tuple[int, int]]:
+        return [(k, d) for k in range(self.num_layers) for d in range(self.directions)]
+
+    @staticmethod
+    def _response_suffix(layer: int, direction: int) -> str:
+        if layer == 0 and direction == 0:
+            return ""  # the names of the one-layer LSTM this class generalises (older checkpoints load)
+        return f"_l{layer}" + ("_reverse" if direction else "")
+
+    def _general(self, layer: int, direction: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter | None,
+                                                             nn.Parameter | None]:
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        bias = self.has_bias
+        return (getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
+                getattr(self, f"bias_ih{sfx}") if bias else None, getattr(self, f"bias_hh{sfx}") if bias else None)
+
+    def _response(self, layer: int, direction: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter | None,
+                                                              nn.Parameter]:
+        sfx = self._response_suffix(layer, direction)
+        return (getattr(self, f"response_weight_ih{sfx}"), getattr(self, f"response_weight_hh{sfx}"),
+                getattr(self, f"response_bias{sfx}"), getattr(self, f"gate{sfx}"))
 
     def general_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0) if p is not None]
+        return [getattr(self, n) for n in self._names]
 
     def response_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.response_weight_ih, self.response_weight_hh, self.response_bias, self.gate,
-                            self.scale) if p is not None]
+        params = [p for cell in self._cells() for p in self._response(*cell) if p is not None]
+        return params + ([self.scale] if self.scale is not None else [])
 
-    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:
         if x.dim() != 3:
-            raise ValueError(f"BestResponseLSTM takes batched 3-d input, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} takes batched 3-d input, got shape {tuple(x.shape)}")
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch = x.shape[0]
         if hx is None:
-            zeros = x.new_zeros(1, batch, self.hidden_size)
-            hx = (zeros, zeros)
+            zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+            hx = (zeros, zeros) if self.mode == "LSTM" else zeros
         cond = self._cond()
         self._record_norm(cond)
         if cond is None and self.scale is None:
-            weights = [p for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
-                       if p is not None]
-            out, h, c = torch.lstm(x, hx, weights, self.bias_ih_l0 is not None, 1, 0.0, self.training, False, True)
+            weights = self.general_parameters()
+            run = torch.lstm if self.mode == "LSTM" else torch.gru
+            out, *state = run(x, hx, weights, self.has_bias, self.num_layers, 0.0, self.training, self.bidirectional,
+                              True)
         else:
-            out, h, c = self._unrolled(x, hx, cond)
-        return (out if self.batch_first else out.transpose(0, 1)), (h, c)
+            out, state = self._unrolled(x, hx, cond)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return out, (tuple(state) if self.mode == "LSTM" else state[0])
 
-    @torch.no_grad()
-    def plain(self, cond: torch.Tensor | None) -> nn.LSTM:
-        """The ``nn.LSTM`` this layer computes at gate input ``cond`` (``(E,)``; ``None``: no response):
-        every map folded as ``s W + diag(g) R``, the response bias into ``bias_ih_l0``."""
-        scale = 1.0 if self.scale is None else float(self.scale)
-        bias = self.bias_ih_l0 is not None
-        lstm = nn.LSTM(self.input_size, self.hidden_size, bias=bias, batch_first=self.batch_first)
-        lstm = lstm.to(device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
-        w_ih, w_hh = self.weight_ih_l0 * scale, self.weight_hh_l0 * scale
-        b_ih = b_hh = None
-        if bias:
-            b_ih, b_hh = self.bias_ih_l0 * scale, self.bias_hh_l0 * scale
+    def _unrolled(self, x: torch.Tensor, hx: Any, cond: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        lstm = self.mode == "LSTM"
+        h0, c0 = hx if lstm else (hx, None)
+        finals_h, finals_c = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                i = layer * self.directions + direction
+                seq = layer_input.flip(1) if direction else layer_input
+                out, h, c = self._cell_sequence(seq, h0[i], None if c0 is None else c0[i], cond, layer, direction)
+                outputs.append(out.flip(1) if direction else out)
+                finals_h.append(h)
+                finals_c.append(c)
+            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        state = [torch.stack(finals_h)] + ([torch.stack(finals_c)] if lstm else [])
+        return layer_input, state
+
+    def _cell_sequence(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, cond: torch.Tensor | None,
+                       layer: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        w_ih, w_hh, b_ih, b_hh = self._general(layer, direction)
+        r_ih, r_hh, r_b, gate = self._response(layer, direction)
+        units = _RNN_UNITS[self.mode] * self.hidden_size
+        lstm = self.mode == "LSTM"
+        # LSTM: both biases sum before the cell; GRU: b_hh stays in the recurrent part (reset gate).
+        in_bias = None if b_ih is None else (b_ih + b_hh if lstm else b_ih)
+        inputs = F.linear(x, w_ih, in_bias)  # every step's input map at once: (B, T, units)
+        recurrent, rec_bias = w_hh, (None if lstm else b_hh)
+        if self.scale is not None:
+            inputs, recurrent = inputs * self.scale, recurrent * self.scale
+            rec_bias = None if rec_bias is None else rec_bias * self.scale
+        g_hh = None
         if cond is not None:
-            g_ih, g_hh, g_b = F.linear(cond.reshape(1, -1), self.gate)[0].split(4 * self.hidden_size)
-            w_ih = w_ih + g_ih[:, None] * self.response_weight_ih
-            w_hh = w_hh + g_hh[:, None] * self.response_weight_hh
-            if bias and self.response_bias is not None:
-                b_ih = b_ih + g_b * self.response_bias
-        lstm.weight_ih_l0.copy_(w_ih)
-        lstm.weight_hh_l0.copy_(w_hh)
-        if bias:
-            lstm.bias_ih_l0.copy_(b_ih)
-            lstm.bias_hh_l0.copy_(b_hh)
-        return lstm
+            g_ih, g_hh, g_b = F.linear(cond, gate).split(units, dim=1)
+            inputs = inputs + g_ih.unsqueeze(1) * F.linear(x, r_ih)
+            if r_b is not None:
+                inputs = inputs + (g_b * r_b).unsqueeze(1)
+            recurrent = torch.cat([recurrent, r_hh])  # both recurrent maps in one product
+        outputs = []
+        for t in range(x.shape[1]):
+            z = F.linear(h, recurrent)
+            rec = z if g_hh is None else z[:, :units] + g_hh * z[:, units:]
+            if rec_bias is not None:
+                rec = rec + rec_bias
+            if lstm:
+                i, f, g, o = (inputs[:, t] + rec).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                x_r, x_z, x_n = inputs[:, t].chunk(3, dim=1)
+                h_r, h_z, h_n = rec.chunk(3, dim=1)
+                reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                candidate = torch.tanh(x_n + reset * h_n)
+                h = (1 - update) * candidate + update * h
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h, c
 
+    # -- weight decay and export ----------------------------------------------------------------------
     def _record_norm(self, cond: torch.Tensor | None) -> None:
         state = self._hyper_state
         if state is None or state.norms is None or state.values is None:
             return
-        batch, units = state.values.shape[0], 4 * self.hidden_size
-        g_ih = g_hh = None
-        if cond is not None:
-            g_ih, g_hh, _ = F.linear(cond, self.gate).split(units, dim=1)
-        w_ih, w_hh = self.weight_ih_l0, self.weight_hh_l0
-        if self.scale is not None:
-            w_ih, w_hh = w_ih * self.scale, w_hh * self.scale
-        norm = (_effective_sq_norm(w_ih, self.response_weight_ih, g_ih, batch)
-                + _effective_sq_norm(w_hh, self.response_weight_hh, g_hh, batch))
-        state.record_norm(self, [self.weight_ih_l0, self.weight_hh_l0], norm)
+        batch, units = state.values.shape[0], _RNN_UNITS[self.mode] * self.hidden_size
+        norm: torch.Tensor | None = None
+        decayed = []
+        for cell in self._cells():
+            w_ih, w_hh, _, _ = self._general(*cell)
+            r_ih, r_hh, _, gate = self._response(*cell)
+            g_ih = g_hh = None
+            if cond is not None:
+                g_ih, g_hh, _ = F.linear(cond, gate).split(units, dim=1)
+            s_ih, s_hh = (w_ih, w_hh) if self.scale is None else (w_ih * self.scale, w_hh * self.scale)
+            part = _effective_sq_norm(s_ih, r_ih, g_ih, batch) + _effective_sq_norm(s_hh, r_hh, g_hh, batch)
+            norm = part if norm is None else norm + part
+            decayed += [w_ih, w_hh]
+        assert norm is not None
+        state.record_norm(self, decayed, norm)
 
-    def _unrolled(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        units = 4 * self.hidden_size
-        bias = None if self.bias_ih_l0 is None else self.bias_ih_l0 + self.bias_hh_l0
-        inputs = F.linear(x, self.weight_ih_l0, bias)  # every step's input map at once: (B, T, 4H)
-        recurrent = self.weight_hh_l0
-        if self.scale is not None:
-            inputs, recurrent = inputs * self.scale, recurrent * self.scale
-        g_hh = None
-        if cond is not None:
-            g_ih, g_hh, g_b = F.linear(cond, self.gate).split(units, dim=1)
-            inputs = inputs + g_ih.unsqueeze(1) * F.linear(x, self.response_weight_ih)
-            if self.response_bias is not None:
-                inputs = inputs + (g_b * self.response_bias).unsqueeze(1)
-            recurrent = torch.cat([recurrent, self.response_weight_hh])  # both recurrent maps in one product
-        h, c = hx[0][0], hx[1][0]
-        outputs = []
-        for t in range(x.shape[1]):
-            z = F.linear(h, recurrent)
-            pre = inputs[:, t] + (z if g_hh is None else z[:, :units] + g_hh * z[:, units:])
-            i, f, g, o = pre.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), h.unsqueeze(0), c.unsqueeze(0)
+    @torch.no_grad()
+    def plain(self, cond: torch.Tensor | None) -> nn.RNNBase:
+        """The ``nn.LSTM``/``nn.GRU`` this layer computes at gate input ``cond`` (``(E,)``; ``None``: no
+        response): every map folded as ``s W + diag(g) R``, each response bias into its ``bias_ih``."""
+        scale = 1.0 if self.scale is None else float(self.scale)
+        first = self.general_parameters()[0]
+        module = self._plain_class()(self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.has_bias,
+                                     batch_first=self.batch_first, bidirectional=self.bidirectional)
+        module = module.to(device=first.device, dtype=first.dtype)
+        units = _RNN_UNITS[self.mode] * self.hidden_size
+        for layer, direction in self._cells():
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh, b_ih, b_hh = (None if p is None else p * scale for p in self._general(layer, direction))
+            r_ih, r_hh, r_b, gate = self._response(layer, direction)
+            if cond is not None:
+                g_ih, g_hh, g_b = F.linear(cond.reshape(1, -1), gate)[0].split(units)
+                w_ih = w_ih + g_ih[:, None] * r_ih
+                w_hh = w_hh + g_hh[:, None] * r_hh
+                if b_ih is not None and r_b is not None:
+                    b_ih = b_ih + g_b * r_b
+            getattr(module, f"weight_ih{sfx}").copy_(w_ih)
+            getattr(module, f"weight_hh{sfx}").copy_(w_hh)
+            if b_ih is not None:
+                getattr(module, f"bias_ih{sfx}").copy_(b_ih)
+                getattr(module, f"bias_hh{sfx}").copy_(b_hh)
+        return module
 
     def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih_l0 is not None}, "
-                f"batch_first={self.batch_first}, form={self.form!r}")
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.has_bias}, "
+                f"batch_first={self.batch_first}, bidirectional={self.bidirectional}, form={self.form!r}")
+
+
+class BestResponseLSTM(BestResponseRecurrent):
+    """``nn.LSTM`` as a best-response layer (:class:`BestResponseRecurrent`); forward returns
+    ``(output, (h_n, c_n))`` as ``nn.LSTM`` does."""
+
+    mode = "LSTM"
+
+
+class BestResponseGRU(BestResponseRecurrent):
+    """``nn.GRU`` as a best-response layer (:class:`BestResponseRecurrent`); forward returns
+    ``(output, h_n)`` as ``nn.GRU`` does."""
+
+    mode = "GRU"

@@ -1,0 +1,101 @@
+"""Users' architectures beyond MLPs and CNNs: stacked and bidirectional LSTMs, GRUs, Conv1d and Transformer
+encoders are converted, tuned (every declared hyperparameter gets a hypergradient), exported, and never
+evaluated through a path that skips their response."""
+
+import pytest
+import torch
+from torch import nn
+
+import selftune as st
+
+
+def space():
+    return st.Space([st.Float("p", 0.0, 0.9, 0.3), st.Float("q", 0.0, 0.9, 0.3)])
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.inp, self.out = st.Dropout("p"), st.Dropout("q")
+        options = {"num_layers": 2, "bidirectional": True} if kind is nn.LSTM else {}
+        self.rnn = kind(4, 8, batch_first=True, **options)
+        self.head = nn.Linear(16 if kind is nn.LSTM else 8, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(self.inp(x))
+        return self.head(self.out(y[:, -1]))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = st.Dropout("p"), st.Dropout("q")
+        self.embed = nn.Linear(4, 16)
+        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.out(self.block(self.embed(self.inp(x))).mean(1)))
+
+
+class Temporal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = st.Dropout("p"), st.Dropout("q")
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.out(torch.relu(self.conv(self.inp(x).transpose(1, 2))).mean(2)))
+
+
+MODELS = {"lstm-2-layer-bidirectional": lambda: Recurrent(nn.LSTM), "gru": lambda: Recurrent(nn.GRU),
+          "transformer-encoder": Encoder, "conv1d": Temporal}
+
+
+def sequences(n=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 7, 4, generator=g)
+    y = (x[:, :, 0].sum(1) > 0).long() + (x[:, :, 1].sum(1) > 1).long()
+    return x, y
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_architecture_is_converted_and_every_hyperparameter_gets_a_hypergradient(name):
+    torch.manual_seed(0)
+    net = st.hypernetize(MODELS[name](), space())
+    assert net.converted, net.summary()
+    x, y = sequences()
+    tuner = st.SelfTuner(net, (x[:64], y[:64]), (x[64:], y[64:]), settings=st.TunerSettings(
+        batch_size=16, warmup_epochs=0, lr=0.05), seed=0)
+    fit = tuner.fit(5)
+    assert fit.compute["hyper_steps"] >= 3
+    assert all(tuner.log.hypergrad_seen), f"{name}: {dict(zip(net.space.names, tuner.log.hypergrad_seen))}"
+
+
+def test_the_summary_names_what_was_converted_and_what_was_left_plain():
+    net = st.hypernetize(Encoder(), space())
+    text = net.summary()
+    assert text.startswith("converted 4 Linear")  # embed, linear1, linear2, head
+    assert "block.self_attn (attention projections run inside F.multi_head_attention_forward" in text
+    assert "block.norm1 (normalisation layers stay plain)" in text
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_equals_the_net_with_a_material_response_and_no_fast_path_skips_it(name):
+    """In the STN form with large gates every converted layer's response matters. The export computes it
+    with plain layers; the net must agree in eval mode under no_grad, where PyTorch's fused Transformer
+    fast path would otherwise read linear1.weight directly and skip the response."""
+    torch.manual_seed(0)
+    net = st.hypernetize(MODELS[name](), space(), form="stn")
+    with torch.no_grad():
+        for layer in net.best_response_layers():
+            for p in layer.response_parameters():
+                if p.dim() == 2 and p.shape[1] == net.space.encoding_width(net.encoding):
+                    p.copy_(torch.randn_like(p))  # gates
+    net.eval()
+    x, _ = sequences(8)
+    plain = st.export(net).eval()
+    with torch.no_grad():
+        want, got = plain(x), net(x)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
