@@ -22,11 +22,12 @@ _EXPORTS = {
     "Float": "space", "Int": "space", "Space": "space",
     "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner", "score": "tuner",
     "Task": "task",
+    "HyperSchedule": "schedules",
 }
 
 __all__ = ["Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip", "Float", "HyperNet",
-           "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "Task", "TunerSettings", "evaluate",
-           "export", "hypernetize", "score"]
+           "HyperSchedule", "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "Task", "TunerSettings",
+           "evaluate", "export", "hypernetize", "score"]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
     from .objective import Objective
     from .plain_model import export
+    from .schedules import HyperSchedule
     from .settings import TunerSettings
     from .space import Float, Int, Space
     from .task import Task

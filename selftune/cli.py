@@ -1,7 +1,8 @@
 """The ``selftune`` command line.
 
 ``selftune run CONFIG.toml [--method M] [--seed N] [--set key=value ...] [--out DIR] [--overwrite]``
-``selftune resume RUN`` | ``selftune runs`` | ``selftune show RUN`` | ``selftune report RUN`` | ``selftune bench TASK``
+``selftune resume RUN`` | ``selftune replay RUN`` | ``selftune runs`` | ``selftune show RUN`` | ``selftune report RUN``
+| ``selftune bench TASK``
 
 Every command takes ``--store URL`` (default ``$SELFTUNE_STORE`` or ``sqlite:///selftune.db``).
 
@@ -86,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="write into a non-empty --out folder, replacing only the benchmark's own files")
     _store_arg(bench)
 
+    replay = sub.add_parser(
+        "replay", help="re-train a finished run's model from scratch on the schedule it tuned (plain training)",
+        description="Re-train a finished run's model from scratch with method fixed, following the hyperparameter "
+                    "schedule (and weights' learning rate) the run recorded, as in the STN paper's protocol. The "
+                    "replay is a new run of the store, listed as `replay`; its cost adds to the tuning run's.")
+    replay.add_argument("run", type=_positive, help="id of the finished run whose schedule is replayed")
+    replay.add_argument("--seed", type=int, help="training seed of the replay (default: the run's own)")
+    replay.add_argument("--out", help="output folder (default: runs/run<RUN>-replay-<uuid>)")
+    replay.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing only selftune's own files")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS")
+    replay.add_argument("--checkpoint-dir", default="checkpoints")
+    _store_arg(replay)
     runs = sub.add_parser("runs", help="list the runs in the store")
     _store_arg(runs)
     show = sub.add_parser("show", help="print one run: config, status, result, events")
@@ -201,7 +216,7 @@ def _recorded_run(args: argparse.Namespace, prepared, store, out: str | None = N
     print(f"layers: {prepared.tuner.net.summary()}")
     result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
     _summary(result)
-    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, trajectory.csv, epochs.csv, "
+    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv, "
           "trajectory.png, losses.png")
     return result, run.out
 
@@ -235,6 +250,33 @@ def _resume(args: argparse.Namespace) -> int:
             print(f"selftune: note: {note}", file=sys.stderr)
     _summary(result)
     print(f"run {args.run} finished; wrote {info.out_dir}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .outputs import claim_folder
+    from .runner import REPLAY, RecordedRun, prepare, recorded_schedule, replay_config
+
+    store = _open_store(args.store, create=False)
+    source = _get_run(store, args.run)
+    config, schedule = recorded_schedule(store, args.run)
+    prepared = prepare(replay_config(config, schedule, seed=args.seed))
+    if args.out is not None:
+        claim_folder(args.out, "", overwrite=args.overwrite)
+    run = RecordedRun.start(store, prepared.config, out=args.out, checkpoint_root=args.checkpoint_dir,
+                            overwrite=args.overwrite, method=REPLAY, name=f"run{args.run}")
+    print(f"selftune replay of run {source.id} ({source.method}, seed {source.seed}): {len(schedule.steps)} schedule "
+          f"rows over {prepared.config.epochs} epochs, fixed training from scratch, seed {prepared.config.seed}; "
+          f"run {run.run_id} in {store.display_url}")
+    result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
+    _summary(result)
+    tuned = source.result or {}
+    spent = result.compute["examples"] + int(tuned.get("compute", {}).get("examples", 0))
+    if "test" in tuned:
+        change = (result.test["loss"] / tuned["test"]["loss"] - 1) * 100
+        print(f"replay test loss {result.test['loss']:.4f} against the tuning run's {tuned['test']['loss']:.4f} "
+              f"({change:+.1f}%); tuning + replay cost {spent} examples")
+    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv")
     return 0
 
 
@@ -318,7 +360,13 @@ def _report(args: argparse.Namespace) -> int:
     plot_losses(trajectory, epochs, out / "losses.png", title=f"run {r.id} ({r.method}) losses")
     write_csv(out / "trajectory.csv", trajectory)
     write_csv(out / "epochs.csv", epochs)
-    print(f"wrote {out}/trajectory.png, losses.png, trajectory.csv, epochs.csv from {store.display_url}")
+    written = "trajectory.png, losses.png, trajectory.csv, epochs.csv"
+    if r.status == "finished":
+        from .runner import recorded_schedule
+
+        recorded_schedule(store, r.id)[1].to_csv(out / "schedule.csv")
+        written += ", schedule.csv"
+    print(f"wrote {out}/{written} from {store.display_url}")
     return 0
 
 
@@ -375,7 +423,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "runs": _runs, "show": _show, "report": _report}
+COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "replay": _replay, "runs": _runs, "show": _show,
+            "report": _report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

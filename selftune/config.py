@@ -396,4 +396,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         from .task import resolve_source
 
         task["source"] = resolve_source(task["source"], Path(path).resolve().parent)
+    tuner = raw.get("tuner")
+    if isinstance(tuner, dict) and isinstance(tuner.get("follow"), str):
+        tuner["follow"] = _read_schedule(tuner["follow"], Path(path).resolve().parent)
     return parse_config(raw)
+
+
+def _read_schedule(file: str, folder: Path) -> dict[str, Any]:
+    """``[tuner] follow = "schedule.csv"``: the file's schedule, stored in the config itself so that a
+    resumed run follows the same values even if the file changed or moved."""
+    from .schedules import HyperSchedule
+
+    path = Path(file).expanduser()
+    try:
+        return HyperSchedule.load(path if path.is_absolute() else folder / path).model_dump(mode="python")
+    except ValueError as err:
+        raise ConfigError("tuner.follow", f"{err}; give a schedule.csv or .json written by a run (see "
+                                          "docs/config.md)") from None

@@ -38,7 +38,13 @@ def explain(tuner: SelfTuner) -> list[str]:
     if not start:
         return []
     lines: list[str] = []
-    if not tuner.algorithm.tunes:
+    follow = tuner.settings.follow
+    if follow is not None:
+        names = ", ".join(follow.values) or "no hyperparameter"
+        lr = " and the weights' learning rate" if follow.lr is not None else ""
+        lines.append(f"{tuner.method}: {names}{lr} followed a recorded schedule ({len(follow.steps)} rows"
+                     + (f", from {follow.source}" if follow.source else "") + ")")
+    elif not tuner.algorithm.tunes:
         lines.append(f"{tuner.method}: every hyperparameter held at its init value (the baseline)")
     else:
         u0, u1 = _units(tuner, start), _units(tuner, end)

@@ -34,7 +34,8 @@ __all__ = ["MARKER", "OUTPUT_FILES", "RunResult", "claim_folder", "mark_folder",
 #: The marker naming the run a folder belongs to.
 MARKER = ".selftune-run.json"
 #: Every file a run writes into its folder (besides the marker, written last).
-OUTPUT_FILES = ("result.json", "model.pt", "trajectory.csv", "epochs.csv", "trajectory.png", "losses.png")
+OUTPUT_FILES = ("result.json", "model.pt", "trajectory.csv", "epochs.csv", "schedule.csv", "trajectory.png",
+                "losses.png")
 
 
 @dataclass
@@ -137,6 +138,8 @@ def _render(folder: Path, fit: FitResult, result: RunResult) -> None:
     torch.save(fit.net.state_dict(), folder / "model.pt")
     write_csv(folder / "trajectory.csv", fit.trajectory)
     write_csv(folder / "epochs.csv", fit.history)
+    if fit.schedule is not None:  # what a plain loop or `[tuner] follow` can replay (selftune.schedules)
+        fit.schedule.to_csv(folder / "schedule.csv")
     names = fit.net.space.names
     plot_trajectory(fit.trajectory, names, folder / "trajectory.png", title=f"{result.method} hyperparameters")
     plot_losses(fit.trajectory, fit.history, folder / "losses.png", title=f"{result.method} losses")
@@ -161,7 +164,8 @@ def write_outputs(out: str | Path, fit: FitResult, result: RunResult, *, store: 
             os.replace(tmp, out)
             return out
         for name in (*OUTPUT_FILES, MARKER):
-            os.replace(tmp / name, out / name)
+            if (tmp / name).exists():  # a population run's result has no schedule of its own
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -34,11 +34,12 @@ from .errors import ConfigError, Interrupted, LeaseError, OutputError, ResumeErr
 from .models import MODELS, build, model_arguments
 from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
 from .outputs import RunResult, claim_folder, mark_folder, write_outputs
+from .schedules import HyperSchedule
 from .tuner import Callback, FitResult, SelfTuner
 from .validation import as_dataset
 
-__all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", "prepare", "resume_recorded",
-           "run_recorded"]
+__all__ = ["Prepared", "RecordedRun", "default_out", "evaluate_run", "execute", "prepare", "recorded_schedule",
+           "replay_config", "replay_recorded", "resume_recorded", "run_recorded"]
 
 
 @dataclass
@@ -471,4 +472,60 @@ def resume_recorded(store: Any, run_id: int, *, every: int = 100, callbacks: lis
     finally:
         for note in run.notes:
             notes.append(note) if notes is not None else warnings.warn(note, stacklevel=2)
+    return run.drive(prepared, every=every, callbacks=callbacks)
+
+
+#: What the store calls a run that re-trains on another run's schedule (its config's method is ``fixed``).
+REPLAY = "replay"
+
+
+def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule]:
+    """A finished run's config and the schedule its hyperparameters followed, from the store alone.
+
+    Raises:
+        LookupError: no such run.
+        ConfigError: the run has not finished (its schedule would end early), or recorded no steps.
+    """
+    info = store.get_run(run_id)
+    if info.status != "finished":
+        raise ConfigError("RUN", f"run {run_id} is {info.status}; only a finished run's schedule can be replayed"
+                                 + (f" (selftune resume {run_id} first)" if info.status == "interrupted" else ""))
+    config = parse_config(recorded_meaning(info.config))
+    trajectory = store.trajectory(run_id)
+    if not trajectory:
+        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows; nothing to replay")
+    steps = int((info.result or {}).get("compute", {}).get("steps", 0))
+    schedule = HyperSchedule.from_trajectory({n: h.init for n, h in config.space.items()}, trajectory,
+                                             list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
+                                             source=f"run {info.uuid}")
+    return config, schedule
+
+
+def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | None = None) -> RunConfig:
+    """The config of a ``fixed`` run that re-trains ``config``'s model from scratch on ``schedule``
+    (the STN paper's protocol: the tuned schedule, without the best-response layers or hyper steps).
+    Same data, model, epochs and optimizer; ``seed`` replaces the training seed (a new seed tells how
+    much of the result is the schedule's and how much the initialisation's)."""
+    raw = config.model_dump(mode="python")
+    raw["method"] = "fixed"
+    raw["tuner"]["follow"] = schedule.model_dump(mode="python")
+    if seed is not None:
+        raw["seed"] = seed
+    return parse_config(raw)
+
+
+def replay_recorded(store: Any, run_id: int, *, seed: int | None = None, out: str | Path | None = None,
+                    checkpoint_root: str | Path = "checkpoints", every: int | None = 100,
+                    callbacks: list[Callback] | None = None, overwrite: bool = False) -> RunResult:
+    """Re-train run ``run_id``'s model from scratch on its recorded schedule, as a new run of ``store``
+    (listed as ``replay``; its ``tuner.follow.source`` names the run it follows).
+
+    Raises:
+        LookupError: no such run.
+        ConfigError: the run has not finished, or its config no longer builds here.
+    """
+    config, schedule = recorded_schedule(store, run_id)
+    prepared = prepare(replay_config(config, schedule, seed=seed))
+    run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=overwrite,
+                            method=REPLAY, name=f"run{run_id}")
     return run.drive(prepared, every=every, callbacks=callbacks)

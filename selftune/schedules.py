@@ -19,16 +19,25 @@ Kinds (``[tuner.schedule] kind``), with ``t`` the share of the post-warm-up step
 
 ``warmup_epochs`` first ramps the factor linearly, ``(step + 1) / warm-up steps``, as sharpDARTS'
 warm-up does per epoch.
+
+:class:`HyperSchedule` is the other kind of schedule: every hyperparameter's value (and the weights'
+rate) over the steps of a run, as a tuning run recorded it. A plain training loop can follow it
+(:meth:`HyperSchedule.at`), and ``[tuner] follow`` makes a ``fixed`` run follow it: the STN paper's
+protocol of re-training from scratch on the tuned schedule (``selftune replay``).
 """
 
 from __future__ import annotations
 
+import bisect
+import csv
 import math
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["ScheduleSettings", "factor"]
+__all__ = ["HyperSchedule", "ScheduleSettings", "factor"]
 
 
 class ScheduleSettings(BaseModel):
@@ -61,3 +70,134 @@ def factor(schedule: ScheduleSettings, step: int, total_steps: int, steps_per_ep
         p = schedule.power
         c = (p ** (c + 1) - p) / (p * p - p)
     return schedule.final + (1 - schedule.final) * c
+
+
+class HyperSchedule(BaseModel):
+    """Hyperparameter values (and the weights' learning rate) over the steps of a run.
+
+    Row ``k`` applies from weight step ``steps[k]`` (0-based: the number of steps taken before it)
+    until the next row's step; the last row holds to the end. A tuning run's schedule
+    (:attr:`selftune.FitResult.schedule`, ``schedule.csv`` in its output folder) has one row at step
+    0 with the starting values and one per trajectory row (every ``log_every`` steps) with the values
+    the hyper steps had reached, and ``lr`` the rate the weights trained at in the steps that follow.
+
+    Attributes:
+        steps: first step of each row, strictly increasing from 0.
+        values: ``{name: [value per row]}`` in the space's units (integers may be fractional; they are
+            rounded where applied, as during tuning).
+        lr: the weights' learning rate per row, or ``None`` to keep the run's own rate.
+        steps_per_epoch: weight steps per epoch of the run that recorded it (for the ``epoch`` column).
+        source: where it came from (a run's UUID, a file), for records.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: list[NonNegativeInt]
+    values: dict[str, list[float]]
+    lr: list[PositiveFloat] | None = None
+    steps_per_epoch: PositiveInt | None = None
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HyperSchedule:
+        if not self.steps or self.steps[0] != 0:
+            raise ValueError("steps must start at 0 (the first row holds the starting values)")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must be strictly increasing")
+        n = len(self.steps)
+        for name, column in (*self.values.items(), *((("lr", self.lr),) if self.lr is not None else ())):
+            if len(column) != n:
+                raise ValueError(f"{name} has {len(column)} values for {n} steps")
+            if not all(math.isfinite(v) for v in column):
+                raise ValueError(f"{name} has a value that is not finite")
+        return self
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _row(self, step: int) -> int:
+        return max(bisect.bisect_right(self.steps, step) - 1, 0)
+
+    def at(self, step: int) -> dict[str, float]:
+        """The hyperparameter values for weight step ``step`` (0-based)."""
+        k = self._row(step)
+        return {name: column[k] for name, column in self.values.items()}
+
+    def lr_at(self, step: int) -> float | None:
+        """The weights' learning rate for weight step ``step``, or ``None`` if the schedule has none."""
+        return None if self.lr is None else self.lr[self._row(step)]
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per row: ``step``, ``epoch`` (fractional, when steps per epoch are known), the
+        values and ``lr``: what ``to_csv`` writes."""
+        out = []
+        for k, step in enumerate(self.steps):
+            row: dict[str, float] = {"step": step}
+            if self.steps_per_epoch:
+                row["epoch"] = step / self.steps_per_epoch
+            row.update({name: column[k] for name, column in self.values.items()})
+            if self.lr is not None:
+                row["lr"] = self.lr[k]
+            out.append(row)
+        return out
+
+    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_trajectory(cls, start: Mapping[str, float], trajectory: Sequence[Mapping[str, Any]],
+                        names: Sequence[str], *, steps_per_epoch: int | None = None,
+                        source: str = "") -> HyperSchedule:
+        """A run's schedule from its starting values and trajectory rows (``step``, each name and
+        ``weights_lr``, as :class:`~selftune.FitResult` and the store keep them)."""
+        rows = [r for r in trajectory if int(r["step"]) > 0]
+        steps = [0, *(int(r["step"]) for r in rows)]
+        values = {n: [float(start[n]), *(float(r[n]) for r in rows)] for n in names}
+        lr = None
+        if rows and all(r.get("weights_lr") not in (None, "") for r in rows):
+            # Row k's rate is the one recorded at the end of the steps that follow it.
+            recorded = [float(r["weights_lr"]) for r in rows]
+            lr = [recorded[0], *recorded[1:], recorded[-1]]
+        return cls(steps=steps, values=values, lr=lr, steps_per_epoch=steps_per_epoch, source=source)
+
+    # -- files ------------------------------------------------------------------------------------
+    def to_csv(self, path: str | Path) -> None:
+        """Write the rows as CSV (``step, epoch, <names>, lr``)."""
+        rows = self.rows()
+        with Path(path).open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The schedule as JSON (and written to ``path`` when given)."""
+        text = self.model_dump_json(indent=1)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def load(cls, path: str | Path) -> HyperSchedule:
+        """Read a schedule from ``.json`` (as :meth:`to_json` writes) or ``.csv`` (a ``step`` column,
+        one column per hyperparameter, optional ``epoch`` and ``lr``).
+
+        Raises:
+            ValueError: a missing or unreadable file, or a schedule that is not consistent (the
+                message names the file and the problem).
+        """
+        path = Path(path)
+        try:
+            if path.suffix.lower() == ".json":
+                schedule = cls.model_validate_json(path.read_text())
+            else:
+                with path.open(newline="") as f:
+                    table = list(csv.DictReader(f))
+                if not table or "step" not in table[0]:
+                    raise ValueError("a schedule CSV needs a header with a step column and at least one row")
+                names = [c for c in table[0] if c not in ("step", "epoch", "lr")]
+                lr = [float(r["lr"]) for r in table] if "lr" in table[0] else None
+                schedule = cls(steps=[int(float(r["step"])) for r in table],
+                               values={n: [float(r[n]) for r in table] for n in names}, lr=lr)
+        except OSError as err:
+            raise ValueError(f"cannot read schedule {str(path)!r}: {err.strerror}") from None
+        except (ValueError, KeyError, TypeError) as err:
+            first = str(err).splitlines()
+            detail = " ".join(line.strip() for line in first[-2:]) if len(first) > 1 else str(err)
+            raise ValueError(f"schedule {str(path)!r} is not valid: {detail}") from None
+        return schedule if schedule.source else schedule.model_copy(update={"source": str(path.resolve())})

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from .errors import ConfigError
-from .schedules import ScheduleSettings
+from .schedules import HyperSchedule, ScheduleSettings
 
 
 class TunerSettings(BaseModel):
@@ -78,6 +78,11 @@ class TunerSettings(BaseModel):
         default_factory=ScheduleSettings,
         description="[tuner.schedule]: the shape of the weights' rate over the run (constant, cosine, cosine_power, "
                     "step, with an optional linear warm-up); it multiplies the base rate, tuned or not")
+    follow: HyperSchedule | None = Field(
+        None, description="train on a recorded schedule instead of tuning (method fixed): each hyperparameter it names "
+                          "(and the weights' rate, if it has an lr column) takes the schedule's value at every weight "
+                          "step. In a config file: a path to a schedule.csv or .json (relative to the config), read "
+                          "once and stored in the run's config, so resume needs no file; selftune replay RUN sets it")
     lr_travel: float = Field(
         8.0, ge=0.0,
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "

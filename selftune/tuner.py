@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR
 from .nn.hypernet import HyperNet
 from .objective import LossFn, Objective, flatten_tokens
-from .schedules import factor
+from .schedules import HyperSchedule, factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
 
@@ -168,6 +168,9 @@ class FitResult:
         history: one row per epoch with the full validation loss and accuracy.
         compute: ``examples`` (forwarded + backwarded, hyper steps included), ``eval_examples``
             (forward only), ``seconds``, ``steps``, ``hyper_steps``.
+        schedule: the values every hyperparameter (and the weights' rate) took over the steps, as a
+            :class:`~selftune.schedules.HyperSchedule` a plain loop or a ``fixed`` run
+            (``TunerSettings(follow=...)``) can follow; ``None`` before the first step.
     """
 
     net: HyperNet
@@ -175,6 +178,7 @@ class FitResult:
     trajectory: list[dict[str, float]]
     history: list[dict[str, float]]
     compute: dict[str, float]
+    schedule: HyperSchedule | None = None
 
 
 class SelfTuner:
@@ -224,6 +228,7 @@ class SelfTuner:
         self.algorithm: Algorithm = cls(self.settings, lr=None if lr_name is None else float(net.values()[lr_name]))
         self.algorithm.check_net(net)
         self.net, self.method = net, cls.name
+        self._follow = self._check_follow(lr_name)
         self.objective = objective or Objective()
         if loss is not None:
             if self.objective.loss is not None and self.objective.loss is not loss:
@@ -306,6 +311,40 @@ class SelfTuner:
             f"space: {shifts}: an init on a bound of its range cannot move (the transform is flat there), so "
             f"{self.method} starts {BOUND_MARGIN:.0%} of the range inside; widen the range if the bound itself "
             "must stay reachable"), stacklevel=3)
+
+    def _check_follow(self, lr_name: str | None) -> tuple[HyperSchedule, list[int]] | None:
+        """The schedule to follow and the space columns it sets, checked against the space and method."""
+        schedule = self.settings.follow
+        if schedule is None:
+            return None
+        if self.algorithm.tunes or (lr_name is not None and self.algorithm.tunes_lr):
+            raise ConfigError("tuner.follow", f"method {self.method!r} tunes hyperparameters itself; a run that "
+                                              "follows a schedule trains with method \"fixed\"")
+        space = self.net.space
+        unknown = [n for n in schedule.values if n not in space]
+        if unknown:
+            raise ConfigError("tuner.follow", f"the schedule sets {', '.join(unknown)}, which the space does not "
+                                              f"declare; the space has {', '.join(space.names)}")
+        for name, column in schedule.values.items():
+            p = space[name]
+            slack = 0.5 if p.is_int else 0.0
+            bad = [v for v in column if not p.low - slack <= v <= p.high + slack]
+            if bad:
+                raise ConfigError("tuner.follow", f"the schedule's {name}={bad[0]:g} lies outside its range "
+                                                  f"[{p.low:g}, {p.high:g}]; widen [space.{name}] or fix the schedule")
+        return schedule, [space.index(n) for n in schedule.values]
+
+    def _follow_step(self) -> None:
+        """Set the followed hyperparameters to the schedule's values for the step about to be taken."""
+        assert self._follow is not None
+        schedule, columns = self._follow
+        values = schedule.at(self.log.counters.steps)
+        net = self.net
+        with torch.no_grad():
+            current = net.space.to_constrained(net.hparams.double())
+            for name, col in zip(values, columns, strict=True):
+                current[col] = values[name]
+            net.hparams[columns] = net.space.to_unconstrained(current)[columns].to(net.hparams.dtype)
 
     def _check_driven(self) -> None:
         """After the first weight step: warn about declared hyperparameters nothing reads."""
@@ -466,8 +505,12 @@ class SelfTuner:
         while order.epoch < epochs and not self._stop:
             while not order.epoch_done and not self._stop:
                 x, y = self._batch("train", order.next_train(self.generator))
+                if self._follow is not None:
+                    self._follow_step()
                 log.add_train_loss(self.algorithm.step(self, x, y))
                 log.counters.steps += 1
+                if self._follow is not None:  # the values of the next step, so the logged row shows them
+                    self._follow_step()
                 if log.idle is None:
                     self._check_driven()
                 tuning = self.algorithm.tunes and order.epoch >= s.warmup_epochs
@@ -591,6 +634,13 @@ class SelfTuner:
     def _apply_schedule(self, group: str) -> None:
         """Set ``group``'s rates to base x the schedule's factor at this step (the bound rate's base is
         its hyperparameter)."""
+        if self._follow is not None and group == self.algorithm.lr_group:
+            lr = self._follow[0].lr_at(self.log.counters.steps)
+            if lr is not None:  # the recorded rate already includes any schedule's factor and tuning
+                groups = self.optimizers[group].param_groups
+                for i, (g, base) in enumerate(zip(groups, self._base_lrs[group], strict=True)):
+                    g["lr"] = lr if i == 0 else lr * base / self._base_lrs[group][0]
+                return
         s = self.settings.schedule
         if s.kind == "constant" and s.warmup_epochs == 0:
             if self.lr_tuner is None or group != self.algorithm.lr_group:
@@ -699,7 +749,16 @@ class SelfTuner:
         return FitResult(
             net=self.net, hparams=self.net.values(), trajectory=list(self.trajectory), history=list(self.history),
             compute={"examples": c.examples, "eval_examples": c.eval_examples, "seconds": self.log.seconds,
-                     "steps": c.steps, "hyper_steps": c.hyper_steps})
+                     "steps": c.steps, "hyper_steps": c.hyper_steps},
+            schedule=self.schedule())
+
+    def schedule(self) -> HyperSchedule | None:
+        """The hyperparameter schedule of the run so far (``None`` before the first step): its start
+        and every trajectory row, at :attr:`TunerSettings.log_every` resolution."""
+        if not self.log.start:
+            return None
+        return HyperSchedule.from_trajectory(self.log.start, self.trajectory, self.net.space.names,
+                                             steps_per_epoch=self.batches_per_epoch)
 
     # ------------------------------------------------------------------------------------------
     # Checkpointing

@@ -166,13 +166,13 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
 
 def usable_methods(config: RunConfig, methods: Sequence[str] | None) -> list[Method]:
     """The methods to run on ``config``, ``fixed`` first (the unit of compute): the named ones, or with
-    ``None`` every registered method that can run it.
+    ``None`` every registered method that can run it and runs by default (:attr:`Method.by_default`).
 
     Raises:
         ConfigError: an unknown name, or a named method that cannot run this config (says why).
     """
     if methods is None:
-        return [m for m in METHODS.values() if m.unusable(config) is None]
+        return [m for m in METHODS.values() if m.by_default and m.unusable(config) is None]
     chosen = [get_method(m) for m in dict.fromkeys([Fixed.name, *methods])]
     for m in chosen:
         reason = m.unusable(config)

@@ -89,6 +89,9 @@ class Method(ABC):
 
     #: The result depends on the space's init values (single runs); searches and PBT sample the space.
     uses_start: bool = False
+    #: Run by ``selftune bench`` when no ``--methods`` are named (variants that repeat another
+    #: method's work, like ``delta-stn-replay``, run only when asked for).
+    by_default: bool = True
 
     def __init__(self, name: str, *, schedule: bool = False) -> None:
         self.name, self.schedule = name, schedule

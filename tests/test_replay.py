@@ -1,0 +1,180 @@
+"""Replaying a tuned schedule: the schedule object and its files, `[tuner] follow` (a fixed run that
+follows it), `selftune replay RUN`, and the `delta-stn-replay` benchmark method."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from selftune.config import load_config
+from selftune.errors import ConfigError
+from selftune.methods import METHODS, Context
+from selftune.runner import prepare, replay_recorded, run_recorded
+from selftune.schedules import HyperSchedule
+from selftune.settings import TunerSettings
+from selftune.store import RunStore
+from selftune.testing import cli, digits_config, digits_tuner
+from selftune.tuner import SelfTuner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_row_holds_from_its_step_until_the_next():
+    s = HyperSchedule(steps=[0, 10, 20], values={"p": [0.1, 0.2, 0.3]}, lr=[0.5, 0.4, 0.3])
+    assert [s.at(t)["p"] for t in (0, 9, 10, 19, 20, 10_000)] == [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    assert s.lr_at(15) == 0.4
+    assert HyperSchedule(steps=[0], values={"p": [0.1]}).lr_at(3) is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": [5, 10], "values": {"p": [0.1, 0.2]}}, "start at 0"),
+    ({"steps": [0, 10, 10], "values": {"p": [0.1, 0.2, 0.3]}}, "strictly increasing"),
+    ({"steps": [0, 10], "values": {"p": [0.1]}}, "p has 1 values for 2 steps"),
+    ({"steps": [0, 10], "values": {"p": [0.1, float("nan")]}}, "not finite"),
+])
+def test_an_inconsistent_schedule_is_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        HyperSchedule(**bad)
+
+
+def test_csv_and_json_round_trip(tmp_path):
+    s = HyperSchedule(steps=[0, 10], values={"a": [0.1, 0.25], "b": [3.0, 4.5]}, lr=[0.05, 0.04], steps_per_epoch=20)
+    s.to_csv(tmp_path / "s.csv")
+    s.to_json(tmp_path / "s.json")
+    header = (tmp_path / "s.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,a,b,lr"
+    for name in ("s.csv", "s.json"):
+        back = HyperSchedule.load(tmp_path / name)
+        assert (back.steps, back.values, back.lr) == (s.steps, s.values, s.lr)
+        assert back.source  # where it came from is recorded
+    (tmp_path / "bad.csv").write_text("epoch,a\n0,0.1\n")
+    with pytest.raises(ValueError, match=r"bad.csv.*step column"):
+        HyperSchedule.load(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="cannot read schedule"):
+        HyperSchedule.load(tmp_path / "missing.csv")
+
+
+def _follower(schedule, *overrides, seed=0):
+    config = digits_config(*overrides).derive(method="fixed", seed=seed)
+    raw = config.model_dump(mode="python")
+    raw["tuner"]["follow"] = schedule.model_dump(mode="python")
+    from selftune.config import parse_config
+
+    return prepare(parse_config(raw)).tuner
+
+
+def test_a_fixed_run_follows_a_tuned_schedule_and_a_replay_of_it_reproduces_it():
+    """The replay's trajectory shows the tuned run's values at every logged step, and replaying the
+    replay trains the same weights: the schedule is all a replay depends on."""
+    tuned = digits_tuner(method="delta-stn")
+    fit = tuned.fit(4)
+    schedule = fit.schedule
+    assert schedule is not None and schedule.steps[0] == 0 and len(schedule.steps) == len(fit.trajectory) + 1
+    names = tuned.net.space.names
+    moved = max(abs(schedule.values[n][-1] - schedule.values[n][0]) for n in names)
+    assert moved > 0.01  # the tuned run moved something worth following
+    replay = _follower(schedule)
+    again = replay.fit(4)
+    for row in again.trajectory:
+        step = int(row["step"])
+        for n in names:
+            assert row[n] == pytest.approx(schedule.at(step)[n], abs=1e-5)
+        assert row["weights_lr"] == pytest.approx(schedule.lr_at(step - 1))
+    twice = _follower(again.schedule)
+    twice.fit(4)
+    for a, b in zip(twice.net.parameters(), replay.net.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_schedule_changes_the_training():
+    """Following dropout 0.9 everywhere is not training at the config's init values."""
+    names = digits_config().build_space().names
+    heavy = HyperSchedule(steps=[0], values={n: [0.9] for n in names})
+    plain = digits_tuner(method="fixed").fit(2)
+    follow = _follower(heavy).fit(2)
+    assert follow.trajectory[-1]["train_loss"] > plain.trajectory[-1]["train_loss"] + 0.2
+
+
+def test_a_followed_run_resumes_exactly():
+    schedule = HyperSchedule(steps=[0, 15, 40], values={"dropout1": [0.1, 0.6, 0.3]}, lr=[0.05, 0.02, 0.01])
+    whole = _follower(schedule)
+    whole.fit(3)
+    first = _follower(schedule)
+    first.fit(3, max_steps=23)
+    second = _follower(schedule)
+    second.load_state_dict(first.state_dict())
+    second.fit(3)
+    for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_follow_is_refused_where_it_cannot_apply():
+    space = digits_config().build_space()
+    ok = HyperSchedule(steps=[0], values={"dropout1": [0.3]})
+    t = digits_tuner(method="delta-stn")
+    with pytest.raises(ConfigError, match=r"tuner.follow: method 'delta-stn' tunes"):
+        SelfTuner(t.net, t.train_data, t.val_data, method="delta-stn", settings=TunerSettings(lr=0.05, follow=ok))
+    with pytest.raises(ConfigError, match=r"tuner.follow: the schedule sets nope.*the space has"):
+        _follower(HyperSchedule(steps=[0], values={"nope": [0.3]}))
+    high = space["dropout1"].high
+    with pytest.raises(ConfigError, match=r"tuner.follow: the schedule's dropout1=1.5 lies outside"):
+        _follower(HyperSchedule(steps=[0], values={"dropout1": [1.5]}))
+    assert high < 1.5
+
+
+def test_a_config_follows_a_schedule_file_relative_to_itself(tmp_path):
+    HyperSchedule(steps=[0, 10], values={"dropout1": [0.2, 0.7]}).to_csv(tmp_path / "plan.csv")
+    text = (ROOT / "examples" / "digits_mlp.toml").read_text()
+    config_file = tmp_path / "cfg.toml"
+    config_file.write_text(text.replace("[tuner]", '[tuner]\nfollow = "plan.csv"', 1))
+    config = load_config(config_file, ["method=\"fixed\""])
+    assert config.tuner.follow is not None and config.tuner.follow.values == {"dropout1": [0.2, 0.7]}
+    # the schedule lives in the config from here on: the file may go
+    (tmp_path / "plan.csv").unlink()
+    assert json.loads(config.model_dump_json())["tuner"]["follow"]["steps"] == [0, 10]
+    config_file.write_text(text.replace("[tuner]", '[tuner]\nfollow = "gone.csv"', 1))
+    with pytest.raises(ConfigError, match=r"tuner.follow: cannot read schedule .*gone.csv"):
+        load_config(config_file)
+
+
+def test_replay_recorded_trains_a_new_run_on_the_stored_schedule(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    tuned = run_recorded(prepare(digits_config()), store, out=tmp_path / "tuned",
+                         checkpoint_root=tmp_path / "ck", every=None)
+    assert (tmp_path / "tuned" / "schedule.csv").exists()
+    replay = replay_recorded(store, tuned.run_id, out=tmp_path / "replay", checkpoint_root=tmp_path / "ck",
+                             every=None)
+    assert replay.method == "replay" and replay.config["method"] == "fixed"
+    assert replay.config["tuner"]["follow"]["source"] == f"run {tuned.run_uuid}"
+    assert store.get_run(replay.run_id).method == "replay"
+    assert replay.hparams == pytest.approx(tuned.hparams, abs=2e-3)  # it ends where the tuned run ended
+    assert any("followed a recorded schedule" in line for line in replay.explanation)
+
+
+def test_cli_replay_and_its_errors(tmp_path):
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    cli(["run", str(ROOT / "examples" / "digits_mlp.toml"), "--set", "epochs=2", "--set", "model.hidden=[16, 16]",
+         "--out", "a", "--quiet"], cwd=tmp_path, store=store, check=True)
+    done = cli(["replay", "1", "--out", "b", "--quiet"], cwd=tmp_path, store=store, check=True)
+    assert "replay test loss" in done.stdout and (tmp_path / "b" / "schedule.csv").exists()
+    listed = cli(["runs"], cwd=tmp_path, store=store, check=True).stdout
+    assert "replay" in listed
+    missing = cli(["replay", "7"], cwd=tmp_path, store=store)
+    assert missing.returncode == 2 and "RUN: no run 7" in missing.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mine.txt").write_text("keep")
+    taken = cli(["replay", "1", "--out", "c"], cwd=tmp_path, store=store)
+    assert taken.returncode == 2 and "--out" in taken.stderr
+    assert (tmp_path / "c" / "mine.txt").read_text() == "keep" and len(list((tmp_path / "c").iterdir())) == 1
+
+
+def test_the_replay_method_reuses_the_tuning_run_and_counts_both(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    ctx = Context(store=store, folder=tmp_path, label="t")
+    config = digits_config()
+    tuned = METHODS["delta-stn"].run(config, 0, ctx)
+    replayed = METHODS["delta-stn-replay"].run(config, 0, ctx)
+    assert replayed.trials == 2 and replayed.examples > tuned.examples
+    assert len(store.list_runs()) == 2  # the tuning run was reused, not trained again
+    assert replayed.curve[0] == (tuned.examples, tuned.test_loss)
