@@ -96,6 +96,9 @@ class Algorithm:
     default_hyper_optimizer: ClassVar[str] = "rmsprop"
     default_hyper_lr: ClassVar[float] = 1e-2
     description: ClassVar[str] = ""
+    #: the algorithm computes its own hypergradient (:meth:`hypergradient`) instead of the tuner's
+    #: best-response one
+    implicit: ClassVar[bool] = False
 
     def __init__(self, settings: TunerSettings, lr: float | None = None) -> None:
         """``lr``: the weights' initial learning rate when ``settings.lr`` names a hyperparameter."""
@@ -154,6 +157,11 @@ class Algorithm:
         return cls(groups)
 
     # -- the loop ----------------------------------------------------------------------------------
+    def hypergradient(self, tuner: SelfTuner, x: Any, y: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        """With :attr:`implicit`: fill ``tuner.net.hparams.grad`` from the validation batch ``(x, y)``,
+        count the examples it used, and return the validation loss."""
+        raise NotImplementedError
+
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:  # pragma: no cover - abstract
         """One weight step on the training batch ``(x, y)``; returns its training loss."""
         raise NotImplementedError
@@ -230,3 +238,6 @@ class DeltaSTN(Algorithm):
 
 #: The algorithm a config or a tuner uses when it names none.
 DEFAULT_ALGORITHM: str = DeltaSTN.name
+
+
+from . import implicit as _implicit  # noqa: E402,F401  (registers the implicit-differentiation algorithm)

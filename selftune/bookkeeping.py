@@ -122,6 +122,8 @@ class RunLog:
     start: dict[str, float] = field(default_factory=dict)
     #: how the hyper learning rate was chosen: ``{"lr", "planned_steps", "travel", "rule"}`` (empty: not tuning)
     hyper_lr: dict[str, Any] = field(default_factory=dict)
+    #: what an algorithm keeps between hyper steps (the implicit method's Neumann step size), checkpointed
+    algorithm: dict[str, Any] = field(default_factory=dict)
     _clock: float | None = None
 
     # -- time ----------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class RunLog:
         counters["seconds"] = self.seconds
         return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
-                "hyper_lr": dict(self.hyper_lr),
+                "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,6 +190,7 @@ class RunLog:
         self.idle = state.get("idle")
         self.start = dict(state.get("start", {}))
         self.hyper_lr = dict(state.get("hyper_lr", {}))
+        self.algorithm = dict(state.get("algorithm", {}))
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]
         if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time

@@ -28,7 +28,8 @@ def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     return logits, target
 
 
-def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor, *,
+                           differentiable: bool = False) -> torch.Tensor:
     """Mean cross-entropy with a per-example label-smoothing rate ``smoothing`` ``(B,)``.
 
     Example ``i`` scores ``(1 - s_i) * nll_i + s_i * mean_k(-log p_ik)``, which equals
@@ -37,7 +38,7 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
     logp = F.log_softmax(logits, dim=-1)
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     uniform = -logp.mean(dim=-1)
-    s = smoothing.detach().to(logits.dtype)
+    s = (smoothing if differentiable else smoothing.detach()).to(logits.dtype)
     return ((1 - s) * nll + s * uniform).mean()
 
 
@@ -91,13 +92,18 @@ class Objective:
         return torch.full((batch,), float(spec), device=like.device, dtype=like.dtype)
 
     def train_loss(self, logits: torch.Tensor, target: torch.Tensor, lookup: Lookup,
-                   decayed: Iterable[torch.Tensor] = (), *, norms: torch.Tensor | None = None) -> torch.Tensor:
+                   decayed: Iterable[torch.Tensor] = (), *, norms: torch.Tensor | None = None,
+                   differentiable: bool = False) -> torch.Tensor:
         """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``; sequence outputs
         ``(B, T, C)`` average over tokens, each token at its example's hyperparameters.
 
         Weight decay penalises ``0.5 * mean_i(wd_i * norms_i)`` when ``norms`` (the ``(B,)`` squared
         norms of each example's effective weights, from :meth:`~selftune.nn.HyperNet.recording_norms`)
-        is given, else ``0.5 * mean(wd) * sum ||p||^2`` over ``decayed``."""
+        is given, else ``0.5 * mean(wd) * sum ||p||^2`` over ``decayed``.
+
+        ``differentiable``: keep the loss's dependence on the decay and smoothing rates (implicit
+        differentiation takes the mixed derivative in weights and hyperparameters); otherwise they
+        are constants of the weight step."""
         if self.loss is not None:
             loss = self.eval_loss(logits, target)
         elif self.label_smoothing is None:
@@ -106,10 +112,12 @@ class Objective:
             tokens = logits[0].numel() // logits.shape[-1]  # predictions per example (1 for classifiers)
             flat_logits, flat_target = flatten_tokens(logits, target)
             smoothing = self._per_example(self.label_smoothing, lookup, logits.shape[0], logits)
-            loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens))
+            loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens),
+                                          differentiable=differentiable)
         if self.weight_decay is not None:
             # A constant decay is one value for every example; a named one is read per example.
-            wd = self._per_example(self.weight_decay, lookup, 1, loss).detach()
+            wd = self._per_example(self.weight_decay, lookup, 1, loss)
+            wd = wd if differentiable else wd.detach()
             if norms is not None:
                 loss = loss + 0.5 * (wd * norms).mean()
             else:

@@ -88,6 +88,18 @@ class TunerSettings(BaseModel):
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "
                     "units) it can cover in the run if every step pushes it the same way, as hyper_travel; each "
                     "weight step moves it by at most lr_travel / planned weight steps (selftune.hd)")
+    neumann_terms: int = Field(
+        5, ge=0, le=100, description="ift: terms of the Neumann series that approximates the inverse Hessian "
+                                     "(0: the one-step greedy hypergradient; more: a longer horizon, one "
+                                     "Hessian-vector product each)")
+    neumann_lr: PositiveFloat | None = Field(
+        None, description="ift: step size of the Neumann series; None: 1 / the largest curvature of the training "
+                          "loss, estimated by power iteration at the first hyper step. Halved whenever the series "
+                          "grows (a step size past 2 / curvature diverges)")
+    relax_temperature: PositiveFloat = Field(
+        0.1, description="ift: temperature of the concrete (relaxed Bernoulli) dropout masks through which a dropout "
+                         "rate gets its mixed derivative (Gal et al. 2017's concrete dropout; lower is closer to "
+                         "Bernoulli and noisier)")
     log_every: PositiveInt = 10
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,

@@ -661,6 +661,15 @@ class SelfTuner:
         net, s = self.net, self.settings
         net.eval()
         torch.clear_autocast_cache()  # the weights changed since the last cast (see weight_step)
+        if self.algorithm.implicit:  # the algorithm computes the hypergradient itself (selftune.implicit)
+            net.zero_grad(set_to_none=True)
+            val_loss = self.algorithm.hypergradient(self, x, y)
+            self._check(val_loss, "validation loss", "weights")
+            self._apply_hypergradient()
+            net.train()
+            self.log.add_val_loss(val_loss.item())
+            self.log.counters.hyper_steps += 1
+            return
         with self.frozen(self._weights):
             net.zero_grad(set_to_none=True)
             if s.tune_scales:
@@ -673,22 +682,27 @@ class SelfTuner:
             # from the weights: blame their learning rate, not the hyperparameters'.
             self._check(loss, "validation loss", "weights")
             loss.backward()
-            if self.lr_tuner is not None:
-                # The rate reaches no validation loss through the gates (it drives no module): only
-                # hypergradient descent moves it, and its perturbation scale stays put.
-                for p in (net.hparams, net.scale_raw):
-                    if p.grad is not None:
-                        p.grad[self.lr_tuner.index] = 0
-            self._check(net.hparams.grad, "hypergradient", "hyper")
-            if net.hparams.grad is not None:
-                seen = (net.hparams.grad != 0).tolist()
-                self.log.hypergrad_seen = [a or b for a, b in zip(self.log.hypergrad_seen, seen, strict=True)]
-            self.optimizers["hyper"].step()
-            self._check(net.hparams, "hyperparameters", "hyper")
+            self._apply_hypergradient()
         net.train()
         self.log.counters.examples += batch_of(x)
         self.log.counters.hyper_steps += 1
         self.log.add_val_loss(val_loss.item())
+
+    def _apply_hypergradient(self) -> None:
+        """Step the hyperparameters on the gradient in ``net.hparams.grad`` (checked, recorded)."""
+        net = self.net
+        if self.lr_tuner is not None:
+            # The rate reaches no validation loss through the gates (it drives no module): only
+            # hypergradient descent moves it, and its perturbation scale stays put.
+            for p in (net.hparams, net.scale_raw):
+                if p.grad is not None:
+                    p.grad[self.lr_tuner.index] = 0
+        self._check(net.hparams.grad, "hypergradient", "hyper")
+        if net.hparams.grad is not None:
+            seen = (net.hparams.grad != 0).tolist()
+            self.log.hypergrad_seen = [a or b for a, b in zip(self.log.hypergrad_seen, seen, strict=True)]
+        self.optimizers["hyper"].step()
+        self._check(net.hparams, "hyperparameters", "hyper")
 
     # ------------------------------------------------------------------------------------------
     # Helpers

@@ -13,19 +13,23 @@ from .state import HyperModule
 
 
 def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelwise: bool = False,
-            locked: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+            locked: bool = False, generator: torch.Generator | None = None,
+            relax: float | None = None) -> torch.Tensor:
     """Inverted dropout with a per-example rate.
 
     Args:
         x: ``(B, ...)`` activations.
         p: ``(B,)`` drop probabilities in ``[0, 1)``; not differentiated (STN tunes rates through the
-            best-response path, not through the mask).
+            best-response path, not through the mask), unless ``relax`` is given.
         training: identity when ``False``.
         channelwise: drop whole channels (dimension 1) as ``nn.Dropout2d`` does, instead of
             single elements.
         locked: for ``(B, T, ...)`` sequences, one mask per example shared by every time step
             (variational dropout, Gal & Ghahramani 2016; AWD-LSTM's ``LockedDropout``).
         generator: random source, for reproducible masks.
+        relax: a temperature: the mask is then the concrete relaxation of the Bernoulli draw (Gal et
+            al. 2017's concrete dropout, ``1 - sigmoid((logit p + logit U) / relax)``), a smooth function
+            of ``p``, so the loss has a gradient in the rate (implicit differentiation needs one).
 
     Returns:
         ``x`` with dropped entries zeroed and kept ones scaled by ``1 / (1 - p)``.
@@ -36,7 +40,10 @@ def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelw
         raise ValueError(f"p must have shape ({x.shape[0]},), got {tuple(p.shape)}")
     if channelwise and locked:
         raise ValueError("dropout is either channelwise or locked, not both")
-    keep = (1.0 - p.detach()).clamp_min(1e-6).to(x.dtype)
+    if relax is not None:
+        keep = (1.0 - p).clamp_min(1e-6).to(x.dtype)
+    else:
+        keep = (1.0 - p.detach()).clamp_min(1e-6).to(x.dtype)
     if channelwise:
         mask_shape: tuple[int, ...] = (*x.shape[:2], *([1] * (x.dim() - 2)))
     elif locked:
@@ -44,7 +51,14 @@ def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelw
     else:
         mask_shape = tuple(x.shape)
     keep = keep.view(-1, *([1] * (x.dim() - 1)))
-    mask = torch.rand(mask_shape, generator=generator, device=x.device, dtype=x.dtype) < keep
+    draw = torch.rand(mask_shape, generator=generator, device=x.device, dtype=x.dtype)
+    if relax is not None:
+        tiny = 1e-6
+        drop = keep.new_tensor(1.0) - keep
+        logits = (torch.log(drop + tiny) - torch.log(keep + tiny) + torch.log(draw + tiny)
+                  - torch.log(1 - draw + tiny))
+        return x * (1 - torch.sigmoid(logits / relax)) / keep
+    mask = draw < keep
     return x * mask / keep
 
 
@@ -77,7 +91,7 @@ class Dropout(HyperModule):
             return dropout(x, x.new_full((x.shape[0],), self.fixed), channelwise=self.channelwise, locked=self.locked)
         state = self.hyper_state
         return dropout(x, state.value(self.name), channelwise=self.channelwise, locked=self.locked,
-                       generator=state.generator)
+                       generator=state.generator, relax=state.relax)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, channelwise={self.channelwise}, locked={self.locked}"

@@ -139,6 +139,17 @@ class HyperNet(nn.Module):
         return primal if tangent is None else primal + tangent
 
     @contextmanager
+    def relaxed(self, temperature: float) -> Iterator[None]:
+        """Inside the block, dropout masks are concrete relaxations at ``temperature`` (see
+        :func:`~selftune.nn.dropout.dropout`), so a loss is differentiable in the dropout rates."""
+        state = self._state
+        state.relax = float(temperature)
+        try:
+            yield
+        finally:
+            state.relax = None
+
+    @contextmanager
     def recording_norms(self) -> Iterator[Callable[[], torch.Tensor]]:
         """Record, for the forward passes inside the block, the per-example squared norm of the weights
         that weight decay penalises; yields a function returning that ``(B,)`` norm of the last pass.

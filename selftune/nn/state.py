@@ -32,6 +32,9 @@ class HyperState:
         norms: while :meth:`~selftune.nn.HyperNet.recording_norms` is active, each best-response layer
             stores here the per-example squared norm of its *effective* weights (general plus
             response), keyed by the layer, with the weights that norm covers.
+        relax: while :meth:`~selftune.nn.HyperNet.relaxed` is active, the temperature of the concrete
+            (relaxed Bernoulli) dropout masks, which makes a training loss differentiable in the rates
+            (implicit differentiation needs that); ``None``: ordinary masks.
     """
 
     space: Space
@@ -41,6 +44,7 @@ class HyperState:
     _active: bool = field(default=False, repr=False)
     read: set[str] = field(default_factory=set, repr=False)
     norms: dict[int, tuple[list[torch.nn.Parameter], torch.Tensor]] | None = field(default=None, repr=False)
+    relax: float | None = field(default=None, repr=False)
 
     def record_norm(self, module: torch.nn.Module, covered: list[torch.nn.Parameter], norm: torch.Tensor) -> None:
         """Store ``module``'s ``(B,)`` squared effective-weight norm if norms are being recorded (a

@@ -1,0 +1,148 @@
+"""Implicit-function-theorem hypergradients with a Neumann-series inverse Hessian (Lorraine et al. 2020).
+
+Delta-STN learns how the weights respond to the hyperparameters with a small network trained along the
+run; its hypergradient sees how the validation loss changes *now* when the weights adapt a little.
+From an over-fitting start that view prefers less regularisation (the measured one-direction
+behaviour, docs/benchmarks/README.md). The implicit function theorem asks instead how the weights *at
+the optimum of the training loss* would move:
+
+    dL_val/dlam = dL_val/dlam (direct) - dL_val/dw . H^-1 . d2L_train/(dw dlam)
+
+with ``H`` the Hessian of the training loss in the weights. ``H^-1`` is approximated by ``alpha *
+sum_{j<=K} (I - alpha H)^j`` applied to the validation gradient (Hessian-vector products only), as the
+official code (lorraine2/implicit-hyper-opt) does; ``K`` is ``tuner.neumann_terms``.
+
+How each hyperparameter reaches ``d2L_train/(dw dlam)``:
+
+* weight decay and label smoothing: the training loss is differentiated in them directly;
+* dropout rates: the hyper step's training loss uses concrete (relaxed Bernoulli) masks, a smooth function
+  of the rate (the official RNN code's ``concrete`` dropout);
+* augmentation strengths and embedding dropout draw discrete masks that no gradient passes: they get
+  none, and the run's explanation says so ("never received a hypergradient").
+
+Differences from the official code, and why: the Neumann step size ``alpha`` is not the weights'
+learning rate (meaningless for Adam) but ``1 / (largest curvature)`` from a power iteration at the first
+hyper step, halved whenever a term grows (the series diverges past ``2 / curvature``); the series uses
+the last training batch (the one the weights just stepped on) rather than a fresh one, so a hyper step
+costs no data draw and the data order of the run is that of ``fixed``.
+
+Cost per hyper step: one validation forward/backward, one training forward with a differentiable
+backward, ``K`` Hessian-vector products and one mixed product; counted in ``compute.examples`` as the
+validation batch plus ``K + 2`` passes over the training batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .algorithms import Fixed, register
+from .batches import batch_size as batch_of
+
+if TYPE_CHECKING:
+    from .nn import HyperNet
+    from .tuner import SelfTuner
+
+#: Power-iteration steps for the curvature that sets the default Neumann step size.
+POWER_STEPS = 10
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+
+def _norm(a: list[torch.Tensor]) -> float:
+    return float(_dot(a, a).sqrt())
+
+
+@register
+class ImplicitDifferentiation(Fixed):
+    """Plain weight steps at the current hyperparameters; hyper steps from the implicit-function-theorem
+    hypergradient (module docstring). No best-response layers are used (any net form works)."""
+
+    name = "ift"
+    tunes = True
+    tunes_lr = True
+    implicit = True
+    default_hyper_optimizer = "adam"
+    default_hyper_lr = 1e-2
+    description = "implicit differentiation, Neumann-series inverse Hessian (Lorraine et al. 2020)"
+
+    def __init__(self, settings: Any, lr: float | None = None) -> None:
+        super().__init__(settings, lr)
+        self._last: tuple[Any, Any] | None = None
+
+    def hyper_optimizer(self, net: HyperNet) -> torch.optim.Optimizer | None:
+        """The hyperparameters only: without perturbations there are no scales to learn."""
+        opt, lr, _ = self.hyper_settings()
+        cls = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
+        return cls([{"params": [net.hparams], "lr": lr}])
+
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
+        self._last = (x, y)  # the hyper step that may follow differentiates the loss on this batch
+        return tuner.weight_step(x, y, None, "weights", respond=False)
+
+    def _train_gradient(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """``dL_train/dw`` on the last training batch, as a graph differentiable again in the weights and
+        the hyperparameters (relaxed dropout masks, decay and smoothing kept as functions of ``hparams``)."""
+        assert self._last is not None, "a hyper step follows a weight step"
+        net, x, y = tuner.net, *self._last
+        net.train()
+        u = net.hparams.unsqueeze(0).expand(batch_of(x), -1)
+        values = net.space.discretize(net.space.to_constrained(u))
+        if tuner.augment is not None:
+            x = tuner.augment(x, tuner._lookup(values.detach()), tuner.generator)
+        with net.relaxed(self.settings.relax_temperature):
+            outputs = net(x, u, respond=False, generator=tuner.generator)
+        loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
+        return list(torch.autograd.grad(loss, weights, create_graph=True))
+
+    def _curvature(self, tuner: SelfTuner, grad: list[torch.Tensor], weights: list[torch.nn.Parameter]) -> float:
+        """The largest |eigenvalue| of the training loss's Hessian, by power iteration."""
+        vec = [torch.randn(w.shape, generator=tuner.generator, device=w.device, dtype=w.dtype) for w in weights]
+        scale = _norm(vec)
+        vec = [v / scale for v in vec]
+        value = 0.0
+        for _ in range(POWER_STEPS):
+            hv = torch.autograd.grad(grad, weights, grad_outputs=vec, retain_graph=True)
+            value = abs(float(_dot(vec, list(hv))))
+            size = _norm(list(hv))
+            if size == 0.0:
+                break
+            vec = [h / size for h in hv]
+        return value
+
+    def hypergradient(self, tuner: SelfTuner, x: Any, y: Any) -> torch.Tensor:
+        net, s, state = tuner.net, self.settings, tuner.log.algorithm
+        weights = [w for w in tuner.general_params if w.requires_grad]
+        val_loss = tuner.objective.eval_loss(net(x, respond=False), y)
+        val_grad = [g if g is not None else torch.zeros_like(w) for g, w in
+                    zip(torch.autograd.grad(val_loss, weights, allow_unused=True), weights, strict=True)]
+        train_grad = self._train_gradient(tuner, weights)
+        if "neumann_lr" not in state:
+            if s.neumann_lr is not None:
+                state["neumann_lr"] = s.neumann_lr
+            else:
+                curvature = self._curvature(tuner, train_grad, weights)
+                state["neumann_lr"] = 1.0 / curvature if curvature > 0 else 1.0
+                tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0])
+        alpha = float(state["neumann_lr"])
+        term = [g.detach() for g in val_grad]
+        total = [t.clone() for t in term]
+        used = 0
+        for _ in range(s.neumann_terms):
+            hv = torch.autograd.grad(train_grad, weights, grad_outputs=term, retain_graph=True)
+            following = [t - alpha * h for t, h in zip(term, hv, strict=True)]
+            used += 1
+            if _norm(following) > _norm(term):  # (I - alpha H) expands: alpha is past 2 / curvature
+                state["neumann_lr"] = alpha / 2
+                state["halvings"] = int(state.get("halvings", 0)) + 1
+                break
+            term = following
+            total = [a + t for a, t in zip(total, term, strict=True)]
+        preconditioned = [alpha * t for t in total]
+        (mixed,) = torch.autograd.grad(train_grad, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
+        net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
+        tuner.log.counters.examples += batch_of(x) + (used + 2) * batch_of(self._last[0])
+        return val_loss.detach()
