@@ -207,7 +207,7 @@ class STN(Algorithm):
         return {"weights": self._weight_optimizer([{"params": net.general_parameters()}, self._response_group(net)])}
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
-        u = tuner.net.perturb(batch_size(x), tuner.generator).detach()
+        u = tuner.net.perturb(batch_size(x, tuner.net.batch_dim), tuner.generator).detach()
         return tuner.weight_step(x, y, u, "weights")
 
 
@@ -228,8 +228,10 @@ class DeltaSTN(Algorithm):
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
         loss = tuner.weight_step(x, y, None, "general")
         # The response weights are few functions of few hyperparameters, so a share of the batch can do.
-        keep = max(1, math.ceil(self.settings.response_fraction * batch_size(x)))
-        x, y = head(x, keep), head(y, keep)
+        dim = tuner.net.batch_dim
+        n = batch_size(x, dim)
+        keep = max(1, math.ceil(self.settings.response_fraction * n))
+        x, y = head(x, keep, dim, n), head(y, keep, dim, n)
         u = tuner.net.perturb(keep, tuner.generator).detach()
         with tuner.frozen(tuner.general_params):
             tuner.weight_step(x, y, u, "response", linearize=self.settings.linearize)

@@ -93,9 +93,14 @@ class Source:
             ``collate_fn`` are used.
         what: how messages name the data.
         batch_size: the batch size the tuner draws (only to warn when a loader's differs).
+        batch_dim: 1 for a sequence-first model: batches that selftune stacks itself (tensor pairs,
+            datasets without a ``collate_fn`` of their own) get their examples in dimension 1 of every
+            tensor of 2 or more dimensions, as ``pad_sequence(batch_first=False)`` lays them out; a
+            loader's own ``collate_fn`` is trusted to produce the model's layout.
     """
 
-    def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None) -> None:
+    def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None,
+                 batch_dim: int = 0) -> None:
         collate: Collate | None = None
         if isinstance(data, DataLoader):
             if batch_size is not None and data.batch_size not in (None, batch_size):
@@ -108,6 +113,7 @@ class Source:
         self.dataset = data
         self.what = what
         self.collate: Collate = collate or default_collate
+        self.sequence_first = batch_dim == 1 and self.collate is default_collate
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -116,9 +122,21 @@ class Source:
         """The batch of examples ``index`` as ``(inputs, targets)``."""
         data = self.dataset
         if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-            return data.tensors[0][index], data.tensors[1][index]
-        batch = self.collate([data[i] for i in index.tolist()])
-        return fields.split(batch, self.what)
+            x, y = data.tensors[0][index], data.tensors[1][index]
+        else:
+            x, y = fields.split(self.collate([data[i] for i in index.tolist()]), self.what)
+        return (_sequence_first(x), _sequence_first(y)) if self.sequence_first else (x, y)
+
+
+def _sequence_first(x: Any) -> Any:
+    """A stacked batch with its examples moved from dimension 0 to 1 in every tensor of 2+ dimensions."""
+    if isinstance(x, torch.Tensor):
+        return x.transpose(0, 1) if x.dim() >= 2 else x
+    if isinstance(x, Mapping):
+        return _like(x, {key: _sequence_first(v) for key, v in x.items()})
+    if isinstance(x, tuple | list):
+        return type(x)(_sequence_first(v) for v in x)
+    return x
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
@@ -132,27 +150,64 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
-def batch_size(x: Any) -> int:
-    """Examples in a batch: the first dimension of its first tensor (inputs may be nested).
+def batch_size(x: Any, batch_dim: int = 0) -> int:
+    """Examples in a batch: dimension ``batch_dim`` of its first tensor (inputs may be nested), or its
+    first dimension where that tensor has no dimension ``batch_dim`` (see :func:`batch_axis`).
 
     Raises:
         DataError: a batch with no tensor in it.
     """
     t = _first_tensor(x)
     if t is None or t.dim() == 0:
+        where = "first dimension" if batch_dim == 0 else f"dimension {batch_dim} (batch_dim)"
         raise DataError(f"a batch's inputs hold no batched tensor (got {type(x).__name__}); collate examples into "
-                        "tensors whose first dimension is the batch")
-    return int(t.shape[0])
+                        f"tensors whose {where} is the batch")
+    return int(t.shape[batch_dim] if t.dim() > batch_dim else t.shape[0])
 
 
-def head(x: Any, k: int) -> Any:
-    """The first ``k`` examples of a (possibly nested) batch."""
+def batch_axis(t: torch.Tensor, n: int, batch_dim: int) -> int:
+    """The dimension of ``t`` that holds a batch's ``n`` examples.
+
+    ``batch_dim`` 0 is PyTorch's batch-first layout. With ``batch_dim = 1`` (sequence-first models:
+    ``(T, B, ...)`` activations, as ``nn.LSTM(batch_first=False)`` takes) dimension 1 is the batch where
+    it has ``n`` entries and the tensor has 3 or more dimensions, or where dimension 0 does not fit: a
+    ``(B, H)`` activation after pooling, or ``(B,)`` labels, keep the batch first. With ``batch_dim = 0``
+    a tensor whose dimension 0 does not fit but dimension 1 does is read sequence-first too (a
+    batch-first model that runs a sequence-first Transformer inside); where ``T`` may equal ``B``
+    such a model must say ``batch_dim = 1`` or stay batch-first inside.
+
+    Raises:
+        ValueError: no such dimension (the message names the shape and ``batch_dim``).
+    """
+    fits_first = t.dim() > 0 and t.shape[0] == n
+    fits_second = t.dim() > 1 and t.shape[1] == n
+    if batch_dim == 1 and fits_second and (t.dim() >= 3 or not fits_first):
+        return 1
+    if fits_first:
+        return 0
+    if fits_second:  # a sequence-first activation inside a batch-first model ((T, B, H) with T != B)
+        return 1
+    raise ValueError(f"no dimension of a tensor of shape {tuple(t.shape)} holds the batch's {n} examples "
+                     f"(batch_dim={batch_dim}); put the batch in dimension {batch_dim} or 0")
+
+
+def head(x: Any, k: int, batch_dim: int = 0, n: int | None = None) -> Any:
+    """The first ``k`` examples of a (possibly nested) batch of ``n`` (see :func:`rows`)."""
+    return rows(x, 0, k, batch_dim, n)
+
+
+def rows(x: Any, start: int, stop: int, batch_dim: int = 0, n: int | None = None) -> Any:
+    """Examples ``start:stop`` of a (possibly nested) batch of ``n`` examples (a micro-batch of gradient
+    accumulation); each tensor is cut along its :func:`batch_axis`."""
     if isinstance(x, torch.Tensor):
-        return x[:k]
+        if batch_dim == 0 or n is None:
+            return x[start:stop]
+        axis = batch_axis(x, n, batch_dim)
+        return x.narrow(axis, start, max(min(stop, x.shape[axis]) - start, 0))
     if isinstance(x, Mapping):
-        return _like(x, {key: head(v, k) for key, v in x.items()})
+        return _like(x, {key: rows(v, start, stop, batch_dim, n) for key, v in x.items()})
     if isinstance(x, tuple | list):
-        return type(x)(head(v, k) for v in x)
+        return type(x)(rows(v, start, stop, batch_dim, n) for v in x)
     return x
 
 

@@ -39,6 +39,7 @@ import torch
 
 from .algorithms import Fixed, register
 from .batches import batch_size as batch_of
+from .batches import head
 
 if TYPE_CHECKING:
     from .nn import HyperNet
@@ -80,7 +81,12 @@ class ImplicitDifferentiation(Fixed):
         return cls([{"params": [net.hparams], "lr": lr}])
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
-        self._last = (x, y)  # the hyper step that may follow differentiates the loss on this batch
+        # The hyper step that may follow differentiates the loss on this batch: its first micro-batch when
+        # gradients accumulate, so the second-order graph fits where one micro-batch's does.
+        k = self.settings.batch_size
+        dim = tuner.net.batch_dim
+        n = batch_of(x, dim)
+        self._last = (x, y) if self.settings.accumulate == 1 else (head(x, k, dim, n), head(y, k, dim, n))
         return tuner.weight_step(x, y, None, "weights", respond=False)
 
     def _train_gradient(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -89,7 +95,7 @@ class ImplicitDifferentiation(Fixed):
         assert self._last is not None, "a hyper step follows a weight step"
         net, x, y = tuner.net, *self._last
         net.train()
-        u = net.hparams.unsqueeze(0).expand(batch_of(x), -1)
+        u = net.hparams.unsqueeze(0).expand(batch_of(x, net.batch_dim), -1)
         values = net.space.discretize(net.space.to_constrained(u))
         if tuner.augment is not None:
             x = tuner.augment(x, tuner._lookup(values.detach()), tuner.generator)
@@ -126,7 +132,7 @@ class ImplicitDifferentiation(Fixed):
             else:
                 curvature = self._curvature(tuner, train_grad, weights)
                 state["neumann_lr"] = 1.0 / curvature if curvature > 0 else 1.0
-                tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0])
+                tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0], tuner.net.batch_dim)
         alpha = float(state["neumann_lr"])
         term = [g.detach() for g in val_grad]
         total = [t.clone() for t in term]
@@ -144,5 +150,6 @@ class ImplicitDifferentiation(Fixed):
         preconditioned = [alpha * t for t in total]
         (mixed,) = torch.autograd.grad(train_grad, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
         net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
-        tuner.log.counters.examples += batch_of(x) + (used + 2) * batch_of(self._last[0])
+        dim = tuner.net.batch_dim
+        tuner.log.counters.examples += batch_of(x, dim) + (used + 2) * batch_of(self._last[0], dim)
         return val_loss.detach()

@@ -28,9 +28,9 @@ def export(net: HyperNet) -> nn.Module:
     """A plain copy of the wrapped model at ``net``'s current (tuned) hyperparameters.
 
     Every best-response layer becomes the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
-    ``nn.Embedding`` / ``nn.LSTM`` / ``nn.GRU`` it computes at those values; every selftune dropout
-    keeps its class (so the copy still loads into the user's own model) with the tuned rate fixed, so
-    it trains and evaluates without a HyperNet. ``net`` itself is not changed. The copy's outputs
+    ``nn.Embedding`` / ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` it computes at those values;
+    every selftune dropout keeps its class (so the copy still loads into the user's own model) with the
+    tuned rate fixed, so it trains and evaluates without a HyperNet. ``net`` itself is not changed. The copy's outputs
     equal ``net(x)`` in eval mode.
 
     Raises:
@@ -44,8 +44,12 @@ def export(net: HyperNet) -> nn.Module:
         cond = net.encode(u.unsqueeze(0))[0] if net.form == "stn" else None
         values = net.values()
     model = copy.deepcopy(net.model)
+    replaced: tuple[str, ...] = ()
     for name, module in list(model.named_modules()):
+        if name.startswith(replaced):
+            continue  # inside a layer already folded (an attention's projections)
         if isinstance(module, BestResponseModule):
+            replaced = (*replaced, f"{name}.")
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             plain = module.plain(cond)

@@ -89,11 +89,11 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
     return _hypernetize(config, model, space)
 
 
-def _hypernetize(config: RunConfig, model: torch.nn.Module, space: Any) -> HyperNet:
+def _hypernetize(config: RunConfig, model: torch.nn.Module, space: Any, batch_dim: int = 0) -> HyperNet:
     form = get_algorithm(config.method).form or "delta"
     try:
         return hypernetize(model, space, form=form, init_scale=config.tuner.init_scale,
-                           encoding=config.tuner.encoding)
+                           encoding=config.tuner.encoding, batch_dim=batch_dim)
     except (TypeError, LookupError) as err:
         raise ConfigError("model", str(err).strip("'\"")) from None
 
@@ -141,7 +141,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
                                          "the same held-out test split, so return one")
     space = config.build_space()
     _check_dropouts(task.model, space, "space")
-    net = _hypernetize(config, task.model, space)
+    net = _hypernetize(config, task.model, space, task.batch_dim)
     try:
         objective = replace(config.build_objective(), loss=task.loss)
     except ValueError:

@@ -24,12 +24,16 @@ warm-up does per epoch.
 rate) over the steps of a run, as a tuning run recorded it. A plain training loop can follow it
 (:meth:`HyperSchedule.at`), and ``[tuner] follow`` makes a ``fixed`` run follow it: the STN paper's
 protocol of re-training from scratch on the tuned schedule (``selftune replay``).
+
+:class:`TorchSchedule` lets a ``torch.optim.lr_scheduler`` class (``[tuner] lr_scheduler``) give the
+factor instead of the kinds above.
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["HyperSchedule", "ScheduleSettings", "factor"]
+__all__ = ["HyperSchedule", "ScheduleSettings", "TorchSchedule", "factor", "lr_scheduler_class"]
 
 
 class ScheduleSettings(BaseModel):
@@ -70,6 +74,87 @@ def factor(schedule: ScheduleSettings, step: int, total_steps: int, steps_per_ep
         p = schedule.power
         c = (p ** (c + 1) - p) / (p * p - p)
     return schedule.final + (1 - schedule.final) * c
+
+
+#: Scheduler classes that wrap other schedulers (they need scheduler objects, not arguments) or are bases.
+_NOT_NAMEABLE = {"LRScheduler", "_LRScheduler", "SequentialLR", "ChainedScheduler"}
+
+
+def lr_scheduler_class(name: str) -> type:
+    """The ``torch.optim.lr_scheduler`` class called ``name`` (any case).
+
+    Raises:
+        ValueError: no such scheduler (the message lists them).
+    """
+    from torch.optim import lr_scheduler
+
+    classes = {n.lower(): c for n, c in vars(lr_scheduler).items()
+               if isinstance(c, type) and issubclass(c, lr_scheduler.LRScheduler) and n not in _NOT_NAMEABLE}
+    try:
+        return classes[name.lower()]
+    except KeyError:
+        names = sorted(c.__name__ for c in classes.values())
+        raise ValueError(f"unknown learning-rate scheduler {name!r}; choose a torch.optim.lr_scheduler class: "
+                         f"{', '.join(names)}") from None
+
+
+class TorchSchedule:
+    """A ``torch.optim.lr_scheduler`` class as the factor of the weights' rate.
+
+    Why not attach the scheduler to the weights' optimizer: the tuner owns each group's rate (a tuned
+    rate moves every step, a roll-back halves it, Delta-STN has two optimizers), and a scheduler that
+    writes ``group["lr"]`` itself would undo those. Here the scheduler runs on a stand-in optimizer that
+    starts at the run's rate, and the tuner trains at ``base x stand-in rate / starting rate``: exactly
+    the scheduler's curve for a plain run (absolute arguments such as OneCycleLR's ``max_lr`` keep their
+    meaning), and the same shape on top of a tuned or lowered rate.
+
+    Args:
+        name: the class name (any case).
+        args: its keyword arguments; ``total_steps`` (OneCycleLR) and ``T_max`` (CosineAnnealingLR)
+            default to ``total``, and ``cycle_momentum`` to ``False``.
+        initial_lr: the run's starting rate.
+        total: the run's length in the scheduler's steps (epochs or weight steps).
+    """
+
+    def __init__(self, name: str, args: dict[str, Any], *, initial_lr: float, total: int) -> None:
+        import torch
+        from torch.optim import lr_scheduler
+
+        cls = lr_scheduler_class(name)
+        takes = set(inspect.signature(cls.__init__).parameters)
+        args = dict(args)
+        if "total_steps" in takes and args.get("total_steps") is None and args.get("epochs") is None:
+            args["total_steps"] = max(int(total), 1)
+        if "T_max" in takes and "T_max" not in args:
+            args["T_max"] = max(int(total), 1)
+        if "cycle_momentum" in takes:
+            args.setdefault("cycle_momentum", False)
+        self.initial = float(initial_lr)
+        self._param = torch.nn.Parameter(torch.zeros(()))
+        self.optimizer = torch.optim.SGD([self._param], lr=self.initial)
+        self.scheduler = cls(self.optimizer, **args)
+        self.plateau = isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau)
+
+    @property
+    def factor(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) / self.initial
+
+    def step(self, metric: float | None = None) -> None:
+        """Advance one scheduler step (``metric``: the validation loss, for ReduceLROnPlateau)."""
+        self.optimizer.step()  # no gradient: nothing moves, but PyTorch sees the order it expects
+        if self.plateau:
+            self.scheduler.step(metric)
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "initial": self.initial}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.param_groups[0]["lr"] = float(state["lr"])
+        self.initial = float(state["initial"])
 
 
 class HyperSchedule(BaseModel):

@@ -44,6 +44,23 @@ class TunerSettings(BaseModel):
                           "code's rate: a response is the product of two trained factors (gates and response "
                           "weights), which blows up at rates the plain weights take well")
     weight_decay: float = Field(0.0, ge=0.0, description="fixed (untuned) decay of the weight optimizer")
+    accumulate: PositiveInt = Field(
+        1, description="gradient accumulation: micro-batches per weight step. Each step draws accumulate x batch_size "
+                       "training examples, forwards and backwards them batch_size at a time, sums the gradients and "
+                       "steps once: the step of a batch accumulate times larger in the memory of batch_size. Steps, "
+                       "train_steps and schedules count weight steps")
+    lr_scheduler: str | None = Field(
+        None, description="a torch.optim.lr_scheduler class by name, any case (OneCycleLR, CosineAnnealingLR, StepLR, "
+                          "ReduceLROnPlateau, ...) that shapes the weights' rate instead of [tuner.schedule]. It runs "
+                          "on the run's starting rate; each step the weights train at base x (its rate / the starting "
+                          "rate), so a tuned rate or a roll-back's halving keep applying. total_steps (OneCycleLR) and "
+                          "T_max (CosineAnnealingLR) default to the run's length in lr_scheduler_interval units")
+    lr_scheduler_args: dict[str, Any] = Field(
+        {}, description="keyword arguments of the lr_scheduler class, e.g. {step_size = 30, gamma = 0.1} for StepLR "
+                        "or {max_lr = 0.1} for OneCycleLR")
+    lr_scheduler_interval: Literal["epoch", "step"] = Field(
+        "epoch", description="when the lr_scheduler steps: after every epoch (ReduceLROnPlateau on the validation "
+                             "loss) or after every weight step (OneCycleLR, CyclicLR are per step)")
     grad_clip: PositiveFloat | None = Field(None, description="clip each weight step's gradient to this norm "
                                                                 "(recurrent networks need it); None: no clipping")
     hyper_optimizer: Literal["adam", "rmsprop"] | None = None
@@ -122,7 +139,45 @@ class TunerSettings(BaseModel):
             if key not in takes:
                 raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of torch.optim.{cls.__name__}; it "
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
+        if self.lr_scheduler is not None:
+            self._check_lr_scheduler()
+        elif self.lr_scheduler_args:
+            raise ConfigError("tuner.lr_scheduler_args", "given without tuner.lr_scheduler; name the scheduler class")
         return self
+
+    def _check_lr_scheduler(self) -> None:
+        """Refuse a scheduler that cannot run here now, not at the first step of a long run: an unknown
+        class or argument, a combination with another source of the rate, and whatever its own
+        constructor rejects (tried on a stand-in optimizer)."""
+        from .schedules import TorchSchedule, lr_scheduler_class
+
+        try:
+            cls = lr_scheduler_class(self.lr_scheduler)
+        except ValueError as err:
+            raise ConfigError("tuner.lr_scheduler", str(err)) from None
+        if self.schedule != ScheduleSettings():
+            raise ConfigError("tuner.lr_scheduler", "set either tuner.lr_scheduler or [tuner.schedule], not both: "
+                                                    "both shape the weights' rate")
+        if self.follow is not None:
+            raise ConfigError("tuner.lr_scheduler", "a followed schedule (tuner.follow) already sets the weights' "
+                                                    "rate at every step; remove one of them")
+        if cls.__name__ == "ReduceLROnPlateau" and self.lr_scheduler_interval == "step":
+            raise ConfigError("tuner.lr_scheduler_interval", "ReduceLROnPlateau steps on the validation loss, which "
+                                                             "is measured once per epoch; use \"epoch\"")
+        takes = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer"}
+        for key, value in self.lr_scheduler_args.items():
+            if key not in takes:
+                raise ConfigError(f"tuner.lr_scheduler_args.{key}",
+                                  f"not an argument of torch.optim.lr_scheduler.{cls.__name__}; it takes "
+                                  f"{', '.join(sorted(takes))}")
+            if key == "cycle_momentum" and value:
+                raise ConfigError("tuner.lr_scheduler_args.cycle_momentum", "the scheduler shapes the learning rate "
+                                                                            "only; set it to false")
+        try:
+            TorchSchedule(self.lr_scheduler, self.lr_scheduler_args, initial_lr=0.01, total=100)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ConfigError("tuner.lr_scheduler_args", f"torch.optim.lr_scheduler.{cls.__name__} refused them: "
+                                                         f"{' '.join(str(err).split())}") from None
 
 
 def optimizer_class(name: str) -> type:

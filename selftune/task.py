@@ -45,6 +45,7 @@ class Task:
         metrics: ``{name: metric(outputs, targets)}`` batch means, reported beside the loss.
         input_key, target_key: which keys of dict examples are the input(s) and the target.
         name: how tables and listings name the data (default: the function's name).
+        batch_dim: 1 for a sequence-first model (``(T, B, ...)`` inputs), see :func:`selftune.hypernetize`.
     """
 
     model: Any
@@ -57,6 +58,7 @@ class Task:
     input_key: str | Sequence[str] | None = None
     target_key: str | None = None
     name: str = ""
+    batch_dim: int = 0
 
 
 def resolve_source(source: str, base: Path | None = None) -> str:

@@ -31,14 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
 from .augment import Augment
-from .batches import Fields, Source, to_device
+from .batches import Fields, Source, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR
 from .nn.hypernet import HyperNet
 from .objective import LossFn, Objective, flatten_tokens
-from .schedules import HyperSchedule, factor
+from .schedules import HyperSchedule, TorchSchedule, factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
 
@@ -50,10 +50,10 @@ BOUND_MARGIN = 0.02
 DataLike = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_source(data: Any, what: str, batch: int | None = None) -> Source:
+def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 0) -> Source:
     """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
     dataset = as_dataset(data, what)
-    return Source(data if isinstance(data, DataLoader) else dataset, what, batch)
+    return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim)
 
 
 def _is_classification(outputs: Any, target: Any) -> bool:
@@ -80,7 +80,8 @@ def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapp
         loss, input_key, target_key: as :class:`SelfTuner` takes them.
         device: where batches go; by default the net's.
     """
-    return _score(net, _as_source(data, "data"), Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
+    source = _as_source(data, "data", batch_dim=getattr(net, "batch_dim", 0))
+    return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
                   batch_size, device or net.hparams.device)
 
 
@@ -98,7 +99,7 @@ def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping
             x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
             x, y = to_device(x, device), to_device(y, device)
             out = net(x)
-            b = batch_of(x)
+            b = batch_of(x, net.batch_dim)
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
                 sums["loss"] = sums.get("loss", 0.0) + F.cross_entropy(logits, flat, reduction="sum").item()
@@ -247,8 +248,8 @@ class SelfTuner:
         for name in self.objective.hyperparameters() | (augment.hyperparameters() if augment else set()):
             net.space.index(name)
         s = self.settings
-        self.sources = {"train": _as_source(train, "train", s.batch_size),
-                        "val": _as_source(val, "val", s.val_batch_size or s.batch_size)}
+        self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim),
+                        "val": _as_source(val, "val", s.val_batch_size or s.batch_size, net.batch_dim)}
         self.train_data, self.val_data = self.sources["train"].dataset, self.sources["val"].dataset
         self.device = _usable_device(device)
         # On the training device, so masks and perturbations are drawn where they are used.
@@ -258,8 +259,13 @@ class SelfTuner:
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
         self.n_val = len(self.val_data)  # type: ignore[arg-type]
         check_batch_sizes(self.n_train, self.n_val, s.batch_size, s.val_batch_size)
+        if s.batch_size * s.accumulate > self.n_train:
+            raise DataError(f"tuner.batch_size x tuner.accumulate ({s.batch_size} x {s.accumulate}) is larger than the "
+                            f"training set ({self.n_train} examples); lower tuner.accumulate")
         self._check_targets()
-        self.order = BatchOrder(self.n_train, self.n_val, s.batch_size, self.val_batch_size)
+        # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
+        # batch accumulate times larger (weight_step splits it).
+        self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size)
         self.log = RunLog(hypergrad_seen=[False] * len(net.space))
         if self.algorithm.tunes:
             self._pull_off_bounds()
@@ -282,6 +288,7 @@ class SelfTuner:
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
+        self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
@@ -459,6 +466,7 @@ class SelfTuner:
             self._planned_steps = epochs * self.batches_per_epoch
             if self.lr_tuner is not None:
                 self.lr_tuner.plan(self._planned_steps, self.settings.lr_travel)
+            self._build_torch_schedule()
         self.log.start_clock()
         if self._good is None:
             self.snapshot()
@@ -474,6 +482,17 @@ class SelfTuner:
         for cb in callbacks:
             cb.on_fit_end(self)
         return self.result()
+
+    def _build_torch_schedule(self) -> None:
+        """``settings.lr_scheduler`` on the run's starting rate and length (see :class:`TorchSchedule`)."""
+        s = self.settings
+        if s.lr_scheduler is None:
+            return
+        group = self.algorithm.lr_group
+        start = self.lr_tuner.value if self.lr_tuner is not None else self._base_lrs[group][0]
+        total = self._planned_steps if s.lr_scheduler_interval == "step" else \
+            self._planned_steps // self.batches_per_epoch
+        self._torch_schedule = TorchSchedule(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
 
     def _plan_hyper_lr(self, epochs: int) -> None:
         """Scale an Adam hyper learning rate to the run (``settings.hyper_travel``).
@@ -509,6 +528,8 @@ class SelfTuner:
                     self._follow_step()
                 log.add_train_loss(self.algorithm.step(self, x, y))
                 log.counters.steps += 1
+                if self._torch_schedule is not None and s.lr_scheduler_interval == "step":
+                    self._torch_schedule.step()
                 if self._follow is not None:  # the values of the next step, so the logged row shows them
                     self._follow_step()
                 if log.idle is None:
@@ -598,13 +619,42 @@ class SelfTuner:
         # Inside a user's torch.autocast region, autocast keeps its low-precision copy of each weight until
         # the region ends: without this, every step after the first would run on the first step's weights.
         torch.clear_autocast_cache()
+        net.zero_grad(set_to_none=True)
+        total, size, value = batch_of(x, net.batch_dim), self.settings.batch_size, 0.0
+        # Gradient accumulation: micro-batches of batch_size, each loss weighted by its share of the
+        # batch, so the summed gradient is the whole batch's mean-loss gradient (decay term included once).
+        for start in range(0, total, size):
+            stop = min(start + size, total)
+            whole = start == 0 and stop == total
+            dim = net.batch_dim
+            loss = self._micro_step(x if whole else rows(x, start, stop, dim, total),
+                                    y if whole else rows(y, start, stop, dim, total),
+                                    u if u is None or whole else u[start:stop], u is None, group, respond,
+                                    linearize, (stop - start) / total)
+            value += loss
+        params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
+        clip = self.settings.grad_clip or math.inf
+        self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
+        lr_tuner = self.lr_tuner if self.lr_tuner is not None and group == self.algorithm.lr_group else None
+        if lr_tuner is not None and lr_tuner.before_step():
+            self.log.hypergrad_seen[lr_tuner.index] = True
+        self._apply_schedule(group)
+        self.optimizers[group].step()
+        if lr_tuner is not None:
+            lr_tuner.after_step()
+        self.log.counters.examples += total
+        return value
+
+    def _micro_step(self, x: Any, y: Any, u: torch.Tensor | None, unperturbed: bool, group: str, respond: bool,
+                    linearize: bool, share: float) -> float:
+        """Forward and backward one micro-batch of a weight step; returns its weighted training loss."""
+        net = self.net
         with torch.no_grad():
             values = net.space.discretize(net.space.to_constrained(
-                net.hparams.expand(batch_of(x), -1) if u is None else u))
+                net.hparams.expand(batch_of(x, net.batch_dim), -1) if unperturbed else u))
         lookup = self._lookup(values)
         if self.augment is not None:
             x = self.augment(x, lookup, self.generator)
-        net.zero_grad(set_to_none=True)
         norms = None
         if linearize and u is not None:
             # The first-order response has no effective weights to decay: the decay sees the general ones.
@@ -617,19 +667,8 @@ class SelfTuner:
             norms = recorded()
         loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms)
         self._check(loss, "training loss", group)
-        loss.backward()
-        params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
-        clip = self.settings.grad_clip or math.inf
-        self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
-        lr_tuner = self.lr_tuner if self.lr_tuner is not None and group == self.algorithm.lr_group else None
-        if lr_tuner is not None and lr_tuner.before_step():
-            self.log.hypergrad_seen[lr_tuner.index] = True
-        self._apply_schedule(group)
-        self.optimizers[group].step()
-        if lr_tuner is not None:
-            lr_tuner.after_step()
-        self.log.counters.examples += batch_of(x)
-        return loss.item()
+        (loss * share if share != 1.0 else loss).backward()
+        return loss.item() * share
 
     def _apply_schedule(self, group: str) -> None:
         """Set ``group``'s rates to base x the schedule's factor at this step (the bound rate's base is
@@ -641,12 +680,15 @@ class SelfTuner:
                 for i, (g, base) in enumerate(zip(groups, self._base_lrs[group], strict=True)):
                     g["lr"] = lr if i == 0 else lr * base / self._base_lrs[group][0]
                 return
-        s = self.settings.schedule
-        if s.kind == "constant" and s.warmup_epochs == 0:
+        s, torch_schedule = self.settings.schedule, self._torch_schedule
+        if torch_schedule is None and s.kind == "constant" and s.warmup_epochs == 0:
             if self.lr_tuner is None or group != self.algorithm.lr_group:
                 return
-        f = factor(s, self.log.counters.steps, self._planned_steps or self.batches_per_epoch,
-                   self.batches_per_epoch)
+        if torch_schedule is not None:
+            f = torch_schedule.factor
+        else:
+            f = factor(s, self.log.counters.steps, self._planned_steps or self.batches_per_epoch,
+                       self.batches_per_epoch)
         for i, g in enumerate(self.optimizers[group].param_groups):
             bound = self.lr_tuner is not None and group == self.algorithm.lr_group and i == 0
             g["lr"] = (self.lr_tuner.value if bound else self._base_lrs[group][i]) * f
@@ -673,9 +715,9 @@ class SelfTuner:
         with self.frozen(self._weights):
             net.zero_grad(set_to_none=True)
             if s.tune_scales:
-                u = net.perturb(batch_of(x), self.generator)
+                u = net.perturb(batch_of(x, net.batch_dim), self.generator)
             else:
-                u = net.hparams.unsqueeze(0).expand(batch_of(x), -1)
+                u = net.hparams.unsqueeze(0).expand(batch_of(x, net.batch_dim), -1)
             val_loss = self.objective.eval_loss(net(x, u), y)
             loss = val_loss - s.entropy_weight * net.entropy() if s.tune_scales else val_loss
             # The hyperparameters are bounded by construction, so a non-finite validation loss comes
@@ -684,7 +726,7 @@ class SelfTuner:
             loss.backward()
             self._apply_hypergradient()
         net.train()
-        self.log.counters.examples += batch_of(x)
+        self.log.counters.examples += batch_of(x, net.batch_dim)
         self.log.counters.hyper_steps += 1
         self.log.add_val_loss(val_loss.item())
 
@@ -735,7 +777,7 @@ class SelfTuner:
     def score(self, data: Any | None = None, batch_size: int = 512) -> dict[str, float]:
         """:func:`score` of the net on ``data`` (default: the validation data, with its loader's collate)
         with this tuner's loss, metrics and fields."""
-        source = self.sources["val"] if data is None else _as_source(data, "data")
+        source = self.sources["val"] if data is None else _as_source(data, "data", batch_dim=self.net.batch_dim)
         return _score(self.net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
 
     def _hparam_columns(self) -> dict[str, float]:
@@ -753,6 +795,8 @@ class SelfTuner:
         self.net.train()
         self.log.counters.eval_examples += self.n_val
         row = self.log.epoch_row(self.order.epoch + 1, val, self._hparam_columns())
+        if self._torch_schedule is not None and self.settings.lr_scheduler_interval == "epoch":
+            self._torch_schedule.step(val["loss"])
         self.order.end_epoch()
         self.snapshot()
         return row
@@ -791,6 +835,7 @@ class SelfTuner:
             "log": self.log.state_dict(),
             "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
             "schedule": {"base_lrs": self._base_lrs, "planned_steps": self._planned_steps},
+            "lr_scheduler": None if self._torch_schedule is None else self._torch_schedule.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -818,6 +863,10 @@ class SelfTuner:
         if "base_lrs" in schedule:
             self._base_lrs = {k: list(v) for k, v in schedule["base_lrs"].items()}
             self._planned_steps = int(schedule["planned_steps"])
+        if self.settings.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self._build_torch_schedule()
+            assert self._torch_schedule is not None
+            self._torch_schedule.load_state_dict(state["lr_scheduler"])
 
 
 def _usable_device(device: torch.device | str) -> torch.device:

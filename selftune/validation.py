@@ -232,17 +232,18 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
     """
     out_shape, tgt_shape = _shape(outputs), _shape(targets)
     if outputs.dim() < 2:
+        hint = f"; {_REGRESSION_FIX}" if targets.is_floating_point() else ""
         raise DataError(f"{what}: the model's outputs have shape {out_shape}, but cross-entropy needs one score per "
-                        "class, (batch, classes) or (batch, steps, classes); check the model's last layer")
+                        f"class, (batch, classes) or (batch, steps, classes); check the model's last layer{hint}")
     if targets.dim() == 0:
         raise DataError(f"{what}: targets are a 0-dimensional tensor; give one label per example")
     if len(targets) != len(outputs):
         raise DataError(f"{what}: the model returned {len(outputs)} output rows for {len(targets)} examples "
-                        f"(outputs {out_shape}, targets {tgt_shape}); the model must keep the batch dimension first")
+                        f"(outputs {out_shape}, targets {tgt_shape}); the model must keep the batch dimension "
+                        "first, or, for a sequence-first model, say so with hypernetize(..., batch_dim=1) "
+                        "(Task.batch_dim)")
     if targets.is_floating_point():
-        if tgt_shape != out_shape:
-            raise DataError(f"{what}: floating-point targets (class probabilities) have shape {tgt_shape} but the "
-                            f"model's outputs {out_shape}; give integer labels or one probability per output")
+        _check_probabilities(outputs, targets, what)
         return
     if targets.dtype != torch.int64:
         raise DataError(f"{what}: targets are {targets.dtype}, but class labels must be torch.int64; "
@@ -258,6 +259,30 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
             _label_error(what, high, "", classes, 1)
         if low < 0:
             _label_error(what, low, "", classes, 1)
+
+
+#: How to say "this is regression": the default loss is cross-entropy, so float targets need a loss.
+_REGRESSION_FIX = ("floating-point targets that are values to predict need a regression loss: pass "
+                   "loss=torch.nn.functional.mse_loss (SelfTuner(loss=...) or Task(loss=...))")
+
+
+def _check_probabilities(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:
+    """Floating-point targets under cross-entropy must be class probabilities. Regression targets pass
+    the shape check whenever the model has one output per target (``(B, 1)`` against ``(B, 1)``), and
+    cross-entropy over one class is 0 whatever the weights: the run would train on nothing, silently."""
+    out_shape, tgt_shape = _shape(outputs), _shape(targets)
+    if tgt_shape != out_shape:
+        raise DataError(f"{what}: floating-point targets (class probabilities) have shape {tgt_shape} but the "
+                        f"model's outputs {out_shape}; give integer labels or one probability per output, or, "
+                        f"for regression: {_REGRESSION_FIX}")
+    if outputs.shape[-1] == 1:
+        raise DataError(f"{what}: cross-entropy over a single output is 0 whatever the model predicts (outputs and "
+                        f"floating-point targets both {out_shape}); {_REGRESSION_FIX}")
+    t = targets.detach().double()
+    if t.numel() and (bool((t < 0).any()) or not torch.allclose(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-3)):
+        raise DataError(f"{what}: floating-point targets are read as class probabilities by cross-entropy, but "
+                        f"these are not (min {t.min().item():.4g}, a row sums to {t.sum(-1).flatten()[0].item():.4g}); "
+                        f"{_REGRESSION_FIX}")
 
 
 def _label_error(what: str, label: int, where: str, classes: int, count: int) -> None:

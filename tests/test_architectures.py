@@ -76,8 +76,8 @@ def test_each_architecture_is_converted_and_every_hyperparameter_gets_a_hypergra
 def test_the_summary_names_what_was_converted_and_what_was_left_plain():
     net = st.hypernetize(Encoder(), space())
     text = net.summary()
-    assert text.startswith("converted 4 Linear")  # embed, linear1, linear2, head
-    assert "block.self_attn (attention projections run inside F.multi_head_attention_forward" in text
+    assert text.startswith("converted 4 Linear, 1 MultiheadAttention")  # embed, linear1, linear2, head; self_attn
+    assert "self_attn" not in text.partition("left plain")[2]
     assert "block.norm1 (normalisation layers stay plain)" in text
 
 
@@ -99,3 +99,79 @@ def test_export_equals_the_net_with_a_material_response_and_no_fast_path_skips_i
     with torch.no_grad():
         want, got = plain(x), net(x)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_converted_attention_computes_what_pytorchs_does(batch_first):
+    """Delta form at its own hyperparameters: no response, so every output must be nn.MultiheadAttention's,
+    for self- and cross-attention, both masks (boolean and float), with and without the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=batch_first))
+    original = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    original.load_state_dict(model[0].state_dict())
+    net = st.hypernetize(model, space())
+    attention = model[0]
+    assert type(attention).__name__ == "BestResponseMultiheadAttention"
+    n, t, s = 3, 5, 6
+    q = torch.randn(n, t, 16) if batch_first else torch.randn(t, n, 16)
+    kv = torch.randn(n, s, 16) if batch_first else torch.randn(s, n, 16)
+    padding = torch.zeros(n, s, dtype=torch.bool)
+    padding[0, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(t)
+    cases = [((q, q, q), {}), ((q, kv, kv), {"key_padding_mask": padding}),
+             ((q, q, q), {"attn_mask": causal, "need_weights": False, "is_causal": True}),
+             ((q, kv, kv), {"attn_mask": torch.rand(t, s) > 0.8, "average_attn_weights": False})]
+    with net._state.bind(torch.zeros(n, 2), None, None):  # a forward pass's state, as HyperNet.forward binds it
+        for args, kwargs in cases:
+            want, want_w = original(*args, **kwargs)
+            got, got_w = attention(*args, **kwargs)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            if want_w is None:
+                assert got_w is None
+            else:
+                torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-4)
+
+
+class SequenceFirst(nn.Module):
+    """A model that takes (T, B, F) inputs, PyTorch's default layout for recurrent and Transformer layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = st.Dropout("p"), st.Dropout("q", locked=True)
+        self.embed = nn.Linear(4, 16)
+        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0)
+        self.rnn = nn.LSTM(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        assert x.shape[1] != 7, "the examples must come in dimension 1"
+        h, _ = self.rnn(self.out(self.block(self.embed(self.inp(x)))))
+        return self.head(h[-1])
+
+
+def test_a_sequence_first_model_trains_tunes_and_exports_with_batch_dim_1():
+    torch.manual_seed(0)
+    net = st.hypernetize(SequenceFirst(), space(), batch_dim=1)
+    x, y = sequences()  # (N, T, F) examples: selftune stacks them sequence-first
+    tuner = st.SelfTuner(net, (x[:64], y[:64]), (x[64:], y[64:]), settings=st.TunerSettings(
+        batch_size=16, warmup_epochs=0, lr=0.05, accumulate=2, response_fraction=0.5), seed=0)
+    fit = tuner.fit(4)
+    assert fit.compute["examples"] > 0 and all(tuner.log.hypergrad_seen), net.summary()
+    assert st.score(net, (x[64:], y[64:]))["loss"] == pytest.approx(fit.history[-1]["val_loss"], rel=1e-5)
+    net.eval()
+    with torch.no_grad():
+        batch = x[:8].transpose(0, 1)
+        torch.testing.assert_close(st.export(net).eval()(batch), net(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_without_batch_dim_a_sequence_first_model_is_refused_in_one_line():
+    class Unchecked(SequenceFirst):
+        def forward(self, x):
+            h, _ = self.rnn(self.out(self.block(self.embed(self.inp(x)))))
+            return self.head(h[-1])
+
+    torch.manual_seed(0)
+    net = st.hypernetize(Unchecked(), space())
+    x, y = sequences()  # stacked batch-first, (B, 7, 4): the model reads 7 examples of length B
+    with pytest.raises(st.errors.DataError, match=r"7 output rows for 2 examples.*batch_dim=1"):
+        st.SelfTuner(net, (x[:64], y[:64]), (x[64:], y[64:]), settings=st.TunerSettings(batch_size=16))

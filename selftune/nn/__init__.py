@@ -10,10 +10,11 @@ from .layers import (
     BestResponseLinear,
     BestResponseLSTM,
     BestResponseModule,
+    BestResponseMultiheadAttention,
     BestResponseRecurrent,
 )
 from .state import HyperModule, HyperState
 
 __all__ = ["BestResponseConv1d", "BestResponseConv2d", "BestResponseEmbedding", "BestResponseGRU", "BestResponseLSTM",
-           "BestResponseLinear", "BestResponseModule", "BestResponseRecurrent", "Dropout", "EmbeddingDropout",
-           "HyperModule", "HyperNet", "HyperState", "dropout", "hypernetize"]
+           "BestResponseLinear", "BestResponseModule", "BestResponseMultiheadAttention", "BestResponseRecurrent",
+           "Dropout", "EmbeddingDropout", "HyperModule", "HyperNet", "HyperState", "dropout", "hypernetize"]

@@ -14,7 +14,7 @@ from .state import HyperModule
 
 def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelwise: bool = False,
             locked: bool = False, generator: torch.Generator | None = None,
-            relax: float | None = None) -> torch.Tensor:
+            relax: float | None = None, batch_axis: int = 0) -> torch.Tensor:
     """Inverted dropout with a per-example rate.
 
     Args:
@@ -30,12 +30,19 @@ def dropout(x: torch.Tensor, p: torch.Tensor, *, training: bool = True, channelw
         relax: a temperature: the mask is then the concrete relaxation of the Bernoulli draw (Gal et
             al. 2017's concrete dropout, ``1 - sigmoid((logit p + logit U) / relax)``), a smooth function
             of ``p``, so the loss has a gradient in the rate (implicit differentiation needs one).
+        batch_axis: the dimension of ``x`` that holds the examples (1 for ``(T, B, ...)`` sequences);
+            ``locked`` then shares the mask along dimension 0, the steps.
 
     Returns:
         ``x`` with dropped entries zeroed and kept ones scaled by ``1 / (1 - p)``.
     """
     if not training:
         return x
+    if batch_axis != 0:  # sequence-first: the same dropout on a batch-first view
+        first = x.movedim(batch_axis, 0)  # (B, T, ...): locked masks then share dimension 1, the steps
+        out = dropout(first, p, training=training, channelwise=channelwise, locked=locked, generator=generator,
+                      relax=relax)
+        return out.movedim(0, batch_axis)
     if p.dim() != 1 or p.shape[0] != x.shape[0]:
         raise ValueError(f"p must have shape ({x.shape[0]},), got {tuple(p.shape)}")
     if channelwise and locked:
@@ -91,7 +98,7 @@ class Dropout(HyperModule):
             return dropout(x, x.new_full((x.shape[0],), self.fixed), channelwise=self.channelwise, locked=self.locked)
         state = self.hyper_state
         return dropout(x, state.value(self.name), channelwise=self.channelwise, locked=self.locked,
-                       generator=state.generator, relax=state.relax)
+                       generator=state.generator, relax=state.relax, batch_axis=state.batch_axis(x))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, channelwise={self.channelwise}, locked={self.locked}"
@@ -120,6 +127,8 @@ class EmbeddingDropout(HyperModule):
     def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return embedded
+        if self.fixed is None and self.hyper_state.batch_axis(ids) != 0:  # sequence-first (T, B) ids
+            return self(ids.t(), embedded.transpose(0, 1)).transpose(0, 1)
         if self.fixed is not None:
             rate, generator = embedded.new_full((ids.shape[0],), self.fixed), None
         else:

@@ -26,6 +26,7 @@ from .layers import (
     BestResponseLinear,
     BestResponseLSTM,
     BestResponseModule,
+    BestResponseMultiheadAttention,
     BestResponseRecurrent,
     Form,
 )
@@ -49,11 +50,16 @@ class HyperNet(nn.Module):
         hparams: ``(H,)`` unconstrained hyperparameters (``lambda``).
         scale_raw: ``(H,)`` perturbation scales before softplus (``sigma = softplus(scale_raw)``).
         encoding: what the gates see of the hyperparameters (:data:`selftune.space.ENCODINGS`).
+        batch_dim: the dimension of the model's inputs and activations that holds the examples (0,
+            PyTorch's batch-first default; 1 for sequence-first models), see :func:`hypernetize`.
     """
 
     def __init__(self, model: nn.Module, space: Space, form: Form = "delta", init_scale: float = 0.5,
-                 encoding: Encoding = "logit") -> None:
+                 encoding: Encoding = "logit", batch_dim: int = 0) -> None:
         super().__init__()
+        if batch_dim not in (0, 1):
+            raise ValueError(f"batch_dim must be 0 (batch first) or 1 (sequence first) (got {batch_dim!r})")
+        self.batch_dim = batch_dim
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS} (got {form!r})")
         if encoding not in ENCODINGS:
@@ -66,7 +72,7 @@ class HyperNet(nn.Module):
         self.form = form
         self.hparams = nn.Parameter(space.init_unconstrained())
         self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale)))
-        self._state = HyperState(space)
+        self._state = HyperState(space, batch_dim=batch_dim)
         #: what :func:`hypernetize` did: converted layers by name, and layers with weights left plain (why)
         self.converted: dict[str, str] = {}
         self.left_plain: dict[str, str] = {}
@@ -87,7 +93,7 @@ class HyperNet(nn.Module):
             respond: ``False`` switches the response path off (plain training at fixed values).
             generator: random source for dropout masks.
         """
-        batch = batch_size(x)
+        batch = batch_size(x, self.batch_dim)
         centre = self.hparams.unsqueeze(0).expand(batch, -1)
         at_centre = u is None
         if u is None:
@@ -237,7 +243,17 @@ class HyperNet(nn.Module):
         return list(self.model.parameters())
 
 
-CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU)
+CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU,
+                                            nn.MultiheadAttention)
+
+
+def _attention_plain_reason(module: nn.MultiheadAttention) -> str | None:
+    """Why an attention cannot become a best-response layer (``None``: it can)."""
+    if not module._qkv_same_embed_dim:
+        return "kdim/vdim differ from embed_dim: separate projections have no best-response form"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "add_bias_kv/add_zero_attn have no best-response form"
+    return None
 
 
 def _convert_recurrent(module: nn.LSTM | nn.GRU, encoding_size: int, form: Form) -> BestResponseRecurrent:
@@ -256,9 +272,27 @@ def _convert_recurrent(module: nn.LSTM | nn.GRU, encoding_size: int, form: Form)
     return new.to(device=first.device, dtype=first.dtype)
 
 
+def _convert_attention(module: nn.MultiheadAttention, encoding_size: int, form: Form) -> nn.Module:
+    why = _attention_plain_reason(module)
+    if why is not None:
+        raise TypeError(f"MultiheadAttention cannot become a best-response layer: {why}")
+    new = BestResponseMultiheadAttention(module.embed_dim, module.num_heads, encoding_size, dropout=module.dropout,
+                                         bias=module.in_proj_bias is not None, batch_first=module.batch_first,
+                                         form=form)
+    with torch.no_grad():
+        new.in_proj.weight.copy_(module.in_proj_weight)
+        new.out_proj.weight.copy_(module.out_proj.weight)
+        if module.in_proj_bias is not None:
+            new.in_proj.bias.copy_(module.in_proj_bias)
+            new.out_proj.bias.copy_(module.out_proj.bias)
+    return new.to(device=module.out_proj.weight.device, dtype=module.out_proj.weight.dtype)
+
+
 def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
     if isinstance(module, nn.LSTM | nn.GRU):
         return _convert_recurrent(module, encoding_size, form)
+    if isinstance(module, nn.MultiheadAttention):
+        return _convert_attention(module, encoding_size, form)
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None or module.sparse:
             raise TypeError("Embedding with max_norm or sparse gradients cannot become a best-response layer")
@@ -289,7 +323,7 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
 
 def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                 modules: Iterable[str] | None = None, init_scale: float = 0.5,
-                encoding: Encoding = "logit") -> HyperNet:
+                encoding: Encoding = "logit", batch_dim: int = 0) -> HyperNet:
     """Make ``model`` a best-response network for ``space``.
 
     Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` and ``nn.GRU`` (any
@@ -309,6 +343,12 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         encoding: what the gates see of the hyperparameters: ``"logit"`` (the unconstrained value,
             as the official code; default) or ``"mip"`` (a bounded cos/sin map whose slope vanishes
             near a bound); see :mod:`selftune.space`.
+        batch_dim: where the examples are in the model's inputs, targets and activations: 0 (batch
+            first, PyTorch's default) or 1 for sequence-first models that take ``(T, B, ...)`` tensors
+            (``nn.LSTM(batch_first=False)``, ``nn.Transformer*`` without ``batch_first``). With 1, a
+            tensor of 3 or more dimensions holds the batch in dimension 1, and so does a 2-D one whose
+            dimension 0 does not match the batch (``(T, B)`` token ids); ``(B, H)`` features after
+            pooling and ``(B,)`` labels keep it first (:func:`selftune.batches.batch_axis`).
 
     Returns:
         The :class:`HyperNet` wrapping ``model``.
@@ -320,7 +360,8 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     """
     named = dict(model.named_modules())
     if modules is None:
-        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE]
+        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE
+                   and not (isinstance(m, nn.MultiheadAttention) and _attention_plain_reason(m))]
     else:
         targets = list(modules)
         for name in targets:
@@ -336,7 +377,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
         converted[name] = type(named[name]).__name__
         setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
-    net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding)
+    net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
     net.converted = converted
     net.left_plain = _left_plain(named, set(targets))
     return net
@@ -344,7 +385,6 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
 
 #: Why a kind of layer with weights stays plain (the summary says it to the user).
 _PLAIN_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.MultiheadAttention, "attention projections run inside F.multi_head_attention_forward; its out_proj too"),
     (nn.modules.batchnorm._NormBase, "normalisation layers stay plain"),
     (nn.LayerNorm, "normalisation layers stay plain"),
     (nn.GroupNorm, "normalisation layers stay plain"),
@@ -361,6 +401,8 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str]) -> dict[str, s
         if name.startswith(inside):
             continue  # an attention's out_proj: reported with the attention
         reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
+        if isinstance(module, nn.MultiheadAttention):
+            reason = _attention_plain_reason(module)
         if reason is None:
             reason = ("not in modules=" if type(module) in CONVERTIBLE
                       else f"{type(module).__name__} has no best-response form")

@@ -67,6 +67,16 @@ def _effective_sq_norm(rows: torch.Tensor, response_rows: torch.Tensor, g: torch
     return plain + 2 * (g @ cross) + (g * g) @ own
 
 
+def _batch_view(layer: HyperModule, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-example, per-unit gates ``(B, out)`` shaped to multiply an output ``like`` whose last dimension
+    is the units: ``(B, 1, ..., 1, out)`` batch-first, ``(1, B, ..., out)`` sequence-first."""
+    state = layer._hyper_state
+    axis = 0 if state is None or getattr(layer, "batch_first", False) else state.batch_axis(like)
+    shape = [1] * like.dim()
+    shape[axis], shape[-1] = g.shape[0], g.shape[1]
+    return g.view(shape)
+
+
 def _check_form(form: str) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} (got {form!r})")
@@ -190,8 +200,7 @@ class BestResponseLinear(_BestResponse):
         return F.linear(x, weight, bias)
 
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        # (B, out) -> (B, 1, ..., 1, out) for inputs with extra middle dimensions (sequences).
-        return g.view(g.shape[0], *([1] * (like.dim() - 2)), g.shape[1])
+        return _batch_view(self, g, like)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -292,7 +301,7 @@ class BestResponseEmbedding(_BestResponse):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
 
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return g.view(g.shape[0], *([1] * (like.dim() - 2)), g.shape[1])
+        return _batch_view(self, g, like)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, form={self.form!r}"
@@ -538,3 +547,115 @@ class BestResponseGRU(BestResponseRecurrent):
     ``(output, h_n)`` as ``nn.GRU`` does."""
 
     mode = "GRU"
+
+
+class BestResponseMultiheadAttention(BestResponseModule):
+    """``nn.MultiheadAttention`` whose query/key/value and output projections respond to the
+    hyperparameters (the projections inside every ``nn.TransformerEncoderLayer`` / ``DecoderLayer``).
+
+    PyTorch applies ``in_proj_weight`` inside ``F.multi_head_attention_forward``, where no per-example
+    response can enter, so this module computes attention itself: the packed projection is a
+    :class:`BestResponseLinear` ``in_proj`` (``embed_dim -> 3 embed_dim``, one gate per output unit), the
+    output projection another (``out_proj``), and the attention between them is PyTorch's
+    ``scaled_dot_product_attention`` (explicit softmax where ``need_weights``), with the same masks,
+    attention dropout and return values as ``nn.MultiheadAttention.forward``. Equal query, key and
+    value embedding sizes only, without ``add_bias_kv`` / ``add_zero_attn`` (others stay plain, and
+    the summary says why). :meth:`plain` gives the ``nn.MultiheadAttention`` back.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, encoding_size: int, *, dropout: float = 0.0,
+                 bias: bool = True, batch_first: bool = False, form: Form = "delta") -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.kdim = self.vdim = embed_dim
+        self._qkv_same_embed_dim = True  # read by nn.TransformerEncoder before it runs a layer
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.in_proj = BestResponseLinear(embed_dim, 3 * embed_dim, encoding_size, bias=bias, form=form)
+        self.out_proj = BestResponseLinear(embed_dim, embed_dim, encoding_size, bias=bias, form=form)
+        for layer in (self.in_proj, self.out_proj):
+            layer.batch_first = True  # forward() puts the examples first, whatever the net's layout
+
+    # The two projections are best-response layers of their own: their parameters are reported there.
+    def general_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def response_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query.dim() != 3:
+            raise ValueError(f"a best-response attention takes batched 3-D inputs (got query {tuple(query.shape)})")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+        same = query is key and key is value
+        if not self.batch_first:  # the gates index examples in dimension 0
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, tgt, e = query.shape
+        src = key.shape[1]
+        if same:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:  # cross-attention: each input through its third of the packed projection
+            q = self.in_proj(query)[..., :e]
+            k = self.in_proj(key)[..., e:2 * e]
+            v = self.in_proj(value)[..., 2 * e:]
+        q, k, v = (t.reshape(n, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, n, tgt, src, q.dtype)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            attention = torch.softmax(scores, dim=-1)
+            if p > 0:
+                attention = F.dropout(attention, p)
+            out = attention @ v
+            weights = attention.mean(1) if average_attn_weights else attention
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, e))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, tgt: int,
+              src: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """One additive float mask ``(n, heads, tgt, src)`` (or broadcastable) from PyTorch's two masks:
+        boolean ``True`` is -inf (not attended), float masks are added, as ``nn.MultiheadAttention``."""
+        def additive(m: torch.Tensor) -> torch.Tensor:
+            if m.dtype == torch.bool:
+                return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
+            return m.to(dtype)
+
+        mask = None
+        if attn_mask is not None:
+            mask = additive(attn_mask)
+            mask = mask.view(1, 1, tgt, src) if mask.dim() == 2 else mask.view(n, self.num_heads, tgt, src)
+        if key_padding_mask is not None:
+            padding = additive(key_padding_mask).view(n, 1, 1, src)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    @torch.no_grad()
+    def plain(self, cond: torch.Tensor | None) -> nn.Module:
+        """The ``nn.MultiheadAttention`` this module computes at gate input ``cond``."""
+        inner, outer = self.in_proj.plain(cond), self.out_proj.plain(cond)
+        bias = inner.bias is not None
+        shell = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias,
+                                      batch_first=self.batch_first)
+        shell = shell.to(device=inner.weight.device, dtype=inner.weight.dtype)
+        shell.in_proj_weight.copy_(inner.weight)
+        shell.out_proj.weight.copy_(outer.weight)
+        if bias:
+            shell.in_proj_bias.copy_(inner.bias)
+            shell.out_proj.bias.copy_(outer.bias)
+        return shell
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batches import batch_axis
 from ..space import Space
 
 
@@ -35,6 +36,8 @@ class HyperState:
         relax: while :meth:`~selftune.nn.HyperNet.relaxed` is active, the temperature of the concrete
             (relaxed Bernoulli) dropout masks, which makes a training loss differentiable in the rates
             (implicit differentiation needs that); ``None``: ordinary masks.
+        batch_dim: where the model's activations hold the examples (0: batch-first; 1: sequence-first
+            models), as :func:`~selftune.batches.batch_axis` reads it.
     """
 
     space: Space
@@ -45,6 +48,7 @@ class HyperState:
     read: set[str] = field(default_factory=set, repr=False)
     norms: dict[int, tuple[list[torch.nn.Parameter], torch.Tensor]] | None = field(default=None, repr=False)
     relax: float | None = field(default=None, repr=False)
+    batch_dim: int = 0
 
     def record_norm(self, module: torch.nn.Module, covered: list[torch.nn.Parameter], norm: torch.Tensor) -> None:
         """Store ``module``'s ``(B,)`` squared effective-weight norm if norms are being recorded (a
@@ -62,6 +66,12 @@ class HyperState:
             yield
         finally:
             self.values, self.cond, self.generator, self._active = None, None, None, False
+
+    def batch_axis(self, t: torch.Tensor) -> int:
+        """The dimension of activation ``t`` that holds this pass's examples (see :func:`batch_axis`)."""
+        if self.values is None:
+            return 0
+        return batch_axis(t, self.values.shape[0], self.batch_dim)
 
     def value(self, name: str) -> torch.Tensor:
         """``(B,)`` per-example value of one hyperparameter.
