@@ -326,12 +326,13 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                 encoding: Encoding = "logit", batch_dim: int = 0) -> HyperNet:
     """Make ``model`` a best-response network for ``space``.
 
-    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` and ``nn.GRU`` (any
-    number of layers, either direction; exact classes, not subclasses), or only those named in
+    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM``, ``nn.GRU`` (any
+    number of layers, either direction) and ``nn.MultiheadAttention`` (the attention of Transformer
+    layers; exact classes, not subclasses), or only those named in
     ``modules``, is replaced in place by its best-response counterpart with the same weights; every
     selftune regulariser in the model (:class:`~selftune.nn.Dropout`, ...) is attached to the returned
-    wrapper. ``net.summary()`` says what was converted and what was left plain (attention projections,
-    normalisation layers, other modules with weights), and why.
+    wrapper. ``net.summary()`` says what was converted and what was left plain (normalisation layers,
+    attentions with unequal key/value sizes, other modules with weights), and why.
 
     Args:
         model: any ``nn.Module``; its ``forward`` keeps working unchanged.
