@@ -23,15 +23,18 @@ _EXPORTS = {
     "Callback": "tuner", "FitResult": "tuner", "SelfTuner": "tuner", "evaluate": "tuner", "score": "tuner",
     "Task": "task",
     "HyperSchedule": "schedules",
+    "AdaptiveBatchSettings": "batch_size", "lr_scale": "batch_size",
 }
 
-__all__ = ["Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip", "Float", "HyperNet",
+__all__ = ["AdaptiveBatchSettings", "Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip",
+           "Float", "HyperNet",
            "HyperSchedule", "Int", "Noise", "Objective", "SelfTuner", "Shift", "Space", "Task", "TunerSettings",
-           "evaluate", "export", "hypernetize", "score"]
+           "evaluate", "export", "hypernetize", "lr_scale", "score"]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .augment import Augment, Cutout, Flip, Noise, Shift
+    from .batch_size import AdaptiveBatchSettings, lr_scale
     from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
     from .objective import Objective
     from .plain_model import export

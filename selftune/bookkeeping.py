@@ -29,9 +29,11 @@ class BatchOrder:
     def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int) -> None:
         self.n_train, self.n_val = n_train, n_val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        #: batches of an epoch at the starting batch size (the unit of planned steps and schedules)
         self.batches_per_epoch = max(1, math.ceil(n_train / batch_size))
         self.epoch = 0
         self.batch = 0
+        self.pos = 0  # examples of this epoch's permutation drawn so far (the batch size may grow mid-epoch)
         self.perm: torch.Tensor | None = None
         self.val_perm: torch.Tensor | None = None
         self.val_pos = 0
@@ -42,14 +44,14 @@ class BatchOrder:
 
     @property
     def epoch_done(self) -> bool:
-        return self.batch >= self.batches_per_epoch
+        return self.pos >= self.n_train
 
     def next_train(self, generator: torch.Generator) -> torch.Tensor:
         """Indices of the next training batch (a new permutation at the start of each epoch)."""
         if self.perm is None:
             self.perm = self._randperm(self.n_train, generator)
-        size = self.batch_size
-        index = self.perm[self.batch * size:(self.batch + 1) * size]
+        index = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += len(index)
         self.batch += 1
         return index
 
@@ -65,28 +67,33 @@ class BatchOrder:
 
     def end_epoch(self) -> None:
         self.epoch += 1
-        self.batch = 0
+        self.batch = self.pos = 0
         self.perm = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "perm": self.perm, "val_perm": self.val_perm,
-                "val_pos": self.val_pos}
+                "val_pos": self.val_pos, "pos": self.pos, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.batch_size = int(state.get("batch_size", self.batch_size))
+        self.pos = int(state.get("pos", min(self.batch * self.batch_size, self.n_train)))
         self.perm, self.val_perm, self.val_pos = state["perm"], state["val_perm"], int(state["val_pos"])
 
 
 @dataclass
 class Counters:
-    """Compute so far: training examples (forward + backward, hyper steps included), evaluation
-    examples (forward only), wall-clock seconds of training, weight steps and hyper steps."""
+    """Compute so far: training examples (forward + backward, hyper steps and batch-size tests
+    included), evaluation examples (forward only), wall-clock seconds of training, weight steps and
+    hyper steps."""
 
     examples: int = 0
     eval_examples: int = 0
     seconds: float = 0.0
     steps: int = 0
     hyper_steps: int = 0
+    #: examples the adaptive batch's gradient-noise tests forwarded and backwarded (included in ``examples``)
+    test_examples: int = 0
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from .batch_size import AdaptiveBatchSettings
 from .errors import ConfigError
 from .schedules import HyperSchedule, ScheduleSettings
 
@@ -49,6 +50,20 @@ class TunerSettings(BaseModel):
                        "training examples, forwards and backwards them batch_size at a time, sums the gradients and "
                        "steps once: the step of a batch accumulate times larger in the memory of batch_size. Steps, "
                        "train_steps and schedules count weight steps")
+    adaptive_batch: AdaptiveBatchSettings | None = Field(
+        None, description="[tuner.adaptive_batch]: grow the batch during the run when the per-example gradient "
+                          "noise asks for it (AdAdaGrad's norm or inner-product test, selftune.batch_size); the run "
+                          "records the batch in a batch_size column, counts the test's examples, and keeps its "
+                          "length in epochs (a grown batch takes fewer steps per epoch). A grown batch is still "
+                          "forwarded batch_size examples at a time")
+    lr_batch_scaling: Literal["none", "auto", "linear", "sqrt"] = Field(
+        "none", description="scale the weights' rate with the batch: lr is the rate at reference_batch_size "
+                            "examples per step and trains at lr x (batch / reference) (linear, SGD) or lr x "
+                            "sqrt(batch / reference) (sqrt, Adam-like); auto picks from the optimizer "
+                            "(Granziol et al. 2022). The batch is batch_size x accumulate, or the adaptive one")
+    reference_batch_size: PositiveInt | None = Field(
+        None, description="lr_batch_scaling: the batch the rate was chosen for; None: the run's starting batch "
+                          "(batch_size x accumulate), so only a growing batch rescales it")
     lr_scheduler: str | None = Field(
         None, description="a torch.optim.lr_scheduler class by name, any case (OneCycleLR, CosineAnnealingLR, StepLR, "
                           "ReduceLROnPlateau, ...) that shapes the weights' rate instead of [tuner.schedule]. It runs "
@@ -143,6 +158,22 @@ class TunerSettings(BaseModel):
             self._check_lr_scheduler()
         elif self.lr_scheduler_args:
             raise ConfigError("tuner.lr_scheduler_args", "given without tuner.lr_scheduler; name the scheduler class")
+        if self.adaptive_batch is not None:
+            if self.follow is not None:
+                raise ConfigError("tuner.adaptive_batch", "a followed schedule (tuner.follow) replays a run step by "
+                                                          "step, which a batch that grows changes; remove one of them")
+            if self.lr_scheduler is not None and self.lr_scheduler_interval == "step":
+                raise ConfigError("tuner.adaptive_batch", "a growing batch takes fewer steps than planned, so a "
+                                                          "per-step lr_scheduler would stop mid-curve; use "
+                                                          "lr_scheduler_interval = \"epoch\" or [tuner.schedule] "
+                                                          "(which follows the examples seen)")
+            limit = self.adaptive_batch.max_batch_size
+            if limit is not None and limit < self.batch_size * self.accumulate:
+                raise ConfigError("tuner.adaptive_batch.max_batch_size", f"{limit} is below the starting batch "
+                                  f"(batch_size x accumulate = {self.batch_size * self.accumulate}); raise it")
+        if self.reference_batch_size is not None and self.lr_batch_scaling == "none":
+            raise ConfigError("tuner.reference_batch_size", "given without tuner.lr_batch_scaling; set it to "
+                                                            "\"auto\", \"linear\" or \"sqrt\"")
         return self
 
     def _check_lr_scheduler(self) -> None:

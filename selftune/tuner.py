@@ -31,6 +31,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
 from .augment import Augment
+from .batch_size import (
+    AdaptiveBatchSettings,
+    GradientNoise,
+    adaptive_batch_size,
+    chunked,
+    example_rows,
+    gradient_noise,
+    lr_scale,
+    per_example_gradients,
+    scaling_rule,
+)
 from .batches import Fields, Source, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import BatchOrder, Counters, RunLog
@@ -266,6 +277,14 @@ class SelfTuner:
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).
         self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size)
+        # The batch can change (tuner.adaptive_batch grows it) and the rate can follow it (lr_batch_scaling).
+        self._start_batch = s.batch_size * s.accumulate
+        adaptive = s.adaptive_batch
+        self._batch_limit = self._start_batch if adaptive is None else \
+            min(adaptive.max_batch_size or self.n_train, self.n_train)
+        self._lr_rule = None if s.lr_batch_scaling == "none" else \
+            scaling_rule(s.optimizer) if s.lr_batch_scaling == "auto" else s.lr_batch_scaling
+        self._reference_batch = s.reference_batch_size or self._start_batch
         self.log = RunLog(hypergrad_seen=[False] * len(net.space))
         if self.algorithm.tunes:
             self._pull_off_bounds()
@@ -291,6 +310,7 @@ class SelfTuner:
         self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
+        self._step_clock = 0  # _progress() before the current batch was drawn (adaptive batch)
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
@@ -523,10 +543,18 @@ class SelfTuner:
         s, order, log = self.settings, self.order, self.log
         while order.epoch < epochs and not self._stop:
             while not order.epoch_done and not self._stop:
+                self._step_clock = self._progress()
                 x, y = self._batch("train", order.next_train(self.generator))
                 if self._follow is not None:
                     self._follow_step()
+                grown = None
+                adaptive = s.adaptive_batch
+                if adaptive is not None and log.counters.steps % adaptive.every == 0 \
+                        and order.batch_size < self._batch_limit and batch_of(x, self.net.batch_dim) > 1:
+                    grown = self._test_batch(x, y)  # on the weights this batch's gradient is taken at
                 log.add_train_loss(self.algorithm.step(self, x, y))
+                if grown is not None:
+                    order.batch_size = grown  # from the next batch on
                 log.counters.steps += 1
                 if self._torch_schedule is not None and s.lr_scheduler_interval == "step":
                     self._torch_schedule.step()
@@ -549,6 +577,59 @@ class SelfTuner:
                 row = self._end_epoch()
                 for cb in callbacks:
                     cb.on_epoch_end(self, row)
+
+    def _progress(self) -> int:
+        """Weight steps done in this run's epochs, in steps of the starting batch: what [tuner.schedule]
+        runs on when the batch grows (the step count while it does not), so a schedule still ends with
+        the run."""
+        order = self.order
+        return order.epoch * order.batches_per_epoch + math.ceil(order.pos / self._start_batch)
+
+    def gradient_noise(self, x: Any, y: Any, *, test: str | None = None, ratio: float | None = None,
+                       vectorize: bool = True) -> GradientNoise:
+        """AdAdaGrad's test statistic on batch ``(x, y)`` at the current weights (see
+        :mod:`selftune.batch_size`): per-example gradients of the training loss of the network's own
+        weights, at the current hyperparameters, in eval mode. ``test`` and ``ratio`` default to
+        ``settings.adaptive_batch`` (or the norm test at 0.1)."""
+        net, settings = self.net, self.settings.adaptive_batch or AdaptiveBatchSettings()
+        test = test or settings.test
+        ratio = ratio or (settings.eta if test == "norm" else settings.theta)
+        owned = {id(p) for g in self.optimizers[self.algorithm.lr_group].param_groups for p in g["params"]}
+        params = {name: p for name, p in net.named_parameters() if id(p) in owned}
+        with torch.no_grad():
+            values = net.space.discretize(net.space.to_constrained(net.hparams.detach().unsqueeze(0)))
+        lookup, dim, n = self._lookup(values), net.batch_dim, batch_of(x, net.batch_dim)
+
+        def loss(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
+            return self.objective.train_loss(torch.func.functional_call(net, p, (xi,)), yi, lookup)
+
+        def matrix(start: int, stop: int) -> torch.Tensor:
+            return per_example_gradients(loss, params, example_rows(x, start, stop, dim, n),
+                                         example_rows(y, start, stop, dim, n), batch_dim=dim, vectorize=vectorize)
+
+        was_training = net.training
+        net.eval()
+        try:
+            return gradient_noise(chunked(matrix, n, self.settings.batch_size), test, ratio)
+        finally:
+            net.train(was_training)
+
+    def _test_batch(self, x: Any, y: Any) -> int:
+        """The batch size AdAdaGrad's test asks for after this batch (counted as the examples it
+        forwarded and backwarded)."""
+        s = self.settings.adaptive_batch
+        assert s is not None
+        noise = self.gradient_noise(x, y)
+        spent = noise["examples"] * (2 if s.test == "inner_product" else 1)
+        self.log.counters.examples += spent
+        self.log.counters.test_examples += spent
+        return adaptive_batch_size(self.order.batch_size, noise, self._batch_limit)
+
+    def _batch_scale(self) -> float:
+        """The rate's factor for the current batch (settings.lr_batch_scaling; 1 without it)."""
+        if self._lr_rule is None:
+            return 1.0
+        return lr_scale(self.order.batch_size, self._reference_batch, self._lr_rule)
 
     # ------------------------------------------------------------------------------------------
     # The roll-back point: one owner (this tuner); divergence rolls back to it
@@ -681,14 +762,15 @@ class SelfTuner:
                     g["lr"] = lr if i == 0 else lr * base / self._base_lrs[group][0]
                 return
         s, torch_schedule = self.settings.schedule, self._torch_schedule
-        if torch_schedule is None and s.kind == "constant" and s.warmup_epochs == 0:
+        if torch_schedule is None and s.kind == "constant" and s.warmup_epochs == 0 and self._lr_rule is None:
             if self.lr_tuner is None or group != self.algorithm.lr_group:
                 return
         if torch_schedule is not None:
             f = torch_schedule.factor
         else:
-            f = factor(s, self.log.counters.steps, self._planned_steps or self.batches_per_epoch,
-                       self.batches_per_epoch)
+            clock = self.log.counters.steps if self.settings.adaptive_batch is None else self._step_clock
+            f = factor(s, clock, self._planned_steps or self.batches_per_epoch, self.batches_per_epoch)
+        f *= self._batch_scale()
         for i, g in enumerate(self.optimizers[group].param_groups):
             bound = self.lr_tuner is not None and group == self.algorithm.lr_group and i == 0
             g["lr"] = (self.lr_tuner.value if bound else self._base_lrs[group][i]) * f
@@ -788,6 +870,8 @@ class SelfTuner:
         row = dict(zip(net.space.names, values, strict=True))
         row.update({f"{n}_scale": v for n, v in zip(net.space.names, scales, strict=True)})
         row["weights_lr"] = self.weights_lr
+        if self.settings.adaptive_batch is not None or self._lr_rule is not None:
+            row["batch_size"] = float(self.order.batch_size)
         return row
 
     def _end_epoch(self) -> dict[str, float]:
