@@ -125,7 +125,8 @@ class Algorithm:
         cls = optimizer_class(s.optimizer)
         kwargs: dict = {"lr": self.lr, "weight_decay": s.weight_decay}
         if cls is torch.optim.SGD:
-            kwargs["momentum"] = s.momentum
+            # a momentum bound to a hyperparameter is written into the group by the tuner before every step
+            kwargs["momentum"] = s.momentum if isinstance(s.momentum, float) else 0.9
         kwargs.update(s.optimizer_args)
         try:
             return cls(groups, **kwargs)

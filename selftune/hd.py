@@ -35,7 +35,7 @@ import torch
 
 from .nn import HyperNet
 
-__all__ = ["HypergradientLR"]
+__all__ = ["HypergradientLR", "HypergradientMomentum"]
 
 #: Adam's moment decays for the normalised hypergradient (Kingma & Ba's defaults)
 _BETA1, _BETA2 = 0.9, 0.999
@@ -139,4 +139,95 @@ class HypergradientLR:
         self.step_size = float(state.get("step_size", self.step_size))
         self._m, self._v, self._t = state.get("moments", [0.0, 0.0, 0])
         self._before = None
+        self.apply()
+
+
+class HypergradientMomentum:
+    """Drives SGD's momentum of ``optimizer``'s first group from hyperparameter ``name``
+    (``[tuner] momentum = "name"``), by the same normalised hypergradient as the rate.
+
+    With PyTorch's heavy ball ``b_t = mu b_{t-1} + g_t`` and ``theta_{t+1} = theta_t - lr b_t``, the
+    step's dependence on the momentum is ``d theta_{t+1} / d mu = -lr b_{t-1}`` (the earlier steps held
+    fixed, as hypergradient descent holds them for the rate), so
+
+        dL(theta_{t+1}) / d mu = -lr g_{t+1} . b_{t-1}
+
+    A gradient that still points along the buffer before last says the steps could have carried on
+    further (more momentum); one that turns against it says they overshot. The signal is the cosine of
+    ``g_{t+1}`` and ``b_{t-1}``, averaged and normalised as Adam does, one move of at most ``step`` per
+    weight step, the value inside the space's bounds (whose ``high`` must stay below 1).
+    """
+
+    def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
+                 margin: float) -> None:
+        self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
+        self.index = net.space.index(name)
+        self.step_size = 0.0
+        self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
+        self._older: list[torch.Tensor | None] | None = None  # b_{t-1}: the buffers before the last step
+        self._m = self._v = 0.0
+        self._t = 0
+        self.apply()
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.optimizer.param_groups[0]["params"])
+
+    @property
+    def value(self) -> float:
+        return float(self.net.space.values_dict(self.net.hparams)[self.name])
+
+    def apply(self) -> None:
+        self.optimizer.param_groups[0]["momentum"] = self.value
+
+    def plan(self, steps: int, travel: float) -> None:
+        self.step_size = travel / max(steps, 1)
+
+    def _buffers(self) -> list[torch.Tensor | None]:
+        state = self.optimizer.state
+        return [state[p].get("momentum_buffer") if p in state else None for p in self.params]
+
+    def before_step(self) -> bool:
+        """Update the momentum from this step's gradients and the buffers before the last step; call
+        after ``backward``, before ``optimizer.step()``. Returns whether it received a hypergradient."""
+        moved = False
+        if self.tune and self._older is not None and self.step_size > 0:
+            pairs = [(p.grad, b) for p, b in zip(self.params, self._older, strict=True)
+                     if p.grad is not None and b is not None]
+            if pairs:
+                dot = sum(float((g.double() * b.double()).sum()) for g, b in pairs)
+                g_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in pairs))
+                b_norm = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b in pairs))
+                if g_norm > 0 and b_norm > 0 and math.isfinite(dot) and math.isfinite(g_norm * b_norm):
+                    # dL/dmu is -lr (g . b): descending it moves mu *up* when g and b agree
+                    cosine = -max(-1.0, min(1.0, dot / (g_norm * b_norm)))
+                    self._m = _BETA1 * self._m + (1 - _BETA1) * cosine
+                    self._v = _BETA2 * self._v + (1 - _BETA2) * cosine * cosine
+                    self._t += 1
+                    m_hat = self._m / (1 - _BETA1 ** self._t)
+                    v_hat = self._v / (1 - _BETA2 ** self._t)
+                    move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
+                    with torch.no_grad():
+                        u = self.net.hparams[self.index]
+                        u.copy_((u - self.step_size * move).clamp(*self._limits))
+                    moved = cosine != 0
+        self.apply()
+        if self.tune:
+            self._older = [None if b is None else b.detach().clone() for b in self._buffers()]
+        return moved
+
+    def after_step(self) -> None:
+        """Nothing to record after the step (the buffers were copied before it)."""
+
+    def forget(self) -> None:
+        """Drop the remembered buffers (after a roll-back they no longer lead to the current weights)."""
+        self._older = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"older": self._older, "step_size": self.step_size, "moments": [self._m, self._v, self._t]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._older = state.get("older")
+        self.step_size = float(state.get("step_size", self.step_size))
+        self._m, self._v, self._t = state.get("moments", [0.0, 0.0, 0])
         self.apply()

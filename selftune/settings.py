@@ -39,7 +39,11 @@ class TunerSettings(BaseModel):
                           "(declare it log-scaled, e.g. [space.lr] low = 1e-4, high = 1, log = true): fixed trains at "
                           "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
                           "descent (selftune.hd)")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float | str = Field(
+        0.9, description="SGD's momentum (0 <= m < 1), or the name of a hyperparameter that holds it (declare "
+                         "[space.momentum] low = 0.0, high = 0.99): fixed trains at its init, searches sample it, "
+                         "and hd, stn, delta-stn and ift tune it in the run by a hypergradient of the next step's "
+                         "training loss (selftune.hd), as they tune a bound lr")
     response_lr: PositiveFloat | None = Field(
         None, description="learning rate of the response weights (W_r, b_r, V); None: min(lr, 0.01), the official "
                           "code's rate: a response is the product of two trained factors (gates and response "
@@ -136,6 +140,13 @@ class TunerSettings(BaseModel):
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ConfigError("tuner.momentum", f"must be in [0, 1) (got {v}); 0.9 is the usual choice")
+        return v
 
     @field_validator("optimizer")
     @classmethod

@@ -46,7 +46,7 @@ from .batches import Fields, Source, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
-from .hd import HypergradientLR
+from .hd import HypergradientLR, HypergradientMomentum
 from .nn.hypernet import HyperNet
 from .objective import LossFn, Objective, flatten_tokens
 from .schedules import HyperSchedule, TorchSchedule, factor
@@ -237,10 +237,11 @@ class SelfTuner:
         self.settings = settings or TunerSettings()
         cls = method if isinstance(method, type) else get_algorithm(method)
         lr_name = _bound_lr(net, self.settings, cls)
+        momentum_name = _bound_momentum(net, self.settings)
         self.algorithm: Algorithm = cls(self.settings, lr=None if lr_name is None else float(net.values()[lr_name]))
         self.algorithm.check_net(net)
         self.net, self.method = net, cls.name
-        self._follow = self._check_follow(lr_name)
+        self._follow = self._check_follow(lr_name or momentum_name)
         self.objective = objective or Objective()
         if loss is not None:
             if self.objective.loss is not None and self.objective.loss is not loss:
@@ -288,8 +289,8 @@ class SelfTuner:
         self.log = RunLog(hypergrad_seen=[False] * len(net.space))
         if self.algorithm.tunes:
             self._pull_off_bounds()
-        elif lr_name is not None and self.algorithm.tunes_lr:
-            self._pull_off_bounds([net.space.index(lr_name)])
+        elif self.algorithm.tunes_lr and (lr_name is not None or momentum_name is not None):
+            self._pull_off_bounds([net.space.index(n) for n in (lr_name, momentum_name) if n is not None])
 
         # Parameter groups are fixed for the run; collecting them walks the module tree, so do it once.
         self.general_params = net.general_parameters()
@@ -304,6 +305,11 @@ class SelfTuner:
         if lr_name is not None:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
                                             tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
+        # SGD's momentum bound to a hyperparameter: the same, by the hypergradient of the heavy ball.
+        self.momentum_tuner: HypergradientMomentum | None = None
+        if momentum_name is not None:
+            self.momentum_tuner = HypergradientMomentum(net, momentum_name, self.optimizers[self.algorithm.lr_group],
+                                                        tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
@@ -376,8 +382,7 @@ class SelfTuner:
     def _check_driven(self) -> None:
         """After the first weight step: warn about declared hyperparameters nothing reads."""
         used = self.net.hyperparameters_read | self.objective.hyperparameters()
-        if self.lr_tuner is not None:
-            used.add(self.lr_tuner.name)
+        used |= {b.name for b in self._bound()}
         if self.augment is not None:
             used |= self.augment.hyperparameters()
         self.log.idle = [n for n in self.net.space.names if n not in used]
@@ -484,8 +489,8 @@ class SelfTuner:
             self.log.start = dict(self.net.values())
             self._plan_hyper_lr(epochs)
             self._planned_steps = epochs * self.batches_per_epoch
-            if self.lr_tuner is not None:
-                self.lr_tuner.plan(self._planned_steps, self.settings.lr_travel)
+            for bound in self._bound():
+                bound.plan(self._planned_steps, self.settings.lr_travel)
             self._build_torch_schedule()
         self.log.start_clock()
         if self._good is None:
@@ -577,6 +582,10 @@ class SelfTuner:
                 row = self._end_epoch()
                 for cb in callbacks:
                     cb.on_epoch_end(self, row)
+
+    def _bound(self) -> list[HypergradientLR | HypergradientMomentum]:
+        """The optimizer settings bound to hyperparameters (``tuner.lr``, ``tuner.momentum``)."""
+        return [b for b in (self.lr_tuner, self.momentum_tuner) if b is not None]
 
     def _progress(self) -> int:
         """Weight steps done in this run's epochs, in steps of the starting batch: what [tuner.schedule]
@@ -716,13 +725,14 @@ class SelfTuner:
         params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
         clip = self.settings.grad_clip or math.inf
         self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
-        lr_tuner = self.lr_tuner if self.lr_tuner is not None and group == self.algorithm.lr_group else None
-        if lr_tuner is not None and lr_tuner.before_step():
-            self.log.hypergrad_seen[lr_tuner.index] = True
+        bound = self._bound() if group == self.algorithm.lr_group else []
+        for b in bound:
+            if b.before_step():
+                self.log.hypergrad_seen[b.index] = True
         self._apply_schedule(group)
         self.optimizers[group].step()
-        if lr_tuner is not None:
-            lr_tuner.after_step()
+        for b in bound:
+            b.after_step()
         self.log.counters.examples += total
         return value
 
@@ -815,12 +825,12 @@ class SelfTuner:
     def _apply_hypergradient(self) -> None:
         """Step the hyperparameters on the gradient in ``net.hparams.grad`` (checked, recorded)."""
         net = self.net
-        if self.lr_tuner is not None:
-            # The rate reaches no validation loss through the gates (it drives no module): only
-            # hypergradient descent moves it, and its perturbation scale stays put.
+        for bound in self._bound():
+            # The rate (and momentum) reach no validation loss through the gates (they drive no module):
+            # only their own hypergradient moves them, and their perturbation scales stay put.
             for p in (net.hparams, net.scale_raw):
                 if p.grad is not None:
-                    p.grad[self.lr_tuner.index] = 0
+                    p.grad[bound.index] = 0
         self._check(net.hparams.grad, "hypergradient", "hyper")
         if net.hparams.grad is not None:
             seen = (net.hparams.grad != 0).tolist()
@@ -918,6 +928,7 @@ class SelfTuner:
             "order": self.order.state_dict(),
             "log": self.log.state_dict(),
             "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
+            "momentum": self.momentum_tuner.state_dict() if self.momentum_tuner is not None else None,
             "schedule": {"base_lrs": self._base_lrs, "planned_steps": self._planned_steps},
             "lr_scheduler": None if self._torch_schedule is None else self._torch_schedule.state_dict(),
         }
@@ -943,6 +954,8 @@ class SelfTuner:
         self.log.load_state_dict(state["log"])
         if self.lr_tuner is not None:
             self.lr_tuner.load_state_dict(state.get("lr") or {})
+        if self.momentum_tuner is not None:
+            self.momentum_tuner.load_state_dict(state.get("momentum") or {})
         schedule = state.get("schedule") or {}
         if "base_lrs" in schedule:
             self._base_lrs = {k: list(v) for k, v in schedule["base_lrs"].items()}
@@ -951,6 +964,33 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:
+    """The hyperparameter ``settings.momentum`` names (``None``: a number), checked against the space
+    and the optimizer.
+
+    Raises:
+        ConfigError: an undeclared name, a range outside [0, 1), or an optimizer without SGD's heavy ball.
+    """
+    name = settings.momentum if isinstance(settings.momentum, str) else None
+    if name is None:
+        return None
+    if name not in net.space:
+        raise ConfigError("tuner.momentum", f"{name!r} is not declared; add a [space.{name}] table (low = 0.0, "
+                                            "high = 0.99) or use a number")
+    param = net.space[name]
+    if param.is_int or param.low < 0 or param.high >= 1:
+        raise ConfigError("tuner.momentum", f"hyperparameter {name!r} must be a float in [0, 1) to be a momentum "
+                                            f"(got low={param.low}, high={param.high}); e.g. high = 0.99")
+    if settings.optimizer.lower() != "sgd":
+        raise ConfigError("tuner.momentum", f"a tuned momentum drives SGD's heavy ball; optimizer "
+                                            f"{settings.optimizer!r} has its own (set it in tuner.optimizer_args, "
+                                            "e.g. betas for Adam) or use optimizer = \"sgd\"")
+    if "momentum" in settings.optimizer_args:
+        raise ConfigError("tuner.optimizer_args.momentum", "tuner.momentum names a hyperparameter that sets it; "
+                                                           "remove one of them")
+    return name
 
 
 def _usable_device(device: torch.device | str) -> torch.device:

@@ -9,7 +9,7 @@ import torch
 import selftune as st
 from selftune.config import load_config
 from selftune.errors import ConfigError
-from selftune.hd import HypergradientLR
+from selftune.hd import HypergradientLR, HypergradientMomentum
 from selftune.models import build
 from selftune.runner import execute, prepare
 from selftune.tuner import BOUND_MARGIN
@@ -150,3 +150,97 @@ def test_a_config_that_binds_an_undeclared_rate_is_refused_before_anything_runs(
     bad.write_text(EXAMPLE.read_text().replace('lr = "lr"', 'lr = "rate"'))
     assert main(["run", str(bad), "--store", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+# -- SGD's momentum as a hyperparameter (tuner.momentum = "name") -------------------------------------
+def momentum_space(init=0.5):
+    return st.Space([st.Float("d0", 0.0, 0.95, init=0.2), st.Float("lr", 1e-4, 1.0, init=0.01, log=True),
+                     st.Float("mom", 0.0, 0.99, init=init)])
+
+
+def test_the_momentum_stays_inside_its_bounds_under_adversarial_gradients():
+    space = st.Space([st.Float("mom", 0.0, 0.99, init=0.5)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
+    opt = torch.optim.SGD(net.general_parameters(), lr=0.1, momentum=0.9)
+    hm = HypergradientMomentum(net, "mom", opt, tune=True, margin=BOUND_MARGIN)
+    hm.plan(steps=20, travel=8.0)
+    gen = torch.Generator().manual_seed(0)
+    before, values = float(net.hparams.detach()[0]), []
+    for step in range(300):
+        for p in hm.params:
+            p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** min(step, 30)
+        hm.before_step()
+        opt.step()
+        hm.after_step()
+        u = float(net.hparams.detach()[0])
+        assert abs(u - before) <= hm.step_size + 1e-6
+        before = u
+        values.append(hm.value)
+        assert opt.param_groups[0]["momentum"] == hm.value
+    assert all(math.isfinite(v) and 0.0 < v < 0.99 for v in values)
+    assert len({round(v, 12) for v in values}) > 10
+
+
+def _quadratic_run(lr: float, init: float, smallest: float, steps: int = 300) -> float:
+    """SGD with a tuned momentum on f(w) = 0.5 sum(c_i w_i^2), curvatures from 10^smallest to 1, plus
+    gradient noise: returns the final momentum."""
+    space = st.Space([st.Float("mom", 0.0, 0.99, init=init)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(20, 1, bias=False)), space)
+    w = net.general_parameters()[0]
+    with torch.no_grad():
+        w.fill_(1.0)
+    curvature = torch.logspace(smallest, 0, 20).unsqueeze(0)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD([w], lr=lr, momentum=0.9)
+    hm = HypergradientMomentum(net, "mom", opt, tune=True, margin=BOUND_MARGIN)
+    hm.plan(steps=steps, travel=8.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * (curvature * w * w).sum()).backward()
+        w.grad += 0.1 * torch.randn(w.shape, generator=gen)
+        hm.before_step()
+        opt.step()
+        hm.after_step()
+    return hm.value
+
+
+def test_the_momentum_rises_where_steps_are_too_timid_and_falls_where_they_overshoot():
+    """On an ill-conditioned quadratic a small rate crawls along the flat directions (consecutive
+    gradients agree with the buffer: more momentum); on a well-conditioned one a rate near 1 / curvature
+    with high momentum oscillates (gradients turn against the buffer: less)."""
+    assert _quadratic_run(lr=0.05, init=0.3, smallest=-2) > 0.5
+    assert _quadratic_run(lr=0.8, init=0.9, smallest=0) < 0.5
+
+
+def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
+    whole = make_tuner(digits, method="delta-stn", space=momentum_space(), momentum="mom")
+    whole.fit(2)
+    first = make_tuner(digits, method="delta-stn", space=momentum_space(), momentum="mom")
+    first.fit(2, max_steps=20)
+    second = make_tuner(digits, method="delta-stn", space=momentum_space(), momentum="mom")
+    second.load_state_dict(first.state_dict())
+    second.fit(2)
+    assert second.net.values()["mom"] == whole.net.values()["mom"] != pytest.approx(0.5, abs=1e-6)
+    for a, b in zip(whole.net.state_dict().values(), second.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    fixed = make_tuner(digits, method="fixed", space=momentum_space(0.7), momentum="mom")
+    fixed.fit(1)
+    assert fixed.optimizers["weights"].param_groups[0]["momentum"] == pytest.approx(0.7)
+    assert fixed.net.values()["mom"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("space, settings, match", [
+    (momentum_space(), dict(momentum="nope"), r"tuner\.momentum: 'nope' is not declared"),
+    (st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True), st.Float("mom", 0.0, 1.0, init=0.5)]),
+     dict(momentum="mom"), r"tuner\.momentum: hyperparameter 'mom' must be a float in \[0, 1\)"),
+    (momentum_space(), dict(momentum="mom", optimizer="adam"), r"tuner\.momentum: a tuned momentum drives SGD"),
+    (momentum_space(), dict(momentum="mom", optimizer_args={"momentum": 0.5}), r"tuner\.optimizer_args\.momentum"),
+])
+def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, match):
+    with pytest.raises(ConfigError, match=match):
+        make_tuner(digits, method="hd", space=space, **settings)
+
+
+def test_a_momentum_out_of_range_is_refused_by_the_settings():
+    with pytest.raises(ValueError, match=r"tuner\.momentum: must be in \[0, 1\)"):
+        st.TunerSettings(momentum=1.0)
