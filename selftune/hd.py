@@ -18,12 +18,19 @@ averages that signal the way Adam averages a gradient:
 
 Consecutive mini-batch gradients agree only weakly (cosines of a few hundredths on digits), so the raw
 cosine moved a rate 10x too small by a fraction of the way; Adam's ratio turns a weak but consistent
-signal into full steps and keeps a noisy one small. One step moves ``u`` by at most ``step`` (the
-ratio is clipped to [-1, 1]), the rate is ``low..high`` by construction (the space's transform), ``u``
-stays where the transform is not flat (:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a
-NaN-free but exploding loss can push the rate down at most ``step`` per step. ``step`` follows the
-run: ``travel / planned steps``, so a rate pushed the same way at every step crosses ``travel``
-units in the run, however long the run is (the rule of ``hyper_travel`` for the other hyperparameters).
+signal into full steps and keeps a noisy one small. One step moves ``u`` by at most ``step`` up and
+``fall x step`` down (the ratio is clipped to [-1, 1]; ``fall`` is ``settings.lr_fall``, 1 by
+default), the rate is ``low..high`` by construction (the space's transform), ``u`` stays where the
+transform is not flat (:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a NaN-free but
+exploding loss can push the rate down at most ``fall x step`` per step. ``step`` follows the run:
+``travel / planned steps``, so a rate pushed the same way at every step crosses ``travel`` units in
+the run, however long the run is (the rule of ``hyper_travel`` for the other hyperparameters).
+
+Why a separate ``fall``: the risks are not symmetric. A rate 10x too large breaks the network within
+the first epoch (dead units, loss at chance) long before a rate that may cross its range only once
+per run has come down; a rate too small only slows training. ``lr_fall > 1`` lets it come down
+faster, at a price: mini-batch noise then moves it down more than up, a ratchet that pulls a good
+rate low (measured in docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -53,10 +60,11 @@ class HypergradientLR:
     """
 
     def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
-                 margin: float) -> None:
+                 margin: float, fall: float = 1.0) -> None:
         self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
         self.index = net.space.index(name)
         self.step_size = 0.0
+        self.fall = fall  # a step down may be this many times a step up (settings.lr_fall)
         self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
         self._previous: list[torch.Tensor] | None = None  # the last update of the group's weights
         self._before: list[torch.Tensor] | None = None
@@ -103,7 +111,8 @@ class HypergradientLR:
                     move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
                     with torch.no_grad():
                         u = self.net.hparams[self.index]
-                        u.copy_((u - self.step_size * move).clamp(*self._limits))
+                        step = self.step_size * (self.fall if move > 0 else 1.0)
+                        u.copy_((u - step * move).clamp(*self._limits))
                     moved = cosine != 0
         self.apply()
         if self.tune:

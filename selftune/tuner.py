@@ -304,7 +304,8 @@ class SelfTuner:
         self.lr_tuner: HypergradientLR | None = None
         if lr_name is not None:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
-                                            tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
+                                            tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN,
+                                            fall=self.settings.lr_fall)
         # SGD's momentum bound to a hyperparameter: the same, by the hypergradient of the heavy ball.
         self.momentum_tuner: HypergradientMomentum | None = None
         if momentum_name is not None:

@@ -244,3 +244,31 @@ def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, matc
 def test_a_momentum_out_of_range_is_refused_by_the_settings():
     with pytest.raises(ValueError, match=r"tuner\.momentum: must be in \[0, 1\)"):
         st.TunerSettings(momentum=1.0)
+
+
+def test_lr_fall_lets_the_rate_fall_faster_than_it_rises_and_no_further():
+    """settings.lr_fall = 3: a step down may be 3x a step up, and never more, under adversarial gradients."""
+    space = st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
+    opt = torch.optim.SGD(net.general_parameters(), lr=1.0)
+    hd = HypergradientLR(net, "lr", opt, tune=True, margin=BOUND_MARGIN, fall=3.0)
+    hd.plan(steps=200, travel=8.0)
+    gen = torch.Generator().manual_seed(1)
+    before, ups, downs = float(net.hparams.detach()[0]), [], []
+    for step in range(300):
+        for p in hd.params:
+            p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** min(step, 30)
+        hd.before_step()
+        opt.step()
+        hd.after_step()
+        u = float(net.hparams.detach()[0])
+        (ups if u > before else downs).append(abs(u - before))
+        before = u
+        assert 1e-4 <= hd.value <= 1.0
+    assert max(ups) <= hd.step_size + 1e-6
+    assert max(downs) <= 3 * hd.step_size + 1e-6 and max(downs) > 1.5 * hd.step_size
+
+
+def test_lr_fall_below_one_is_refused():
+    with pytest.raises(ValueError, match="lr_fall"):
+        st.TunerSettings(lr_fall=0.5)
