@@ -1,6 +1,7 @@
 """`selftune bench digits-mlp --quick`: every method runs on the same task and is recorded."""
 
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -227,3 +228,49 @@ def test_a_fixed_run_that_diverged_leaves_a_readable_table(tmp_path):
     assert "| high | delta-stn | 1/1 |" in text and "| low | delta-stn | 1/1 |" in text
     plot_compute("t", results, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_diverging_trial_ends_its_trial_not_the_study(tmp_path, monkeypatch, capsys):
+    """A search samples the whole space: where part of it diverges (here learning rates up to 1e35 with
+    no roll-back), those trials are pruned with their compute counted and the study finishes on the rest
+    (a diverged trial used to abort the whole study, and the benchmark lost the search)."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "unstable.toml"
+    config.write_text("""epochs = 2
+[data]
+name = "digits"
+train_subset = 300
+[model]
+name = "mlp"
+hidden = [16]
+dropout = ["p", "p"]
+[space.p]
+low = 0.0
+high = 0.9
+init = 0.3
+[space.lr]
+low = 1e-3
+high = 1e35
+init = 0.01
+log = true
+[tuner]
+lr = "lr"
+max_divergences = 0
+""")
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    assert main(["bench", str(config), "--methods", "fixed", "random", "--trials", "8", "--seeds", "1",
+                 "--store", url, "--out", "b"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    search = next(r for r in results if r["method"] == "random")
+    assert not search["failed"] and search["trials"] == 8
+    study = optuna.load_study(study_name=search["study"], storage=url)
+    diverged = [t for t in study.trials if t.user_attrs.get("diverged")]
+    assert diverged and all(t.state == optuna.trial.TrialState.PRUNED for t in diverged)
+    assert study.best_trial.params["lr"] < 1e35 and math.isfinite(search["test_loss"])
+    plain = next(r for r in results if r["method"] == "fixed")["examples"]
+    completed = sum(t.user_attrs["examples"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert search["examples"] > completed  # the diverged trials' steps are counted too
+    assert search["examples"] <= 8 * plain

@@ -293,7 +293,7 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
     fixed = {(r.start, r.seed): math.inf if r.failed else r.test_loss for r in results if r.method == Fixed.name}
     searches = {}
     for r in results:
-        if not r.start:
+        if not r.start and not r.failed:  # a study that failed has no test loss to compare with
             searches.setdefault(r.method, []).append(r.test_loss)
     best_search = min(searches, key=lambda m: statistics.mean(searches[m])) if searches else None
     names = config.build_space().names

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import Fixed
+from ..errors import DivergenceError
 from ..extras import install_hint, missing
 from ..tuner import Callback, SelfTuner
 from ._base import Context, Method, MethodResult
@@ -123,7 +124,18 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         values = _suggest(trial, config)
         report = _Report(trial)
         callbacks = [report] if search.pruned else []
-        _, result = execute(prepare(config.derive(method=Fixed.name, seed=seed, values=values)), callbacks)
+        prepared = prepare(config.derive(method=Fixed.name, seed=seed, values=values))
+        try:
+            _, result = execute(prepared, callbacks)
+        except DivergenceError:
+            # A sampled configuration that diverges ends its trial, not the study (a search samples the
+            # whole space, unstable corners included): its compute is counted, and it is pruned with no
+            # intermediate value, which TPE ranks with the worst trials.
+            totals["examples"] += int(prepared.tuner.counters.examples)
+            totals["seconds"] += prepared.tuner.log.seconds
+            curve.append((totals["examples"], best["test"]))
+            trial.set_user_attr("diverged", True)
+            raise optuna.TrialPruned() from None
         totals["examples"] += int(result.compute["examples"])
         totals["seconds"] += result.compute["seconds"]
         for key in ("loss", "accuracy"):
@@ -137,6 +149,8 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         return result.val["loss"]
 
     study.optimize(objective, n_trials=n_trials)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise DivergenceError(f"every trial of the {search.name} study diverged; narrow the space or lower tuner.lr")
     chosen = study.best_trial
     return MethodResult(method=search.name, seed=seed, test_loss=chosen.user_attrs["test_loss"],
                         test_accuracy=chosen.user_attrs["test_accuracy"], val_loss=float(chosen.value),
