@@ -50,7 +50,8 @@ __all__ = ["AdaptiveBatchSettings", "GradientNoise", "adaptive_batch_size", "gra
 Rule = Literal["linear", "sqrt"]
 
 #: optimizers whose update is normalised by a running second moment: the rate scales with sqrt(batch)
-_ADAPTIVE = {"adam", "adamw", "nadam", "radam", "adamax", "adagrad", "adadelta", "rmsprop", "sparseadam"}
+_ADAPTIVE = {"adam", "adamw", "nadam", "radam", "adamax", "adagrad", "adadelta", "adafactor", "rmsprop",
+             "sparseadam"}
 
 
 def scaling_rule(optimizer: str) -> Rule:
@@ -87,7 +88,8 @@ class AdaptiveBatchSettings(BaseModel):
                                                  "0.1; larger keeps the batch smaller)")
     theta: PositiveFloat = Field(0.1, description="inner-product test: allowed ratio")
     every: PositiveInt = Field(1, description="run the test every this many weight steps (each test costs one more "
-                                              "forward and backward of the batch)")
+                                              "forward and backward of the batch, two for the inner-product "
+                                              "test)")
     max_batch_size: PositiveInt | None = Field(None, description="the batch never grows past this; None: the "
                                                                  "training set")
 
@@ -188,8 +190,16 @@ def gradient_noise(chunks: Callable[[], Iterator[torch.Tensor]], test: str, rati
 
 
 def adaptive_batch_size(current: int, noise: GradientNoise, limit: int) -> int:
-    """The next batch: the test's, rounded up, never below ``current`` nor above ``limit``."""
+    """The next batch: the test's, rounded up, never below ``current`` nor above ``limit``.
+
+    A statistic that is NaN (a non-finite gradient) keeps the current batch: the batch never shrinks, so
+    one bad reading would otherwise fix it at ``limit`` for the rest of the run. An infinite one (a mean
+    gradient of zero with some variance: no direction to trust) asks for the limit."""
     wanted = noise["batch"]
+    if math.isnan(wanted):
+        warnings.warn("the adaptive batch test read a NaN statistic (non-finite gradients); the batch stays "
+                      f"at {current}", RuntimeWarning, stacklevel=2)
+        return int(min(current, limit))
     grown = math.ceil(wanted) if math.isfinite(wanted) else limit
     return int(min(max(current, grown), limit))
 

@@ -263,9 +263,11 @@ class RunConfig(BaseModel):
         return Augment([kinds[a.op](**a.model_dump(exclude={"op"})) for a in self.augment])
 
     def check_references(self, space: Space) -> None:
-        """Every hyperparameter named by the objective or an augmentation must be declared."""
+        """Every hyperparameter named by the objective, an augmentation, the rate or the momentum must be
+        declared (checked before a run creates anything)."""
         refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items()]
         refs.append(("tuner.lr", self.tuner.lr))
+        refs.append(("tuner.momentum", self.tuner.momentum))
         for i, a in enumerate(self.augment):
             refs += [(f"augment[{i}].{k}", v) for k, v in a.model_dump(exclude={"op"}).items()]
         for where, value in refs:

@@ -36,6 +36,7 @@ rate low (measured in docs/algorithms.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -168,8 +169,11 @@ class HypergradientMomentum:
     """
 
     def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
-                 margin: float) -> None:
+                 margin: float, also: Sequence[torch.optim.Optimizer] = ()) -> None:
         self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
+        # every other group that trains with momentum (STN's response group, Delta-STN's response
+        # optimizer) takes the same value, so a momentum trains alike as a number and as a hyperparameter
+        self.also = list(also)
         self.index = net.space.index(name)
         self.step_size = 0.0
         self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
@@ -187,7 +191,11 @@ class HypergradientMomentum:
         return float(self.net.space.values_dict(self.net.hparams)[self.name])
 
     def apply(self) -> None:
-        self.optimizer.param_groups[0]["momentum"] = self.value
+        value = self.value
+        for opt in (self.optimizer, *self.also):
+            for group in opt.param_groups:
+                if "momentum" in group:
+                    group["momentum"] = value
 
     def plan(self, steps: int, travel: float) -> None:
         self.step_size = travel / max(steps, 1)

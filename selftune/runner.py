@@ -505,7 +505,16 @@ def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | Non
     """The config of a ``fixed`` run that re-trains ``config``'s model from scratch on ``schedule``
     (the STN paper's protocol: the tuned schedule, without the best-response layers or hyper steps).
     Same data, model, epochs and optimizer; ``seed`` replaces the training seed (a new seed tells how
-    much of the result is the schedule's and how much the initialisation's)."""
+    much of the result is the schedule's and how much the initialisation's).
+
+    Raises:
+        ConfigError: naming ``tuner.adaptive_batch`` for a run whose batch grew: its schedule is recorded
+            by step, and a replay at the starting batch would take other steps.
+    """
+    if config.tuner.adaptive_batch is not None:
+        raise ConfigError("tuner.adaptive_batch", "a run whose batch grew cannot be replayed: its schedule is "
+                                                  "recorded by weight step, and a replay at a constant batch takes "
+                                                  "other steps; replay runs trained at a constant batch")
     raw = config.model_dump(mode="python")
     raw["method"] = "fixed"
     raw["tuner"]["follow"] = schedule.model_dump(mode="python")

@@ -309,8 +309,10 @@ class SelfTuner:
         # SGD's momentum bound to a hyperparameter: the same, by the hypergradient of the heavy ball.
         self.momentum_tuner: HypergradientMomentum | None = None
         if momentum_name is not None:
-            self.momentum_tuner = HypergradientMomentum(net, momentum_name, self.optimizers[self.algorithm.lr_group],
-                                                        tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN)
+            group = self.algorithm.lr_group
+            self.momentum_tuner = HypergradientMomentum(
+                net, momentum_name, self.optimizers[group], tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN,
+                also=[o for k, o in self.optimizers.items() if k not in (group, "hyper")])
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
@@ -318,6 +320,7 @@ class SelfTuner:
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
         self._step_clock = 0  # _progress() before the current batch was drawn (adaptive batch)
+        self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
@@ -551,12 +554,15 @@ class SelfTuner:
             while not order.epoch_done and not self._stop:
                 self._step_clock = self._progress()
                 x, y = self._batch("train", order.next_train(self.generator))
+                self._trained_batch = batch_of(x, self.net.batch_dim)  # an epoch's last batch may be short
                 if self._follow is not None:
                     self._follow_step()
                 grown = None
                 adaptive = s.adaptive_batch
                 if adaptive is not None and log.counters.steps % adaptive.every == 0 \
-                        and order.batch_size < self._batch_limit and batch_of(x, self.net.batch_dim) > 1:
+                        and order.batch_size < self._batch_limit and self._trained_batch == order.batch_size:
+                    # full batches only: an epoch's short remainder reads a noisier statistic, and a batch
+                    # that only grows would keep what that noise asked for
                     grown = self._test_batch(x, y)  # on the weights this batch's gradient is taken at
                 log.add_train_loss(self.algorithm.step(self, x, y))
                 if grown is not None:
@@ -639,7 +645,11 @@ class SelfTuner:
         """The rate's factor for the current batch (settings.lr_batch_scaling; 1 without it)."""
         if self._lr_rule is None:
             return 1.0
-        return lr_scale(self.order.batch_size, self._reference_batch, self._lr_rule)
+        # the examples this step averages over: an epoch's short last batch after the batch grew must not
+        # take the grown batch's rate (30 examples at the rate of 1,100 under the linear rule)
+        batch = self.order.batch_size if self._trained_batch is None else min(self.order.batch_size,
+                                                                               self._trained_batch)
+        return lr_scale(batch, self._reference_batch, self._lr_rule)
 
     # ------------------------------------------------------------------------------------------
     # The roll-back point: one owner (this tuner); divergence rolls back to it
@@ -683,6 +693,11 @@ class SelfTuner:
                     new = self._base_lrs[key][i] = old * factor
                     group["lr"] = group["lr"] * factor
                 changes.append(f"{key} lr {old:.3g} -> {new:.3g}")
+        if div.group != "hyper" and "response" in self.optimizers and self.net.form == "delta":
+            # the restored state may hold a response already on its way up (HyperNet.reset_response)
+            self.net.reset_response()
+            self.optimizers["response"].state.clear()
+            changes.append("response paths reset")
         self.snapshot()  # the lowered rates are part of the new roll-back target
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
                 "divergences": count,
@@ -972,7 +987,8 @@ def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:
     and the optimizer.
 
     Raises:
-        ConfigError: an undeclared name, a range outside [0, 1), or an optimizer without SGD's heavy ball.
+        ConfigError: an undeclared name, a range outside [0, 1), an optimizer without SGD's heavy ball,
+            or Nesterov momentum (whose hypergradient is not the heavy ball's).
     """
     name = settings.momentum if isinstance(settings.momentum, str) else None
     if name is None:
@@ -991,6 +1007,10 @@ def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:
     if "momentum" in settings.optimizer_args:
         raise ConfigError("tuner.optimizer_args.momentum", "tuner.momentum names a hyperparameter that sets it; "
                                                            "remove one of them")
+    if settings.optimizer_args.get("nesterov"):
+        raise ConfigError("tuner.optimizer_args.nesterov", "a tuned momentum follows the plain heavy ball's "
+                                                           "hypergradient; Nesterov's step depends on it "
+                                                           "differently: remove nesterov or use a number")
     return name
 
 

@@ -52,10 +52,18 @@ def test_lr_scale_rules() -> None:
                                                            ("sgd", "sqrt", 2.0)])
 def test_rate_follows_the_batch(optimizer: str, rule: str, factor: float) -> None:
     """A rate chosen at reference_batch_size trains at lr x the rule's factor of batch / reference."""
-    tuner = _tuner(optimizer=optimizer, batch_size=32, lr=0.01, lr_batch_scaling=rule, reference_batch_size=8)
-    result = tuner.fit(1)
+    tuner = _tuner(optimizer=optimizer, batch_size=40, lr=0.01, lr_batch_scaling=rule, reference_batch_size=10)
+    result = tuner.fit(1)  # 400 examples: ten full batches
     assert result.history[-1]["weights_lr"] == pytest.approx(0.01 * factor)
-    assert result.history[-1]["batch_size"] == 32
+    assert result.history[-1]["batch_size"] == 40
+
+
+def test_a_short_last_batch_takes_the_rate_of_its_own_size() -> None:
+    """The factor follows the examples the step averages: 400 = 12 x 32 + 16, so the epoch's last step
+    trains at 16 / 8 of the rate (linear), not at the full batch's 32 / 8."""
+    tuner = _tuner(batch_size=32, lr=0.01, lr_batch_scaling="linear", reference_batch_size=8)
+    rates = [row["weights_lr"] for row in tuner.fit(1).trajectory]
+    assert rates[:12] == pytest.approx([0.04] * 12) and rates[12] == pytest.approx(0.02)
 
 
 # -- the test statistics ------------------------------------------------------------------------------
@@ -125,6 +133,8 @@ def test_batch_only_grows_and_stops_at_its_limit() -> None:
     assert adaptive_batch_size(64, {"batch": 100.2}, 1000) == 101  # rounded up
     assert adaptive_batch_size(64, {"batch": 5000.0}, 1000) == 1000
     assert adaptive_batch_size(64, {"batch": math.inf}, 1000) == 1000  # a zero mean gradient
+    with pytest.warns(RuntimeWarning, match="NaN"):  # one bad reading must not fix the batch at its limit
+        assert adaptive_batch_size(64, {"batch": math.nan}, 1000) == 64
 
 
 # -- runs with a growing batch ------------------------------------------------------------------------

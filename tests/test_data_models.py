@@ -43,6 +43,15 @@ def test_adult_table_loads_offline_and_is_standardised_per_feature():
     assert 0.2 < float(splits.test.tensors[1].float().mean()) < 0.3  # about 24% earn > 50K
 
 
+def test_breast_cancer_loads_offline_with_a_held_out_test_split():
+    splits = load_dataset("breast-cancer", test_fraction=0.4, val_fraction=0.25)
+    assert splits.sizes() == {"train": 256, "val": 85, "test": 228}  # 569 tumours
+    assert splits.num_classes == 2 and splits.input_shape == (30,)
+    x = splits.train.tensors[0]
+    assert torch.allclose(x.mean(0), torch.zeros(30), atol=1e-4)
+    assert 0.5 < float(splits.test.tensors[1].float().mean()) < 0.75  # about 63% benign
+
+
 def test_unknown_dataset():
     with pytest.raises(LookupError, match="choose one of"):
         load_dataset("cifar10")

@@ -60,6 +60,49 @@ def test_injected_nan_rolls_back_lowers_the_rate_and_finishes(digits, target, gr
     assert steps == list(range(5, tuner.counters.steps + 1, 5))  # no row lost or repeated by the roll-back
 
 
+class BlowUpResponse(st.Callback):
+    """Grow Delta-STN's response paths to the edge of float32 at step `at`, an epoch end, so the roll-back
+    target itself holds them (as a response that grows over many steps would): the net at its own
+    hyperparameters is untouched, a perturbed forward overflows."""
+
+    def __init__(self, at):
+        self.at, self.events = at, []
+
+    def on_step(self, tuner, row):
+        if tuner.counters.steps == self.at:
+            with torch.no_grad():
+                for p in tuner.net.response_parameters():
+                    p.mul_(1e20).add_(1e-3)
+
+    def on_divergence(self, tuner, info):
+        self.events.append(info)
+
+
+def test_a_roll_back_restarts_a_blown_up_response_and_the_run_finishes(digits):
+    tuner = make_tuner(digits)
+    blow = BlowUpResponse(at=18)  # the end of epoch 1: the snapshot taken next holds the blown-up response
+    result = tuner.fit(3, callbacks=[blow])
+    assert blow.events and "response paths reset" in blow.events[0]["message"]
+    assert all(torch.isfinite(p).all() for p in tuner.net.parameters())
+    assert math.isfinite(result.history[-1]["val_loss"])
+
+
+def test_reset_response_keeps_the_net_at_its_hyperparameters(digits):
+    tuner = make_tuner(digits)
+    tuner.fit(1)
+    net, x = tuner.net, digits.val.tensors[0][:32]
+    with torch.no_grad():
+        for p in net.response_parameters():
+            p.mul_(50.0)
+    net.eval()
+    before = net(x).detach()
+    net.reset_response()
+    assert torch.allclose(net(x), before, atol=1e-5)  # the delta form's response is zero at the net's values
+    for layer in net.best_response_layers():
+        assert float(layer.gate.detach().abs().max()) == 0.0
+        assert float(layer.response_weight.detach().norm()) <= float(layer.weight.detach().norm()) * (1 + 1e-6)
+
+
 def test_repeated_divergence_fails_clearly_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
     run = store.create_run(method="delta-stn", seed=0, config={}, out_dir=str(tmp_path / "out"),

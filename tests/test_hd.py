@@ -25,7 +25,7 @@ def make_tuner(digits, method="hd", space=None, **settings):
     torch.manual_seed(0)
     space = space or lr_space()
     model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[32], dropout=["d0", None])
-    net = st.hypernetize(model, space)
+    net = st.hypernetize(model, space, form="stn" if method == "stn" else "delta")
     base = dict(batch_size=64, lr="lr", warmup_epochs=0, log_every=5)
     base.update(settings)
     return st.SelfTuner(net, digits.train, digits.val, method=method, settings=st.TunerSettings(**base), seed=0)
@@ -235,10 +235,31 @@ def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
      dict(momentum="mom"), r"tuner\.momentum: hyperparameter 'mom' must be a float in \[0, 1\)"),
     (momentum_space(), dict(momentum="mom", optimizer="adam"), r"tuner\.momentum: a tuned momentum drives SGD"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"momentum": 0.5}), r"tuner\.optimizer_args\.momentum"),
+    (momentum_space(), dict(momentum="mom", optimizer_args={"nesterov": True}), r"tuner\.optimizer_args\.nesterov"),
 ])
 def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, match):
     with pytest.raises(ConfigError, match=match):
         make_tuner(digits, method="hd", space=space, **settings)
+
+
+def test_a_tuned_momentum_drives_every_group_that_trains_with_momentum(digits):
+    """Delta-STN's response optimizer and STN's response group take the hyperparameter's value, not
+    SGD's default, so a momentum trains alike as a number and as a hyperparameter."""
+    for method in ("delta-stn", "stn"):
+        tuner = make_tuner(digits, method=method, space=momentum_space(0.3), momentum="mom")
+        tuner.fit(1)
+        value = tuner.net.values()["mom"]
+        groups = [g for k, o in tuner.optimizers.items() if k != "hyper" for g in o.param_groups]
+        assert len(groups) >= 2 and all(g["momentum"] == pytest.approx(value) for g in groups)
+
+
+def test_a_config_that_binds_an_undeclared_momentum_is_refused_before_anything_runs(tmp_path):
+    from selftune.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace('lr = "lr"', 'lr = "lr"\nmomentum = "mom"'))
+    assert main(["run", str(bad), "--store", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_momentum_out_of_range_is_refused_by_the_settings():

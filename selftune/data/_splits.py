@@ -141,7 +141,8 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
     subsets count sequences.
 
     Args:
-        name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion-mnist``, ``adult``) or
+        name: one of :data:`DATASETS` (``digits``, ``breast-cancer``, ``mnist``,
+            ``fashion-mnist``, ``adult``) or
             :data:`CORPORA` (``ptb``).
         val_fraction: share of the training set held out for validation (hyper steps).
         test_fraction: share held out as test set, only for datasets without an official one.

@@ -129,8 +129,10 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
             _, result = execute(prepared, callbacks)
         except DivergenceError:
             # A sampled configuration that diverges ends its trial, not the study (a search samples the
-            # whole space, unstable corners included): its compute is counted, and it is pruned with no
-            # intermediate value, which TPE ranks with the worst trials.
+            # whole space, unstable corners included): it is pruned with no intermediate value, which TPE
+            # ranks with the worst trials. Its compute is counted as the tuner's counters hold it at the
+            # end: the examples up to the last roll-back target (the steps discarded by earlier roll-backs
+            # are not), and every second spent.
             totals["examples"] += int(prepared.tuner.counters.examples)
             totals["seconds"] += prepared.tuner.log.seconds
             curve.append((totals["examples"], best["test"]))

@@ -233,6 +233,35 @@ class HyperNet(nn.Module):
         """Parameters of the response paths (``W_r``, ``b_r``, ``V``) of every best-response layer."""
         return [p for layer in self.best_response_layers() for p in layer.response_parameters()]
 
+    def reset_response(self) -> None:
+        """Restart the response paths of a Delta-STN net from a small, balanced state: gate maps to zero,
+        each response weight shrunk to at most the norm of the plain weight it pairs with.
+
+        Why: a response is the product of two trained factors (gates and response weights), and such a
+        product can grow until a perturbed forward overflows while the net at its own hyperparameters is
+        still fine (breast-cancer MLP, SGD 0.01: response weights 1e3 -> 1e8 in 30 steps near the end of
+        a run). A roll-back to a state saved during that growth fails again at the same step. In the delta
+        form the response adds nothing at the current hyperparameters, so a reset keeps the trained net and
+        only forgets the local slope, which the next response steps relearn. The STN form's response is
+        part of the net at every value, so it is left alone there.
+        """
+        if self.form != "delta":
+            return
+        with torch.no_grad():
+            for layer in self.best_response_layers():
+                for name, p in layer.named_parameters(recurse=False):
+                    if name.startswith("gate"):
+                        p.zero_()
+                    elif name.startswith("response_"):
+                        base = name[len("response_"):]
+                        plain = getattr(layer, base, None)
+                        if plain is None and base.startswith("bias"):  # recurrent: one response bias, two plain
+                            plain = getattr(layer, base.replace("bias", "bias_ih", 1), None)
+                        if isinstance(plain, torch.Tensor) and plain.shape == p.shape:
+                            norm, cap = p.norm(), plain.norm()
+                            if norm > cap:
+                                p.mul_(cap / norm)
+
     def general_parameters(self) -> list[nn.Parameter]:
         """Every model weight that is not a response parameter (the plain network)."""
         response = {id(p) for p in self.response_parameters()}
