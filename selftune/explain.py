@@ -67,6 +67,14 @@ def explain(tuner: SelfTuner) -> list[str]:
             lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
         if hyper_steps == 0:
             lines.append(f"no hyper step was taken ({tuner.settings.warmup_epochs} warm-up epochs cover the run)")
+        state = log.algorithm
+        if "handover_epoch" in state:
+            lines.append(f"{tuner.method}: the validation loss was best after epoch {state['best_epoch']} "
+                         f"({state['best_val']:.4f}) and stood above it from then on, so implicit hypergradients "
+                         f"took over from Delta-STN after epoch {state['handover_epoch']} (the model over-fits)")
+        elif tuner.method == "delta-ift" and hyper_steps:
+            lines.append(f"{tuner.method}: Delta-STN for the whole run (the validation loss never stood "
+                         f"{tuner.settings.handover_rise:.0%} above its best for long enough to hand over)")
         plan = log.hyper_lr
         if plan.get("rule") == "travel":
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "

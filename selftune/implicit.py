@@ -81,13 +81,16 @@ class ImplicitDifferentiation(Fixed):
         return cls([{"params": [net.hparams], "lr": lr}])
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
-        # The hyper step that may follow differentiates the loss on this batch: its first micro-batch when
-        # gradients accumulate, so the second-order graph fits where one micro-batch's does.
+        self.remember(tuner, x, y)
+        return tuner.weight_step(x, y, None, "weights", respond=False)
+
+    def remember(self, tuner: SelfTuner, x: Any, y: Any) -> None:
+        """Keep the training batch the next hyper step differentiates: its first micro-batch when
+        gradients accumulate, so the second-order graph fits where one micro-batch's does."""
         k = self.settings.batch_size
         dim = tuner.net.batch_dim
         n = batch_of(x, dim)
         self._last = (x, y) if self.settings.accumulate == 1 else (head(x, k, dim, n), head(y, k, dim, n))
-        return tuner.weight_step(x, y, None, "weights", respond=False)
 
     def _train_gradient(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """``dL_train/dw`` on the last training batch, as a graph differentiable again in the weights and

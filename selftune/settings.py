@@ -138,6 +138,16 @@ class TunerSettings(BaseModel):
         None, description="ift: step size of the Neumann series; None: 1 / the largest curvature of the training "
                           "loss, estimated by power iteration at the first hyper step. Halved whenever the series "
                           "grows (a step size past 2 / curvature diverges)")
+    handover_patience: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="delta-ift: hand over from Delta-STN to implicit hypergradients once the epoch's validation loss "
+                    "has not improved on its best for as many epochs as it took to reach it, and for at least "
+                    "this share of the run's epochs (2 at the least): the early-stopping signal that the weights "
+                    "are near a training optimum, which implicit differentiation assumes")
+    handover_rise: float = Field(
+        0.1, ge=0.0,
+        description="delta-ift: and only once the validation loss has stood on average this share above its best "
+                    "since it was reached (a model that over-fits, not one whose loss merely stalls)")
     relax_temperature: PositiveFloat = Field(
         0.1, description="ift: temperature of the concrete (relaxed Bernoulli) dropout masks through which a dropout "
                          "rate gets its mixed derivative (Gal et al. 2017's concrete dropout; lower is closer to "

@@ -316,6 +316,7 @@ class SelfTuner:
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
+        self.planned_epochs = 0  # the epochs of the current fit (its total, also when resumed)
         self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
         self._decayed = [p for p in self.general_params if p.dim() > 1]
         self._stop = False
@@ -485,6 +486,7 @@ class SelfTuner:
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1 (got {epochs})")
+        self.planned_epochs = epochs
         self._stop = False
         for cb in callbacks:
             cb.on_fit_start(self, epochs * self.batches_per_epoch)
@@ -811,7 +813,7 @@ class SelfTuner:
         net, s = self.net, self.settings
         net.eval()
         torch.clear_autocast_cache()  # the weights changed since the last cast (see weight_step)
-        if self.algorithm.implicit:  # the algorithm computes the hypergradient itself (selftune.implicit)
+        if self.algorithm.uses_implicit(self):  # the algorithm computes the hypergradient (selftune.implicit)
             net.zero_grad(set_to_none=True)
             val_loss = self.algorithm.hypergradient(self, x, y)
             self._check(val_loss, "validation loss", "weights")
@@ -905,6 +907,7 @@ class SelfTuner:
         self.net.train()
         self.log.counters.eval_examples += self.n_val
         row = self.log.epoch_row(self.order.epoch + 1, val, self._hparam_columns())
+        self.algorithm.on_epoch_end(self, row)
         if self._torch_schedule is not None and self.settings.lr_scheduler_interval == "epoch":
             self._torch_schedule.step(val["loss"])
         self.order.end_epoch()

@@ -35,7 +35,7 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
         assert r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["examples"] > 0 and r["seconds"] > 0
     store = RunStore(url)
     runs = store.list_runs()
-    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn", "ift"] * 3 + ["pbt"])
+    assert sorted(r.method for r in runs) == sorted(["fixed", "stn", "delta-stn", "ift", "delta-ift"] * 3 + ["pbt"])
     assert all(r.status == "finished" for r in runs)
     # PBT: the best member's lineage is a recorded run with its schedule, and the population was trained.
     pbt_run = next(r for r in runs if r.method == "pbt")

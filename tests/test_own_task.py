@@ -172,7 +172,7 @@ def test_bad_task_sources_are_one_line_errors(tmp_path):
 def test_the_example_task_runs_from_another_folder_and_records_where_it_came_from(tmp_path):
     proc = cli(["run", str(OWN), "--set", "epochs=4", "--out", "out", "--quiet"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "selftune delta-stn: diabetes (train 150, val 100, test 192), model own model" in proc.stdout
+    assert "selftune delta-ift: diabetes (train 150, val 100, test 192), model own model" in proc.stdout
     assert "test loss" in proc.stdout and "mae" in proc.stdout and "accuracy" not in proc.stdout
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     source = str(ROOT / "examples" / "own_task.py")

@@ -1,0 +1,146 @@
+"""``delta-ift``: Delta-STN while its greedy hyper steps still improve the validation loss, implicit
+hypergradients once they stop.
+
+Why: measured on the suite (docs/benchmarks/README.md), Delta-STN's one-step response wins wherever the
+model is still learning (every digits start, every over-regularised start) and barely moves the
+regularisation once the model over-fits; the implicit-function-theorem hypergradient (``ift``,
+:mod:`selftune.implicit`) wins from starts that clearly over-fit (diabetes, Adult from no
+regularisation) and loses where the weights are far from a training optimum, which it assumes. Which
+regime a user's run is in is not known in advance, but the run shows it: the validation loss stops
+improving. That is the classic early-stopping signal, read here per epoch on the full validation set.
+
+The rule: from the end of the warm-up, track the best epoch validation loss; once it has not improved for
+as many epochs as it took to reach that best, and for at least ``tuner.handover_patience`` of the run's
+epochs (2 at the least), and has stood on average ``tuner.handover_rise`` (10%) above that best since,
+hand over for the rest of the run. The first condition reads the run's own time
+scale: a validation loss that peaked at epoch 2 of 150 and has been rising since (a wide MLP on 150
+diabetes patients) hands over at epoch 17; one whose best keeps arriving, a few noisy epochs apart, until
+late in the run (the digits MLP, validation loss 0.12 +- 0.01 from epoch 9 to 40) does not, because each
+new best doubles the wait. A plain patience of 10% of the run handed over on 7 of 9 digits cases
+(epochs 13-30), and the implicit steps that followed more than doubled digits' test loss (seed 0: 0.117
+against Delta-STN's 0.052 from the over-fitting start, 0.167 against 0.079 from the default one). The
+rise tells a model that over-fits from one whose validation loss only stalls: on adult-mlp-small the
+wait alone passed by epoch 8 from every start, while the loss since the best stood 64-91% above it from
+no regularisation (where ``ift`` wins) and 0-14% from the default and over-regularised starts (where
+Delta-STN does). After
+the handover the weight steps are plain steps at the current hyperparameters (the response paths stop
+training: their cost ends too), and every hyper step takes the implicit hypergradient on the last
+training batch, through the same hyperparameter optimizer, re-planned (:meth:`DeltaIFT._hand_over`). The
+epoch of the handover is recorded in the run's algorithm state (checkpointed, so a resumed run hands over
+exactly where an uninterrupted one does) and reported by :func:`handover_epoch`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .algorithms import DeltaSTN, register
+from .implicit import ImplicitDifferentiation
+
+if TYPE_CHECKING:
+    from .settings import TunerSettings
+    from .tuner import SelfTuner
+
+#: The fewest epochs without improvement that count as a stall, whatever the run's length.
+MIN_PATIENCE = 2
+#: RMSprop's momentum after the handover (the implicit hypergradient is noisy; Adam's beta1).
+HANDOVER_MOMENTUM = 0.9
+
+
+def handover_epoch(algorithm_state: dict[str, Any]) -> int | None:
+    """The epoch after which a ``delta-ift`` run took implicit hypergradients (``None``: it did not)."""
+    epoch = algorithm_state.get("handover_epoch")
+    return None if epoch is None else int(epoch)
+
+
+def patience(settings: TunerSettings, epochs: int, improving: int) -> int:
+    """Epochs without a new best validation loss that trigger the handover, in a run of ``epochs`` whose
+    validation loss improved for ``improving`` tuning epochs before its best: at least as long as it
+    improved, and at least ``handover_patience`` of the run (2 epochs at the least)."""
+    return max(MIN_PATIENCE, math.ceil(settings.handover_patience * epochs), improving)
+
+
+@register
+class DeltaIFT(DeltaSTN):
+    """Delta-STN that hands over to implicit differentiation when the validation loss stalls (module
+    docstring)."""
+
+    name = "delta-ift"
+    description = "Delta-STN, then implicit hypergradients once the model over-fits (the default)"
+
+    def __init__(self, settings: TunerSettings, lr: float | None = None) -> None:
+        super().__init__(settings, lr)
+        self._implicit = ImplicitDifferentiation(settings, lr)
+
+    @staticmethod
+    def handed_over(tuner: SelfTuner) -> bool:
+        return handover_epoch(tuner.log.algorithm) is not None
+
+    def uses_implicit(self, tuner: SelfTuner) -> bool:
+        return self.handed_over(tuner)
+
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
+        if not self.handed_over(tuner):
+            return super().step(tuner, x, y)
+        self._implicit.remember(tuner, x, y)
+        return tuner.weight_step(x, y, None, self.lr_group, respond=False)
+
+    def hypergradient(self, tuner: SelfTuner, x: Any, y: Any) -> torch.Tensor:
+        val_loss = self._implicit.hypergradient(tuner, x, y)
+        opt, hparams = tuner.optimizers["hyper"], tuner.net.hparams
+        if isinstance(opt, torch.optim.RMSprop) and not opt.state[hparams] and hparams.grad is not None:
+            # RMSprop has no bias correction: from an empty state its first steps are 1 / sqrt(1 - alpha)
+            # = 10x its rate, which after a handover threw the input dropout of the diabetes MLP from 0.03
+            # to 0.75 in a few steps. Its running average starts at the first implicit hypergradient's
+            # square instead, so the first step is the planned move, as Adam's would be.
+            state = opt.state[hparams]
+            state["step"] = torch.zeros((), dtype=torch.get_default_dtype())
+            state["square_avg"] = hparams.grad.detach().pow(2).clone()
+            if opt.param_groups[0]["momentum"] > 0:
+                state["momentum_buffer"] = torch.zeros_like(hparams)
+            if opt.param_groups[0]["centered"]:
+                state["grad_avg"] = torch.zeros_like(hparams)
+        return val_loss
+
+    def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
+        state, epoch = tuner.log.algorithm, int(row["epoch"])
+        if self.handed_over(tuner) or epoch <= self.settings.warmup_epochs:
+            return
+        val = float(row["val_loss"])
+        if val < float(state.get("best_val", math.inf)):
+            state["best_val"], state["best_epoch"], state["since_best"] = val, epoch, []
+            return
+        state["since_best"] = [*state.get("since_best", []), val]
+        epochs, best = tuner.planned_epochs, int(state.get("best_epoch", epoch))
+        waited = epoch - best >= patience(self.settings, epochs, best - self.settings.warmup_epochs)
+        since = state["since_best"]
+        risen = sum(since) / len(since) >= (1 + self.settings.handover_rise) * float(state["best_val"])
+        if waited and risen and epoch < epochs:
+            state["handover_epoch"] = epoch
+            state["handover_lr"] = self._hand_over(tuner, epochs)
+
+    def _hand_over(self, tuner: SelfTuner, epochs: int) -> float:
+        """Re-plan the hyperparameter optimizer for implicit hypergradients; returns the per-step move.
+
+        Its running averages hold Delta-STN's hypergradients, orders of magnitude above implicit ones (on
+        diabetes the decay never moved after a handover that kept them), so they start afresh. The move
+        per step is the one ``ift`` plans for its Adam: a hyperparameter pushed the same way at every hyper
+        step of the whole run could cross ``tuner.hyper_travel`` units (so a late handover moves the
+        values less). RMSprop (Delta-STN's) gets momentum 0.9, which averages the noisy implicit
+        hypergradient as Adam's first moment does, at a rate that makes the same move; its running
+        average starts at the first implicit hypergradient (:meth:`hypergradient`)."""
+        s, opt = self.settings, tuner.optimizers["hyper"]
+        opt.state.clear()
+        planned = max(1, max(epochs - s.warmup_epochs, 0) * tuner.batches_per_epoch // s.train_steps * s.val_steps)
+        move = s.hyper_lr if s.hyper_lr is not None else \
+            max(self._implicit.default_hyper_lr, s.hyper_travel / planned)
+        group = opt.param_groups[0]  # the hyperparameters (group 1, the scales, no longer gets gradients)
+        if isinstance(opt, torch.optim.RMSprop):
+            group["momentum"] = HANDOVER_MOMENTUM
+            group["lr"] = move * (1 - HANDOVER_MOMENTUM)
+        else:
+            group["lr"] = move
+        return float(move)

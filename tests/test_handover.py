@@ -1,0 +1,113 @@
+"""``delta-ift``: Delta-STN that hands over to implicit hypergradients once the validation loss stalls
+for as long as it improved. The rule reads the run's own time scale, the handover is checkpointed (a
+resumed run hands over where an uninterrupted one does), and from an over-fitting start the run adds
+regularisation and beats fixed training, where Delta-STN alone does not."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selftune.config import load_config
+from selftune.errors import ConfigError
+from selftune.explain import explain
+from selftune.handover import handover_epoch, patience
+from selftune.runner import execute, prepare
+from selftune.settings import TunerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERFIT = {"dropout_in": 0.0, "dropout1": 0.0, "dropout2": 0.0, "weight_decay": 1e-6}
+
+
+def diabetes(method: str = "delta-ift", epochs: int = 60):
+    """examples/own_task.toml (a wide MLP on 150 diabetes patients) from no regularisation: its
+    validation loss is lowest within the first ten epochs and rises after."""
+    return load_config(ROOT / "examples" / "own_task.toml").derive(method=method, values=OVERFIT, epochs=epochs)
+
+
+def test_the_patience_is_as_long_as_the_loss_improved_and_a_share_of_the_run():
+    s = TunerSettings()
+    assert patience(s, 150, 1) == 15  # an early best: 10% of the run
+    assert patience(s, 40, 21) == 21  # a best that took 21 epochs waits 21 more
+    assert patience(s, 10, 0) == 2  # never under two epochs
+    assert patience(TunerSettings(handover_patience=0.5), 40, 3) == 20
+
+
+def test_a_loss_that_stalls_without_rising_does_not_hand_over():
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    flat = [1.0, 0.8, 0.7] + [0.72, 0.74] * 18  # 3-6% above its best for 36 epochs: stalled, not over-fitting
+    assert _feed(tuner, flat) is None
+
+
+def _feed(tuner, losses):
+    for epoch, loss in enumerate(losses, start=1):
+        tuner.algorithm.on_epoch_end(tuner, {"epoch": epoch, "val_loss": loss})
+    return handover_epoch(tuner.log.algorithm)
+
+
+def test_a_rising_validation_loss_hands_over_and_a_noisy_improving_one_does_not():
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    rising = [1.0, 0.8, 0.7] + [0.7 + 0.03 * k for k in range(1, 37)]  # best at epoch 3, then up
+    # waited from epoch 7 (patience max(2, 4, 3 - 1 warm-up epoch) = 4), 10.7% above the best on average by then
+    assert _feed(tuner, rising) == 7
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    slower = [1.0, 0.8, 0.7] + [0.7 + 0.015 * k for k in range(1, 37)]
+    assert _feed(tuner, slower) == 12  # waited at 7, but 10% above on average only after 9 epochs
+    assert tuner.optimizers["hyper"].param_groups[0]["momentum"] == pytest.approx(0.9)
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    g = torch.Generator().manual_seed(0)
+    # a slow improvement under noise: each new best comes before the wait since the last one has passed
+    noisy = [float(0.5 - 0.004 * e + 0.01 * torch.randn(1, generator=g)) for e in range(1, 41)]
+    assert _feed(tuner, noisy) is None
+
+
+def test_from_an_over_fitting_start_it_hands_over_adds_regularisation_and_beats_fixed_and_delta_stn():
+    prepared = prepare(diabetes())
+    _, tuned = execute(prepared)
+    _, fixed = execute(prepare(diabetes("fixed")))
+    _, delta = execute(prepare(diabetes("delta-stn")))
+    at = handover_epoch(prepared.tuner.log.algorithm)
+    assert at is not None
+    assert any(f"took over from Delta-STN after epoch {at}" in line for line in explain(prepared.tuner))
+    # some regulariser rose to a fifth of its range (the first 60-epoch run raised the input dropout to 0.40)
+    dropouts = [tuned.hparams[k] for k in ("dropout_in", "dropout1", "dropout2")]
+    assert tuned.hparams["weight_decay"] > 1e-4 or max(dropouts) > 0.2
+    assert tuned.test["loss"] < fixed.test["loss"]
+    assert tuned.test["loss"] < delta.test["loss"]
+
+
+def test_a_run_resumed_after_its_handover_equals_an_uninterrupted_one():
+    whole = prepare(diabetes(epochs=30)).tuner
+    whole.fit(30)
+    at = handover_epoch(whole.log.algorithm)
+    assert at is not None and at < 25
+    first = prepare(diabetes(epochs=30)).tuner
+    first.fit(30, max_steps=(at + 2) * first.batches_per_epoch + 1)  # past the handover, mid-epoch
+    second = prepare(diabetes(epochs=30)).tuner
+    second.load_state_dict(first.state_dict())
+    second.fit(30)
+    assert handover_epoch(second.log.algorithm) == at
+    assert torch.equal(second.net.hparams, whole.net.hparams)
+    for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert second.counters.examples == whole.counters.examples
+
+
+def test_after_the_handover_the_response_paths_stop_training():
+    tuner = prepare(diabetes(epochs=30)).tuner
+    tuner.fit(30)
+    at = handover_epoch(tuner.log.algorithm)
+    assert at is not None
+    response = [p.detach().clone() for p in tuner.net.response_parameters()]
+    tuner.fit(32)  # two more epochs, all after the handover
+    assert all(torch.equal(a, b) for a, b in zip(response, tuner.net.response_parameters(), strict=True))
+
+
+@pytest.mark.parametrize("override", ["tuner.handover_patience=0", "tuner.handover_rise=-0.1"])
+def test_bad_handover_settings_name_their_field(override):
+    with pytest.raises(ConfigError, match=r"tuner\.handover_(patience|rise)"):
+        load_config(ROOT / "examples" / "own_task.toml", [override])
