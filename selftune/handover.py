@@ -1,30 +1,32 @@
-"""``delta-ift``: Delta-STN while its greedy hyper steps still improve the validation loss, implicit
-hypergradients once they stop.
+"""``delta-ift``: Delta-STN until the run shows that the model over-fits, implicit hypergradients after.
 
 Why: measured on the suite (docs/benchmarks/README.md), Delta-STN's one-step response wins wherever the
 model is still learning (every digits start, every over-regularised start) and barely moves the
 regularisation once the model over-fits; the implicit-function-theorem hypergradient (``ift``,
 :mod:`selftune.implicit`) wins from starts that clearly over-fit (diabetes, Adult from no
 regularisation) and loses where the weights are far from a training optimum, which it assumes. Which
-regime a user's run is in is not known in advance, but the run shows it: the validation loss stops
-improving. That is the classic early-stopping signal, read here per epoch on the full validation set.
+regime a user's run is in is not known in advance, but the run shows it in its validation loss, read
+here per epoch on the full validation set.
 
 The rule: from the end of the warm-up, track the best epoch validation loss; once it has not improved for
 as many epochs as it took to reach that best, and for at least ``tuner.handover_patience`` of the run's
 epochs (2 at the least), and has stood on average ``tuner.handover_rise`` (10%) above that best since,
-hand over for the rest of the run. The first condition reads the run's own time
-scale: a validation loss that peaked at epoch 2 of 150 and has been rising since (a wide MLP on 150
-diabetes patients) hands over at epoch 17; one whose best keeps arriving, a few noisy epochs apart, until
-late in the run (the digits MLP, validation loss 0.12 +- 0.01 from epoch 9 to 40) does not, because each
-new best doubles the wait. A plain patience of 10% of the run handed over on 7 of 9 digits cases
-(epochs 13-30), and the implicit steps that followed more than doubled digits' test loss (seed 0: 0.117
-against Delta-STN's 0.052 from the over-fitting start, 0.167 against 0.079 from the default one). The
-rise tells a model that over-fits from one whose validation loss only stalls: on adult-mlp-small the
-wait alone passed by epoch 8 from every start, while the loss since the best stood 64-91% above it from
-no regularisation (where ``ift`` wins) and 0-14% from the default and over-regularised starts (where
-Delta-STN does). After
-the handover the weight steps are plain steps at the current hyperparameters (the response paths stop
-training: their cost ends too), and every hyper step takes the implicit hypergradient on the last
+hand over for the rest of the run.
+
+* The wait reads the run's own time scale: a validation loss that peaked at epoch 2 of 150 and has been
+  rising since (a wide MLP on 150 diabetes patients) hands over at epoch ~20; one whose best keeps
+  arriving a few noisy epochs apart until late in the run (the digits MLP, validation loss 0.12 +- 0.01
+  from epoch 9 to 40) rarely does, because each new best doubles the wait. A plain patience of 10% of
+  the run handed over on 7 of 9 digits cases (epochs 13-30), and the implicit steps that followed more
+  than doubled digits' test loss (seed 0: 0.117 against Delta-STN's 0.052 from the over-fitting start,
+  0.167 against 0.079 from the default one).
+* The rise tells a model that over-fits from one whose validation loss only stalls: on adult-mlp-small
+  the wait alone passed by epoch 8 from every start, while the loss since the best stood 64-91% above it
+  from no regularisation (where ``ift`` wins) and 0-14% from the default and over-regularised starts
+  (where Delta-STN does).
+
+After the handover the weight steps are plain steps at the current hyperparameters (the response paths
+stop training: their cost ends too), and every hyper step takes the implicit hypergradient on the last
 training batch, through the same hyperparameter optimizer, re-planned (:meth:`DeltaIFT._hand_over`). The
 epoch of the handover is recorded in the run's algorithm state (checkpointed, so a resumed run hands over
 exactly where an uninterrupted one does) and reported by :func:`handover_epoch`.
@@ -65,8 +67,8 @@ def patience(settings: TunerSettings, epochs: int, improving: int) -> int:
 
 @register
 class DeltaIFT(DeltaSTN):
-    """Delta-STN that hands over to implicit differentiation when the validation loss stalls (module
-    docstring)."""
+    """Delta-STN that hands over to implicit differentiation once the validation loss shows over-fitting
+    (module docstring)."""
 
     name = "delta-ift"
     description = "Delta-STN, then implicit hypergradients once the model over-fits (the default)"
