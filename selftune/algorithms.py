@@ -163,6 +163,11 @@ class Algorithm:
         over mid-run decides from its recorded state)."""
         return self.implicit
 
+    def hyper_interval(self, tuner: SelfTuner) -> int:
+        """Weight steps between two rounds of ``val_steps`` hyper steps: ``tuner.train_steps``, or more
+        where an algorithm's hyper steps are expensive enough to need spacing (``tuner.compute_budget``)."""
+        return self.settings.train_steps
+
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
         """Called with each epoch's row (full validation loss included) before the epoch's snapshot, so
         what it records in ``tuner.log.algorithm`` is checkpointed with the epoch."""

@@ -75,6 +75,10 @@ def explain(tuner: SelfTuner) -> list[str]:
         elif tuner.method == "delta-ift" and hyper_steps:
             lines.append(f"{tuner.method}: Delta-STN for the whole run (the validation loss never stood "
                          f"{tuner.settings.handover_rise:.0%} above its best for long enough to hand over)")
+        if int(state.get("hyper_interval", 0)) > tuner.settings.train_steps:
+            lines.append(f"{tuner.method}: implicit hyper steps every {state['hyper_interval']} weight steps "
+                         f"instead of {tuner.settings.train_steps} (tuner.train_steps), to keep the run within "
+                         f"{state['budget']:g} plain runs' examples (tuner.compute_budget)")
         plan = log.hyper_lr
         if plan.get("rule") == "travel":
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .algorithms import DeltaSTN, register
-from .implicit import ImplicitDifferentiation
+from .implicit import ImplicitDifferentiation, spacing
 
 if TYPE_CHECKING:
     from .settings import TunerSettings
@@ -72,6 +72,8 @@ class DeltaIFT(DeltaSTN):
 
     name = "delta-ift"
     description = "Delta-STN, then implicit hypergradients once the model over-fits (the default)"
+    #: ``tuner.compute_budget`` when unset: the default method costs at most two plain runs
+    default_budget = 2.0
 
     def __init__(self, settings: TunerSettings, lr: float | None = None) -> None:
         super().__init__(settings, lr)
@@ -83,6 +85,13 @@ class DeltaIFT(DeltaSTN):
 
     def uses_implicit(self, tuner: SelfTuner) -> bool:
         return self.handed_over(tuner)
+
+    def hyper_interval(self, tuner: SelfTuner) -> int:
+        """Delta-STN's ``train_steps`` until the handover, then the spacing planned at the handover
+        (:meth:`_hand_over`) so the whole run stays within its compute budget."""
+        if not self.handed_over(tuner):
+            return self.settings.train_steps
+        return int(tuner.log.algorithm.get("hyper_interval", self.settings.train_steps))
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
         if not self.handed_over(tuner):
@@ -133,10 +142,15 @@ class DeltaIFT(DeltaSTN):
         step of the whole run could cross ``tuner.hyper_travel`` units (so a late handover moves the
         values less). RMSprop (Delta-STN's) gets momentum 0.9, which averages the noisy implicit
         hypergradient as Adam's first moment does, at a rate that makes the same move; its running
-        average starts at the first implicit hypergradient (:meth:`hypergradient`)."""
+        average starts at the first implicit hypergradient (:meth:`hypergradient`). The implicit steps
+        cost more than Delta-STN's, so they are spaced to keep the run within its compute budget
+        (:func:`~selftune.implicit.spacing`), and the planned steps counted at that spacing."""
         s, opt = self.settings, tuner.optimizers["hyper"]
         opt.state.clear()
-        planned = max(1, max(epochs - s.warmup_epochs, 0) * tuner.batches_per_epoch // s.train_steps * s.val_steps)
+        budget = float(s.compute_budget if s.compute_budget is not None else self.default_budget)
+        interval = spacing(tuner, budget)
+        tuner.log.algorithm.update(budget=budget, hyper_interval=interval)
+        planned = max(1, max(epochs - s.warmup_epochs, 0) * tuner.batches_per_epoch // interval * s.val_steps)
         move = s.hyper_lr if s.hyper_lr is not None else \
             max(self._implicit.default_hyper_lr, s.hyper_travel / planned)
         group = opt.param_groups[0]  # the hyperparameters (group 1, the scales, no longer gets gradients)

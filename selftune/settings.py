@@ -138,6 +138,14 @@ class TunerSettings(BaseModel):
         None, description="ift: step size of the Neumann series; None: 1 / the largest curvature of the training "
                           "loss, estimated by power iteration at the first hyper step. Halved whenever the series "
                           "grows (a step size past 2 / curvature diverges)")
+    compute_budget: float | None = Field(
+        None, gt=1.0,
+        description="ift, delta-ift: the most examples a run may use, as a multiple of one plain run's (epochs x "
+                    "training set). An implicit hyper step costs a validation batch and neumann_terms + 2 passes over "
+                    "a training batch, so its hyper steps come every train_steps weight steps or further apart, as "
+                    "far as this budget needs (planned when the implicit steps start, recorded as hyper_interval). "
+                    "None: the method's own, 2 for delta-ift (the default method costs at most two plain runs) and "
+                    "3 for ift (the implicit-differentiation methods' cost in Clarke et al. 2022)")
     handover_patience: float = Field(
         0.1, gt=0.0, le=1.0,
         description="delta-ift: hand over from Delta-STN to implicit hypergradients once the epoch's validation loss "

@@ -529,7 +529,8 @@ class SelfTuner:
         """Scale an Adam hyper learning rate to the run (``settings.hyper_travel``).
 
         Adam moves a parameter by about its learning rate per step, so ``lr * steps`` bounds how far a
-        hyperparameter can go. Hyper steps come every ``train_steps`` weight steps, so their number
+        hyperparameter can go. Hyper steps come every ``train_steps`` weight steps (or the algorithm's
+        wider :meth:`~selftune.algorithms.Algorithm.hyper_interval`), so their number
         follows the data size and the run length: 141 in a 40-epoch run on 1,150 digits, where STN's
         official 3e-3 allows 0.4 units and STN barely moved (measured: 3% of a range). The floor keeps
         the official rate wherever it already covers the travel. RMSprop (Delta-STN's default) is left
@@ -540,7 +541,7 @@ class SelfTuner:
         s = self.settings
         optimizer, default, _ = self.algorithm.hyper_settings()
         tuning_epochs = max(epochs - s.warmup_epochs, 0)
-        planned = max(1, tuning_epochs * self.batches_per_epoch // s.train_steps * s.val_steps)
+        planned = max(1, tuning_epochs * self.batches_per_epoch // self.algorithm.hyper_interval(self) * s.val_steps)
         lr, rule = default, "given" if s.hyper_lr is not None else "default"
         if s.hyper_lr is None and optimizer == "adam" and s.hyper_travel > 0 and s.hyper_travel / planned > default:
             lr, rule = s.hyper_travel / planned, "travel"
@@ -577,7 +578,7 @@ class SelfTuner:
                 if log.idle is None:
                     self._check_driven()
                 tuning = self.algorithm.tunes and order.epoch >= s.warmup_epochs
-                if tuning and log.counters.steps % s.train_steps == 0:
+                if tuning and log.counters.steps % self.algorithm.hyper_interval(self) == 0:
                     for _ in range(s.val_steps):
                         self._hyper_step(*self._batch("val", order.next_val(self.generator)))
                 row = None

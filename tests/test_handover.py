@@ -3,6 +3,7 @@ for as long as it improved. The rule reads the run's own time scale, the handove
 resumed run hands over where an uninterrupted one does), and from an over-fitting start the run adds
 regularisation and beats fixed training, where Delta-STN alone does not."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from selftune.config import load_config
 from selftune.errors import ConfigError
 from selftune.explain import explain
 from selftune.handover import handover_epoch, patience
+from selftune.implicit import POWER_STEPS, spacing
 from selftune.runner import execute, prepare
 from selftune.settings import TunerSettings
 
@@ -19,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERFIT = {"dropout_in": 0.0, "dropout1": 0.0, "dropout2": 0.0, "weight_decay": 1e-6}
 
 
-def diabetes(method: str = "delta-ift", epochs: int = 60):
+def diabetes(method: str = "delta-ift", epochs: int = 60, overrides: list[str] | None = None):
     """examples/own_task.toml (a wide MLP on 150 diabetes patients) from no regularisation: its
     validation loss is lowest within the first ten epochs and rises after."""
-    return load_config(ROOT / "examples" / "own_task.toml").derive(method=method, values=OVERFIT, epochs=epochs)
+    return load_config(ROOT / "examples" / "own_task.toml", overrides).derive(method=method, values=OVERFIT,
+                                                                              epochs=epochs)
 
 
 def test_the_patience_is_as_long_as_the_loss_improved_and_a_share_of_the_run():
@@ -78,6 +81,32 @@ def test_from_an_over_fitting_start_it_hands_over_adds_regularisation_and_beats_
     assert tuned.hparams["weight_decay"] > 1e-4 or max(dropouts) > 0.2
     assert tuned.test["loss"] < fixed.test["loss"]
     assert tuned.test["loss"] < delta.test["loss"]
+    # the implicit steps were spaced so the run costs at most two plain runs (tuner.compute_budget)
+    assert prepared.tuner.log.algorithm["hyper_interval"] > prepared.tuner.settings.train_steps
+    assert tuned.compute["examples"] <= 2 * fixed.compute["examples"]
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.5])
+def test_ift_spaces_its_hyper_steps_to_stay_within_the_compute_budget(budget):
+    config = diabetes("ift", epochs=20, overrides=[f"tuner.compute_budget={budget}"])
+    prepared = prepare(config)
+    _, tuned = execute(prepared)
+    plain = 20 * prepared.tuner.order.n_train
+    assert plain * (budget - 0.25) < tuned.compute["examples"] <= budget * plain  # spent, but not past it
+    assert any("tuner.compute_budget" in line for line in explain(prepared.tuner))
+
+
+def test_the_spacing_is_what_the_budget_leaves_for_the_hyper_steps():
+    tuner = prepare(diabetes("ift", epochs=10)).tuner
+    tuner.planned_epochs = 10
+    n, b, v = tuner.order.n_train, tuner.order.batch_size, tuner.order.val_batch_size
+    # a fresh run: the budget less the plain run and the power iteration pays for rounds of a validation
+    # batch and neumann_terms + 2 training batches, spread over the weight steps after the warm-up
+    rounds = (2.0 * 10 * n - 10 * n - POWER_STEPS * b) / (v + 7 * b)
+    steps = math.ceil(9 * n / b)
+    assert spacing(tuner, 2.0) == max(5, math.ceil(steps / rounds))
+    assert spacing(tuner, 1.01) == steps  # a budget already spent: one round at the end, not none
+    assert spacing(tuner, 50.0) == 5  # never closer than tuner.train_steps
 
 
 def test_a_run_resumed_after_its_handover_equals_an_uninterrupted_one():
@@ -107,7 +136,8 @@ def test_after_the_handover_the_response_paths_stop_training():
     assert all(torch.equal(a, b) for a, b in zip(response, tuner.net.response_parameters(), strict=True))
 
 
-@pytest.mark.parametrize("override", ["tuner.handover_patience=0", "tuner.handover_rise=-0.1"])
+@pytest.mark.parametrize("override", ["tuner.handover_patience=0", "tuner.handover_rise=-0.1",
+                                      "tuner.compute_budget=1"])
 def test_bad_handover_settings_name_their_field(override):
-    with pytest.raises(ConfigError, match=r"tuner\.handover_(patience|rise)"):
+    with pytest.raises(ConfigError, match=r"tuner\.(handover_patience|handover_rise|compute_budget)"):
         load_config(ROOT / "examples" / "own_task.toml", [override])
