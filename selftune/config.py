@@ -66,7 +66,11 @@ class HyperparameterConfig(BaseModel):
 
 class ObjectiveConfig(BaseModel):
     model_config = _STRICT
-    weight_decay: str | float | None = None
+    weight_decay: str | float | dict[str, str | float] | None = Field(
+        None, description="a hyperparameter's name or a constant for every weight matrix and kernel, or a table "
+                          "from layer patterns (module names as model.named_modules() gives them, fnmatch patterns, "
+                          "a block's name covering its layers; the first match wins) to names or constants: one decay "
+                          "per layer group; layers no pattern names are not decayed")
     label_smoothing: str | float | None = None
 
 
@@ -265,7 +269,9 @@ class RunConfig(BaseModel):
     def check_references(self, space: Space) -> None:
         """Every hyperparameter named by the objective, an augmentation, the rate or the momentum must be
         declared (checked before a run creates anything)."""
-        refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items()]
+        refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items() if not isinstance(v, dict)]
+        if isinstance(self.objective.weight_decay, dict):
+            refs += [(f"objective.weight_decay[\"{k}\"]", v) for k, v in self.objective.weight_decay.items()]
         refs.append(("tuner.lr", self.tuner.lr))
         refs.append(("tuner.momentum", self.tuner.momentum))
         for i, a in enumerate(self.augment):

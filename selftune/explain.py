@@ -75,10 +75,15 @@ def explain(tuner: SelfTuner) -> list[str]:
         elif tuner.method == "delta-ift" and hyper_steps:
             lines.append(f"{tuner.method}: Delta-STN for the whole run (the validation loss never stood "
                          f"{tuner.settings.handover_rise:.0%} above its best for long enough to hand over)")
-        if int(state.get("hyper_interval", 0)) > tuner.settings.train_steps:
-            lines.append(f"{tuner.method}: implicit hyper steps every {state['hyper_interval']} weight steps "
-                         f"instead of {tuner.settings.train_steps} (tuner.train_steps), to keep the run within "
-                         f"{state['budget']:g} plain runs' examples (tuner.compute_budget)")
+        s = tuner.settings
+        cut = []
+        if int(state.get("neumann_terms", s.neumann_terms)) < s.neumann_terms:
+            cut.append(f"{state['neumann_terms']} Neumann terms instead of {s.neumann_terms}")
+        if int(state.get("hyper_interval", 0)) > s.train_steps:
+            cut.append(f"a hyper step every {state['hyper_interval']} weight steps instead of {s.train_steps}")
+        if cut:
+            lines.append(f"{tuner.method}: {' and '.join(cut)}, to keep the run within {state['budget']:g} plain "
+                         "runs' examples (tuner.compute_budget)")
         plan = log.hyper_lr
         if plan.get("rule") == "travel":
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "

@@ -153,8 +153,9 @@ class HypergradientLR:
 
 
 class HypergradientMomentum:
-    """Drives SGD's momentum of ``optimizer``'s first group from hyperparameter ``name``
-    (``[tuner] momentum = "name"``), by the same normalised hypergradient as the rate.
+    """Drives the momentum of ``optimizer``'s first group from hyperparameter ``name`` (``[tuner]
+    momentum = "name"``): SGD's heavy ball, or Adam's (and AdamW's) ``beta1``, by the same normalised
+    hypergradient as the rate.
 
     With PyTorch's heavy ball ``b_t = mu b_{t-1} + g_t`` and ``theta_{t+1} = theta_t - lr b_t``, the
     step's dependence on the momentum is ``d theta_{t+1} / d mu = -lr b_{t-1}`` (the earlier steps held
@@ -162,15 +163,25 @@ class HypergradientMomentum:
 
         dL(theta_{t+1}) / d mu = -lr g_{t+1} . b_{t-1}
 
-    A gradient that still points along the buffer before last says the steps could have carried on
-    further (more momentum); one that turns against it says they overshot. The signal is the cosine of
-    ``g_{t+1}`` and ``b_{t-1}``, averaged and normalised as Adam does, one move of at most ``step`` per
+    Adam's first moment ``m_t = beta1 m_{t-1} + (1 - beta1) g_t`` steps ``theta_{t+1} = theta_t - lr
+    m_hat_t / (sqrt(v_hat_t) + eps)``, so (the bias correction's own dependence on ``beta1`` left out,
+    as it fades after the first steps)
+
+        dL(theta_{t+1}) / d beta1 = -lr / (1 - beta1^t) g_{t+1} . (m_{t-1} - g_t) / (sqrt(v_hat_t) + eps)
+
+    Either way the hypergradient is ``-g_{t+1} . d_t`` with ``d_t`` the direction the momentum adds to
+    step ``t`` (the buffer before last; the preconditioned difference between the old moment and the
+    new gradient). A gradient that still points along it says the steps could have carried on further
+    (more momentum); one that turns against it says they overshot. The signal is the cosine of
+    ``g_{t+1}`` and ``d_t``, averaged and normalised as Adam does, one move of at most ``step`` per
     weight step, the value inside the space's bounds (whose ``high`` must stay below 1).
     """
 
     def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
                  margin: float, also: Sequence[torch.optim.Optimizer] = ()) -> None:
         self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
+        #: "adam": beta1 of Adam/AdamW; "heavy_ball": SGD's momentum
+        self.kind = "adam" if isinstance(optimizer, torch.optim.Adam) else "heavy_ball"
         # every other group that trains with momentum (STN's response group, Delta-STN's response
         # optimizer) takes the same value, so a momentum trains alike as a number and as a hyperparameter
         self.also = list(also)
@@ -196,13 +207,34 @@ class HypergradientMomentum:
             for group in opt.param_groups:
                 if "momentum" in group:
                     group["momentum"] = value
+                elif isinstance(opt, torch.optim.Adam):
+                    group["betas"] = (value, group["betas"][1])
 
     def plan(self, steps: int, travel: float) -> None:
         self.step_size = travel / max(steps, 1)
 
     def _buffers(self) -> list[torch.Tensor | None]:
+        """``d_t`` of each parameter for the coming step (class docstring); call after ``backward``."""
         state = self.optimizer.state
-        return [state[p].get("momentum_buffer") if p in state else None for p in self.params]
+        if self.kind == "heavy_ball":
+            return [state[p].get("momentum_buffer") if p in state else None for p in self.params]
+        group = self.optimizer.param_groups[0]
+        _, beta2 = group["betas"]
+        decay = group["weight_decay"] if not group.get("decoupled_weight_decay", False) else 0.0
+        directions: list[torch.Tensor | None] = []
+        for p in self.params:
+            if p.grad is None:
+                directions.append(None)
+                continue
+            g = p.grad.detach() if decay == 0 else p.grad.detach() + decay * p.detach()  # Adam's L2 joins g
+            st = state[p] if p in state else {}
+            step = float(st["step"]) + 1 if "step" in st else 1.0
+            m = st["exp_avg"] if "exp_avg" in st else torch.zeros_like(g)
+            v = beta2 * st["exp_avg_sq"] + (1 - beta2) * g * g if "exp_avg_sq" in st else (1 - beta2) * g * g
+            if group.get("amsgrad") and "max_exp_avg_sq" in st:
+                v = torch.maximum(st["max_exp_avg_sq"], v)
+            directions.append((m - g) / ((v / (1 - beta2 ** step)).sqrt() + group["eps"]))
+        return directions
 
     def before_step(self) -> bool:
         """Update the momentum from this step's gradients and the buffers before the last step; call

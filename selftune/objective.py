@@ -8,16 +8,35 @@ tuned through the best-response path (how the weights respond to them decides th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 Lookup = Callable[[str], torch.Tensor]
 #: A user's loss: ``loss(outputs, targets)`` returns the batch's mean loss as a scalar tensor.
 LossFn = Callable[[Any, Any], torch.Tensor]
+#: A loss-side hyperparameter: the name of one in the space, or a constant.
+Spec = str | float
+#: ``objective.weight_decay``: one decay for every weight matrix and kernel, or one per layer pattern.
+DecaySpec = Spec | Mapping[str, Spec]
+
+
+def matches(pattern: str, module: str) -> bool:
+    """Whether a layer pattern (``fnmatch`` syntax) names ``module`` (a qualified name from
+    ``model.named_modules()``) or one of the blocks that hold it: ``"encoder"`` covers
+    ``encoder.0.conv``, ``"fc*"`` covers ``fc1`` and ``fc2``, ``"*"`` covers every layer."""
+    parts = module.split(".")
+    return any(fnmatchcase(".".join(parts[:k]), pattern) for k in range(1, len(parts) + 1))
+
+
+def _is_spec(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, str | int | float)
 
 
 def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +72,9 @@ class Objective:
 
     Args:
         weight_decay: hyperparameter name (or constant) multiplying ``0.5 * sum ||W||^2`` over the
-            weight matrices and kernels of the network (biases excluded).
+            weight matrices and kernels of the network (biases excluded); or a mapping from layer
+            patterns to names or constants, one decay per layer group (:meth:`decay_group`), so that
+            e.g. an embedding and a classifier head are regularised apart, each tuned on its own.
         label_smoothing: hyperparameter name (or constant) for the label-smoothing rate (only with
             the default cross-entropy: a custom loss has no labels to smooth).
         loss: ``loss(outputs, targets) -> scalar`` mean loss of a batch; ``None``: cross-entropy.
@@ -64,17 +85,29 @@ class Objective:
         ValueError: label smoothing together with a custom loss.
     """
 
-    weight_decay: str | float | None = None
-    label_smoothing: str | float | None = None
+    weight_decay: DecaySpec | None = None
+    label_smoothing: Spec | None = None
     loss: LossFn | None = None
 
     def __post_init__(self) -> None:
-        for field_name in ("weight_decay", "label_smoothing"):
-            value = getattr(self, field_name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
-                raise TypeError(f"objective.{field_name} must be a hyperparameter's name or a number (got "
-                                f"{type(value).__name__}); one decay applies to every weight matrix and kernel "
-                                "(per-layer decays are not supported yet), so name one hyperparameter for all")
+        if self.label_smoothing is not None and not _is_spec(self.label_smoothing):
+            raise TypeError(f"objective.label_smoothing must be a hyperparameter's name or a number (got "
+                            f"{type(self.label_smoothing).__name__})")
+        decay = self.weight_decay
+        if isinstance(decay, Mapping):
+            if not decay:
+                raise ValueError("objective.weight_decay: an empty table decays nothing; name a layer pattern "
+                                 "(\"*\" for every layer) or remove it")
+            for pattern, value in decay.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise TypeError(f"objective.weight_decay: layer patterns are module names or fnmatch patterns "
+                                    f"(got {pattern!r})")
+                if not _is_spec(value):
+                    raise TypeError(f"objective.weight_decay.{pattern} must be a hyperparameter's name or a number "
+                                    f"(got {type(value).__name__})")
+        elif decay is not None and not _is_spec(decay):
+            raise TypeError(f"objective.weight_decay must be a hyperparameter's name, a number, or a table from layer "
+                            f"patterns to those (got {type(decay).__name__})")
         if self.loss is not None and self.label_smoothing is not None:
             raise ValueError("objective.label_smoothing applies to the default cross-entropy only; remove it, or "
                              "smooth the targets inside your own loss")
@@ -82,8 +115,60 @@ class Objective:
             raise TypeError(f"loss must be a callable loss(outputs, targets) -> scalar tensor (got "
                             f"{type(self.loss).__name__})")
 
+    def decays(self) -> list[Spec]:
+        """The decay of each layer group, in the order of :meth:`decay_group`'s indices (one group, every
+        layer, for a single decay; none without one)."""
+        if self.weight_decay is None:
+            return []
+        if isinstance(self.weight_decay, Mapping):
+            return list(self.weight_decay.values())
+        return [self.weight_decay]
+
+    def decay_group(self, module: str) -> int | None:
+        """Which decay applies to the weights of layer ``module`` (a qualified module name): the first
+        pattern, in the order given, that names it or a block holding it; ``None``: not decayed (no
+        pattern names it; end the table with ``"*"`` to decay the rest)."""
+        if self.weight_decay is None:
+            return None
+        if not isinstance(self.weight_decay, Mapping):
+            return 0
+        return next((i for i, p in enumerate(self.weight_decay) if matches(p, module)), None)
+
+    def weight_groups(self, model: torch.nn.Module, weights: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The weights each decay of :meth:`decays` applies to: every one of ``weights`` (the model's
+        trainable weight matrices and kernels) under the layer that holds it, grouped by
+        :meth:`decay_group`. A weight shared by two layers (tied embeddings) answers to the first.
+
+        Raises:
+            ConfigError: a layer pattern that names no layer holding one of ``weights`` (a typo would
+                otherwise leave a decay that drives nothing); the message lists the layers.
+        """
+        keep = {id(w) for w in weights}
+        groups: list[list[torch.Tensor]] = [[] for _ in self.decays()]
+        holders: list[str] = []
+        seen: set[int] = set()
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in keep and id(p) not in seen]
+            if not own:
+                continue
+            holders.append(name)
+            seen.update(id(p) for p in own)
+            g = self.decay_group(name)
+            if g is not None:
+                groups[g].extend(own)
+        if isinstance(self.weight_decay, Mapping):
+            for pattern, group in zip(self.weight_decay, groups, strict=True):
+                where = f"objective.weight_decay[\"{pattern}\"]"
+                if not any(matches(pattern, name) for name in holders):
+                    layers = ", ".join(repr(n) for n in holders[:12]) + (", ..." if len(holders) > 12 else "")
+                    raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
+                if not group:
+                    raise ConfigError(where, "every layer it names is taken by an earlier pattern (the first match "
+                                             "wins); move it before the broader one")
+        return groups
+
     def hyperparameters(self) -> set[str]:
-        return {v for v in (self.weight_decay, self.label_smoothing) if isinstance(v, str)}
+        return {v for v in (*self.decays(), self.label_smoothing) if isinstance(v, str)}
 
     @staticmethod
     def _per_example(spec: str | float, lookup: Lookup, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -92,14 +177,15 @@ class Objective:
         return torch.full((batch,), float(spec), device=like.device, dtype=like.dtype)
 
     def train_loss(self, logits: torch.Tensor, target: torch.Tensor, lookup: Lookup,
-                   decayed: Iterable[torch.Tensor] = (), *, norms: torch.Tensor | None = None,
+                   decayed: Sequence[Sequence[torch.Tensor]] = (), *, norms: torch.Tensor | None = None,
                    differentiable: bool = False) -> torch.Tensor:
         """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``; sequence outputs
         ``(B, T, C)`` average over tokens, each token at its example's hyperparameters.
 
-        Weight decay penalises ``0.5 * mean_i(wd_i * norms_i)`` when ``norms`` (the ``(B,)`` squared
-        norms of each example's effective weights, from :meth:`~selftune.nn.HyperNet.recording_norms`)
-        is given, else ``0.5 * mean(wd) * sum ||p||^2`` over ``decayed``.
+        Weight decay penalises ``0.5 * sum_g mean_i(wd_gi * norms_gi)`` over the layer groups ``g`` of
+        :meth:`decays` when ``norms`` (``(G, B)``: the squared norms of each example's effective weights
+        per group, from :meth:`~selftune.nn.HyperNet.recording_norms`) is given, else ``0.5 * sum_g
+        mean(wd_g) * sum ||p||^2`` over the parameters of ``decayed[g]``.
 
         ``differentiable``: keep the loss's dependence on the decay and smoothing rates (implicit
         differentiation takes the mixed derivative in weights and hyperparameters); otherwise they
@@ -114,14 +200,14 @@ class Objective:
             smoothing = self._per_example(self.label_smoothing, lookup, logits.shape[0], logits)
             loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens),
                                           differentiable=differentiable)
-        if self.weight_decay is not None:
+        for g, spec in enumerate(self.decays()):
             # A constant decay is one value for every example; a named one is read per example.
-            wd = self._per_example(self.weight_decay, lookup, 1, loss)
+            wd = self._per_example(spec, lookup, 1, loss)
             wd = wd if differentiable else wd.detach()
             if norms is not None:
-                loss = loss + 0.5 * (wd * norms).mean()
-            else:
-                loss = loss + 0.5 * wd.mean() * sum((p * p).sum() for p in decayed)
+                loss = loss + 0.5 * (wd * norms[g]).mean()
+            elif g < len(decayed) and decayed[g]:
+                loss = loss + 0.5 * wd.mean() * sum((p * p).sum() for p in decayed[g])
         return loss
 
     def eval_loss(self, outputs: Any, target: Any) -> torch.Tensor:

@@ -40,7 +40,8 @@ class TunerSettings(BaseModel):
                           "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
                           "descent (selftune.hd)")
     momentum: float | str = Field(
-        0.9, description="SGD's momentum (0 <= m < 1), or the name of a hyperparameter that holds it (declare "
+        0.9, description="SGD's momentum (0 <= m < 1), or the name of a hyperparameter that holds SGD's momentum or "
+                         "Adam's/AdamW's beta1 (declare "
                          "[space.momentum] low = 0.0, high = 0.99): fixed trains at its init, searches sample it, "
                          "and hd, stn, delta-stn and ift tune it in the run by a hypergradient of the next step's "
                          "training loss (selftune.hd), as they tune a bound lr")

@@ -306,7 +306,7 @@ class SelfTuner:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
                                             tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN,
                                             fall=self.settings.lr_fall)
-        # SGD's momentum bound to a hyperparameter: the same, by the hypergradient of the heavy ball.
+        # A momentum bound to a hyperparameter (SGD's heavy ball, Adam's beta1): the same, by its hypergradient.
         self.momentum_tuner: HypergradientMomentum | None = None
         if momentum_name is not None:
             group = self.algorithm.lr_group
@@ -318,7 +318,8 @@ class SelfTuner:
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
         self.planned_epochs = 0  # the epochs of the current fit (its total, also when resumed)
         self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
-        self._decayed = [p for p in self.general_params if p.dim() > 1]
+        # the weights of each decay (objective.weight_decay: one for all, or one per layer pattern)
+        self._decayed = self.objective.weight_groups(net.model, [p for p in self.general_params if p.dim() > 1])
         self._stop = False
         self._step_clock = 0  # _progress() before the current batch was drawn (adaptive batch)
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
@@ -772,7 +773,7 @@ class SelfTuner:
         elif self.objective.weight_decay is None:
             logits = net(x, u, respond=respond, generator=self.generator)
         else:
-            with net.recording_norms() as recorded:
+            with net.recording_norms(self._decayed) as recorded:
                 logits = net(x, u, respond=respond, generator=self.generator)
             norms = recorded()
         loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms)
@@ -1004,10 +1005,10 @@ def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:
     if param.is_int or param.low < 0 or param.high >= 1:
         raise ConfigError("tuner.momentum", f"hyperparameter {name!r} must be a float in [0, 1) to be a momentum "
                                             f"(got low={param.low}, high={param.high}); e.g. high = 0.99")
-    if settings.optimizer.lower() != "sgd":
-        raise ConfigError("tuner.momentum", f"a tuned momentum drives SGD's heavy ball; optimizer "
-                                            f"{settings.optimizer!r} has its own (set it in tuner.optimizer_args, "
-                                            "e.g. betas for Adam) or use optimizer = \"sgd\"")
+    if settings.optimizer.lower() not in ("sgd", "adam", "adamw"):
+        raise ConfigError("tuner.momentum", f"a tuned momentum drives SGD's heavy ball or Adam's (AdamW's) beta1; "
+                                            f"optimizer {settings.optimizer!r} has its own update (set its "
+                                            "arguments in tuner.optimizer_args) or use sgd, adam or adamw")
     if "momentum" in settings.optimizer_args:
         raise ConfigError("tuner.optimizer_args.momentum", "tuner.momentum names a hyperparameter that sets it; "
                                                            "remove one of them")

@@ -72,6 +72,8 @@ BAD = {
     "bad augment op": ("", '\n[[augment]]\nop = "rotate"\n', "augment[0]"),
     "undeclared augment": ("", '\n[[augment]]\nop = "noise"\nstd = "sigma"\n', "augment[0].std"),
     "negative lr": ("", "\n[tuner]\nlr = -1.0\n", "tuner.lr"),
+    "decay pattern names no layer": ("", '\n[objective.weight_decay]\n"fc9" = 1e-4\n', 'weight_decay["fc9"]'),
+    "undeclared layer decay": ("", '\n[objective.weight_decay]\n"*" = "wd"\n', 'weight_decay["*"]'),
     "int with float bound": ("", '\n[space.k]\ntype = "int"\nlow = 0.5\nhigh = 4\ninit = 1\n', "space.k"),
 }
 

@@ -158,10 +158,12 @@ def momentum_space(init=0.5):
                      st.Float("mom", 0.0, 0.99, init=init)])
 
 
-def test_the_momentum_stays_inside_its_bounds_under_adversarial_gradients():
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_momentum_stays_inside_its_bounds_under_adversarial_gradients(optimizer):
     space = st.Space([st.Float("mom", 0.0, 0.99, init=0.5)])
     net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
-    opt = torch.optim.SGD(net.general_parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(net.general_parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd" else \
+        torch.optim.Adam(net.general_parameters(), lr=0.1)
     hm = HypergradientMomentum(net, "mom", opt, tune=True, margin=BOUND_MARGIN)
     hm.plan(steps=20, travel=8.0)
     gen = torch.Generator().manual_seed(0)
@@ -176,9 +178,51 @@ def test_the_momentum_stays_inside_its_bounds_under_adversarial_gradients():
         assert abs(u - before) <= hm.step_size + 1e-6
         before = u
         values.append(hm.value)
-        assert opt.param_groups[0]["momentum"] == hm.value
+        group = opt.param_groups[0]
+        assert (group["momentum"] if optimizer == "sgd" else group["betas"][0]) == hm.value
     assert all(math.isfinite(v) and 0.0 < v < 0.99 for v in values)
     assert len({round(v, 12) for v in values}) > 10
+
+
+@pytest.mark.parametrize("cls, decay", [(torch.optim.Adam, 0.0), (torch.optim.Adam, 0.1), (torch.optim.AdamW, 0.1)])
+def test_adams_beta1_hypergradient_is_the_derivative_of_the_next_loss(cls, decay):
+    """-g_{t+1} . d_t (HypergradientMomentum's direction for Adam) against autograd through Adam's step
+    written out with beta1 as a variable: dL(theta_{t+1})/d beta1 = -lr / (1 - beta1^t) g_{t+1} . d_t."""
+    torch.manual_seed(0)
+    space = st.Space([st.Float("mom", 0.0, 0.99, init=0.8)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(5, 1, bias=False)), space)
+    w = net.general_parameters()[0]
+    lr, beta2, eps = 0.05, 0.99, 1e-8
+    opt = cls([w], lr=lr, betas=(0.8, beta2), eps=eps, weight_decay=decay)
+    hm = HypergradientMomentum(net, "mom", opt, tune=False, margin=BOUND_MARGIN)
+    x, target = torch.randn(32, 5), torch.randn(32, 1)
+
+    def loss(weight):
+        return ((x.to(weight.dtype) @ weight.t() - target.to(weight.dtype)) ** 2).mean()
+
+    for _ in range(3):  # some history in Adam's moments
+        opt.zero_grad()
+        loss(w).backward()
+        opt.step()
+    opt.zero_grad()
+    loss(w).backward()
+    (direction,) = hm._buffers()  # d_t for the coming step t
+    state, g = opt.state[w], w.grad.detach().clone()
+    t = float(state["step"]) + 1
+    beta1 = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    theta, m0, v0 = w.detach().double(), state["exp_avg"].double(), state["exp_avg_sq"].double()
+    coupled = g.double() + (decay * theta if cls is torch.optim.Adam else 0.0)
+    m = beta1 * m0 + (1 - beta1) * coupled
+    v = beta2 * v0 + (1 - beta2) * coupled * coupled
+    shrink = (1 - lr * decay) if cls is torch.optim.AdamW else 1.0
+    after = theta * shrink - lr * (m / (1 - beta1.detach() ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+    (exact,) = torch.autograd.grad(loss(after), beta1)
+    with torch.no_grad():
+        w.copy_(after.float())
+    w.grad = None
+    loss(w).backward()
+    ours = -lr / (1 - 0.8 ** t) * float((w.grad.double() * direction.double()).sum())
+    assert ours == pytest.approx(float(exact), rel=1e-3)
 
 
 def _quadratic_run(lr: float, init: float, smallest: float, steps: int = 300) -> float:
@@ -233,7 +277,7 @@ def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
     (momentum_space(), dict(momentum="nope"), r"tuner\.momentum: 'nope' is not declared"),
     (st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True), st.Float("mom", 0.0, 1.0, init=0.5)]),
      dict(momentum="mom"), r"tuner\.momentum: hyperparameter 'mom' must be a float in \[0, 1\)"),
-    (momentum_space(), dict(momentum="mom", optimizer="adam"), r"tuner\.momentum: a tuned momentum drives SGD"),
+    (momentum_space(), dict(momentum="mom", optimizer="rmsprop"), r"tuner\.momentum: a tuned momentum drives SGD"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"momentum": 0.5}), r"tuner\.optimizer_args\.momentum"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"nesterov": True}), r"tuner\.optimizer_args\.nesterov"),
 ])
@@ -251,6 +295,19 @@ def test_a_tuned_momentum_drives_every_group_that_trains_with_momentum(digits):
         value = tuner.net.values()["mom"]
         groups = [g for k, o in tuner.optimizers.items() if k != "hyper" for g in o.param_groups]
         assert len(groups) >= 2 and all(g["momentum"] == pytest.approx(value) for g in groups)
+
+
+def test_adams_beta1_is_tuned_as_the_momentum_and_beta2_kept(digits):
+    tuner = make_tuner(digits, method="delta-stn", space=momentum_space(0.5), momentum="mom", optimizer="adam",
+                       lr=1e-3, optimizer_args={"betas": [0.9, 0.95]})
+    betas = tuner.optimizers[tuner.algorithm.lr_group].param_groups[0]["betas"]
+    assert betas == (pytest.approx(0.5), 0.95)  # beta1 from the hyperparameter's init, beta2 as given
+    tuner.fit(2)
+    value = tuner.net.values()["mom"]
+    assert value != pytest.approx(0.5, abs=1e-3)
+    assert tuner.log.hypergrad_seen[tuner.net.space.index("mom")]
+    for opt in (o for k, o in tuner.optimizers.items() if k != "hyper" and isinstance(o, torch.optim.Adam)):
+        assert all(g["betas"] == (pytest.approx(value), 0.95) for g in opt.param_groups)
 
 
 def test_a_config_that_binds_an_undeclared_momentum_is_refused_before_anything_runs(tmp_path):

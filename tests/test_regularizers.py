@@ -72,7 +72,7 @@ def test_smoothed_cross_entropy_matches_torch_for_a_shared_rate():
 def test_weight_decay_term():
     logits, target = torch.randn(4, 3), torch.randint(0, 3, (4,))
     w = torch.ones(2, 2)
-    loss = Objective(weight_decay=0.5).train_loss(logits, target, lambda n: None, [w])
+    loss = Objective(weight_decay=0.5).train_loss(logits, target, lambda n: None, [[w]])
     assert torch.allclose(loss, F.cross_entropy(logits, target) + 0.5 * 0.5 * 4)
 
 

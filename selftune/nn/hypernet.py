@@ -7,7 +7,7 @@ evaluates at the tuned hyperparameters and ``net.state_dict()`` carries them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -156,16 +156,21 @@ class HyperNet(nn.Module):
             state.relax = None
 
     @contextmanager
-    def recording_norms(self) -> Iterator[Callable[[], torch.Tensor]]:
+    def recording_norms(self, groups: Sequence[Sequence[nn.Parameter]] | None = None
+                        ) -> Iterator[Callable[[], torch.Tensor]]:
         """Record, for the forward passes inside the block, the per-example squared norm of the weights
-        that weight decay penalises; yields a function returning that ``(B,)`` norm of the last pass.
+        that weight decay penalises; yields a function returning that norm for the last pass: ``(B,)``
+        over every weight matrix and kernel, or ``(G, B)`` per group of ``groups`` (one list of weights
+        per decay, :meth:`~selftune.objective.Objective.weight_groups`; weights in no group are left out).
 
         Best-response layers report the norm of their *effective* weights at each example's
         hyperparameters (general plus response path), so weight decay acts on what the layer applies
         and a decay rate reaches the validation loss through the response. Every other weight matrix
-        or kernel of the model (biases and other vectors excluded) adds its plain squared norm.
+        or kernel (biases and other vectors excluded) adds its plain squared norm.
         """
-        decayed = [p for p in self.general_parameters() if p.dim() > 1]
+        single = groups is None
+        groups = [[p for p in self.general_parameters() if p.dim() > 1]] if groups is None else groups
+        group_of = {id(p): g for g, params in enumerate(groups) for p in params}
         state = self._state
         state.norms = {}
         recorded = state.norms
@@ -173,9 +178,15 @@ class HyperNet(nn.Module):
         def norms() -> torch.Tensor:
             covered = {id(p) for params, _ in recorded.values() for p in params}
             zero = torch.zeros((), device=self.hparams.device)
-            plain = sum(((p * p).sum() for p in decayed if id(p) not in covered), zero)
-            per_example = [n for _, n in recorded.values()]
-            return plain + (torch.stack(per_example).sum(0) if per_example else plain.new_zeros(1))
+            rows = []
+            for g, params in enumerate(groups):
+                plain = sum(((p * p).sum() for p in params if id(p) not in covered), zero)
+                # a layer's weights all answer to the decay of its name, so its first weight's group is its own
+                per_example = [n for ps, n in recorded.values() if ps and group_of.get(id(ps[0])) == g]
+                rows.append(plain + (torch.stack(per_example).sum(0) if per_example else plain.new_zeros(1)))
+            if single:
+                return rows[0]
+            return torch.stack(torch.broadcast_tensors(*rows)) if rows else zero.new_zeros(0, 1)
 
         try:
             yield norms

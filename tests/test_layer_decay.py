@@ -1,0 +1,97 @@
+"""Weight decay per layer: ``objective.weight_decay`` as a table from layer patterns to decays. Each
+decay penalises only the weights of the layers its pattern names (effective weights of best-response
+layers included), a pattern that names no layer is refused with the layers listed, and the decays of
+different layers are tuned apart in one run."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import selftune as st
+from selftune.errors import ConfigError
+from selftune.objective import Objective, matches
+from selftune.testing import digits_tuner
+
+DECAYS = ('space.wd_first={low=1e-6, high=0.1, init=1e-4, log=true}',
+          'space.wd_rest={low=1e-6, high=0.1, init=1e-4, log=true}')
+
+
+def test_a_pattern_names_a_layer_or_a_block_that_holds_it():
+    assert matches("encoder", "encoder.0.conv") and matches("encoder.0", "encoder.0.conv")
+    assert matches("fc*", "fc2") and matches("*", "head")
+    assert not matches("fc", "fc2") and not matches("encoder", "decoder.0")
+    objective = Objective(weight_decay={"fc1": "a", "fc*": "b"})
+    assert [objective.decay_group(m) for m in ("fc1", "fc2", "head")] == [0, 1, None]  # the first match wins
+    assert Objective(weight_decay="wd").decay_group("anything") == 0
+    assert Objective(weight_decay={"fc1": "a", "*": 0.1}).hyperparameters() == {"a"}
+
+
+def _net():
+    torch.manual_seed(0)
+    space = st.Space([st.Float("wd_first", 1e-6, 1e-1, init=1e-3, log=True),
+                      st.Float("wd_rest", 1e-6, 1e-1, init=1e-2, log=True)])
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+    return st.hypernetize(model, space)
+
+
+def test_each_decay_penalises_the_weights_of_its_own_layers():
+    net = _net()
+    weights = [p for p in net.general_parameters() if p.dim() > 1]
+    objective = Objective(weight_decay={"0": "wd_first", "2": 0.5})  # layer 4 is named by no pattern
+    groups = objective.weight_groups(net.model, weights)
+    w0, w2, w4 = (net.model[i].weight for i in (0, 2, 4))
+    assert [[id(p) for p in g] for g in groups] == [[id(w0)], [id(w2)]]
+    logits, target = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    lookup = {"wd_first": torch.full((5,), 0.2)}.__getitem__
+    loss = objective.train_loss(logits, target, lookup, groups)
+    expected = F.cross_entropy(logits, target) + 0.5 * 0.2 * (w0 * w0).sum() + 0.5 * 0.5 * (w2 * w2).sum()
+    assert torch.allclose(loss, expected)
+    grad = torch.autograd.grad(loss, [w4], allow_unused=True)[0]
+    assert grad is None  # the undecayed layer does not appear in the penalty
+
+
+def test_the_per_layer_norms_split_the_effective_norm_of_every_example():
+    net = _net()
+    for layer in net.best_response_layers():
+        torch.nn.init.normal_(layer.gate)
+    weights = [p for p in net.general_parameters() if p.dim() > 1]
+    groups = Objective(weight_decay={"0": "wd_first", "*": "wd_rest"}).weight_groups(net.model, weights)
+    u, x = net.perturb(7), torch.randn(7, 6)
+    with net.recording_norms() as total:
+        net(x, u)
+    with net.recording_norms(groups) as split:
+        net(x, u)
+    per_group = split()
+    assert per_group.shape == (2, 7)
+    assert torch.allclose(per_group.sum(0), total(), rtol=1e-5)
+    assert not torch.allclose(per_group[0], per_group[0].mean().expand(7))  # per example: the response is in it
+
+
+def test_a_pattern_that_names_no_layer_is_refused_with_the_layers_listed():
+    with pytest.raises(ConfigError, match=r'objective\.weight_decay\["layers\.0"\]: names no layer.*\'net\.2\''):
+        digits_tuner(*DECAYS, 'objective.weight_decay={"layers.0"="wd_first", "*"="wd_rest"}')
+    with pytest.raises(ConfigError, match=r'weight_decay\["net\.2"\]: every layer it names is taken'):
+        digits_tuner(*DECAYS, 'objective.weight_decay={"*"="wd_rest", "net.2"="wd_first"}')
+    with pytest.raises(TypeError, match=r"objective\.weight_decay\.net\.2 must be"):
+        Objective(weight_decay={"net.2": [0.1]})
+
+
+@pytest.mark.parametrize("method", ["delta-stn", "ift"])
+def test_the_decays_of_two_layer_groups_are_tuned_apart(method):
+    tuner = digits_tuner(*DECAYS, 'objective.weight_decay={"net.2"="wd_first", "*"="wd_rest"}', method=method)
+    result = tuner.fit(4)
+    seen = dict(zip(tuner.net.space.names, tuner.log.hypergrad_seen, strict=True))
+    assert seen["wd_first"] and seen["wd_rest"]  # both reach the validation loss
+    assert all(result.hparams[k] != pytest.approx(1e-4, rel=1e-3) for k in ("wd_first", "wd_rest"))
+    # each has its own hypergradient (a shared decay would have one); Adam's steps of ift can still move
+    # two same-signed ones alike, so the gradient itself is compared
+    names = tuner.net.space.names
+    first, rest = names.index("wd_first"), names.index("wd_rest")
+    if method == "ift":
+        x, y = tuner._batch("val", tuner.order.next_val(tuner.generator))
+        tuner.algorithm.hypergradient(tuner, x, y)
+        grad = tuner.net.hparams.grad
+        assert float(grad[first]) != pytest.approx(float(grad[rest]), rel=0.05)
+    else:
+        assert any(row["wd_first"] != pytest.approx(row["wd_rest"], rel=0.05) for row in result.trajectory)
