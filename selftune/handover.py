@@ -143,8 +143,9 @@ class DeltaIFT(DeltaSTN):
         values less). RMSprop (Delta-STN's) gets momentum 0.9, which averages the noisy implicit
         hypergradient as Adam's first moment does, at a rate that makes the same move; its running
         average starts at the first implicit hypergradient (:meth:`hypergradient`). The implicit steps
-        cost more than Delta-STN's, so they are spaced to keep the run within its compute budget
-        (:func:`~selftune.implicit.spacing`), and the planned steps counted at that spacing."""
+        cost more than Delta-STN's, so their Neumann terms, and then their spacing if need be, are fitted
+        to the run's compute budget (:func:`~selftune.implicit.spacing`), and the planned steps counted
+        at that spacing."""
         s, opt = self.settings, tuner.optimizers["hyper"]
         opt.state.clear()
         budget = float(s.compute_budget if s.compute_budget is not None else self.default_budget)

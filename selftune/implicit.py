@@ -53,19 +53,22 @@ if TYPE_CHECKING:
 POWER_STEPS = 10
 
 
-def spacing(tuner: SelfTuner, budget: float) -> tuple[int, int]:
+def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True) -> tuple[int, int]:
     """``(weight steps between rounds of implicit hyper steps, Neumann terms)`` from here to the end of
     the run, so that it uses at most ``budget`` plain runs' examples (``epochs x`` the training set).
 
     What is left of the budget after the examples already counted and the weight steps still to come
     (one pass each) pays for the hyper steps, each a validation batch plus ``K + 2`` passes over a
     training batch (and the one-off power iteration if it has not run). Fewer Neumann terms are given up
-    first, down to one: measured on the diabetes MLP after a handover (3 seeds, two starts), 1 or 2
-    terms every 5 steps matched or beat 5 terms (test loss 0.494 / 0.500 against 0.497 from the
-    over-fitting start), while 5 terms every 8 steps, the same budget, lost (0.526: one seed 0.59), so
-    the number of hyper steps matters more than the series' length. Only if one term does not fit are
+    first, down to one: measured with ``delta-ift`` on the diabetes MLP (10 seeds), 2-4 terms every 5
+    steps matched 5 terms (test loss 0.504 / 0.500 against 0.504 / 0.500 from the over-fitting and the
+    default start) while 5 terms every 8-9 steps, the same budget, lost (0.512 / 0.508, one seed 0.59),
+    so the number of hyper steps matters more than the series' length (docs/algorithms.md has the
+    table, and Adult). Only if one term does not fit are
     the rounds spaced further than ``tuner.train_steps``; at least one round remains even if the budget
-    is spent (a budget below what the run already used cannot be met; ``compute.examples`` shows it)."""
+    is spent (a budget below what the run already used cannot be met; ``compute.examples`` shows it).
+    ``terms_first=False`` keeps all ``neumann_terms`` and only spaces the steps (the measured alternative,
+    scripts/budget_variants.py)."""
     s, order = tuner.settings, tuner.order
     n, epochs = order.n_train, tuner.planned_epochs
     plain = epochs * n
@@ -81,7 +84,7 @@ def spacing(tuner: SelfTuner, budget: float) -> tuple[int, int]:
 
     dense = max(1, math.ceil(steps / s.train_steps))  # rounds at the closest spacing
     fits = math.floor((left / dense / s.val_steps - order.val_batch_size) / micro) - 2
-    terms = min(s.neumann_terms, max(fits, min(1, s.neumann_terms)))
+    terms = min(s.neumann_terms, max(fits, min(1, s.neumann_terms))) if terms_first else s.neumann_terms
     rounds = max(1.0, left / cost(terms))
     return max(s.train_steps, math.ceil(steps / rounds)), terms
 

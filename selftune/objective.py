@@ -96,12 +96,12 @@ class Objective:
         decay = self.weight_decay
         if isinstance(decay, Mapping):
             if not decay:
-                raise ValueError("objective.weight_decay: an empty table decays nothing; name a layer pattern "
-                                 "(\"*\" for every layer) or remove it")
+                raise ConfigError("objective.weight_decay", "an empty table decays nothing; name a layer pattern "
+                                                            "(\"*\" for every layer) or remove it")
             for pattern, value in decay.items():
                 if not isinstance(pattern, str) or not pattern:
-                    raise TypeError(f"objective.weight_decay: layer patterns are module names or fnmatch patterns "
-                                    f"(got {pattern!r})")
+                    raise ConfigError("objective.weight_decay", f"layer patterns are module names or fnmatch "
+                                                                f"patterns (got {pattern!r})")
                 if not _is_spec(value):
                     raise TypeError(f"objective.weight_decay.{pattern} must be a hyperparameter's name or a number "
                                     f"(got {type(value).__name__})")

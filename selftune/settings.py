@@ -143,8 +143,9 @@ class TunerSettings(BaseModel):
         None, gt=1.0,
         description="ift, delta-ift: the most examples a run may use, as a multiple of one plain run's (epochs x "
                     "training set). An implicit hyper step costs a validation batch and neumann_terms + 2 passes over "
-                    "a training batch, so its hyper steps come every train_steps weight steps or further apart, as "
-                    "far as this budget needs (planned when the implicit steps start, recorded as hyper_interval). "
+                    "a training batch; when the implicit steps start, the run takes the most Neumann terms (down to "
+                    "1) that fit one hyper step every train_steps weight steps into what is left, and only then "
+                    "spaces them further apart (recorded as neumann_terms and hyper_interval). "
                     "None: the method's own, 2 for delta-ift (the default method costs at most two plain runs) and "
                     "3 for ift (the implicit-differentiation methods' cost in Clarke et al. 2022)")
     handover_patience: float = Field(

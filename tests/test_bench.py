@@ -170,10 +170,14 @@ def test_hd_runs_where_the_learning_rate_is_a_hyperparameter_and_is_refused_else
     example = Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml"
     assert main(["bench", str(example), "--quick", "--methods", "hd", "random", "--trials", "2", "--seeds", "1",
                  "--store", url, "--out", "lr"]) == 0
-    results = {r["method"]: r for r in json.loads((tmp_path / "lr" / "results.json").read_text())}
-    assert set(results) == {"fixed", "hd", "random"}
-    assert results["fixed"]["hparams"]["lr"] == pytest.approx(0.005)
-    assert results["hd"]["hparams"]["lr"] != pytest.approx(0.005)
+    rows = json.loads((tmp_path / "lr" / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"fixed", "hd", "random"}
+    # the file's two starts: the rate 10x too small and 10x too large
+    small = {r["method"]: r for r in rows if r["start"] in ("lr_small", None)}
+    assert small["fixed"]["hparams"]["lr"] == pytest.approx(0.005)
+    assert small["hd"]["hparams"]["lr"] != pytest.approx(0.005)
+    large = {r["method"]: r for r in rows if r["start"] == "lr_large"}
+    assert large["fixed"]["hparams"]["lr"] == pytest.approx(0.5)
 
 
 def test_a_method_whose_extra_is_missing_is_skipped_or_refused_with_the_install_command(tmp_path, monkeypatch,

@@ -73,6 +73,8 @@ def test_a_pattern_that_names_no_layer_is_refused_with_the_layers_listed():
         digits_tuner(*DECAYS, 'objective.weight_decay={"layers.0"="wd_first", "*"="wd_rest"}')
     with pytest.raises(ConfigError, match=r'weight_decay\["net\.2"\]: every layer it names is taken'):
         digits_tuner(*DECAYS, 'objective.weight_decay={"*"="wd_rest", "net.2"="wd_first"}')
+    with pytest.raises(ConfigError, match=r"objective\.weight_decay: an empty table decays nothing"):
+        digits_tuner(*DECAYS, "objective.weight_decay={}")
     with pytest.raises(TypeError, match=r"objective\.weight_decay\.net\.2 must be"):
         Objective(weight_decay={"net.2": [0.1]})
 
@@ -95,3 +97,18 @@ def test_the_decays_of_two_layer_groups_are_tuned_apart(method):
         assert float(grad[first]) != pytest.approx(float(grad[rest]), rel=0.05)
     else:
         assert any(row["wd_first"] != pytest.approx(row["wd_rest"], rel=0.05) for row in result.trajectory)
+
+
+def test_the_shipped_per_layer_example_gives_each_layer_its_own_decay():
+    from pathlib import Path
+
+    from selftune.config import load_config
+    from selftune.runner import prepare
+
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "own_task_layers.toml", ["epochs=3"])
+    tuner = prepare(config).tuner
+    model = tuner.net.model
+    assert [[id(p) for p in g] for g in tuner._decayed] == [[id(model[i].weight)] for i in (1, 4, 7)]
+    tuner.fit(3)
+    seen = dict(zip(tuner.net.space.names, tuner.log.hypergrad_seen, strict=True))
+    assert seen["wd_first"] and seen["wd_hidden"] and seen["wd_out"]

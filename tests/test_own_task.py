@@ -230,7 +230,7 @@ def test_fit_inside_a_user_autocast_region_trains_on_fresh_weights():
     assert abs(results["bf16"] - results["fp32"]) < 0.1 * results["fp32"] + 0.02
 
 
-def test_a_per_layer_weight_decay_dict_is_refused_at_once():
-    with pytest.raises(TypeError, match=r"objective.weight_decay must be a hyperparameter's name or a number "
-                                        r"\(got dict"):
-        st.Objective(weight_decay={"0": "wd0", "2": "wd1"})
+def test_a_weight_decay_that_is_neither_a_name_a_number_nor_a_table_is_refused_at_once():
+    with pytest.raises(TypeError, match=r"objective.weight_decay must be a hyperparameter's name, a number, or a "
+                                        r"table from layer patterns to those \(got list"):
+        st.Objective(weight_decay=["wd0", "wd1"])
