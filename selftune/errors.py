@@ -26,7 +26,12 @@ class ConfigError(SelftuneError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self) -> tuple:
+        # copy and pickle rebuild an exception from its constructor's arguments (Ray copies the errors
+        # a worker raised, their causes included)
+        return type(self), (self.field, self.message)
 
 
 class DataError(SelftuneError, ValueError):
@@ -63,6 +68,9 @@ class Interrupted(SelftuneError):  # noqa: N818 - a state, not a fault
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum if signum else 1
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.signum)
 
 
 class SelftuneWarning(UserWarning):

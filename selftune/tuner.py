@@ -156,6 +156,11 @@ class NonFiniteError(FloatingPointError):
         super().__init__(f"{what} became non-finite at step {step}")
         self.what, self.group, self.step = what, group, step
 
+    def __reduce__(self) -> tuple:
+        # copy and pickle rebuild an exception from its constructor's arguments: Ray copies a PBT
+        # member's DivergenceError with this as its cause, and a plain reduce failed there
+        return type(self), (self.what, self.group, self.step)
+
 
 class Callback:
     """Hooks into :meth:`SelfTuner.fit`; override what you need. ``tuner.request_stop()`` ends the fit

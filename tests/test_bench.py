@@ -278,3 +278,31 @@ max_divergences = 0
     completed = sum(t.user_attrs["examples"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert search["examples"] > completed  # the diverged trials' steps are counted too
     assert search["examples"] <= 8 * plain
+
+
+def _lr_config(low: float, high: float):
+    from selftune.config import load_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml"
+    return load_config(example, ["epochs=2", "model.hidden=[32, 32]", "tuner.max_divergences=0",
+                                 f"space.lr={{low={low}, high={high}, init={low}, log=true}}",
+                                 f"bench.starts.lr_large.lr={high}"])
+
+
+def test_a_pbt_member_that_diverges_is_replaced_not_fatal_and_all_diverging_is_a_clear_error(tmp_path):
+    """Members sampled at rates up to 1000 break (a NaN within a few steps): they report an infinite
+    loss until PBT exploits them, and the study finishes on the members that trained; if every member
+    breaks, a DivergenceError says so (before, one member's error failed the whole study, and Ray could
+    not even copy the error)."""
+    from selftune.errors import DivergenceError, SelftuneWarning
+    from selftune.methods.pbt import run_pbt
+
+    store = RunStore(f"sqlite:///{tmp_path / 'p.db'}")
+    config = _lr_config(0.005, 20.0)
+    with pytest.warns(SelftuneWarning, match=r"pbt: [12] of 3 members diverged"):
+        result = run_pbt(config, 0, 3, store, tmp_path / "mixed", ray_dir=tmp_path / "ray",
+                         checkpoint_root=tmp_path / "ck", interval=1, concurrency=2)
+    assert math.isfinite(result.test_loss) and result.hparams["lr"] < 5
+    with pytest.raises(DivergenceError, match="every one of the 3 PBT members diverged"):
+        run_pbt(_lr_config(500.0, 1000.0), 0, 3, store, tmp_path / "hopeless", ray_dir=tmp_path / "ray",
+                checkpoint_root=tmp_path / "ck", interval=1, concurrency=2, name="hopeless")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import selftune as st
+from selftune.errors import ConfigError, Interrupted
 from selftune.models import build
 from selftune.store import RunStore, StoreRecorder
-from selftune.tuner import DivergenceError
+from selftune.tuner import DivergenceError, NonFiniteError
 
 
 def make_tuner(digits, **settings):
@@ -158,3 +159,21 @@ def test_a_roll_back_in_benchmark_mode_keeps_every_trajectory_row(digits, tmp_pa
     stored = [r["step"] for r in store.trajectory(run)]
     assert stored == [r["step"] for r in result.trajectory] == list(range(5, tuner.counters.steps + 1, 5))
     assert [r["epoch"] for r in store.epochs(run)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: NonFiniteError("weight gradient", "weights", 75),
+    lambda: ConfigError("tuner.lr", "must be > 0"),
+    lambda: Interrupted("stopped by SIGTERM", 15),
+])
+def test_errors_survive_copy_and_pickle_as_ray_needs(make):
+    """Ray copies the exception a PBT member raised, its cause included; an exception whose constructor
+    takes more than its message must rebuild from its own arguments (a member that diverged at a rate 10x
+    too large crashed the whole benchmark before this)."""
+    import copy
+    import pickle
+
+    err = make()
+    for again in (copy.copy(err), pickle.loads(pickle.dumps(err))):
+        assert type(again) is type(err) and str(again) == str(err)
+        assert again.__dict__ == err.__dict__

@@ -30,6 +30,7 @@ import torch
 
 from ..algorithms import Fixed
 from ..config import RunConfig, parse_config
+from ..errors import DivergenceError, SelftuneWarning
 from ..extras import install_hint, missing
 from ..runner import RecordedRun, evaluate_run, prepare
 from ..store import RunStore
@@ -88,14 +89,25 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
         with checkpoint.as_directory() as folder:
             tuner.load_state_dict(torch.load(Path(folder) / _STATE, weights_only=True))
         tuner.net.set_values(clip_to_space(config, hp))
-    while tuner.epoch < config.epochs:
+    epoch, diverged = tuner.epoch, False
+    while epoch < config.epochs:
         examples, started = tuner.counters.examples, time.perf_counter()
-        tuner.fit(min(tuner.epoch + interval, config.epochs))
-        last = tuner.history[-1]
-        metrics = {"val_loss": last["val_loss"], "val_accuracy": last.get("val_accuracy", math.nan),
-                   "epoch": tuner.epoch,
+        target = min(epoch + interval, config.epochs)
+        if not diverged:
+            try:
+                tuner.fit(target)
+            except DivergenceError:
+                # Sampled or perturbed values can break a member (a rate far too large). It reports an
+                # infinite loss from here on, training no more, so PBT's next exploit step replaces it
+                # with a copy of a better member (Ray restarts this function from that checkpoint);
+                # before, the error failed the whole population.
+                diverged = True
+        epoch = target if diverged else tuner.epoch
+        last = tuner.history[-1] if tuner.history and not diverged else {}
+        metrics = {"val_loss": last.get("val_loss", math.inf), "val_accuracy": last.get("val_accuracy", math.nan),
+                   "epoch": epoch, "diverged": diverged,
                    "examples": tuner.counters.examples - examples, "seconds": time.perf_counter() - started}
-        if tuner.epoch >= config.epochs:  # reported for the record; selection uses val_loss only
+        if epoch >= config.epochs and not diverged:  # reported for the record; selection uses val_loss only
             test = prepared.score("test")
             metrics["test_loss"], metrics["test_accuracy"] = test["loss"], test.get("accuracy", math.nan)
         with tempfile.TemporaryDirectory() as folder:
@@ -191,7 +203,14 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
     errors = [str(e).splitlines()[0] for e in grid.errors]
     if errors:
         raise RuntimeError(f"{len(errors)} PBT member(s) failed; first: {errors[0]}")
-    best = grid.get_best_result(metric="val_loss", mode="min", scope="last")
+    if not any(r.metrics and not r.metrics.get("diverged") for r in grid):
+        raise DivergenceError(f"every one of the {population} PBT members diverged; narrow the space's ranges "
+                              "(a learning rate far too large breaks every run)")
+    if tally.diverged:
+        warnings.warn(SelftuneWarning(f"pbt: {len(tally.diverged)} of {population} members diverged at their values "
+                                      "and trained no further unless PBT replaced them with a copy of a better "
+                                      "member"), stacklevel=2)
+    best = grid.get_best_result(metric="val_loss", mode="min", scope="last")  # infinite losses are left out
     assert best.checkpoint is not None
     values = clip_to_space(config, {k: best.config[k] for k in domains})
     return _record(config, seed, values, best, store, out, Path(checkpoint_root), tally, seconds, population,
@@ -199,18 +218,22 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
 
 
 def _tally() -> Any:
-    """A Ray Tune callback summing every member's reported compute (built here: Ray imports lazily)."""
+    """A Ray Tune callback summing every member's reported compute and noting the members that diverged
+    (built here: Ray imports lazily)."""
     from ray import tune
 
     class Tally(tune.Callback):
         def __init__(self) -> None:
             self.examples = 0
             self.member_seconds = 0.0
+            self.diverged: set[str] = set()  # members that ever reported a divergence (an exploit erases it)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any],
                             **info: Any) -> None:
             self.examples += int(result.get("examples", 0))
             self.member_seconds += float(result.get("seconds", 0.0))
+            if result.get("diverged"):
+                self.diverged.add(str(trial.trial_id))
 
     return Tally()
 
