@@ -84,6 +84,12 @@ def explain(tuner: SelfTuner) -> list[str]:
         if cut:
             lines.append(f"{tuner.method}: {' and '.join(cut)}, to keep the run within {state['budget']:g} plain "
                          "runs' examples (tuner.compute_budget)")
+        if "budget" in state and tuner.planned_epochs:
+            used = log.counters.examples / (tuner.planned_epochs * tuner.order.n_train)
+            if used > float(state["budget"]) + 1e-9:
+                lines.append(f"{tuner.method}: the run used {used:.2f} plain runs' examples, over its budget of "
+                             f"{state['budget']:g} (it was spent before the implicit steps began: raise "
+                             "tuner.compute_budget or lower tuner.response_fraction)")
         plan = log.hyper_lr
         if plan.get("rule") == "travel":
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "

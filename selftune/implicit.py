@@ -70,23 +70,33 @@ def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True) -> tup
     ``terms_first=False`` keeps all ``neumann_terms`` and only spaces the steps (the measured alternative,
     scripts/budget_variants.py)."""
     s, order = tuner.settings, tuner.order
-    n, epochs = order.n_train, tuner.planned_epochs
+    n, epochs, b = order.n_train, tuner.planned_epochs, order.batch_size
     plain = epochs * n
     done = min(order.epoch * n + order.pos, plain)
-    start = max(done, min(s.warmup_epochs, epochs) * n)  # hyper steps begin after the warm-up
-    steps = math.ceil((plain - start) / order.batch_size)
-    micro = s.batch_size if s.accumulate > 1 else order.batch_size  # what the series differentiates
+    # weight steps still to come, each epoch ending in its own short batch; hyper steps begin after the warm-up
+    per_epoch = math.ceil(n / b)
+    remaining = math.ceil(max(n - order.pos, 0) / b) + max(epochs - order.epoch - 1, 0) * per_epoch
+    tuned_from = min(s.warmup_epochs, epochs)  # the first epoch that takes hyper steps
+    steps = remaining if order.epoch >= tuned_from else (epochs - tuned_from) * per_epoch
+    first = tuner.log.counters.steps + remaining - steps  # weight steps done before the first of them
+    micro = s.batch_size if s.accumulate > 1 else b  # what the series differentiates
     power = POWER_STEPS * micro if s.neumann_lr is None and "neumann_lr" not in tuner.log.algorithm else 0
     left = budget * plain - tuner.log.counters.examples - (plain - done) - power
 
     def cost(terms: int) -> int:  # one round of val_steps hyper steps
         return s.val_steps * (order.val_batch_size + (terms + 2) * micro)
 
-    dense = max(1, math.ceil(steps / s.train_steps))  # rounds at the closest spacing
+    def taken(interval: int) -> int:  # rounds the loop takes: multiples of interval among those steps
+        return (first + steps) // interval - first // interval
+
+    dense = max(1, taken(s.train_steps))  # rounds at the closest spacing
     fits = math.floor((left / dense / s.val_steps - order.val_batch_size) / micro) - 2
     terms = min(s.neumann_terms, max(fits, min(1, s.neumann_terms))) if terms_first else s.neumann_terms
-    rounds = max(1.0, left / cost(terms))
-    return max(s.train_steps, math.ceil(steps / rounds)), terms
+    rounds = max(1, math.floor(left / cost(terms)))
+    interval = max(s.train_steps, math.ceil(steps / rounds))
+    while taken(interval) > rounds and interval <= steps:
+        interval += 1
+    return interval, terms
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

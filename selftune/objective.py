@@ -103,8 +103,8 @@ class Objective:
                     raise ConfigError("objective.weight_decay", f"layer patterns are module names or fnmatch "
                                                                 f"patterns (got {pattern!r})")
                 if not _is_spec(value):
-                    raise TypeError(f"objective.weight_decay.{pattern} must be a hyperparameter's name or a number "
-                                    f"(got {type(value).__name__})")
+                    raise TypeError(f"objective.weight_decay[\"{pattern}\"] must be a hyperparameter's name or a "
+                                    f"number (got {type(value).__name__})")
         elif decay is not None and not _is_spec(decay):
             raise TypeError(f"objective.weight_decay must be a hyperparameter's name, a number, or a table from layer "
                             f"patterns to those (got {type(decay).__name__})")
@@ -200,6 +200,9 @@ class Objective:
             smoothing = self._per_example(self.label_smoothing, lookup, logits.shape[0], logits)
             loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens),
                                           differentiable=differentiable)
+        if decayed and isinstance(decayed[0], torch.Tensor):
+            raise TypeError("decayed must hold one list of weights per decay (Objective.weight_groups), not the "
+                            "weights themselves: pass [weights]")
         for g, spec in enumerate(self.decays()):
             # A constant decay is one value for every example; a named one is read per example.
             wd = self._per_example(spec, lookup, 1, loss)

@@ -1017,6 +1017,9 @@ def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:
     if "momentum" in settings.optimizer_args:
         raise ConfigError("tuner.optimizer_args.momentum", "tuner.momentum names a hyperparameter that sets it; "
                                                            "remove one of them")
+    if settings.optimizer_args.get("maximize"):
+        raise ConfigError("tuner.optimizer_args.maximize", "a tuned momentum's hypergradient assumes the optimizer "
+                                                           "descends; remove maximize or use a number")
     if settings.optimizer_args.get("nesterov"):
         raise ConfigError("tuner.optimizer_args.nesterov", "a tuned momentum follows the plain heavy ball's "
                                                            "hypergradient; Nesterov's step depends on it "

@@ -103,21 +103,37 @@ def test_the_budget_takes_neumann_terms_first_then_spaces_the_hyper_steps():
     tuner.planned_epochs = 10
     n, b, v = tuner.order.n_train, tuner.order.batch_size, tuner.order.val_batch_size
     # a fresh run: the budget less the plain run and the power iteration pays for rounds of a validation
-    # batch and K + 2 training batches, one every 5 weight steps after the warm-up if K can shrink to fit
-    steps = math.ceil(9 * n / b)
-    rounds = math.ceil(steps / 5)
+    # batch and K + 2 training batches, one every 5 weight steps after the warm-up epoch if K can shrink
+    # to fit; an epoch is ceil(n / b) steps (its last batch is short)
+    per_epoch = math.ceil(n / b)
+    first, steps = per_epoch, 9 * per_epoch
+
+    def rounds(interval):  # the loop's hyper steps: multiples of the interval among steps first+1..first+steps
+        return (first + steps) // interval - first // interval
 
     def left(budget):
         return budget * 10 * n - 10 * n - POWER_STEPS * b
 
-    terms = math.floor((left(2.0) / rounds - v) / b) - 2
+    terms = math.floor((left(2.0) / rounds(5) - v) / b) - 2
     assert 1 <= terms < 5
     assert spacing(tuner, 2.0) == (5, terms)
-    # where one term does not fit either, one term every so many steps
-    assert left(1.3) / rounds < v + 3 * b
-    assert spacing(tuner, 1.3) == (math.ceil(steps / (left(1.3) / (v + 3 * b))), 1)
-    assert spacing(tuner, 1.01) == (steps, 1)  # a budget already spent: one round at the end, not none
+    # where one term does not fit either, one term every so many steps, no more rounds than are paid for
+    assert left(1.3) / rounds(5) < v + 3 * b
+    for budget in (1.3, 1.6):
+        interval, one = spacing(tuner, budget)
+        paid = left(budget) // (v + 3 * b)
+        assert one == 1 and interval > 5 and 1 <= rounds(interval) <= paid <= rounds(interval) + 1
+    assert spacing(tuner, 1.01)[1] == 1 and rounds(spacing(tuner, 1.01)[0]) <= 1  # a spent budget: one round
     assert spacing(tuner, 50.0) == (5, 5)  # never closer than tuner.train_steps nor more terms than asked
+
+
+@pytest.mark.parametrize("overrides", [["tuner.val_batch_size=64"], ["tuner.warmup_epochs=2"], ["tuner.batch_size=20"]])
+def test_a_short_ift_run_stays_within_its_budget_whatever_the_batches(overrides):
+    """The plan counts each epoch's short last batch and never pays for a fraction of a round (a review
+    found 2.07-2.11 plain runs at a budget of 2 before)."""
+    prepared = prepare(diabetes("ift", epochs=5, overrides=["tuner.compute_budget=2", *overrides]))
+    _, tuned = execute(prepared)
+    assert tuned.compute["examples"] <= 2 * 5 * prepared.tuner.order.n_train
 
 
 def test_a_run_resumed_after_its_handover_equals_an_uninterrupted_one():

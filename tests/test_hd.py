@@ -280,6 +280,8 @@ def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
     (momentum_space(), dict(momentum="mom", optimizer="rmsprop"), r"tuner\.momentum: a tuned momentum drives SGD"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"momentum": 0.5}), r"tuner\.optimizer_args\.momentum"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"nesterov": True}), r"tuner\.optimizer_args\.nesterov"),
+    (momentum_space(), dict(momentum="mom", optimizer="adam", optimizer_args={"maximize": True}),
+     r"tuner\.optimizer_args\.maximize"),
 ])
 def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, match):
     with pytest.raises(ConfigError, match=match):

@@ -37,6 +37,7 @@ from ..store import RunStore
 from ._base import Context, Method, MethodResult
 
 _STATE = "tuner.pt"
+_DIVERGED = "diverged"  # in a member's checkpoint: the epoch it reported when it diverged
 _NAME = "pbt"  # the registry key (selftune.methods.METHODS)
 
 
@@ -85,11 +86,15 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
     prepared = prepare(config)
     tuner = prepared.tuner
     checkpoint = tune.get_checkpoint()
+    epoch, diverged = tuner.epoch, False
     if checkpoint is not None:  # resumed after a pause, or exploited: continue from that state
         with checkpoint.as_directory() as folder:
             tuner.load_state_dict(torch.load(Path(folder) / _STATE, weights_only=True))
+            marker = Path(folder) / _DIVERGED
+            if marker.exists():  # a diverged member paused by PBT stays diverged (an exploit brings another's)
+                diverged, epoch = True, int(marker.read_text())
         tuner.net.set_values(clip_to_space(config, hp))
-    epoch, diverged = tuner.epoch, False
+        epoch = epoch if diverged else tuner.epoch
     while epoch < config.epochs:
         examples, started = tuner.counters.examples, time.perf_counter()
         target = min(epoch + interval, config.epochs)
@@ -112,6 +117,8 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
             metrics["test_loss"], metrics["test_accuracy"] = test["loss"], test.get("accuracy", math.nan)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(tuner.state_dict(), Path(folder) / _STATE)
+            if diverged:
+                (Path(folder) / _DIVERGED).write_text(str(epoch))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
