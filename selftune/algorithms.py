@@ -99,6 +99,9 @@ class Algorithm:
     #: the algorithm computes its own hypergradient (:meth:`hypergradient`) instead of the tuner's
     #: best-response one
     implicit: ClassVar[bool] = False
+    #: its hypergradient reaches a bound learning rate and momentum (through the weights' update), so
+    #: hypergradient descent leaves them alone (``one-pass``)
+    differentiates_update: ClassVar[bool] = False
 
     def __init__(self, settings: TunerSettings, lr: float | None = None) -> None:
         """``lr``: the weights' initial learning rate when ``settings.lr`` names a hyperparameter."""
@@ -261,3 +264,4 @@ DEFAULT_ALGORITHM: str = "delta-ift"
 
 from . import handover as _handover  # noqa: E402,F401  (registers delta-ift, which builds on both)
 from . import implicit as _implicit  # noqa: E402,F401  (registers the implicit-differentiation algorithm)
+from . import onepass as _onepass  # noqa: E402,F401  (registers one-pass, which builds on it)

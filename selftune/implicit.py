@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 POWER_STEPS = 10
 
 
-def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True) -> tuple[int, int]:
+def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True,
+            power_iteration: bool = True) -> tuple[int, int]:
     """``(weight steps between rounds of implicit hyper steps, Neumann terms)`` from here to the end of
     the run, so that it uses at most ``budget`` plain runs' examples (``epochs x`` the training set).
 
@@ -68,7 +69,8 @@ def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True) -> tup
     the rounds spaced further than ``tuner.train_steps``; at least one round remains even if the budget
     is spent (a budget below what the run already used cannot be met; ``compute.examples`` shows it).
     ``terms_first=False`` keeps all ``neumann_terms`` and only spaces the steps (the measured alternative,
-    scripts/budget_variants.py)."""
+    scripts/budget_variants.py). ``power_iteration=False``: the series' step size needs no power iteration
+    (``one-pass`` steps with the weights' own update, :mod:`selftune.onepass`)."""
     s, order = tuner.settings, tuner.order
     n, epochs, b = order.n_train, tuner.planned_epochs, order.batch_size
     plain = epochs * n
@@ -80,7 +82,8 @@ def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True) -> tup
     steps = remaining if order.epoch >= tuned_from else (epochs - tuned_from) * per_epoch
     first = tuner.log.counters.steps + remaining - steps  # weight steps done before the first of them
     micro = s.batch_size if s.accumulate > 1 else b  # what the series differentiates
-    power = POWER_STEPS * micro if s.neumann_lr is None and "neumann_lr" not in tuner.log.algorithm else 0
+    power = POWER_STEPS * micro if power_iteration and s.neumann_lr is None \
+        and "neumann_lr" not in tuner.log.algorithm else 0
     left = budget * plain - tuner.log.counters.examples - (plain - done) - power
 
     def cost(terms: int) -> int:  # one round of val_steps hyper steps
@@ -121,6 +124,9 @@ class ImplicitDifferentiation(Fixed):
     #: ``tuner.compute_budget`` when unset: Clarke et al. (2022) report 2-3x a plain run for implicit methods
     default_budget = 3.0
     description = "implicit differentiation, Neumann-series inverse Hessian (Lorraine et al. 2020)"
+    #: the Neumann step size defaults to ``1 / curvature`` by power iteration (``False``: to 1)
+    power_iteration = True
+    halve_on_growth = True
 
     def __init__(self, settings: Any, lr: float | None = None) -> None:
         super().__init__(settings, lr)
@@ -142,7 +148,8 @@ class ImplicitDifferentiation(Fixed):
         state = tuner.log.algorithm
         if "hyper_interval" not in state:
             state["budget"] = self.budget()
-            state["hyper_interval"], state["neumann_terms"] = spacing(tuner, state["budget"])
+            state["hyper_interval"], state["neumann_terms"] = spacing(
+                tuner, state["budget"], power_iteration=self.power_iteration)
         return int(state["hyper_interval"])
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
@@ -172,14 +179,15 @@ class ImplicitDifferentiation(Fixed):
         loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
         return list(torch.autograd.grad(loss, weights, create_graph=True))
 
-    def _curvature(self, tuner: SelfTuner, grad: list[torch.Tensor], weights: list[torch.nn.Parameter]) -> float:
-        """The largest |eigenvalue| of the training loss's Hessian, by power iteration."""
+    def _curvature(self, tuner: SelfTuner, mapped: list[torch.Tensor], weights: list[torch.nn.Parameter]) -> float:
+        """The largest |eigenvalue| of the map's Jacobian in the weights (the training loss's Hessian for
+        ``ift``), by power iteration."""
         vec = [torch.randn(w.shape, generator=tuner.generator, device=w.device, dtype=w.dtype) for w in weights]
         scale = _norm(vec)
         vec = [v / scale for v in vec]
         value = 0.0
         for _ in range(POWER_STEPS):
-            hv = torch.autograd.grad(grad, weights, grad_outputs=vec, retain_graph=True)
+            hv = torch.autograd.grad(mapped, weights, grad_outputs=vec, retain_graph=True)
             value = abs(float(_dot(vec, list(hv))))
             size = _norm(list(hv))
             if size == 0.0:
@@ -187,18 +195,25 @@ class ImplicitDifferentiation(Fixed):
             vec = [h / size for h in hv]
         return value
 
+    def mapped(self, tuner: SelfTuner, weights: list[torch.nn.Parameter],
+               train_grad: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the implicit function theorem is applied to: a function of the weights and the
+        hyperparameters that is zero where training stops. Here the training loss's gradient, whose
+        Jacobian in the weights is the Hessian; ``one-pass`` uses the weights' update instead."""
+        return train_grad
+
     def hypergradient(self, tuner: SelfTuner, x: Any, y: Any) -> torch.Tensor:
         net, s, state = tuner.net, self.settings, tuner.log.algorithm
         weights = [w for w in tuner.general_params if w.requires_grad]
         val_loss = tuner.objective.eval_loss(net(x, respond=False), y)
         val_grad = [g if g is not None else torch.zeros_like(w) for g, w in
                     zip(torch.autograd.grad(val_loss, weights, allow_unused=True), weights, strict=True)]
-        train_grad = self._train_gradient(tuner, weights)
+        mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))
         if "neumann_lr" not in state:
-            if s.neumann_lr is not None:
-                state["neumann_lr"] = s.neumann_lr
+            if s.neumann_lr is not None or not self.power_iteration:
+                state["neumann_lr"] = s.neumann_lr if s.neumann_lr is not None else 1.0
             else:
-                curvature = self._curvature(tuner, train_grad, weights)
+                curvature = self._curvature(tuner, mapped, weights)
                 state["neumann_lr"] = 1.0 / curvature if curvature > 0 else 1.0
                 tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0], tuner.net.batch_dim)
         alpha = float(state["neumann_lr"])
@@ -206,17 +221,20 @@ class ImplicitDifferentiation(Fixed):
         total = [t.clone() for t in term]
         used = 0
         for _ in range(int(state.get("neumann_terms", s.neumann_terms))):
-            hv = torch.autograd.grad(train_grad, weights, grad_outputs=term, retain_graph=True)
+            hv = [h if h is not None else torch.zeros_like(w) for h, w in zip(
+                torch.autograd.grad(mapped, weights, grad_outputs=term, retain_graph=True, allow_unused=True),
+                weights, strict=True)]
             following = [t - alpha * h for t, h in zip(term, hv, strict=True)]
             used += 1
-            if _norm(following) > _norm(term):  # (I - alpha H) expands: alpha is past 2 / curvature
+            # (I - alpha J) expands: alpha is past 2 / curvature (one-pass keeps the official, unhalved series)
+            if self.halve_on_growth and _norm(following) > _norm(term):
                 state["neumann_lr"] = alpha / 2
                 state["halvings"] = int(state.get("halvings", 0)) + 1
                 break
             term = following
             total = [a + t for a, t in zip(total, term, strict=True)]
         preconditioned = [alpha * t for t in total]
-        (mixed,) = torch.autograd.grad(train_grad, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
+        (mixed,) = torch.autograd.grad(mapped, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
         net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
         dim = tuner.net.batch_dim
         tuner.log.counters.examples += batch_of(x, dim) + (used + 2) * batch_of(self._last[0], dim)

@@ -306,17 +306,19 @@ class SelfTuner:
             self.optimizers["hyper"] = hyper
         # A learning rate bound to a hyperparameter: applied at every step, tuned by hypergradient
         # descent where the algorithm tunes it (hd, stn, delta-stn), held at its value by fixed.
+        # (one-pass differentiates them within its own hypergradient instead)
+        by_descent = self.algorithm.tunes_lr and not self.algorithm.differentiates_update
         self.lr_tuner: HypergradientLR | None = None
         if lr_name is not None:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
-                                            tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN,
+                                            tune=by_descent, margin=BOUND_MARGIN,
                                             fall=self.settings.lr_fall)
         # A momentum bound to a hyperparameter (SGD's heavy ball, Adam's beta1): the same, by its hypergradient.
         self.momentum_tuner: HypergradientMomentum | None = None
         if momentum_name is not None:
             group = self.algorithm.lr_group
             self.momentum_tuner = HypergradientMomentum(
-                net, momentum_name, self.optimizers[group], tune=self.algorithm.tunes_lr, margin=BOUND_MARGIN,
+                net, momentum_name, self.optimizers[group], tune=by_descent, margin=BOUND_MARGIN,
                 also=[o for k, o in self.optimizers.items() if k not in (group, "hyper")])
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
@@ -850,7 +852,7 @@ class SelfTuner:
     def _apply_hypergradient(self) -> None:
         """Step the hyperparameters on the gradient in ``net.hparams.grad`` (checked, recorded)."""
         net = self.net
-        for bound in self._bound():
+        for bound in self._bound() if not self.algorithm.differentiates_update else ():
             # The rate (and momentum) reach no validation loss through the gates (they drive no module):
             # only their own hypergradient moves them, and their perturbation scales stay put.
             for p in (net.hparams, net.scale_raw):
