@@ -37,6 +37,7 @@ examples already spent, not from the task.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -195,6 +196,11 @@ class ImplicitDifferentiation(Fixed):
             vec = [h / size for h in hv]
         return value
 
+    def differentiated_at(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> AbstractContextManager:
+        """Where the series and the mixed term are taken: the current weights (``one-pass`` puts the
+        weights before the last step in place for that time)."""
+        return nullcontext()
+
     def mapped(self, tuner: SelfTuner, weights: list[torch.nn.Parameter],
                train_grad: list[torch.Tensor]) -> list[torch.Tensor]:
         """What the implicit function theorem is applied to: a function of the weights and the
@@ -208,33 +214,34 @@ class ImplicitDifferentiation(Fixed):
         val_loss = tuner.objective.eval_loss(net(x, respond=False), y)
         val_grad = [g if g is not None else torch.zeros_like(w) for g, w in
                     zip(torch.autograd.grad(val_loss, weights, allow_unused=True), weights, strict=True)]
-        mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))
-        if "neumann_lr" not in state:
-            if s.neumann_lr is not None or not self.power_iteration:
-                state["neumann_lr"] = s.neumann_lr if s.neumann_lr is not None else 1.0
-            else:
-                curvature = self._curvature(tuner, mapped, weights)
-                state["neumann_lr"] = 1.0 / curvature if curvature > 0 else 1.0
-                tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0], tuner.net.batch_dim)
-        alpha = float(state["neumann_lr"])
-        term = [g.detach() for g in val_grad]
-        total = [t.clone() for t in term]
-        used = 0
-        for _ in range(int(state.get("neumann_terms", s.neumann_terms))):
-            hv = [h if h is not None else torch.zeros_like(w) for h, w in zip(
-                torch.autograd.grad(mapped, weights, grad_outputs=term, retain_graph=True, allow_unused=True),
-                weights, strict=True)]
-            following = [t - alpha * h for t, h in zip(term, hv, strict=True)]
-            used += 1
-            # (I - alpha J) expands: alpha is past 2 / curvature (one-pass keeps the official, unhalved series)
-            if self.halve_on_growth and _norm(following) > _norm(term):
-                state["neumann_lr"] = alpha / 2
-                state["halvings"] = int(state.get("halvings", 0)) + 1
-                break
-            term = following
-            total = [a + t for a, t in zip(total, term, strict=True)]
-        preconditioned = [alpha * t for t in total]
-        (mixed,) = torch.autograd.grad(mapped, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
+        with self.differentiated_at(tuner, weights):
+            mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))
+            if "neumann_lr" not in state:
+                if s.neumann_lr is not None or not self.power_iteration:
+                    state["neumann_lr"] = s.neumann_lr if s.neumann_lr is not None else 1.0
+                else:
+                    curvature = self._curvature(tuner, mapped, weights)
+                    state["neumann_lr"] = 1.0 / curvature if curvature > 0 else 1.0
+                    tuner.log.counters.examples += POWER_STEPS * batch_of(self._last[0], tuner.net.batch_dim)
+            alpha = float(state["neumann_lr"])
+            term = [g.detach() for g in val_grad]
+            total = [t.clone() for t in term]
+            used = 0
+            for _ in range(int(state.get("neumann_terms", s.neumann_terms))):
+                hv = [h if h is not None else torch.zeros_like(w) for h, w in zip(
+                    torch.autograd.grad(mapped, weights, grad_outputs=term, retain_graph=True, allow_unused=True),
+                    weights, strict=True)]
+                following = [t - alpha * h for t, h in zip(term, hv, strict=True)]
+                used += 1
+                # (I - alpha J) expands: alpha is past 2 / curvature (one-pass keeps the official, unhalved series)
+                if self.halve_on_growth and _norm(following) > _norm(term):
+                    state["neumann_lr"] = alpha / 2
+                    state["halvings"] = int(state.get("halvings", 0)) + 1
+                    break
+                term = following
+                total = [a + t for a, t in zip(total, term, strict=True)]
+            preconditioned = [alpha * t for t in total]
+            (mixed,) = torch.autograd.grad(mapped, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
         net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
         dim = tuner.net.batch_dim
         tuner.log.counters.examples += batch_of(x, dim) + (used + 2) * batch_of(self._last[0], dim)

@@ -14,9 +14,11 @@ one differentiable update); for plain SGD ``du/dw = lr H``, so the series is ``i
 own rate as its step size, and the regularisers get ``ift``'s hypergradient. For Adam the update's
 Jacobian carries Adam's preconditioning, so the series is taken in the geometry the weights move in.
 
-What is differentiated: the update the weights' optimizer would take from the current weights on the
-last training batch, from its current state (momentum buffer; Adam's moments and step count), written
-out as PyTorch writes it:
+What is differentiated: the step the weights just took, from the weights, the optimizer state
+(momentum buffer; Adam's moments and step count) and the rate before it, on its training batch, while
+the validation gradient is taken after it (as the official code does): the weights before the step are
+kept only for a step that a hyper step follows, and put back in place while the series is taken. The
+update is written out as PyTorch writes it:
 
 * ``SGD``: ``d = g + wd w``; with momentum ``b = mu buf + (1 - dampening) d`` (``b = d`` before the
   first step), ``d = b`` or Nesterov's ``d + mu b``; ``u = lr d``.
@@ -32,10 +34,11 @@ descent does not touch them in this method.
 
 Departures from the official code (rmclarke/OptimisingWeightUpdateHyperparameters), and why:
 
-* It differentiates the step just taken, through the ``higher`` library, so it keeps the weights before
-  that step; this differentiates the next step from the same batch and the current optimizer state, so
-  a hyper step copies no weights and the run's data order is that of ``fixed``. Both hold the optimizer
-  state from before the step constant (its momentum buffer is detached there too).
+* It differentiates the step through the ``higher`` library; this writes the three supported updates
+  out (tested against the optimizers' own steps), so any model that trains with them works unchanged.
+  Both hold the optimizer state from before the step constant. The step's gradient is taken again on
+  its batch with relaxed dropout masks (so the rates are differentiable, as in ``ift``), not the masks the
+  step drew.
 * The series' step size is 1 as there (the update already carries the rate), but halved whenever a term
   grows, as ``ift``'s is: an update whose Jacobian has an eigenvalue past 2 would otherwise diverge.
 * One hyper step every ``tuner.train_steps`` weight steps (5; the paper's 10) with ``neumann_terms`` 5
@@ -48,6 +51,8 @@ Optimizers other than SGD, Adam and AdamW, and ``maximize``, are refused (a one-
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -93,52 +98,107 @@ class OnePass(ImplicitDifferentiation):
         if settings.optimizer_args.get("maximize"):
             raise ConfigError("tuner.optimizer_args", "method 'one-pass' minimises the training loss: drop maximize "
                                                       "and negate the loss instead")
+        #: the weights, optimizer state and rates before the last step, when a hyper step follows it
+        self._before: dict[str, Any] | None = None
+
+    def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
+        self.remember(tuner, x, y)
+        s = self.settings
+        follows = tuner.order.epoch >= s.warmup_epochs and \
+            (tuner.log.counters.steps + 1) % self.hyper_interval(tuner) == 0
+        self._before = self.stash(tuner) if follows else None
+        loss = tuner.weight_step(x, y, None, self.lr_group, respond=False)
+        if self._before is not None:
+            self.record_rates(tuner)
+        return loss
+
+    def stash(self, tuner: SelfTuner) -> dict[str, Any]:
+        """Copies of the weights and of their optimizer state before a step (call :meth:`record_rates`
+        after it)."""
+        optimizer = tuner.optimizers[self.lr_group]
+        weights = [w for w in tuner.general_params if w.requires_grad]
+
+        def copy(state: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+        return {"weights": [w.detach().clone() for w in weights],
+                "state": {id(w): copy(optimizer.state[w]) for w in weights if w in optimizer.state}}
+
+    def record_rates(self, tuner: SelfTuner) -> None:
+        """The rates and momenta the step used (the schedule sets them inside the step)."""
+        assert self._before is not None
+        groups = tuner.optimizers[self.lr_group].param_groups
+        self._before["groups"] = [{k: g[k] for k in ("lr", "momentum", "betas") if k in g} for g in groups]
+
+    @contextmanager
+    def differentiated_at(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> Iterator[None]:
+        """The weights before the last step in place (the series, the training gradient and the update
+        are taken there), the weights after it back afterwards; the current weights where no step was
+        kept (the next update from them is differentiated instead)."""
+        before = self._before
+        if before is None or "groups" not in before:
+            yield
+            return
+        after = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, old in zip(weights, before["weights"], strict=True):
+                w.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, new in zip(weights, after, strict=True):
+                    w.copy_(new)
 
     def mapped(self, tuner: SelfTuner, weights: list[torch.nn.Parameter],
                train_grad: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The next update of each weight (module docstring), differentiable in the weights (through
+        """The update of each weight (module docstring), differentiable in the weights (through
         ``train_grad``) and in ``net.hparams`` (the regularisers through ``train_grad``; the bound rate
-        and momentum directly)."""
+        and momentum directly): the last step's, from what :meth:`stash` kept, or else the next one's."""
         net = tuner.net
         optimizer = tuner.optimizers[self.lr_group]
+        before = self._before if self._before is not None and "groups" in self._before else None
+        groups = before["groups"] if before is not None else optimizer.param_groups
         values = net.space.to_constrained(net.hparams.unsqueeze(0))[0]
-        where = {id(p): (i, g) for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         adam = isinstance(optimizer, torch.optim.Adam)
         decoupled = isinstance(optimizer, torch.optim.AdamW)
         lr_bound = tuner.lr_tuner.index if tuner.lr_tuner is not None else None
         mu_bound = tuner.momentum_tuner.index if tuner.momentum_tuner is not None else None
         updates: list[torch.Tensor] = []
         for w, g in zip(weights, train_grad, strict=True):
-            index, group = where[id(w)]
-            state = optimizer.state.get(w, {})
+            index = where[id(w)]
+            group, settings = groups[index], optimizer.param_groups[index]
+            state = before["state"].get(id(w), {}) if before is not None else optimizer.state.get(w, {})
             lr: Any = group["lr"]
             mu: Any = group["betas"][0] if adam else group.get("momentum", 0.0)
             if index == 0 and lr_bound is not None:  # the bound rate drives the first group
                 value = values[lr_bound]
                 lr = lr * value / value.detach()
-            if mu_bound is not None:
-                mu = values[mu_bound]
-            wd = group["weight_decay"]
+            if mu_bound is not None:  # d u / d mu at the value the step used
+                value = values[mu_bound]
+                mu = mu + (value - value.detach())
+            wd = settings["weight_decay"]
             if adam:
-                if wd and not (decoupled or group.get("decoupled_weight_decay", False)):
+                coupled = not (decoupled or settings.get("decoupled_weight_decay", False))
+                if wd and coupled:
                     g = g + wd * w
-                beta2, eps = group["betas"][1], group["eps"]
+                beta2, eps = settings["betas"][1], settings["eps"]
                 step = float(state["step"]) + 1 if "step" in state else 1.0
                 m = mu * state["exp_avg"] + (1 - mu) * g if "exp_avg" in state else (1 - mu) * g
                 v = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g if "exp_avg_sq" in state \
                     else (1 - beta2) * g * g
-                if group.get("amsgrad") and "max_exp_avg_sq" in state:
+                if settings.get("amsgrad") and "max_exp_avg_sq" in state:
                     v = torch.maximum(state["max_exp_avg_sq"], v)
                 u = lr * (m / (1 - mu ** step)) / (_safe_sqrt(v / (1 - beta2 ** step)) + eps)
-                if wd and (decoupled or group.get("decoupled_weight_decay", False)):
+                if wd and not coupled:
                     u = u + lr * wd * w
             else:
                 d = g + wd * w if wd else g
-                tuned_mu = mu_bound is not None
-                if tuned_mu or mu != 0:
+                if mu_bound is not None or mu != 0:
                     buf = state.get("momentum_buffer")
-                    b = d if buf is None else mu * buf + (1 - group.get("dampening", 0.0)) * d
-                    d = d + mu * b if group.get("nesterov", False) else b
+                    b = d if buf is None else mu * buf + (1 - settings.get("dampening", 0.0)) * d
+                    d = d + mu * b if settings.get("nesterov", False) else b
                 u = lr * d
             updates.append(u)
         return updates

@@ -34,20 +34,26 @@ DECAY = ('objective.weight_decay="wd"', "space.wd.low=1e-6", "space.wd.high=0.1"
 def test_the_update_it_differentiates_is_the_optimizers_own_step(optimizer):
     tuner = digits_tuner(*optimizer, method="one-pass")
     tuner.fit(1)  # the optimizer has state: momentum buffers, Adam's moments and step count
-    net = tuner.net
+    net, algorithm = tuner.net, tuner.algorithm
     weights = [w for w in tuner.general_params if w.requires_grad]
-    x, y = tuner.algorithm._last
+    x, y = algorithm._last
     net.eval()  # no dropout masks: the same gradient for both
     net.zero_grad(set_to_none=True)
     tuner.objective.eval_loss(net(x, respond=False), y).backward()
     grads = [w.grad.detach().clone() for w in weights]
+    algorithm._before = algorithm.stash(tuner)
     tuner._apply_schedule("weights")
-    with torch.no_grad():
-        written = [u.detach().clone() for u in tuner.algorithm.mapped(tuner, weights, grads)]
     before = [w.detach().clone() for w in weights]
     tuner.optimizers["weights"].step()
-    for b, w, u in zip(before, weights, written, strict=True):
-        torch.testing.assert_close(b - w.detach(), u, rtol=1e-4, atol=1e-7)
+    algorithm.record_rates(tuner)
+    after = [w.detach().clone() for w in weights]
+    with torch.no_grad(), algorithm.differentiated_at(tuner, weights):
+        for w, b in zip(weights, before, strict=True):
+            assert torch.equal(w, b)  # the weights before the step are in place
+        written = [u.detach().clone() for u in algorithm.mapped(tuner, weights, grads)]
+    for w, b, a, u in zip(weights, before, after, written, strict=True):
+        assert torch.equal(w, a)  # ... and the weights after it are back
+        torch.testing.assert_close(b - a, u, rtol=1e-4, atol=1e-7)
 
 
 def test_the_rate_and_momentum_get_their_hypergradients_from_the_update():
