@@ -138,16 +138,17 @@ class TunerSettings(BaseModel):
     neumann_lr: PositiveFloat | None = Field(
         None, description="ift: step size of the Neumann series; None: 1 / the largest curvature of the training "
                           "loss, estimated by power iteration at the first hyper step. Halved whenever the series "
-                          "grows (a step size past 2 / curvature diverges)")
+                          "grows (a step size past 2 / curvature diverges). one-pass: None is 1 (the update it "
+                          "differentiates already carries the rate), never halved (Clarke et al.'s series)")
     compute_budget: float | None = Field(
         None, gt=1.0,
-        description="ift, delta-ift: the most examples a run may use, as a multiple of one plain run's (epochs x "
-                    "training set). An implicit hyper step costs a validation batch and neumann_terms + 2 passes over "
-                    "a training batch; when the implicit steps start, the run takes the most Neumann terms (down to "
-                    "1) that fit one hyper step every train_steps weight steps into what is left, and only then "
-                    "spaces them further apart (recorded as neumann_terms and hyper_interval). "
-                    "None: the method's own, 2 for delta-ift (the default method costs at most two plain runs) and "
-                    "3 for ift (the implicit-differentiation methods' cost in Clarke et al. 2022)")
+        description="ift, one-pass, delta-ift: the most examples a run may use, as a multiple of one plain run's "
+                    "(epochs x training set). An implicit hyper step costs a validation batch and neumann_terms + 2 "
+                    "passes over a training batch; when the implicit steps start, the run takes the most Neumann "
+                    "terms (down to 1) that fit one hyper step every train_steps weight steps into what is left, and "
+                    "only then spaces them further apart (recorded as neumann_terms and hyper_interval). None: the "
+                    "method's own, 2 for delta-ift (the default method costs at most two plain runs) and 3 for ift "
+                    "and one-pass (the implicit-differentiation methods' cost in Clarke et al. 2022)")
     handover_patience: float = Field(
         0.1, gt=0.0, le=1.0,
         description="delta-ift: hand over from Delta-STN to implicit hypergradients once the epoch's validation loss "
