@@ -240,6 +240,12 @@ class ImplicitDifferentiation(Fixed):
                     break
                 term = following
                 total = [a + t for a, t in zip(total, term, strict=True)]
+            if not self.halve_on_growth and not math.isfinite(sum(float(t.abs().sum()) for t in total)):
+                # the unhalved series overflowed: the update expands violently, a rate far past 2 / curvature;
+                # a divergence of the weights, so the roll-back lowers their rate
+                from .tuner import NonFiniteError
+
+                raise NonFiniteError("Neumann series of the weight update", "weights", tuner.counters.steps)
             preconditioned = [alpha * t for t in total]
             (mixed,) = torch.autograd.grad(mapped, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
         net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)

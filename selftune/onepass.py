@@ -9,7 +9,7 @@ whose signal is one step long (:mod:`selftune.hd`). Clarke et al. apply the theo
     dL_val/dlam = -dL_val/dw . (du/dw)^-1 . du/dlam
 
 where ``lam`` now holds the rate and the momentum beside the regularisers. ``(du/dw)^-1`` is the Neumann
-series ``sum_{j<K} (I - du/dw)^j`` applied to the validation gradient (vector-Jacobian products through
+series ``sum_{j<=K} (I - du/dw)^j`` applied to the validation gradient (vector-Jacobian products through
 one differentiable update); for plain SGD ``du/dw = lr H``, so the series is ``ift``'s with the weights'
 own rate as its step size, and the regularisers get ``ift``'s hypergradient. For Adam the update's
 Jacobian carries Adam's preconditioning, so the series is taken in the geometry the weights move in.
@@ -39,10 +39,17 @@ Departures from the official code (rmclarke/OptimisingWeightUpdateHyperparameter
   Both hold the optimizer state from before the step constant. The step's gradient is taken again on
   its batch with relaxed dropout masks (so the rates are differentiable, as in ``ift``), not the masks the
   step drew.
-* The series' step size is 1 as there (the update already carries the rate), but halved whenever a term
-  grows, as ``ift``'s is: an update whose Jacobian has an eigenvalue past 2 would otherwise diverge.
-* One hyper step every ``tuner.train_steps`` weight steps (5; the paper's 10) with ``neumann_terms`` 5
-  (the paper's), both fitted to ``tuner.compute_budget`` (3 plain runs, the paper's "2-3x") as ``ift``'s are.
+* The series' step size is 1 as there (the update already carries the rate), and it is not halved when a
+  term grows (``ift``'s is): where the rate is too large for the curvature the terms alternate and grow in
+  that direction, and that is what turns the rate's hypergradient round (measured in docs/algorithms.md).
+  A series that overflows is a divergence of the weights: the run rolls back and halves their rate.
+* ``neumann_terms`` counts Jacobian-vector products, as ``ift``'s does, so 5 (the default) sums ``j <= 5``:
+  one term more than the official ``hyperparameter_rollback_distance`` of 5. One hyper step every
+  ``tuner.train_steps`` weight steps (5; the paper's 10); both are fitted to ``tuner.compute_budget`` (3
+  plain runs, the paper's "2-3x") as ``ift``'s are.
+* With ``tuner.grad_clip`` the written-out update scales the gradient by the factor the step's clip used.
+  With gradient accumulation (``tuner.accumulate``) the gradient is taken again on the step's first
+  micro-batch only (as ``ift``'s), so the update differentiated approximates the step taken.
 * The hyperparameters keep selftune's bounded transforms (the rate log-uniform in its declared range) in
   place of the paper's ``10^x`` and sigmoid with clipping.
 
@@ -129,6 +136,7 @@ class OnePass(ImplicitDifferentiation):
         assert self._before is not None
         groups = tuner.optimizers[self.lr_group].param_groups
         self._before["groups"] = [{k: g[k] for k in ("lr", "momentum", "betas") if k in g} for g in groups]
+        self._before["clip"] = tuner.clip_factor
 
     @contextmanager
     def differentiated_at(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> Iterator[None]:
@@ -143,12 +151,14 @@ class OnePass(ImplicitDifferentiation):
         with torch.no_grad():
             for w, old in zip(weights, before["weights"], strict=True):
                 w.copy_(old)
+        torch.clear_autocast_cache()  # a user's autocast keeps low-precision copies of the weights it saw
         try:
             yield
         finally:
             with torch.no_grad():
                 for w, new in zip(weights, after, strict=True):
                     w.copy_(new)
+            torch.clear_autocast_cache()
 
     def mapped(self, tuner: SelfTuner, weights: list[torch.nn.Parameter],
                train_grad: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -165,8 +175,10 @@ class OnePass(ImplicitDifferentiation):
         decoupled = isinstance(optimizer, torch.optim.AdamW)
         lr_bound = tuner.lr_tuner.index if tuner.lr_tuner is not None else None
         mu_bound = tuner.momentum_tuner.index if tuner.momentum_tuner is not None else None
+        clip = before["clip"] if before is not None else 1.0
         updates: list[torch.Tensor] = []
         for w, g in zip(weights, train_grad, strict=True):
+            g = g * clip if clip != 1.0 else g
             index = where[id(w)]
             group, settings = groups[index], optimizer.param_groups[index]
             state = before["state"].get(id(w), {}) if before is not None else optimizer.state.get(w, {})

@@ -124,13 +124,15 @@ class TunerSettings(BaseModel):
         8.0, ge=0.0,
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "
                     "units) it can cover in the run if every step pushes it the same way, as hyper_travel; each "
-                    "weight step moves it by at most lr_travel / planned weight steps (selftune.hd)")
+                    "weight step moves it by at most lr_travel / planned weight steps (selftune.hd; one-pass "
+                    "tunes the rate through its own hypergradient and ignores it)")
     lr_fall: float = Field(
         1.0, ge=1.0, le=100.0,
         description="with a tuned learning rate: how many times faster it may fall than rise per weight step. A "
                     "rate far too large breaks the network in the first epoch, before a rate that crosses lr_travel "
                     "once per run has come down; 3 rescued digits from 10x too large (test loss 2.15 -> 0.66 for hd) "
-                    "but lets mini-batch noise ratchet a good rate down (docs/algorithms.md)")
+                    "but lets mini-batch noise ratchet a good rate down (docs/algorithms.md). Hypergradient "
+                    "descent only: one-pass ignores it")
     neumann_terms: int = Field(
         5, ge=0, le=100, description="ift: terms of the Neumann series that approximates the inverse Hessian "
                                      "(0: the one-step greedy hypergradient; more: a longer horizon, one "

@@ -330,6 +330,7 @@ class SelfTuner:
         self._stop = False
         self._step_clock = 0  # _progress() before the current batch was drawn (adaptive batch)
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
+        self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
@@ -751,7 +752,10 @@ class SelfTuner:
             value += loss
         params = [p for g in self.optimizers[group].param_groups for p in g["params"]]
         clip = self.settings.grad_clip or math.inf
-        self._check(torch.nn.utils.clip_grad_norm_(params, clip), "weight gradient", group)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self._check(norm, "weight gradient", group)
+        # the factor the clip scaled this step's gradient by (torch's rule), for one-pass's written-out update
+        self.clip_factor = 1.0 if clip == math.inf else min(1.0, clip / (float(norm) + 1e-6))
         bound = self._bound() if group == self.algorithm.lr_group else []
         for b in bound:
             if b.before_step():

@@ -12,6 +12,7 @@ from selftune.config import load_config
 from selftune.errors import ConfigError
 from selftune.runner import execute, prepare
 from selftune.testing import digits_tuner
+from selftune.tuner import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,10 @@ DECAY = ('objective.weight_decay="wd"', "space.wd.low=1e-6", "space.wd.high=0.1"
     ('tuner.optimizer="adam"', "tuner.lr=1e-3", "tuner.optimizer_args={amsgrad = true}"),
     ('tuner.optimizer="sgd"', *RATE, *MOMENTUM),
     ('tuner.optimizer="adam"', *RATE, *MOMENTUM, "space.lr.init=1e-3"),
+    ('tuner.optimizer="sgd"', "tuner.optimizer_args={dampening = 0.1}"),
+    ('tuner.optimizer="adam"', "tuner.lr=1e-3", "tuner.weight_decay=1e-2",
+     "tuner.optimizer_args={decoupled_weight_decay = true}"),
+    ('tuner.optimizer="sgd"', "tuner.grad_clip=0.05"),
 ])
 def test_the_update_it_differentiates_is_the_optimizers_own_step(optimizer):
     tuner = digits_tuner(*optimizer, method="one-pass")
@@ -41,6 +46,11 @@ def test_the_update_it_differentiates_is_the_optimizers_own_step(optimizer):
     net.zero_grad(set_to_none=True)
     tuner.objective.eval_loss(net(x, respond=False), y).backward()
     grads = [w.grad.detach().clone() for w in weights]
+    clip = tuner.settings.grad_clip
+    if clip is not None:  # as the weight step clips (the written-out update applies the recorded factor)
+        norm = float(torch.nn.utils.clip_grad_norm_(weights, clip))
+        tuner.clip_factor = min(1.0, clip / (norm + 1e-6))
+        assert tuner.clip_factor < 1.0  # the clip is active
     algorithm._before = algorithm.stash(tuner)
     tuner._apply_schedule("weights")
     before = [w.detach().clone() for w in weights]
@@ -77,6 +87,29 @@ def test_an_update_it_cannot_write_out_is_refused_with_the_field(override, field
         digits_tuner(override, method="one-pass")
     assert err.value.field == field
     assert "one-pass" in str(err.value)
+
+
+class FirstDivergence(Callback):
+    def __init__(self) -> None:
+        self.info = None
+
+    def on_divergence(self, tuner, info):
+        self.info = info
+        tuner.request_stop()
+
+
+def test_an_overflowing_series_is_a_divergence_of_the_weights_that_lowers_their_rate():
+    """The series is not halved (Clarke et al.'s), so an update that expands violently can overflow it:
+    that is the rate far past 2 / curvature, so the run rolls back and lowers the weights' rate (not the
+    hyperparameters' as a non-finite hypergradient would)."""
+    tuner = digits_tuner(*RATE, "tuner.neumann_lr=1e12", method="one-pass")
+    rate = tuner.lr_tuner.value
+    seen = FirstDivergence()
+    tuner.fit(2, callbacks=[seen])
+    assert seen.info is not None and seen.info["group"] == "weights", seen.info
+    assert "Neumann series" in seen.info["what"]
+    assert tuner.lr_tuner.value == pytest.approx(rate * 0.5, rel=1e-3)
+    assert all(torch.isfinite(w).all() for w in tuner.net.parameters())
 
 
 def test_a_one_pass_run_resumes_exactly():
