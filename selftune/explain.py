@@ -90,6 +90,10 @@ def explain(tuner: SelfTuner) -> list[str]:
                 lines.append(f"{tuner.method}: the run used {used:.2f} plain runs' examples, over its budget of "
                              f"{state['budget']:g} (it was spent before the implicit steps began: raise "
                              "tuner.compute_budget or lower tuner.response_fraction)")
+        if state.get("overflows"):
+            lines.append(f"{tuner.method}: {state['overflows']} hyper steps skipped, their Neumann series of the "
+                         "weight update overflowed (the update expands violently: a learning rate far too large "
+                         "for the curvature, or weights it has already blown up)")
         plan = log.hyper_lr
         if plan.get("rule") == "travel":
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "

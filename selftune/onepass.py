@@ -42,7 +42,8 @@ Departures from the official code (rmclarke/OptimisingWeightUpdateHyperparameter
 * The series' step size is 1 as there (the update already carries the rate), and it is not halved when a
   term grows (``ift``'s is): where the rate is too large for the curvature the terms alternate and grow in
   that direction, and that is what turns the rate's hypergradient round (measured in docs/algorithms.md).
-  A series that overflows is a divergence of the weights: the run rolls back and halves their rate.
+  A series that overflows (weights a rate far too large has blown up) skips its hyper step, counted in
+  the run's algorithm state as ``overflows`` and in its explanation; plain training goes on.
 * ``neumann_terms`` counts Jacobian-vector products, as ``ift``'s does, so 5 (the default) sums ``j <= 5``:
   one term more than the official ``hyperparameter_rollback_distance`` of 5. One hyper step every
   ``tuner.train_steps`` weight steps (5; the paper's 10); both are fitted to ``tuner.compute_budget`` (3
