@@ -230,6 +230,8 @@ def test_a_fixed_run_that_diverged_leaves_a_readable_table(tmp_path):
     text = table("t", results, quick=False, config=config)
     assert "| fixed (1 of 1 diverged) |" in text
     assert "| high | delta-stn | 1/1 |" in text and "| low | delta-stn | 1/1 |" in text
+    assert "nan" not in text  # no unit to count in, and no loss to compare with: said in words
+    assert "0.7000 vs fixed diverged" in text and "- (fixed diverged)" in text
     plot_compute("t", results, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
 

@@ -231,11 +231,14 @@ def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], pe
             lines.append(f"| {name} | - | {'- | ' if perplexity else ''}- | - | - | - |")
             continue
         rs = [results[i] for i in idx]
-        ex = statistics.mean(units[i][0] for i in idx)
-        sec = statistics.mean(units[i][1] for i in idx)
+        # runs whose plain run diverged have no unit to count in
+        ex = [units[i][0] for i in idx if math.isfinite(units[i][0])]
+        sec = [units[i][1] for i in idx if math.isfinite(units[i][1])]
+        ex_s = f"{statistics.mean(ex):.2f}" if ex else "- (fixed diverged)"
+        sec_s = f"{statistics.mean(sec):.2f}" if sec else "-"
         ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
         lines.append(f"| {name} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
-                     f"{_mean_sd([r.test_accuracy for r in rs])} | {ex:.2f} | {sec:.2f} | {rs[0].trials} |")
+                     f"{_mean_sd([r.test_accuracy for r in rs])} | {ex_s} | {sec_s} | {rs[0].trials} |")
     return lines
 
 
@@ -321,7 +324,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             vs = f"{(mean / statistics.mean(searches[best_search]) - 1) * 100:+.1f}%" if best_search else "-"
             moves = [unit_moves(r, config) for r in rs]
             shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
-            lines.append(f"| {start} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {base:.4f} | {vs} | {shown} |")
+            against = f"{base:.4f}" if math.isfinite(base) else "fixed diverged"
+            lines.append(f"| {start} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {against} | {vs} | {shown} |")
     return lines
 
 
