@@ -117,6 +117,8 @@ class BenchConfig(BaseModel):
 
     model_config = _STRICT
     starts: dict[str, dict[str, float | int]] = {}
+    #: the hyperparameters the ``grid`` method varies (default: every one); the others stay at their init
+    grid: list[str] = []
 
 
 class RunConfig(BaseModel):
@@ -188,6 +190,9 @@ class RunConfig(BaseModel):
                 if not h.low <= value <= h.high:
                     raise ConfigError(f"bench.starts.{start}.{name}", f"{value} is outside the range "
                                                                       f"[{h.low}, {h.high}] of space.{name}")
+        for name in self.bench.grid:
+            if name not in self.space:
+                raise ConfigError("bench.grid", f"{name!r} is not declared in the space (it has {list(self.space)})")
         return self
 
     def starts(self) -> dict[str, RunConfig]:

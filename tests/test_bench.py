@@ -10,8 +10,11 @@ import torch
 
 from selftune.bench import GPU_TASKS, load_task
 from selftune.cli import main
+from selftune.errors import ConfigError
 from selftune.methods import METHODS
 from selftune.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys):
@@ -20,8 +23,9 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
     assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--store", url, "--out", "b"]) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     # every default method that can run the task: hd tunes a learning rate, which digits-mlp does not bind;
-    # the -replay variants run only when named
-    usable = [m for m in METHODS if m != "hd" and not m.endswith("-replay")]
+    # the -replay variants, one-pass and grid run only when named
+    usable = [m for m, method in METHODS.items() if m != "hd" and method.by_default]
+    assert "one-pass" not in usable and "grid" not in usable  # these run when named
     assert list(dict.fromkeys(r["method"] for r in results)) == usable
     # Single runs start from each of the task's three starts; searches and PBT sample the space once.
     starts = ["overfit", "default", "overreg"]
@@ -62,7 +66,7 @@ def test_bench_bad_arguments(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "cifar-resnet", "--quick"]) == 2
     assert "unknown task" in capsys.readouterr().err
-    assert main(["bench", "digits-mlp", "--methods", "grid"]) == 2
+    assert main(["bench", "digits-mlp", "--methods", "hyperband"]) == 2
     assert "--methods" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(LookupError):
@@ -308,3 +312,38 @@ def test_a_pbt_member_that_diverges_is_replaced_not_fatal_and_all_diverging_is_a
     with pytest.raises(DivergenceError, match="every one of the 3 PBT members diverged"):
         run_pbt(_lr_config(500.0, 1000.0), 0, 3, store, tmp_path / "hopeless", ray_dir=tmp_path / "ray",
                 checkpoint_root=tmp_path / "ck", interval=1, concurrency=2, name="hopeless")
+
+
+def test_a_grid_is_cell_centres_and_a_grid_over_the_rate_keeps_the_rest_at_init(tmp_path, monkeypatch):
+    """`grid`: k values per hyperparameter at the centres of k equal cells (log cells for a log range),
+    k**d within the trial budget; `[bench] grid` names what it varies, the rest stays at its init."""
+    from selftune.config import load_config
+    from selftune.methods.search import grid_points
+
+    config = load_config(ROOT / "examples" / "digits_lr.toml")
+    assert config.bench.grid == ["lr"]
+    lr = grid_points(config, 4)["lr"]
+    assert lr == pytest.approx([10 ** -3.5, 10 ** -2.5, 10 ** -1.5, 10 ** -0.5])  # log10 range -4..0, 4 cells
+    every = config.model_copy(update={"bench": config.bench.model_copy(update={"grid": []})})
+    points = grid_points(every, 40)  # 5 hyperparameters: 2 values each (2**5 = 32 <= 40 < 3**5)
+    assert set(points) == set(config.space) and points["dropout1"] == pytest.approx([0.2375, 0.7125])
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    assert main(["bench", str(ROOT / "examples" / "digits_lr.toml"), "--methods", "grid", "--quick", "--trials", "3",
+                 "--seeds", "1", "--store", url, "--out", "b"]) == 0
+    grid = next(r for r in json.loads((tmp_path / "b" / "results.json").read_text()) if r["method"] == "grid")
+    assert grid["trials"] == 3 and grid["hparams"]["dropout1"] == config.space["dropout1"].init
+    study = next(s for s in optuna.get_all_study_summaries(storage=url) if "-grid-seed0-" in s.study_name)
+    tried = sorted(t.params["lr"] for t in optuna.load_study(study_name=study.study_name, storage=url).trials)
+    assert tried == pytest.approx(grid_points(config, 3)["lr"])
+    assert set(optuna.load_study(study_name=study.study_name, storage=url).trials[0].params) == {"lr"}
+
+
+def test_a_grid_over_an_undeclared_name_is_refused_with_the_field():
+    from selftune.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
+                      "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}, "bench": {"grid": ["q"]}})
+    assert err.value.field == "bench.grid" and "'q'" in str(err.value)

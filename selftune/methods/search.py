@@ -1,6 +1,6 @@
 """Black-box searches through Optuna: each trial is a full ``fixed`` training run.
 
-Uses Optuna itself (RandomSampler, TPESampler, SuccessiveHalvingPruner); studies live in the same
+Uses Optuna itself (RandomSampler, TPESampler, GridSampler, SuccessiveHalvingPruner); studies live in the same
 SQLAlchemy database as the run store, so ``optuna-dashboard URL`` opens them next to selftune's runs.
 A trial reports the per-epoch validation loss (what the pruner of ``tpe-asha`` acts on); the study
 minimises the final validation loss, and the method returns the test loss of the best trial's model.
@@ -49,6 +49,24 @@ def _suggest(trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
     return values
 
 
+def grid_points(config: RunConfig, n_trials: int) -> dict[str, list[float | int]]:
+    """The values the ``grid`` method tries for each hyperparameter it varies (``[bench] grid``, or every
+    one of the space): ``k`` per hyperparameter with ``k**d <= n_trials`` (``k >= 2``; ``d``
+    hyperparameters), at the centres of ``k`` equal cells of the range, in log space for a log range
+    (a grid's usual placement: no point on a bound, where a dropout of 0.95 or a decay of 1e-2 says
+    little). Integers are rounded and repeated values dropped."""
+    names = list(config.bench.grid) or list(config.space)
+    k = max(2, math.floor(n_trials ** (1 / len(names)) + 1e-9))
+    points: dict[str, list[float | int]] = {}
+    for name in names:
+        h = config.space[name]
+        lo, hi = (math.log(h.low), math.log(h.high)) if h.log else (float(h.low), float(h.high))
+        values = [lo + (i + 0.5) * (hi - lo) / k for i in range(k)]
+        values = [math.exp(v) for v in values] if h.log else values
+        points[name] = list(dict.fromkeys(round(v) for v in values)) if h.type == "int" else values
+    return points
+
+
 class Search(Method):
     """An Optuna study whose trials are full ``fixed`` training runs of the task.
 
@@ -79,6 +97,48 @@ class Search(Method):
         return run_search(config, self, seed, ctx.trials, ctx.store.url.render_as_string(hide_password=False),
                           study)
 
+    def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
+        return self.sampler(seed)
+
+    def planned_trials(self, config: RunConfig, n_trials: int) -> int:
+        """Trials the study runs for a budget of ``n_trials``."""
+        return n_trials
+
+    def suggest(self, trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
+        """The trial's hyperparameters (every one of the space, sampled)."""
+        return _suggest(trial, config)
+
+
+class Grid(Search):
+    """A fixed grid (Optuna's GridSampler over :func:`grid_points`), visited in an order the seed shuffles;
+    hyperparameters outside ``[bench] grid`` stay at their ``init``. A grid larger than the trial budget
+    (2 values of more than log2(trials) hyperparameters) is visited only in part."""
+
+    by_default = False
+
+    def __init__(self) -> None:
+        super().__init__("grid", _random)
+
+    def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
+        import optuna
+
+        return optuna.samplers.GridSampler(grid_points(config, n_trials), seed=seed)
+
+    def planned_trials(self, config: RunConfig, n_trials: int) -> int:
+        return min(n_trials, math.prod(len(v) for v in grid_points(config, n_trials).values()))
+
+    def budget(self, ctx: Context) -> str:
+        return f" (a grid within {ctx.trials} trials)"
+
+    def suggest(self, trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
+        varied = set(config.bench.grid) or set(config.space)
+        values = {name: h.init for name, h in config.space.items() if name not in varied}
+        for name, h in config.space.items():
+            if name in varied:
+                values[name] = trial.suggest_int(name, int(h.low), int(h.high)) if h.type == "int" else \
+                    trial.suggest_float(name, h.low, h.high, log=h.log)
+        return values
+
 
 def _random(seed: int) -> optuna.samplers.BaseSampler:
     import optuna
@@ -93,7 +153,8 @@ def _tpe(seed: int) -> optuna.samplers.BaseSampler:
 
 
 #: The black-box searches, in the order tables show them.
-SEARCHES: tuple[Search, ...] = (Search("random", _random), Search("tpe", _tpe), Search("tpe-asha", _tpe, pruned=True))
+SEARCHES: tuple[Search, ...] = (Search("random", _random), Search("tpe", _tpe), Search("tpe-asha", _tpe, pruned=True),
+                                Grid())
 
 
 def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, storage: str,
@@ -114,14 +175,16 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
 
     pruner = optuna.pruners.SuccessiveHalvingPruner() if search.pruned else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=search.sampler(seed), pruner=pruner,
+    sampler = search.make_sampler(seed, config, n_trials)
+    n_trials = search.planned_trials(config, n_trials)
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="minimize", load_if_exists=True)
     totals = {"examples": 0, "seconds": 0.0}
     curve: list[tuple[int, float]] = []
     best = {"val": float("inf"), "test": float("nan")}
 
     def objective(trial: optuna.Trial) -> float:
-        values = _suggest(trial, config)
+        values = search.suggest(trial, config)
         report = _Report(trial)
         callbacks = [report] if search.pruned else []
         prepared = prepare(config.derive(method=Fixed.name, seed=seed, values=values))
@@ -154,7 +217,8 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise DivergenceError(f"every trial of the {search.name} study diverged; narrow the space or lower tuner.lr")
     chosen = study.best_trial
+    hparams = {**{n: h.init for n, h in config.space.items()}, **chosen.params}  # a grid varies only some
     return MethodResult(method=search.name, seed=seed, test_loss=chosen.user_attrs["test_loss"],
                         test_accuracy=chosen.user_attrs["test_accuracy"], val_loss=float(chosen.value),
-                        hparams=dict(chosen.params), examples=totals["examples"], seconds=totals["seconds"],
+                        hparams=hparams, examples=totals["examples"], seconds=totals["seconds"],
                         trials=n_trials, study=study_name, curve=curve)

@@ -20,6 +20,8 @@ class SingleRun(Method):
     def __init__(self, algorithm: str) -> None:
         self.algorithm = ALGORITHMS[algorithm]
         super().__init__(self.algorithm.name, schedule=self.algorithm.tunes or self.algorithm.needs_lr)
+        # one-pass runs when named: a default benchmark already tunes a bound rate (hd, delta-ift)
+        self.by_default = not self.algorithm.differentiates_update
 
     def unusable(self, config: RunConfig) -> str | None:
         if self.algorithm.needs_lr and not isinstance(config.tuner.lr, str):
