@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                                                "paper-scale task")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
                        help="methods to run (default: every method that can run the task: fixed hd stn delta-stn "
-                            "random tpe tpe-asha pbt; hd only where tuner.lr names a hyperparameter)")
+                            "ift delta-ift random tpe tpe-asha pbt; hd only where tuner.lr names a hyperparameter; "
+                            "one-pass, grid and the -replay methods when named)")
     bench.add_argument("--trials", type=_positive, default=20, help="trials per search method (default 20)")
     bench.add_argument("--population", type=_at_least_two, default=8,
                        help="members of the PBT population (default 8)")
