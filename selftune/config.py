@@ -190,6 +190,8 @@ class RunConfig(BaseModel):
                 if not h.low <= value <= h.high:
                     raise ConfigError(f"bench.starts.{start}.{name}", f"{value} is outside the range "
                                                                       f"[{h.low}, {h.high}] of space.{name}")
+        if len(set(self.bench.grid)) < len(self.bench.grid):
+            raise ConfigError("bench.grid", f"names a hyperparameter twice ({self.bench.grid}); list each once")
         for name in self.bench.grid:
             if name not in self.space:
                 raise ConfigError("bench.grid", f"{name!r} is not declared in the space (it has {list(self.space)})")

@@ -214,6 +214,7 @@ class ImplicitDifferentiation(Fixed):
         val_loss = tuner.objective.eval_loss(net(x, respond=False), y)
         val_grad = [g if g is not None else torch.zeros_like(w) for g, w in
                     zip(torch.autograd.grad(val_loss, weights, allow_unused=True), weights, strict=True)]
+        skipped = False
         with self.differentiated_at(tuner, weights):
             mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))
             if "neumann_lr" not in state:
@@ -242,15 +243,19 @@ class ImplicitDifferentiation(Fixed):
                 total = [a + t for a, t in zip(total, term, strict=True)]
             preconditioned = [alpha * t for t in total]
             (mixed,) = torch.autograd.grad(mapped, [net.hparams], grad_outputs=preconditioned, allow_unused=True)
-            if not self.halve_on_growth and mixed is not None and not bool(torch.isfinite(mixed).all()):
+            if not self.halve_on_growth and (not bool(torch.isfinite(torch.stack([t.abs().sum() for t in total])).all())
+                                             or (mixed is not None and bool(torch.isinf(mixed).any()))):
                 # The unhalved series overflowed: the update expands violently (weights a rate far too large
                 # has already blown up). No hypergradient can be read from it, and plain training goes on
                 # from these weights, so the hyper step is skipped and counted, not made a divergence
                 # (measured: rolling back and halving the rate four times did not stop the overflow on a
                 # digits network a rate 10x too large had broken, and failed the run).
                 state["overflows"] = int(state.get("overflows", 0)) + 1
-                mixed = torch.zeros_like(net.hparams)
-        net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
+                skipped = True
+        if skipped:  # no gradient at all: the hyper optimizer leaves the values and its moments alone
+            net.hparams.grad = None
+        else:
+            net.hparams.grad = -mixed.detach() if mixed is not None else torch.zeros_like(net.hparams)
         dim = tuner.net.batch_dim
         tuner.log.counters.examples += batch_of(x, dim) + (used + 2) * batch_of(self._last[0], dim)
         return val_loss.detach()

@@ -338,6 +338,12 @@ def test_a_grid_is_cell_centres_and_a_grid_over_the_rate_keeps_the_rest_at_init(
     tried = sorted(t.params["lr"] for t in optuna.load_study(study_name=study.study_name, storage=url).trials)
     assert tried == pytest.approx(grid_points(config, 3)["lr"])
     assert set(optuna.load_study(study_name=study.study_name, storage=url).trials[0].params) == {"lr"}
+    # the same bench again in the same store: the finished grid is read back, not re-run or under-counted
+    assert main(["bench", str(ROOT / "examples" / "digits_lr.toml"), "--methods", "grid", "--quick", "--trials", "3",
+                 "--seeds", "1", "--store", url, "--out", "c"]) == 0
+    again = next(r for r in json.loads((tmp_path / "c" / "results.json").read_text()) if r["method"] == "grid")
+    assert len(optuna.load_study(study_name=study.study_name, storage=url).trials) == 3
+    assert (again["trials"], again["examples"], again["test_loss"]) == (3, grid["examples"], grid["test_loss"])
 
 
 def test_a_grid_over_an_undeclared_name_is_refused_with_the_field():
@@ -347,3 +353,6 @@ def test_a_grid_over_an_undeclared_name_is_refused_with_the_field():
         parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
                       "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}, "bench": {"grid": ["q"]}})
     assert err.value.field == "bench.grid" and "'q'" in str(err.value)
+    with pytest.raises(ConfigError, match="twice"):
+        parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
+                      "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}, "bench": {"grid": ["p", "p"]}})

@@ -114,7 +114,8 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     chosen = usable_methods(config, methods)
     for m in METHODS.values():
         if methods is None and m not in chosen:
-            progress(f"[{task_name(task)}] skipping {m.name}: {m.unusable(config)}")
+            why = m.unusable(config) or "it runs when named (--methods)"
+            progress(f"[{task_name(task)}] skipping {m.name}: {why}")
     name = task_name(task)
     starts = config.starts() if config.bench.starts else {"": config}
     if quick:
@@ -325,6 +326,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             moves = [unit_moves(r, config) for r in rs]
             shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
             against = f"{base:.4f}" if math.isfinite(base) else "fixed diverged"
+            if math.isfinite(base) and len(bases) < len(rs):  # the others' fixed runs diverged
+                against += f" ({len(bases)} of {len(rs)} seeds)"
             lines.append(f"| {start} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {against} | {vs} | {shown} |")
     return lines
 

@@ -8,6 +8,8 @@ minimises the final validation loss, and the method returns the test loss of the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -93,9 +95,12 @@ class Search(Method):
         return None
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
-        study = f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials"
         return run_search(config, self, seed, ctx.trials, ctx.store.url.render_as_string(hide_password=False),
-                          study)
+                          self.study_name(config, seed, ctx))
+
+    def study_name(self, config: RunConfig, seed: int, ctx: Context) -> str:
+        """Names the study in the store: the same task, method, seed and budget continue one study."""
+        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials"
 
     def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
         return self.sampler(seed)
@@ -129,6 +134,11 @@ class Grid(Search):
 
     def budget(self, ctx: Context) -> str:
         return f" (a grid within {ctx.trials} trials)"
+
+    def study_name(self, config: RunConfig, seed: int, ctx: Context) -> str:
+        """With the grid's values in it, a changed ``[bench] grid`` or space starts a study of its own."""
+        points = json.dumps(grid_points(config, ctx.trials), sort_keys=True)
+        return f"{super().study_name(config, seed, ctx)}-{hashlib.sha1(points.encode()).hexdigest()[:8]}"
 
     def suggest(self, trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
         varied = set(config.bench.grid) or set(config.space)
@@ -179,9 +189,7 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     n_trials = search.planned_trials(config, n_trials)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="minimize", load_if_exists=True)
-    totals = {"examples": 0, "seconds": 0.0}
-    curve: list[tuple[int, float]] = []
-    best = {"val": float("inf"), "test": float("nan")}
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial: optuna.Trial) -> float:
         values = search.suggest(trial, config)
@@ -196,29 +204,38 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
             # ranks with the worst trials. Its compute is counted as the tuner's counters hold it at the
             # end: the examples up to the last roll-back target (the steps discarded by earlier roll-backs
             # are not), and every second spent.
-            totals["examples"] += int(prepared.tuner.counters.examples)
-            totals["seconds"] += prepared.tuner.log.seconds
-            curve.append((totals["examples"], best["test"]))
+            trial.set_user_attr("examples", int(prepared.tuner.counters.examples))
+            trial.set_user_attr("seconds", float(prepared.tuner.log.seconds))
             trial.set_user_attr("diverged", True)
             raise optuna.TrialPruned() from None
-        totals["examples"] += int(result.compute["examples"])
-        totals["seconds"] += result.compute["seconds"]
+        trial.set_user_attr("examples", int(result.compute["examples"]))
+        trial.set_user_attr("seconds", float(result.compute["seconds"]))
         for key in ("loss", "accuracy"):
             trial.set_user_attr(f"test_{key}", result.test.get(key, math.nan))
-        trial.set_user_attr("examples", int(result.compute["examples"]))
-        if not report.pruned and result.val["loss"] < best["val"]:
-            best.update(val=result.val["loss"], test=result.test["loss"])
-        curve.append((totals["examples"], best["test"]))
         if report.pruned:
             raise optuna.TrialPruned()
         return result.val["loss"]
 
-    study.optimize(objective, n_trials=n_trials)
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+    # A re-run continues the study (the same name in the same store): it runs only the trials still
+    # missing, and the compute and the curve are read back from every finished trial, so a study
+    # interrupted and resumed reports what an uninterrupted one does (a grid already visited runs none).
+    done = sum(t.state in finished for t in study.trials)
+    if done < n_trials:
+        study.optimize(objective, n_trials=n_trials - done)
+    trials = [t for t in sorted(study.trials, key=lambda t: t.number) if t.state in finished]
+    examples, seconds = 0, 0.0
+    best: optuna.trial.FrozenTrial | None = None
+    curve: list[tuple[int, float]] = []
+    for t in trials:
+        examples += int(t.user_attrs.get("examples", 0))
+        seconds += float(t.user_attrs.get("seconds", 0.0))
+        if t.state == optuna.trial.TrialState.COMPLETE and (best is None or t.value < best.value):
+            best = t
+        curve.append((examples, best.user_attrs["test_loss"] if best is not None else math.nan))
+    if best is None:
         raise DivergenceError(f"every trial of the {search.name} study diverged; narrow the space or lower tuner.lr")
-    chosen = study.best_trial
-    hparams = {**{n: h.init for n, h in config.space.items()}, **chosen.params}  # a grid varies only some
-    return MethodResult(method=search.name, seed=seed, test_loss=chosen.user_attrs["test_loss"],
-                        test_accuracy=chosen.user_attrs["test_accuracy"], val_loss=float(chosen.value),
-                        hparams=hparams, examples=totals["examples"], seconds=totals["seconds"],
-                        trials=n_trials, study=study_name, curve=curve)
+    hparams = {**{n: h.init for n, h in config.space.items()}, **best.params}  # a grid varies only some
+    return MethodResult(method=search.name, seed=seed, test_loss=best.user_attrs["test_loss"],
+                        test_accuracy=best.user_attrs["test_accuracy"], val_loss=float(best.value),
+                        hparams=hparams, examples=examples, seconds=seconds,
+                        trials=len(trials), study=study_name, curve=curve)
