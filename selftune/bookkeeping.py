@@ -104,6 +104,12 @@ class _Sums:
     val_n: int = 0
     epoch: float = 0.0
     epoch_n: int = 0
+    point: float = 0.0  # training losses since the last roll-back point (SelfTuner.snapshot)
+    point_n: int = 0
+
+
+#: Roll-back points whose mean training loss a new point is compared with (the lowest of them).
+HEALTH_WINDOW = 4
 
 
 @dataclass
@@ -131,6 +137,8 @@ class RunLog:
     hyper_lr: dict[str, Any] = field(default_factory=dict)
     #: what an algorithm keeps between hyper steps (the implicit method's Neumann step size), checkpointed
     algorithm: dict[str, Any] = field(default_factory=dict)
+    #: mean training loss between consecutive roll-back points, the last :data:`HEALTH_WINDOW` of them
+    point_losses: list[float] = field(default_factory=list)
     _clock: float | None = None
 
     # -- time ----------------------------------------------------------------------------------------
@@ -154,6 +162,33 @@ class RunLog:
         s.train_n += 1
         s.epoch += loss
         s.epoch_n += 1
+        s.point += loss
+        s.point_n += 1
+
+    def close_interval(self, ratio: float) -> bool | None:
+        """End the stretch of training since the previous roll-back point; is the state at its end a healthy
+        one to roll back to? ``None``: no training step since that point, so nothing to judge.
+
+        Healthy: a finite mean training loss at most
+        ``ratio`` times the lowest mean of the previous :data:`HEALTH_WINDOW` stretches. Why: divergence is
+        detected when a value turns non-finite, which a loss that grows geometrically reaches only after it
+        has inflated the weights for several epochs (measured on a held-out task, SGD at 0.05 with 0.8
+        dropout: training loss 7, 10, 19, 40, 110, 2,080 per epoch, weight norm 18 -> 384 -> 1.9e17, then
+        NaN); rolling back to the last finite state and halving the rate then diverges again from it every
+        time, while a state from before the growth recovers at half the rate. The window, rather than the
+        run's best, lets a loss that rises for a good reason (regularisation tuned up) become the new normal
+        after a few points. A loss that is not positive cannot be judged by a ratio: every point is then
+        healthy, as before this rule."""
+        s = self.sums
+        if s.point_n == 0:
+            return None
+        mean = s.point / s.point_n
+        window = [v for v in self.point_losses if math.isfinite(v)]
+        lowest = min(window) if window else math.inf
+        healthy = math.isfinite(mean) and (lowest <= 0 or mean <= 0 or mean <= ratio * lowest)
+        self.point_losses = [*self.point_losses, mean][-HEALTH_WINDOW:]
+        s.point, s.point_n = 0.0, 0
+        return healthy
 
     def add_val_loss(self, loss: float) -> None:
         self.sums.val += loss
@@ -187,6 +222,7 @@ class RunLog:
         return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
+                "point_losses": list(self.point_losses),
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,6 +234,7 @@ class RunLog:
         self.start = dict(state.get("start", {}))
         self.hyper_lr = dict(state.get("hyper_lr", {}))
         self.algorithm = dict(state.get("algorithm", {}))
+        self.point_losses = [float(v) for v in state.get("point_losses", [])]
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]
         if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time

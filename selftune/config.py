@@ -32,6 +32,7 @@ class DataConfig(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     train_subset: int = Field(0, ge=0)
     test_subset: int = Field(0, ge=0)
+    val_subset: int = Field(0, ge=0, description="keep only this many validation examples (0: all)")
     split_seed: int = 0
     seq_len: int = Field(35, ge=2, description="tokens per example, for text corpora (ptb)")
 

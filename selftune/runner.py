@@ -111,8 +111,8 @@ def prepare(config: RunConfig) -> Prepared:
     assert d is not None
     try:
         splits = load_dataset(d.name, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                              train_subset=d.train_subset, test_subset=d.test_subset, split_seed=d.split_seed,
-                              seq_len=d.seq_len)
+                              train_subset=d.train_subset, test_subset=d.test_subset, val_subset=d.val_subset,
+                              split_seed=d.split_seed, seq_len=d.seq_len)
     except LookupError as err:
         raise ConfigError("data.name", str(err).strip("'\"")) from None
     except DatasetUnavailable as err:

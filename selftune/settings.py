@@ -169,6 +169,12 @@ class TunerSettings(BaseModel):
     max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
+    rollback_loss_ratio: float = Field(
+        2.0, gt=1.0,
+        description="a state becomes a roll-back point only if the mean training loss since the previous point is "
+                    "at most this multiple of the lowest of the previous four: a run that blows up over several "
+                    "epochs while its values stay finite rolls back to before the blow-up, not to the last finite "
+                    "state (docs/algorithms.md)")
 
     @field_validator("momentum")
     @classmethod

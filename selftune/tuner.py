@@ -332,6 +332,7 @@ class SelfTuner:
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
+        self._latest_point: tuple[int, int] | None = None  # where the latest snapshot was taken
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
         """A hyperparameter that starts on (or next to) a bound of its range cannot move: the sigmoid
@@ -667,13 +668,23 @@ class SelfTuner:
     # The roll-back point: one owner (this tuner); divergence rolls back to it
     # ------------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """The current :meth:`state_dict`, which also becomes the roll-back point.
+        """The current :meth:`state_dict`, which also becomes the roll-back point if the run is healthy.
 
-        Taken at fit start and at every epoch end, and by checkpointing callbacks for each
-        checkpoint they write, so a roll-back lands exactly on the last checkpoint and the rows a
-        recorder has committed are never rolled back."""
+        Taken at fit start and at every epoch end, and by checkpointing callbacks for each checkpoint
+        they write. Healthy (:meth:`~selftune.bookkeeping.RunLog.close_interval`): the mean training loss
+        since the previous point is within ``settings.rollback_loss_ratio`` of the lowest of the previous
+        few. Otherwise the roll-back point stays where it was, and the returned state carries it under
+        ``"rollback"``, so a run resumed from this checkpoint rolls back where an uninterrupted one would;
+        a roll-back behind a checkpoint a recorder committed is the recorder's to undo
+        (:meth:`Callback.on_divergence`)."""
+        healthy = self.log.close_interval(self.settings.rollback_loss_ratio)
         state = self.state_dict()
-        self._good = copy.deepcopy(state)
+        self._latest_point = _position(state)
+        if healthy or self._good is None:
+            self._good = copy.deepcopy(state)
+        # None: no step since the last point (an epoch end's checkpoint), which keeps that point's verdict
+        good = self._good
+        state["rollback"] = None if _position(good) == _position(state) else good
         return state
 
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
@@ -683,10 +694,14 @@ class SelfTuner:
                 f"run diverged {self.log.divergences + 1} times (last: {div}); the last good state is at step "
                 f"{self._good['log']['counters']['steps']}; "
                 f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
-        count, seconds = self.log.divergences + 1, self.log.seconds
+        count, seconds, spent = self.log.divergences + 1, self.log.seconds, self.log.counters
+        behind = self._latest_point is not None and _position(self._good) < self._latest_point
         self.load_state_dict(self._good)
         self.log.divergences = count
-        self.log.counters.seconds = seconds  # the wall time of the discarded steps was spent all the same
+        # the discarded steps were computed all the same: their time and examples stay counted
+        c = self.log.counters
+        c.seconds = seconds
+        c.examples, c.eval_examples, c.test_examples = spent.examples, spent.eval_examples, spent.test_examples
         self.log.start_clock()
         groups = ["hyper"] if div.group == "hyper" else [k for k in self.optimizers if k != "hyper"]
         changes = []
@@ -710,10 +725,13 @@ class SelfTuner:
             self.net.reset_response()
             self.optimizers["response"].state.clear()
             changes.append("response paths reset")
+        self._good = None
         self.snapshot()  # the lowered rates are part of the new roll-back target
+        why = (f" (the last state before the training loss grew more than {self.settings.rollback_loss_ratio:g}x: "
+               "the later ones were finite but already blowing up)") if behind else ""
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
-                "divergences": count,
-                "message": f"{div}; rolled back to step {self.counters.steps}; {', '.join(changes)}"}
+                "rolled_back_to_epoch": self.epoch, "divergences": count,
+                "message": f"{div}; rolled back to step {self.counters.steps}{why}; {', '.join(changes)}"}
         for cb in callbacks:
             cb.on_divergence(self, info)
 
@@ -978,6 +996,8 @@ class SelfTuner:
         if state["method"] != self.method:
             raise ConfigError("checkpoint", f"it was saved by method {state['method']!r}, this tuner runs "
                                             f"{self.method!r}")
+        if state.get("rollback") is not None:  # a checkpoint taken while the run was unhealthy (see snapshot())
+            self._good = copy.deepcopy(state["rollback"])
         self.net.load_state_dict(state["net"])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
@@ -996,6 +1016,11 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int]:
+    """(weight steps, epochs) of a :meth:`SelfTuner.state_dict`: where in the run it was taken."""
+    return int(state["log"]["counters"]["steps"]), int(state["order"]["epoch"])
 
 
 def _bound_momentum(net: HyperNet, settings: TunerSettings) -> str | None:

@@ -122,7 +122,7 @@ def _known(section):
     if section == ():
         known |= {"objective", "augment", "tuner"}
     if section == ("data",):
-        known |= {"test_subset", "split_seed", "train_subset"}
+        known |= {"test_subset", "split_seed", "train_subset", "val_subset"}
     if section == ("tuner",):
         from selftune.settings import TunerSettings
 

@@ -408,6 +408,7 @@ def test_fractions_that_leave_no_training_data(kwargs, field, message, fixed):
     ({"train_subset": -5}, "data.train_subset"), ({"test_subset": -1}, "data.test_subset"),
     ({"train_subset": 10.5}, "data.train_subset"),
     ({"train_subset": 1151}, "data.train_subset"), ({"test_subset": 360}, "data.test_subset"),
+    ({"val_subset": -2}, "data.val_subset"), ({"val_subset": 289}, "data.val_subset"),
 ])
 def test_bad_fractions_and_subsets_name_their_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
@@ -424,11 +425,21 @@ def test_subsets_larger_than_their_split_name_the_largest_that_works():
                                                                                   "test": 359}
 
 
+def test_a_validation_subset_is_a_prefix_of_the_same_validation_split():
+    whole, part = load_dataset("digits"), load_dataset("digits", val_subset=100)
+    assert part.sizes() == {**whole.sizes(), "val": 100}
+    assert torch.equal(part.val.tensors[0], whole.val.tensors[0][:100])
+    assert torch.equal(part.train.tensors[0], whole.train.tensors[0])  # training data and its scaling unchanged
+
+
 def test_corpus_sequence_length_and_subsets_are_checked(monkeypatch):
     tokens = np.arange(200, dtype=np.int64) % 7
     monkeypatch.setitem(_splits.CORPORA, "tiny", lambda: (tokens, tokens[:41], tokens[:61], list("abcdefg")))
     splits = load_dataset("tiny", seq_len=10, train_subset=19)
     assert splits.sizes() == {"train": 19, "val": 4, "test": 6}
+    assert load_dataset("tiny", seq_len=10, val_subset=3).sizes() == {"train": 19, "val": 3, "test": 6}
+    with pytest.raises(ConfigError, match=r"^data\.val_subset: 5 is more than the 4 val sequences"):
+        load_dataset("tiny", seq_len=10, val_subset=5)
     with pytest.raises(ConfigError) as err:
         load_dataset("tiny", seq_len=41)
     assert err.value.field == "data.seq_len" and "leaves no validation sequence" in one_line(err)

@@ -115,7 +115,7 @@ def _check_split_counts(n_total: int, val_fraction: float, test_fraction: float,
         raise _at_most("data.val_fraction", val_fraction, n_total, 1, of, "training")
 
 
-def _corpus_splits(name: str, seq_len: int, train_subset: int, test_subset: int) -> Splits:
+def _corpus_splits(name: str, seq_len: int, train_subset: int, val_subset: int, test_subset: int) -> Splits:
     train, valid, test, vocabulary = CORPORA[name]()
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
         raise ConfigError("data.seq_len", f"must be a positive whole number of tokens (got {seq_len!r})")
@@ -124,7 +124,7 @@ def _corpus_splits(name: str, seq_len: int, train_subset: int, test_subset: int)
             raise ConfigError("data.seq_len", f"{seq_len} tokens per sequence leaves no {split} sequence (that split "
                                               f"has {len(ids)} tokens); use at most {len(ids) - 1}")
     sets = {"train": _sequences(train, seq_len), "val": _sequences(valid, seq_len), "test": _sequences(test, seq_len)}
-    for key, keep in (("train", train_subset), ("test", test_subset)):
+    for key, keep in (("train", train_subset), ("val", val_subset), ("test", test_subset)):
         _check_subset_size(f"data.{key}_subset", keep, len(sets[key]), f"{key} sequences")
         if keep:  # a prefix: consecutive text, the same on every machine
             sets[key] = TensorDataset(*(t[:keep] for t in sets[key].tensors))
@@ -133,7 +133,7 @@ def _corpus_splits(name: str, seq_len: int, train_subset: int, test_subset: int)
 
 
 def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float = 0.2, train_subset: int = 0,
-                 test_subset: int = 0, split_seed: int = 0, seq_len: int = 35) -> Splits:
+                 test_subset: int = 0, split_seed: int = 0, seq_len: int = 35, val_subset: int = 0) -> Splits:
     """Load ``name`` and split it reproducibly.
 
     Text corpora (``ptb``) keep their official train/valid/test splits, cut into ``seq_len``-token
@@ -148,6 +148,9 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
         test_fraction: share held out as test set, only for datasets without an official one.
         train_subset: keep only this many training examples (0: all), for quick runs.
         test_subset: keep only this many test examples (0: all).
+        val_subset: keep only this many validation examples (0: all). Mostly for corpora, whose official
+            validation split is fixed: a full PTB validation pass costs three times a 600-sequence
+            training epoch, and the run takes one every epoch.
         split_seed: seed of the shuffle that draws the splits (independent of the run seed).
         seq_len: tokens per example, for text corpora.
 
@@ -168,8 +171,9 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
     _check_fraction("data.test_fraction", test_fraction)
     _check_subset("data.train_subset", train_subset)
     _check_subset("data.test_subset", test_subset)
+    _check_subset("data.val_subset", val_subset)
     if name in CORPORA:
-        return _corpus_splits(name, seq_len, train_subset, test_subset)
+        return _corpus_splits(name, seq_len, train_subset, val_subset, test_subset)
     train_x, train_y, test_x, test_y = DATASETS[name]()
     held_out_test = test_x is None or test_y is None
     _check_split_counts(len(train_x), val_fraction, test_fraction, held_out_test)
@@ -183,8 +187,11 @@ def load_dataset(name: str, *, val_fraction: float = 0.2, test_fraction: float =
     val_idx, train_idx = order[:n_val], order[n_val:]
     _check_subset_size("data.train_subset", train_subset, len(train_idx), "training examples left after the splits")
     _check_subset_size("data.test_subset", test_subset, len(test_x), "test examples")
+    _check_subset_size("data.val_subset", val_subset, len(val_idx), "validation examples")
     if train_subset:
         train_idx = train_idx[:train_subset]
+    if val_subset:
+        val_idx = val_idx[:val_subset]
     if test_subset:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
 

@@ -77,16 +77,17 @@ class StoreRecorder(Callback):
     def on_fit_end(self, tuner: SelfTuner) -> None:
         self.checkpoint(tuner)
 
-    def checkpoint(self, tuner: SelfTuner) -> None:
-        """Save the tuner's state and commit it with the rows logged since the previous checkpoint."""
+    def checkpoint(self, tuner: SelfTuner, *, suffix: str = "") -> None:
+        """Save the tuner's state and commit it with the rows logged since the previous checkpoint
+        (``suffix``: a second checkpoint at the same step, after a roll-back, see :meth:`on_divergence`)."""
         steps, epochs = tuner.counters.steps, tuner.epoch
-        if self._committed == (steps, epochs):
+        if self._committed == (steps, epochs) and not suffix:
             return
         last_step, last_epoch = self._committed or (-1, 0)
         trajectory = [r for r in tuner.trajectory if r["step"] > last_step]
         history = [r for r in tuner.history if r["epoch"] > last_epoch]
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
+        path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}{suffix}.pt"
         save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot()}, path)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
@@ -94,9 +95,23 @@ class StoreRecorder(Callback):
         self._prune(path)
 
     def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None:
-        # The tuner rolled back to its last snapshot, which is at or after the last commit: the
-        # rows it dropped were never committed, so there is nothing to undo here.
-        self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
+        """Record the divergence. The tuner rolled back to its last healthy state (SelfTuner.snapshot):
+        usually at or after the last commit, so the rows it dropped were never committed. When it lies
+        before the last commit (the run blew up over several checkpoints while its values stayed finite),
+        the rows and checkpoints after it are dropped here, and the rolled-back state, at its lowered
+        rates, is checkpointed at once: a resume then starts from it, as the run goes on from it. The event
+        is recorded at that step, so the resume's own rewind keeps it."""
+        step, epoch = tuner.counters.steps, tuner.epoch
+        if self._committed is None or step >= self._committed[0]:
+            self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
+            return
+        later = [Path(p) for s, e, p in self.store.checkpoints(self.run_id) if (s, e) > (step, epoch)]
+        self.store.rewind(self.run_id, step, epoch, events=False)
+        self.store.add_event(self.run_id, step=step, kind="divergence", message=info["message"])
+        for path in later:  # this run committed them: its own files
+            path.unlink(missing_ok=True)
+        self._committed = (step, epoch)
+        self.checkpoint(tuner, suffix=f"-rollback-{int(info['divergences'])}")
 
     def _prune(self, newest: Path) -> None:
         """Keep the files of the ``keep`` newest committed checkpoints. Delete the older files this run

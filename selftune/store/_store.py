@@ -515,16 +515,18 @@ class RunStore:
             session.add_all(EpochRow(run_id=run_id, epoch=int(r["epoch"]), data=_clean(r)) for r in epochs)
         self._owned_write(run_id, add)
 
-    def rewind(self, run_id: int, step: int, epoch: int) -> None:
+    def rewind(self, run_id: int, step: int, epoch: int, *, events: bool = True) -> None:
         """Drop what came after the checkpoint at ``step``/``epoch`` (the one a resume starts from).
-        Call it after :meth:`acquire`, which makes the run running in this process."""
+        Call it after :meth:`acquire`, which makes the run running in this process. ``events=False``
+        keeps the events (a roll-back in a running run: what happened after that step is not replayed)."""
         def rewind(session: Session) -> None:
             session.execute(delete(TrajectoryRow).where(TrajectoryRow.run_id == run_id, TrajectoryRow.step > step))
             session.execute(delete(EpochRow).where(EpochRow.run_id == run_id, EpochRow.epoch > epoch))
             later = (CheckpointRow.step > step) | ((CheckpointRow.step == step) & (CheckpointRow.epoch > epoch))
             session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, later))
             # Events after the checkpoint happen again (bit for bit) when the run is replayed from it.
-            session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
+            if events:
+                session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
         self._owned_write(run_id, rewind)
 
     def add_event(self, run_id: int, *, step: int, kind: str, message: str) -> None:

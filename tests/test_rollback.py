@@ -1,0 +1,135 @@
+"""A run that blows up while its values stay finite rolls back to before the blow-up, not to the last
+finite state (docs/store.md, "Divergence"), in memory, in the store and across a resume."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import selftune as st
+from selftune.bookkeeping import RunLog
+from selftune.errors import DivergenceError
+from selftune.store import RunStore, StoreRecorder
+
+
+def log_with(points, ratio=2.0):
+    """Feed one stretch per list of losses; return each stretch's verdict."""
+    log, verdicts = RunLog(), []
+    for losses in points:
+        for value in losses:
+            log.add_train_loss(value)
+        verdicts.append(log.close_interval(ratio))
+    return log, verdicts
+
+
+def test_each_stretch_is_judged_against_the_lowest_of_the_previous_four():
+    _, verdicts = log_with([[3.0, 1.0], [2.0], [3.9], [4.1], [1.5]])
+    assert verdicts == [True, True, True, False, True]  # 4.1 > 2 x 2.0 (the mean of the first stretch)
+    log, verdicts = log_with([[1.0], [10.0], [10.0], [10.0], [10.0], [10.0]])
+    assert verdicts == [True, False, False, False, False, True]  # a new level becomes normal once 1.0 leaves
+    assert log.point_losses == [10.0] * 4
+    assert log_with([[1.0], []])[1] == [True, None]  # no step since the last point: nothing to judge
+    assert log_with([[1.0], [math.inf]])[1] == [True, False]
+    assert log_with([[-1.0], [50.0]])[1] == [True, True]  # a loss that can be negative is not judged by a ratio
+
+
+def blowup(lr=0.05, **settings):
+    """A wide MLP with 0.7/0.8/0.8 dropout under SGD with momentum at 0.05: the training loss grows about
+    2-4x per epoch for four epochs, all finite, then overflows (the held-out case the rule came from)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 40, generator=g)
+    y = (x @ torch.randn(40, 4, generator=g) + 2.0 * torch.randn(400, 4, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(st.Dropout("d_in"), nn.Linear(40, 512), nn.ReLU(), st.Dropout("d1"), nn.Linear(512, 512),
+                          nn.ReLU(), st.Dropout("d2"), nn.Linear(512, 4))
+    space = st.Space([st.Float("d_in", 0.0, 0.9, 0.7), st.Float("d1", 0.0, 0.9, 0.8), st.Float("d2", 0.0, 0.9, 0.8)])
+    base = dict(batch_size=32, lr=lr, momentum=0.9, warmup_epochs=0, log_every=2)
+    base.update(settings)
+    return st.SelfTuner(st.hypernetize(model, space), (x[:250], y[:250]), (x[250:], y[250:]), method="fixed",
+                        settings=st.TunerSettings(**base), seed=0)
+
+
+class Listen(st.Callback):
+    def __init__(self):
+        self.events, self.losses = [], []
+
+    def on_epoch_end(self, tuner, row):
+        self.losses.append(row["train_loss"])
+
+    def on_divergence(self, tuner, info):
+        self.events.append(info)
+
+
+def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
+    tuner, listen = blowup(), Listen()
+    result = tuner.fit(8, callbacks=[listen])
+    assert len(listen.events) == 1
+    event = listen.events[0]
+    assert event["rolled_back_to"] == tuner.batches_per_epoch and event["rolled_back_to_epoch"] == 1
+    assert "already blowing up" in event["message"] and "0.05 -> 0.025" in event["message"]
+    assert all(math.isfinite(r["train_loss"]) for r in result.history) and len(result.history) == 8
+    assert [r["epoch"] for r in result.history] == list(range(1, 9))
+    # the discarded steps were computed: they count, on top of a whole run's examples
+    assert result.compute["examples"] > 8 * 250
+    # The rule is what saves it: rolling back to the last finite state fails at every rate it tries.
+    with pytest.raises(DivergenceError, match="diverged 4 times"):
+        blowup(rollback_loss_ratio=1e12).fit(8)
+
+
+def recorded(tmp_path, name):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run(method="fixed", seed=0, config={}, out_dir=str(tmp_path / name),
+                           checkpoint_root=str(tmp_path / "ck"))
+    info = store.get_run(run)
+    return store, run, StoreRecorder(store, run, info.checkpoint_dir, run_uuid=info.uuid, every=3, keep=50)
+
+
+def test_the_store_drops_what_a_deep_roll_back_undid_and_checkpoints_the_state_it_goes_on_from(tmp_path):
+    store, run, recorder = recorded(tmp_path, "a")
+    tuner = blowup()
+    doomed, left = [], []
+
+    class Before(st.Callback):  # the checkpoints after the roll-back point when the run diverged
+        def on_divergence(self, tuner, info):
+            doomed.extend(p for s, e, p in store.checkpoints(run) if s > info["rolled_back_to"])
+
+    class After(st.Callback):  # which of them the recorder left on disk
+        def on_divergence(self, tuner, info):
+            left.extend(p for p in doomed if Path(p).exists())
+
+    result = tuner.fit(8, callbacks=[Before(), recorder, After()])
+    assert tuner.divergences == 1 and len(doomed) >= 3 and left == []
+    assert [r["epoch"] for r in store.epochs(run)] == list(range(1, 9))
+    steps = [r["step"] for r in store.trajectory(run)]
+    assert steps == [r["step"] for r in result.trajectory] == sorted(set(steps))
+    losses = [r["train_loss"] for r in result.trajectory]
+    assert [r["train_loss"] for r in store.trajectory(run)] == pytest.approx(losses)
+    back = tuner.batches_per_epoch
+    events = store.events(run)
+    assert [(e["kind"], e["step"]) for e in events] == [("divergence", back)]
+    rows = store.checkpoints(run)
+    assert any(s == back and p.endswith("-rollback-1.pt") for s, _, p in rows)
+    assert all(Path(p).exists() for s, _, p in rows if s >= back)
+    saved = torch.load(next(p for s, _, p in rows if p.endswith("-rollback-1.pt")), weights_only=True)["tuner"]
+    groups = saved["optimizers"]["weights"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(0.025)  # the state at its lowered rate, what a resume starts from
+
+
+def test_a_run_resumed_inside_a_blow_up_rolls_back_where_the_uninterrupted_one_does():
+    whole = blowup()
+    expected = whole.fit(8)
+    interrupted = blowup()
+    interrupted.fit(8, max_steps=3 * interrupted.batches_per_epoch)  # epoch 3: the loss has grown past 2x
+    state = interrupted.snapshot()
+    assert state["rollback"] is not None and state["rollback"]["log"]["counters"]["steps"] == whole.batches_per_epoch
+    resumed = blowup()
+    resumed.load_state_dict(copy.deepcopy(state))
+    result = resumed.fit(8)
+    assert resumed.divergences == whole.divergences == 1
+    for a, b in zip(result.net.state_dict().values(), expected.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in expected.history]
+    assert result.compute["examples"] == expected.compute["examples"]
