@@ -171,10 +171,10 @@ class TunerSettings(BaseModel):
                                         description="factor applied to the offending learning rate on a roll-back")
     rollback_loss_ratio: float = Field(
         2.0, gt=1.0,
-        description="a state becomes a roll-back point only if the mean training loss since the previous point is "
-                    "at most this multiple of the lowest of the previous four: a run that blows up over several "
-                    "epochs while its values stay finite rolls back to before the blow-up, not to the last finite "
-                    "state (docs/algorithms.md)")
+        description="a state is not a roll-back point if the mean training loss since the previous point is above "
+                    "this multiple of the lowest of the previous four while the weights' norm grew past 1.5x its "
+                    "low: a run that blows up over several epochs while its values stay finite rolls back to "
+                    "before the blow-up, not to the last finite state (docs/store.md)")
 
     @field_validator("momentum")
     @classmethod

@@ -44,7 +44,7 @@ from .batch_size import (
 )
 from .batches import Fields, Source, rows, to_device
 from .batches import batch_size as batch_of
-from .bookkeeping import BatchOrder, Counters, RunLog
+from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
 from .nn.hypernet import HyperNet
@@ -332,7 +332,6 @@ class SelfTuner:
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
-        self._latest_point: tuple[int, int] | None = None  # where the latest snapshot was taken
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
         """A hyperparameter that starts on (or next to) a bound of its range cannot move: the sigmoid
@@ -667,25 +666,36 @@ class SelfTuner:
     # ------------------------------------------------------------------------------------------
     # The roll-back point: one owner (this tuner); divergence rolls back to it
     # ------------------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, point: bool = True) -> dict[str, Any]:
         """The current :meth:`state_dict`, which also becomes the roll-back point if the run is healthy.
 
-        Taken at fit start and at every epoch end, and by checkpointing callbacks for each checkpoint
-        they write. Healthy (:meth:`~selftune.bookkeeping.RunLog.close_interval`): the mean training loss
-        since the previous point is within ``settings.rollback_loss_ratio`` of the lowest of the previous
-        few. Otherwise the roll-back point stays where it was, and the returned state carries it under
-        ``"rollback"``, so a run resumed from this checkpoint rolls back where an uninterrupted one would;
-        a roll-back behind a checkpoint a recorder committed is the recorder's to undo
-        (:meth:`Callback.on_divergence`)."""
-        healthy = self.log.close_interval(self.settings.rollback_loss_ratio)
+        Points (``point=True``) are taken at fit start, at every epoch end and at every checkpoint a
+        recorder takes on its schedule: each judges the training since the previous point
+        (:meth:`~selftune.bookkeeping.RunLog.close_interval`: a training loss and a weight norm that both
+        grew far past their recent lows are a blow-up), and a healthy one becomes the roll-back point; a
+        point with no step since the previous one keeps that one's verdict. ``point=False`` (a checkpoint
+        off the schedule: an interrupt, the end of a fit) judges nothing and moves nothing, so a run
+        resumed from it goes on exactly as an uninterrupted one. The returned state carries the roll-back
+        point under ``"rollback"`` when it is not this state, so a resumed run rolls back where an
+        uninterrupted one would; a roll-back behind a checkpoint a recorder committed is the recorder's
+        to undo (:meth:`Callback.on_divergence`)."""
+        log = self.log
+        if point:
+            verdict = log.close_interval(self.settings.rollback_loss_ratio, self._weight_norm())
+            if verdict is not None:
+                log.healthy = verdict
+            log.last_point = (self.counters.steps, self.epoch)
         state = self.state_dict()
-        self._latest_point = _position(state)
-        if healthy or self._good is None:
+        if self._good is None or (point and log.healthy):
             self._good = copy.deepcopy(state)
-        # None: no step since the last point (an epoch end's checkpoint), which keeps that point's verdict
         good = self._good
         state["rollback"] = None if _position(good) == _position(state) else good
         return state
+
+    def _weight_norm(self) -> float:
+        """The norm of the network's own weights (a roll-back point's health, with the training loss)."""
+        with torch.no_grad():
+            return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.net.general_parameters()))
 
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
         assert self._good is not None
@@ -695,8 +705,9 @@ class SelfTuner:
                 f"{self._good['log']['counters']['steps']}; "
                 f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
         count, seconds, spent = self.log.divergences + 1, self.log.seconds, self.log.counters
-        behind = self._latest_point is not None and _position(self._good) < self._latest_point
-        self.load_state_dict(self._good)
+        last = self.log.last_point
+        behind = last is not None and _position(self._good) < last
+        self.load_state_dict(copy.deepcopy(self._good))  # a copy: the optimizers would share its tensors
         self.log.divergences = count
         # the discarded steps were computed all the same: their time and examples stay counted
         c = self.log.counters
@@ -727,8 +738,9 @@ class SelfTuner:
             changes.append("response paths reset")
         self._good = None
         self.snapshot()  # the lowered rates are part of the new roll-back target
-        why = (f" (the last state before the training loss grew more than {self.settings.rollback_loss_ratio:g}x: "
-               "the later ones were finite but already blowing up)") if behind else ""
+        why = "" if not behind else (
+            f" (the last state before the training loss grew more than {self.settings.rollback_loss_ratio:g}x "
+            f"and the weights {NORM_GROWTH:g}x: the later ones were finite but already blowing up)")
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
                 "rolled_back_to_epoch": self.epoch, "divergences": count,
                 "message": f"{div}; rolled back to step {self.counters.steps}{why}; {', '.join(changes)}"}
@@ -996,8 +1008,12 @@ class SelfTuner:
         if state["method"] != self.method:
             raise ConfigError("checkpoint", f"it was saved by method {state['method']!r}, this tuner runs "
                                             f"{self.method!r}")
-        if state.get("rollback") is not None:  # a checkpoint taken while the run was unhealthy (see snapshot())
-            self._good = copy.deepcopy(state["rollback"])
+        if "rollback" in state:  # a checkpoint (see snapshot()): its roll-back point, or itself
+            rollback = state["rollback"]
+            self._good = copy.deepcopy(rollback if rollback is not None else
+                                       {k: v for k, v in state.items() if k != "rollback"})
+        else:  # a plain state_dict (a roll-back's own target, a PBT member): fit() or the roll-back snapshots it
+            self._good = None
         self.net.load_state_dict(state["net"])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])

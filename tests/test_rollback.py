@@ -16,24 +16,30 @@ from selftune.store import RunStore, StoreRecorder
 
 
 def log_with(points, ratio=2.0):
-    """Feed one stretch per list of losses; return each stretch's verdict."""
+    """Feed one stretch per (losses, weight norm); return each stretch's verdict."""
     log, verdicts = RunLog(), []
-    for losses in points:
+    for losses, norm in points:
         for value in losses:
             log.add_train_loss(value)
-        verdicts.append(log.close_interval(ratio))
+        verdicts.append(log.close_interval(ratio, norm))
     return log, verdicts
 
 
-def test_each_stretch_is_judged_against_the_lowest_of_the_previous_four():
-    _, verdicts = log_with([[3.0, 1.0], [2.0], [3.9], [4.1], [1.5]])
-    assert verdicts == [True, True, True, False, True]  # 4.1 > 2 x 2.0 (the mean of the first stretch)
-    log, verdicts = log_with([[1.0], [10.0], [10.0], [10.0], [10.0], [10.0]])
-    assert verdicts == [True, False, False, False, False, True]  # a new level becomes normal once 1.0 leaves
-    assert log.point_losses == [10.0] * 4
-    assert log_with([[1.0], []])[1] == [True, None]  # no step since the last point: nothing to judge
-    assert log_with([[1.0], [math.inf]])[1] == [True, False]
-    assert log_with([[-1.0], [50.0]])[1] == [True, True]  # a loss that can be negative is not judged by a ratio
+def test_a_stretch_is_a_blow_up_when_its_loss_and_the_weights_grew_far_past_their_recent_lows():
+    # the held-out case: loss 7 -> 10 -> 17 -> 42, weight norm 18 -> 22 -> 33 -> 49
+    _, verdicts = log_with([([7.3], 18.4), ([9.7], 22.4), ([17.4], 33.3), ([41.9], 49.4)])
+    assert verdicts == [True, True, False, False]
+    # a loss that rises while the norm stays or shrinks (a weight decay tuned up, a noisy loss near zero)
+    assert log_with([([0.02], 30.0), ([0.5], 25.0), ([4.6], 12.0)])[1] == [True, True, True]
+    assert log_with([([3e-4], 40.0), ([0.013], 41.0), ([2e-4], 41.5)])[1] == [True, True, True]
+    # the lowest of the last four only: a new level becomes normal once the old lows leave the window
+    log, verdicts = log_with([([1.0], 10.0)] + [([10.0], 20.0)] * 5)
+    assert verdicts == [True, False, False, False, False, True]
+    assert log.point_losses == [10.0] * 4 and log.point_norms == [20.0] * 4
+    assert log_with([([1.0], 1.0), ([], 5.0)])[1] == [True, None]  # no step since the last point
+    assert log_with([([1.0], 1.0), ([math.inf], 1.0)])[1] == [True, False]
+    assert log_with([([1.0], 1.0), ([1.0], math.nan)])[1] == [True, False]
+    assert log_with([([-1.0], 1.0), ([50.0], 9.0)])[1] == [True, True]  # a loss below 0: no ratio to judge by
 
 
 def blowup(lr=0.05, **settings):
@@ -68,7 +74,7 @@ def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
     result = tuner.fit(8, callbacks=[listen])
     assert len(listen.events) == 1
     event = listen.events[0]
-    assert event["rolled_back_to"] == tuner.batches_per_epoch and event["rolled_back_to_epoch"] == 1
+    assert event["rolled_back_to"] == 2 * tuner.batches_per_epoch and event["rolled_back_to_epoch"] == 2
     assert "already blowing up" in event["message"] and "0.05 -> 0.025" in event["message"]
     assert all(math.isfinite(r["train_loss"]) for r in result.history) and len(result.history) == 8
     assert [r["epoch"] for r in result.history] == list(range(1, 9))
@@ -79,52 +85,63 @@ def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
         blowup(rollback_loss_ratio=1e12).fit(8)
 
 
-def recorded(tmp_path, name):
+def recorded(tmp_path, name, every):
     store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
     run = store.create_run(method="fixed", seed=0, config={}, out_dir=str(tmp_path / name),
                            checkpoint_root=str(tmp_path / "ck"))
     info = store.get_run(run)
-    return store, run, StoreRecorder(store, run, info.checkpoint_dir, run_uuid=info.uuid, every=3, keep=50)
+    return store, run, StoreRecorder(store, run, info.checkpoint_dir, run_uuid=info.uuid, every=every)
 
 
-def test_the_store_drops_what_a_deep_roll_back_undid_and_checkpoints_the_state_it_goes_on_from(tmp_path):
-    store, run, recorder = recorded(tmp_path, "a")
+@pytest.mark.parametrize("every", [3, 8])  # 8: a checkpoint on each epoch's last step, then the epoch end's
+def test_the_store_drops_what_a_deep_roll_back_undid_and_checkpoints_the_state_it_goes_on_from(tmp_path, every):
     tuner = blowup()
+    assert tuner.batches_per_epoch == 8
+    store, run, recorder = recorded(tmp_path, "a", every)
     doomed, left = [], []
+
+    infos = []
 
     class Before(st.Callback):  # the checkpoints after the roll-back point when the run diverged
         def on_divergence(self, tuner, info):
+            infos.append(info)
             doomed.extend(p for s, e, p in store.checkpoints(run) if s > info["rolled_back_to"])
 
-    class After(st.Callback):  # which of them the recorder left on disk
+    newest = []
+
+    class After(st.Callback):  # which of them the recorder left on disk, and what a resume would start from
         def on_divergence(self, tuner, info):
             left.extend(p for p in doomed if Path(p).exists())
+            step, _, path = store.checkpoints(run)[-1]
+            saved = torch.load(path, weights_only=True)["tuner"]
+            newest.append((step, Path(path).name, saved["optimizers"]["weights"]["param_groups"][0]["lr"]))
 
     result = tuner.fit(8, callbacks=[Before(), recorder, After()])
-    assert tuner.divergences == 1 and len(doomed) >= 3 and left == []
-    assert [r["epoch"] for r in store.epochs(run)] == list(range(1, 9))
+    assert tuner.divergences == 1 and len(doomed) >= 2 and left == []
+    assert store.epochs(run) == result.history  # every row as the run that went on has it
     steps = [r["step"] for r in store.trajectory(run)]
     assert steps == [r["step"] for r in result.trajectory] == sorted(set(steps))
     losses = [r["train_loss"] for r in result.trajectory]
     assert [r["train_loss"] for r in store.trajectory(run)] == pytest.approx(losses)
-    back = tuner.batches_per_epoch
+    back, epoch = infos[0]["rolled_back_to"], infos[0]["rolled_back_to_epoch"]
+    assert back <= 2 * tuner.batches_per_epoch + every  # before the loss took off (epoch 3), not step 40-odd
     events = store.events(run)
     assert [(e["kind"], e["step"]) for e in events] == [("divergence", back)]
-    rows = store.checkpoints(run)
-    assert any(s == back and p.endswith("-rollback-1.pt") for s, _, p in rows)
-    assert all(Path(p).exists() for s, _, p in rows if s >= back)
-    saved = torch.load(next(p for s, _, p in rows if p.endswith("-rollback-1.pt")), weights_only=True)["tuner"]
-    groups = saved["optimizers"]["weights"]["param_groups"]
-    assert groups[0]["lr"] == pytest.approx(0.025)  # the state at its lowered rate, what a resume starts from
+    # a resume right after the roll-back starts from the rolled-back state at its lowered rate
+    assert newest == [(back, f"step-{back:09d}-epoch-{epoch:05d}-rollback-1.pt", pytest.approx(0.025))]
+    assert all(Path(p).exists() for _, _, p in store.checkpoints(run)[-2:])  # the newest two are kept
 
 
-def test_a_run_resumed_inside_a_blow_up_rolls_back_where_the_uninterrupted_one_does():
+@pytest.mark.parametrize("epochs_done", [3, 3.5])
+def test_a_run_resumed_inside_a_blow_up_rolls_back_where_the_uninterrupted_one_does(epochs_done):
     whole = blowup()
     expected = whole.fit(8)
     interrupted = blowup()
-    interrupted.fit(8, max_steps=3 * interrupted.batches_per_epoch)  # epoch 3: the loss has grown past 2x
-    state = interrupted.snapshot()
-    assert state["rollback"] is not None and state["rollback"]["log"]["counters"]["steps"] == whole.batches_per_epoch
+    # stopped inside the blow-up, at an epoch end or in the middle of an epoch, as an interrupt does
+    interrupted.fit(8, max_steps=int(epochs_done * interrupted.batches_per_epoch))
+    state = interrupted.snapshot(point=False)
+    assert state["rollback"] is not None
+    assert state["rollback"]["log"]["counters"]["steps"] == whole.batches_per_epoch * 2
     resumed = blowup()
     resumed.load_state_dict(copy.deepcopy(state))
     result = resumed.fit(8)

@@ -35,7 +35,9 @@ class StoreRecorder(Callback):
 
     The rows are read from the tuner's :class:`~selftune.bookkeeping.RunLog`, never buffered here:
     each checkpoint is taken with :meth:`SelfTuner.snapshot`, which makes it the tuner's roll-back
-    point, so a divergence can only roll back rows that were not committed yet.
+    point when the run is healthy there, so a divergence usually rolls back only rows that were not
+    committed yet; when it rolls back further (a blow-up that stayed finite), :meth:`on_divergence`
+    undoes the rows and checkpoints after its target.
 
     A checkpoint file holds ``{"run_uuid": ..., "tuner": state}``: a resume checks that the file
     belongs to the run it resumes.
@@ -75,20 +77,21 @@ class StoreRecorder(Callback):
             self.checkpoint(tuner)
 
     def on_fit_end(self, tuner: SelfTuner) -> None:
-        self.checkpoint(tuner)
+        # off the schedule (an interrupt, max_steps, the end): judged by no one, so a resume goes on exactly
+        self.checkpoint(tuner, point=False)
 
-    def checkpoint(self, tuner: SelfTuner, *, suffix: str = "") -> None:
+    def checkpoint(self, tuner: SelfTuner, *, point: bool = True) -> None:
         """Save the tuner's state and commit it with the rows logged since the previous checkpoint
-        (``suffix``: a second checkpoint at the same step, after a roll-back, see :meth:`on_divergence`)."""
+        (``point``: see :meth:`SelfTuner.snapshot`)."""
         steps, epochs = tuner.counters.steps, tuner.epoch
-        if self._committed == (steps, epochs) and not suffix:
+        if self._committed == (steps, epochs):
             return
         last_step, last_epoch = self._committed or (-1, 0)
         trajectory = [r for r in tuner.trajectory if r["step"] > last_step]
         history = [r for r in tuner.history if r["epoch"] > last_epoch]
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}{suffix}.pt"
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot()}, path)
+        path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point)}, path)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
         self._committed, self._last_beat = (steps, epochs), time.monotonic()
@@ -98,20 +101,25 @@ class StoreRecorder(Callback):
         """Record the divergence. The tuner rolled back to its last healthy state (SelfTuner.snapshot):
         usually at or after the last commit, so the rows it dropped were never committed. When it lies
         before the last commit (the run blew up over several checkpoints while its values stayed finite),
-        the rows and checkpoints after it are dropped here, and the rolled-back state, at its lowered
-        rates, is checkpointed at once: a resume then starts from it, as the run goes on from it. The event
-        is recorded at that step, so the resume's own rewind keeps it."""
-        step, epoch = tuner.counters.steps, tuner.epoch
-        if self._committed is None or step >= self._committed[0]:
+        the rolled-back state, at its lowered rates, is saved first; then one transaction drops the rows
+        and checkpoints after it, records the event at its step (which the rewind of a later resume keeps)
+        and commits the new checkpoint; then the dropped checkpoints' files (this run's) are deleted. A
+        crash before the commit resumes from the old checkpoints and replays the divergence; after it,
+        from the rolled-back state."""
+        here = (tuner.counters.steps, tuner.epoch)
+        if self._committed is None or here >= self._committed:
             self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
             return
-        later = [Path(p) for s, e, p in self.store.checkpoints(self.run_id) if (s, e) > (step, epoch)]
-        self.store.rewind(self.run_id, step, epoch, events=False)
-        self.store.add_event(self.run_id, step=step, kind="divergence", message=info["message"])
-        for path in later:  # this run committed them: its own files
-            path.unlink(missing_ok=True)
-        self._committed = (step, epoch)
-        self.checkpoint(tuner, suffix=f"-rollback-{int(info['divergences'])}")
+        later = [Path(p) for s, e, p in self.store.checkpoints(self.run_id) if (s, e) > here]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point=False)}, path)
+        self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), message=info["message"])
+        self._committed, self._last_beat = here, time.monotonic()
+        for old in later:
+            if old != path:
+                old.unlink(missing_ok=True)
+        self._prune(path)
 
     def _prune(self, newest: Path) -> None:
         """Keep the files of the ``keep`` newest committed checkpoints. Delete the older files this run

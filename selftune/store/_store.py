@@ -515,19 +515,24 @@ class RunStore:
             session.add_all(EpochRow(run_id=run_id, epoch=int(r["epoch"]), data=_clean(r)) for r in epochs)
         self._owned_write(run_id, add)
 
-    def rewind(self, run_id: int, step: int, epoch: int, *, events: bool = True) -> None:
+    def rewind(self, run_id: int, step: int, epoch: int) -> None:
         """Drop what came after the checkpoint at ``step``/``epoch`` (the one a resume starts from).
-        Call it after :meth:`acquire`, which makes the run running in this process. ``events=False``
-        keeps the events (a roll-back in a running run: what happened after that step is not replayed)."""
+        Call it after :meth:`acquire`, which makes the run running in this process."""
         def rewind(session: Session) -> None:
-            session.execute(delete(TrajectoryRow).where(TrajectoryRow.run_id == run_id, TrajectoryRow.step > step))
-            session.execute(delete(EpochRow).where(EpochRow.run_id == run_id, EpochRow.epoch > epoch))
-            later = (CheckpointRow.step > step) | ((CheckpointRow.step == step) & (CheckpointRow.epoch > epoch))
-            session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, later))
+            _drop_after(session, run_id, step, epoch)
             # Events after the checkpoint happen again (bit for bit) when the run is replayed from it.
-            if events:
-                session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
+            session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
         self._owned_write(run_id, rewind)
+
+    def roll_back(self, run_id: int, *, step: int, epoch: int, path: str, message: str) -> None:
+        """A running run rolled back to ``step``/``epoch``, behind its last checkpoint: in one transaction,
+        drop the rows and checkpoints after that point (not the events: what happened is not replayed),
+        record the divergence event at ``step`` and the checkpoint ``path`` of the rolled-back state."""
+        def roll_back(session: Session) -> None:
+            _drop_after(session, run_id, step, epoch)
+            session.add(EventRow(run_id=run_id, step=step, kind="divergence", message=message, created_at=_now()))
+            session.add(CheckpointRow(run_id=run_id, step=step, epoch=epoch, path=path, created_at=_now()))
+        self._owned_write(run_id, roll_back)
 
     def add_event(self, run_id: int, *, step: int, kind: str, message: str) -> None:
         self._owned_write(run_id, lambda s: s.add(EventRow(run_id=run_id, step=step, kind=kind, message=message,
@@ -595,6 +600,14 @@ class RunStore:
         """Close the store's connections (leases stay: a run this store drives stays running)."""
         with self._guard("close"):
             self.engine.dispose()
+
+
+def _drop_after(session: Session, run_id: int, step: int, epoch: int) -> None:
+    """Delete a run's trajectory, epoch and checkpoint rows after ``step``/``epoch``."""
+    session.execute(delete(TrajectoryRow).where(TrajectoryRow.run_id == run_id, TrajectoryRow.step > step))
+    session.execute(delete(EpochRow).where(EpochRow.run_id == run_id, EpochRow.epoch > epoch))
+    later = (CheckpointRow.step > step) | ((CheckpointRow.step == step) & (CheckpointRow.epoch > epoch))
+    session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, later))
 
 
 def _clean(value: Any) -> Any:
