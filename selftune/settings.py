@@ -105,9 +105,10 @@ class TunerSettings(BaseModel):
     warmup_epochs: int = Field(1, ge=0)
     train_steps: PositiveInt = 5
     response_fraction: float = Field(
-        1.0, gt=0.0, le=1.0,
-        description="Delta-STN: share of each batch used by the response-weight step (1.0 as in the paper; "
-                    "lower trades response-data for speed, the general weights always see the whole batch)")
+        0.25, gt=0.0, le=1.0,
+        description="Delta-STN: share of each batch used by the response-weight step (the general weights always "
+                    "see the whole batch). 0.25: what every benchmark in docs/benchmarks measured; the paper's 1.0 "
+                    "costs 2.2 plain runs' examples, over delta-ift's budget of 2 (docs/algorithms.md)")
     val_steps: PositiveInt = 1
     linearize: bool = Field(False, description="delta-stn: train the response on its first-order "
                                                "(Jacobian-vector product) form; ignored by other methods")
