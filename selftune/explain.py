@@ -99,6 +99,11 @@ def explain(tuner: SelfTuner) -> list[str]:
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "
                          f"{plan['planned_steps']} planned hyper steps can move a hyperparameter {plan['travel']:g} "
                          "units (tuner.hyper_travel)")
+    if log.divergences:
+        times = "once" if log.divergences == 1 else f"{log.divergences} times"
+        lines.append(f"diverged {times}: each time the run went back to its last healthy state with the offending "
+                     f"learning rate x{tuner.settings.divergence_lr_factor:g} (the weights' rate is now "
+                     f"{tuner.weights_lr:.3g}); a rate that needs this is likely too large (events: selftune show)")
     val = [(int(r["epoch"]), r["val_loss"]) for r in log.history if not math.isnan(r["val_loss"])]
     if val:
         first, last = val[0], val[-1]

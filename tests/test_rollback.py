@@ -12,6 +12,7 @@ from torch import nn
 import selftune as st
 from selftune.bookkeeping import RunLog
 from selftune.errors import DivergenceError
+from selftune.explain import explain
 from selftune.store import RunStore, StoreRecorder
 
 
@@ -77,6 +78,8 @@ def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
     assert event["rolled_back_to"] == 2 * tuner.batches_per_epoch and event["rolled_back_to_epoch"] == 2
     assert "already blowing up" in event["message"] and "0.05 -> 0.025" in event["message"]
     assert all(math.isfinite(r["train_loss"]) for r in result.history) and len(result.history) == 8
+    said = [line for line in explain(tuner) if line.startswith("diverged once")]
+    assert len(said) == 1 and "rate is now 0.025" in said[0]
     assert [r["epoch"] for r in result.history] == list(range(1, 9))
     # the discarded steps were computed: they count, on top of a whole run's examples
     assert result.compute["examples"] > 8 * 250
