@@ -186,7 +186,7 @@ class RunLog:
         times the lowest norm of those points. Why: divergence is
         detected when a value turns non-finite, which a loss that grows geometrically reaches only after it
         has inflated the weights for several epochs (measured on a held-out task, SGD at 0.05 with 0.8
-        dropout: training loss 7, 10, 19, 40, 110, 2,080 per epoch, weight norm 18 -> 384 -> 1.9e17, then
+        dropout: training loss 7, 10, 17, 42, 120, 1,899 per epoch, weight norm 18 -> 384 -> 1.9e17, then
         NaN); rolling back to the last finite state and halving the rate then diverges again from it every
         time, while a state from before the growth recovers at half the rate. The window, rather than the
         run's best, lets a loss that rises for a good reason (regularisation tuned up) become the new normal
