@@ -328,9 +328,9 @@ class RecordedRun:
                 self.notes.append(f"checkpoint {path} belongs to another run; trying an older one")
                 continue
             tuner.load_state_dict(saved["tuner"])
-            self.store.rewind(self.run_id, step, epoch)
+            self.store.rewind(self.run_id, step, epoch, divergences=tuner.divergences)
             return step
-        self.store.rewind(self.run_id, -1, 0)
+        self.store.rewind(self.run_id, -1, 0, divergences=0)
         if self.notes:
             self.notes.append("no usable checkpoint of this run is left: it starts over from step 0")
         return -1

@@ -701,7 +701,7 @@ class SelfTuner:
         assert self._good is not None
         if self.log.divergences >= self.settings.max_divergences:
             raise DivergenceError(
-                f"run diverged {self.log.divergences + 1} times (last: {div}); the last good state is at step "
+                f"run diverged {_times(self.log.divergences + 1)} (last: {div}); the last good state is at step "
                 f"{self._good['log']['counters']['steps']}; "
                 f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
         count, seconds, spent = self.log.divergences + 1, self.log.seconds, self.log.counters
@@ -1032,6 +1032,10 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 def _position(state: dict[str, Any]) -> tuple[int, int]:

@@ -129,10 +129,16 @@ def test_the_store_drops_what_a_deep_roll_back_undid_and_checkpoints_the_state_i
     back, epoch = infos[0]["rolled_back_to"], infos[0]["rolled_back_to_epoch"]
     assert back <= 2 * tuner.batches_per_epoch + every  # before the loss took off (epoch 3), not step 40-odd
     events = store.events(run)
-    assert [(e["kind"], e["step"]) for e in events] == [("divergence", back)]
+    assert [(e["kind"], e["step"]) for e in events] == [("divergence", infos[0]["step"])]  # where it happened
     # a resume right after the roll-back starts from the rolled-back state at its lowered rate
     assert newest == [(back, f"step-{back:09d}-epoch-{epoch:05d}-rollback-1.pt", pytest.approx(0.025))]
     assert all(Path(p).exists() for _, _, p in store.checkpoints(run)[-2:])  # the newest two are kept
+    # A resume from the rolled-back checkpoint (a SIGKILL right after the roll-back) rewinds the store to it
+    # and keeps the divergence its state holds, though it happened after that checkpoint's step.
+    store.rewind(run, back, epoch, divergences=1)
+    assert [e["step"] for e in store.events(run)] == [infos[0]["step"]] and infos[0]["step"] > back
+    store.rewind(run, back, epoch, divergences=0)  # from a checkpoint before it: the replay records it again
+    assert store.events(run) == []
 
 
 @pytest.mark.parametrize("epochs_done", [3, 3.5])

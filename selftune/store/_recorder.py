@@ -102,10 +102,10 @@ class StoreRecorder(Callback):
         usually at or after the last commit, so the rows it dropped were never committed. When it lies
         before the last commit (the run blew up over several checkpoints while its values stayed finite),
         the rolled-back state, at its lowered rates, is saved first; then one transaction drops the rows
-        and checkpoints after it, records the event at its step (which the rewind of a later resume keeps)
-        and commits the new checkpoint; then the dropped checkpoints' files (this run's) are deleted. A
-        crash before the commit resumes from the old checkpoints and replays the divergence; after it,
-        from the rolled-back state."""
+        and checkpoints after it, records the event and commits the new checkpoint; then the dropped
+        checkpoints' files (this run's) are deleted. A crash before the commit resumes from the old
+        checkpoints and replays the divergence; after it, from the rolled-back state, and the resume's
+        rewind keeps the events that state's divergence count holds (RunStore.rewind)."""
         here = (tuner.counters.steps, tuner.epoch)
         if self._committed is None or here >= self._committed:
             self.store.add_event(self.run_id, step=int(info["step"]), kind="divergence", message=info["message"])
@@ -114,7 +114,8 @@ class StoreRecorder(Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
         save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point=False)}, path)
-        self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), message=info["message"])
+        self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), event_step=int(info["step"]),
+                             message=info["message"])
         self._committed, self._last_beat = here, time.monotonic()
         for old in later:
             if old != path:

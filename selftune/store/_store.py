@@ -515,22 +515,36 @@ class RunStore:
             session.add_all(EpochRow(run_id=run_id, epoch=int(r["epoch"]), data=_clean(r)) for r in epochs)
         self._owned_write(run_id, add)
 
-    def rewind(self, run_id: int, step: int, epoch: int) -> None:
+    def rewind(self, run_id: int, step: int, epoch: int, *, divergences: int | None = None) -> None:
         """Drop what came after the checkpoint at ``step``/``epoch`` (the one a resume starts from).
-        Call it after :meth:`acquire`, which makes the run running in this process."""
+        Call it after :meth:`acquire`, which makes the run running in this process.
+
+        Events the replay from that checkpoint will record again are dropped: with ``divergences`` (the
+        count the checkpoint's state holds), every divergence event after the first ``divergences``
+        ones; without it, every event after ``step``. The count is the exact rule: a checkpoint written
+        after a roll-back (an interrupt, or the roll-back's own) can sit at a step before the divergence
+        it already holds, which the replay will not record again."""
         def rewind(session: Session) -> None:
             _drop_after(session, run_id, step, epoch)
-            # Events after the checkpoint happen again (bit for bit) when the run is replayed from it.
-            session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
+            if divergences is None:
+                session.execute(delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step))
+                return
+            ids = session.scalars(select(EventRow.id).where(EventRow.run_id == run_id, EventRow.kind == "divergence")
+                                  .order_by(EventRow.id)).all()
+            replayed = ids[max(divergences, 0):]
+            if replayed:
+                session.execute(delete(EventRow).where(EventRow.id.in_(replayed)))
         self._owned_write(run_id, rewind)
 
-    def roll_back(self, run_id: int, *, step: int, epoch: int, path: str, message: str) -> None:
+    def roll_back(self, run_id: int, *, step: int, epoch: int, path: str, event_step: int, message: str) -> None:
         """A running run rolled back to ``step``/``epoch``, behind its last checkpoint: in one transaction,
         drop the rows and checkpoints after that point (not the events: what happened is not replayed),
-        record the divergence event at ``step`` and the checkpoint ``path`` of the rolled-back state."""
+        record the divergence event (at ``event_step``, where it happened) and the checkpoint ``path`` of
+        the rolled-back state."""
         def roll_back(session: Session) -> None:
             _drop_after(session, run_id, step, epoch)
-            session.add(EventRow(run_id=run_id, step=step, kind="divergence", message=message, created_at=_now()))
+            session.add(EventRow(run_id=run_id, step=event_step, kind="divergence", message=message,
+                                 created_at=_now()))
             session.add(CheckpointRow(run_id=run_id, step=step, epoch=epoch, path=path, created_at=_now()))
         self._owned_write(run_id, roll_back)
 
