@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "benchmark's is refused unless --overwrite")
     bench.add_argument("--overwrite", action="store_true",
                        help="write into a non-empty --out folder, replacing only the benchmark's own files")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the task's config for every method and start, e.g. --set "
+                            "tuner.lr_signal=val (repeatable; the table's README names them)")
     _store_arg(bench)
 
     replay = sub.add_parser(
@@ -403,7 +406,7 @@ def _bench(args: argparse.Namespace) -> int:
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts
-            config = load_task(task, quick=args.quick, gpu=args.gpu)
+            config = load_task(task, quick=args.quick, gpu=args.gpu, overrides=args.overrides)
             usable_methods(config, args.methods)  # a named method that cannot run this task: refused now
             prepare(config)
             runnable.append(task)
@@ -417,7 +420,8 @@ def _bench(args: argparse.Namespace) -> int:
     for task in runnable:
         out = outs[task]
         run_bench(task, methods=args.methods, trials=args.trials, population=args.population, seeds=args.seeds,
-                  quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite)
+                  quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite,
+                  overrides=args.overrides)
         print((out / "README.md").read_text())
         print(f"wrote {out}/README.md, results.json, loss_vs_compute.png, schedules.png; runs and Optuna studies "
               f"in {store.display_url}")

@@ -10,6 +10,7 @@ so "moved 3% of its range" means the same for a dropout rate and a weight decay.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,32 @@ def _units(tuner: SelfTuner, values: dict[str, float]) -> list[float]:
     return torch.sigmoid(space.to_unconstrained(v)).tolist()
 
 
+def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], indices: Iterable[int]) -> list[str]:
+    """One line per tuned hyperparameter of ``indices``: how far it moved, or why it did not."""
+    log, names = tuner.log, tuner.net.space.names
+    u0, u1 = _units(tuner, start), _units(tuner, end)
+    hyper_steps = log.counters.hyper_steps
+    lines = []
+    for i in indices:
+        name = names[i]
+        delta = u1[i] - u0[i]
+        what = f"{name}: {start[name]:.4g} -> {end[name]:.4g}"
+        if log.idle and name in log.idle:
+            lines.append(f"{what}: drives nothing (no dropout, augmentation or loss term reads it)")
+            continue
+        if hyper_steps and not log.hypergrad_seen[i]:
+            lines.append(f"{what}: never received a hypergradient in {hyper_steps} hyper steps")
+            continue
+        if abs(delta) < STILL:
+            lines.append(f"{what}: barely moved (under {STILL:.0%} of its range)")
+            continue
+        move = f"moved {'up' if delta > 0 else 'down'} {abs(delta):.0%} of its range"
+        bound = " and ended on its upper bound" if u1[i] > 1 - ON_BOUND else \
+            " and ended on its lower bound" if u1[i] < ON_BOUND else ""
+        lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
+    return lines
+
+
 def explain(tuner: SelfTuner) -> list[str]:
     """One line per hyperparameter, then one on the validation loss, for the run ``tuner`` holds."""
     log, space = tuner.log, tuner.net.space
@@ -45,26 +72,19 @@ def explain(tuner: SelfTuner) -> list[str]:
         lines.append(f"{tuner.method}: {names}{lr} followed a recorded schedule ({len(follow.steps)} rows"
                      + (f", from {follow.source}" if follow.source else "") + ")")
     elif not tuner.algorithm.tunes:
-        lines.append(f"{tuner.method}: every hyperparameter held at its init value (the baseline)")
+        # hd: plain training whose bound rate (and momentum) follow their own hypergradient
+        bound = {b.index for b in (tuner.lr_tuner, tuner.momentum_tuner) if b is not None and b.tune}
+        if not bound:
+            lines.append(f"{tuner.method}: every hyperparameter held at its init value (the baseline)")
+        else:
+            held = [n for i, n in enumerate(space.names) if i not in bound]
+            lines.extend(_moves(tuner, start, end, sorted(bound)))
+            if held:
+                lines.append(f"{tuner.method}: {', '.join(held)} held at "
+                             + ("its init value" if len(held) == 1 else "their init values"))
     else:
-        u0, u1 = _units(tuner, start), _units(tuner, end)
         hyper_steps = log.counters.hyper_steps
-        for i, name in enumerate(space.names):
-            delta = u1[i] - u0[i]
-            what = f"{name}: {start[name]:.4g} -> {end[name]:.4g}"
-            if log.idle and name in log.idle:
-                lines.append(f"{what}: drives nothing (no dropout, augmentation or loss term reads it)")
-                continue
-            if hyper_steps and not log.hypergrad_seen[i]:
-                lines.append(f"{what}: never received a hypergradient in {hyper_steps} hyper steps")
-                continue
-            if abs(delta) < STILL:
-                lines.append(f"{what}: barely moved (under {STILL:.0%} of its range)")
-                continue
-            move = f"moved {'up' if delta > 0 else 'down'} {abs(delta):.0%} of its range"
-            bound = " and ended on its upper bound" if u1[i] > 1 - ON_BOUND else \
-                " and ended on its lower bound" if u1[i] < ON_BOUND else ""
-            lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
+        lines.extend(_moves(tuner, start, end, range(len(space))))
         if hyper_steps == 0:
             lines.append(f"no hyper step was taken ({tuner.settings.warmup_epochs} warm-up epochs cover the run)")
         state = log.algorithm

@@ -26,6 +26,14 @@ exploding loss can push the rate down at most ``fall x step`` per step. ``step``
 ``travel / planned steps``, so a rate pushed the same way at every step crosses ``travel`` units in
 the run, however long the run is (the rule of ``hyper_travel`` for the other hyperparameters).
 
+``signal = "val"`` (``settings.lr_signal``) differentiates a validation batch's loss instead, at each
+hyper step, along the weights' travel since the previous one (``theta_t - theta_s``: every step between
+scaled by the rate, so ``dL_val(theta_t) / d log(lr) = g_val . (theta_t - theta_s)``, the earlier steps'
+directions held fixed), in the same normalised form, one move of at most ``step`` per hyper step. It is
+the validation hypergradient of RTHO (Franceschi et al. 2017) and MARTHE (Donini et al. 2020) in that
+form: a rate whose steps have begun to over-fit comes down. Measured mixed (docs/algorithms.md), so it
+is an option, not the default.
+
 Why a separate ``fall``: the risks are not symmetric. A rate 10x too large breaks the network within
 the first epoch (dead units, loss at chance) long before a rate that may cross its range only once
 per run has come down; a rate too small only slows training. ``lr_fall > 1`` lets it come down
@@ -61,14 +69,16 @@ class HypergradientLR:
     """
 
     def __init__(self, net: HyperNet, name: str, optimizer: torch.optim.Optimizer, *, tune: bool,
-                 margin: float, fall: float = 1.0) -> None:
+                 margin: float, fall: float = 1.0, signal: str = "train") -> None:
         self.net, self.name, self.optimizer, self.tune = net, name, optimizer, tune
         self.index = net.space.index(name)
         self.step_size = 0.0
         self.fall = fall  # a step down may be this many times a step up (settings.lr_fall)
+        self.signal = signal  # "train": every weight step's next batch; "val": each hyper step (settings.lr_signal)
         self._limits = (math.log(margin / (1 - margin)), math.log((1 - margin) / margin))
         self._previous: list[torch.Tensor] | None = None  # the last update of the group's weights
         self._before: list[torch.Tensor] | None = None
+        self._anchor: list[torch.Tensor] | None = None  # "val": the weights at the previous validation gradient
         self._m = self._v = 0.0
         self._t = 0
         self.apply()
@@ -95,30 +105,51 @@ class HypergradientLR:
         """Update the rate from this step's gradients and the last update; call after ``backward``
         (and clipping), before ``optimizer.step()``. Returns whether the rate received a hypergradient."""
         moved = False
-        if self.tune and self._previous is not None and self.step_size > 0:
-            grads = [p.grad for p in self.params]
-            pairs = [(g, d) for g, d in zip(grads, self._previous, strict=True) if g is not None]
-            if pairs:
-                dot = sum(float((g.double() * d.double()).sum()) for g, d in pairs)
-                g_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in pairs))
-                d_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for _, d in pairs))
-                if g_norm > 0 and d_norm > 0 and math.isfinite(dot) and math.isfinite(g_norm * d_norm):
-                    cosine = max(-1.0, min(1.0, dot / (g_norm * d_norm)))
-                    self._m = _BETA1 * self._m + (1 - _BETA1) * cosine
-                    self._v = _BETA2 * self._v + (1 - _BETA2) * cosine * cosine
-                    self._t += 1
-                    m_hat = self._m / (1 - _BETA1 ** self._t)
-                    v_hat = self._v / (1 - _BETA2 ** self._t)
-                    move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
-                    with torch.no_grad():
-                        u = self.net.hparams[self.index]
-                        step = self.step_size * (self.fall if move > 0 else 1.0)
-                        u.copy_((u - step * move).clamp(*self._limits))
-                    moved = cosine != 0
+        if self.tune and self.signal == "train" and self._previous is not None:
+            moved = self._descend([p.grad for p in self.params], self._previous)
         self.apply()
-        if self.tune:
+        if self.tune and self.signal == "train":
             self._before = [p.detach().clone() for p in self.params]
         return moved
+
+    def observe_validation(self, grads: Sequence[torch.Tensor | None]) -> bool:
+        """``signal = "val"``: step the rate on the validation gradient ``grads`` (of :attr:`params`, at
+        the current weights) along the weights' travel since the previous call, then start a new travel.
+        Returns whether the rate received a hypergradient."""
+        if not (self.tune and self.signal == "val"):
+            return False
+        moved = False
+        if self._anchor is not None:
+            travel = [p.detach() - a for p, a in zip(self.params, self._anchor, strict=True)]
+            moved = self._descend(list(grads), travel)
+            self.apply()
+        self._anchor = [p.detach().clone() for p in self.params]
+        return moved
+
+    def _descend(self, grads: Sequence[torch.Tensor | None], direction: Sequence[torch.Tensor]) -> bool:
+        """One normalised step of ``u`` down ``cos(grads, direction)`` (the module docstring's rule)."""
+        if self.step_size <= 0:
+            return False
+        pairs = [(g, d) for g, d in zip(grads, direction, strict=True) if g is not None]
+        if not pairs:
+            return False
+        dot = sum(float((g.double() * d.double()).sum()) for g, d in pairs)
+        g_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in pairs))
+        d_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for _, d in pairs))
+        if not (g_norm > 0 and d_norm > 0 and math.isfinite(dot) and math.isfinite(g_norm * d_norm)):
+            return False
+        cosine = max(-1.0, min(1.0, dot / (g_norm * d_norm)))
+        self._m = _BETA1 * self._m + (1 - _BETA1) * cosine
+        self._v = _BETA2 * self._v + (1 - _BETA2) * cosine * cosine
+        self._t += 1
+        m_hat = self._m / (1 - _BETA1 ** self._t)
+        v_hat = self._v / (1 - _BETA2 ** self._t)
+        move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
+        with torch.no_grad():
+            u = self.net.hparams[self.index]
+            step = self.step_size * (self.fall if move > 0 else 1.0)
+            u.copy_((u - step * move).clamp(*self._limits))
+        return cosine != 0
 
     def after_step(self) -> None:
         """Remember the update the optimizer just made (the direction the next gradient is tested on)."""
@@ -128,7 +159,7 @@ class HypergradientLR:
 
     def forget(self) -> None:
         """Drop the last update (after a roll-back it no longer leads to the current weights)."""
-        self._previous, self._before = None, None
+        self._previous, self._before, self._anchor = None, None, None
 
     def scale(self, factor: float) -> None:
         """Multiply the rate by ``factor`` (a roll-back), staying inside the space and off its bounds."""
@@ -142,10 +173,12 @@ class HypergradientLR:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self._previous, "step_size": self.step_size, "moments": [self._m, self._v, self._t]}
+        return {"previous": self._previous, "anchor": self._anchor, "step_size": self.step_size,
+                "moments": [self._m, self._v, self._t]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._previous = state.get("previous")
+        self._anchor = state.get("anchor")
         self.step_size = float(state.get("step_size", self.step_size))
         self._m, self._v, self._t = state.get("moments", [0.0, 0.0, 0])
         self._before = None

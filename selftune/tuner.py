@@ -312,7 +312,7 @@ class SelfTuner:
         if lr_name is not None:
             self.lr_tuner = HypergradientLR(net, lr_name, self.optimizers[self.algorithm.lr_group],
                                             tune=by_descent, margin=BOUND_MARGIN,
-                                            fall=self.settings.lr_fall)
+                                            fall=self.settings.lr_fall, signal=self.settings.lr_signal)
         # A momentum bound to a hyperparameter (SGD's heavy ball, Adam's beta1): the same, by its hypergradient.
         self.momentum_tuner: HypergradientMomentum | None = None
         if momentum_name is not None:
@@ -332,6 +332,14 @@ class SelfTuner:
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
+        #: the validation gradient of the general weights an implicit hypergradient just took (by parameter),
+        #: which the rate's validation signal reuses instead of a second pass (:meth:`_validate_lr`)
+        self.val_grads: dict[torch.nn.Parameter, torch.Tensor] | None = None
+
+    @property
+    def _validates_lr(self) -> bool:
+        """Whether hyper steps step the bound learning rate on the validation signal."""
+        return self.lr_tuner is not None and self.lr_tuner.tune and self.lr_tuner.signal == "val"
 
     def _pull_off_bounds(self, only: list[int] | None = None) -> None:
         """A hyperparameter that starts on (or next to) a bound of its range cannot move: the sigmoid
@@ -504,8 +512,10 @@ class SelfTuner:
             self.log.start = dict(self.net.values())
             self._plan_hyper_lr(epochs)
             self._planned_steps = epochs * self.batches_per_epoch
-            for bound in self._bound():
-                bound.plan(self._planned_steps, self.settings.lr_travel)
+            for bound in self._bound():  # the validation signal moves the rate once per hyper step
+                validated = bound is self.lr_tuner and self._validates_lr
+                bound.plan(self._planned_validation(epochs) if validated else self._planned_steps,
+                           self.settings.lr_travel)
             self._build_torch_schedule()
         self.log.start_clock()
         if self._good is None:
@@ -534,6 +544,12 @@ class SelfTuner:
             self._planned_steps // self.batches_per_epoch
         self._torch_schedule = TorchSchedule(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
 
+    def _planned_validation(self, epochs: int) -> int:
+        """Hyper steps (validation batches) a fresh run of ``epochs`` plans at its start."""
+        s = self.settings
+        tuning_epochs = max(epochs - s.warmup_epochs, 0)
+        return max(1, tuning_epochs * self.batches_per_epoch // self.algorithm.hyper_interval(self) * s.val_steps)
+
     def _plan_hyper_lr(self, epochs: int) -> None:
         """Scale an Adam hyper learning rate to the run (``settings.hyper_travel``).
 
@@ -549,8 +565,7 @@ class SelfTuner:
             return
         s = self.settings
         optimizer, default, _ = self.algorithm.hyper_settings()
-        tuning_epochs = max(epochs - s.warmup_epochs, 0)
-        planned = max(1, tuning_epochs * self.batches_per_epoch // self.algorithm.hyper_interval(self) * s.val_steps)
+        planned = self._planned_validation(epochs)
         lr, rule = default, "given" if s.hyper_lr is not None else "default"
         if s.hyper_lr is None and optimizer == "adam" and s.hyper_travel > 0 and s.hyper_travel / planned > default:
             lr, rule = s.hyper_travel / planned, "travel"
@@ -586,7 +601,7 @@ class SelfTuner:
                     self._follow_step()
                 if log.idle is None:
                     self._check_driven()
-                tuning = self.algorithm.tunes and order.epoch >= s.warmup_epochs
+                tuning = (self.algorithm.tunes or self._validates_lr) and order.epoch >= s.warmup_epochs
                 if tuning and log.counters.steps % self.algorithm.hyper_interval(self) == 0:
                     for _ in range(s.val_steps):
                         self._hyper_step(*self._batch("val", order.next_val(self.generator)))
@@ -856,11 +871,21 @@ class SelfTuner:
         net, s = self.net, self.settings
         net.eval()
         torch.clear_autocast_cache()  # the weights changed since the last cast (see weight_step)
+        if not self.algorithm.tunes:  # hd on the validation signal: the rate's step is the whole hyper step
+            value = self._validate_lr(x, y)
+            net.train()
+            self.log.counters.hyper_steps += 1
+            if value is not None:
+                self.log.add_val_loss(value)
+            return
         if self.algorithm.uses_implicit(self):  # the algorithm computes the hypergradient (selftune.implicit)
             net.zero_grad(set_to_none=True)
+            self.val_grads = None
             val_loss = self.algorithm.hypergradient(self, x, y)
             self._check(val_loss, "validation loss", "weights")
             self._apply_hypergradient()
+            self._validate_lr(x, y, known=self.val_grads)
+            self.val_grads = None
             net.train()
             self.log.add_val_loss(val_loss.item())
             self.log.counters.hyper_steps += 1
@@ -878,10 +903,39 @@ class SelfTuner:
             self._check(loss, "validation loss", "weights")
             loss.backward()
             self._apply_hypergradient()
+        self._validate_lr(x, y)
         net.train()
         self.log.counters.examples += batch_of(x, net.batch_dim)
         self.log.counters.hyper_steps += 1
         self.log.add_val_loss(val_loss.item())
+
+    def _validate_lr(self, x: Any, y: Any, known: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> float | None:
+        """The validation signal of a bound learning rate (``tuner.lr_signal``): the gradient of the
+        validation batch's loss in the rate's weights, at the current hyperparameters with the response
+        off (``known``: that gradient, already taken by an implicit hypergradient on the same batch),
+        steps the rate along the weights' travel since the last call
+        (:meth:`~selftune.hd.HypergradientLR.observe_validation`). Returns the batch's loss where it was
+        computed here; ``None`` where the signal is off or ``known`` was used."""
+        bound = self.lr_tuner
+        if bound is None or not self._validates_lr:
+            return None
+        params = bound.params
+        value = None
+        if known is not None:
+            grads = [known.get(p) for p in params]
+        else:
+            live = [p for p in params if p.requires_grad]
+            self.net.eval()  # an implicit hypergradient leaves the net in training mode
+            with torch.enable_grad():
+                loss = self.objective.eval_loss(self.net(x, respond=False), y)
+                self._check(loss, "validation loss", "weights")
+                found = dict(zip(live, torch.autograd.grad(loss, live, allow_unused=True), strict=True))
+            grads = [found.get(p) for p in params]
+            value = loss.item()
+            self.log.counters.examples += batch_of(x, self.net.batch_dim)
+        if bound.observe_validation(grads):
+            self.log.hypergrad_seen[bound.index] = True
+        return value
 
     def _apply_hypergradient(self) -> None:
         """Step the hyperparameters on the gradient in ``net.hparams.grad`` (checked, recorded)."""

@@ -184,6 +184,25 @@ def test_hd_runs_where_the_learning_rate_is_a_hyperparameter_and_is_refused_else
     assert large["fixed"]["hparams"]["lr"] == pytest.approx(0.5)
 
 
+def test_bench_set_overrides_the_tasks_file_for_every_method_and_a_bad_one_is_refused(tmp_path, monkeypatch, capsys):
+    """``--set`` reaches every method and start (hd on the validation signal draws validation batches,
+    fixed does not) and the table says which settings it ran at; a bad key is exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml"
+    assert main(["bench", str(example), "--quick", "--methods", "hd", "--seeds", "1", "--set", "tuner.nope=1",
+                 "--store", url, "--out", "bad"]) == 2
+    assert "tuner.nope" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["bench", str(example), "--quick", "--methods", "hd", "--seeds", "1", "--set", "tuner.lr_signal=val",
+                 "--set", "epochs=2", "--store", url, "--out", "val"]) == 0
+    rows = json.loads((tmp_path / "val" / "results.json").read_text())
+    for start in ("lr_small", "lr_large"):
+        by = {r["method"]: r for r in rows if r["start"] == start}
+        assert by["hd"]["examples"] > by["fixed"]["examples"]  # the validation batches are counted
+    assert "--set tuner.lr_signal=val --set epochs=2" in (tmp_path / "val" / "README.md").read_text()
+
+
 def test_a_method_whose_extra_is_missing_is_skipped_or_refused_with_the_install_command(tmp_path, monkeypatch,
                                                                                         capsys):
     """Without Optuna (`selftune[search]`) a default bench runs the rest and says what it skipped; naming
@@ -356,3 +375,19 @@ def test_a_grid_over_an_undeclared_name_is_refused_with_the_field():
     with pytest.raises(ConfigError, match="twice"):
         parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
                       "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}, "bench": {"grid": ["p", "p"]}})
+
+
+def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(tmp_path):
+    """Study names carry a digest of the task's config: rerunning the same file continues its study, an
+    edited file (or a --set) does not continue one whose trials trained something else."""
+    from selftune.methods._base import Context
+
+    ctx = Context(store=None, folder=tmp_path, label="digits-mlp", trials=5)  # type: ignore[arg-type]
+    config = load_task("digits-mlp")
+    tpe = METHODS["tpe"]
+    name = tpe.study_name(config, 0, ctx)
+    assert tpe.study_name(load_task("digits-mlp"), 0, ctx) == name
+    assert tpe.study_name(config.derive(method="fixed"), 0, ctx) == name  # the method a trial runs is fixed anyway
+    assert tpe.study_name(config, 1, ctx) != name
+    assert tpe.study_name(load_task("digits-mlp", overrides=["epochs=3"]), 0, ctx) != name
+    assert tpe.study_name(load_task("digits-mlp", overrides=["tuner.batch_size=32"]), 0, ctx) != name

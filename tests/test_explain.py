@@ -78,3 +78,16 @@ def test_the_cli_prints_warnings_as_one_line(tmp_path, capsys, monkeypatch):
     warning_lines = [line for line in captured.err.splitlines() if "warning" in line]
     assert len(warning_lines) == 1 and warning_lines[0].startswith("selftune: warning: space: dropout1 0 -> ")
     assert "dropout1: 0 -> " in captured.out or "dropout1: 0.019" in captured.out
+
+
+def test_hd_says_how_its_rate_moved_and_that_the_rest_was_held(digits):
+    """hd tunes only a bound rate: the explanation reports that rate's move (it used to call the whole
+    run a baseline) and names what stayed at its init."""
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.2), st.Float("d1", 0.0, 0.95, init=0.2),
+                      st.Float("lr", 1e-4, 1.0, init=0.005, log=True)])
+    tuner = _tuner(digits, space, method="hd", lr="lr", warmup_epochs=0)
+    tuner.fit(2)
+    lines = explain(tuner)
+    assert lines[0].startswith("lr: 0.005 -> ") and "moved up" in lines[0]
+    assert lines[1] == "hd: d0, d1 held at their init values"
+    assert lines[-1].startswith("validation loss: ")

@@ -90,18 +90,91 @@ def test_delta_stn_tunes_the_rate_beside_the_dropouts(digits):
         st.nn.hypernet._inverse_softplus(0.5)))), rel=1e-5)
 
 
-def test_a_resumed_hd_run_equals_an_uninterrupted_one(digits):
-    whole = make_tuner(digits)
+@pytest.mark.parametrize("method, signal, stop", [("hd", "train", 25), ("hd", "val", 23), ("delta-stn", "val", 23)])
+def test_a_resumed_hd_run_equals_an_uninterrupted_one(digits, method, signal, stop):
+    """Also on the validation signal, stopped between two hyper steps: the weights' travel since the
+    last one is part of the checkpoint."""
+    whole = make_tuner(digits, method=method, lr_signal=signal)
     whole.fit(3)
-    first = make_tuner(digits)
-    first.fit(3, max_steps=25)
+    first = make_tuner(digits, method=method, lr_signal=signal)
+    first.fit(3, max_steps=stop)
     state = first.state_dict()
-    second = make_tuner(digits)
+    second = make_tuner(digits, method=method, lr_signal=signal)
     second.load_state_dict(state)
     second.fit(3)
+    assert whole.lr_tuner.value != pytest.approx(0.005)  # the rate moved
     assert torch.equal(second.net.hparams, whole.net.hparams)
     for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_validation_signal_lowers_a_rate_that_raises_the_validation_loss_and_stays_in_bounds():
+    """``lr_signal = "val"``: a validation gradient along the weights' travel since the last hyper step
+    (the travel raised the validation loss) lowers the rate, one against it raises it, each by at most
+    one step; exploding, direction-flipping gradients keep it inside the space, off its bounds."""
+    space = st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
+    opt = torch.optim.SGD(net.general_parameters(), lr=1.0)
+    hd = HypergradientLR(net, "lr", opt, tune=True, margin=BOUND_MARGIN, signal="val")
+    hd.plan(steps=20, travel=8.0)
+    for p in hd.params:  # a training step's gradient does nothing on this signal
+        p.grad = torch.ones_like(p)
+    assert not hd.before_step() and hd.value == pytest.approx(0.01)
+
+    def travel_then_observe(sign, scale=1.0):
+        with torch.no_grad():
+            for p in hd.params:
+                p.add_(0.1)
+        return hd.observe_validation([sign * scale * torch.ones_like(p) for p in hd.params])
+
+    assert not travel_then_observe(1.0)  # the first call only marks where the travel starts
+    start = hd.value
+    assert travel_then_observe(1.0) and hd.value < start  # the travel raised the validation loss
+    for _ in range(5):
+        travel_then_observe(-1.0)
+    assert hd.value > start
+    gen = torch.Generator().manual_seed(0)
+    before = float(net.hparams.detach()[0])
+    for step in range(200):
+        sign = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+        travel_then_observe(sign, scale=10.0 ** min(step, 30))
+        u = float(net.hparams.detach()[0])
+        assert abs(u - before) <= hd.step_size + 1e-6
+        before = u
+        unit = (math.log(hd.value) - math.log(1e-4)) / (math.log(1.0) - math.log(1e-4))
+        assert BOUND_MARGIN - 1e-6 <= unit <= 1 - BOUND_MARGIN + 1e-6
+        assert opt.param_groups[0]["lr"] == hd.value
+
+
+def test_the_validation_signal_draws_validation_batches_and_the_training_signal_none(digits):
+    """hd on Baydin's training signal costs a plain run's examples; on ``lr_signal = "val"`` it draws one
+    validation batch every ``train_steps`` weight steps, counted, and the rate moves on those alone."""
+    plain, train = make_tuner(digits, method="fixed"), make_tuner(digits)
+    val = make_tuner(digits, lr_signal="val")
+    assert train.lr_tuner.signal == "train" and val.lr_tuner.signal == "val"
+    for tuner in (plain, train, val):
+        tuner.fit(3)
+    assert train.counters.examples == plain.counters.examples and train.counters.hyper_steps == 0
+    assert val.counters.hyper_steps == 3 * val.batches_per_epoch // 5
+    assert val.counters.examples == plain.counters.examples + val.counters.hyper_steps * val.val_batch_size
+    assert val.lr_tuner.value != pytest.approx(0.005) and val.log.hypergrad_seen[1]
+
+
+def test_an_implicit_method_reuses_its_validation_gradient_for_the_rate(digits, monkeypatch):
+    """ift takes the validation gradient of the weights for its own hypergradient; the rate's validation
+    signal reuses it (no second pass) and moves the rate exactly as a second pass would."""
+    # a few hyper steps: later, float rounding in the two ways of summing the gradient grows with the run
+    reused = make_tuner(digits, method="ift", lr_signal="val", compute_budget=100.0)  # spacing ignores the extra pass
+    reused.fit(2, max_steps=20)
+    separate = make_tuner(digits, method="ift", lr_signal="val", compute_budget=100.0)
+    original = separate._validate_lr
+    monkeypatch.setattr(separate, "_validate_lr", lambda x, y, known=None: original(x, y))
+    separate.fit(2, max_steps=20)
+    assert reused.counters.hyper_steps >= 2
+    assert reused.lr_tuner.value != pytest.approx(0.005)
+    assert reused.lr_tuner.value == pytest.approx(separate.lr_tuner.value, rel=1e-6)
+    assert separate.counters.examples - reused.counters.examples == \
+        reused.counters.hyper_steps * reused.val_batch_size
 
 
 def test_a_diverging_rate_is_lowered_in_its_hyperparameter(digits):

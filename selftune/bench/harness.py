@@ -36,9 +36,10 @@ QUICK = {"epochs": 4, "trials": 3, "population": 3, "train_subset": 2000}
 SMALL_DATASETS = frozenset({"digits"})
 
 
-def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig:
+def load_task(name: str, *, quick: bool = False, gpu: bool = False, overrides: Sequence[str] = ()) -> RunConfig:
     """The task's config (quick: fewer epochs and, for large datasets, a smaller training subset;
-    gpu: train on the CUDA device).
+    gpu: train on the CUDA device; overrides: ``key.path=value`` as ``selftune run --set``, applied to
+    the file before it is validated, so every method and start of the benchmark shares them).
 
     Raises:
         LookupError: an unknown task name.
@@ -49,7 +50,7 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False) -> RunConfig
         path = Path(name)
     else:
         raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)} or give a config file (.toml)")
-    config = load_config(path, ['device="cuda"'] if gpu else [])
+    config = load_config(path, [*overrides, *(['device="cuda"'] if gpu else [])])
     if quick:
         config = config.derive(epochs=min(config.epochs, QUICK["epochs"]))
         if config.data is not None:  # a task sizes its own data (through [task.args])
@@ -90,7 +91,8 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
 
 def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 20, population: int = 8,
               seeds: int = 3, quick: bool = False, gpu: bool = False, out: str | Path = "bench", store: RunStore,
-              overwrite: bool = False, progress: Callable[[str], None] = print) -> list[MethodResult]:
+              overwrite: bool = False, overrides: Sequence[str] = (),
+              progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
     into ``out``; return every result.
 
@@ -105,12 +107,14 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
         trials: trials of each Optuna search.
         population: members of the PBT population.
         overwrite: allow a non-empty folder that is not a benchmark's (only the benchmark's files are replaced).
+        overrides: ``key.path=value`` settings applied to the task's config (``selftune bench --set``);
+            the table's README names them.
 
     Raises:
         ConfigError: an unknown method, or a named method that cannot run this task.
         OutputError: ``out`` holds files that are not a benchmark's.
     """
-    config = load_task(task, quick=quick, gpu=gpu)
+    config = load_task(task, quick=quick, gpu=gpu, overrides=overrides)
     chosen = usable_methods(config, methods)
     for m in METHODS.values():
         if methods is None and m not in chosen:
@@ -151,7 +155,8 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     scheduled = [m.name for m in chosen if m.schedule]
     corpus = config.data is not None and config.data.name in CORPORA
-    (out / "README.md").write_text(table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config))
+    (out / "README.md").write_text(table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config,
+                                         overrides=overrides))
     plot_compute(name, results, out / "loss_vs_compute.png")
     schedules = {}
     for m in scheduled:
@@ -244,7 +249,7 @@ def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], pe
 
 
 def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False,
-          scheduled: Sequence[str] = (), config: RunConfig | None = None) -> str:
+          scheduled: Sequence[str] = (), config: RunConfig | None = None, overrides: Sequence[str] = ()) -> str:
     """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
     compute in units of one plain run; one table per start, and a verdict per start when the task
     declares starts."""
@@ -254,7 +259,9 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
               "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
              f"Seeds: {len({r.seed for r in results})}. Compute in units of one plain (fixed) run of the same "
-             "seed; searches count every trial, PBT every member-epoch.", ""]
+             "seed; searches count every trial, PBT every member-epoch."
+             + (f" Settings over the task's file: {' '.join(f'--set {o}' for o in overrides)}." if overrides else ""),
+             ""]
     starts = list(dict.fromkeys(r.start for r in results if r.start))
 
     def section(rs: list[MethodResult]) -> list[str]:

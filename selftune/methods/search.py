@@ -99,8 +99,13 @@ class Search(Method):
                           self.study_name(config, seed, ctx))
 
     def study_name(self, config: RunConfig, seed: int, ctx: Context) -> str:
-        """Names the study in the store: the same task, method, seed and budget continue one study."""
-        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials"
+        """Names the study in the store: the same task, method, seed and budget continue one study. The
+        name ends in a digest of the config (all of it but the method, the seed and the single-run
+        starts), so an edited file or a ``--set`` starts a study of its own instead of continuing one
+        whose trials trained something else."""
+        task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": {"starts"}})
+        digest = hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{digest}"
 
     def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
         return self.sampler(seed)
