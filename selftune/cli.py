@@ -399,6 +399,10 @@ def _bench(args: argparse.Namespace) -> int:
         tasks = [args.task]
     for m in args.methods or []:
         get_method(m)
+    for item in args.overrides:  # what bench itself varies cannot be fixed by an override
+        key = item.partition("=")[0].strip()
+        if key in ("method", "seed"):
+            raise ConfigError("--set", f"{key} is what bench varies; choose with --{key}s instead")
     outs = {t: Path(args.out) if args.out else Path("bench") / (task_name(t) + ("-quick" if args.quick else ""))
             for t in tasks}
     for task, out in outs.items():

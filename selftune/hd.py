@@ -19,12 +19,13 @@ averages that signal the way Adam averages a gradient:
 Consecutive mini-batch gradients agree only weakly (cosines of a few hundredths on digits), so the raw
 cosine moved a rate 10x too small by a fraction of the way; Adam's ratio turns a weak but consistent
 signal into full steps and keeps a noisy one small. One step moves ``u`` by at most ``step`` up and
-``fall x step`` down (the ratio is clipped to [-1, 1]; ``fall`` is ``settings.lr_fall``, 1 by
-default), the rate is ``low..high`` by construction (the space's transform), ``u`` stays where the
-transform is not flat (:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a NaN-free but
-exploding loss can push the rate down at most ``fall x step`` per step. ``step`` follows the run:
-``travel / planned steps``, so a rate pushed the same way at every step crosses ``travel`` units in
-the run, however long the run is (the rule of ``hyper_travel`` for the other hyperparameters).
+``fall x step`` down (the ratio is clipped to [-1, 1]; ``fall`` is ``settings.lr_fall``, 1 by default)
+and the rate by at most a factor :data:`MAX_CHANGE` either way; the rate is ``low..high`` by construction
+(the space's transform), ``u`` stays where the transform is not flat
+(:data:`selftune.tuner.BOUND_MARGIN` inside each bound), and a NaN-free but exploding loss can push the
+rate down at most ``fall x step`` per step. ``step`` follows the run: ``travel / planned steps``, so a
+rate pushed the same way at every step crosses ``travel`` units in the run, however long the run is (the
+rule of ``hyper_travel`` for the other hyperparameters).
 
 ``signal = "val"`` (``settings.lr_signal``) differentiates a validation batch's loss instead, at each
 hyper step, along the weights' travel since the previous one (``theta_t - theta_s``: every step between
@@ -55,6 +56,11 @@ __all__ = ["HypergradientLR", "HypergradientMomentum"]
 
 #: Adam's moment decays for the normalised hypergradient (Kingma & Ba's defaults)
 _BETA1, _BETA2 = 0.9, 0.999
+#: One step changes the rate by at most this factor either way. ``lr_travel / planned steps`` is small in
+#: a run of hundreds of steps, but a run of a few (a short run on the validation signal: 3 hyper steps)
+#: would let one step move the rate 20x (measured: 0.01 -> 0.21 in one step, then a finite blow-up
+#: that no roll-back caught); halving, as a roll-back does, is the largest move either way.
+MAX_CHANGE = 2.0
 
 
 class HypergradientLR:
@@ -97,8 +103,11 @@ class HypergradientLR:
         self.optimizer.param_groups[0]["lr"] = self.value
 
     def plan(self, steps: int, travel: float) -> None:
-        """Size the per-step move so ``travel`` unconstrained units take ``steps`` steps."""
+        """Size the per-step move so ``travel`` unconstrained units take ``steps`` steps (on the
+        validation signal, hyper steps, the first of which judges the travel from here)."""
         self.step_size = travel / max(steps, 1)
+        if self.tune and self.signal == "val":
+            self._anchor = [p.detach().clone() for p in self.params]
 
     # -- around each step of the optimizer -------------------------------------------------------
     def before_step(self) -> bool:
@@ -122,9 +131,16 @@ class HypergradientLR:
         if self._anchor is not None:
             travel = [p.detach() - a for p, a in zip(self.params, self._anchor, strict=True)]
             moved = self._descend(list(grads), travel)
-            self.apply()
+            # not applied here: the next weight step writes it with its schedule's factor, and the row
+            # logged until then shows the rate the last step used
         self._anchor = [p.detach().clone() for p in self.params]
         return moved
+
+    def travelled(self) -> bool:
+        """Whether the weights moved since the last validation gradient (a second validation batch of
+        the same round has no travel to judge)."""
+        return self._anchor is None or any(not torch.equal(p.detach(), a)
+                                           for p, a in zip(self.params, self._anchor, strict=True))
 
     def _descend(self, grads: Sequence[torch.Tensor | None], direction: Sequence[torch.Tensor]) -> bool:
         """One normalised step of ``u`` down ``cos(grads, direction)`` (the module docstring's rule)."""
@@ -145,11 +161,22 @@ class HypergradientLR:
         m_hat = self._m / (1 - _BETA1 ** self._t)
         v_hat = self._v / (1 - _BETA2 ** self._t)
         move = max(-1.0, min(1.0, m_hat / (math.sqrt(v_hat) + 1e-12)))
+        before = self.value
         with torch.no_grad():
             u = self.net.hparams[self.index]
             step = self.step_size * (self.fall if move > 0 else 1.0)
             u.copy_((u - step * move).clamp(*self._limits))
+        after = self.value
+        if after > MAX_CHANGE * before or after < before / MAX_CHANGE:  # a short run's large step
+            self._set(min(max(after, before / MAX_CHANGE), MAX_CHANGE * before))
         return cosine != 0
+
+    def _set(self, value: float) -> None:
+        """Put the hyperparameter at rate ``value`` (inside the space, off its bounds)."""
+        space = self.net.space
+        with torch.no_grad():
+            u = space.from_dict({**space.values_dict(self.net.hparams), self.name: value})[self.index]
+            self.net.hparams[self.index] = u.clamp(*self._limits)
 
     def after_step(self) -> None:
         """Remember the update the optimizer just made (the direction the next gradient is tested on)."""
@@ -163,11 +190,7 @@ class HypergradientLR:
 
     def scale(self, factor: float) -> None:
         """Multiply the rate by ``factor`` (a roll-back), staying inside the space and off its bounds."""
-        space = self.net.space
-        value = max(self.value * factor, space[self.name].low)
-        with torch.no_grad():
-            u = space.from_dict({**space.values_dict(self.net.hparams), self.name: value})[self.index]
-            self.net.hparams[self.index] = u.clamp(*self._limits)
+        self._set(max(self.value * factor, self.net.space[self.name].low))
         self.forget()
         self.apply()
 

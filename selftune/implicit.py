@@ -212,9 +212,9 @@ class ImplicitDifferentiation(Fixed):
         net, s, state = tuner.net, self.settings, tuner.log.algorithm
         weights = [w for w in tuner.general_params if w.requires_grad]
         val_loss = tuner.objective.eval_loss(net(x, respond=False), y)
-        val_grad = [g if g is not None else torch.zeros_like(w) for g, w in
-                    zip(torch.autograd.grad(val_loss, weights, allow_unused=True), weights, strict=True)]
-        tuner.val_grads = dict(zip(weights, val_grad, strict=True))  # a validated learning rate reuses it
+        raw = torch.autograd.grad(val_loss, weights, allow_unused=True)
+        tuner.val_grads = dict(zip(weights, raw, strict=True))  # a validated learning rate reuses it
+        val_grad = [g if g is not None else torch.zeros_like(w) for g, w in zip(raw, weights, strict=True)]
         skipped = False
         with self.differentiated_at(tuner, weights):
             mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))

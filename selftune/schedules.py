@@ -157,6 +157,11 @@ class TorchSchedule:
         self.initial = float(state["initial"])
 
 
+#: the CSV column of the weights' learning rate (as in ``epochs.csv``): ``lr`` is the name configs give
+#: the hyperparameter a tuned rate is bound to, whose values are a column of their own
+RATE_COLUMN = "weights_lr"
+
+
 class HyperSchedule(BaseModel):
     """Hyperparameter values (and the weights' learning rate) over the steps of a run.
 
@@ -212,7 +217,8 @@ class HyperSchedule(BaseModel):
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per row: ``step``, ``epoch`` (fractional, when steps per epoch are known), the
-        values and ``lr``: what ``to_csv`` writes."""
+        values and ``weights_lr`` (the weights' rate; not ``lr``, which a space may declare as the
+        hyperparameter it binds the rate to): what ``to_csv`` writes."""
         out = []
         for k, step in enumerate(self.steps):
             row: dict[str, float] = {"step": step}
@@ -220,7 +226,7 @@ class HyperSchedule(BaseModel):
                 row["epoch"] = step / self.steps_per_epoch
             row.update({name: column[k] for name, column in self.values.items()})
             if self.lr is not None:
-                row["lr"] = self.lr[k]
+                row[RATE_COLUMN] = self.lr[k]
             out.append(row)
         return out
 
@@ -243,7 +249,7 @@ class HyperSchedule(BaseModel):
 
     # -- files ------------------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> None:
-        """Write the rows as CSV (``step, epoch, <names>, lr``)."""
+        """Write the rows as CSV (``step, epoch, <names>, weights_lr``)."""
         rows = self.rows()
         with Path(path).open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -260,7 +266,9 @@ class HyperSchedule(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> HyperSchedule:
         """Read a schedule from ``.json`` (as :meth:`to_json` writes) or ``.csv`` (a ``step`` column,
-        one column per hyperparameter, optional ``epoch`` and ``lr``).
+        one column per hyperparameter, optional ``epoch`` and ``weights_lr``, the weights' rate). A file
+        without ``weights_lr`` may give the rate as ``lr`` (the column's earlier name, and hand-written
+        files); with ``weights_lr`` present, ``lr`` is a hyperparameter's column like any other.
 
         Raises:
             ValueError: a missing or unreadable file, or a schedule that is not consistent (the
@@ -275,8 +283,9 @@ class HyperSchedule(BaseModel):
                     table = list(csv.DictReader(f))
                 if not table or "step" not in table[0]:
                     raise ValueError("a schedule CSV needs a header with a step column and at least one row")
-                names = [c for c in table[0] if c not in ("step", "epoch", "lr")]
-                lr = [float(r["lr"]) for r in table] if "lr" in table[0] else None
+                rate = RATE_COLUMN if RATE_COLUMN in table[0] else "lr" if "lr" in table[0] else None
+                names = [c for c in table[0] if c not in ("step", "epoch", rate)]
+                lr = [float(r[rate]) for r in table] if rate is not None else None
                 schedule = cls(steps=[int(float(r["step"])) for r in table],
                                values={n: [float(r[n]) for r in table] for n in names}, lr=lr)
         except OSError as err:

@@ -9,11 +9,16 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from .batch_size import AdaptiveBatchSettings
 from .errors import ConfigError
 from .schedules import HyperSchedule, ScheduleSettings
+
+#: SGD's momentum when none is given (the usual choice; also Adam's own beta1, so the default never
+#: conflicts with another optimizer's momentum)
+DEFAULT_MOMENTUM = 0.9
 
 
 class TunerSettings(BaseModel):
@@ -40,11 +45,12 @@ class TunerSettings(BaseModel):
                           "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
                           "descent (selftune.hd)")
     momentum: float | str = Field(
-        0.9, description="SGD's momentum (0 <= m < 1), or the name of a hyperparameter that holds SGD's momentum or "
-                         "Adam's/AdamW's beta1 (declare "
-                         "[space.momentum] low = 0.0, high = 0.99): fixed trains at its init, searches sample it, "
-                         "and hd, stn, delta-stn and ift tune it in the run by a hypergradient of the next step's "
-                         "training loss (selftune.hd), as they tune a bound lr")
+        DEFAULT_MOMENTUM,
+        description="SGD's momentum (0 <= m < 1; another optimizer refuses a number it would ignore), or the "
+                    "name of a hyperparameter that holds SGD's momentum or Adam's/AdamW's beta1 (declare "
+                    "[space.momentum] low = 0.0, high = 0.99): fixed trains at its init, searches sample it, "
+                    "and hd, stn, delta-stn and ift tune it in the run by a hypergradient of the next step's "
+                    "training loss (selftune.hd), as they tune a bound lr")
     response_lr: PositiveFloat | None = Field(
         None, description="learning rate of the response weights (W_r, b_r, V); None: min(lr, 0.01), the official "
                           "code's rate: a response is the product of two trained factors (gates and response "
@@ -125,8 +131,9 @@ class TunerSettings(BaseModel):
         8.0, ge=0.0,
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "
                     "units) it can cover in the run if every step pushes it the same way, as hyper_travel; each "
-                    "weight step moves it by at most lr_travel / planned weight steps (selftune.hd; one-pass "
-                    "tunes the rate through its own hypergradient and ignores it)")
+                    "weight step (each round of hyper steps on lr_signal = \"val\") moves it by at most lr_travel "
+                    "/ planned steps, and by at most 2x (selftune.hd; one-pass tunes the rate through its own "
+                    "hypergradient and ignores it)")
     lr_signal: Literal["train", "val"] = Field(
         "train",
         description="with a tuned learning rate: the loss its hypergradient differentiates. train: the next training "
@@ -209,6 +216,8 @@ class TunerSettings(BaseModel):
             if key not in takes:
                 raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of torch.optim.{cls.__name__}; it "
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
+        if isinstance(self.momentum, float) and cls is not torch.optim.SGD:
+            self._check_numeric_momentum(cls, takes)
         if self.lr_scheduler is not None:
             self._check_lr_scheduler()
         elif self.lr_scheduler_args:
@@ -230,6 +239,22 @@ class TunerSettings(BaseModel):
             raise ConfigError("tuner.reference_batch_size", "given without tuner.lr_batch_scaling; set it to "
                                                             "\"auto\", \"linear\" or \"sqrt\"")
         return self
+
+    def _check_numeric_momentum(self, cls: type, takes: set[str]) -> None:
+        """A number in ``tuner.momentum`` reaches SGD only: refuse one another optimizer would silently
+        ignore (the default, which cannot be told from an explicit 0.9, and the optimizer's own default
+        pass)."""
+        m = float(self.momentum)  # type: ignore[arg-type]
+        defaults = inspect.signature(cls.__init__).parameters
+        if issubclass(cls, torch.optim.Adam):
+            own, how = float(defaults["betas"].default[0]), "its momentum as optimizer_args.betas = [m, 0.999]"
+        elif "momentum" in takes:
+            own, how = float(defaults["momentum"].default), "its momentum as optimizer_args.momentum"
+        else:
+            own, how = 0.0, "no momentum: remove tuner.momentum"
+        if m not in (DEFAULT_MOMENTUM, own):
+            raise ConfigError("tuner.momentum", f"{m:g} is SGD's momentum, which torch.optim.{cls.__name__} would "
+                                                f"ignore; {cls.__name__} takes {how}")
 
     def _check_lr_scheduler(self) -> None:
         """Refuse a scheduler that cannot run here now, not at the first step of a long run: an unknown
@@ -266,14 +291,21 @@ class TunerSettings(BaseModel):
                                                          f"{' '.join(str(err).split())}") from None
 
 
+#: Settings that only tuning reads: a ``fixed`` run (a search trial, a PBT member's training) trains the same
+#: whatever they are, so a search study's name leaves them out (``selftune.methods.search``).
+TUNING_ONLY: frozenset[str] = frozenset({
+    "response_lr", "hyper_optimizer", "hyper_lr", "hyper_travel", "scale_lr", "init_scale", "encoding",
+    "tune_scales", "entropy_weight", "warmup_epochs", "train_steps", "response_fraction", "val_steps",
+    "linearize", "lr_travel", "lr_signal", "lr_fall", "neumann_terms", "neumann_lr", "compute_budget",
+    "handover_patience", "handover_rise", "relax_temperature", "log_every"})
+
+
 def optimizer_class(name: str) -> type:
     """The ``torch.optim`` optimizer class called ``name`` (any case: ``"adamw"`` is ``AdamW``).
 
     Raises:
         ValueError: no such optimizer (the message lists them).
     """
-    import torch
-
     classes = {n.lower(): c for n, c in vars(torch.optim).items()
                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
     if name.lower() == "lbfgs":  # its step needs a closure re-evaluating the loss, which a tuner step is not

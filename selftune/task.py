@@ -105,6 +105,11 @@ def load_callable(source: str) -> Callable[..., Any]:
         name = "selftune_task_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
+            # its own folder is importable, as when a script runs, so a task split over several files
+            # (``from helpers import ...``) loads; appended, so it never shadows an installed package
+            folder = str(file.resolve().parent)
+            if folder not in sys.path:
+                sys.path.append(folder)
             spec = importlib.util.spec_from_file_location(name, file)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)

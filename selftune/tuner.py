@@ -292,6 +292,15 @@ class SelfTuner:
             scaling_rule(s.optimizer) if s.lr_batch_scaling == "auto" else s.lr_batch_scaling
         self._reference_batch = s.reference_batch_size or self._start_batch
         self.log = RunLog(hypergrad_seen=[False] * len(net.space))
+        if not isinstance(s.lr, str):
+            fields = type(s).model_fields
+            unused = [n for n in ("lr_signal", "lr_fall", "lr_travel") if getattr(s, n) != fields[n].default]
+            if unused:
+                warnings.warn(SelftuneWarning(
+                    f"tuner.{', tuner.'.join(unused)}: set for a tuned learning rate, but tuner.lr is a number, "
+                    f"so {'it has' if len(unused) == 1 else 'they have'} no effect; bind the rate to a "
+                    "hyperparameter (tuner.lr = \"name\") to tune it"),
+                    stacklevel=2)
         if self.algorithm.tunes:
             self._pull_off_bounds()
         elif self.algorithm.tunes_lr and (lr_name is not None or momentum_name is not None):
@@ -491,7 +500,10 @@ class SelfTuner:
         """Train until ``epochs`` epochs are done (continuing from the current state).
 
         Args:
-            epochs: total epochs of the run (not additional ones): a restored tuner resumes.
+            epochs: total epochs of the run (not additional ones): a restored tuner resumes. A fresh run
+                plans from it (the schedule's length, the tuned rate's step size, the hyper learning
+                rate); a later ``fit`` with more epochs continues on that plan, so ``fit(2)`` then
+                ``fit(4)`` is not ``fit(4)``.
             callbacks: :class:`Callback` hooks (progress, checkpoints, logging).
             max_steps: stop after this global step count, leaving a resumable state.
 
@@ -512,10 +524,10 @@ class SelfTuner:
             self.log.start = dict(self.net.values())
             self._plan_hyper_lr(epochs)
             self._planned_steps = epochs * self.batches_per_epoch
-            for bound in self._bound():  # the validation signal moves the rate once per hyper step
+            for bound in self._bound():  # the validation signal moves the rate once per round of hyper steps
                 validated = bound is self.lr_tuner and self._validates_lr
-                bound.plan(self._planned_validation(epochs) if validated else self._planned_steps,
-                           self.settings.lr_travel)
+                rounds = max(1, self._planned_validation(epochs) // self.settings.val_steps)
+                bound.plan(rounds if validated else self._planned_steps, self.settings.lr_travel)
             self._build_torch_schedule()
         self.log.start_clock()
         if self._good is None:
@@ -723,6 +735,8 @@ class SelfTuner:
         last = self.log.last_point
         behind = last is not None and _position(self._good) < last
         self.load_state_dict(copy.deepcopy(self._good))  # a copy: the optimizers would share its tensors
+        self.net.train()  # a divergence inside a hyper step (or a validation pass) left it in eval mode
+        self.val_grads = None
         self.log.divergences = count
         # the discarded steps were computed all the same: their time and examples stay counted
         c = self.log.counters
@@ -923,11 +937,16 @@ class SelfTuner:
         value = None
         if known is not None:
             grads = [known.get(p) for p in params]
+        elif not bound.travelled():  # the round's later batches: the weights have not moved since the first
+            return None
         else:
             live = [p for p in params if p.requires_grad]
+            if not live:  # the user froze every weight the rate drives: nothing to judge
+                return None
             self.net.eval()  # an implicit hypergradient leaves the net in training mode
             with torch.enable_grad():
-                loss = self.objective.eval_loss(self.net(x, respond=False), y)
+                # the network as score() evaluates it (STN's response path is part of it at these values)
+                loss = self.objective.eval_loss(self.net(x), y)
                 self._check(loss, "validation loss", "weights")
                 found = dict(zip(live, torch.autograd.grad(loss, live, allow_unused=True), strict=True))
             grads = [found.get(p) for p in params]

@@ -193,6 +193,9 @@ def test_bench_set_overrides_the_tasks_file_for_every_method_and_a_bad_one_is_re
     assert main(["bench", str(example), "--quick", "--methods", "hd", "--seeds", "1", "--set", "tuner.nope=1",
                  "--store", url, "--out", "bad"]) == 2
     assert "tuner.nope" in capsys.readouterr().err
+    for key, option in (("seed", "--seeds"), ("method", "--methods")):  # bench varies these itself
+        assert main(["bench", str(example), "--quick", "--set", f"{key}=3", "--store", url, "--out", "bad"]) == 2
+        assert f"--set: {key} is what bench varies; choose with {option}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["bench", str(example), "--quick", "--methods", "hd", "--seeds", "1", "--set", "tuner.lr_signal=val",
                  "--set", "epochs=2", "--store", url, "--out", "val"]) == 0
@@ -391,3 +394,17 @@ def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(t
     assert tpe.study_name(config, 1, ctx) != name
     assert tpe.study_name(load_task("digits-mlp", overrides=["epochs=3"]), 0, ctx) != name
     assert tpe.study_name(load_task("digits-mlp", overrides=["tuner.batch_size=32"]), 0, ctx) != name
+    # what only tuning reads leaves the trials, and so the study, unchanged
+    assert tpe.study_name(load_task("digits-mlp", overrides=["tuner.lr_signal=val", "tuner.hyper_lr=0.1"]), 0,
+                          ctx) == name
+    from selftune.settings import TUNING_ONLY, TunerSettings
+    assert TUNING_ONLY <= set(TunerSettings.model_fields)
+    # a [task] is named by its file's contents, not where the file lies
+    own = Path(__file__).resolve().parents[1] / "examples" / "own_task.toml"
+    (tmp_path / "moved").mkdir()
+    for name_ in ("own_task.toml", "own_task.py"):
+        (tmp_path / "moved" / name_).write_bytes((own.parent / name_).read_bytes())
+    here = tpe.study_name(load_task(str(own)), 0, ctx)
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) == here
+    (tmp_path / "moved" / "own_task.py").write_text((own.parent / "own_task.py").read_text() + "\n# edited\n")
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != here

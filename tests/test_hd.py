@@ -8,7 +8,7 @@ import torch
 
 import selftune as st
 from selftune.config import load_config
-from selftune.errors import ConfigError
+from selftune.errors import ConfigError, SelftuneWarning
 from selftune.hd import HypergradientLR, HypergradientMomentum
 from selftune.models import build
 from selftune.runner import execute, prepare
@@ -127,9 +127,9 @@ def test_the_validation_signal_lowers_a_rate_that_raises_the_validation_loss_and
                 p.add_(0.1)
         return hd.observe_validation([sign * scale * torch.ones_like(p) for p in hd.params])
 
-    assert not travel_then_observe(1.0)  # the first call only marks where the travel starts
-    start = hd.value
+    start = hd.value  # plan() marked where the first travel starts
     assert travel_then_observe(1.0) and hd.value < start  # the travel raised the validation loss
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # applied by the next weight step, not here
     for _ in range(5):
         travel_then_observe(-1.0)
     assert hd.value > start
@@ -143,6 +143,7 @@ def test_the_validation_signal_lowers_a_rate_that_raises_the_validation_loss_and
         before = u
         unit = (math.log(hd.value) - math.log(1e-4)) / (math.log(1.0) - math.log(1e-4))
         assert BOUND_MARGIN - 1e-6 <= unit <= 1 - BOUND_MARGIN + 1e-6
+        hd.apply()
         assert opt.param_groups[0]["lr"] == hd.value
 
 
@@ -158,6 +159,96 @@ def test_the_validation_signal_draws_validation_batches_and_the_training_signal_
     assert val.counters.hyper_steps == 3 * val.batches_per_epoch // 5
     assert val.counters.examples == plain.counters.examples + val.counters.hyper_steps * val.val_batch_size
     assert val.lr_tuner.value != pytest.approx(0.005) and val.log.hypergrad_seen[1]
+
+
+@pytest.mark.parametrize("signal", ["train", "val"])
+def test_one_step_changes_the_rate_at_most_twofold(signal):
+    """A run of a few steps plans a large step (lr_travel / steps); one step still moves the rate by at
+    most 2x either way (a short run on the validation signal once moved it 20x in one step and blew up)."""
+    space = st.Space([st.Float("lr", 1e-5, 1.0, init=0.01, log=True)])
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(4, 3)), space)
+    opt = torch.optim.SGD(net.general_parameters(), lr=1.0)
+    hd = HypergradientLR(net, "lr", opt, tune=True, margin=BOUND_MARGIN, signal=signal)
+    hd.plan(steps=3, travel=8.0)
+    for sign in (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0):  # against the travel: up; along it: down
+        before = hd.value
+        with torch.no_grad():
+            for p in hd.params:
+                p.add_(0.1)
+        grads = [sign * torch.ones_like(p) for p in hd.params]
+        if signal == "train":
+            hd._previous = [torch.full_like(p, 0.1) for p in hd.params]
+            for p, g in zip(hd.params, grads, strict=True):
+                p.grad = g
+            assert hd.before_step()
+        else:
+            assert hd.observe_validation(grads)
+        assert before / 2.0 * (1 - 1e-6) <= hd.value <= 2.0 * before * (1 + 1e-6)  # float32 hyperparameters
+        assert hd.value != pytest.approx(before)
+
+
+def test_the_validation_signal_takes_one_pass_per_round_of_hyper_steps(digits):
+    """With val_steps = 2 the weights do not move between a round's two batches: the rate is planned and
+    stepped once per round, and the second batch is not spent on it."""
+    one, two = make_tuner(digits, lr_signal="val"), make_tuner(digits, lr_signal="val", val_steps=2)
+    plain = make_tuner(digits, method="fixed")
+    for tuner in (one, two, plain):
+        tuner.fit(2)
+    assert two.lr_tuner.step_size == pytest.approx(one.lr_tuner.step_size)
+    assert two.counters.hyper_steps == 2 * one.counters.hyper_steps
+    assert two.counters.examples - plain.counters.examples == one.counters.hyper_steps * one.val_batch_size
+    assert two.lr_tuner.value != pytest.approx(0.005)
+
+
+def test_a_divergence_in_a_validation_pass_rolls_back_to_training_mode(digits, monkeypatch):
+    """A non-finite validation loss inside a hyper step rolls the run back; the weight steps after it
+    train in training mode again (dropout on), not in the eval mode the hyper step had set."""
+    tuner = make_tuner(digits, lr_signal="val")
+    calls, modes = [0], []
+    cls = type(tuner.objective)
+    original = cls.eval_loss
+
+    def poisoned(self, out, y):
+        calls[0] += 1
+        loss = original(self, out, y)
+        return loss * math.nan if calls[0] == 3 else loss
+
+    monkeypatch.setattr(cls, "eval_loss", poisoned)  # the objective is frozen: patch its class, for this test
+
+    class Mode(st.Callback):
+        def on_step(self, tuner, row):
+            modes.append(tuner.net.training)
+
+    tuner.fit(2, callbacks=[Mode()])
+    assert tuner.divergences == 1 and all(modes)
+
+
+def test_stn_judges_the_rate_on_the_network_it_scores():
+    """STN's response path is part of its network at the current hyperparameters: the validation
+    signal differentiates that network (the response on), as score() evaluates it."""
+    from selftune.data import load_dataset
+
+    digits = load_dataset("digits")
+    tuner = make_tuner(digits, method="stn", lr_signal="val")
+    tuner.fit(1)
+    x, y = tuner._batch("val", torch.arange(64))
+    seen = []
+    monkeypatch_target = tuner.lr_tuner.observe_validation
+    tuner.lr_tuner.observe_validation = lambda grads: seen.append(grads) or monkeypatch_target(grads)
+    with torch.no_grad():
+        for p in tuner.lr_tuner.params:
+            p.add_(1e-3)  # some travel since the last hyper step
+        tuner.net.eval()
+        expected = float(tuner.objective.eval_loss(tuner.net(x), y))
+        off = float(tuner.objective.eval_loss(tuner.net(x, respond=False), y))
+    assert tuner._validate_lr(x, y) == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(off, rel=1e-6) and seen
+
+
+def test_rate_settings_without_a_tuned_rate_are_a_warning(digits):
+    with pytest.warns(SelftuneWarning, match=r"tuner\.lr_signal: set for a tuned learning rate, but tuner\.lr is "
+                                                r"a number, so it has no effect"):
+        make_tuner(digits, method="delta-stn", lr=0.05, lr_signal="val")
 
 
 def test_an_implicit_method_reuses_its_validation_gradient_for_the_rate(digits, monkeypatch):
@@ -359,6 +450,21 @@ def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
 def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, match):
     with pytest.raises(ConfigError, match=match):
         make_tuner(digits, method="hd", space=space, **settings)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(momentum=0.5, optimizer="adam"), r"tuner\.momentum: 0\.5 is SGD's momentum, which torch\.optim\.Adam would "
+                                           r"ignore; Adam takes its momentum as optimizer_args\.betas"),
+    (dict(momentum=0.5, optimizer="rmsprop"), r"RMSprop takes its momentum as optimizer_args\.momentum"),
+    (dict(momentum=0.3, optimizer="adagrad"), r"Adagrad takes no momentum: remove tuner\.momentum"),
+])
+def test_a_numeric_momentum_another_optimizer_would_ignore_is_refused(settings, match):
+    """A number in tuner.momentum reaches SGD only; with another optimizer it used to be ignored silently.
+    The default (0.9) and the optimizer's own default (RMSprop's 0, Adam's beta1 0.9) pass."""
+    with pytest.raises(ValueError, match=match):
+        st.TunerSettings(**settings)
+    st.TunerSettings(optimizer="rmsprop", momentum=0.0)
+    st.TunerSettings(optimizer="adam")
 
 
 def test_a_tuned_momentum_drives_every_group_that_trains_with_momentum(digits):

@@ -169,6 +169,37 @@ def test_bad_task_sources_are_one_line_errors(tmp_path):
         load_config(tmp_path / "c.toml")
 
 
+def test_a_task_file_imports_a_module_beside_it(tmp_path):
+    """A user's task split over two files (``from helpers import ...``) loads, from any working folder,
+    as the same files would when run as a script."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_task(project, """
+        import numpy as np
+        def table(n=120):
+            rng = np.random.default_rng(0)
+            x = rng.normal(size=(n, 4)).astype("float32")
+            return x, (x[:, 0] > 0).astype("int64")
+    """, name="helpers_for_selftune_test.py")
+    write_task(project, """
+        import torch
+        import selftune as st
+        from helpers_for_selftune_test import table
+        def task():
+            x, y = table()
+            data = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+            train, val, test = torch.utils.data.random_split(data, [80, 20, 20], torch.Generator().manual_seed(0))
+            model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), st.Dropout("p"),
+                                        torch.nn.Linear(16, 2))
+            space = st.Space([st.Float("p", 0.0, 0.8, init=0.2)])
+            return st.Task(model=model, space=space, train=train, val=val, test=test)
+    """)
+    (project / "c.toml").write_text('epochs = 2\nmethod = "fixed"\n[task]\nsource = "task.py:task"\n'
+                                    '[tuner]\nbatch_size = 16\n')
+    proc = cli(["run", str(project / "c.toml"), "--out", "out", "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_the_example_task_runs_from_another_folder_and_records_where_it_came_from(tmp_path):
     proc = cli(["run", str(OWN), "--set", "epochs=4", "--out", "out", "--quiet"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

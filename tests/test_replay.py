@@ -43,11 +43,20 @@ def test_csv_and_json_round_trip(tmp_path):
     s.to_csv(tmp_path / "s.csv")
     s.to_json(tmp_path / "s.json")
     header = (tmp_path / "s.csv").read_text().splitlines()[0]
-    assert header == "step,epoch,a,b,lr"
+    assert header == "step,epoch,a,b,weights_lr"
     for name in ("s.csv", "s.json"):
         back = HyperSchedule.load(tmp_path / name)
         assert (back.steps, back.values, back.lr) == (s.steps, s.values, s.lr)
         assert back.source  # where it came from is recorded
+    # a hyperparameter named lr (the rate's usual binding) keeps its own column beside the weights' rate
+    bound = HyperSchedule(steps=[0, 10], values={"lr": [0.02, 0.04]}, lr=[0.01, 0.03])
+    bound.to_csv(tmp_path / "bound.csv")
+    back = HyperSchedule.load(tmp_path / "bound.csv")
+    assert (back.values, back.lr) == (bound.values, bound.lr)
+    # a file with only an lr column (the earlier name of the rate's column, or hand-written) gives the rate
+    (tmp_path / "old.csv").write_text("step,a,lr\n0,0.1,0.05\n10,0.2,0.04\n")
+    old = HyperSchedule.load(tmp_path / "old.csv")
+    assert (old.values, old.lr) == ({"a": [0.1, 0.2]}, [0.05, 0.04])
     (tmp_path / "bad.csv").write_text("epoch,a\n0,0.1\n")
     with pytest.raises(ValueError, match=r"bad.csv.*step column"):
         HyperSchedule.load(tmp_path / "bad.csv")
@@ -187,3 +196,25 @@ def test_the_replay_method_reuses_the_tuning_run_and_counts_both(tmp_path):
     assert replayed.trials == 2 and replayed.examples > tuned.examples
     assert len(store.list_runs()) == 2  # the tuning run was reused, not trained again
     assert replayed.curve[0] == (tuned.examples, tuned.test_loss)
+
+
+def test_a_rate_bound_to_a_hyperparameter_named_lr_replays_through_schedule_csv(tmp_path):
+    """examples/digits_lr.toml binds the weights' rate to a hyperparameter named lr: its schedule.csv
+    keeps that hyperparameter's column beside the weights' rate, and a fixed run following the file
+    trains at the recorded rates with the hyperparameter following its own column (it used to stay
+    at its init while the rate column overwrote it)."""
+    from selftune.runner import execute
+
+    config = load_config(ROOT / "examples" / "digits_lr.toml", ["epochs=2"])
+    fit, _ = execute(prepare(config.derive(method="hd", seed=0)))
+    fit.schedule.to_csv(tmp_path / "schedule.csv")
+    assert (tmp_path / "schedule.csv").read_text().splitlines()[0].split(",")[-2:] == ["lr", "weights_lr"]
+    schedule = HyperSchedule.load(tmp_path / "schedule.csv")
+    assert schedule.values["lr"][0] == pytest.approx(0.005) and schedule.values["lr"][-1] > 0.01
+    follow = load_config(ROOT / "examples" / "digits_lr.toml",
+                         ["epochs=2", 'method="fixed"', f'tuner.follow="{tmp_path / "schedule.csv"}"'])
+    followed, _ = execute(prepare(follow))
+    for row in followed.trajectory:
+        step = int(row["step"])
+        assert row["lr"] == pytest.approx(schedule.at(step)["lr"], rel=1e-5)
+        assert row["weights_lr"] == pytest.approx(schedule.lr_at(step - 1), rel=1e-5)

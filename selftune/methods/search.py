@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import Fixed
@@ -100,12 +101,10 @@ class Search(Method):
 
     def study_name(self, config: RunConfig, seed: int, ctx: Context) -> str:
         """Names the study in the store: the same task, method, seed and budget continue one study. The
-        name ends in a digest of the config (all of it but the method, the seed and the single-run
-        starts), so an edited file or a ``--set`` starts a study of its own instead of continuing one
-        whose trials trained something else."""
-        task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": {"starts"}})
-        digest = hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{digest}"
+        name ends in a digest of what a trial trains (:func:`trial_digest`), so an edited file or a
+        ``--set`` that changes the training starts a study of its own instead of continuing one whose
+        trials trained something else."""
+        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{trial_digest(config)}"
 
     def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
         return self.sampler(seed)
@@ -117,6 +116,22 @@ class Search(Method):
     def suggest(self, trial: optuna.Trial, config: RunConfig) -> dict[str, Any]:
         """The trial's hyperparameters (every one of the space, sampled)."""
         return _suggest(trial, config)
+
+
+def trial_digest(config: RunConfig) -> str:
+    """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
+    table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
+    by its file's contents rather than its path (a moved checkout continues its studies; an edited task
+    file does not)."""
+    from ..settings import TUNING_ONLY
+
+    task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": True,
+                                                   "tuner": set(TUNING_ONLY)})
+    if config.task is not None:
+        path, _, func = config.task.source.rpartition(":")
+        if path.endswith(".py") and Path(path).is_file():
+            task["task"]["source"] = f"{hashlib.sha1(Path(path).read_bytes()).hexdigest()}:{func}"
+    return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class Grid(Search):
