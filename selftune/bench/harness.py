@@ -84,8 +84,9 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
                           "to replace its results")
     if marker is not None:
         return path
-    shown = ", ".join(sorted(p.name for p in path.iterdir())[:4])
-    raise OutputError(f"--out: folder {str(path)!r} is not empty ({shown}, ...) and is no benchmark folder; "
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise OutputError(f"--out: folder {str(path)!r} is not empty ({shown}) and is no benchmark folder; "
                       "choose a new folder, or pass --overwrite to replace only the benchmark's own files")
 
 
