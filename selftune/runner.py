@@ -235,12 +235,26 @@ def recorded_meaning(raw: dict[str, Any]) -> dict[str, Any]:
     not today's default, or its checkpoint would not load and its rates would change mid-run.
     """
     tuner = raw.get("tuner")
-    if not isinstance(tuner, dict) or "encoding" in tuner:
+    if not isinstance(tuner, dict):
         return raw
-    tuner = {**tuner, "encoding": "mip"}
-    if tuner.get("response_lr") is None and "lr" in tuner:
-        tuner["response_lr"] = tuner["lr"]
-    return {**raw, "tuner": tuner}
+    original = tuner
+    if "encoding" not in tuner:
+        tuner = {**tuner, "encoding": "mip"}
+        if tuner.get("response_lr") is None and "lr" in tuner:
+            tuner["response_lr"] = tuner["lr"]
+    # A number in tuner.momentum has only ever reached SGD; runs recorded before another optimizer refused
+    # it trained without it, so it becomes the default that refusal lets pass (training is the same).
+    momentum, optimizer = tuner.get("momentum"), tuner.get("optimizer", "sgd")
+    if isinstance(momentum, int | float) and not isinstance(momentum, bool) and isinstance(optimizer, str):
+        from .settings import DEFAULT_MOMENTUM, optimizer_class
+
+        try:
+            ignored = optimizer_class(optimizer) is not torch.optim.SGD
+        except ValueError:  # an unknown optimizer: validation says so
+            ignored = False
+        if ignored:
+            tuner = {**tuner, "momentum": DEFAULT_MOMENTUM}
+    return raw if tuner is original else {**raw, "tuner": tuner}
 
 
 class RecordedRun:

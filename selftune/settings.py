@@ -31,7 +31,9 @@ class TunerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     batch_size: PositiveInt = 128
-    val_batch_size: PositiveInt | None = Field(None, description="defaults to batch_size")
+    val_batch_size: PositiveInt | None = Field(
+        None, description="examples per hyper step's validation batch; default: batch_size, at most the validation "
+                          "set (a small validation set is then one batch, seen whole at every hyper step)")
     optimizer: str = Field(
         "sgd", description="the weights' optimizer: any torch.optim class by name, any case (sgd, adam, adamw, "
                            "rmsprop, nadam, ...); lr, weight_decay and, for SGD, momentum come from their own "
@@ -246,7 +248,7 @@ class TunerSettings(BaseModel):
         pass)."""
         m = float(self.momentum)  # type: ignore[arg-type]
         defaults = inspect.signature(cls.__init__).parameters
-        if issubclass(cls, torch.optim.Adam):
+        if "betas" in takes:  # Adam, AdamW, NAdam, RAdam, Adamax, ...: the momentum is beta1
             own, how = float(defaults["betas"].default[0]), "its momentum as optimizer_args.betas = [m, 0.999]"
         elif "momentum" in takes:
             own, how = float(defaults["momentum"].default), "its momentum as optimizer_args.momentum"

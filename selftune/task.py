@@ -105,8 +105,9 @@ def load_callable(source: str) -> Callable[..., Any]:
         name = "selftune_task_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
-            # its own folder is importable, as when a script runs, so a task split over several files
-            # (``from helpers import ...``) loads; appended, so it never shadows an installed package
+            # its own folder is importable, so a task split over several files (``from helpers import
+            # ...``) loads. Appended (a script's folder would come first): an installed package of the
+            # same name wins, so a task cannot shadow one for the rest of the process; name helpers apart.
             folder = str(file.resolve().parent)
             if folder not in sys.path:
                 sys.path.append(folder)

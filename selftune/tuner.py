@@ -272,10 +272,12 @@ class SelfTuner:
         # On the training device, so masks and perturbations are drawn where they are used.
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
-        self.val_batch_size = s.val_batch_size or s.batch_size
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
         self.n_val = len(self.val_data)  # type: ignore[arg-type]
         check_batch_sizes(self.n_train, self.n_val, s.batch_size, s.val_batch_size)
+        # Unset, a validation batch is a training batch's size, at most the whole validation set (a small one
+        # is then one batch: every hyper step sees all of it); a size given explicitly is checked above.
+        self.val_batch_size = s.val_batch_size or min(s.batch_size, self.n_val)
         if s.batch_size * s.accumulate > self.n_train:
             raise DataError(f"tuner.batch_size x tuner.accumulate ({s.batch_size} x {s.accumulate}) is larger than the "
                             f"training set ({self.n_train} examples); lower tuner.accumulate")
@@ -925,8 +927,8 @@ class SelfTuner:
 
     def _validate_lr(self, x: Any, y: Any, known: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> float | None:
         """The validation signal of a bound learning rate (``tuner.lr_signal``): the gradient of the
-        validation batch's loss in the rate's weights, at the current hyperparameters with the response
-        off (``known``: that gradient, already taken by an implicit hypergradient on the same batch),
+        validation batch's loss in the rate's weights, at the current hyperparameters, of the network as
+        :meth:`score` evaluates it (``known``: that gradient, already taken by an implicit hypergradient),
         steps the rate along the weights' travel since the last call
         (:meth:`~selftune.hd.HypergradientLR.observe_validation`). Returns the batch's loss where it was
         computed here; ``None`` where the signal is off or ``known`` was used."""

@@ -194,11 +194,12 @@ def check_batch_sizes(n_train: int, n_val: int, batch_size: int, val_batch_size:
         n_train: training examples.
         n_val: validation examples.
         batch_size: ``tuner.batch_size``.
-        val_batch_size: ``tuner.val_batch_size``; ``None`` or 0 means "same as ``batch_size``".
+        val_batch_size: ``tuner.val_batch_size``; ``None`` or 0: unset, then ``min(batch_size, n_val)``
+            (the tuner's rule), which always fits.
 
     Raises:
         ConfigError: on a batch size below 1.
-        DataError: when ``batch_size`` exceeds ``n_train`` or the validation batch size ``n_val``.
+        DataError: when ``batch_size`` exceeds ``n_train`` or a given validation batch size ``n_val``.
     """
     if batch_size < 1:
         raise ConfigError("tuner.batch_size", f"must be at least 1 (got {batch_size})")
@@ -207,11 +208,10 @@ def check_batch_sizes(n_train: int, n_val: int, batch_size: int, val_batch_size:
     if batch_size > n_train:
         raise DataError(f"tuner.batch_size ({batch_size}) is larger than the training set ({n_train} examples); "
                         f"lower it to at most {n_train}")
-    size = val_batch_size or batch_size
-    if size > n_val:
-        setting = f"{size}" if val_batch_size else f"unset, so tuner.batch_size = {size}"
-        raise DataError(f"tuner.val_batch_size ({setting}) is larger than the validation set ({n_val} examples); "
-                        f"set it to at most {n_val}")
+    if val_batch_size and val_batch_size > n_val:
+        raise DataError(f"tuner.val_batch_size ({val_batch_size}) is larger than the validation set ({n_val} "
+                        f"examples); set it to at most {n_val}, or leave it unset (the batch size, at most the "
+                        "validation set)")
 
 
 def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:

@@ -248,14 +248,30 @@ def test_batch_size_larger_than_the_training_set():
 def test_val_batch_size_larger_than_the_validation_set():
     with pytest.raises(DataError) as err:
         check_batch_sizes(1000, 50, 32, 64)
-    assert one_line(err) == ("tuner.val_batch_size (64) is larger than the validation set (50 examples); "
-                             "set it to at most 50")
-    with pytest.raises(DataError) as err:  # unset: it defaults to batch_size, and the message says so
-        check_batch_sizes(1000, 50, 64, None)
-    assert one_line(err).startswith("tuner.val_batch_size (unset, so tuner.batch_size = 64) is larger than the "
-                                    "validation set (50 examples)")
-    with pytest.raises(DataError, match=r"unset, so tuner\.batch_size = 64"):
-        check_batch_sizes(1000, 50, 64, 0)
+    assert one_line(err).startswith("tuner.val_batch_size (64) is larger than the validation set (50 examples); "
+                                    "set it to at most 50")
+    # unset, it is the batch size at most the validation set: a small validation set is one batch
+    check_batch_sizes(1000, 50, 64, None)
+    check_batch_sizes(1000, 50, 64, 0)
+
+
+def test_a_validation_set_smaller_than_the_batch_is_one_validation_batch(digits):
+    """Unset, tuner.val_batch_size is min(batch_size, validation examples): a user's 20-row validation
+    set trains (it used to be refused, even for fixed training) and every hyper step sees all of it."""
+    import selftune as st
+    from selftune.models import build
+
+    space = st.Space([st.Float("d0", 0.0, 0.9, init=0.3)])
+    model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[16], dropout=["d0", None])
+    small = torch.utils.data.Subset(digits.val, range(20))
+    tuner = st.SelfTuner(st.hypernetize(model, space), digits.train, small, method="delta-stn",
+                         settings=st.TunerSettings(batch_size=64, warmup_epochs=0), seed=0)
+    assert tuner.val_batch_size == 20
+    tuner.fit(1)
+    assert tuner.counters.hyper_steps > 0
+    with pytest.raises(DataError, match=r"tuner\.val_batch_size \(32\) is larger than the validation set \(20"):
+        st.SelfTuner(st.hypernetize(model, space), digits.train, small, method="delta-stn",
+                     settings=st.TunerSettings(batch_size=64, val_batch_size=32), seed=0)
 
 
 def test_batch_sizes_that_fit_pass():

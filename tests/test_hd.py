@@ -457,6 +457,7 @@ def test_bad_momentum_bindings_are_one_line_errors(digits, space, settings, matc
                                            r"ignore; Adam takes its momentum as optimizer_args\.betas"),
     (dict(momentum=0.5, optimizer="rmsprop"), r"RMSprop takes its momentum as optimizer_args\.momentum"),
     (dict(momentum=0.3, optimizer="adagrad"), r"Adagrad takes no momentum: remove tuner\.momentum"),
+    (dict(momentum=0.5, optimizer="nadam"), r"NAdam takes its momentum as optimizer_args\.betas"),
 ])
 def test_a_numeric_momentum_another_optimizer_would_ignore_is_refused(settings, match):
     """A number in tuner.momentum reaches SGD only; with another optimizer it used to be ignored silently.
@@ -465,6 +466,23 @@ def test_a_numeric_momentum_another_optimizer_would_ignore_is_refused(settings, 
         st.TunerSettings(**settings)
     st.TunerSettings(optimizer="rmsprop", momentum=0.0)
     st.TunerSettings(optimizer="adam")
+
+
+def test_a_run_recorded_with_an_ignored_momentum_still_replays():
+    """Runs recorded before the refusal (Adam with momentum 0.5, which trained as plain Adam) keep
+    loading for replay, report and resume: the recorded value becomes the default that trained alike."""
+    from selftune.config import parse_config
+    from selftune.runner import recorded_meaning
+
+    raw = load_config(EXAMPLE).model_dump(mode="json")
+    raw["tuner"].update(optimizer="adam", momentum=0.5, lr=0.001)
+    raw["space"].pop("lr")
+    raw["bench"].update(starts={}, grid=[])
+    with pytest.raises(ConfigError, match=r"tuner\.momentum"):
+        parse_config(raw)
+    assert parse_config(recorded_meaning(raw)).tuner.momentum == 0.9
+    raw["tuner"]["optimizer"] = "sgd"  # where it did reach the optimizer it stays
+    assert parse_config(recorded_meaning(raw)).tuner.momentum == 0.5
 
 
 def test_a_tuned_momentum_drives_every_group_that_trains_with_momentum(digits):
