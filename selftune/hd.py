@@ -32,8 +32,8 @@ hyper step, along the weights' travel since the previous one (``theta_t - theta_
 scaled by the rate, so ``dL_val(theta_t) / d log(lr) = g_val . (theta_t - theta_s)``, the earlier steps'
 directions held fixed), in the same normalised form, one move of at most ``step`` per hyper step. It is
 the validation hypergradient of RTHO (Franceschi et al. 2017) and MARTHE (Donini et al. 2020) in that
-form: a rate whose steps have begun to over-fit comes down. Measured mixed (docs/algorithms.md), so it
-is an option, not the default.
+form: a rate whose steps have begun to over-fit comes down. Measured worse than the training signal
+on aggregate (docs/algorithms.md), so it is an option, not the default.
 
 Why a separate ``fall``: the risks are not symmetric. A rate 10x too large breaks the network within
 the first epoch (dead units, loss at chance) long before a rate that may cross its range only once
