@@ -263,7 +263,12 @@ class RunConfig(BaseModel):
             except ValueError as err:
                 message = str(err).removeprefix(f"{name}.").removeprefix(f"{name}: ")
                 raise ConfigError(f"space.{name}", message) from None
-        return Space(params)
+        try:
+            return Space(params)
+        except ValueError as err:  # a name the run's records reserve
+            bad = next((p.name for p in params if f"{p.name!r}" in str(err)), None)
+            message = str(err).removeprefix(f"hyperparameter {bad!r}: ") if bad else str(err)
+            raise ConfigError(f"space.{bad}" if bad else "space", message) from None
 
     def build_objective(self) -> Objective:
         return Objective(weight_decay=self.objective.weight_decay, label_smoothing=self.objective.label_smoothing)

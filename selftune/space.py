@@ -135,6 +135,11 @@ def _check_common(p: Float | Int) -> None:
         raise ValueError(f"{p.name}.init ({p.init}) must lie within [{p.low}, {p.high}]")
 
 
+#: Column names a run's records (trajectory, epochs, schedule.csv) use beside the hyperparameters' own: a
+#: hyperparameter of one of these names (or ``val_*``, ``*_scale``) would be overwritten in them silently.
+RESERVED = frozenset({"step", "epoch", "train_loss", "seconds", "weights_lr", "batch_size"})
+
+
 class Space:
     """An ordered set of hyperparameters and the vectorised transforms over all of them.
 
@@ -145,7 +150,8 @@ class Space:
         params: the declarations; names must be unique.
 
     Raises:
-        ValueError: on an empty space or a duplicated name.
+        ValueError: on an empty space, a duplicated name, or a name the run's records reserve
+            (:data:`RESERVED`, ``val_*``, ``*_scale``).
         TypeError: on something that is not a :class:`Float` or :class:`Int`.
     """
 
@@ -159,6 +165,9 @@ class Space:
                 raise TypeError(f"expected selftune.Float or selftune.Int, got {type(p).__name__}")
             if p.name in seen:
                 raise ValueError(f"hyperparameter {p.name!r} is declared twice")
+            if p.name in RESERVED or p.name.startswith("val_") or p.name.endswith("_scale"):
+                raise ValueError(f"hyperparameter {p.name!r}: the run's records use that name for a column of their "
+                                 f"own ({', '.join(sorted(RESERVED))}, val_*, *_scale); rename it")
             seen.add(p.name)
         self._index = {p.name: i for i, p in enumerate(self.params)}
         spans = [p._span() for p in self.params]

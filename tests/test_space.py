@@ -98,3 +98,19 @@ def test_space_rejects_duplicates_and_unknown_lookups():
         make_space().index("nope")
     with pytest.raises(ValueError, match="outside"):
         make_space().from_dict({"p": 0.95})
+
+
+@pytest.mark.parametrize("name", ["step", "epoch", "train_loss", "seconds", "weights_lr", "batch_size", "val_loss",
+                                  "val_mae", "dropout_scale"])
+def test_a_name_the_records_reserve_is_refused(name, tmp_path):
+    """A hyperparameter named like a column of the run's records (the trajectory, epochs.csv,
+    schedule.csv) would be overwritten there silently; it is refused, in Python and in a config."""
+    with pytest.raises(ValueError, match=rf"hyperparameter '{name}': the run's records use that name"):
+        st.Space([st.Float(name, 0.0, 0.5, init=0.1)])
+    from selftune.config import load_config
+    from selftune.errors import ConfigError
+
+    (tmp_path / "c.toml").write_text(f'epochs = 2\n[data]\nname = "digits"\n[model]\nname = "mlp"\nhidden = [8]\n'
+                                     f'dropout = ["{name}"]\n[space.{name}]\nlow = 0.0\nhigh = 0.5\ninit = 0.1\n')
+    with pytest.raises(ConfigError, match=rf"^space\.{name}: the run's records use that name"):
+        load_config(tmp_path / "c.toml")
