@@ -406,5 +406,10 @@ def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(t
         (tmp_path / "moved" / name_).write_bytes((own.parent / name_).read_bytes())
     here = tpe.study_name(load_task(str(own)), 0, ctx)
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) == here
+    (tmp_path / "moved" / "helpers.py").write_text("SCALE = 1\n")  # a module the task could import
+    with_helper = tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx)
+    assert with_helper != here
+    (tmp_path / "moved" / "helpers.py").write_text("SCALE = 2\n")
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != with_helper
     (tmp_path / "moved" / "own_task.py").write_text((own.parent / "own_task.py").read_text() + "\n# edited\n")
-    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != here
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) not in (here, with_helper)

@@ -121,16 +121,21 @@ class Search(Method):
 def trial_digest(config: RunConfig) -> str:
     """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
     table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
-    by its file's contents rather than its path (a moved checkout continues its studies; an edited task
-    file does not)."""
+    by the contents of its file and of the modules beside it that it can import
+    (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its path: a
+    moved checkout continues its studies; an edited task file or helper does not."""
     from ..settings import TUNING_ONLY
 
     task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": True,
                                                    "tuner": set(TUNING_ONLY)})
     if config.task is not None:
         path, _, func = config.task.source.rpartition(":")
-        if path.endswith(".py") and Path(path).is_file():
-            task["task"]["source"] = f"{hashlib.sha1(Path(path).read_bytes()).hexdigest()}:{func}"
+        file = Path(path)
+        if path.endswith(".py") and file.is_file():
+            contents = hashlib.sha1()
+            for module in sorted(file.resolve().parent.glob("*.py")):
+                contents.update(module.name.encode() + b"\0" + module.read_bytes() + b"\0")
+            task["task"]["source"] = f"{contents.hexdigest()}:{file.name}:{func}"
     return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
 
 
