@@ -58,8 +58,13 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
     return lines
 
 
-def explain(tuner: SelfTuner) -> list[str]:
-    """One line per hyperparameter, then one on the validation loss, for the run ``tuner`` holds."""
+#: A last validation loss this many times its run's lowest gets a line pointing to ``tuner.keep = "best"``.
+DEGRADED = 1.25
+
+
+def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
+    """One line per hyperparameter, then on the validation loss, for the run ``tuner`` holds; ``kept_epoch``:
+    the epoch whose weights the run returns (``tuner.keep = "best"``), ``None`` for the last step's."""
     log, space = tuner.log, tuner.net.space
     start, end = log.start, tuner.net.values()
     if not start:
@@ -130,4 +135,11 @@ def explain(tuner: SelfTuner) -> list[str]:
         best = min(val, key=lambda e: e[1])
         lines.append(f"validation loss: {first[1]:.4f} after epoch {first[0]} -> {last[1]:.4f} after epoch {last[0]} "
                      f"(best {best[1]:.4f} after epoch {best[0]})")
+        kept = next((e for e in val if e[0] == kept_epoch), None)
+        if kept is not None:
+            lines.append(f"returned the weights and hyperparameters of epoch {kept[0]}, the lowest validation loss "
+                         f"({kept[1]:.4f}), not the last epoch's (tuner.keep = \"best\")")
+        elif kept_epoch is None and last[0] > best[0] and best[1] > 0 and last[1] > DEGRADED * best[1]:
+            lines.append(f"the validation loss ended {last[1] / best[1]:.2g}x its lowest: the model returned is the "
+                         f"last epoch's; tuner.keep = \"best\" returns epoch {best[0]}'s instead")
     return lines

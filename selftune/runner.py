@@ -53,9 +53,10 @@ class Prepared:
     data: dict[str, Any]
     kind: str = "classification"
 
-    def score(self, split: str) -> dict[str, float]:
-        """The tuner's loss and metrics on ``"test"`` or ``"val"`` (perplexity added for language models)."""
-        result = self.tuner.score(self.test if split == "test" else None)
+    def score(self, split: str, net: HyperNet | None = None) -> dict[str, float]:
+        """The loss and metrics of ``net`` (default: the tuner's) on ``"test"`` or ``"val"`` (perplexity added
+        for language models)."""
+        result = self.tuner.score(self.test if split == "test" else None, net=net)
         if self.kind == "language-model":
             result["perplexity"] = math.exp(min(result["loss"], 700.0))
         return result
@@ -172,11 +173,12 @@ def _to_device(splits: Splits, device: str) -> Splits:
 def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = None) -> RunResult:
     """Test and validation quality of ``fit``'s model and everything ``result.json`` records."""
     config = prepared.config
-    test, val = prepared.score("test"), prepared.score("val")
+    test, val = prepared.score("test", fit.net), prepared.score("val", fit.net)
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
-                     explanation=explain(prepared.tuner),
+                     explanation=explain(prepared.tuner, kept_epoch=fit.kept_epoch),
+                     extra={} if fit.kept_epoch is None else {"kept_epoch": fit.kept_epoch},
                      compute=dict(fit.compute), epochs=config.epochs,
                      data=dict(prepared.data),
                      config=config.model_dump(mode="json"),

@@ -129,6 +129,12 @@ class TunerSettings(BaseModel):
                           "(and the weights' rate, if it has an lr column) takes the schedule's value at every weight "
                           "step. In a config file: a path to a schedule.csv or .json (relative to the config), read "
                           "once and stored in the run's config, so resume needs no file; selftune replay RUN sets it")
+    keep: Literal["last", "best"] = Field(
+        "last",
+        description="the weights a run returns, is scored with and exports: the last step's (last), or those of "
+                    "the epoch with the lowest validation loss, with that epoch's hyperparameters (best: the run "
+                    "length chosen on the validation data every method already uses; it applies to every method, "
+                    "fixed and search trials included, so comparisons stay fair). Training itself is unchanged")
     lr_travel: float = Field(
         8.0, ge=0.0,
         description="with a tuned learning rate (tuner.lr names a hyperparameter): the distance (unconstrained "

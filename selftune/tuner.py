@@ -178,8 +178,9 @@ class FitResult:
     """What one run produced.
 
     Attributes:
-        net: the trained HyperNet (call it to predict at the tuned hyperparameters).
-        hparams: final hyperparameters (integers rounded).
+        net: the trained HyperNet (call it to predict at the tuned hyperparameters): the last step's, or
+            with ``TunerSettings.keep = "best"`` a copy at the epoch of the lowest validation loss.
+        hparams: the hyperparameters of ``net`` (integers rounded): the final ones, or the kept epoch's.
         trajectory: rows ``{step, epoch, <hparam>..., <hparam>_scale..., train_loss, val_loss}``
             every ``log_every`` steps; hyperparameter values are continuous (unrounded).
         history: one row per epoch with the full validation loss and accuracy.
@@ -188,6 +189,7 @@ class FitResult:
         schedule: the values every hyperparameter (and the weights' rate) took over the steps, as a
             :class:`~selftune.schedules.HyperSchedule` a plain loop or a ``fixed`` run
             (``TunerSettings(follow=...)``) can follow; ``None`` before the first step.
+        kept_epoch: with ``keep = "best"``, the epoch whose net this is (counted from 1); ``None`` otherwise.
     """
 
     net: HyperNet
@@ -196,6 +198,7 @@ class FitResult:
     history: list[dict[str, float]]
     compute: dict[str, float]
     schedule: HyperSchedule | None = None
+    kept_epoch: int | None = None
 
 
 class SelfTuner:
@@ -343,6 +346,9 @@ class SelfTuner:
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
+        #: with settings.keep = "best": the epoch of the lowest validation loss so far, that loss and a copy of the
+        #: net's state then (weights and hyperparameters), which result() returns (see _remember_best)
+        self._best: dict[str, Any] | None = None
         #: the validation gradient of the general weights an implicit hypergradient just took (by parameter),
         #: which the rate's validation signal reuses instead of a second pass (:meth:`_validate_lr`)
         self.val_grads: dict[torch.nn.Parameter, torch.Tensor] | None = None
@@ -1002,11 +1008,11 @@ class SelfTuner:
         x, y = self.sources[split].take(index, self.fields)
         return to_device(x, self.device), to_device(y, self.device)
 
-    def score(self, data: Any | None = None, batch_size: int = 512) -> dict[str, float]:
-        """:func:`score` of the net on ``data`` (default: the validation data, with its loader's collate)
-        with this tuner's loss, metrics and fields."""
+    def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:
+        """:func:`score` of ``net`` (default: the tuner's own) on ``data`` (default: the validation data, with
+        its loader's collate) with this tuner's loss, metrics and fields."""
         source = self.sources["val"] if data is None else _as_source(data, "data", batch_dim=self.net.batch_dim)
-        return _score(self.net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
+        return _score(net or self.net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
 
     def _hparam_columns(self) -> dict[str, float]:
         net = self.net
@@ -1024,6 +1030,7 @@ class SelfTuner:
         val = self.score()
         self.net.train()
         self.log.counters.eval_examples += self.n_val
+        self._remember_best(self.order.epoch + 1, val["loss"])
         row = self.log.epoch_row(self.order.epoch + 1, val, self._hparam_columns())
         self.algorithm.on_epoch_end(self, row)
         if self._torch_schedule is not None and self.settings.lr_scheduler_interval == "epoch":
@@ -1032,14 +1039,36 @@ class SelfTuner:
         self.snapshot()
         return row
 
+    def _remember_best(self, epoch: int, loss: float) -> None:
+        """With ``settings.keep = "best"``: copy the net's state if epoch ``epoch``'s validation loss is the
+        lowest so far (ties keep the earlier epoch: the shorter run that scored as well). A copy of the state,
+        not of the module, so it is checkpointed with the run (a resumed run keeps the same epoch) and rolled
+        back with it (a best epoch from a stretch a roll-back discarded is gone with the stretch)."""
+        if self.settings.keep != "best" or not math.isfinite(loss):
+            return
+        if self._best is None or loss < self._best["loss"]:
+            state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            self._best = {"epoch": epoch, "loss": float(loss), "net": state}
+
+    def kept(self) -> tuple[HyperNet, int | None]:
+        """The net the run returns and its epoch: with ``settings.keep = "best"``, a copy of the net at the
+        epoch of the lowest validation loss so far (``None`` before the first epoch ends: the net itself);
+        otherwise the net itself. A copy, so training can go on from the last step's weights."""
+        if self.settings.keep != "best" or self._best is None:
+            return self.net, None
+        net = copy.deepcopy(self.net)
+        net.load_state_dict(self._best["net"])
+        return net, int(self._best["epoch"])
+
     def result(self) -> FitResult:
-        """The run so far as a :class:`FitResult`."""
+        """The run so far as a :class:`FitResult` (its net and hyperparameters are :meth:`kept`'s)."""
         c = self.counters
+        net, epoch = self.kept()
         return FitResult(
-            net=self.net, hparams=self.net.values(), trajectory=list(self.trajectory), history=list(self.history),
+            net=net, hparams=net.values(), trajectory=list(self.trajectory), history=list(self.history),
             compute={"examples": c.examples, "eval_examples": c.eval_examples, "seconds": self.log.seconds,
                      "steps": c.steps, "hyper_steps": c.hyper_steps},
-            schedule=self.schedule())
+            schedule=self.schedule(), kept_epoch=epoch)
 
     def schedule(self) -> HyperSchedule | None:
         """The hyperparameter schedule of the run so far (``None`` before the first step): its start
@@ -1068,6 +1097,7 @@ class SelfTuner:
             "momentum": self.momentum_tuner.state_dict() if self.momentum_tuner is not None else None,
             "schedule": {"base_lrs": self._base_lrs, "planned_steps": self._planned_steps},
             "lr_scheduler": None if self._torch_schedule is None else self._torch_schedule.state_dict(),
+            "best": self._best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1090,6 +1120,7 @@ class SelfTuner:
         else:  # a plain state_dict (a roll-back's own target, a PBT member): fit() or the roll-back snapshots it
             self._good = None
         self.net.load_state_dict(state["net"])
+        self._best = copy.deepcopy(state.get("best"))
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
         self.generator.set_state(state["generator"])

@@ -113,7 +113,7 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
                    "epoch": epoch, "diverged": diverged,
                    "examples": tuner.counters.examples - examples, "seconds": time.perf_counter() - started}
         if epoch >= config.epochs and not diverged:  # reported for the record; selection uses val_loss only
-            test = prepared.score("test")
+            test = prepared.score("test", tuner.kept()[0])
             metrics["test_loss"], metrics["test_accuracy"] = test["loss"], test.get("accuracy", math.nan)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(tuner.state_dict(), Path(folder) / _STATE)
@@ -262,7 +262,7 @@ def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, sto
     result.compute = {"examples": tally.examples, "eval_examples": fit.compute["eval_examples"], "seconds": seconds,
                       "steps": fit.compute["steps"], "hyper_steps": 0, "member_seconds": tally.member_seconds,
                       "population": population}
-    result.extra = {"ray": {"experiment": str(Path(best.path).parent)}}
+    result.extra = {**result.extra, "ray": {"experiment": str(Path(best.path).parent)}}
     run = RecordedRun.start(store, prepared.config, out=out, checkpoint_root=checkpoint_root, overwrite=overwrite,
                             method=method)
     run.save(prepared.tuner)
