@@ -174,11 +174,15 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
     """Test and validation quality of ``fit``'s model and everything ``result.json`` records."""
     config = prepared.config
     test, val = prepared.score("test", fit.net), prepared.score("val", fit.net)
+    extra: dict[str, Any] = {}
+    if fit.kept_epoch is not None:  # what keeping the best epoch changed, for the record (never for a choice)
+        extra = {"kept_epoch": fit.kept_epoch,
+                 "last": {"epoch": prepared.tuner.epoch, "test": prepared.score("test"), "val": prepared.score("val")}}
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
                      explanation=explain(prepared.tuner, kept_epoch=fit.kept_epoch),
-                     extra={} if fit.kept_epoch is None else {"kept_epoch": fit.kept_epoch},
+                     extra=extra,
                      compute=dict(fit.compute), epochs=config.epochs,
                      data=dict(prepared.data),
                      config=config.model_dump(mode="json"),

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tuner import make_tuner, rows
 
 import selftune as st
 from selftune.cli import main
-from test_tuner import make_tuner, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,7 @@ def test_the_cli_scores_and_exports_the_kept_epoch(tmp_path, monkeypatch, capsys
     assert kept < 8, "the setting must make the lowest validation loss an earlier epoch's"
     assert epochs[kept - 1] == min(epochs)
     assert result["val"]["loss"] == pytest.approx(min(epochs), rel=1e-6)
+    assert result["last"]["epoch"] == 8 and result["last"]["val"]["loss"] == pytest.approx(epochs[-1], rel=1e-6)
     assert any("returned the weights and hyperparameters of epoch" in line for line in result["explanation"])
     saved = torch.load(out / "model.pt", weights_only=True)
     assert set(saved) and all(torch.is_tensor(v) for v in saved.values())
