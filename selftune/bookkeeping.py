@@ -133,6 +133,10 @@ class RunLog:
     trajectory: list[dict[str, float]] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     divergences: int = 0
+    #: roll-backs since the run last got past the furthest step where one of them diverged (the limit
+    #: ``max_divergences`` applies to these: a run that recovers each time goes on), and that step
+    streak: int = 0
+    diverged_at: int = -1
     #: per hyperparameter: has any hyper step given it a non-zero gradient? (for the run's explanation)
     hypergrad_seen: list[bool] = field(default_factory=list)
     #: declared hyperparameters that nothing in the model, loss or augmentation read (None: not checked yet)
@@ -236,6 +240,7 @@ class RunLog:
         counters = asdict(self.counters)
         counters["seconds"] = self.seconds
         return {"counters": counters, "sums": asdict(self.sums), "divergences": self.divergences,
+                "streak": self.streak, "diverged_at": self.diverged_at,
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
@@ -246,6 +251,9 @@ class RunLog:
         self.counters = Counters(**state["counters"])
         self.sums = _Sums(**state["sums"])
         self.divergences = int(state["divergences"])
+        # a checkpoint from before the limit counted roll-backs in a row: every roll-back then was one
+        self.streak = int(state.get("streak", self.divergences))
+        self.diverged_at = int(state.get("diverged_at", -1))
         self.hypergrad_seen = list(state.get("hypergrad_seen", self.hypergrad_seen))
         self.idle = state.get("idle")
         self.start = dict(state.get("start", {}))

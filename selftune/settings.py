@@ -190,7 +190,9 @@ class TunerSettings(BaseModel):
                          "rate gets its mixed derivative (Gal et al. 2017's concrete dropout; lower is closer to "
                          "Bernoulli and noisier)")
     log_every: PositiveInt = 10
-    max_divergences: int = Field(3, ge=0, description="roll-backs allowed before a diverging run fails")
+    max_divergences: int = Field(
+        3, ge=0, description="roll-backs allowed in a row before a diverging run fails: in a row until the run gets "
+                             "past the furthest step where they diverged, so a run that recovers each time goes on")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
     rollback_loss_ratio: float = Field(

@@ -519,7 +519,8 @@ class SelfTuner:
             The :class:`FitResult` of the run so far.
 
         Raises:
-            DivergenceError: the run diverged more than ``settings.max_divergences`` times.
+            DivergenceError: the run diverged more than ``settings.max_divergences`` times in a row, without
+                getting past the step where the previous roll-back's divergence happened.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1 (got {epochs})")
@@ -719,6 +720,8 @@ class SelfTuner:
             verdict = log.close_interval(self.settings.rollback_loss_ratio, self._weight_norm())
             if verdict is not None:
                 log.healthy = verdict
+            if log.healthy and log.streak and self.counters.steps > log.diverged_at:
+                log.streak = 0  # got past every divergence of the streak: the roll-backs worked
             log.last_point = (self.counters.steps, self.epoch)
         state = self.state_dict()
         if self._good is None or (point and log.healthy):
@@ -734,18 +737,22 @@ class SelfTuner:
 
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
         assert self._good is not None
-        if self.log.divergences >= self.settings.max_divergences:
+        log = self.log
+        if log.streak >= self.settings.max_divergences:
+            total = "" if log.divergences == log.streak else f", {log.divergences + 1} in all"
             raise DivergenceError(
-                f"run diverged {_times(self.log.divergences + 1)} (last: {div}); the last good state is at step "
+                f"run diverged {_times(log.streak + 1)} in a row{total} (last: {div}); the last good state is at step "
                 f"{self._good['log']['counters']['steps']}; "
                 f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
-        count, seconds, spent = self.log.divergences + 1, self.log.seconds, self.log.counters
+        count, seconds, spent = log.divergences + 1, log.seconds, log.counters
+        streak, furthest = log.streak + 1, max(log.diverged_at, div.step)
         last = self.log.last_point
         behind = last is not None and _position(self._good) < last
         self.load_state_dict(copy.deepcopy(self._good))  # a copy: the optimizers would share its tensors
         self.net.train()  # a divergence inside a hyper step (or a validation pass) left it in eval mode
         self.val_grads = None
         self.log.divergences = count
+        self.log.streak, self.log.diverged_at = streak, furthest
         # the discarded steps were computed all the same: their time and examples stay counted
         c = self.log.counters
         c.seconds = seconds
