@@ -59,7 +59,7 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
 
 
 #: A last validation loss this many times its run's lowest gets a line pointing to ``tuner.keep = "best"``.
-DEGRADED = 1.25
+DEGRADED = 1.5
 
 
 def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
@@ -141,5 +141,6 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
                          f"({kept[1]:.4f}), not the last epoch's (tuner.keep = \"best\")")
         elif kept_epoch is None and last[0] > best[0] and best[1] > 0 and last[1] > DEGRADED * best[1]:
             lines.append(f"the validation loss ended {last[1] / best[1]:.2g}x its lowest: the model returned is the "
-                         f"last epoch's; tuner.keep = \"best\" returns epoch {best[0]}'s instead")
+                         f"last epoch's; tuner.keep = \"best\" would return epoch {best[0]}'s (a noisy pick on a small "
+                         "validation set)")
     return lines

@@ -1019,7 +1019,8 @@ class SelfTuner:
         """:func:`score` of ``net`` (default: the tuner's own) on ``data`` (default: the validation data, with
         its loader's collate) with this tuner's loss, metrics and fields."""
         source = self.sources["val"] if data is None else _as_source(data, "data", batch_dim=self.net.batch_dim)
-        return _score(net or self.net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
+        net = self.net if net is None else net
+        return _score(net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
 
     def _hparam_columns(self) -> dict[str, float]:
         net = self.net

@@ -91,3 +91,16 @@ def test_hd_says_how_its_rate_moved_and_that_the_rest_was_held(digits):
     assert lines[0].startswith("lr: 0.005 -> ") and "moved up" in lines[0]
     assert lines[1] == "hd: d0, d1 held at their init values"
     assert lines[-1].startswith("validation loss: ")
+
+
+def test_a_validation_loss_that_ended_far_above_its_lowest_is_pointed_out(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.95, init=0.5), st.Float("d1", 0.0, 0.95, init=0.5)])
+    tuner = _tuner(digits, space, method="fixed")
+    tuner.fit(3)
+    assert not any("ended" in line for line in explain(tuner))
+    for epoch, loss in ((1, 0.9), (2, 0.3), (3, 0.6)):  # what an over-fitting or blowing-up run records
+        tuner.log.history[epoch - 1]["val_loss"] = loss
+    line = explain(tuner)[-1]
+    assert line.startswith("the validation loss ended 2x its lowest") and "epoch 2" in line, line
+    assert not any("ended" in x for x in explain(tuner, kept_epoch=2))
+    assert explain(tuner, kept_epoch=2)[-1].startswith("returned the weights and hyperparameters of epoch 2")
