@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from .augment import Augment, Cutout, Flip, Noise, Shift
-from .errors import ConfigError
+from .errors import ConfigError, from_validation
 from .objective import Objective
 from .settings import TunerSettings
 from .space import Float, Int, Space
@@ -294,37 +294,6 @@ class RunConfig(BaseModel):
                 raise ConfigError(where, f"{value!r} is not declared; add a [space.{value}] table or use a number")
 
 
-def _format_validation(err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
-    raised = first.get("ctx", {}).get("error")
-    if isinstance(raised, ConfigError):  # a validator that already names its field
-        return raised
-    loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union"))]
-    # Drop the union-member names pydantic inserts (e.g. 'cutout', 'str', 'float').
-    cleaned: list[str] = []
-    for part in loc:
-        if cleaned[:1] == ["augment"] and len(cleaned) == 2 and part in {"cutout", "noise", "shift", "flip"}:
-            continue
-        if part in {"str", "float", "int", "bool"}:
-            continue
-        cleaned.append(part)
-    field = ""
-    for part in cleaned:
-        field += f"[{part}]" if part.isdigit() else (f".{part}" if field else part)
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "missing":
-        message = "is required"
-    elif first["type"] == "extra_forbidden":
-        message = "is not a known setting; remove it or check its spelling (see docs/config.md)"
-    elif first["type"] == "union_tag_invalid":
-        message = "op must be one of 'cutout', 'noise', 'shift', 'flip'"
-    elif first["type"] == "union_tag_not_found":
-        message = "needs an op ('cutout', 'noise', 'shift' or 'flip')"
-    else:
-        message = f"{message} (got {first.get('input')!r})"
-    return ConfigError(field or "config", message)
-
-
 def parse_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a config mapping (as read from TOML).
 
@@ -334,7 +303,7 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise _format_validation(err) from None
+        raise from_validation(err) from None
     if config.task is not None:
         from .task import resolve_source
 

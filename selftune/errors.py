@@ -11,6 +11,11 @@ included) can raise these.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 __all__ = ["ConfigError", "DataError", "DivergenceError", "Interrupted", "LeaseError", "OutputError",
            "ResumeError", "SelftuneError", "SelftuneWarning", "StoreError"]
 
@@ -76,3 +81,36 @@ class Interrupted(SelftuneError):  # noqa: N818 - a state, not a fault
 class SelftuneWarning(UserWarning):
     """Something the user should know that does not stop the run (an init pulled off its bound, a
     hyperparameter that drives nothing); the CLI prints each as one ``selftune: warning:`` line."""
+
+
+def from_validation(err: ValidationError, prefix: str = "") -> ConfigError:
+    """pydantic's first complaint as a one-line :class:`ConfigError` naming the field (``prefix``: where the
+    validated model sits in a config, e.g. ``"tuner"`` for a :class:`~selftune.TunerSettings` built in Python)."""
+    first = err.errors()[0]
+    raised = first.get("ctx", {}).get("error")
+    if isinstance(raised, ConfigError):  # a validator that already names its field
+        return raised
+    loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union", "constrained-"))]
+    # Drop the union-member names pydantic inserts (e.g. 'cutout', 'str', 'float').
+    cleaned: list[str] = []
+    for part in loc:
+        if cleaned[:1] == ["augment"] and len(cleaned) == 2 and part in {"cutout", "noise", "shift", "flip"}:
+            continue
+        if part in {"str", "float", "int", "bool"}:
+            continue
+        cleaned.append(part)
+    field = prefix
+    for part in cleaned:
+        field += f"[{part}]" if part.isdigit() else (f".{part}" if field else part)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "is required"
+    elif first["type"] == "extra_forbidden":
+        message = "is not a known setting; remove it or check its spelling (see docs/config.md)"
+    elif first["type"] == "union_tag_invalid":
+        message = "op must be one of 'cutout', 'noise', 'shift', 'flip'"
+    elif first["type"] == "union_tag_not_found":
+        message = "needs an op ('cutout', 'noise', 'shift' or 'flip')"
+    else:
+        message = f"{message} (got {first.get('input')!r})"
+    return ConfigError(field or "config", message)

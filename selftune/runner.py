@@ -125,6 +125,7 @@ def prepare(config: RunConfig) -> Prepared:
     tuner = SelfTuner(net, splits.train, splits.val, method=config.method, settings=config.tuner,
                       objective=config.build_objective(), augment=config.build_augment(), seed=config.seed,
                       device=device)
+    tuner.check_data(splits.test, "test")  # scored at the end: a bad label fails now, not after training
     return Prepared(config, tuner, splits.test, {"name": splits.name, **splits.sizes()}, kind=splits.kind)
 
 
@@ -160,6 +161,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
         if isinstance(err, SelftuneError):
             raise
         raise ConfigError("task", str(err)) from None
+    tuner.check_data(task.test, "test")  # scored at the end: a bad label fails now, not after training
     sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
     info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source)}
     return Prepared(config, tuner, task.test, info)
@@ -538,6 +540,8 @@ def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | Non
     raw = config.model_dump(mode="python")
     raw["method"] = "fixed"
     raw["tuner"]["follow"] = schedule.model_dump(mode="python")
+    if schedule.lr is not None:  # the recorded rate already holds what the run's scheduler made of it
+        raw["tuner"].update(lr_scheduler=None, lr_scheduler_args={})
     if seed is not None:
         raw["seed"] = seed
     return parse_config(raw)

@@ -10,10 +10,19 @@ import inspect
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .batch_size import AdaptiveBatchSettings
-from .errors import ConfigError
+from .errors import ConfigError, from_validation
 from .schedules import HyperSchedule, ScheduleSettings
 
 #: SGD's momentum when none is given (the usual choice; also Adam's own beta1, so the default never
@@ -29,6 +38,14 @@ class TunerSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def __init__(self, **data: Any) -> None:
+        """Built in Python, a bad setting is a one-line :class:`ConfigError` naming ``tuner.<field>``, as
+        from a config file (pydantic's own error is several lines and names no config field)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise from_validation(err, prefix="tuner") from None
 
     batch_size: PositiveInt = 128
     val_batch_size: PositiveInt | None = Field(
@@ -223,6 +240,12 @@ class TunerSettings(BaseModel):
             if key == "lr":
                 raise ConfigError("tuner.optimizer_args.lr", "set tuner.lr instead (a number, or a hyperparameter's "
                                                              "name)")
+            if key == "weight_decay":  # it would silently replace tuner.weight_decay
+                raise ConfigError("tuner.optimizer_args.weight_decay", "set tuner.weight_decay instead (or tune a "
+                                                                       "decay through [objective] weight_decay)")
+            if key == "momentum" and cls is torch.optim.SGD:  # SGD takes tuner.momentum, which it would replace
+                raise ConfigError("tuner.optimizer_args.momentum", "SGD takes its momentum from tuner.momentum (a "
+                                                                   "number, or a hyperparameter's name); set it there")
             if key not in takes:
                 raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of torch.optim.{cls.__name__}; it "
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")

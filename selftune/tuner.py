@@ -47,6 +47,7 @@ from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
+from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
 from .objective import LossFn, Objective, flatten_tokens
 from .schedules import HyperSchedule, TorchSchedule, factor
@@ -234,7 +235,8 @@ class SelfTuner:
     """
 
     def __init__(self, net: HyperNet, train: DataLike, val: DataLike, *,
-                 method: str | type[Algorithm] = DEFAULT_ALGORITHM, settings: TunerSettings | None = None,
+                 method: str | type[Algorithm] = DEFAULT_ALGORITHM,
+                 settings: TunerSettings | Mapping[str, Any] | None = None,
                  objective: Objective | None = None, augment: Augment | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", loss: LossFn | None = None,
                  metrics: Mapping[str, Metric] | None = None, input_key: str | Sequence[str] | None = None,
@@ -242,6 +244,11 @@ class SelfTuner:
         if not isinstance(net, HyperNet):
             raise TypeError(f"net must be a HyperNet from selftune.hypernetize(model, space) "
                             f"(got {type(net).__name__}); wrap your model first")
+        if isinstance(settings, Mapping):  # settings={"lr": 0.1}: the same fields, the same one-line errors
+            settings = TunerSettings(**settings)
+        elif settings is not None and not isinstance(settings, TunerSettings):
+            raise TypeError(f"settings must be a TunerSettings or a mapping of its fields (got "
+                            f"{type(settings).__name__})")
         self.settings = settings or TunerSettings()
         cls = method if isinstance(method, type) else get_algorithm(method)
         lr_name = _bound_lr(net, self.settings, cls)
@@ -267,6 +274,7 @@ class SelfTuner:
         self.augment = augment
         for name in self.objective.hyperparameters() | (augment.hyperparameters() if augment else set()):
             net.space.index(name)
+        _check_meanings(net, self.objective)
         s = self.settings
         self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim),
                         "val": _as_source(val, "val", s.val_batch_size or s.batch_size, net.batch_dim)}
@@ -437,35 +445,52 @@ class SelfTuner:
         label or a loss that does not take the model's outputs fails now, in one line, not hours in.
         Runs in eval mode without the tuner's generator and restores the global RNG, so the run is
         bit-identical with or without this check."""
+        for what, source in self.sources.items():
+            self._check_source(source, what)
+
+    def check_data(self, data: Any, what: str = "test") -> None:
+        """Check data the run will be scored on (the test split) as the training and validation splits
+        are checked before the first step: its first examples through the model, the loss and the metrics,
+        and with cross-entropy every integer label against the model's outputs.
+
+        Raises:
+            DataError: a label outside the model's outputs, or a loss or metric that fails on its outputs.
+        """
+        self._check_source(_as_source(data, what, batch_dim=self.net.batch_dim), what)
+
+    def _check_source(self, source: Source, what: str) -> None:
         net, device = self.net, self.net.hparams.device
         was_training, classes = net.training, 0
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 net.eval()
-                for what, source in self.sources.items():
-                    x, y = source.take(torch.arange(min(2, len(source))), self.fields)
-                    if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
-                        raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
-                                                     f"{type(x).__name__}; remove the augmentations")
-                    x, y = to_device(x, device), to_device(y, device)
-                    out = net(x)
-                    if self.objective.loss is None:
-                        check_targets(out, y, what)
-                        classes = out.shape[-1]
-                    else:
-                        self._try_loss(out, y, what)
+                x, y = source.take(torch.arange(min(2, len(source))), self.fields)
+                if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
+                    raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
+                                                 f"{type(x).__name__}; remove the augmentations")
+                x, y = to_device(x, device), to_device(y, device)
+                out = net(x)
+                if self.objective.loss is None:
+                    if not isinstance(out, torch.Tensor):
+                        raise DataError(f"{what}: the model returns a {type(out).__name__}, and the default loss "
+                                        "(cross-entropy) needs a tensor of logits; return the logits, or pass a loss "
+                                        "that takes the model's outputs (Task.loss, SelfTuner(loss=...))")
+                    check_targets(out, y, what)
+                    classes = out.shape[-1]
+                self._try_loss(out, y, what, loss=self.objective.loss is not None)
         finally:
             net.train(was_training)
         if self.objective.loss is None:
-            for data, what in ((self.train_data, "train"), (self.val_data, "val")):
-                check_all_targets(data, classes, what)
+            check_all_targets(source.dataset, classes, what)
 
-    def _try_loss(self, out: Any, y: Any, what: str) -> None:
-        """The user's loss and metrics on a first batch: a shape mismatch is a DataError naming both."""
+    def _try_loss(self, out: Any, y: Any, what: str, loss: bool = True) -> None:
+        """The user's loss (unless ``loss`` is false) and metrics on a first batch: a shape mismatch, or a
+        metric that is not one number, is a DataError naming both."""
         def shape(v: Any) -> str:
             return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
 
-        checks = [("loss", self.objective.eval_loss), *((f"metrics[{k!r}]", m) for k, m in self.metrics.items())]
+        checks = [*((("loss", self.objective.eval_loss),) if loss else ()),
+                  *((f"metrics[{k!r}]", m) for k, m in self.metrics.items())]
         for name, fn in checks:
             try:
                 value = fn(out, y)
@@ -523,7 +548,7 @@ class SelfTuner:
                 getting past the step where the previous roll-back's divergence happened.
         """
         if epochs < 1:
-            raise ValueError(f"epochs must be >= 1 (got {epochs})")
+            raise ConfigError("epochs", f"must be >= 1 (got {epochs})")
         self.planned_epochs = epochs
         self._stop = False
         for cb in callbacks:
@@ -1146,6 +1171,36 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def _check_meanings(net: HyperNet, objective: Objective) -> None:
+    """Values a regulariser cannot take are refused before training: a dropout rate outside [0, 1) (1 drops
+    everything, above 1 or below 0 is not a probability), a negative weight decay (it rewards large weights:
+    the training loss falls without bound) and a label smoothing outside [0, 1). A range that reaches them
+    would otherwise be trained on, silently."""
+    space = net.space
+    rules: dict[str, tuple[str, float, float]] = {}
+    for module in net.model.modules():
+        name = getattr(module, "name", None)
+        if isinstance(module, Dropout | EmbeddingDropout) and name in space:
+            rules[name] = ("drives a dropout, whose rate lies in [0, 1)", 0.0, 1.0)
+    for spec in objective.decays():
+        if isinstance(spec, str):
+            rules[spec] = ("is a weight decay, which must be >= 0", 0.0, math.inf)
+        elif spec < 0:
+            raise ConfigError("objective.weight_decay", f"{spec:g} is negative: a negative decay rewards large "
+                                                        "weights; use a value >= 0")
+    smoothing = objective.label_smoothing
+    if isinstance(smoothing, str):
+        rules[smoothing] = ("is a label smoothing, which lies in [0, 1)", 0.0, 1.0)
+    elif smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise ConfigError("objective.label_smoothing", f"{smoothing:g} is outside [0, 1); use a rate in it")
+    for name, (what, low, high) in rules.items():
+        h = space[name]
+        if h.low < low or h.high > high or (high == 1.0 and h.high >= 1.0):
+            top = "< 1" if high == 1.0 else ""
+            raise ConfigError(f"space.{name}", f"{what}, but its range is [{h.low:g}, {h.high:g}]; declare low >= "
+                                               f"{low:g}{' and high ' + top if top else ''}")
 
 
 def _times(n: int) -> str:

@@ -24,8 +24,8 @@ DECAY = ('objective.weight_decay="wd"', "space.wd.low=1e-6", "space.wd.high=0.1"
 
 @pytest.mark.parametrize("optimizer", [
     ('tuner.optimizer="sgd"', "tuner.weight_decay=1e-3"),
-    ('tuner.optimizer="sgd"', 'tuner.optimizer_args={nesterov = true, momentum = 0.9, dampening = 0.0}'),
-    ('tuner.optimizer="sgd"', "tuner.optimizer_args={momentum = 0.0}"),
+    ('tuner.optimizer="sgd"', "tuner.momentum=0.9", 'tuner.optimizer_args={nesterov = true, dampening = 0.0}'),
+    ('tuner.optimizer="sgd"', "tuner.momentum=0.0"),
     ('tuner.optimizer="adam"', "tuner.lr=1e-3", "tuner.weight_decay=1e-3"),
     ('tuner.optimizer="adamw"', "tuner.lr=1e-3", "tuner.weight_decay=1e-2"),
     ('tuner.optimizer="adam"', "tuner.lr=1e-3", "tuner.optimizer_args={amsgrad = true}"),

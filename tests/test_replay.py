@@ -141,6 +141,16 @@ def test_a_run_whose_batch_grew_is_refused_by_replay():
         replay_config(config, schedule)
 
 
+def test_a_run_with_a_torch_scheduler_replays_on_its_recorded_rate():
+    from selftune.runner import replay_config
+
+    config = digits_config("tuner.lr_scheduler=StepLR", "tuner.lr_scheduler_args={step_size = 1, gamma = 0.5}")
+    schedule = HyperSchedule(steps=[0, 10], values={"dropout1": [0.3, 0.3]}, lr=[0.05, 0.025])
+    replay = replay_config(config, schedule)
+    assert replay.tuner.lr_scheduler is None and replay.tuner.follow is not None
+    prepare(replay)  # no conflict between the followed rate and a scheduler
+
+
 def test_a_config_follows_a_schedule_file_relative_to_itself(tmp_path):
     HyperSchedule(steps=[0, 10], values={"dropout1": [0.2, 0.7]}).to_csv(tmp_path / "plan.csv")
     text = (ROOT / "examples" / "digits_mlp.toml").read_text()

@@ -1,0 +1,73 @@
+"""Values a regulariser cannot take, and data the run is scored on, are refused before training in
+one line (found by trying selftune as a user: a dropout range up to 1.5 and a negative decay trained
+silently; a bad test label failed after the whole run)."""
+
+import pytest
+import torch
+
+import selftune as st
+from selftune.errors import ConfigError, DataError
+from selftune.models import build
+
+
+def _tuner(digits, space, objective=None, **kwargs):
+    torch.manual_seed(0)
+    model = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[16], dropout=["d0", None])
+    net = st.hypernetize(model, space)
+    return st.SelfTuner(net, digits.train, digits.val, settings=st.TunerSettings(batch_size=64), seed=0,
+                        objective=objective, **kwargs)
+
+
+@pytest.mark.parametrize("space, objective, field", [
+    ([st.Float("d0", 0.0, 1.5, init=1.2)], None, "space.d0"),
+    ([st.Float("d0", 0.0, 1.0, init=0.5)], None, "space.d0"),
+    ([st.Float("d0", -0.2, 0.5, init=0.1)], None, "space.d0"),
+    ([st.Float("d0", 0.0, 0.9, init=0.5), st.Float("wd", -0.5, 0.5, init=0.1)], st.Objective(weight_decay="wd"),
+     "space.wd"),
+    ([st.Float("d0", 0.0, 0.9, init=0.5)], st.Objective(weight_decay=-1.0), "objective.weight_decay"),
+    ([st.Float("d0", 0.0, 0.9, init=0.5)], st.Objective(label_smoothing=1.0), "objective.label_smoothing"),
+])
+def test_a_range_a_regulariser_cannot_take_is_refused(digits, space, objective, field):
+    with pytest.raises(ConfigError) as err:
+        _tuner(digits, st.Space(space), objective)
+    assert err.value.field == field and "\n" not in str(err.value)
+
+
+def test_the_test_split_is_checked_before_training(digits):
+    tuner = _tuner(digits, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
+    x, y = digits.test.tensors
+    tuner.check_data((x, y), "test")
+    with pytest.raises(DataError, match="test"):
+        tuner.check_data((x, y + 5), "test")
+
+
+def test_a_metric_that_fails_is_refused_before_training_with_the_default_loss(digits):
+    space = st.Space([st.Float("d0", 0.0, 0.9, init=0.5)])
+    with pytest.raises(DataError, match=r"metrics\['m'\]"):
+        _tuner(digits, space, metrics={"m": lambda out, y: out.foo})
+    with pytest.raises(DataError, match=r"metrics\['rows'\]"):
+        _tuner(digits, space, metrics={"rows": lambda out, y: out})  # not one number
+
+
+def test_a_model_returning_a_tuple_with_the_default_loss_is_a_data_error(digits):
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = build("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[16],
+                              dropout=["d0", None])
+
+        def forward(self, x):
+            out = self.body(x)
+            return out, out
+
+    net = st.hypernetize(Pair(), st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
+    with pytest.raises(DataError, match="returns a tuple"):
+        st.SelfTuner(net, digits.train, digits.val, settings=st.TunerSettings(batch_size=64))
+
+
+@pytest.mark.parametrize("args, field", [({"optimizer": "sgd", "optimizer_args": {"momentum": 0.0}}, "momentum"),
+                                         ({"optimizer": "adamw", "optimizer_args": {"weight_decay": 0.5}},
+                                          "weight_decay")])
+def test_an_optimizer_argument_that_would_replace_a_tuner_field_is_refused(args, field):
+    with pytest.raises(ConfigError, match=rf"tuner\.optimizer_args\.{field}: .*tuner\.{field}"):
+        st.TunerSettings(**args)
