@@ -141,7 +141,7 @@ class RunLog:
     hypergrad_seen: list[bool] = field(default_factory=list)
     #: declared hyperparameters that nothing in the model, loss or augmentation read (None: not checked yet)
     idle: list[str] | None = None
-    #: hyperparameter values when the run started (before its first step)
+    #: hyperparameter values when the run started (before its first step), and ``weights_lr``: the rate of that step
     start: dict[str, float] = field(default_factory=dict)
     #: how the hyper learning rate was chosen: ``{"lr", "planned_steps", "travel", "rule"}`` (empty: not tuning)
     hyper_lr: dict[str, Any] = field(default_factory=dict)

@@ -517,7 +517,10 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
     if not trajectory:
         raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows; nothing to replay")
     steps = int((info.result or {}).get("compute", {}).get("steps", 0))
-    schedule = HyperSchedule.from_trajectory({n: h.init for n, h in config.space.items()}, trajectory,
+    start: dict[str, float] = {n: h.init for n, h in config.space.items()}
+    if isinstance(config.tuner.lr, str):  # a tuned rate starts at its hyperparameter's init
+        start["weights_lr"] = start[config.tuner.lr]
+    schedule = HyperSchedule.from_trajectory(start, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
                                              source=f"run {info.uuid}")
     return config, schedule
@@ -539,9 +542,14 @@ def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | Non
                                                   "other steps; replay runs trained at a constant batch")
     raw = config.model_dump(mode="python")
     raw["method"] = "fixed"
-    raw["tuner"]["follow"] = schedule.model_dump(mode="python")
-    if schedule.lr is not None:  # the recorded rate already holds what the run's scheduler made of it
+    if not isinstance(config.tuner.lr, str):
+        # A rate nothing tuned is its own schedule's (tuner.lr_scheduler, [tuner.schedule]) at every step: the
+        # replay keeps that schedule, exact, rather than the recorded rates, which are sampled every log_every
+        # steps and miss a change between two rows.
+        schedule = schedule.model_copy(update={"lr": None})
+    elif schedule.lr is not None:  # the recorded tuned rate already holds what the run's scheduler made of it
         raw["tuner"].update(lr_scheduler=None, lr_scheduler_args={})
+    raw["tuner"]["follow"] = schedule.model_dump(mode="python")
     if seed is not None:
         raw["seed"] = seed
     return parse_config(raw)

@@ -235,16 +235,19 @@ class HyperSchedule(BaseModel):
     def from_trajectory(cls, start: Mapping[str, float], trajectory: Sequence[Mapping[str, Any]],
                         names: Sequence[str], *, steps_per_epoch: int | None = None,
                         source: str = "") -> HyperSchedule:
-        """A run's schedule from its starting values and trajectory rows (``step``, each name and
-        ``weights_lr``, as :class:`~selftune.FitResult` and the store keep them)."""
+        """A run's schedule from its starting values (and ``weights_lr``, the first step's rate, where
+        known) and trajectory rows (``step``, each name and ``weights_lr``, as :class:`~selftune.FitResult`
+        and the store keep them)."""
         rows = [r for r in trajectory if int(r["step"]) > 0]
         steps = [0, *(int(r["step"]) for r in rows)]
         values = {n: [float(start[n]), *(float(r[n]) for r in rows)] for n in names}
         lr = None
         if rows and all(r.get("weights_lr") not in (None, "") for r in rows):
-            # Row k's rate is the one recorded at the end of the steps that follow it.
+            # A trajectory row at step s records the rate step s - 1 trained at: the nearest known to the rate
+            # of step s, where the schedule's row s begins (the hyperparameters of row s are those at step s
+            # too). Row 0 takes the run's starting rate (start["weights_lr"]) where it is known.
             recorded = [float(r["weights_lr"]) for r in rows]
-            lr = [recorded[0], *recorded[1:], recorded[-1]]
+            lr = [float(start.get("weights_lr", recorded[0])), *recorded]
         return cls(steps=steps, values=values, lr=lr, steps_per_epoch=steps_per_epoch, source=source)
 
     # -- files ------------------------------------------------------------------------------------

@@ -302,9 +302,10 @@ class TunerSettings(BaseModel):
         if self.schedule != ScheduleSettings():
             raise ConfigError("tuner.lr_scheduler", "set either tuner.lr_scheduler or [tuner.schedule], not both: "
                                                     "both shape the weights' rate")
-        if self.follow is not None:
-            raise ConfigError("tuner.lr_scheduler", "a followed schedule (tuner.follow) already sets the weights' "
-                                                    "rate at every step; remove one of them")
+        if self.follow is not None and self.follow.lr is not None:
+            raise ConfigError("tuner.lr_scheduler", "a followed schedule (tuner.follow) with a weights_lr column "
+                                                    "already sets the weights' rate at every step; remove one of "
+                                                    "them")
         if cls.__name__ == "ReduceLROnPlateau" and self.lr_scheduler_interval == "step":
             raise ConfigError("tuner.lr_scheduler_interval", "ReduceLROnPlateau steps on the validation loss, which "
                                                              "is measured once per epoch; use \"epoch\"")

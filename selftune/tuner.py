@@ -638,6 +638,8 @@ class SelfTuner:
                     # that only grows would keep what that noise asked for
                     grown = self._test_batch(x, y)  # on the weights this batch's gradient is taken at
                 log.add_train_loss(self.algorithm.step(self, x, y))
+                if log.counters.steps == 0:  # the first step's rate begins the run's schedule (schedule())
+                    log.start.setdefault("weights_lr", self.weights_lr)
                 if grown is not None:
                     order.batch_size = grown  # from the next batch on
                 log.counters.steps += 1

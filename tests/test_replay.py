@@ -141,14 +141,29 @@ def test_a_run_whose_batch_grew_is_refused_by_replay():
         replay_config(config, schedule)
 
 
-def test_a_run_with_a_torch_scheduler_replays_on_its_recorded_rate():
+def test_a_replay_keeps_the_torch_scheduler_of_a_rate_nothing_tuned_and_reproduces_the_run():
+    """The recorded rate is sampled every log_every steps; a StepLR's change between two rows was lost (found
+    by trying it as a user: steps 0-4 trained at 0.05, the schedule said 0.025), and replay refused the run."""
     from selftune.runner import replay_config
 
-    config = digits_config("tuner.lr_scheduler=StepLR", "tuner.lr_scheduler_args={step_size = 1, gamma = 0.5}")
-    schedule = HyperSchedule(steps=[0, 10], values={"dropout1": [0.3, 0.3]}, lr=[0.05, 0.025])
-    replay = replay_config(config, schedule)
-    assert replay.tuner.lr_scheduler is None and replay.tuner.follow is not None
-    prepare(replay)  # no conflict between the followed rate and a scheduler
+    config = digits_config("tuner.lr_scheduler=StepLR", "tuner.lr_scheduler_args={step_size = 1, gamma = 0.5}",
+                           "tuner.log_every=7").derive(method="fixed")
+    original = prepare(config).tuner
+    fit = original.fit(config.epochs)
+    replay = replay_config(config, fit.schedule)
+    assert replay.tuner.lr_scheduler == "StepLR" and replay.tuner.follow.lr is None
+    again = prepare(replay).tuner.fit(replay.epochs)
+    assert [r["weights_lr"] for r in again.history] == [r["weights_lr"] for r in fit.history]
+    assert [r["val_loss"] for r in again.history] == [r["val_loss"] for r in fit.history]
+
+
+def test_a_tuned_rates_schedule_begins_at_its_first_step(tmp_path):
+    tuner = digits_tuner("space.lr.low=1e-4", "space.lr.high=1.0", "space.lr.init=0.005", "space.lr.log=true",
+                         'tuner.lr="lr"', method="hd")
+    fit = tuner.fit(2)
+    first = fit.schedule.lr_at(0)
+    assert first == pytest.approx(0.005, rel=1e-3)  # the rate the first step trained at, not a later one
+    assert fit.schedule.values["lr"][0] == pytest.approx(0.005, rel=1e-6)
 
 
 def test_a_config_follows_a_schedule_file_relative_to_itself(tmp_path):
