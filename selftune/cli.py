@@ -280,7 +280,8 @@ def _replay(args: argparse.Namespace) -> int:
         change = (result.test["loss"] / tuned["test"]["loss"] - 1) * 100
         print(f"replay test loss {result.test['loss']:.4f} against the tuning run's {tuned['test']['loss']:.4f} "
               f"({change:+.1f}%); tuning + replay cost {spent} examples")
-    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv")
+    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv, "
+          "trajectory.png, losses.png")
     return 0
 
 

@@ -95,9 +95,14 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
             ``overwrite`` is false).
     """
     path = Path(out)
-    if path.exists() and not path.is_dir():
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name the file system cannot hold (too long, a bad character)
+        raise OutputError(f"{option}: {str(path)[:60]!r}...: {err.strerror or err}; choose a shorter or plainer "
+                          "path") from None
+    if exists and not path.is_dir():
         raise OutputError(f"{option}: {str(path)!r} is a file, not a folder; choose a folder path")
-    if not path.exists():
+    if not exists:
         return path
     marker = _marker(path)
     if marker is not None and marker.get("run_uuid") == run_uuid:

@@ -413,3 +413,22 @@ def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(t
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != with_helper
     (tmp_path / "moved" / "own_task.py").write_text((own.parent / "own_task.py").read_text() + "\n# edited\n")
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) not in (here, with_helper)
+
+
+def test_a_task_without_starts_gets_a_verdict_from_its_init():
+    from selftune.bench.harness import table
+    from selftune.config import parse_config
+    from selftune.methods import MethodResult
+
+    def result(method, loss, trials=1):
+        return MethodResult(method=method, seed=0, test_loss=loss, test_accuracy=0.9, val_loss=loss,
+                            hparams={"p": 0.2}, examples=100 * trials, seconds=1.0, trials=trials,
+                            start_values={"p": 0.3}, curve=[(100, loss)])
+
+    config = parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
+                           "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}})
+    text = table("t", [result("fixed", 0.5), result("delta-stn", 0.4), result("tpe", 0.45, trials=3)],
+                 quick=False, config=config)
+    assert "| init | delta-stn | 1/1 | 0.4000 vs 0.5000 | -11.1% |" in text, text
+    only_fixed = table("t", [result("fixed", 0.5)], quick=False, config=config)
+    assert "## Verdict" not in only_fixed  # no tuner: no empty table

@@ -270,6 +270,9 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
 
     if not starts:
         lines += section(results)
+        if config is not None:
+            verdict_lines = verdict(results, config)
+            lines += ["", *verdict_lines] if verdict_lines else []
     else:
         for start in starts:
             rs = [r for r in results if r.start == start]
@@ -303,9 +306,13 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
     against the best search's, and which way the hyperparameters moved."""
     # A fixed run that diverged left no model: any tuned run that finished beats it.
     fixed = {(r.start, r.seed): math.inf if r.failed else r.test_loss for r in results if r.method == Fixed.name}
+    # Without [bench.starts] every run starts at the space's init: single runs are told from searches by
+    # their one trial, and the init is the one start (labelled "init").
+    starts = any(r.start for r in results)
+    single = {r.method for r in results if r.start or (not starts and r.trials == 1)}
     searches = {}
     for r in results:
-        if not r.start and not r.failed:  # a study that failed has no test loss to compare with
+        if not r.start and r.method not in single and not r.failed:  # a failed study has no test loss
             searches.setdefault(r.method, []).append(r.test_loss)
     best_search = min(searches, key=lambda m: statistics.mean(searches[m])) if searches else None
     names = config.build_space().names
@@ -316,15 +323,17 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
              "of its transform (+ is up).", "",
              "| start | method | beats fixed | mean test loss vs fixed | vs best search | moves |",
              "|---|---|---|---|---|---|"]
-    tuners = [m for m in dict.fromkeys(r.method for r in results if r.start) if m != Fixed.name]
-    for start in dict.fromkeys(r.start for r in results if r.start):
+    tuners = [m for m in dict.fromkeys(r.method for r in results if r.method in single) if m != Fixed.name]
+    if not tuners:
+        return []
+    for start in dict.fromkeys(r.start for r in results if r.method in single):
         for m in tuners:
             every = [r for r in results if r.method == m and r.start == start]
             rs = [r for r in every if not r.failed]
             failed = f" ({len(every) - len(rs)} diverged)" if len(rs) < len(every) else ""
             if not rs:
                 if every:
-                    lines.append(f"| {start} | {m} | 0/{len(every)}{failed} | - | - | - |")
+                    lines.append(f"| {start or 'init'} | {m} | 0/{len(every)}{failed} | - | - | - |")
                 continue
             wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
             mean = statistics.mean(r.test_loss for r in rs)
@@ -336,7 +345,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             against = f"{base:.4f}" if math.isfinite(base) else "fixed diverged"
             if math.isfinite(base) and len(bases) < len(rs):  # the others' fixed runs diverged
                 against += f" ({len(bases)} of {len(rs)} seeds)"
-            lines.append(f"| {start} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {against} | {vs} | {shown} |")
+            lines.append(f"| {start or 'init'} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {against} | {vs} "
+                         f"| {shown} |")
     return lines
 
 

@@ -34,7 +34,7 @@ class Replayed(Method):
         return self.inner.unusable(config)
 
     def budget(self, ctx: Context) -> str:
-        return f"one {self.inner.name} run, then one plain run on its schedule"
+        return f" (one {self.inner.name} run, then one plain run on its schedule)"
 
     def trials(self, ctx: Context) -> int:
         return 2
