@@ -137,8 +137,9 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
                      f"(best {best[1]:.4f} after epoch {best[0]})")
         kept = next((e for e in val if e[0] == kept_epoch), None)
         if kept is not None:
+            which = "the last epoch's too" if kept[0] == last[0] else "not the last epoch's"
             lines.append(f"returned the weights and hyperparameters of epoch {kept[0]}, the lowest validation loss "
-                         f"({kept[1]:.4f}), not the last epoch's (tuner.keep = \"best\")")
+                         f"({kept[1]:.4f}; {which}) (tuner.keep = \"best\")")
         elif kept_epoch is None and last[0] > best[0] and best[1] > 0 and last[1] > DEGRADED * best[1]:
             lines.append(f"the validation loss ended {last[1] / best[1]:.2g}x its lowest: the model returned is the "
                          f"last epoch's; tuner.keep = \"best\" would return epoch {best[0]}'s (a noisy pick on a small "

@@ -98,8 +98,8 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
     try:
         exists = path.exists()
     except OSError as err:  # a name the file system cannot hold (too long, a bad character)
-        raise OutputError(f"{option}: {str(path)[:60]!r}...: {err.strerror or err}; choose a shorter or plainer "
-                          "path") from None
+        shown = repr(str(path)) if len(str(path)) <= 60 else f"{str(path)[:60]!r}..."
+        raise OutputError(f"{option}: {shown}: {err.strerror or err}; choose a shorter or plainer path") from None
     if exists and not path.is_dir():
         raise OutputError(f"{option}: {str(path)!r} is a file, not a folder; choose a folder path")
     if not exists:

@@ -178,8 +178,10 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
     test, val = prepared.score("test", fit.net), prepared.score("val", fit.net)
     extra: dict[str, Any] = {}
     if fit.kept_epoch is not None:  # what keeping the best epoch changed, for the record (never for a choice)
-        extra = {"kept_epoch": fit.kept_epoch,
-                 "last": {"epoch": prepared.tuner.epoch, "test": prepared.score("test"), "val": prepared.score("val")}}
+        same = fit.net is prepared.tuner.net or (fit.kept_epoch == prepared.tuner.epoch
+                                                  and prepared.tuner.order.batch == 0)
+        last = {"test": test, "val": val} if same else {"test": prepared.score("test"), "val": prepared.score("val")}
+        extra = {"kept_epoch": fit.kept_epoch, "last": {"epoch": prepared.tuner.epoch, **last}}
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
@@ -262,6 +264,14 @@ def recorded_meaning(raw: dict[str, Any]) -> dict[str, Any]:
             ignored = False
         if ignored:
             tuner = {**tuner, "momentum": DEFAULT_MOMENTUM}
+    # optimizer_args.weight_decay, and SGD's optimizer_args.momentum, replaced tuner.weight_decay and
+    # tuner.momentum before they were refused: the run trained on them, so they move there.
+    args = tuner.get("optimizer_args")
+    if isinstance(args, dict):
+        sgd = str(optimizer).lower() == "sgd"
+        moved = {k: args[k] for k in ("weight_decay", "momentum") if k in args and (k == "weight_decay" or sgd)}
+        if moved:
+            tuner = {**tuner, **moved, "optimizer_args": {k: v for k, v in args.items() if k not in moved}}
     return raw if tuner is original else {**raw, "tuner": tuner}
 
 
@@ -517,12 +527,16 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
     if not trajectory:
         raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows; nothing to replay")
     steps = int((info.result or {}).get("compute", {}).get("steps", 0))
-    start: dict[str, float] = {n: h.init for n, h in config.space.items()}
-    if isinstance(config.tuner.lr, str):  # a tuned rate starts at its hyperparameter's init
-        start["weights_lr"] = start[config.tuner.lr]
-    schedule = HyperSchedule.from_trajectory(start, trajectory,
+    schedule = HyperSchedule.from_trajectory({n: h.init for n, h in config.space.items()}, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
                                              source=f"run {info.uuid}")
+    t = config.tuner
+    diverged = any(e["kind"] == "divergence" for e in store.events(run_id))
+    if not isinstance(t.lr, str) and not diverged and (t.lr_scheduler or "").lower() != "reducelronplateau":
+        # A rate nothing tuned, lowered or fitted to the run's own validation losses is its schedule's
+        # (tuner.lr_scheduler, [tuner.schedule]) at every step: the replay keeps that schedule, exact, rather
+        # than the recorded rates, which are sampled every log_every steps and miss a change between rows.
+        schedule = schedule.model_copy(update={"lr": None})
     return config, schedule
 
 
@@ -542,12 +556,7 @@ def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | Non
                                                   "other steps; replay runs trained at a constant batch")
     raw = config.model_dump(mode="python")
     raw["method"] = "fixed"
-    if not isinstance(config.tuner.lr, str):
-        # A rate nothing tuned is its own schedule's (tuner.lr_scheduler, [tuner.schedule]) at every step: the
-        # replay keeps that schedule, exact, rather than the recorded rates, which are sampled every log_every
-        # steps and miss a change between two rows.
-        schedule = schedule.model_copy(update={"lr": None})
-    elif schedule.lr is not None:  # the recorded tuned rate already holds what the run's scheduler made of it
+    if schedule.lr is not None:  # the recorded rate already holds what the run's scheduler made of it
         raw["tuner"].update(lr_scheduler=None, lr_scheduler_args={})
     raw["tuner"]["follow"] = schedule.model_dump(mode="python")
     if seed is not None:

@@ -464,7 +464,9 @@ class SelfTuner:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 net.eval()
-                x, y = source.take(torch.arange(min(2, len(source))), self.fields)
+                # a metric is a batch mean over up to 512 examples when scored (score()): one that needs more
+                # than one class (an AUC) is checked on as many, a loss on the first two
+                x, y = source.take(torch.arange(min(512 if self.metrics else 2, len(source))), self.fields)
                 if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
                     raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
                                                  f"{type(x).__name__}; remove the augmentations")
@@ -752,7 +754,9 @@ class SelfTuner:
             log.last_point = (self.counters.steps, self.epoch)
         state = self.state_dict()
         if self._good is None or (point and log.healthy):
-            self._good = copy.deepcopy(state)
+            # the kept epoch's tensors are never changed in place: the roll-back point shares them
+            shared = {id(t): t for t in (self._best or {}).get("net", {}).values()}
+            self._good = copy.deepcopy(state, shared)
         good = self._good
         state["rollback"] = None if _position(good) == _position(state) else good
         return state
@@ -1082,7 +1086,8 @@ class SelfTuner:
         if self.settings.keep != "best" or not math.isfinite(loss):
             return
         if self._best is None or loss < self._best["loss"]:
-            state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            # on the CPU: a GPU run keeps no second model in device memory for it
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
             self._best = {"epoch": epoch, "loss": float(loss), "net": state}
 
     def kept(self) -> tuple[HyperNet, int | None]:
@@ -1091,7 +1096,7 @@ class SelfTuner:
         otherwise the net itself. A copy, so training can go on from the last step's weights."""
         if self.settings.keep != "best" or self._best is None:
             return self.net, None
-        net = copy.deepcopy(self.net)
+        net = _copy_module(self.net)
         net.load_state_dict(self._best["net"])
         return net, int(self._best["epoch"])
 
@@ -1173,6 +1178,21 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module``. A model that keeps an activation of its last forward pass as an attribute
+    (``self.features = h``) holds a tensor of the autograd graph, which ``copy.deepcopy`` refuses: such
+    tensors are copied detached (they are caches, overwritten at the next forward pass)."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for value in vars(m).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) \
+                else (value,)
+            for v in items:
+                if isinstance(v, torch.Tensor) and not v.is_leaf:
+                    memo[id(v)] = v.detach()
+    return copy.deepcopy(module, memo)
 
 
 def _check_meanings(net: HyperNet, objective: Objective) -> None:

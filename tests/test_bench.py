@@ -427,8 +427,10 @@ def test_a_task_without_starts_gets_a_verdict_from_its_init():
 
     config = parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p"]},
                            "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}})
-    text = table("t", [result("fixed", 0.5), result("delta-stn", 0.4), result("tpe", 0.45, trials=3)],
+    text = table("t", [result("fixed", 0.5), result("delta-stn", 0.4), result("tpe", 0.45, trials=3),
+                       result("delta-stn-replay", 0.3, trials=2), result("random", 0.46, trials=1)],
                  quick=False, config=config)
     assert "| init | delta-stn | 1/1 | 0.4000 vs 0.5000 | -11.1% |" in text, text
+    assert "| init | delta-stn-replay | 1/1 | 0.3000 vs 0.5000 |" in text and "best search (tpe" in text
     only_fixed = table("t", [result("fixed", 0.5)], quick=False, config=config)
     assert "## Verdict" not in only_fixed  # no tuner: no empty table

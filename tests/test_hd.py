@@ -483,6 +483,12 @@ def test_a_run_recorded_with_an_ignored_momentum_still_replays():
     assert parse_config(recorded_meaning(raw)).tuner.momentum == 0.9
     raw["tuner"]["optimizer"] = "sgd"  # where it did reach the optimizer it stays
     assert parse_config(recorded_meaning(raw)).tuner.momentum == 0.5
+    # optimizer_args that replaced tuner fields, recorded before they were refused, move to those fields
+    raw["tuner"]["optimizer_args"] = {"momentum": 0.0, "weight_decay": 1e-3, "nesterov": False}
+    with pytest.raises(ConfigError, match=r"tuner\.optimizer_args"):
+        parse_config(raw)
+    tuner = parse_config(recorded_meaning(raw)).tuner
+    assert (tuner.momentum, tuner.weight_decay, tuner.optimizer_args) == (0.0, 1e-3, {"nesterov": False})
 
 
 def test_a_tuned_momentum_drives_every_group_that_trains_with_momentum(digits):

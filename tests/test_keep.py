@@ -92,3 +92,33 @@ def test_a_bad_keep_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "tuner.keep" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_keeps_its_last_activation_is_copied_and_an_interrupted_fit_returns(digits):
+    """copy.deepcopy refuses a tensor of the autograd graph, which a model keeping `self.features = h`
+    holds after a training step: the kept copy takes it detached."""
+    class Caching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.drop, self.b = torch.nn.Linear(64, 32), st.Dropout("d0"), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            self.features = self.drop(torch.relu(self.a(x.flatten(1))))
+            return self.b(self.features)
+
+    net = st.hypernetize(Caching(), st.Space([st.Float("d0", 0.0, 0.9, init=0.2)]))
+    tuner = st.SelfTuner(net, digits.train, digits.val, method="fixed", settings={"batch_size": 64, "keep": "best"})
+    fit = tuner.fit(3, max_steps=tuner.batches_per_epoch + 3)  # stopped mid-epoch, after a training step
+    assert fit.kept_epoch == 1 and fit.net is not tuner.net
+
+
+def test_after_a_roll_back_the_kept_epoch_is_the_lowest_of_the_history_the_run_kept(digits, sparse):
+    from selftune.testing import PoisonAt
+
+    tuner = make_tuner(digits, sparse, "delta-stn", keep="best", **LOUD)
+    poison = PoisonAt(4 * tuner.batches_per_epoch + 2)
+    fit = tuner.fit(7, callbacks=[poison])
+    assert poison.events and tuner.divergences == 1
+    val = [r["val_loss"] for r in fit.history]
+    assert len(val) == 7 and fit.kept_epoch == min(range(7), key=val.__getitem__) + 1
+    assert tuner.score(net=fit.net)["loss"] == pytest.approx(min(val), rel=1e-6)

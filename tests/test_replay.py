@@ -141,20 +141,35 @@ def test_a_run_whose_batch_grew_is_refused_by_replay():
         replay_config(config, schedule)
 
 
-def test_a_replay_keeps_the_torch_scheduler_of_a_rate_nothing_tuned_and_reproduces_the_run():
+def _epochs(folder):
+    import csv
+
+    return [(float(r["weights_lr"]), float(r["val_loss"])) for r in csv.DictReader((folder / "epochs.csv").open())]
+
+
+def test_a_replay_keeps_the_torch_scheduler_of_a_rate_nothing_tuned_and_reproduces_the_run(tmp_path):
     """The recorded rate is sampled every log_every steps; a StepLR's change between two rows was lost (found
     by trying it as a user: steps 0-4 trained at 0.05, the schedule said 0.025), and replay refused the run."""
-    from selftune.runner import replay_config
-
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
     config = digits_config("tuner.lr_scheduler=StepLR", "tuner.lr_scheduler_args={step_size = 1, gamma = 0.5}",
                            "tuner.log_every=7").derive(method="fixed")
-    original = prepare(config).tuner
-    fit = original.fit(config.epochs)
-    replay = replay_config(config, fit.schedule)
-    assert replay.tuner.lr_scheduler == "StepLR" and replay.tuner.follow.lr is None
-    again = prepare(replay).tuner.fit(replay.epochs)
-    assert [r["weights_lr"] for r in again.history] == [r["weights_lr"] for r in fit.history]
-    assert [r["val_loss"] for r in again.history] == [r["val_loss"] for r in fit.history]
+    run_recorded(prepare(config), store, out=tmp_path / "a", checkpoint_root=tmp_path / "ck", every=None)
+    replay = replay_recorded(store, 1, out=tmp_path / "b", checkpoint_root=tmp_path / "ck", every=None)
+    assert replay.config["tuner"]["lr_scheduler"] == "StepLR" and replay.config["tuner"]["follow"]["lr"] is None
+    assert _epochs(tmp_path / "b") == _epochs(tmp_path / "a")
+
+
+def test_a_replay_of_a_run_that_rolled_back_follows_its_lowered_rate(tmp_path):
+    from selftune.testing import PoisonAt
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    prepared = prepare(digits_config("tuner.log_every=1"))
+    run_recorded(prepared, store, out=tmp_path / "a", checkpoint_root=tmp_path / "ck", every=None,
+                 callbacks=[PoisonAt(prepared.tuner.batches_per_epoch + 2)])
+    rates = [lr for lr, _ in _epochs(tmp_path / "a")]
+    assert rates[-1] == pytest.approx(rates[0] / 2)  # the roll-back halved it
+    replay_recorded(store, 1, out=tmp_path / "b", checkpoint_root=tmp_path / "ck", every=None)
+    assert [lr for lr, _ in _epochs(tmp_path / "b")] == pytest.approx(rates)
 
 
 def test_a_tuned_rates_schedule_begins_at_its_first_step(tmp_path):

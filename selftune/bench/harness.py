@@ -306,10 +306,9 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
     against the best search's, and which way the hyperparameters moved."""
     # A fixed run that diverged left no model: any tuned run that finished beats it.
     fixed = {(r.start, r.seed): math.inf if r.failed else r.test_loss for r in results if r.method == Fixed.name}
-    # Without [bench.starts] every run starts at the space's init: single runs are told from searches by
-    # their one trial, and the init is the one start (labelled "init").
-    starts = any(r.start for r in results)
-    single = {r.method for r in results if r.start or (not starts and r.trials == 1)}
+    # Without [bench.starts] every run of a method that starts somewhere starts at the space's init (the
+    # one start, labelled "init"); searches and populations sample the whole space.
+    single = {r.method for r in results if r.start or (r.method in METHODS and METHODS[r.method].uses_start)}
     searches = {}
     for r in results:
         if not r.start and r.method not in single and not r.failed:  # a failed study has no test loss

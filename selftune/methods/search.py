@@ -128,6 +128,8 @@ def trial_digest(config: RunConfig) -> str:
 
     task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": True,
                                                    "tuner": set(TUNING_ONLY)})
+    if task["tuner"].get("keep") == "last":  # the default, older than the setting: studies named before it go on
+        del task["tuner"]["keep"]
     if config.task is not None:
         path, _, func = config.task.source.rpartition(":")
         file = Path(path)
