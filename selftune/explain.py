@@ -62,9 +62,11 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
 DEGRADED = 1.5
 
 
-def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
+def explain(tuner: SelfTuner, kept_epoch: int | None = None,
+            kept_values: dict[str, float | int] | None = None) -> list[str]:
     """One line per hyperparameter, then on the validation loss, for the run ``tuner`` holds; ``kept_epoch``:
-    the epoch whose weights the run returns (``tuner.keep = "best"``), ``None`` for the last step's."""
+    the epoch whose weights the run returns (``tuner.keep = "best"``), ``None`` for the last step's, and
+    ``kept_values`` its hyperparameters (the lines above end at the last step's)."""
     log, space = tuner.log, tuner.net.space
     start, end = log.start, tuner.net.values()
     if not start:
@@ -138,8 +140,10 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None) -> list[str]:
         kept = next((e for e in val if e[0] == kept_epoch), None)
         if kept is not None:
             which = "the last epoch's too" if kept[0] == last[0] else "not the last epoch's"
+            values = "" if not kept_values else ": " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kept_values.items())
             lines.append(f"returned the weights and hyperparameters of epoch {kept[0]}, the lowest validation loss "
-                         f"({kept[1]:.4f}; {which}) (tuner.keep = \"best\")")
+                         f"({kept[1]:.4f}; {which}) (tuner.keep = \"best\"){values}")
         elif kept_epoch is None and last[0] > best[0] and best[1] > 0 and last[1] > DEGRADED * best[1]:
             lines.append(f"the validation loss ended {last[1] / best[1]:.2g}x its lowest: the model returned is the "
                          f"last epoch's; tuner.keep = \"best\" would return epoch {best[0]}'s (a noisy pick on a small "

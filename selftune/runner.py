@@ -185,7 +185,7 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
-                     explanation=explain(prepared.tuner, kept_epoch=fit.kept_epoch),
+                     explanation=explain(prepared.tuner, kept_epoch=fit.kept_epoch, kept_values=fit.hparams),
                      extra=extra,
                      compute=dict(fit.compute), epochs=config.epochs,
                      data=dict(prepared.data),
