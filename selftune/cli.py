@@ -25,7 +25,8 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"selftune: error: {message} (see `selftune {self.prog.split()[-1]} --help`)\n")
+        command = " ".join(dict.fromkeys(self.prog.split()))  # "selftune" or "selftune run", never doubled
+        self.exit(EXIT_USAGE, f"selftune: error: {message} (see `{command} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ file, so defaults and error messages are the same in both places.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Literal
 
 import torch
@@ -218,6 +219,15 @@ class TunerSettings(BaseModel):
                     "this multiple of the lowest of the previous four while the weights' norm grew past 1.5x its "
                     "low: a run that blows up over several epochs while its values stay finite rolls back to "
                     "before the blow-up, not to the last finite state (docs/store.md)")
+
+    @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        """A rate, decay or clip of inf (pydantic lets inf through where it refuses nan) would train on
+        non-finite steps from the first one."""
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
 
     @field_validator("momentum")
     @classmethod

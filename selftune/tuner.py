@@ -17,6 +17,7 @@ it together with the data order and position, so a restored tuner continues bit-
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import warnings
@@ -145,8 +146,11 @@ def evaluate(net: HyperNet, data: Any, batch_size: int = 512,
 #: what to change when a group of parameters keeps diverging (the one-line error names it)
 _DIVERGENCE_FIX = {
     "hyper": "lower tuner.hyper_lr",
-    "weights": "lower tuner.lr (tuner.response_lr for the best-response weights) or set tuner.grad_clip",
+    "weights": "lower tuner.lr",
 }
+#: Beyond this, an unconstrained hyperparameter or perturbation scale is a runaway hyper step, not a value
+#: (sigmoid(50) is 1 - 2e-22; inits start within 9.2 of 0, and a run moves them by about hyper_travel, 8).
+RUNAWAY = 50.0
 
 
 class NonFiniteError(FloatingPointError):
@@ -388,9 +392,9 @@ class SelfTuner:
         names = [n for n, m in zip(net.space.names, moved, strict=True) if m]
         shifts = ", ".join(f"{n} {before[n]:.4g} -> {after[n]:.4g}" for n in names)
         warnings.warn(SelftuneWarning(
-            f"space: {shifts}: an init on a bound of its range cannot move (the transform is flat there), so "
-            f"{self.method} starts {BOUND_MARGIN:.0%} of the range inside; widen the range if the bound itself "
-            "must stay reachable"), stacklevel=3)
+            f"space: {shifts}: an init on a bound of its range, or within {BOUND_MARGIN:.0%} of one, barely moves (the "
+            f"transform is flat there), so {self.method} starts {BOUND_MARGIN:.0%} of the range inside; widen the "
+            "range if the bound itself must stay reachable"), stacklevel=3)
 
     def _check_follow(self, lr_name: str | None) -> tuple[HyperSchedule, list[int]] | None:
         """The schedule to follow and the space columns it sets, checked against the space and method."""
@@ -549,8 +553,8 @@ class SelfTuner:
             DivergenceError: the run diverged more than ``settings.max_divergences`` times in a row, without
                 getting past the step where the previous roll-back's divergence happened.
         """
-        if epochs < 1:
-            raise ConfigError("epochs", f"must be >= 1 (got {epochs})")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError("epochs", f"must be a whole number >= 1 (got {epochs!r})")
         self.planned_epochs = epochs
         self._stop = False
         for cb in callbacks:
@@ -766,15 +770,33 @@ class SelfTuner:
         with torch.no_grad():
             return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.net.general_parameters()))
 
+    def _divergence_fix(self, group: str) -> str:
+        """What to change, for a run that diverged in optimizer ``group``: only the settings this run has."""
+        if group == "hyper":
+            return _DIVERGENCE_FIX["hyper"] + ("" if self.settings.scale_lr is None else " or tuner.scale_lr")
+        fix = _DIVERGENCE_FIX["weights"]
+        if "response" in self.optimizers:
+            fix += " (tuner.response_lr for the best-response weights)"
+        return fix + (" or set tuner.grad_clip" if self.settings.grad_clip is None else " or lower tuner.grad_clip")
+
+    def _runaway_hyper(self) -> bool:
+        """Hyperparameters or perturbation scales far past any meaningful value: a hyper step ran away
+        (tuner.hyper_lr far too large), and the weights' loss turned non-finite only as a result."""
+        with torch.no_grad():
+            net = self.net
+            return bool(net.hparams.abs().max() > RUNAWAY) or bool(net.scale.max() > RUNAWAY)
+
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
         assert self._good is not None
+        if div.group != "hyper" and self.algorithm.tunes and self._runaway_hyper():
+            div = NonFiniteError(f"{div.what} (driven by hyperparameters that ran away)", "hyper", div.step)
         log = self.log
         if log.streak >= self.settings.max_divergences:
             total = "" if log.divergences == log.streak else f", {log.divergences + 1} in all"
             raise DivergenceError(
                 f"run diverged {_times(log.streak + 1)} in a row{total} (last: {div}); the last good state is at step "
                 f"{self._good['log']['counters']['steps']}; "
-                f"{_DIVERGENCE_FIX.get(div.group, _DIVERGENCE_FIX['weights'])}") from div
+                f"{self._divergence_fix(div.group)}") from div
         count, seconds, spent = log.divergences + 1, log.seconds, log.counters
         streak, furthest = log.streak + 1, max(log.diverged_at, div.step)
         last = self.log.last_point
@@ -1182,16 +1204,35 @@ class SelfTuner:
 
 def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``module``. A model that keeps an activation of its last forward pass as an attribute
-    (``self.features = h``) holds a tensor of the autograd graph, which ``copy.deepcopy`` refuses: such
-    tensors are copied detached (they are caches, overwritten at the next forward pass)."""
+    (``self.features = h``, or inside a dict, list or object it holds) holds a tensor of the autograd graph,
+    which ``copy.deepcopy`` refuses: such tensors are copied detached (they are caches, overwritten at the
+    next forward pass)."""
     memo: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def walk(value: Any, depth: int) -> None:
+        if id(value) in seen or depth > 8:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                memo[id(value)] = value.detach()
+        elif isinstance(value, torch.nn.Module):
+            return  # its own tensors are walked as a module below
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v, depth + 1)
+        elif isinstance(value, list | tuple | set | frozenset | collections.deque):
+            for v in value:
+                walk(v, depth + 1)
+        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
+            for v in vars(value).values():
+                walk(v, depth + 1)
+
     for m in module.modules():
-        for value in vars(m).values():
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) \
-                else (value,)
-            for v in items:
-                if isinstance(v, torch.Tensor) and not v.is_leaf:
-                    memo[id(v)] = v.detach()
+        for key, value in vars(m).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                walk(value, 0)
     return copy.deepcopy(module, memo)
 
 

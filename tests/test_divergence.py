@@ -142,6 +142,26 @@ def test_the_limit_counts_roll_backs_in_a_row_so_a_run_that_recovers_each_time_f
         again.fit(6, callbacks=[Inject(at=per_epoch + 3), Inject(at=3 * per_epoch + 3, times=2)])
 
 
+def test_a_loss_driven_non_finite_by_runaway_hyperparameters_blames_the_hyper_rate(digits):
+    """hyper_lr far too large throws the hyperparameters (which the gates read) to 1e8; the weights' loss
+    then turns non-finite, and the advice was to lower the weights' rate."""
+    tuner = make_tuner(digits, hyper_lr=1e8, max_divergences=1)
+    with pytest.raises(DivergenceError, match=r"ran away.*lower tuner\.hyper_lr$"):
+        tuner.fit(4)
+
+
+def test_the_advice_names_only_settings_the_run_has(digits):
+    tuner = make_tuner(digits, lr=50.0, max_divergences=0, grad_clip=1e6)
+    with pytest.raises(DivergenceError) as err:
+        tuner.fit(1)
+    assert "lower tuner.grad_clip" in str(err.value) and "set tuner.grad_clip" not in str(err.value)
+    fixed = st.SelfTuner(make_tuner(digits).net, digits.train, digits.val, method="fixed",
+                         settings=st.TunerSettings(batch_size=64, lr=50.0, max_divergences=0))
+    with pytest.raises(DivergenceError) as err:
+        fixed.fit(1)
+    assert "response_lr" not in str(err.value)
+
+
 def test_a_hopeless_learning_rate_fails_with_a_clear_message(digits):
     """lr=50 wrecks the weights within a few steps of the first roll-back target, and lowering it by 10%
     a time cannot save the run: it must stop with a message that says what to change, not loop or crash."""

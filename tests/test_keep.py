@@ -116,8 +116,10 @@ def test_a_model_that_keeps_its_last_activation_is_copied_and_an_interrupted_fit
             self.a, self.drop, self.b = torch.nn.Linear(64, 32), st.Dropout("d0"), torch.nn.Linear(32, 10)
 
         def forward(self, x):
-            self.features = self.drop(torch.relu(self.a(x.flatten(1))))
-            return self.b(self.features)
+            h = self.drop(torch.relu(self.a(x.flatten(1))))
+            self.features = h
+            self.cache = {"h": (h, h.mean()), "rows": [[h]]}  # nested containers, as users keep them
+            return self.b(h)
 
     net = st.hypernetize(Caching(), st.Space([st.Float("d0", 0.0, 0.9, init=0.2)]))
     tuner = st.SelfTuner(net, digits.train, digits.val, method="fixed", settings={"batch_size": 64, "keep": "best"})
