@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/selftune run examples/digits_mlp_default.toml --compare fixed --out runs/demo --overwrite  # a re-run replaces only its own files
+	$(BIN)/selftune run examples/diabetes_demo.toml --compare fixed --out runs/demo --overwrite  # a re-run replaces only its own files
 
 # The store tests also run against PostgreSQL: a throwaway local server is started (installed from
 # Debian's packages when missing) and stopped afterwards, whatever the outcome.
