@@ -94,8 +94,14 @@ def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapp
         device: where batches go; by default the net's.
     """
     source = _as_source(data, "data", batch_dim=getattr(net, "batch_dim", 0))
-    return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
-                  batch_size, device or net.hparams.device)
+    try:
+        return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
+                      batch_size, device or net.hparams.device)
+    except IndexError as err:  # cross-entropy's "Target 8 is out of bounds": a label the outputs lack
+        if loss is not None:
+            raise
+        raise DataError(f"data: a label is outside the model's outputs ({' '.join(str(err).split())}); labels "
+                        "must be class indices from 0 to the number of outputs - 1") from None
 
 
 @torch.no_grad()

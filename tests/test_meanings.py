@@ -41,6 +41,13 @@ def test_the_test_split_is_checked_before_training(digits):
         tuner.check_data((x, y + 5), "test")
 
 
+def test_score_with_a_label_the_outputs_lack_is_a_data_error(digits):
+    tuner = _tuner(digits, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
+    x, y = digits.test.tensors
+    with pytest.raises(DataError, match="outside the model's outputs"):
+        st.score(tuner.net, (x, y + 10))
+
+
 def test_a_metric_that_fails_is_refused_before_training_with_the_default_loss(digits):
     space = st.Space([st.Float("d0", 0.0, 0.9, init=0.5)])
     with pytest.raises(DataError, match=r"metrics\['m'\]"):
