@@ -211,7 +211,10 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     from ..runner import execute, prepare
 
     pruner = optuna.pruners.SuccessiveHalvingPruner() if search.pruned else optuna.pruners.NopPruner()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna warns with a full traceback for a trial an exception ended, then re-raises it; every such
+    # exception reaches the user once anyway (a Ctrl-C as "stopped: interrupted", an error in one line), so
+    # its log would only repeat it in 60 lines.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = search.make_sampler(seed, config, n_trials)
     n_trials = search.planned_trials(config, n_trials)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
