@@ -303,7 +303,14 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise from_validation(err) from None
+        error = from_validation(err)
+        if raw.get("task") and error.field.startswith("space.") and error.message == "is required":
+            # `--set space.NAME.init=...` on a task that declares its own space makes a [space] table of
+            # one key, which replaces the task's whole space
+            raise ConfigError(error.field, "is required: [space] tables in a config replace the task's own space, "
+                                           "so declare each hyperparameter whole (low, high, init), or leave "
+                                           "[space] out to use the task's") from None
+        raise error from None
     if config.task is not None:
         from .task import resolve_source
 

@@ -287,3 +287,15 @@ def test_the_demo_adds_regularisation_and_beats_fixed_training():
     _, fixed = execute(prepare(config.derive(method="fixed")))
     assert tuned.hparams["weight_decay"] > 100 * fixed.hparams["weight_decay"]
     assert tuned.test["loss"] < 0.9 * fixed.test["loss"]
+
+
+def test_overriding_one_value_of_a_tasks_space_says_that_a_space_table_replaces_it(tmp_path, monkeypatch, capsys):
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(ROOT / "examples" / "own_task.toml"), "--set", "space.dropout1.init=0.3",
+                 "--store", f"sqlite:///{tmp_path / 's.db'}", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "space.dropout1.low: is required" in err and "replace the task's own space" in err
+    assert not (tmp_path / "s.db").exists()
