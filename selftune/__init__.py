@@ -8,7 +8,6 @@ it when first touched.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -26,6 +25,10 @@ _EXPORTS = {
     "HyperSchedule": "schedules",
     "AdaptiveBatchSettings": "batch_size", "lr_scale": "batch_size",
 }
+
+#: submodules reachable as attributes (``st.nn.Dropout``), imported on first use
+_SUBMODULES = frozenset({"augment", "batch_size", "callbacks", "config", "errors", "explain", "nn", "objective",
+                         "plain_model", "schedules", "settings", "space", "task", "testing", "tuner"})
 
 __all__ = ["AdaptiveBatchSettings", "Augment", "Callback", "Cutout", "Dropout", "EmbeddingDropout", "FitResult", "Flip",
            "Float", "HyperNet",
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        if name in _SUBMODULES:
             return importlib.import_module(f".{name}", __name__)  # st.nn, st.errors, ...: imported on first use
         raise AttributeError(f"module 'selftune' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)

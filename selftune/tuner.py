@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -94,14 +95,8 @@ def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapp
         device: where batches go; by default the net's.
     """
     source = _as_source(data, "data", batch_dim=getattr(net, "batch_dim", 0))
-    try:
-        return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
-                      batch_size, device or net.hparams.device)
-    except IndexError as err:  # cross-entropy's "Target 8 is out of bounds": a label the outputs lack
-        if loss is not None:
-            raise
-        raise DataError(f"data: a label is outside the model's outputs ({' '.join(str(err).split())}); labels "
-                        "must be class indices from 0 to the number of outputs - 1") from None
+    return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
+                  batch_size, device or net.hparams.device)
 
 
 @torch.no_grad()
@@ -121,6 +116,12 @@ def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping
             b = batch_of(x, net.batch_dim)
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
+                if not flat.is_floating_point() and len(flat):  # a label the outputs lack (on a GPU: no assert)
+                    low, high = int(flat.min()), int(flat.max())
+                    if low < 0 or high >= logits.shape[-1]:
+                        bad = low if low < 0 else high
+                        raise DataError(f"data: label {bad} is outside the model's {logits.shape[-1]} outputs; "
+                                        "labels must be class indices from 0 to the number of outputs - 1")
                 sums["loss"] = sums.get("loss", 0.0) + F.cross_entropy(logits, flat, reduction="sum").item()
                 tokens += len(flat)
                 classification = classification and _is_classification(out, y)
@@ -154,8 +155,8 @@ _DIVERGENCE_FIX = {
     "hyper": "lower tuner.hyper_lr",
     "weights": "lower tuner.lr",
 }
-#: Beyond this, an unconstrained hyperparameter or perturbation scale is a runaway hyper step, not a value
-#: (sigmoid(50) is 1 - 2e-22; inits start within 9.2 of 0, and a run moves them by about hyper_travel, 8).
+#: A jump of an unconstrained hyperparameter or perturbation scale beyond this since the roll-back point is a
+#: runaway hyper step, not tuning (sigmoid(50) is 1 - 2e-22; a run moves them by units between roll-back points).
 RUNAWAY = 50.0
 
 
@@ -786,11 +787,18 @@ class SelfTuner:
         return fix + (" or set tuner.grad_clip" if self.settings.grad_clip is None else " or lower tuner.grad_clip")
 
     def _runaway_hyper(self) -> bool:
-        """Hyperparameters or perturbation scales far past any meaningful value: a hyper step ran away
-        (tuner.hyper_lr far too large), and the weights' loss turned non-finite only as a result."""
+        """Hyperparameters or perturbation scales that jumped far past any meaningful value since the roll-back
+        point: a hyper step ran away (tuner.hyper_lr far too large), and the weights' loss turned non-finite
+        only as a result. A jump, not a level, so a value a long run parked on its bound, or a large
+        init_scale, leaves a weights' divergence blamed on the weights."""
+        assert self._good is not None
+        good = self._good["net"]
         with torch.no_grad():
             net = self.net
-            return bool(net.hparams.abs().max() > RUNAWAY) or bool(net.scale.max() > RUNAWAY)
+            u_jump = (net.hparams.detach().cpu() - good["hparams"].cpu()).abs().max()
+            scale_then = torch.nn.functional.softplus(good["scale_raw"].cpu())
+            grew = (net.scale.detach().cpu() - scale_then).max()
+            return bool(u_jump > RUNAWAY) or bool(grew > RUNAWAY)
 
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
         assert self._good is not None
@@ -1223,8 +1231,8 @@ def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
         if isinstance(value, torch.Tensor):
             if not value.is_leaf:
                 memo[id(value)] = value.detach()
-        elif isinstance(value, torch.nn.Module):
-            return  # its own tensors are walked as a module below
+        elif isinstance(value, torch.nn.Module | types.ModuleType):
+            return  # a module's own tensors are walked as a module below; a Python module holds no cache
         elif isinstance(value, dict):
             for v in value.values():
                 walk(v, depth + 1)

@@ -150,6 +150,17 @@ def test_a_loss_driven_non_finite_by_runaway_hyperparameters_blames_the_hyper_ra
         tuner.fit(4)
 
 
+def test_a_hyperparameter_parked_far_out_leaves_a_weights_divergence_on_the_weights(digits):
+    """The runaway rule looks at a jump since the roll-back point, not a level: a value a long run parked at
+    its bound (unconstrained 60) is no runaway, and the weights' rate is the one lowered."""
+    tuner = make_tuner(digits)
+    with torch.no_grad():
+        tuner.net.hparams[0] = 60.0
+    poison = Inject(at=3)
+    tuner.fit(1, callbacks=[poison])
+    assert [e["group"] for e in poison.events] == ["general"]
+
+
 def test_the_advice_names_only_settings_the_run_has(digits):
     tuner = make_tuner(digits, lr=50.0, max_divergences=0, grad_clip=1e6)
     with pytest.raises(DivergenceError) as err:
