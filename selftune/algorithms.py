@@ -262,6 +262,6 @@ class DeltaSTN(Algorithm):
 DEFAULT_ALGORITHM: str = "delta-ift"
 
 
-from . import handover as _handover  # noqa: E402,F401  (registers delta-ift, which builds on both)
-from . import implicit as _implicit  # noqa: E402,F401  (registers the implicit-differentiation algorithm)
-from . import onepass as _onepass  # noqa: E402,F401  (registers one-pass, which builds on it)
+# registers ift, and through it delta-ift and one-pass, which build on it: one entry point, so importing any
+# of these modules first (selftune.implicit on its own) completes the registry without an import cycle
+from . import implicit as _implicit  # noqa: E402,F401

@@ -151,9 +151,15 @@ class RunLog:
     point_losses: list[float] = field(default_factory=list)
     #: the weights' norm at those points
     point_norms: list[float] = field(default_factory=list)
-    #: the verdict of the latest judged stretch (:meth:`close_interval`), and where that point was (steps, epoch)
+    #: the verdict of the latest judged stretch (:meth:`close_interval`), that verdict with the validation loss's
+    #: (``val_healthy``), and where that point was (steps, epoch)
+    train_healthy: bool = True
     healthy: bool = True
     last_point: tuple[int, int] | None = None
+    #: the untrained network's validation loss (``tuner.rollback_val_ratio``; None: not scored), and whether the
+    #: latest epoch's validation loss left its state fit to be a roll-back point
+    val_reference: float | None = None
+    val_healthy: bool = True
     _clock: float | None = None
 
     # -- time ----------------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ class RunLog:
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
-                "healthy": self.healthy, "last_point": None if self.last_point is None else list(self.last_point),
+                "train_healthy": self.train_healthy, "healthy": self.healthy,
+                "last_point": None if self.last_point is None else list(self.last_point),
+                "val_reference": self.val_reference, "val_healthy": self.val_healthy,
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -262,8 +270,12 @@ class RunLog:
         self.point_losses = [float(v) for v in state.get("point_losses", [])]
         self.point_norms = [float(v) for v in state.get("point_norms", [])]
         self.healthy = bool(state.get("healthy", True))
+        self.train_healthy = bool(state.get("train_healthy", self.healthy))
         last = state.get("last_point")
         self.last_point = None if last is None else (int(last[0]), int(last[1]))
+        reference = state.get("val_reference")  # None in a checkpoint from before the rule: it stays off
+        self.val_reference = None if reference is None else float(reference)
+        self.val_healthy = bool(state.get("val_healthy", True))
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]
         if self._clock is not None:  # loaded mid-fit (a roll-back): the clock restarts from the loaded time

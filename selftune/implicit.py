@@ -260,3 +260,8 @@ class ImplicitDifferentiation(Fixed):
         dim = tuner.net.batch_dim
         tuner.log.counters.examples += batch_of(x, dim) + (used + 2) * batch_of(self._last[0], dim)
         return val_loss.detach()
+
+
+# the algorithms that build on this one register after it (see the end of selftune.algorithms)
+from . import handover as _handover  # noqa: E402,F401  (delta-ift: Delta-STN, then these hypergradients)
+from . import onepass as _onepass  # noqa: E402,F401  (one-pass: these hypergradients without a response)

@@ -213,6 +213,14 @@ class TunerSettings(BaseModel):
                              "past the furthest step where they diverged, so a run that recovers each time goes on")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
+    rollback_val_ratio: float = Field(
+        4.0, ge=0.0,
+        description="a validation loss above this multiple of the untrained network's (scored once before the first "
+                    "step; with the default cross-entropy on class labels at least log C) is a divergence, rolled "
+                    "back like a non-finite loss, and a state whose validation loss is above half this multiple is "
+                    "not a roll-back point: it catches a model that has become confidently wrong while every value "
+                    "stays finite. 0 turns the rule off (for fine-tuning with a loss of your own, or validation data "
+                    "meant to score differently); otherwise it must be at least 2 (docs/store.md)")
     rollback_loss_ratio: float = Field(
         2.0, gt=1.0,
         description="a state is not a roll-back point if the mean training loss since the previous point is above "
@@ -261,6 +269,10 @@ class TunerSettings(BaseModel):
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
         if isinstance(self.momentum, float) and cls is not torch.optim.SGD:
             self._check_numeric_momentum(cls, takes)
+        if 0 < self.rollback_val_ratio < 2:
+            raise ConfigError("tuner.rollback_val_ratio",
+                              f"must be 0 (off) or at least 2 (got {self.rollback_val_ratio:g}): a state at half of it "
+                              "is still a roll-back point, and an untrained network's loss must be one")
         if self.lr_scheduler is not None:
             self._check_lr_scheduler()
         elif self.lr_scheduler_args:

@@ -160,18 +160,29 @@ _DIVERGENCE_FIX = {
 RUNAWAY = 50.0
 
 
+#: Added to the advice of a run that failed on its validation loss (``tuner.rollback_val_ratio``).
+_VAL_BLOWUP_FIX = ("; if the validation data are meant to score differently from the training data (another "
+                   "distribution, other labels), set tuner.rollback_val_ratio = 0")
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss, gradient or hyperparameter; ``group`` is the optimizer to blame
     (``"hyper"`` or a weight group)."""
 
-    def __init__(self, what: str, group: str, step: int) -> None:
-        super().__init__(f"{what} became non-finite at step {step}")
-        self.what, self.group, self.step = what, group, step
+    def __init__(self, what: str, group: str, step: int, how: str = "became non-finite", *,
+                 epoch_end: bool = False) -> None:
+        super().__init__(f"{what} {how} at step {step}")
+        self.what, self.group, self.step, self.how, self.epoch_end = what, group, step, how, epoch_end
 
     def __reduce__(self) -> tuple:
         # copy and pickle rebuild an exception from its constructor's arguments: Ray copies a PBT
         # member's DivergenceError with this as its cause, and a plain reduce failed there
-        return type(self), (self.what, self.group, self.step)
+        return _rebuild_non_finite, (type(self), self.what, self.group, self.step, self.how, self.epoch_end)
+
+
+def _rebuild_non_finite(cls: type[NonFiniteError], what: str, group: str, step: int, how: str,
+                        epoch_end: bool) -> NonFiniteError:
+    return cls(what, group, step, how, epoch_end=epoch_end)
 
 
 class Callback:
@@ -355,6 +366,8 @@ class SelfTuner:
                 also=[o for k, o in self.optimizers.items() if k not in (group, "hyper")])
         # Base rates of the weight groups: a schedule multiplies them, a roll-back halves them.
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items() if k != "hyper"}
+        #: the bases before any roll-back lowered them: a followed schedule's rates are scaled by base / first
+        self._first_lrs = {k: list(v) for k, v in self._base_lrs.items()}
         self._planned_steps = 0  # set at a fresh fit: the schedule's run length
         self.planned_epochs = 0  # the epochs of the current fit (its total, also when resumed)
         self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
@@ -365,6 +378,9 @@ class SelfTuner:
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)
         self.clip_factor = 1.0  # what tuner.grad_clip scaled the last step's gradient by
         self._good: dict[str, Any] | None = None  # the one roll-back point (see snapshot())
+        #: the latest roll-back point whose validation loss was judged (an epoch end, a fit's start) while a later
+        #: point between two epoch ends is _good; None: _good is one (see snapshot())
+        self._checked: dict[str, Any] | None = None
         #: with settings.keep = "best": the epoch of the lowest validation loss so far, that loss and a copy of the
         #: net's state then (weights and hyperparameters), which result() returns (see _remember_best)
         self._best: dict[str, Any] | None = None
@@ -576,9 +592,10 @@ class SelfTuner:
                 rounds = max(1, self._planned_validation(epochs) // self.settings.val_steps)
                 bound.plan(rounds if validated else self._planned_steps, self.settings.lr_travel)
             self._build_torch_schedule()
+            self._score_untrained()
         self.log.start_clock()
         if self._good is None:
-            self.snapshot()
+            self.snapshot(judged=True)
         try:
             while True:
                 try:
@@ -742,7 +759,7 @@ class SelfTuner:
     # ------------------------------------------------------------------------------------------
     # The roll-back point: one owner (this tuner); divergence rolls back to it
     # ------------------------------------------------------------------------------------------
-    def snapshot(self, point: bool = True) -> dict[str, Any]:
+    def snapshot(self, point: bool = True, *, judged: bool = False) -> dict[str, Any]:
         """The current :meth:`state_dict`, which also becomes the roll-back point if the run is healthy.
 
         Points (``point=True``) are taken at fit start, at every epoch end and at every checkpoint a
@@ -754,22 +771,41 @@ class SelfTuner:
         resumed from it goes on exactly as an uninterrupted one. The returned state carries the roll-back
         point under ``"rollback"`` when it is not this state, so a resumed run rolls back where an
         uninterrupted one would; a roll-back behind a checkpoint a recorder committed is the recorder's
-        to undo (:meth:`Callback.on_divergence`)."""
+        to undo (:meth:`Callback.on_divergence`).
+
+        ``judged``: the state's validation loss was just judged (an epoch end, the start of a fit). A point
+        between two epoch ends is judged on the training loss only, so when it becomes the roll-back point
+        the latest judged one is kept too (``"rollback_checked"`` in the state): a validation loss that blew
+        up by the next epoch end (``settings.rollback_val_ratio``) rolls back there, not to a state from
+        inside the epoch that blew up."""
         log = self.log
+        here = (self.counters.steps, self.epoch)
         if point:
             verdict = log.close_interval(self.settings.rollback_loss_ratio, self._weight_norm())
             if verdict is not None:
-                log.healthy = verdict
-            if log.healthy and log.streak and self.counters.steps > log.diverged_at:
-                log.streak = 0  # got past every divergence of the streak: the roll-backs worked
-            log.last_point = (self.counters.steps, self.epoch)
+                log.train_healthy = verdict
+            log.healthy = log.train_healthy and log.val_healthy
+            # past every divergence of the streak: the roll-backs worked (an epoch end's validation blow-up
+            # counts at that epoch end, which a judged point at the same step passes)
+            passed = here[0] > log.diverged_at or (judged and here[0] == log.diverged_at)
+            if log.healthy and log.streak and passed:
+                log.streak = 0
+            log.last_point = here
         state = self.state_dict()
-        if self._good is None or (point and log.healthy):
+        # a second point at the roll-back point's own position (a recorder's checkpoint at the epoch end the
+        # tuner just judged) keeps it: a copy of the same state would only cost memory and checkpoint space
+        if self._good is None or (point and log.healthy and _position(self._good) != here):
+            if judged or not self.settings.rollback_val_ratio:
+                self._checked = None
+            elif self._checked is None and self._good is not None:
+                self._checked = self._good  # judged (else _checked would be set): it stays the fallback
             # the kept epoch's tensors are never changed in place: the roll-back point shares them
             shared = {id(t): t for t in (self._best or {}).get("net", {}).values()}
             self._good = copy.deepcopy(state, shared)
         good = self._good
         state["rollback"] = None if _position(good) == _position(state) else good
+        if self._checked is not None:
+            state["rollback_checked"] = self._checked
         return state
 
     def _weight_norm(self) -> float:
@@ -803,19 +839,25 @@ class SelfTuner:
     def _roll_back(self, div: NonFiniteError, callbacks: Sequence[Callback]) -> None:
         assert self._good is not None
         if div.group != "hyper" and self.algorithm.tunes and self._runaway_hyper():
-            div = NonFiniteError(f"{div.what} (driven by hyperparameters that ran away)", "hyper", div.step)
+            div = NonFiniteError(f"{div.what} (driven by hyperparameters that ran away)", "hyper", div.step, div.how,
+                                 epoch_end=div.epoch_end)
         log = self.log
+        # a validation loss judged at an epoch end: a point inside that epoch was never judged on it and is
+        # no safe target; the last judged point is
+        checked = self._checked
+        target = checked if div.epoch_end and checked is not None else self._good
         if log.streak >= self.settings.max_divergences:
             total = "" if log.divergences == log.streak else f", {log.divergences + 1} in all"
             raise DivergenceError(
                 f"run diverged {_times(log.streak + 1)} in a row{total} (last: {div}); the last good state is at step "
-                f"{self._good['log']['counters']['steps']}; "
-                f"{self._divergence_fix(div.group)}") from div
+                f"{target['log']['counters']['steps']}; "
+                f"{self._divergence_fix(div.group)}{_VAL_BLOWUP_FIX if div.how == 'blew up' else ''}") from div
         count, seconds, spent = log.divergences + 1, log.seconds, log.counters
         streak, furthest = log.streak + 1, max(log.diverged_at, div.step)
         last = self.log.last_point
-        behind = last is not None and _position(self._good) < last
-        self.load_state_dict(copy.deepcopy(self._good))  # a copy: the optimizers would share its tensors
+        behind = last is not None and _position(target) < last
+        self.load_state_dict(copy.deepcopy(target))  # a copy: the optimizers would share its tensors
+        self._checked = None if target is checked else checked
         self.net.train()  # a divergence inside a hyper step (or a validation pass) left it in eval mode
         self.val_grads = None
         self.log.divergences = count
@@ -848,10 +890,15 @@ class SelfTuner:
             self.optimizers["response"].state.clear()
             changes.append("response paths reset")
         self._good = None
-        self.snapshot()  # the lowered rates are part of the new roll-back target
+        self.snapshot(judged=self._checked is None)  # the lowered rates are part of the new roll-back target
+        val_ratio = self.settings.rollback_val_ratio
+        val_rule = "" if not val_ratio else f", or the validation loss rose above {val_ratio / 2:g}x an untrained " \
+                                            "network's"
         why = "" if not behind else (
+            " (the last epoch end whose validation loss was judged healthy: the states since were never scored "
+            "on the validation data)" if target is checked else
             f" (the last state before the training loss grew more than {self.settings.rollback_loss_ratio:g}x "
-            f"and the weights {NORM_GROWTH:g}x: the later ones were finite but already blowing up)")
+            f"and the weights {NORM_GROWTH:g}x{val_rule}: the later ones were finite but already blowing up)")
         info = {"step": div.step, "what": div.what, "group": div.group, "rolled_back_to": self.counters.steps,
                 "rolled_back_to_epoch": self.epoch, "divergences": count,
                 "message": f"{div}; rolled back to step {self.counters.steps}{why}; {', '.join(changes)}"}
@@ -939,9 +986,11 @@ class SelfTuner:
         if self._follow is not None and group == self.algorithm.lr_group:
             lr = self._follow[0].lr_at(self.log.counters.steps)
             if lr is not None:  # the recorded rate already includes any schedule's factor and tuning
-                groups = self.optimizers[group].param_groups
-                for i, (g, base) in enumerate(zip(groups, self._base_lrs[group], strict=True)):
-                    g["lr"] = lr if i == 0 else lr * base / self._base_lrs[group][0]
+                # times what roll-backs did to the base: a run that diverges while it follows does slow down
+                bases = self._base_lrs[group]
+                lr *= bases[0] / self._first_lrs[group][0]
+                for g, base in zip(self.optimizers[group].param_groups, bases, strict=True):
+                    g["lr"] = lr * base / bases[0]
                 return
         s, torch_schedule = self.settings.schedule, self._torch_schedule
         if torch_schedule is None and s.kind == "constant" and s.warmup_epochs == 0 and self._lr_rule is None:
@@ -1101,17 +1150,64 @@ class SelfTuner:
             row["batch_size"] = float(self.order.batch_size)
         return row
 
+    def _score_untrained(self) -> None:
+        """The reference of ``settings.rollback_val_ratio``: the validation loss of the network before its
+        first step (one validation pass, counted), with the default cross-entropy on class labels at least
+        log C. Why the untrained network: its loss is what knowing nothing costs, so a loss several times above
+        it is a model that has become confidently wrong, which over-fitting alone does not reach (measured:
+        docs/benchmarks/README.md); a first epoch's loss would be a stricter, data-dependent reference."""
+        if self.settings.rollback_val_ratio == 0:
+            return
+        scored = self.score()
+        self.net.train()
+        self.log.counters.eval_examples += self.n_val
+        loss = scored["loss"]
+        if "accuracy" in scored and math.isfinite(loss):
+            # the default cross-entropy on class labels: log C is what predicting uniformly costs, and a floor
+            # for a network that starts trained (fine-tuning), whose own loss would make a strict reference
+            loss = max(loss, math.log(self._classes()))
+        self.log.val_reference = float(loss) if math.isfinite(loss) and loss > 0 else None
+
+    @torch.no_grad()
+    def _classes(self) -> int:
+        """The number of classes the network's outputs score (one validation example, in eval mode)."""
+        x, y = self._batch("val", torch.arange(1))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            logits, _ = flatten_tokens(self.net(x), y)
+        finally:
+            self.net.train(was_training)
+        return int(logits.shape[-1])
+
+    def _judge_validation(self, loss: float) -> None:
+        """Roll back (as a divergence of the weights) if epoch's validation loss ``loss`` is not finite or
+        above ``settings.rollback_val_ratio`` times the untrained network's; a loss above half that is left to
+        run, but its state is no roll-back point. A slow blow-up stays finite: on breast-cancer, a run at a
+        high rate with dropouts tuned to 0.9 ended with a validation loss near 0 turned into a test loss of 267
+        (a few rows wrong with certainty), while the training-loss rule of :meth:`snapshot` passed it."""
+        ratio, reference = self.settings.rollback_val_ratio, self.log.val_reference
+        if not ratio or reference is None:
+            return
+        if not math.isfinite(loss):
+            raise NonFiniteError("validation loss", "weights", self.counters.steps, epoch_end=True)
+        if loss > ratio * reference:
+            raise NonFiniteError(f"validation loss ({loss:.4g}, over {ratio:g}x {reference:.4g}, the loss of an "
+                                 "untrained network)", "weights", self.counters.steps, "blew up", epoch_end=True)
+        self.log.val_healthy = loss <= ratio / 2 * reference
+
     def _end_epoch(self) -> dict[str, float]:
         val = self.score()
         self.net.train()
         self.log.counters.eval_examples += self.n_val
+        self._judge_validation(val["loss"])
         self._remember_best(self.order.epoch + 1, val["loss"])
         row = self.log.epoch_row(self.order.epoch + 1, val, self._hparam_columns())
         self.algorithm.on_epoch_end(self, row)
         if self._torch_schedule is not None and self.settings.lr_scheduler_interval == "epoch":
             self._torch_schedule.step(val["loss"])
         self.order.end_epoch()
-        self.snapshot()
+        self.snapshot(judged=True)
         return row
 
     def _remember_best(self, epoch: int, loss: float) -> None:
@@ -1192,9 +1288,10 @@ class SelfTuner:
         if "rollback" in state:  # a checkpoint (see snapshot()): its roll-back point, or itself
             rollback = state["rollback"]
             self._good = copy.deepcopy(rollback if rollback is not None else
-                                       {k: v for k, v in state.items() if k != "rollback"})
+                                       {k: v for k, v in state.items() if k not in ("rollback", "rollback_checked")})
+            self._checked = copy.deepcopy(state.get("rollback_checked"))
         else:  # a plain state_dict (a roll-back's own target, a PBT member): fit() or the roll-back snapshots it
-            self._good = None
+            self._good = self._checked = None
         self.net.load_state_dict(state["net"])
         self._best = copy.deepcopy(state.get("best"))
         for key, opt in self.optimizers.items():

@@ -161,3 +161,12 @@ def test_help_starts_without_importing_torch():
             "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+@pytest.mark.parametrize("module", ["algorithms", "implicit", "handover", "onepass"])
+def test_any_algorithm_module_imports_first_and_completes_the_registry(module):
+    """Importing selftune.implicit on its own failed on an import cycle (implicit -> algorithms -> handover
+    -> implicit, half-initialised); whichever module comes first, every built-in algorithm is registered."""
+    code = f"import selftune.{module}\nfrom selftune.algorithms import ALGORITHMS\nprint(sorted(ALGORITHMS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(["fixed", "hd", "stn", "delta-stn", "ift", "delta-ift", "one-pass"]))

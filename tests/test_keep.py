@@ -39,7 +39,8 @@ class Spoil(st.Callback):
 
 @pytest.mark.parametrize("method", ["fixed", "delta-stn"])
 def test_the_kept_net_is_the_lowest_validation_epoch_and_training_state_stays_the_last(digits, sparse, method):
-    tuner = make_tuner(digits, sparse, method, keep="best", **LOUD)
+    # the scrambled last epoch is the kind of blow-up tuner.rollback_val_ratio rolls back: off here
+    tuner = make_tuner(digits, sparse, method, keep="best", rollback_val_ratio=0, **LOUD)
     fit = tuner.fit(10, callbacks=[Spoil(10 * tuner.batches_per_epoch)])
     val = [r["val_loss"] for r in fit.history]
     best = min(range(len(val)), key=val.__getitem__)

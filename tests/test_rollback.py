@@ -11,7 +11,7 @@ from torch import nn
 
 import selftune as st
 from selftune.bookkeeping import RunLog
-from selftune.errors import DivergenceError
+from selftune.errors import ConfigError, DivergenceError
 from selftune.explain import explain
 from selftune.store import RunStore, StoreRecorder
 
@@ -83,9 +83,13 @@ def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
     assert [r["epoch"] for r in result.history] == list(range(1, 9))
     # the discarded steps were computed: they count, on top of a whole run's examples
     assert result.compute["examples"] > 8 * 250
-    # The rule is what saves it: rolling back to the last finite state fails at every rate it tries.
+    # The rules are what save it: rolling back to the last finite state fails at every rate it tries. Either
+    # rule alone is enough: the validation loss (57x the untrained network's at epoch 4) catches it as well.
     with pytest.raises(DivergenceError, match="diverged 4 times"):
-        blowup(rollback_loss_ratio=1e12).fit(8)
+        blowup(rollback_loss_ratio=1e12, rollback_val_ratio=0).fit(8)
+    alone, heard = blowup(rollback_loss_ratio=1e12), Listen()
+    alone.fit(8, callbacks=[heard])
+    assert [e["what"].split(" (")[0] for e in heard.events] == ["validation loss"]
 
 
 def recorded(tmp_path, name, every):
@@ -159,3 +163,169 @@ def test_a_run_resumed_inside_a_blow_up_rolls_back_where_the_uninterrupted_one_d
         assert torch.equal(a, b)
     assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in expected.history]
     assert result.compute["examples"] == expected.compute["examples"]
+
+
+def contradicted(flip=True, **settings):
+    """A net fitted to labels its validation data contradict (``flip``): the better it trains, the more
+    confidently wrong it is on validation, with every value finite (the over-confident blow-up of
+    docs/store.md). 10 steps per epoch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 10, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), st.Dropout("d"), nn.Linear(64, 2))
+    base = dict(batch_size=20, lr=0.1, warmup_epochs=0)
+    base.update(settings)
+    return st.SelfTuner(st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.1)])), (x[:200], y[:200]),
+                        (x[200:], 1 - y[200:] if flip else y[200:]), method="fixed",
+                        settings=st.TunerSettings(**base), seed=0)
+
+
+def test_a_validation_loss_far_above_the_untrained_networks_rolls_back_and_the_advice_names_the_rule():
+    tuner, listen = contradicted(), Listen()
+    blew_up = r"validation loss \(.*over 4x 0\.69\d*, the loss of an untrained network"
+    with pytest.raises(DivergenceError, match=blew_up) as err:
+        tuner.fit(20, callbacks=[listen])
+    assert "set tuner.rollback_val_ratio = 0" in str(err.value)
+    assert len(listen.events) == 3 and all("blew up" in e["message"] for e in listen.events)
+    changes = [e["message"].split("; ")[-1] for e in listen.events]
+    assert changes == ["weights lr 0.1 -> 0.05", "weights lr 0.05 -> 0.025", "weights lr 0.025 -> 0.0125"]
+    # the point it rolls back to is one whose validation loss was at most 2x the untrained network's
+    reference = tuner.log.val_reference
+    assert reference == pytest.approx(math.log(2), abs=0.05)
+    kept = [r for r in tuner.history if r["step"] <= listen.events[-1]["rolled_back_to"]]
+    assert kept and kept[-1]["val_loss"] <= 2 * reference
+    # without the rule the same run trains on, its validation loss ending over 20x the untrained one's
+    result = contradicted(rollback_val_ratio=0).fit(20)
+    assert result.history[-1]["val_loss"] > 20 * reference
+
+
+def test_the_untrained_reference_survives_a_resume_and_the_rule_is_checked(tmp_path):
+    tuner = contradicted(lr=0.001)
+    tuner.fit(2)
+    state = tuner.state_dict()
+    again = contradicted(lr=0.001)
+    again.load_state_dict(state)
+    assert again.log.val_reference == tuner.log.val_reference is not None
+    assert tuner.counters.eval_examples == 3 * 100  # the untrained pass is counted with the two epochs'
+    for bad in (1.5, -1.0):
+        with pytest.raises(ConfigError, match=r"tuner\.rollback_val_ratio"):
+            st.TunerSettings(rollback_val_ratio=bad)
+
+
+def test_a_blown_up_validation_loss_rolls_back_to_the_last_judged_epoch_end_also_after_a_resume():
+    # a recorder's point inside epoch 3 (step 20; the training-loss rule off) becomes the roll-back point;
+    # epoch 3's validation loss (5.2) is then too high for a point and epoch 4's (57) blows up: the run goes
+    # back to epoch 2's end, the last state whose validation loss was judged, not to step 20 inside the blow-up
+    whole = blowup(rollback_loss_ratio=1e12)
+    whole.fit(8, max_steps=20)
+    state = whole.snapshot()
+    assert state["rollback"] is None and _position_of(state["rollback_checked"]) == (16, 2)
+    listen = Listen()
+    expected = whole.fit(8, callbacks=[listen])
+    assert [(e["what"].split(" (")[0], e["rolled_back_to"]) for e in listen.events] == [("validation loss", 16)]
+    resumed = blowup(rollback_loss_ratio=1e12)
+    resumed.load_state_dict(copy.deepcopy(state))
+    result = resumed.fit(8)
+    assert resumed.divergences == whole.divergences == 1
+    assert [r["val_loss"] for r in result.history] == [r["val_loss"] for r in expected.history]
+
+
+def _position_of(state):
+    return state["log"]["counters"]["steps"], state["order"]["epoch"]
+
+
+class PointAtEpochsLastStep(st.Callback):
+    """A recorder's point on each epoch's last step (before the tuner scores the epoch), and after each epoch
+    end a record of whether that epoch end became the roll-back point, with its validation loss."""
+
+    def __init__(self):
+        self.points, self.events = [], []
+
+    def on_step(self, tuner, row):
+        if tuner.counters.steps % tuner.batches_per_epoch == 0:
+            tuner.snapshot()
+
+    def on_epoch_end(self, tuner, row):
+        state = tuner.snapshot(point=False)
+        self.points.append((state["rollback"] is None, row["val_loss"], "rollback_checked" in state))
+
+    def on_divergence(self, tuner, info):
+        self.events.append(info)
+
+
+def test_an_epoch_end_whose_validation_loss_is_too_high_is_no_roll_back_point_after_a_recorders_point():
+    # the recorder's point on the epoch's last step takes the training's verdict; the epoch end at the same
+    # step must still be judged on its validation loss, and never roll back onto the weights that blew up
+    tuner, spy = contradicted(), PointAtEpochsLastStep()
+    with pytest.raises(DivergenceError):
+        tuner.fit(20, callbacks=[spy])
+    reference = tuner.log.val_reference
+    assert any(val > 2 * reference for _, val, _ in spy.points)
+    assert all(val <= 2 * reference for is_point, val, _ in spy.points if is_point)
+    assert all(e["rolled_back_to"] < e["step"] for e in spy.events)
+    # a point at the roll-back point's own position adds no second copy of it to the checkpoint
+    assert not any(checked for is_point, _, checked in spy.points if is_point)
+
+
+def test_a_network_that_starts_trained_is_judged_against_log_c_not_its_own_low_loss():
+    tuner = contradicted(rollback_val_ratio=0)
+    tuner.net.model.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g)
+    y = (x[:, 0] > 0).long()
+    trained = st.SelfTuner(tuner.net, (x[:200], y[:200]), (x[200:], y[200:]), method="fixed",
+                           settings=st.TunerSettings(batch_size=20, lr=0.1, warmup_epochs=0), seed=0)
+    trained.fit(15)
+    assert trained.score()["loss"] < 0.2  # it fits these labels well
+    again = st.SelfTuner(trained.net, (x[:200], y[:200]), (x[200:], y[200:]), method="fixed",
+                         settings=st.TunerSettings(batch_size=20, lr=0.1, warmup_epochs=0), seed=0)
+    again.fit(1)
+    assert again.log.val_reference == pytest.approx(math.log(2))  # the floor, not its own loss
+
+
+def test_a_run_that_follows_a_schedule_and_diverges_follows_it_at_the_lowered_rate():
+    from selftune.schedules import HyperSchedule
+
+    steps = list(range(0, 200, 8))
+    schedule = HyperSchedule(steps=steps, values={"d": [0.1] * len(steps)}, lr=[0.1] * len(steps))
+    tuner, listen = contradicted(follow=schedule, rollback_val_ratio=4.0), Listen()
+    with pytest.raises(DivergenceError):
+        tuner.fit(20, callbacks=[listen])
+    assert [e["message"].split("; ")[-1] for e in listen.events][:2] == ["weights lr 0.1 -> 0.05",
+                                                                       "weights lr 0.05 -> 0.025"]
+    # the rate the steps after the roll-backs applied is the recorded one times the halvings
+    assert tuner.weights_lr == pytest.approx(0.1 * 0.5 ** len(listen.events))
+
+
+def test_a_recorders_point_at_the_epoch_end_the_tuner_just_judged_keeps_one_copy():
+    tuner = contradicted(lr=0.001)
+    tuner.fit(2)
+    state = tuner.snapshot()  # what a recorder's checkpoint right after the epoch end does
+    assert state["rollback"] is None and "rollback_checked" not in state
+
+
+class SpoilOnce(st.Callback):
+    """Scramble the weights once at each of the given steps (an epoch's last): that epoch's validation loss
+    blows up, finite, and the retrained epoch after the roll-back is fine."""
+
+    def __init__(self, *steps):
+        self.left, self.events = set(steps), []
+
+    def on_step(self, tuner, row):
+        if tuner.counters.steps in self.left:
+            self.left.discard(tuner.counters.steps)
+            with torch.no_grad():
+                for p in tuner.net.general_parameters():
+                    p.add_(30.0 * torch.randn_like(p))
+
+    def on_divergence(self, tuner, info):
+        self.events.append(info)
+
+
+def test_an_epoch_end_that_blew_up_and_then_passed_ends_the_streak_there():
+    # epoch 3 blows up (step 30), rolls back to epoch 2 and passes epoch 3's end at half the rate; epoch 4's
+    # blow-up is then a new problem, not the same one again, even with max_divergences = 1
+    tuner, spoil = contradicted(flip=False, lr=0.05, max_divergences=1), SpoilOnce(30, 40)
+    tuner.fit(6, callbacks=[spoil])
+    assert [(e["step"], e["rolled_back_to"]) for e in spoil.events] == [(30, 20), (40, 30)]
