@@ -156,9 +156,13 @@ class RunLog:
     train_healthy: bool = True
     healthy: bool = True
     last_point: tuple[int, int] | None = None
-    #: the untrained network's validation loss (``tuner.rollback_val_ratio``; None: not scored), and whether the
-    #: latest epoch's validation loss left its state fit to be a roll-back point
+    #: the untrained network's validation loss (``tuner.rollback_val_ratio``; None: not scored), the multiple of
+    #: it the run judges by (0: off), the epoch where the rule stopped acting after too many roll-backs in a
+    #: row (None: it did not), and whether the latest epoch's validation loss left its state fit to be a
+    #: roll-back point
     val_reference: float | None = None
+    val_ratio: float = 0.0
+    val_gave_up: int | None = None
     val_healthy: bool = True
     _clock: float | None = None
 
@@ -252,7 +256,8 @@ class RunLog:
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
                 "train_healthy": self.train_healthy, "healthy": self.healthy,
                 "last_point": None if self.last_point is None else list(self.last_point),
-                "val_reference": self.val_reference, "val_healthy": self.val_healthy,
+                "val_reference": self.val_reference, "val_ratio": self.val_ratio, "val_gave_up": self.val_gave_up,
+                "val_healthy": self.val_healthy,
                 "trajectory": [dict(r) for r in self.trajectory], "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,6 +280,9 @@ class RunLog:
         self.last_point = None if last is None else (int(last[0]), int(last[1]))
         reference = state.get("val_reference")  # None in a checkpoint from before the rule: it stays off
         self.val_reference = None if reference is None else float(reference)
+        self.val_ratio = float(state.get("val_ratio", 0.0))
+        gave_up = state.get("val_gave_up")
+        self.val_gave_up = None if gave_up is None else int(gave_up)
         self.val_healthy = bool(state.get("val_healthy", True))
         self.trajectory = [dict(r) for r in state["trajectory"]]
         self.history = [dict(r) for r in state["history"]]

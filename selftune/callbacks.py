@@ -42,3 +42,19 @@ class ProgressBar(Callback):
     def on_fit_end(self, tuner: SelfTuner) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StopAtEpoch(Callback):
+    """Stop :meth:`SelfTuner.fit` once ``epoch`` epochs are done, leaving a resumable state.
+
+    Why not ``fit(epoch)``: a fresh run plans its schedules, tuned rate and hyper learning rate over the epochs
+    ``fit`` is given, so training a run in pieces (a PBT member between two exploit steps) must give the
+    whole run's length to ``fit`` and stop early with this; ``fit(3)`` would plan a 30-epoch cosine schedule
+    to end after epoch 3."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
+        if tuner.epoch >= self.epoch:
+            tuner.request_stop()

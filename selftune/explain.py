@@ -127,10 +127,16 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
                          f"{plan['planned_steps']} planned hyper steps can move a hyperparameter {plan['travel']:g} "
                          "units (tuner.hyper_travel)")
     if log.divergences:
-        times = "once" if log.divergences == 1 else f"{log.divergences} times"
-        lines.append(f"diverged {times}: each time the run went back to its last healthy state with the offending "
+        times = "once: the run" if log.divergences == 1 else f"{log.divergences} times: each time the run"
+        lines.append(f"diverged {times} went back to its last healthy state with the offending "
                      f"learning rate x{tuner.settings.divergence_lr_factor:g} (the weights' rate is now "
                      f"{tuner.weights_lr:.3g}); a rate that needs this is likely too large (events: selftune show)")
+    if log.val_gave_up is not None:
+        lines.append(f"the validation loss stayed above {log.val_ratio:g}x an untrained "
+                     f"network's ({log.val_reference:.4g}) through {tuner.settings.max_divergences} roll-backs in a "
+                     f"row, so from epoch {log.val_gave_up} on the run no longer rolled back on it: the model is "
+                     "confidently wrong on some validation rows (over-fitting a small validation set, or a rate "
+                     "too large; tuner.rollback_val_ratio)")
     val = [(int(r["epoch"]), r["val_loss"]) for r in log.history if not math.isnan(r["val_loss"])]
     if val:
         first, last = val[0], val[-1]

@@ -18,6 +18,7 @@ from torch import nn
 
 from .nn import HyperNet
 from .nn.dropout import Dropout, EmbeddingDropout
+from .nn.hypernet import retie, tied_parameters
 from .nn.layers import BestResponseModule
 from .nn.state import HyperModule
 
@@ -43,7 +44,8 @@ def export(net: HyperNet) -> nn.Module:
         # Delta-STN is centred: at its own hyperparameters the response is exactly zero.
         cond = net.encode(u.unsqueeze(0))[0] if net.form == "stn" else None
         values = net.values()
-    model = copy.deepcopy(net.model)
+    model = copy.deepcopy(net.model)  # deepcopy keeps tied weights tied
+    ties = tied_parameters(model)
     replaced: tuple[str, ...] = ()
     for name, module in list(model.named_modules()):
         if name.startswith(replaced):
@@ -59,4 +61,5 @@ def export(net: HyperNet) -> nn.Module:
             module.fixed = float(values[module.name])
         if isinstance(module, HyperModule):
             object.__setattr__(module, "_hyper_state", None)  # the copy answers to no HyperNet
+    retie(model, ties, only_equal=True)
     return model

@@ -213,14 +213,16 @@ class TunerSettings(BaseModel):
                              "past the furthest step where they diverged, so a run that recovers each time goes on")
     divergence_lr_factor: float = Field(0.5, gt=0.0, lt=1.0,
                                         description="factor applied to the offending learning rate on a roll-back")
-    rollback_val_ratio: float = Field(
-        4.0, ge=0.0,
+    rollback_val_ratio: float | None = Field(
+        None, ge=0.0,
         description="a validation loss above this multiple of the untrained network's (scored once before the first "
-                    "step; with the default cross-entropy on class labels at least log C) is a divergence, rolled "
-                    "back like a non-finite loss, and a state whose validation loss is above half this multiple is "
-                    "not a roll-back point: it catches a model that has become confidently wrong while every value "
-                    "stays finite. 0 turns the rule off (for fine-tuning with a loss of your own, or validation data "
-                    "meant to score differently); otherwise it must be at least 2 (docs/store.md)")
+                    "step; with the default cross-entropy on class labels at least log C) rolls the run back like a "
+                    "non-finite loss, and a state whose validation loss is above half this multiple is not a "
+                    "roll-back point: it catches a model that has become confidently wrong while every value stays "
+                    "finite. Unset: 8 with the default cross-entropy on class labels, off with a loss of your own "
+                    "(whose zero point a ratio cannot judge); 0 turns it off; otherwise at least 2. After "
+                    "max_divergences such roll-backs in a row it stops acting rather than fail the run "
+                    "(docs/store.md)")
     rollback_loss_ratio: float = Field(
         2.0, gt=1.0,
         description="a state is not a roll-back point if the mean training loss since the previous point is above "
@@ -228,7 +230,7 @@ class TunerSettings(BaseModel):
                     "low: a run that blows up over several epochs while its values stay finite rolls back to "
                     "before the blow-up, not to the last finite state (docs/store.md)")
 
-    @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip")
+    @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip", "rollback_val_ratio")
     @classmethod
     def _finite(cls, v: Any) -> Any:
         """A rate, decay or clip of inf (pydantic lets inf through where it refuses nan) would train on
@@ -269,7 +271,7 @@ class TunerSettings(BaseModel):
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
         if isinstance(self.momentum, float) and cls is not torch.optim.SGD:
             self._check_numeric_momentum(cls, takes)
-        if 0 < self.rollback_val_ratio < 2:
+        if self.rollback_val_ratio is not None and 0 < self.rollback_val_ratio < 2:
             raise ConfigError("tuner.rollback_val_ratio",
                               f"must be 0 (off) or at least 2 (got {self.rollback_val_ratio:g}): a state at half of it "
                               "is still a roll-back point, and an untrained network's loss must be one")

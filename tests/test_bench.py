@@ -1,5 +1,6 @@
 """`selftune bench digits-mlp --quick`: every method runs on the same task and is recorded."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -434,3 +435,23 @@ def test_a_task_without_starts_gets_a_verdict_from_its_init():
     assert "| init | delta-stn-replay | 1/1 | 0.3000 vs 0.5000 |" in text and "best search (tpe" in text
     only_fixed = table("t", [result("fixed", 0.5)], quick=False, config=config)
     assert "## Verdict" not in only_fixed  # no tuner: no empty table
+
+
+def test_a_pbt_member_plans_its_schedule_over_the_whole_run_not_its_first_interval(tmp_path):
+    """A member trains between exploit steps; its cosine schedule must span the run's epochs. Before, its
+    first `fit(interval)` planned the curve to end after the first interval: from then on it trained at the
+    final rate (and at final = 0, a zero rate the recorded schedule refused)."""
+    from selftune.config import load_config
+    from selftune.methods.pbt import run_pbt
+
+    config = load_config(ROOT / "examples" / "digits_lr.toml",
+                         ["epochs=4", "model.hidden=[32, 32]", "tuner.schedule={kind=\"cosine\", final=0.0}",
+                          "space.lr={low=0.01, high=0.05, init=0.02, log=true}", "bench.starts={}"])
+    store = RunStore(f"sqlite:///{tmp_path / 'p.db'}")
+    result = run_pbt(config, 0, 2, store, tmp_path / "out", ray_dir=tmp_path / "ray", checkpoint_root=tmp_path / "ck",
+                     interval=1, concurrency=2)
+    epochs = list(csv.DictReader((tmp_path / "out" / "epochs.csv").open()))
+    rates = [float(r["weights_lr"]) for r in epochs]
+    assert len(rates) == 4 and math.isfinite(result.test_loss)
+    # cosine over 4 epochs: the rate at the end of epoch 2 is still about half of the start, not the end's 0
+    assert rates[1] > 0.3 * max(rates) and rates[0] > rates[1] > rates[2] > rates[3]

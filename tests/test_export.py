@@ -75,3 +75,40 @@ def test_export_gives_a_plain_model_with_the_wrappers_outputs(form):
 def test_export_refuses_what_is_not_a_hypernet():
     with pytest.raises(TypeError, match="export takes the HyperNet"):
         st.export(nn.Linear(2, 2))
+
+
+class TiedLM(nn.Module):
+    """A language model whose decoder shares its embedding's matrix (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.drop = st.Dropout("d")
+        self.dec = nn.Linear(16, 20)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.dec(self.drop(self.emb(x)))
+
+
+@pytest.mark.parametrize("method", ["fixed", "delta-stn"])
+def test_tied_weights_stay_tied_through_hypernetize_training_and_export(method):
+    torch.manual_seed(0)
+    model = TiedLM()
+    count = sum(p.numel() for p in model.parameters())
+    net = st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    assert net.model.dec.weight is net.model.emb.weight
+    assert sum(p.numel() for p in net.general_parameters()) == count  # one matrix, not two
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (240,), generator=g)
+    y = (x + 1) % 20
+    tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:], y[160:]), method=method,
+                         settings=st.TunerSettings(batch_size=16, lr=0.1, warmup_epochs=0), seed=0)
+    tuner.fit(2)
+    assert net.model.dec.weight is net.model.emb.weight
+    plain = st.export(net)
+    assert plain.dec.weight is plain.emb.weight
+    net.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x[160:]), net(x[160:]), atol=1e-6)

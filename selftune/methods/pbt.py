@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..algorithms import Fixed
+from ..callbacks import StopAtEpoch
 from ..config import RunConfig, parse_config
 from ..errors import DivergenceError, SelftuneWarning
 from ..extras import install_hint, missing
@@ -100,7 +101,7 @@ def _member(hp: dict[str, Any], *, base: dict[str, Any], seed: int, interval: in
         target = min(epoch + interval, config.epochs)
         if not diverged:
             try:
-                tuner.fit(target)
+                tuner.fit(config.epochs, callbacks=[StopAtEpoch(target)])  # planned over the whole run
             except DivergenceError:
                 # Sampled or perturbed values can break a member (a rate far too large). It reports an
                 # infinite loss from here on, training no more, so PBT's next exploit step replaces it

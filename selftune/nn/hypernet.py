@@ -411,6 +411,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS} (got {encoding!r})")
     converted: dict[str, str] = {}
+    ties = tied_parameters(model)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = named[parent_name] if parent_name else model
@@ -418,10 +419,41 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
         converted[name] = type(named[name]).__name__
         setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
+    retie(model, ties)
     net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
     net.converted = converted
     net.left_plain = _left_plain(named, set(targets))
     return net
+
+
+def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Groups of ``(module name, parameter name)`` that hold one and the same parameter: tied weights, as a
+    language model's decoder sharing its embedding's matrix (``dec.weight = emb.weight``)."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def retie(model: nn.Module, ties: list[list[tuple[str, str]]], *, only_equal: bool = False) -> None:
+    """Make each group of :func:`tied_parameters` one parameter again, the first's, after layers were replaced
+    by copies (converting a layer copies its weights, which would silently untie them: two matrices that
+    train apart). ``only_equal``: leave a group untied where its weights now differ (an exported STN layer
+    folds its own response into its copy)."""
+    for (first_module, first_name), *rest in ties:
+        param = getattr(model.get_submodule(first_module), first_name)
+        for module_name, name in rest:
+            module = model.get_submodule(module_name)
+            other = getattr(module, name)
+            if other is param:
+                continue
+            if other.shape != param.shape:
+                raise TypeError(f"{first_module}.{first_name} and {module_name}.{name} are tied, but their layers "
+                                f"no longer hold weights of one shape ({tuple(param.shape)}, {tuple(other.shape)})")
+            if only_equal and not torch.equal(other, param):
+                continue
+            setattr(module, name, param)
 
 
 #: Why a kind of layer with weights stays plain (the summary says it to the user).
