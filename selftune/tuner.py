@@ -509,10 +509,25 @@ class SelfTuner:
                     check_targets(out, y, what)
                     classes = out.shape[-1]
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
+            if what == "train" and self.objective.loss is not None:
+                self._check_differentiable(x, y)
         finally:
             net.train(was_training)
         if self.objective.loss is None:
             check_all_targets(source.dataset, classes, what)
+
+    def _check_differentiable(self, x: Any, y: Any) -> None:
+        """A loss of the user's own must return a tensor the weights' gradient flows through: one that detaches
+        its input (``.item()``, ``.detach()``, NumPy, ``torch.no_grad`` inside it) failed at the first
+        backward pass with PyTorch's "element 0 of tensors does not require grad"."""
+        device = self.net.hparams.device
+        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            value = self.objective.eval_loss(self.net(x), y)
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            got = "a tensor without a gradient" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise DataError(f"loss: it returned {got} on the first examples, so training cannot differentiate it; "
+                            "compute it from the model's outputs with torch operations (no .item(), .detach(), "
+                            "NumPy or torch.no_grad inside it) and return the tensor")
 
     def _try_loss(self, out: Any, y: Any, what: str, loss: bool = True) -> None:
         """The user's loss (unless ``loss`` is false) and metrics on a first batch: a shape mismatch, or a

@@ -540,3 +540,25 @@ def test_valid_digits_splits_match_the_split_recipe(kwargs):
         x, y = getattr(splits, key).tensors
         assert torch.equal(y, torch.from_numpy(raw_y[idx]))
         assert torch.equal(x, torch.from_numpy((raw_x[idx] - mean) / std))
+
+
+def test_a_loss_that_detaches_is_refused_before_training_and_one_that_differentiates_trains():
+    import torch.nn.functional as F
+    from torch import nn
+
+    import selftune as st
+
+    x = torch.randn(100, 5, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def tuner(loss):
+        torch.manual_seed(0)
+        net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                             st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+        return st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), method="delta-stn", loss=loss,
+                            settings=st.TunerSettings(batch_size=16, lr=0.1))
+
+    with pytest.raises(DataError) as err:
+        tuner(lambda out, target: F.cross_entropy(out, target).detach()).fit(1)
+    assert one_line(err).startswith("loss: it returned a tensor without a gradient")
+    assert tuner(lambda out, target: F.cross_entropy(out, target)).fit(1).history

@@ -197,17 +197,19 @@ def run_pbt(config: RunConfig, seed: int, population: int, store: RunStore, out:
     ray_logger.setLevel(logging.ERROR)
     ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*num_to_keep.*", category=UserWarning)
-            # Resources bound the concurrency: Ray has `concurrency` CPUs and each member takes one.
-            grid = tune.Tuner(
-                trainable, param_space=domains,
-                tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
-                                            num_samples=population, reuse_actors=True,
-                                            search_alg=BasicVariantGenerator(random_state=seed)),
-                run_config=tune.RunConfig(name=name, storage_path=str(ray_dir), verbose=0, callbacks=[tally],
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
-            ).fit()
+        # Resources bound the concurrency: Ray has `concurrency` CPUs and each member takes one. Every
+        # checkpoint is kept: an exploit can copy a checkpoint its source has since moved past (members
+        # wait their turn for a core), and with num_to_keep=4 those were deleted under it: failed restores
+        # ("Error handling checkpoint ... Path not found") and members re-trained from older states, 2.7x
+        # a plain run's examples for 2 members where 1.9x after (ray-project/ray#9036 describes the same).
+        grid = tune.Tuner(
+            trainable, param_space=domains,
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                                        num_samples=population, reuse_actors=True,
+                                        search_alg=BasicVariantGenerator(random_state=seed)),
+            run_config=tune.RunConfig(name=name, storage_path=str(ray_dir), verbose=0, callbacks=[tally],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+        ).fit()
     finally:
         ray.shutdown()
         ray_logger.setLevel(level)
