@@ -216,10 +216,10 @@ class TunerSettings(BaseModel):
     rollback_val_ratio: float | None = Field(
         None, ge=0.0,
         description="a validation loss above this multiple of the untrained network's (scored once before the first "
-                    "step; with the default cross-entropy on class labels at least log C) rolls the run back like a "
+                    "step; with the default cross-entropy at least log C) rolls the run back like a "
                     "non-finite loss, and a state whose validation loss is above half this multiple is not a "
                     "roll-back point: it catches a model that has become confidently wrong while every value stays "
-                    "finite. Unset: 8 with the default cross-entropy on class labels, off with a loss of your own "
+                    "finite. Unset: 8 with the default cross-entropy, off with a loss of your own "
                     "(whose zero point a ratio cannot judge); 0 turns it off; otherwise at least 2. After "
                     "max_divergences such roll-backs in a row it stops acting rather than fail the run "
                     "(docs/store.md)")
