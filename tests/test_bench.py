@@ -431,8 +431,9 @@ def test_a_task_without_starts_gets_a_verdict_from_its_init():
     text = table("t", [result("fixed", 0.5), result("delta-stn", 0.4), result("tpe", 0.45, trials=3),
                        result("delta-stn-replay", 0.3, trials=2), result("random", 0.46, trials=1)],
                  quick=False, config=config)
-    assert "| init | delta-stn | 1/1 | 0.4000 vs 0.5000 | -11.1% |" in text, text
-    assert "| init | delta-stn-replay | 1/1 | 0.3000 vs 0.5000 |" in text and "best search (tpe" in text
+    assert "| init | delta-stn | 1/1 | -20.0%: one unequal pair, no test | 0.4000 vs 0.5000 | -11.1% |" in text, text
+    assert "| init | delta-stn-replay | 1/1 | -40.0%: one unequal pair, no test | 0.3000 vs 0.5000 |" in text
+    assert "best search (tpe" in text
     only_fixed = table("t", [result("fixed", 0.5)], quick=False, config=config)
     assert "## Verdict" not in only_fixed  # no tuner: no empty table
 

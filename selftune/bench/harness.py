@@ -22,6 +22,7 @@ from ..errors import ConfigError, DivergenceError, OutputError
 from ..methods import METHODS, Context, Method, MethodResult, get_method
 from ..report.plots import plot_schedules
 from ..store import RunStore
+from .paired import describe
 
 TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
@@ -319,9 +320,11 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
              f"Against fixed training from the same start and seed, and against the best search"
              f"{f' ({best_search}, mean {statistics.mean(searches[best_search]):.4f})' if best_search else ''}. "
              "Moves: mean change of each hyperparameter over the run, as a share of its range in the unit space "
-             "of its transform (+ is up).", "",
-             "| start | method | beats fixed | mean test loss vs fixed | vs best search | moves |",
-             "|---|---|---|---|---|---|"]
+             "of its transform (+ is up). Paired: the median change of the test loss against fixed training of the "
+             "same seed, and whether the changes lean one way beyond the seeds' noise (Wilcoxon signed-rank test "
+             "on the log ratios, 5% level; docs/benchmarks/README.md).", "",
+             "| start | method | beats fixed | paired (median, p) | mean test loss vs fixed | vs best search | moves |",
+             "|---|---|---|---|---|---|---|"]
     tuners = [m for m in dict.fromkeys(r.method for r in results if r.method in single) if m != Fixed.name]
     if not tuners:
         return []
@@ -332,9 +335,13 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             failed = f" ({len(every) - len(rs)} diverged)" if len(rs) < len(every) else ""
             if not rs:
                 if every:
-                    lines.append(f"| {start or 'init'} | {m} | 0/{len(every)}{failed} | - | - | - |")
+                    lines.append(f"| {start or 'init'} | {m} | 0/{len(every)}{failed} | - | - | - | - |")
                 continue
             wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
+            # a diverged tuned run is a pair too: it lost to its fixed run
+            pairs = [(math.inf if r.failed else r.test_loss, fixed[(start, r.seed)])
+                     for r in every if (start, r.seed) in fixed]
+            paired = describe([t for t, _ in pairs], [f for _, f in pairs]) if pairs else "-"
             mean = statistics.mean(r.test_loss for r in rs)
             bases = [fixed[(start, r.seed)] for r in rs if math.isfinite(fixed[(start, r.seed)])]
             base = statistics.mean(bases) if bases else math.nan
@@ -344,8 +351,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             against = f"{base:.4f}" if math.isfinite(base) else "fixed diverged"
             if math.isfinite(base) and len(bases) < len(rs):  # the others' fixed runs diverged
                 against += f" ({len(bases)} of {len(rs)} seeds)"
-            lines.append(f"| {start or 'init'} | {m} | {wins}/{len(every)}{failed} | {mean:.4f} vs {against} | {vs} "
-                         f"| {shown} |")
+            lines.append(f"| {start or 'init'} | {m} | {wins}/{len(every)}{failed} | {paired} "
+                         f"| {mean:.4f} vs {against} | {vs} | {shown} |")
     return lines
 
 

@@ -1,0 +1,89 @@
+"""Whether a method's wins over fixed training, seed by seed, are more than the seeds' noise.
+
+Why: a bench counts the seeds on which a tuned run beats fixed training from the same start ("4/6"),
+but on small validation and test sets a rerun of the same seed on another machine, or a change of the
+thread count, moves a test loss by as much as the two methods differ (docs/benchmarks/README.md). A
+count alone cannot say whether 4 of 6 is a win. This module pairs the runs by seed and asks the
+Wilcoxon signed-rank test (scipy's) whether the paired changes lean one way beyond chance.
+
+* The change of a pair is the log of the test-loss ratio, so a seed whose losses are 10x larger (a
+  run that blew up) counts by its rank, not its size, and a relative change reads the same on every
+  task. A diverged fixed run (no model: infinite loss) ranks as the largest change of all.
+* Pairs with equal losses (a method that never moved, or runs that ended bit-identical) drop out, as
+  in Wilcoxon's own treatment of zeros.
+* With ``n`` pairs, the exact two-sided test can reach no p-value below ``2 / 2**n``: five seeds can
+  never show a difference at the 5% level, so such a cell says it has too few seeds rather than
+  calling the result noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Sequence
+
+#: The level below which a paired difference counts as more than the seeds' noise (two-sided).
+LEVEL = 0.05
+
+
+def smallest_p(n: int) -> float:
+    """The smallest two-sided p-value the exact signed-rank test can give for ``n`` pairs (all one way)."""
+    return min(1.0, 2.0 / 2 ** n)
+
+
+def paired_test(tuned: Sequence[float], fixed: Sequence[float]) -> tuple[float, float | None, int, bool]:
+    """Median change of ``tuned`` against ``fixed``, the two-sided Wilcoxon signed-rank p-value
+    (``None`` with fewer than two informative pairs), the number of informative (unequal) pairs, and
+    whether the change is relative (``-0.1``: 10% lower; the log ratio is tested) or, where a loss is 0
+    or below (a user's loss with no zero point), a plain difference. Losses are test losses of the same
+    seeds, in order; a non-finite loss is a run that diverged."""
+    if len(tuned) != len(fixed):
+        raise ValueError(f"paired_test needs one fixed loss per tuned loss; got {len(tuned)} and {len(fixed)}")
+    relative = all(v > 0 for v in (*tuned, *fixed) if math.isfinite(v))
+    changes = [c for c in (_change(t, f, relative) for t, f in zip(tuned, fixed)) if c != 0.0]
+    if not changes:
+        return 0.0, None, 0, relative
+    middle = statistics.median(changes)
+    median = math.expm1(middle) if relative else middle
+    if len(changes) < 2:
+        return median, None, len(changes), relative
+    # Only ranks matter: a diverged run's infinite change becomes one larger than every finite one.
+    top = 2.0 * max((abs(c) for c in changes if math.isfinite(c)), default=1.0) + 1.0
+    ranked = [c if math.isfinite(c) else math.copysign(top, c) for c in changes]
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:  # scipy comes with selftune[bench] (scikit-learn needs it too)
+        return median, None, len(changes), relative
+    with warnings.catch_warnings():  # exact p-values are unavailable with tied ranks: scipy warns and approximates
+        warnings.simplefilter("ignore")
+        p = float(wilcoxon(ranked, zero_method="wilcox", alternative="two-sided", method="auto").pvalue)
+    return median, p, len(changes), relative
+
+
+def describe(tuned: Sequence[float], fixed: Sequence[float]) -> str:
+    """One table cell: the median change and what the test makes of it, e.g.
+    ``-12.4%, p 0.031: better`` or ``+1.0%, p 0.69: inside the seed noise``."""
+    median, p, n, relative = paired_test(tuned, fixed)
+    if not math.isfinite(median):
+        change = "-inf" if median < 0 else "+inf"
+    else:
+        change = f"{median * 100:+.1f}%" if relative else f"{median:+.4g}"
+    if p is None:
+        if n == 0:
+            return "equal on every seed"
+        return f"{change}: one unequal pair, no test" if n == 1 else f"{change}: no test (pip install scipy)"
+    if smallest_p(n) > LEVEL:
+        return f"{change}, p {p:.2f}: too few seeds ({n}) to tell"
+    if p < LEVEL:
+        return f"{change}, p {p:.3f}: {'better' if median < 0 else 'worse'}"
+    return f"{change}, p {p:.2f}: inside the seed noise"
+
+
+def _change(tuned: float, fixed: float, relative: bool) -> float:
+    """``log(tuned / fixed)`` (``relative``) or ``tuned - fixed``; a diverged run (non-finite loss) loses
+    to any finite one, and two diverged runs tie."""
+    t_ok, f_ok = math.isfinite(tuned), math.isfinite(fixed)
+    if not t_ok or not f_ok:
+        return 0.0 if not t_ok and not f_ok else (math.inf if not t_ok else -math.inf)
+    return math.log(tuned / fixed) if relative else tuned - fixed
