@@ -169,7 +169,8 @@ class HyperSchedule(BaseModel):
     until the next row's step; the last row holds to the end. A tuning run's schedule
     (:attr:`selftune.FitResult.schedule`, ``schedule.csv`` in its output folder) has one row at step
     0 with the starting values and one per trajectory row (every ``log_every`` steps) with the values
-    the hyper steps had reached, and ``lr`` the rate the weights trained at in the steps that follow.
+    the hyper steps had reached, and ``lr`` the rate the weights trained at in the last step the row
+    holds for (every step's own rate at ``log_every = 1``).
 
     Attributes:
         steps: first step of each row, strictly increasing from 0.
@@ -243,11 +244,15 @@ class HyperSchedule(BaseModel):
         values = {n: [float(start[n]), *(float(r[n]) for r in rows)] for n in names}
         lr = None
         if rows and all(r.get("weights_lr") not in (None, "") for r in rows):
-            # A trajectory row at step s records the rate step s - 1 trained at: the nearest known to the rate
-            # of step s, where the schedule's row s begins (the hyperparameters of row s are those at step s
-            # too). Row 0 takes the run's starting rate (start["weights_lr"]) where it is known.
+            # A trajectory row at step s records the rate step s - 1 trained at. The schedule's row k holds
+            # for steps s_k to s_{k+1} - 1, so it takes the rate of its last step, which the next trajectory
+            # row recorded: exact at log_every = 1 (a follower trains every step at the recorded run's rate;
+            # taking the row's own record put every step one step behind, low all through a warm-up). At a
+            # coarser resolution a row holds the rate its interval ended on, except row 0, which holds the
+            # run's first rate (start["weights_lr"], where known: where a schedule begins). The last row
+            # (the run's end, or a last short interval) keeps the last rate recorded.
             recorded = [float(r["weights_lr"]) for r in rows]
-            lr = [float(start.get("weights_lr", recorded[0])), *recorded]
+            lr = [float(start.get("weights_lr", recorded[0])), *recorded[1:], recorded[-1]]
         return cls(steps=steps, values=values, lr=lr, steps_per_epoch=steps_per_epoch, source=source)
 
     # -- files ------------------------------------------------------------------------------------

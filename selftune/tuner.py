@@ -688,6 +688,8 @@ class SelfTuner:
                 log.add_train_loss(self.algorithm.step(self, x, y))
                 if log.counters.steps == 0:  # the first step's rate begins the run's schedule (schedule())
                     log.start.setdefault("weights_lr", self.weights_lr)
+                    if self._follow is not None:  # the followed values are what the run started from
+                        log.start.update(self._follow[0].at(0))
                 if grown is not None:
                     order.batch_size = grown  # from the next batch on
                 log.counters.steps += 1

@@ -456,3 +456,27 @@ def test_a_pbt_member_plans_its_schedule_over_the_whole_run_not_its_first_interv
     assert len(rates) == 4 and math.isfinite(result.test_loss)
     # cosine over 4 epochs: the rate at the end of epoch 2 is still about half of the start, not the end's 0
     assert rates[1] > 0.3 * max(rates) and rates[0] > rates[1] > rates[2] > rates[3]
+
+
+@pytest.mark.parametrize("method", ["random", "tpe"])
+def test_an_interrupted_search_run_again_tries_what_an_uninterrupted_one_does(tmp_path, method):
+    """A study stopped after 2 of 4 trials, with a third left RUNNING as a killed process leaves it, then run
+    again: the trials it finishes are the uninterrupted study's, in order, and so is its answer (a fresh
+    sampler used to replay its stream from the start: trials 0-1 again, never trials 2-3)."""
+    from selftune.methods.search import run_search
+
+    config = load_task("digits-mlp", quick=True, overrides=["epochs=1"])
+    search = METHODS[method]
+    whole_url, cut_url = (f"sqlite:///{tmp_path / name}" for name in ("whole.db", "cut.db"))
+    whole = run_search(config, search, 0, 4, whole_url, "s")
+    run_search(config, search, 0, 2, cut_url, "s")
+    optuna.load_study(study_name="s", storage=cut_url).ask()  # a trial that never reports back
+    resumed = run_search(config, search, 0, 4, cut_url, "s")
+
+    def finished(url: str) -> list[dict]:
+        trials = optuna.load_study(study_name="s", storage=url).trials
+        return [t.params for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    assert len(finished(whole_url)) == 4 and len({json.dumps(p) for p in finished(whole_url)}) == 4
+    assert finished(cut_url) == finished(whole_url)
+    assert (resumed.trials, resumed.hparams, resumed.test_loss) == (4, whole.hparams, whole.test_loss)

@@ -96,6 +96,32 @@ def test_a_fixed_run_follows_a_tuned_schedule_and_a_replay_of_it_reproduces_it()
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_at_log_every_1_a_follower_trains_every_step_at_the_recorded_rate_and_values(tmp_path):
+    """A tuned rate under a warm-up, recorded at every step: the follower's step t trains at the recorded
+    run's rate of step t (not step t - 1's, which put a replay one step behind, low all through a
+    warm-up), its schedule is the recorded one, and a replay of the replay is the same schedule again."""
+    from selftune.runner import execute
+
+    overrides = ["epochs=2", "tuner.log_every=1", "tuner.schedule.warmup_epochs=1"]
+    config = load_config(ROOT / "examples" / "digits_lr.toml", overrides)
+    fit, _ = execute(prepare(config.derive(method="hd", seed=0)))
+    # the trajectory row after step t holds step t's rate: the rates the recorded run trained at
+    assert [int(row["step"]) for row in fit.trajectory] == list(range(1, len(fit.trajectory) + 1))
+    rates = [row["weights_lr"] for row in fit.trajectory]
+    assert rates[5] > 1.5 * rates[1]  # the warm-up and the tuning move it step by step
+    schedule = fit.schedule
+    assert [schedule.lr_at(t) for t in range(len(rates))] == pytest.approx(rates, rel=1e-12)
+    schedule.to_csv(tmp_path / "schedule.csv")
+    followed, _ = execute(prepare(load_config(ROOT / "examples" / "digits_lr.toml", [
+        *overrides, 'method="fixed"', f'tuner.follow="{tmp_path / "schedule.csv"}"'])))
+    assert [row["weights_lr"] for row in followed.trajectory] == pytest.approx(
+        [row["weights_lr"] for row in fit.trajectory], rel=1e-6)
+    again = followed.schedule
+    assert again.steps == schedule.steps and again.lr == pytest.approx(schedule.lr, rel=1e-6)
+    for name, column in schedule.values.items():  # row 0 included: the run started at the followed values
+        assert again.values[name] == pytest.approx(column, rel=1e-5, abs=1e-7)
+
+
 def test_the_schedule_changes_the_training():
     """Following dropout 0.9 everywhere is not training at the config's init values."""
     names = digits_config().build_space().names

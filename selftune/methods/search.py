@@ -215,10 +215,15 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     # exception reaches the user once anyway (a Ctrl-C as "stopped: interrupted", an error in one line), so
     # its log would only repeat it in 60 lines.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = search.make_sampler(seed, config, n_trials)
+    from ._sampling import SlotSeeded, heartbeat_storage
+
+    # each trial's draw follows from the seed and the finished trials, so a resumed study continues as an
+    # uninterrupted one would, and a trial whose process died stops counting as running (_sampling)
+    budget = n_trials
+    sampler = SlotSeeded(lambda s: search.make_sampler(s, config, budget), seed)
     n_trials = search.planned_trials(config, n_trials)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=heartbeat_storage(storage), sampler=sampler,
+                                pruner=pruner, direction="minimize", load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial: optuna.Trial) -> float:
