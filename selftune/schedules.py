@@ -39,7 +39,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = ["HyperSchedule", "ScheduleSettings", "TorchSchedule", "factor", "lr_scheduler_class"]
 
@@ -294,10 +303,22 @@ class HyperSchedule(BaseModel):
                 rate = RATE_COLUMN if RATE_COLUMN in table[0] else "lr" if "lr" in table[0] else None
                 names = [c for c in table[0] if c not in ("step", "epoch", rate)]
                 lr = [float(r[rate]) for r in table] if rate is not None else None
-                schedule = cls(steps=[int(float(r["step"])) for r in table],
+                steps = [float(r["step"]) for r in table]
+                fractional = next((v for v in steps if v != int(v)), None) if all(map(math.isfinite, steps)) \
+                    else math.nan
+                if fractional is not None:
+                    raise ValueError(f"step {fractional:g} is not a whole number of weight steps")
+                schedule = cls(steps=[int(v) for v in steps],
                                values={n: [float(r[n]) for r in table] for n in names}, lr=lr)
         except OSError as err:
             raise ValueError(f"cannot read schedule {str(path)!r}: {err.strerror}") from None
+        except ValidationError as err:  # pydantic's own text carries the whole input and a link: say what is wrong
+            first = err.errors()[0]
+            loc = [RATE_COLUMN if part == "lr" and i == 0 else part for i, part in enumerate(first["loc"])]
+            where = ".".join(str(part) for part in loc)  # steps.3: the fourth row
+            message = first["msg"].removeprefix("Value error, ")
+            detail = f"{where}: {message}" if where else message
+            raise ValueError(f"schedule {str(path)!r} is not valid: {detail}") from None
         except (ValueError, KeyError, TypeError) as err:
             first = str(err).splitlines()
             detail = " ".join(line.strip() for line in first[-2:]) if len(first) > 1 else str(err)

@@ -501,6 +501,8 @@ class SelfTuner:
                     raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
                                                  f"{type(x).__name__}; remove the augmentations")
                 x, y = to_device(x, device), to_device(y, device)
+                if self.augment is not None and what == "train":
+                    self._check_augment(x)
                 out = net(x)
                 if self.objective.loss is None:
                     if not isinstance(out, torch.Tensor):
@@ -516,6 +518,23 @@ class SelfTuner:
             net.train(was_training)
         if self.objective.loss is None:
             check_all_targets(source.dataset, classes, what)
+
+    def _check_augment(self, x: torch.Tensor) -> None:
+        """Run the augmentations once on the first training examples (their own generator: the run's
+        draws are untouched), so inputs they cannot take (cutout on a table's rows) are a one-line error
+        before training, not a traceback at the first step."""
+        net = self.net
+        assert self.augment is not None
+        values = net.space.discretize(net.space.to_constrained(
+            net.hparams.detach().expand(batch_of(x, net.batch_dim), -1)))
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        for op in self.augment.ops:
+            try:
+                x = op(x, self._lookup(values), generator)
+            except (ValueError, RuntimeError, IndexError, TypeError) as err:
+                name = type(op).__name__.lower()
+                raise ConfigError("augment", f"{name} cannot augment the training inputs ({str(err).splitlines()[0]}); "
+                                             "remove it from [[augment]]") from None
 
     def _check_differentiable(self, x: Any, y: Any) -> None:
         """A loss of the user's own must return a tensor the weights' gradient flows through: one that detaches

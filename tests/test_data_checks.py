@@ -4,6 +4,7 @@ valid data passes unchanged and the dataset splits stay bit-identical."""
 import hashlib
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -562,3 +563,35 @@ def test_a_loss_that_detaches_is_refused_before_training_and_one_that_differenti
         tuner(lambda out, target: F.cross_entropy(out, target).detach()).fit(1)
     assert one_line(err).startswith("loss: it returned a tensor without a gradient")
     assert tuner(lambda out, target: F.cross_entropy(out, target)).fit(1).history
+
+
+def test_augmentations_the_inputs_cannot_take_are_refused_before_training(tmp_path):
+    """cutout on a table's rows failed at the first step with a traceback (exit 1, a failed run in the
+    store); it is now a one-line ConfigError before anything is written, and noise, which takes any
+    shape, still trains."""
+    from torch import nn
+
+    import selftune as st
+    from selftune.augment import Augment, Cutout, Noise
+    from selftune.cli import main
+
+    x = torch.randn(100, 13, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def tuner(augment):
+        net = st.hypernetize(nn.Sequential(nn.Linear(13, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                             st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+        return st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), method="delta-stn", augment=augment,
+                            settings=st.TunerSettings(batch_size=16, lr=0.1))
+
+    with pytest.raises(ConfigError) as err:
+        tuner(Augment([Cutout(length=4.0)]))
+    assert one_line(err) == ("augment: cutout cannot augment the training inputs (augmentations need (B, C, H, W) "
+                             "images, got shape (2, 13)); remove it from [[augment]]")
+    assert tuner(Augment([Noise(std=0.1)])).fit(1).history
+
+    own_task = Path(__file__).resolve().parents[1] / "examples" / "own_task.toml"  # a table's rows
+    assert main(["run", str(own_task), "--set", "epochs=1", "--set", 'augment=[{op="cutout", length=4}]',
+                 "--out", str(tmp_path / "out"), "--store", f"sqlite:///{tmp_path / 's.db'}",
+                 "--checkpoint-dir", str(tmp_path / "ck")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

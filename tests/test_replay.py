@@ -38,6 +38,22 @@ def test_an_inconsistent_schedule_is_refused(bad, message):
         HyperSchedule(**bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("step,a\n5,0.1\n10,0.2\n", "steps must start at 0"),
+    ("step,a\n0,0.1\n0.5,0.2\n", "step 0.5 is not a whole number"),
+    ("step,a,weights_lr\n0,0.1,0.1\n1,0.2,-0.1\n", "weights_lr.1: Input should be greater than 0"),
+    ("step,a\n0,0.1\n1,nan\n", "a has a value that is not finite"),
+])
+def test_a_bad_schedule_file_is_one_plain_line(tmp_path, text, message):
+    """What is wrong and where, without pydantic's echo of the whole input and its link (a fractional
+    step was read as the step below it, silently)."""
+    (tmp_path / "s.csv").write_text(text)
+    with pytest.raises(ValueError) as err:
+        HyperSchedule.load(tmp_path / "s.csv")
+    line = str(err.value)
+    assert message in line and "\n" not in line and "input_value" not in line and "pydantic" not in line
+
+
 def test_csv_and_json_round_trip(tmp_path):
     s = HyperSchedule(steps=[0, 10], values={"a": [0.1, 0.25], "b": [3.0, 4.5]}, lr=[0.05, 0.04], steps_per_epoch=20)
     s.to_csv(tmp_path / "s.csv")
