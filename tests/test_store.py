@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import optuna
 import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
@@ -201,23 +202,34 @@ def test_read_only_open_of_a_missing_file_creates_nothing(tmp_path):
     assert (tmp_path / "missing.db").exists()
 
 
-def test_read_only_open_of_another_applications_database_adds_nothing(store_url, tmp_path):
+def test_another_applications_database_is_refused_and_left_as_it_was(store_url, tmp_path):
+    """A database with tables selftune did not make is not a store: read-only and write opens alike are
+    refused (a run added its six tables to a user's SQLite file, and `selftune runs` suggested it)."""
     engine = create_engine(store_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE things (id INTEGER PRIMARY KEY)"))
-    before = set(inspect(engine).get_table_names())
-    _one_line_store_error(_outcome(lambda: RunStore(store_url, create=False)), "no selftune store at")
-    assert set(inspect(engine).get_table_names()) == before == {"things"}
+    for create in (False, True):
+        _one_line_store_error(_outcome(lambda c=create: RunStore(store_url, create=c)),
+                              "holds tables selftune did not create (things)", "its own database")
+    assert set(inspect(engine).get_table_names()) == {"things"}
     if store_url.startswith("sqlite"):
         with engine.connect() as conn:  # not even switched to WAL
             assert conn.execute(text("PRAGMA journal_mode")).scalar() != "wal"
-    with engine.begin() as conn:  # a `runs` table selftune did not create is refused, even by a write command
+    with engine.begin() as conn:  # nor is a `runs` table selftune did not create taken for its own
         conn.execute(text("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)"))
-    for create in (True, False):
-        _one_line_store_error(_outcome(lambda c=create: RunStore(store_url, create=c)), "no selftune store at"
-                              if not create else "did not create")
+    _one_line_store_error(_outcome(lambda: RunStore(store_url)), "did not create (runs, things)")
     assert set(inspect(engine).get_table_names()) == {"things", "runs"}
     engine.dispose()
+
+
+def test_a_database_of_optuna_studies_takes_a_store_beside_them(tmp_path):
+    """Searches keep their studies in the store's database, so one that holds only Optuna's tables (an
+    optuna-dashboard user's file) is one selftune may add its store to."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="mine", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    store = RunStore(url)
+    assert store.list_runs() == []
+    assert optuna.load_study(study_name="mine", storage=url).best_trial.number == 0
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])

@@ -22,6 +22,7 @@ new driver's rows (a loser can never flip a finished run to failed).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -51,6 +52,12 @@ __all__ = ["STALE_AFTER", "LeaseError", "RunInfo", "RunStore", "StoreError", "re
 DEFAULT_URL = "sqlite:///selftune.db"
 ENV_VAR = "SELFTUNE_STORE"
 VERSION_TABLE = "selftune_alembic_version"
+#: Optuna's own tables (RDBStorage, schema v3-v5): searches keep their studies in the store's database, so a
+#: database that holds only these is one selftune may add its store to.
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
+    "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_values",
+    "trial_intermediate_values", "trial_heartbeats", "version_info", "alembic_version"})
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: A running run whose heartbeat is older than this is shown as interrupted (and ``--force`` may take it).
 STALE_AFTER = timedelta(seconds=60)
@@ -196,6 +203,15 @@ class RunStore:
             return
         if not create and not Path(path).exists():
             raise StoreError(f"store: no selftune store at {self.display_url}; `selftune run` creates one")
+        if Path(path).is_file() and Path(path).stat().st_size > 0:
+            # read before the engine opens it: its first connection switches a file to WAL mode for good
+            try:
+                with contextlib.closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
+                                                        timeout=self.timeout_s)) as db:
+                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except sqlite3.Error:
+                return  # not a database, or locked: the engine's open says which, in one line
+            self._refuse_foreign(tables)
         if not Path(path).parent.exists():
             raise StoreError(f"store: folder {str(Path(path).parent)!r} of {self.display_url} does not exist")
 
@@ -273,9 +289,21 @@ class RunStore:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
+    def _refuse_foreign(self, tables: set[str]) -> None:
+        """A database that holds tables neither selftune nor Optuna made is another application's: a run
+        never adds its tables to a file or database it did not create."""
+        if VERSION_TABLE in tables:
+            return
+        foreign = sorted(t for t in tables if t not in OPTUNA_TABLES and not t.startswith("sqlite_"))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise StoreError(f"store: {self.display_url} holds tables selftune did not create ({shown}), so it is "
+                             "not a selftune store; give selftune its own database or SQLite file")
+
     def _version(self, conn: Connection, create: bool) -> str | None:
         """The store's schema revision; ``None`` for a database without a selftune store (create allowed)."""
         tables = set(inspect(conn).get_table_names())
+        self._refuse_foreign(tables)
         version = None
         if VERSION_TABLE in tables:
             version = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
