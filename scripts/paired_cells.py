@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from selftune.bench.paired import describe
+from selftune.methods import METHODS
 
 
 def main(folders: list[str]) -> None:
@@ -28,16 +29,21 @@ def main(folders: list[str]) -> None:
         fixed = {(r["start"], r["seed"]): math.inf if r.get("failed") else r["test_loss"]
                  for r in results if r["method"] == "fixed"}
         cells: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        # as the verdict: methods that start from a start (single runs), not searches or PBT, which sample the
+        # whole space
+        single = {r["method"] for r in results
+                  if r["start"] or (r["method"] in METHODS and METHODS[r["method"]].uses_start)}
         for r in results:
             key = (r["start"], r["seed"])
-            if r["method"] != "fixed" and key in fixed:
+            if r["method"] != "fixed" and r["method"] in single and key in fixed:
                 loss = math.inf if r.get("failed") else r["test_loss"]
                 cells.setdefault((r["start"], r["method"]), []).append((loss, fixed[key]))
         for (start, method), pairs in cells.items():
             won = sum(t < f for t, f in pairs)
             wins, cases = wins + won, cases + len(pairs)
             tuned, base = [t for t, _ in pairs], [f for _, f in pairs]
-            print(f"| {Path(folder).name} | {start} | {method} | {won}/{len(pairs)} | {describe(tuned, base)} |")
+            cell = describe(tuned, base)
+            print(f"| {Path(folder).name} | {start or 'init'} | {method} | {won}/{len(pairs)} | {cell} |")
     print(f"\n{wins} of {cases} cases beat fixed training.")
 
 

@@ -292,6 +292,7 @@ class HyperSchedule(BaseModel):
                 message names the file and the problem).
         """
         path = Path(path)
+        rate: str | None = None  # the CSV column the weights' rate came from, if any
         try:
             if path.suffix.lower() == ".json":
                 schedule = cls.model_validate_json(path.read_text())
@@ -304,17 +305,17 @@ class HyperSchedule(BaseModel):
                 names = [c for c in table[0] if c not in ("step", "epoch", rate)]
                 lr = [float(r[rate]) for r in table] if rate is not None else None
                 steps = [float(r["step"]) for r in table]
-                fractional = next((v for v in steps if v != int(v)), None) if all(map(math.isfinite, steps)) \
-                    else math.nan
-                if fractional is not None:
-                    raise ValueError(f"step {fractional:g} is not a whole number of weight steps")
+                odd = next((v for v in steps if not math.isfinite(v) or v != int(v)), None)
+                if odd is not None:
+                    raise ValueError(f"step {odd:g} is not a whole number of weight steps")
                 schedule = cls(steps=[int(v) for v in steps],
                                values={n: [float(r[n]) for r in table] for n in names}, lr=lr)
         except OSError as err:
             raise ValueError(f"cannot read schedule {str(path)!r}: {err.strerror}") from None
         except ValidationError as err:  # pydantic's own text carries the whole input and a link: say what is wrong
             first = err.errors()[0]
-            loc = [RATE_COLUMN if part == "lr" and i == 0 else part for i, part in enumerate(first["loc"])]
+            column = RATE_COLUMN if rate == RATE_COLUMN else "lr"  # what the file calls the rate
+            loc = [column if part == "lr" and i == 0 else part for i, part in enumerate(first["loc"])]
             where = ".".join(str(part) for part in loc)  # steps.3: the fourth row
             message = first["msg"].removeprefix("Value error, ")
             detail = f"{where}: {message}" if where else message

@@ -531,10 +531,13 @@ class SelfTuner:
         for op in self.augment.ops:
             try:
                 x = op(x, self._lookup(values), generator)
+            except torch.OutOfMemoryError:
+                raise
             except (ValueError, RuntimeError, IndexError, TypeError) as err:
-                name = type(op).__name__.lower()
+                # the built-in ops by their config names (cutout, noise, shift, flip), a user's callable by itself
+                name = type(op).__name__.lower() if type(op).__module__ == Augment.__module__ else repr(op)[:60]
                 raise ConfigError("augment", f"{name} cannot augment the training inputs ({str(err).splitlines()[0]}); "
-                                             "remove it from [[augment]]") from None
+                                             "remove it from [[augment]] (Python: from the Augment list)") from None
 
     def _check_differentiable(self, x: Any, y: Any) -> None:
         """A loss of the user's own must return a tensor the weights' gradient flows through: one that detaches

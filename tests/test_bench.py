@@ -480,3 +480,35 @@ def test_an_interrupted_search_run_again_tries_what_an_uninterrupted_one_does(tm
     assert len(finished(whole_url)) == 4 and len({json.dumps(p) for p in finished(whole_url)}) == 4
     assert finished(cut_url) == finished(whole_url)
     assert (resumed.trials, resumed.hparams, resumed.test_loss) == (4, whole.hparams, whole.test_loss)
+
+
+def test_an_interrupted_grid_run_again_visits_every_point_once(tmp_path, monkeypatch):
+    """A grid of 4 points: a Ctrl-C during its third trial (which Optuna records as failed), then a fourth
+    trial left running as a killed process leaves it. Run again, the study tries every point once. A
+    failed trial's point counted as visited, so the study ended short of it and repeated a finished
+    point; re-seeding a grid's sampler per trial (as random and TPE are) visited duplicates."""
+    import selftune.runner
+    from selftune.methods.search import grid_points, run_search
+
+    config = load_task(str(ROOT / "examples" / "digits_lr.toml"), quick=True, overrides=["epochs=1"])
+    grid, url = METHODS["grid"], f"sqlite:///{tmp_path / 'g.db'}"
+    real, calls = selftune.runner.execute, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selftune.runner, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, grid, 0, 4, url, "g")
+    monkeypatch.setattr(selftune.runner, "execute", real)
+    study = optuna.load_study(study_name="g", storage=url, sampler=grid.make_sampler(0, config, 4))
+    grid.suggest(study.ask(), config)  # never told: RUNNING for ever
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
+    result = run_search(config, grid, 0, 4, url, "g")
+    done = [t.params["lr"] for t in optuna.load_study(study_name="g", storage=url).trials
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(done) == pytest.approx(grid_points(config, 4)["lr"]) and result.trials == 4

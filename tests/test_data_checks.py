@@ -587,7 +587,7 @@ def test_augmentations_the_inputs_cannot_take_are_refused_before_training(tmp_pa
     with pytest.raises(ConfigError) as err:
         tuner(Augment([Cutout(length=4.0)]))
     assert one_line(err) == ("augment: cutout cannot augment the training inputs (augmentations need (B, C, H, W) "
-                             "images, got shape (2, 13)); remove it from [[augment]]")
+                             "images, got shape (2, 13)); remove it from [[augment]] (Python: from the Augment list)")
     assert tuner(Augment([Noise(std=0.1)])).fit(1).history
 
     own_task = Path(__file__).resolve().parents[1] / "examples" / "own_task.toml"  # a table's rows

@@ -25,11 +25,11 @@ def direct_p(changes: list[float]) -> float:
 def test_p_value_matches_a_direct_enumeration():
     tuned = [0.131, 0.091, 0.100, 0.144, 0.128, 0.129, 0.090]
     fixed = [0.138, 0.132, 0.128, 0.153, 0.132, 0.127, 0.095]
-    median, p, n, relative = paired_test(tuned, fixed)
+    r = paired_test(tuned, fixed)
     changes = [math.log(t / f) for t, f in zip(tuned, fixed)]
-    assert relative and n == 7
-    assert p == pytest.approx(direct_p(changes))
-    assert median == pytest.approx(math.expm1(sorted(changes)[3]))
+    assert r.relative and r.n == 7 and r.lower
+    assert r.p == pytest.approx(direct_p(changes))
+    assert r.median == pytest.approx(math.expm1(sorted(changes)[3]))
 
 
 def test_all_seeds_one_way_is_a_verdict_only_with_enough_seeds():
@@ -42,17 +42,28 @@ def test_all_seeds_one_way_is_a_verdict_only_with_enough_seeds():
     assert "inside the seed noise" in mixed
 
 
+def test_the_direction_is_the_heavier_ranks_not_the_median():
+    """Many tiny gains and fewer large losses: the median is a gain, the ranks say worse, and the verdict
+    follows the test."""
+    tuned = [0.999] * 26 + [1.5] * 24
+    r = paired_test(tuned, [1.0] * 50)
+    assert r.median < 0 and r.p < 0.05 and r.lower is False
+    assert describe(tuned, [1.0] * 50).endswith("worse")
+
+
 def test_equal_pairs_drop_out_and_diverged_runs_rank_last():
     # bit-identical pairs carry no information about the direction
-    assert paired_test([0.5, 0.5, 0.1], [0.5, 0.5, 0.2])[2] == 1
-    assert describe([0.5, 0.5], [0.5, 0.5]) == "equal on every seed"
+    assert paired_test([0.5, 0.5, 0.1], [0.5, 0.5, 0.2]).n == 1
+    assert describe([0.5, 0.5], [0.5, 0.5]) == "equal on every seed" and describe([], []) == "-"
     # a fixed run that diverged is the tuned run's largest win, whatever the finite changes
-    median, p, n, _ = paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [math.inf, 0.1, 0.2, 0.3, 0.4, 0.5])
-    assert n == 6 and median > 0 and p == pytest.approx(direct_p([-100.0, *[math.log(x / (x - 0.1)) for x in
-                                                                          (0.2, 0.3, 0.4, 0.5, 0.6)]]))
+    r = paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [math.inf, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert r.n == 6 and r.median > 0 and r.p == pytest.approx(direct_p([-100.0, *[math.log(x / (x - 0.1)) for x in
+                                                                                (0.2, 0.3, 0.4, 0.5, 0.6)]]))
+    # diverged runs on both sides leave no median, and say so
+    assert describe([math.inf, 1.0], [1.0, math.inf]).startswith("median undefined")
     # a loss with no zero point (a Gaussian NLL can be negative): plain differences
-    median, _, _, relative = paired_test([-1.0, -2.0, -3.5], [-0.5, -1.5, -3.0])
-    assert not relative and median == pytest.approx(-0.5)
+    r = paired_test([-1.0, -2.0, -3.5], [-0.5, -1.5, -3.0])
+    assert not r.relative and r.median == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="one fixed loss per tuned loss"):
         paired_test([0.1], [0.1, 0.2])
 
@@ -76,3 +87,7 @@ def test_the_bench_verdict_shows_the_paired_test(tmp_path):
     # five wins and a diverged run: the divergence is the largest loss of all, so the six pairs are noise
     p = direct_p([math.log((0.1 + 0.01 * s) / (0.2 + 0.01 * s)) for s in range(5)] + [100.0])
     assert "| 5/6 (1 diverged) |" in row and f"p {p:.2f}: inside the seed noise" in row and p > 0.4
+    # a method that diverged on every seed lost every pair: the test says so
+    lost = verdict(results[:6] + [result("delta-ift", s, math.nan, True) for s in range(6)], config)
+    row = next(line for line in lost if line.startswith("| default | delta-ift |"))
+    assert "| 0/6 (6 diverged) | +inf, p 0.031: worse |" in row

@@ -230,6 +230,11 @@ def test_a_database_of_optuna_studies_takes_a_store_beside_them(tmp_path):
     store = RunStore(url)
     assert store.list_runs() == []
     assert optuna.load_study(study_name="mine", storage=url).best_trial.number == 0
+    # a table that only shares a name with one of Optuna's is an application's own
+    clinic = tmp_path / "clinic.db"
+    with sqlite3.connect(clinic) as db:
+        db.execute("CREATE TABLE trials (id INTEGER PRIMARY KEY, drug TEXT)")
+    _one_line_store_error(_outcome(lambda: RunStore(f"sqlite:///{clinic}")), "did not create (trials)")
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])

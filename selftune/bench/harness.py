@@ -322,7 +322,7 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
              "Moves: mean change of each hyperparameter over the run, as a share of its range in the unit space "
              "of its transform (+ is up). Paired: the median change of the test loss against fixed training of the "
              "same seed, and whether the changes lean one way beyond the seeds' noise (Wilcoxon signed-rank test "
-             "on the log ratios, 5% level; docs/benchmarks/README.md).", "",
+             "on the log ratios, 5% level; docs/cli.md, `selftune bench`).", "",
              "| start | method | beats fixed | paired (median, p) | mean test loss vs fixed | vs best search | moves |",
              "|---|---|---|---|---|---|---|"]
     tuners = [m for m in dict.fromkeys(r.method for r in results if r.method in single) if m != Fixed.name]
@@ -333,15 +333,15 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             every = [r for r in results if r.method == m and r.start == start]
             rs = [r for r in every if not r.failed]
             failed = f" ({len(every) - len(rs)} diverged)" if len(rs) < len(every) else ""
-            if not rs:
-                if every:
-                    lines.append(f"| {start or 'init'} | {m} | 0/{len(every)}{failed} | - | - | - | - |")
-                continue
-            wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
             # a diverged tuned run is a pair too: it lost to its fixed run
             pairs = [(math.inf if r.failed else r.test_loss, fixed[(start, r.seed)])
                      for r in every if (start, r.seed) in fixed]
-            paired = describe([t for t, _ in pairs], [f for _, f in pairs]) if pairs else "-"
+            paired = describe([t for t, _ in pairs], [f for _, f in pairs])
+            if not rs:
+                if every:
+                    lines.append(f"| {start or 'init'} | {m} | 0/{len(every)}{failed} | {paired} | - | - | - |")
+                continue
+            wins = sum(r.test_loss < fixed[(start, r.seed)] for r in rs)  # a diverged run never wins
             mean = statistics.mean(r.test_loss for r in rs)
             bases = [fixed[(start, r.seed)] for r in rs if math.isfinite(fixed[(start, r.seed)])]
             base = statistics.mean(bases) if bases else math.nan

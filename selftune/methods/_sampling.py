@@ -6,18 +6,20 @@ process builds its sampler afresh and starts that stream from the beginning agai
 trials of 8, the next 5 repeated trials 0-4 and the winner (the uninterrupted study's trial 7) was never
 tried. Here each trial gets a sampler seeded by ``(seed, slot)``, ``slot`` being how many trials of the
 study had finished (complete or pruned) when it began. Trials that never finished (a process killed
-mid-trial leaves one ``RUNNING``; a failed one) take no slot, so the next trial draws what the
-interrupted one would have. TPE's model reads only finished trials, so it sees the same history.
+mid-trial leaves one ``RUNNING``, a Ctrl-C a failed one) take no slot, so the next trial draws what the
+interrupted one would have. TPE's model reads only finished trials, so it sees the same history. (The
+pruner of ``tpe-asha`` also reads the intermediate values an interrupted trial reported, so a resumed
+``tpe-asha`` study may prune differently.) A grid is not re-seeded: Optuna's GridSampler gives trial
+``k`` the ``k``-th point of one seeded shuffle, and :func:`retry_lost_points` queues the points of failed
+trials again.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
@@ -68,11 +70,15 @@ class SlotSeeded(BaseSampler):
         self._inner.reseed_rng()
 
 
-def heartbeat_storage(url: str, interval: int = 60) -> optuna.storages.RDBStorage:
-    """The study's storage with Optuna's trial heartbeat: a trial whose process died (``kill -9``, a lost
-    machine) is marked failed by the next run's ``optimize`` once ``2 * interval`` seconds have passed
-    without a beat, instead of staying ``RUNNING`` for ever. (Optuna marks the argument experimental; its
-    warning would reach every bench's output.)"""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=interval)
+def retry_lost_points(study: Study) -> None:
+    """A grid's points whose trial failed (a Ctrl-C ends its trial as failed) count as visited for Optuna's
+    GridSampler, which would then end the study short of them and repeat a finished point: queue each such
+    point once more. A trial a killed process left running needs nothing: the sampler returns to its point
+    once every other point has started."""
+    trials = study.get_trials(deepcopy=False)
+    done = [t.params for t in trials if t.state in FINISHED]
+    queued = [t.params for t in trials if t.state == TrialState.WAITING]
+    for t in trials:
+        if t.state == TrialState.FAIL and t.params and t.params not in done and t.params not in queued:
+            study.enqueue_trial(t.params)
+            queued.append(t.params)

@@ -79,6 +79,10 @@ class Search(Method):
         pruned: prune with Optuna's SuccessiveHalvingPruner on per-epoch validation losses (ASHA).
     """
 
+    #: each trial draws from a sampler seeded by the seed and the finished trials (``_sampling``); a grid
+    #: assigns points by trial number from one seeded shuffle instead, so it keeps one sampler
+    slot_seeded = True
+
     def __init__(self, name: str, sampler: Callable[[int], optuna.samplers.BaseSampler], *,
                  pruned: bool = False) -> None:
         super().__init__(name)
@@ -147,6 +151,7 @@ class Grid(Search):
     (2 values of more than log2(trials) hyperparameters) is visited only in part."""
 
     by_default = False
+    slot_seeded = False
 
     def __init__(self) -> None:
         super().__init__("grid", _random)
@@ -215,15 +220,18 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     # exception reaches the user once anyway (a Ctrl-C as "stopped: interrupted", an error in one line), so
     # its log would only repeat it in 60 lines.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    from ._sampling import SlotSeeded, heartbeat_storage
+    from ._sampling import SlotSeeded, retry_lost_points
 
-    # each trial's draw follows from the seed and the finished trials, so a resumed study continues as an
-    # uninterrupted one would, and a trial whose process died stops counting as running (_sampling)
-    budget = n_trials
-    sampler = SlotSeeded(lambda s: search.make_sampler(s, config, budget), seed)
+    if search.slot_seeded:  # each draw follows from the seed and the finished trials: a resumed study
+        budget = n_trials   # continues as an uninterrupted one would (_sampling)
+        sampler: optuna.samplers.BaseSampler = SlotSeeded(lambda s: search.make_sampler(s, config, budget), seed)
+    else:
+        sampler = search.make_sampler(seed, config, n_trials)
     n_trials = search.planned_trials(config, n_trials)
-    study = optuna.create_study(study_name=study_name, storage=heartbeat_storage(storage), sampler=sampler,
-                                pruner=pruner, direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="minimize", load_if_exists=True)
+    if not search.slot_seeded:
+        retry_lost_points(study)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial: optuna.Trial) -> float:

@@ -294,7 +294,10 @@ class RunStore:
         never adds its tables to a file or database it did not create."""
         if VERSION_TABLE in tables:
             return
-        foreign = sorted(t for t in tables if t not in OPTUNA_TABLES and not t.startswith("sqlite_"))
+        # Optuna's by its names and its two defining tables, so an application's own `trials` table is not taken
+        # for Optuna's
+        optuna = OPTUNA_TABLES if {"studies", "version_info"} <= tables else frozenset()
+        foreign = sorted(t for t in tables if t not in optuna and not t.startswith("sqlite_"))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise StoreError(f"store: {self.display_url} holds tables selftune did not create ({shown}), so it is "
