@@ -15,6 +15,7 @@ Method names come from the registries (:mod:`selftune.algorithms`, :mod:`selftun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -461,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a run's training (start-up, data loading, a search)
         print("selftune: stopped: interrupted by SIGINT", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selftune show 1 | head`: the reader has what it wanted; no traceback
+        # Python flushes stdout again at exit and would print a second error: point it at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
     finally:
         warnings.showwarning = previous
 

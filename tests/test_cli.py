@@ -170,3 +170,15 @@ def test_any_algorithm_module_imports_first_and_completes_the_registry(module):
     code = f"import selftune.{module}\nfrom selftune.algorithms import ALGORITHMS\nprint(sorted(ALGORITHMS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(["fixed", "hd", "stn", "delta-stn", "ift", "delta-ift", "one-pass"]))
+
+
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(tmp_path):
+    """`selftune show 1 | head -1`: the reader left; selftune exits 141 (a closed pipe) without a traceback."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["run", str(ROOT / "examples" / "digits_mlp.toml"), "--set", "epochs=1", "--quiet",
+                 "--out", str(tmp_path / "o"), "--store", url, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "selftune.cli", "show", "1", "--store", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
