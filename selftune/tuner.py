@@ -80,10 +80,12 @@ Metric = Callable[[Any, Any], "torch.Tensor | float"]
 
 
 @torch.no_grad()
-def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapping[str, Metric] | None = None,
+def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metrics: Mapping[str, Metric] | None = None,
           input_key: str | Sequence[str] | None = None, target_key: str | None = None, batch_size: int = 512,
           device: torch.device | str | None = None) -> dict[str, float]:
-    """Quality of ``net`` at its current hyperparameters (eval mode) on ``data``.
+    """Quality of ``net`` at its current hyperparameters (eval mode) on ``data``: a HyperNet, or any plain
+    module, such as the one :func:`~selftune.export` returns (so the exported model is scored the same
+    way as the tuned one).
 
     Returns ``{"loss": ...}`` (the mean of ``loss``, by default cross-entropy per predicted token), plus
     ``"accuracy"`` where it means something (the default loss on integer class labels), plus each of
@@ -94,14 +96,19 @@ def score(net: HyperNet, data: Any, *, loss: LossFn | None = None, metrics: Mapp
         loss, input_key, target_key: as :class:`SelfTuner` takes them.
         device: where batches go; by default the net's.
     """
+    if not isinstance(net, torch.nn.Module):
+        raise TypeError(f"score needs a torch.nn.Module (a HyperNet or a plain model), got {type(net).__name__}")
     source = _as_source(data, "data", batch_dim=getattr(net, "batch_dim", 0))
+    if device is None:  # where the model's weights are
+        device = net.hparams.device if isinstance(net, HyperNet) else \
+            next((p.device for p in net.parameters()), torch.device("cpu"))
     return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
-                  batch_size, device or net.hparams.device)
+                  batch_size, device)
 
 
 @torch.no_grad()
-def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping[str, Metric], fields: Fields,
-           batch_size: int, device: torch.device | str) -> dict[str, float]:
+def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: Mapping[str, Metric],
+           fields: Fields, batch_size: int, device: torch.device | str) -> dict[str, float]:
     loss = objective.loss
     was_training = net.training
     net.eval()
@@ -113,7 +120,7 @@ def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping
             x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
             x, y = to_device(x, device), to_device(y, device)
             out = net(x)
-            b = batch_of(x, net.batch_dim)
+            b = batch_of(x, getattr(net, "batch_dim", 0))
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
                 if not flat.is_floating_point() and len(flat):  # a label the outputs lack (on a GPU: no assert)
@@ -141,7 +148,7 @@ def _score(net: HyperNet, source: Source, objective: Objective, metrics: Mapping
     return result
 
 
-def evaluate(net: HyperNet, data: Any, batch_size: int = 512,
+def evaluate(net: torch.nn.Module, data: Any, batch_size: int = 512,
              device: torch.device | str | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of a classifier ``net`` at its current hyperparameters (eval
     mode); for sequence models, per predicted token (``exp`` of the loss is the perplexity). Batches go

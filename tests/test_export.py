@@ -72,6 +72,20 @@ def test_export_gives_a_plain_model_with_the_wrappers_outputs(form):
     assert all(p.grad is not None for p in plain.parameters())
 
 
+def test_the_exported_model_is_scored_as_the_tuned_one():
+    """`st.score` and `st.evaluate` take the plain model `export` returns (they crashed on it: no hparams)."""
+    net = _trained("delta")
+    x, y = _batch(), torch.arange(8) % 4
+    plain = st.export(net)
+    assert st.score(plain, (x, y)) == pytest.approx(st.score(net, (x, y)), rel=1e-5)
+    assert st.evaluate(plain, (x, y)) == pytest.approx(st.evaluate(net, (x, y)), rel=1e-5)
+    mae = {"mae": lambda out, target: (out.argmax(-1) - target).abs().float().mean()}
+    assert st.score(plain, (x, y), metrics=mae, device="cpu")["mae"] == pytest.approx(
+        st.score(net, (x, y), metrics=mae)["mae"])
+    with pytest.raises(TypeError, match="score needs a torch.nn.Module"):
+        st.score(lambda v: v, (x, y))
+
+
 def test_export_refuses_what_is_not_a_hypernet():
     with pytest.raises(TypeError, match="export takes the HyperNet"):
         st.export(nn.Linear(2, 2))
