@@ -114,9 +114,19 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         if "budget" in state and tuner.planned_epochs:
             used = log.counters.examples / (tuner.planned_epochs * tuner.order.n_train)
             if used > float(state["budget"]) + 1e-9:
+                # roll-backs re-train the steps they discard, and those examples count; otherwise the budget went
+                # before the implicit steps began (delta-ift's Delta-STN phase, with its response steps)
+                if tuner.divergences:
+                    times = "once" if tuner.divergences == 1 else f"{tuner.divergences} times"
+                    why = (f"it rolled back {times}, and the steps a roll-back discards are trained again and "
+                           "counted; the plan cannot foresee roll-backs")
+                elif tuner.method == "delta-ift":
+                    why = ("it was spent before the implicit steps began: raise tuner.compute_budget or lower "
+                           "tuner.response_fraction")
+                else:
+                    why = "it was spent before the implicit steps began: raise tuner.compute_budget"
                 lines.append(f"{tuner.method}: the run used {used:.2f} plain runs' examples, over its budget of "
-                             f"{state['budget']:g} (it was spent before the implicit steps began: raise "
-                             "tuner.compute_budget or lower tuner.response_fraction)")
+                             f"{state['budget']:g} ({why})")
         if state.get("overflows"):
             lines.append(f"{tuner.method}: {state['overflows']} hyper steps skipped, their Neumann series of the "
                          "weight update overflowed (the update expands violently: a learning rate far too large "

@@ -262,6 +262,8 @@ class HyperSchedule(BaseModel):
             # (the run's end, or a last short interval) keeps the last rate recorded.
             recorded = [float(r["weights_lr"]) for r in rows]
             lr = [float(start.get("weights_lr", recorded[0])), *recorded[1:], recorded[-1]]
+        elif not rows and start.get("weights_lr") not in (None, ""):  # a run shorter than log_every: one row
+            lr = [float(start["weights_lr"])]
         return cls(steps=steps, values=values, lr=lr, steps_per_epoch=steps_per_epoch, source=source)
 
     # -- files ------------------------------------------------------------------------------------

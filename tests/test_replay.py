@@ -229,6 +229,14 @@ def test_a_tuned_rates_schedule_begins_at_its_first_step(tmp_path):
     assert fit.schedule.values["lr"][0] == pytest.approx(0.005, rel=1e-6)
 
 
+def test_a_run_shorter_than_log_every_still_records_its_rate():
+    """Three steps and log_every 10: no trajectory row, and the schedule's one row keeps the rate."""
+    tuner = digits_tuner("tuner.batch_size=512", method="delta-stn")
+    fit = tuner.fit(1)
+    assert fit.trajectory == [] and fit.schedule.steps == [0]
+    assert fit.schedule.lr == [pytest.approx(tuner.settings.lr)]
+
+
 def test_a_config_follows_a_schedule_file_relative_to_itself(tmp_path):
     HyperSchedule(steps=[0, 10], values={"dropout1": [0.2, 0.7]}).to_csv(tmp_path / "plan.csv")
     text = (ROOT / "examples" / "digits_mlp.toml").read_text()
