@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="take over a run whose driver stopped beating its heartbeat but cannot be shown dead "
                              "(another host); a live driver is never taken over")
     resume.add_argument("--quiet", action="store_true", help="no progress bar")
-    resume.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS")
+    resume.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
+                        help="steps between checkpoints (also one at every epoch end; default 100)")
     _store_arg(resume)
 
     bench = sub.add_parser("bench", help="run several tuning methods on one task at equal accounting of compute",
@@ -104,16 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, replacing only selftune's own files")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
-    replay.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS")
+    replay.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
+                        help="steps between checkpoints (also one at every epoch end; default 100)")
     replay.add_argument("--checkpoint-dir", default="checkpoints")
     _store_arg(replay)
     runs = sub.add_parser("runs", help="list the runs in the store")
     _store_arg(runs)
     show = sub.add_parser("show", help="print one run: config, status, result, events")
-    show.add_argument("run", type=_positive)
+    show.add_argument("run", type=_positive, help="run id (see `selftune runs`)")
     _store_arg(show)
     report = sub.add_parser("report", help="rebuild a run's plots and CSV files from the store alone")
-    report.add_argument("run", type=_positive)
+    report.add_argument("run", type=_positive, help="run id (see `selftune runs`)")
     report.add_argument("--out", help="folder for the report (default: the run's output folder)")
     report.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty folder that is not this run's, replacing only these files")
@@ -246,6 +248,10 @@ def _resume(args: argparse.Namespace) -> int:
 
     store = _open_store(args.store, create=False)
     info = _get_run(store, args.run)
+    if info.status == "finished":  # the store refuses it too, but only after this would say it is resuming
+        from .errors import LeaseError
+
+        raise LeaseError(f"run {info.id} already finished; its results are in {info.out_dir}")
     print(f"resuming run {info.id} ({info.method}, seed {info.seed}, {info.status})")
     notes: list[str] = []
     try:

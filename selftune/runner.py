@@ -521,7 +521,8 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
     info = store.get_run(run_id)
     if info.status != "finished":
         raise ConfigError("RUN", f"run {run_id} is {info.status}; only a finished run's schedule can be replayed"
-                                 + (f" (selftune resume {run_id} first)" if info.status == "interrupted" else ""))
+                                 + (f" (selftune resume {run_id}{_store_hint(store)} first)"
+                                    if info.status == "interrupted" else ""))
     config = parse_config(recorded_meaning(info.config))
     trajectory = store.trajectory(run_id)
     if not trajectory:

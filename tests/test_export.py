@@ -82,7 +82,7 @@ def test_the_exported_model_is_scored_as_the_tuned_one():
     mae = {"mae": lambda out, target: (out.argmax(-1) - target).abs().float().mean()}
     assert st.score(plain, (x, y), metrics=mae, device="cpu")["mae"] == pytest.approx(
         st.score(net, (x, y), metrics=mae)["mae"])
-    with pytest.raises(TypeError, match="score needs a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"score needs a torch\.nn\.Module"):
         st.score(lambda v: v, (x, y))
 
 
