@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
                         help="steps between checkpoints (also one at every epoch end; default 100)")
-    replay.add_argument("--checkpoint-dir", default="checkpoints")
+    replay.add_argument("--checkpoint-dir", default="checkpoints",
+                        help="where the replay's checkpoints go, as DIR/<run uuid>/ (default ./checkpoints)")
     _store_arg(replay)
     runs = sub.add_parser("runs", help="list the runs in the store")
     _store_arg(runs)
@@ -445,6 +446,18 @@ COMMANDS = {"bench": _bench, "run": _run, "resume": _resume, "replay": _replay, 
             "report": _report}
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (io.StringIO), or no poll (Windows)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every selftune error becomes one line on stderr and an exit status."""
     args = _parser().parse_args(argv)
@@ -460,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous, warnings.showwarning = warnings.showwarning, show
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a pipe is block-buffered: a closed one must fail here, inside the handlers below
+        return code
     except SelftuneError as err:
         kind = "run failed" if err.exit_code == 1 else "stopped" if err.exit_code > 2 else "error"
         print(f"selftune: {kind}: {err}", file=sys.stderr)
@@ -468,10 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a run's training (start-up, data loading, a search)
         print("selftune: stopped: interrupted by SIGINT", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `selftune show 1 | head`: the reader has what it wanted; no traceback
-        # Python flushes stdout again at exit and would print a second error: point it at /dev/null
+    except BrokenPipeError as err:
+        if not _stdout_closed():  # another connection broke (a user's task, a socket): an error like any other
+            print(f"selftune: error: {err}", file=sys.stderr)
+            return 1
+        # `selftune show 1 | head`: the reader has what it wanted. Python flushes stdout again at exit and
+        # would print a second error: point it at /dev/null.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
     finally:
         warnings.showwarning = previous

@@ -116,8 +116,10 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
             if used > float(state["budget"]) + 1e-9:
                 # roll-backs re-train the steps they discard, and those examples count; otherwise the budget went
                 # before the implicit steps began (delta-ift's Delta-STN phase, with its response steps)
-                if tuner.divergences:
-                    times = "once" if tuner.divergences == 1 else f"{tuner.divergences} times"
+                # only roll-backs after the plan was made: it counted the examples of those before it
+                rolled = tuner.divergences - int(state.get("divergences_at_plan", 0))
+                if rolled > 0:
+                    times = "once" if rolled == 1 else f"{rolled} times"
                     why = (f"it rolled back {times}, and the steps a roll-back discards are trained again and "
                            "counted; the plan cannot foresee roll-backs")
                 elif tuner.method == "delta-ift":

@@ -149,6 +149,7 @@ class ImplicitDifferentiation(Fixed):
         state = tuner.log.algorithm
         if "hyper_interval" not in state:
             state["budget"] = self.budget()
+            state["divergences_at_plan"] = tuner.divergences  # roll-backs the plan already saw (explain)
             state["hyper_interval"], state["neumann_terms"] = spacing(
                 tuner, state["budget"], power_iteration=self.power_iteration)
         return int(state["hyper_interval"])

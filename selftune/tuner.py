@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import math
 import types
 import warnings
@@ -82,7 +83,7 @@ Metric = Callable[[Any, Any], "torch.Tensor | float"]
 @torch.no_grad()
 def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metrics: Mapping[str, Metric] | None = None,
           input_key: str | Sequence[str] | None = None, target_key: str | None = None, batch_size: int = 512,
-          device: torch.device | str | None = None) -> dict[str, float]:
+          device: torch.device | str | None = None, batch_dim: int | None = None) -> dict[str, float]:
     """Quality of ``net`` at its current hyperparameters (eval mode) on ``data``: a HyperNet, or any plain
     module, such as the one :func:`~selftune.export` returns (so the exported model is scored the same
     way as the tuned one).
@@ -94,21 +95,25 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
     Args:
         data: an ``(inputs, targets)`` pair, a Dataset or a DataLoader (its collate is used).
         loss, input_key, target_key: as :class:`SelfTuner` takes them.
-        device: where batches go; by default the net's.
+        device: where batches go; by default the net's (its first parameter's or buffer's).
+        batch_dim: the batch dimension of the inputs; by default the HyperNet's, 0 for a plain module (pass
+            the HyperNet's ``batch_dim`` to score the exported copy of a sequence-first model).
     """
     if not isinstance(net, torch.nn.Module):
         raise TypeError(f"score needs a torch.nn.Module (a HyperNet or a plain model), got {type(net).__name__}")
-    source = _as_source(data, "data", batch_dim=getattr(net, "batch_dim", 0))
-    if device is None:  # where the model's weights are
+    dim = getattr(net, "batch_dim", 0) if batch_dim is None else batch_dim
+    source = _as_source(data, "data", batch_dim=dim)
+    if device is None:  # where the model's weights (or, without any, its buffers) are
         device = net.hparams.device if isinstance(net, HyperNet) else \
-            next((p.device for p in net.parameters()), torch.device("cpu"))
+            next((t.device for t in itertools.chain(net.parameters(), net.buffers())), torch.device("cpu"))
     return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
-                  batch_size, device)
+                  batch_size, device, dim)
 
 
 @torch.no_grad()
 def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: Mapping[str, Metric],
-           fields: Fields, batch_size: int, device: torch.device | str) -> dict[str, float]:
+           fields: Fields, batch_size: int, device: torch.device | str, batch_dim: int | None = None
+           ) -> dict[str, float]:
     loss = objective.loss
     was_training = net.training
     net.eval()
@@ -120,7 +125,7 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
             x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
             x, y = to_device(x, device), to_device(y, device)
             out = net(x)
-            b = batch_of(x, getattr(net, "batch_dim", 0))
+            b = batch_of(x, getattr(net, "batch_dim", 0) if batch_dim is None else batch_dim)
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
                 if not flat.is_floating_point() and len(flat):  # a label the outputs lack (on a GPU: no assert)
@@ -149,11 +154,11 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
 
 
 def evaluate(net: torch.nn.Module, data: Any, batch_size: int = 512,
-             device: torch.device | str | None = None) -> tuple[float, float]:
+             device: torch.device | str | None = None, batch_dim: int | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of a classifier ``net`` at its current hyperparameters (eval
     mode); for sequence models, per predicted token (``exp`` of the loss is the perplexity). Batches go
     to ``device``, by default the net's. For another loss or metrics, use :func:`score`."""
-    result = score(net, data, batch_size=batch_size, device=device)
+    result = score(net, data, batch_size=batch_size, device=device, batch_dim=batch_dim)
     return result["loss"], result.get("accuracy", math.nan)
 
 
@@ -1188,7 +1193,8 @@ class SelfTuner:
         its loader's collate) with this tuner's loss, metrics and fields."""
         source = self.sources["val"] if data is None else _as_source(data, "data", batch_dim=self.net.batch_dim)
         net = self.net if net is None else net
-        return _score(net, source, self.objective, self.metrics, self.fields, batch_size, self.device)
+        return _score(net, source, self.objective, self.metrics, self.fields, batch_size, self.device,
+                      self.net.batch_dim)
 
     def _hparam_columns(self) -> dict[str, float]:
         net = self.net

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,8 +180,22 @@ def test_a_reader_that_closes_the_pipe_gets_no_traceback(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert main(["run", str(ROOT / "examples" / "digits_mlp.toml"), "--set", "epochs=1", "--quiet",
                  "--out", str(tmp_path / "o"), "--store", url, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "selftune.cli", "show", "1", "--store", url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout.close()  # gone before the first line
-    err = proc.stderr.read()
-    assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered by default
+    for buffered in (env, {**env, "PYTHONUNBUFFERED": "1"}):
+        proc = subprocess.Popen([sys.executable, "-m", "selftune.cli", "show", "1", "--store", url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=buffered)
+        proc.stdout.close()  # gone before the first line
+        err = proc.stderr.read()
+        assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_broken_connection_that_is_not_stdout_is_an_error(monkeypatch, capsys):
+    """Only a reader closing selftune's own output is a quiet 141; a connection a user's code broke is not."""
+    import selftune.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a socket of the user's task)")
+
+    monkeypatch.setitem(cli.COMMANDS, "runs", broken)
+    assert main(["runs"]) == 1
+    assert "selftune: error:" in capsys.readouterr().err

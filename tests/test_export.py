@@ -86,6 +86,29 @@ def test_the_exported_model_is_scored_as_the_tuned_one():
         st.score(lambda v: v, (x, y))
 
 
+class SeqFirst(nn.Module):
+    """(T, B, F) inputs, one label per sequence: the batch is dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6)
+        self.drop = st.Dropout("p")
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.drop(self.lstm(x)[0][-1]))
+
+
+def test_an_exported_sequence_first_model_is_scored_on_its_batch_dimension():
+    """A plain module has no batch_dim: the HyperNet's is passed, or 7 sequences of 20 steps read as 20 of 7."""
+    torch.manual_seed(0)
+    net = st.hypernetize(SeqFirst(), st.Space([st.Float("p", 0.0, 0.9, init=0.3)]), batch_dim=1)
+    x, y = torch.randn(20, 7, 4), torch.arange(7) % 3
+    plain = st.export(net)
+    assert st.score(plain, (x, y), batch_dim=1) == pytest.approx(st.score(net, (x, y)), rel=1e-5)
+    assert st.evaluate(plain, (x, y), batch_dim=1) == pytest.approx(st.evaluate(net, (x, y)), rel=1e-5)
+
+
 def test_export_refuses_what_is_not_a_hypernet():
     with pytest.raises(TypeError, match="export takes the HyperNet"):
         st.export(nn.Linear(2, 2))
