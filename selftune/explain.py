@@ -114,9 +114,8 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         if "budget" in state and tuner.planned_epochs:
             used = log.counters.examples / (tuner.planned_epochs * tuner.order.n_train)
             if used > float(state["budget"]) + 1e-9:
-                # roll-backs re-train the steps they discard, and those examples count; otherwise the budget went
-                # before the implicit steps began (delta-ift's Delta-STN phase, with its response steps)
-                # only roll-backs after the plan was made: it counted the examples of those before it
+                # roll-backs after the plan re-trained the steps they discarded, and those examples count (the
+                # plan counted those before it); otherwise the budget went before the implicit steps began
                 rolled = tuner.divergences - int(state.get("divergences_at_plan", 0))
                 if rolled > 0:
                     times = "once" if rolled == 1 else f"{rolled} times"
