@@ -100,13 +100,16 @@ class SeqFirst(nn.Module):
 
 
 def test_an_exported_sequence_first_model_is_scored_on_its_batch_dimension():
-    """A plain module has no batch_dim: the HyperNet's is passed, or 7 sequences of 20 steps read as 20 of 7."""
+    """A plain module has no batch_dim: the HyperNet's is passed, and batches reach it sequence-first as they
+    reach the HyperNet (7 sequences of 20 steps, stored one example per row as every dataset is)."""
     torch.manual_seed(0)
     net = st.hypernetize(SeqFirst(), st.Space([st.Float("p", 0.0, 0.9, init=0.3)]), batch_dim=1)
-    x, y = torch.randn(20, 7, 4), torch.arange(7) % 3
+    x, y = torch.randn(7, 20, 4), torch.arange(7) % 3
     plain = st.export(net)
     assert st.score(plain, (x, y), batch_dim=1) == pytest.approx(st.score(net, (x, y)), rel=1e-5)
     assert st.evaluate(plain, (x, y), batch_dim=1) == pytest.approx(st.evaluate(net, (x, y)), rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):  # without it, the plain model reads 7 steps of 20 sequences
+        st.score(plain, (x, y))
 
 
 def test_export_refuses_what_is_not_a_hypernet():
