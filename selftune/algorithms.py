@@ -17,6 +17,7 @@ pick it up from the registry without another edit.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -122,11 +123,13 @@ class Algorithm:
     def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
         """The user's optimizer class over ``groups``: ``tuner.momentum`` reaches SGD only (as before
         any optimizer could be named), ``optimizer_args`` override the rest."""
-        from .settings import optimizer_class
+        from .settings import optimizer_class, optimizer_label
 
         s = self.settings
         cls = optimizer_class(s.optimizer)
-        kwargs: dict = {"lr": self.lr, "weight_decay": s.weight_decay}
+        kwargs: dict = {"lr": self.lr}
+        if s.weight_decay or "weight_decay" in inspect.signature(cls.__init__).parameters:
+            kwargs["weight_decay"] = s.weight_decay  # a user's class without one is refused a nonzero decay
         if cls is torch.optim.SGD:
             # a momentum bound to a hyperparameter is written into the group by the tuner before every step
             kwargs["momentum"] = s.momentum if isinstance(s.momentum, float) else 0.9
@@ -134,7 +137,7 @@ class Algorithm:
         try:
             return cls(groups, **kwargs)
         except (TypeError, ValueError) as err:
-            raise ConfigError("tuner.optimizer_args", f"torch.optim.{cls.__name__} refused them: {err}") from None
+            raise ConfigError("tuner.optimizer_args", f"{optimizer_label(cls)} refused them: {err}") from None
 
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}

@@ -385,8 +385,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config; a ``[task]`` file path is taken relative to the
-    config file's folder and recorded absolute."""
+    """Read, override and validate a run config; a file path in ``[task] source`` or ``tuner.optimizer``
+    is taken relative to the config file's folder and recorded absolute."""
     raw = apply_overrides(read_toml(path), overrides or [])
     task = raw.get("task")
     if isinstance(task, dict) and isinstance(task.get("source"), str):
@@ -394,6 +394,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
         task["source"] = resolve_source(task["source"], Path(path).resolve().parent)
     tuner = raw.get("tuner")
+    if isinstance(tuner, dict) and isinstance(tuner.get("optimizer"), str) and ":" in tuner["optimizer"]:
+        from .task import resolve_source
+
+        tuner["optimizer"] = resolve_source(tuner["optimizer"], Path(path).resolve().parent, field="tuner.optimizer",
+                                            what="class")
     if isinstance(tuner, dict) and isinstance(tuner.get("follow"), str):
         tuner["follow"] = _read_schedule(tuner["follow"], Path(path).resolve().parent)
     return parse_config(raw)

@@ -99,7 +99,7 @@ class OnePass(ImplicitDifferentiation):
         from .settings import optimizer_class
 
         cls = optimizer_class(settings.optimizer)
-        if cls.__name__ not in SUPPORTED:
+        if cls not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):  # the updates it differentiates
             raise ConfigError("tuner.optimizer", f"method 'one-pass' differentiates the update of "
                                                  f"{', '.join(SUPPORTED)}; got {cls.__name__}: choose one of them, "
                                                  "or method 'ift'")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -54,8 +56,10 @@ class TunerSettings(BaseModel):
                           "set (a small validation set is then one batch, seen whole at every hyper step)")
     optimizer: str = Field(
         "sgd", description="the weights' optimizer: any torch.optim class by name, any case (sgd, adam, adamw, "
-                           "rmsprop, nadam, ...); lr, weight_decay and, for SGD, momentum come from their own "
-                           "settings, every other argument from optimizer_args")
+                           "rmsprop, nadam, ...), or a subclass of torch.optim.Optimizer of your own as "
+                           "'path/to/file.py:Class' or 'package.module:Class' (in Python, the class itself); lr, "
+                           "weight_decay and, for SGD, momentum come from their own settings, every other "
+                           "argument from optimizer_args")
     optimizer_args: dict[str, Any] = Field(
         {}, description="further keyword arguments of the optimizer class, e.g. {nesterov = true} for SGD or "
                         "{betas = [0.9, 0.99]} for Adam/AdamW")
@@ -246,16 +250,26 @@ class TunerSettings(BaseModel):
             raise ConfigError("tuner.momentum", f"must be in [0, 1) (got {v}); 0.9 is the usual choice")
         return v
 
-    @field_validator("optimizer")
+    @field_validator("optimizer", mode="before")
     @classmethod
-    def _known_optimizer(cls, v: str) -> str:
-        optimizer_class(v)  # raises ValueError naming the choices
+    def _known_optimizer(cls, v: Any) -> Any:
+        if isinstance(v, type):  # the Python API's optimizer=MyOptimizer: recorded by its import name
+            v = optimizer_source(v)
+        if isinstance(v, str):
+            if ":" in v:
+                from .task import resolve_source
+
+                v = resolve_source(v, field="tuner.optimizer", what="class")
+            optimizer_class(v)  # raises ValueError naming the choices
         return v
 
     @model_validator(mode="after")
     def _arguments_taken(self) -> TunerSettings:
         cls = optimizer_class(self.optimizer)
-        takes = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        takes, anything = set(_init_parameters(cls)), _takes_any_keyword(cls)
+        if "weight_decay" not in takes and not anything and self.weight_decay:
+            raise ConfigError("tuner.weight_decay", f"{optimizer_label(cls)} takes no weight_decay; remove it, or "
+                                                    "tune a decay through [objective] weight_decay")
         for key in self.optimizer_args:
             if key == "lr":
                 raise ConfigError("tuner.optimizer_args.lr", "set tuner.lr instead (a number, or a hyperparameter's "
@@ -266,8 +280,8 @@ class TunerSettings(BaseModel):
             if key == "momentum" and cls is torch.optim.SGD:  # SGD takes tuner.momentum, which it would replace
                 raise ConfigError("tuner.optimizer_args.momentum", "SGD takes its momentum from tuner.momentum (a "
                                                                    "number, or a hyperparameter's name); set it there")
-            if key not in takes:
-                raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of torch.optim.{cls.__name__}; it "
+            if key not in takes and not anything:
+                raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of {optimizer_label(cls)}; it "
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
         if isinstance(self.momentum, float) and cls is not torch.optim.SGD:
             self._check_numeric_momentum(cls, takes)
@@ -303,14 +317,22 @@ class TunerSettings(BaseModel):
         pass)."""
         m = float(self.momentum)  # type: ignore[arg-type]
         defaults = inspect.signature(cls.__init__).parameters
+
+        def default(name: str, index: int | None = None) -> float | None:
+            value = defaults[name].default  # a user's class may have none, or not a number
+            try:
+                return float(value if index is None else value[index])
+            except (TypeError, ValueError, IndexError):
+                return None
+
         if "betas" in takes:  # Adam, AdamW, NAdam, RAdam, Adamax, ...: the momentum is beta1
-            own, how = float(defaults["betas"].default[0]), "its momentum as optimizer_args.betas = [m, 0.999]"
+            own, how = default("betas", 0), "its momentum as optimizer_args.betas = [m, 0.999]"
         elif "momentum" in takes:
-            own, how = float(defaults["momentum"].default), "its momentum as optimizer_args.momentum"
+            own, how = default("momentum"), "its momentum as optimizer_args.momentum"
         else:
             own, how = 0.0, "no momentum: remove tuner.momentum"
         if m not in (DEFAULT_MOMENTUM, own):
-            raise ConfigError("tuner.momentum", f"{m:g} is SGD's momentum, which torch.optim.{cls.__name__} would "
+            raise ConfigError("tuner.momentum", f"{m:g} is SGD's momentum, which {optimizer_label(cls)} would "
                                                 f"ignore; {cls.__name__} takes {how}")
 
     def _check_lr_scheduler(self) -> None:
@@ -359,11 +381,24 @@ TUNING_ONLY: frozenset[str] = frozenset({
 
 
 def optimizer_class(name: str) -> type:
-    """The ``torch.optim`` optimizer class called ``name`` (any case: ``"adamw"`` is ``AdamW``).
+    """The optimizer class ``name`` names: a ``torch.optim`` class in any case (``"adamw"`` is
+    ``AdamW``), or a user's own subclass of ``torch.optim.Optimizer`` as ``"package.module:Class"`` or
+    ``"path/to/file.py:Class"`` (the syntax of ``[task] source``).
 
     Raises:
-        ValueError: no such optimizer (the message lists them).
+        ValueError: no such optimizer (the message lists them), or a class that is no optimizer.
     """
+    if ":" in name:
+        from .task import load_callable
+
+        cls = load_callable(name, field="tuner.optimizer", what="class")
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ConfigError("tuner.optimizer", f"{name!r} is a {type(cls).__name__}, not a subclass of "
+                                                 "torch.optim.Optimizer")
+        if "lr" not in _init_parameters(cls) and not _takes_any_keyword(cls):
+            raise ConfigError("tuner.optimizer", f"{cls.__name__} takes no lr argument; selftune sets the "
+                                                 "weights' rate through it (tuner.lr)")
+        return cls
     classes = {n.lower(): c for n, c in vars(torch.optim).items()
                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
     if name.lower() == "lbfgs":  # its step needs a closure re-evaluating the loss, which a tuner step is not
@@ -373,5 +408,48 @@ def optimizer_class(name: str) -> type:
     try:
         return classes[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose a torch.optim class: {', '.join(sorted(classes))}") \
-            from None
+        raise ValueError(f"unknown optimizer {name!r}; choose a torch.optim class ({', '.join(sorted(classes))}) "
+                         "or your own as 'package.module:Class' or 'path/to/file.py:Class'") from None
+
+
+def optimizer_label(cls: type) -> str:
+    """How errors name an optimizer class: ``torch.optim.AdamW``, or a user's ``module.Class``."""
+    module = cls.__module__
+    if module.startswith("torch.optim"):
+        return f"torch.optim.{cls.__name__}"
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if module.startswith("selftune_task_") and file:  # imported from a file path (selftune.task)
+        return f"{Path(file).name}:{cls.__qualname__}"
+    return f"{module}.{cls.__qualname__}"
+
+
+def _init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named arguments of ``cls(params, ...)``."""
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _takes_any_keyword(cls: type) -> bool:
+    """Whether ``cls.__init__`` has a ``**kwargs`` (which then takes any name)."""
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+def optimizer_source(cls: type) -> str:
+    """``"module:Class"`` for a user's optimizer class passed to :class:`TunerSettings` as a class: the
+    setting is recorded as text (the store, a resumed run), so the class must be importable by that name.
+
+    Raises:
+        ConfigError: a class that is no optimizer, or one defined where its name cannot import it
+            (inside a function or class).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError("tuner.optimizer", f"{cls!r} is not a subclass of torch.optim.Optimizer")
+    if cls.__module__.startswith("torch.optim") and getattr(torch.optim, cls.__name__, None) is cls:
+        return cls.__name__.lower()
+    source = f"{cls.__module__}:{cls.__qualname__}"
+    module = sys.modules.get(cls.__module__)
+    if "." in cls.__qualname__ or module is None or getattr(module, cls.__qualname__, None) is not cls:
+        raise ConfigError("tuner.optimizer", f"{cls.__qualname__} must be defined at the top level of a module "
+                                             "(a run records it by name, 'module:Class', to resume); or pass "
+                                             "'path/to/file.py:Class'")
+    return source

@@ -61,16 +61,19 @@ class Task:
     batch_dim: int = 0
 
 
-def resolve_source(source: str, base: Path | None = None) -> str:
+def resolve_source(source: str, base: Path | None = None, *, field: str = "task.source",
+                   what: str = "function") -> str:
     """``source`` with a relative file path made absolute against ``base`` (default: the working folder).
+
+    ``field`` and ``what`` name the setting in errors: the same syntax names a task's function and a
+    user's optimizer class (``tuner.optimizer``).
 
     Raises:
         ConfigError: not of the form ``file.py:function`` or ``module:function``.
     """
     path, sep, func = source.rpartition(":")
     if not sep or not path or not func.isidentifier():
-        raise ConfigError("task.source", f"{source!r} must look like 'path/to/file.py:function' or "
-                                         "'package.module:function'")
+        raise ConfigError(field, f"{source!r} must look like 'path/to/file.py:{what}' or 'package.module:{what}'")
     if path.endswith(".py"):
         p = Path(path).expanduser()
         if not p.is_absolute():
@@ -90,8 +93,8 @@ def source_digest(source: str) -> str | None:
         return None
 
 
-def load_callable(source: str) -> Callable[..., Any]:
-    """Import the function ``source`` names.
+def load_callable(source: str, *, field: str = "task.source", what: str = "function") -> Callable[..., Any]:
+    """Import the function (or class: ``what``) ``source`` names; errors name ``field``.
 
     Raises:
         ConfigError: a missing file or module, an import that fails (with its first line), or a name
@@ -101,7 +104,7 @@ def load_callable(source: str) -> Callable[..., Any]:
     if path.endswith(".py"):
         file = Path(path)
         if not file.is_file():
-            raise ConfigError("task.source", f"file {path!r} does not exist")
+            raise ConfigError(field, f"file {path!r} does not exist")
         name = "selftune_task_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
@@ -119,18 +122,18 @@ def load_callable(source: str) -> Callable[..., Any]:
                 spec.loader.exec_module(module)
             except Exception as err:
                 del sys.modules[name]
-                raise ConfigError("task.source", f"importing {path!r} failed: {_first_line(err)}") from err
+                raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
     else:
         try:
             module = importlib.import_module(path)
         except ModuleNotFoundError as err:
-            raise ConfigError("task.source", f"no module named {err.name!r}; install it or give a file path "
-                                             "'path/to/file.py:function'") from None
+            raise ConfigError(field, f"no module named {err.name!r}; install it or give a file path "
+                                     f"'path/to/file.py:{what}'") from None
         except Exception as err:
-            raise ConfigError("task.source", f"importing {path!r} failed: {_first_line(err)}") from err
+            raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise ConfigError("task.source", f"{path!r} has no function {func!r}")
+        raise ConfigError(field, f"{path!r} has no {what} {func!r}")
     return fn
 
 

@@ -133,6 +133,94 @@ def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
         assert not (tmp_path / "out").exists() and not (tmp_path / "selftune.db").exists()
 
 
+SIGN_DESCENT = """
+    import torch
+
+    class SignDescent(torch.optim.Optimizer):
+        \"\"\"A user's own optimizer: a step of lr along the sign of the gradient.\"\"\"
+        def __init__(self, params, lr=0.01):
+            super().__init__(params, dict(lr=lr))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    class NoRate(torch.optim.Optimizer):
+        def __init__(self, params, rate=0.1):
+            super().__init__(params, dict(rate=rate))
+
+    not_an_optimizer = len
+"""
+
+
+class SignDescent(torch.optim.Optimizer):
+    """A user's own optimizer, defined in the user's module (here: this test module)."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def test_a_users_own_optimizer_class_trains_the_weights_and_is_recorded_by_name():
+    x, y = regression()
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.3)])
+    net = regression_net(space)
+    before = st.score(net, (x[200:], y[200:]), loss=mse)["loss"]
+    settings = st.TunerSettings(optimizer=SignDescent, lr=3e-3, batch_size=32, warmup_epochs=1)
+    assert settings.optimizer == f"{__name__}:SignDescent"  # text, so a store can record and resume it
+    tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, settings=settings)
+    assert type(tuner.optimizers["general"]) is SignDescent
+    tuner.fit(6)
+    assert st.score(net, (x[200:], y[200:]), loss=mse)["loss"] < 0.8 * before
+    with pytest.raises(ConfigError, match=r"^tuner.weight_decay: .*SignDescent takes no weight_decay"):
+        st.TunerSettings(optimizer=SignDescent, weight_decay=1e-4)
+    with pytest.raises(ConfigError, match=r"^tuner.optimizer_args.betas: not an argument of .*SignDescent"):
+        st.TunerSettings(optimizer=SignDescent, optimizer_args={"betas": [0.9, 0.99]})
+
+    def local():
+        class Inner(torch.optim.SGD):
+            pass
+        return Inner
+
+    with pytest.raises(ConfigError, match="must be defined at the top level of a module"):
+        st.TunerSettings(optimizer=local())
+
+
+def test_an_optimizer_class_named_by_file_path_runs_from_the_cli(tmp_path):
+    """``tuner.optimizer = "opt.py:Class"`` is found beside the config file, from any working folder, and
+    recorded absolute; a name that is no optimizer is a one-line error, before anything is written."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_task(project, SIGN_DESCENT, name="opt.py")
+    config = project / "own.toml"
+    config.write_text(OWN.read_text().replace('source = "own_task.py:', f'source = "{ROOT / "examples"}/own_task.py:'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name, expected in (("opt.py:NoRate", "NoRate takes no lr argument"),
+                           ("opt.py:not_an_optimizer", "not a subclass of torch.optim.Optimizer"),
+                           ("opt.py:Missing", "opt.py' has no class 'Missing'"),
+                           ("missing.py:SignDescent", "missing.py' does not exist")):
+        proc = cli(["run", str(config), "--set", f'tuner.optimizer="{name}"', "--out", "out"], cwd=elsewhere)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("selftune: error: tuner.optimizer: "), (name, proc.stderr)
+        assert expected in last, (name, last)
+        assert not (elsewhere / "out").exists() and not (elsewhere / "selftune.db").exists()
+    proc = cli(["run", str(config), "--set", 'tuner.optimizer="opt.py:SignDescent"', "--set", "epochs=2",
+                "--set", "tuner.lr=0.001", "--out", "out"], cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((elsewhere / "out" / "result.json").read_text())
+    assert result["config"]["tuner"]["optimizer"] == f"{project / 'opt.py'}:SignDescent"
+
+
 def write_task(folder, body, name="task.py"):
     (folder / name).write_text(textwrap.dedent(body))
     return folder / name
