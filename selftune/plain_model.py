@@ -18,7 +18,7 @@ from torch import nn
 
 from .nn import HyperNet
 from .nn.dropout import Dropout, EmbeddingDropout
-from .nn.hypernet import retie, tied_parameters
+from .nn.hypernet import keep_frozen, retie, tied_parameters
 from .nn.layers import BestResponseModule
 from .nn.state import HyperModule
 
@@ -55,6 +55,7 @@ def export(net: HyperNet) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             plain = module.plain(cond)
+            keep_frozen(module, plain)
             plain.train(module.training)
             setattr(parent, child, plain)
         elif isinstance(module, Dropout | EmbeddingDropout):

@@ -43,6 +43,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -194,7 +195,7 @@ class HyperSchedule(BaseModel):
 
     steps: list[NonNegativeInt]
     values: dict[str, list[float]]
-    lr: list[PositiveFloat] | None = None
+    lr: list[NonNegativeFloat] | None = None  # a torch scheduler may end at exactly 0
     steps_per_epoch: PositiveInt | None = None
     source: str = ""
 

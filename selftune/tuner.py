@@ -1340,6 +1340,11 @@ class SelfTuner:
             "net": self.net.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "generator": self.generator.get_state(),
+            # PyTorch's global generators: a model's own nn.Dropout, a Transformer layer's dropout or a
+            # torch.rand in its forward draw from them, so a resumed run needs them to equal an uninterrupted one
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None,
             "order": self.order.state_dict(),
             "log": self.log.state_dict(),
             "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
@@ -1374,6 +1379,11 @@ class SelfTuner:
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
         self.generator.set_state(state["generator"])
+        if state.get("torch_rng") is not None:  # absent in checkpoints of selftune before stop 27
+            torch.set_rng_state(state["torch_rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.order.load_state_dict(state["order"])
         self.log.load_state_dict(state["log"])
         if self.lr_tuner is not None:

@@ -387,3 +387,77 @@ def test_overriding_one_value_of_a_tasks_space_says_that_a_space_table_replaces_
     assert code == 2 and len(err.splitlines()) == 1
     assert "space.dropout1.low: is required" in err and "replace the task's own space" in err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_model_drawing_from_torchs_global_generator_resumes_exactly():
+    """A user's own ``nn.Dropout`` (or any ``torch.rand`` in a forward) draws from PyTorch's global
+    generator, which a checkpoint now holds: resumed, the run equals the uninterrupted one even when
+    other code drew from that generator in between."""
+    x, y = regression()
+
+    def tuner():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), st.Dropout("drop"), nn.Linear(32, 1))
+        net = st.hypernetize(model, st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+        return st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="delta-stn",
+                            settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=1))
+
+    whole = tuner()
+    whole.fit(3)
+    first = tuner()
+    first.fit(3, max_steps=17)
+    state = first.state_dict()
+    torch.rand(1000)  # the process goes on drawing (another run, the user's code)
+    second = tuner()
+    second.load_state_dict(state)
+    second.fit(3)
+    assert torch.equal(second.net.hparams, whole.net.hparams)
+    for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["fixed", "delta-ift", "one-pass"])
+def test_weights_the_user_froze_stay_frozen_and_a_frozen_layer_stays_plain(method):
+    """A frozen (pretrained) layer is not converted and does not move; a partly frozen layer keeps its
+    frozen parameter frozen, also in the exported model."""
+    x, y = regression()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), st.Dropout("drop"), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 1))
+    model[0].requires_grad_(False)
+    model[3].bias.requires_grad_(False)
+    frozen = [model[0].weight.detach().clone(), model[0].bias.detach().clone(), model[3].bias.detach().clone()]
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.3), st.Float("wd", 1e-6, 1e-1, 1e-3, log=True)])
+    net = st.hypernetize(model, space)
+    assert net.left_plain == {"0": "frozen (requires_grad=False): it does not train, so it needs no response"}
+    assert "3" in net.converted and not net.model[3].bias.requires_grad
+    moved = net.model[3].weight.detach().clone()
+    st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method=method,
+                 objective=st.Objective(weight_decay="wd"),
+                 settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=1)).fit(3)
+    plain = st.export(net)
+    for before, after in zip(frozen, (plain[0].weight, plain[0].bias, plain[3].bias), strict=True):
+        assert torch.equal(before, after) and not after.requires_grad
+    assert not torch.equal(moved, plain[3].weight) and plain[3].weight.requires_grad
+
+
+@pytest.mark.parametrize("method", ["delta-ift", "stn"])
+def test_a_float64_model_trains_under_every_form(method):
+    x, y = regression()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), st.Dropout("drop"), nn.Linear(32, 1)).double()
+    net = st.hypernetize(model, st.Space([st.Float("drop", 0.0, 0.9, 0.3)]), form="stn" if method == "stn" else "delta")
+    assert net.hparams.dtype == torch.float64
+    st.SelfTuner(net, (x[:160].double(), y[:160].double()), (x[160:200].double(), y[160:200].double()), loss=mse,
+                 method=method, settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=1)).fit(2)
+    assert torch.isfinite(net.hparams).all()
+
+
+def test_a_torch_scheduler_that_ends_at_a_rate_of_zero_finishes_and_records_it():
+    x, y = regression()
+    net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+    fit = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="fixed",
+                       settings=st.TunerSettings(lr=0.01, batch_size=16, log_every=1, lr_scheduler="PolynomialLR",
+                                                 lr_scheduler_args={"total_iters": 2},
+                                                 lr_scheduler_interval="epoch")).fit(4)
+    assert fit.schedule is not None and fit.schedule.lr is not None and fit.schedule.lr[-1] == 0.0

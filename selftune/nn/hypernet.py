@@ -70,8 +70,10 @@ class HyperNet(nn.Module):
         self.model = model
         self.space = space
         self.form = form
-        self.hparams = nn.Parameter(space.init_unconstrained())
-        self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale)))
+        # in the model's floating dtype (a float64 model's layers multiply these into their weights)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        self.hparams = nn.Parameter(space.init_unconstrained().to(dtype))
+        self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale), dtype=dtype))
         self._state = HyperState(space, batch_dim=batch_dim)
         #: what :func:`hypernetize` did: converted layers by name, and layers with weights left plain (why)
         self.converted: dict[str, str] = {}
@@ -274,13 +276,14 @@ class HyperNet(nn.Module):
                                 p.mul_(cap / norm)
 
     def general_parameters(self) -> list[nn.Parameter]:
-        """Every model weight that is not a response parameter (the plain network)."""
+        """Every model weight that trains and is not a response parameter (the plain network); weights
+        the user froze (``requires_grad=False``) are left out, so no optimizer or hypergradient sees them."""
         response = {id(p) for p in self.response_parameters()}
-        return [p for p in self.model.parameters() if id(p) not in response]
+        return [p for p in self.model.parameters() if id(p) not in response and p.requires_grad]
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        """All model weights (general and response), excluding hyperparameters and scales."""
-        return list(self.model.parameters())
+        """All model weights that train (general and response), excluding hyperparameters and scales."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU,
@@ -328,7 +331,30 @@ def _convert_attention(module: nn.MultiheadAttention, encoding_size: int, form: 
     return new.to(device=module.out_proj.weight.device, dtype=module.out_proj.weight.dtype)
 
 
+#: A parameter's name in a plain attention and in its best-response form (which holds nn.Linear projections).
+_RENAMED = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}
+
+
+def keep_frozen(old: nn.Module, new: nn.Module) -> None:
+    """Freeze in ``new`` every weight frozen in ``old`` (``requires_grad=False``), matched by name: a
+    converted or exported layer is a fresh module whose parameters would otherwise all train, silently
+    un-freezing a backbone the user froze. New parameters (a response path) keep training."""
+    params = dict(new.named_parameters())
+    inverse = {v: k for k, v in _RENAMED.items()}
+    for name, p in old.named_parameters():
+        if not p.requires_grad:
+            target = next((params[n] for n in (name, _RENAMED.get(name), inverse.get(name)) if n in params), None)
+            if target is not None:
+                target.requires_grad_(False)
+
+
 def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
+    new = _converted(module, encoding_size, form)
+    keep_frozen(module, new)
+    return new
+
+
+def _converted(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
     if isinstance(module, nn.LSTM | nn.GRU):
         return _convert_recurrent(module, encoding_size, form)
     if isinstance(module, nn.MultiheadAttention):
@@ -401,7 +427,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     """
     named = dict(model.named_modules())
     if modules is None:
-        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE
+        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE and not _frozen(m)
                    and not (isinstance(m, nn.MultiheadAttention) and _attention_plain_reason(m))]
     else:
         targets = list(modules)
@@ -424,6 +450,13 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     net.converted = converted
     net.left_plain = _left_plain(named, set(targets))
     return net
+
+
+def _frozen(module: nn.Module) -> bool:
+    """Whether every weight of ``module`` is frozen: a layer that does not train needs no response (and a
+    response would train it away from what the user froze), so it stays plain."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
@@ -476,6 +509,8 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str]) -> dict[str, s
         reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
         if isinstance(module, nn.MultiheadAttention):
             reason = _attention_plain_reason(module)
+        if reason is None and type(module) in CONVERTIBLE and _frozen(module):
+            reason = "frozen (requires_grad=False): it does not train, so it needs no response"
         if reason is None:
             reason = ("not in modules=" if type(module) in CONVERTIBLE
                       else f"{type(module).__name__} has no best-response form")
