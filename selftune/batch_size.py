@@ -126,9 +126,9 @@ def _vmapped(loss: LossFn, params: dict[str, torch.Tensor], x: torch.Tensor, y: 
              batch_dim: int) -> torch.Tensor:
     import torch
 
-    from .batches import batch_axis
+    from .batches import data_axis
 
-    ax, ay = batch_axis(x, n, batch_dim), batch_axis(y, n, batch_dim)
+    ax, ay = data_axis(x, n, batch_dim), data_axis(y, n, batch_dim)
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return loss(p, xi.unsqueeze(ax), yi.unsqueeze(ay))

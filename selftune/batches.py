@@ -191,6 +191,19 @@ def batch_axis(t: torch.Tensor, n: int, batch_dim: int) -> int:
                      f"(batch_dim={batch_dim}); put the batch in dimension {batch_dim} or 0")
 
 
+def data_axis(t: torch.Tensor, n: int, batch_dim: int) -> int:
+    """The dimension of a tensor of a *data* batch (inputs, targets) that holds its ``n`` examples.
+
+    Unlike an activation inside a model, a data batch of a sequence-first model has a known layout:
+    selftune stacks such batches with the examples in dimension 1 of every tensor of two or more
+    dimensions (and a user's ``collate_fn`` for such a model does the same), so a ``(T, B)`` batch whose
+    ``T`` equals ``B`` is cut along dimension 1, where :func:`batch_axis` could not tell.
+    """
+    if batch_dim == 1 and t.dim() >= 2 and t.shape[1] == n:
+        return 1
+    return batch_axis(t, n, batch_dim)
+
+
 def head(x: Any, k: int, batch_dim: int = 0, n: int | None = None) -> Any:
     """The first ``k`` examples of a (possibly nested) batch of ``n`` (see :func:`rows`)."""
     return rows(x, 0, k, batch_dim, n)
@@ -202,7 +215,7 @@ def rows(x: Any, start: int, stop: int, batch_dim: int = 0, n: int | None = None
     if isinstance(x, torch.Tensor):
         if batch_dim == 0 or n is None:
             return x[start:stop]
-        axis = batch_axis(x, n, batch_dim)
+        axis = data_axis(x, n, batch_dim)
         return x.narrow(axis, start, max(min(stop, x.shape[axis]) - start, 0))
     if isinstance(x, Mapping):
         return _like(x, {key: rows(v, start, stop, batch_dim, n) for key, v in x.items()})

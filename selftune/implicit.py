@@ -41,6 +41,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .algorithms import Fixed, register
 from .batches import batch_size as batch_of
@@ -176,7 +177,9 @@ class ImplicitDifferentiation(Fixed):
         values = net.space.discretize(net.space.to_constrained(u))
         if tuner.augment is not None:
             x = tuner.augment(x, tuner._lookup(values.detach()), tuner.generator)
-        with net.relaxed(self.settings.relax_temperature):
+        # PyTorch's fused attention kernels (flash, memory-efficient) have no double backward; the math
+        # one does, and this graph is differentiated again (a Transformer's attention)
+        with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH):
             outputs = net(x, u, respond=False, generator=tuner.generator)
         loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
         return list(torch.autograd.grad(loss, weights, create_graph=True))

@@ -73,6 +73,20 @@ def test_each_architecture_is_converted_and_every_hyperparameter_gets_a_hypergra
     assert all(tuner.log.hypergrad_seen), f"{name}: {dict(zip(net.space.names, tuner.log.hypergrad_seen))}"
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("method", ["ift", "one-pass"])
+def test_the_second_order_methods_differentiate_each_architecture_twice(name, method):
+    """ift and one-pass differentiate the training gradient again: an attention must not run on a fused
+    kernel without a double backward (PyTorch's flash attention on CPU has none)."""
+    torch.manual_seed(0)
+    net = st.hypernetize(MODELS[name](), space())
+    x, y = sequences()
+    tuner = st.SelfTuner(net, (x[:64], y[:64]), (x[64:], y[64:]), method=method, settings=st.TunerSettings(
+        batch_size=16, warmup_epochs=0, lr=0.05), seed=0)
+    fit = tuner.fit(3)
+    assert fit.compute["hyper_steps"] >= 1 and torch.isfinite(net.hparams).all()
+
+
 def test_the_summary_names_what_was_converted_and_what_was_left_plain():
     net = st.hypernetize(Encoder(), space())
     text = net.summary()
@@ -175,3 +189,51 @@ def test_without_batch_dim_a_sequence_first_model_is_refused_in_one_line():
     x, y = sequences()  # stacked batch-first, (B, 7, 4): the model reads 7 examples of length B
     with pytest.raises(st.errors.DataError, match=r"7 output rows for 2 examples.*batch_dim=1"):
         st.SelfTuner(net, (x[:64], y[:64]), (x[64:], y[64:]), settings=st.TunerSettings(batch_size=16))
+
+
+class SequenceFirstLM(nn.Module):
+    def __init__(self, vocab=30):
+        super().__init__()
+        self.vocab = vocab
+        self.embed, self.drop = nn.Embedding(vocab, 16), st.Dropout("p", locked=True)
+        self.rnn, self.head = nn.LSTM(16, 16), nn.Linear(16, vocab)
+
+    def forward(self, x):  # (T, B) ids -> (T, B, vocab)
+        h, _ = self.rnn(self.drop(self.embed(x)))
+        return self.head(self.drop(h))
+
+
+def lm_batches(vocab=30, steps=6):
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randint(0, vocab, (38, steps + 1), generator=g), torch.randint(0, vocab, (12, steps + 1), generator=g)
+    return (x[:, :-1], x[:, 1:]), (xv[:, :-1], xv[:, 1:])
+
+
+def lm_loss(out, y):
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def test_a_sequence_first_batch_as_long_as_it_is_wide_is_cut_along_its_batch():
+    """(T, B) token batches with T == B (here every epoch's last batch: 38 = 4 x 8 + 6, T = 6): Delta-STN's
+    response step cuts the examples, not the time steps."""
+    torch.manual_seed(0)
+    train, val = lm_batches()
+    net = st.hypernetize(SequenceFirstLM(), st.Space([st.Float("p", 0.0, 0.9, 0.3)]), batch_dim=1)
+    fit = st.SelfTuner(net, train, val, method="delta-stn", loss=lm_loss,
+                       settings=st.TunerSettings(lr=0.1, batch_size=8, warmup_epochs=1), seed=0).fit(3)
+    assert fit.compute["hyper_steps"] > 0 and torch.isfinite(net.hparams).all()
+
+
+def test_accumulating_sequence_first_batches_as_long_as_they_are_wide_equals_the_large_batch():
+    """Micro-batches of a (6, 6) batch are examples 0-2 and 3-5, not time steps: the accumulated run trains
+    as the run on whole batches (no dropout, so the two draw nothing different)."""
+    train, val = lm_batches()
+    nets = []
+    for batch, accumulate in ((6, 1), (3, 2)):
+        torch.manual_seed(0)
+        net = st.hypernetize(SequenceFirstLM(), st.Space([st.Float("p", 0.0, 0.9, 0.0)]), batch_dim=1)
+        st.SelfTuner(net, train, val, method="fixed", loss=lm_loss, seed=0, settings=st.TunerSettings(
+            lr=0.1, batch_size=batch, accumulate=accumulate)).fit(2)
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
