@@ -252,6 +252,8 @@ class DeltaSTN(Algorithm):
         dim = tuner.net.batch_dim
         n = batch_size(x, dim)
         keep = max(1, math.ceil(self.settings.response_fraction * n))
+        if keep == 1 and n > 1 and tuner.batch_norm:  # BatchNorm cannot train on one example
+            keep = 2
         x, y = head(x, keep, dim, n), head(y, keep, dim, n)
         u = tuner.net.perturb(keep, tuner.generator).detach()
         with tuner.frozen(tuner.general_params):

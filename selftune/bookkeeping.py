@@ -26,11 +26,14 @@ class BatchOrder:
     seed and a restored order continues exactly.
     """
 
-    def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int) -> None:
+    def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int, *,
+                 drop_last: bool = False) -> None:
         self.n_train, self.n_val = n_train, n_val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        #: an epoch ends where fewer than a batch's examples are left (``tuner.drop_last``)
+        self.drop_last = drop_last
         #: batches of an epoch at the starting batch size (the unit of planned steps and schedules)
-        self.batches_per_epoch = max(1, math.ceil(n_train / batch_size))
+        self.batches_per_epoch = max(1, n_train // batch_size if drop_last else math.ceil(n_train / batch_size))
         self.epoch = 0
         self.batch = 0
         self.pos = 0  # examples of this epoch's permutation drawn so far (the batch size may grow mid-epoch)
@@ -44,7 +47,7 @@ class BatchOrder:
 
     @property
     def epoch_done(self) -> bool:
-        return self.pos >= self.n_train
+        return self.pos >= self.n_train or (self.drop_last and self.n_train - self.pos < self.batch_size)
 
     def next_train(self, generator: torch.Generator) -> torch.Tensor:
         """Indices of the next training batch (a new permutation at the start of each epoch)."""

@@ -85,6 +85,10 @@ class TunerSettings(BaseModel):
                        "training examples, forwards and backwards them batch_size at a time, sums the gradients and "
                        "steps once: the step of a batch accumulate times larger in the memory of batch_size. Steps, "
                        "train_steps and schedules count weight steps")
+    drop_last: bool = Field(
+        False, description="drop each epoch's last training batch when it holds fewer than batch_size x accumulate "
+                           "examples, as DataLoader(drop_last=True) does (a training DataLoader with drop_last=True "
+                           "sets it too): a model with BatchNorm cannot train on a batch of one example")
     adaptive_batch: AdaptiveBatchSettings | None = Field(
         None, description="[tuner.adaptive_batch]: grow the batch during the run when the per-example gradient "
                           "noise asks for it (AdAdaGrad's norm or inner-product test, selftune.batch_size); the run "

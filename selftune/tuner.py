@@ -332,7 +332,12 @@ class SelfTuner:
         self._check_targets()
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).
-        self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size)
+        drop_last = s.drop_last or (isinstance(train, DataLoader) and bool(train.drop_last))
+        _check_batch_norm(net, self.n_train, s, drop_last)
+        #: whether the model normalises over its batch (a response step then keeps at least 2 examples)
+        self.batch_norm = has_batch_norm(net)
+        self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size,
+                                drop_last=drop_last)
         # The batch can change (tuner.adaptive_batch grows it) and the rate can follow it (lr_batch_scaling).
         self._start_batch = s.batch_size * s.accumulate
         adaptive = s.adaptive_batch
@@ -515,7 +520,14 @@ class SelfTuner:
                 x, y = to_device(x, device), to_device(y, device)
                 if self.augment is not None and what == "train":
                     self._check_augment(x)
-                out = net(x)
+                try:
+                    out = net(x)
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+                    reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                    raise DataError(f"{what}: the model failed on the first examples ({reason}); its inputs are "
+                                    f"{_shape(x)}: make them what the model takes") from err
                 if self.objective.loss is None:
                     if not isinstance(out, torch.Tensor):
                         raise DataError(f"{what}: the model returns a {type(out).__name__}, and the default loss "
@@ -567,19 +579,24 @@ class SelfTuner:
     def _try_loss(self, out: Any, y: Any, what: str, loss: bool = True) -> None:
         """The user's loss (unless ``loss`` is false) and metrics on a first batch: a shape mismatch, or a
         metric that is not one number, is a DataError naming both."""
-        def shape(v: Any) -> str:
-            return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
-
         checks = [*((("loss", self.objective.eval_loss),) if loss else ()),
                   *((f"metrics[{k!r}]", m) for k, m in self.metrics.items())]
         for name, fn in checks:
             try:
-                value = fn(out, y)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    value = fn(out, y)
                 float(value)
             except Exception as err:
                 reason = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
-                                f"model's outputs are {shape(out)} and the targets {shape(y)}") from err
+                                f"model's outputs are {_shape(out)} and the targets {_shape(y)}") from err
+            for w in caught:
+                if "broadcasting" in str(w.message):  # PyTorch's mse/l1/huber on (B, 1) outputs and (B,) targets
+                    raise DataError(f"{what}: {name}(outputs, targets) broadcasts the model's outputs {_shape(out)} "
+                                    f"against the targets {_shape(y)}, which pairs every output with every target; "
+                                    "make them one shape, e.g. loss=lambda out, y: mse_loss(out.squeeze(-1), y)")
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours: pass it on
 
     # -- views kept for callbacks and users ------------------------------------------------------------
     @property
@@ -1398,6 +1415,37 @@ class SelfTuner:
             self._build_torch_schedule()
             assert self._torch_schedule is not None
             self._torch_schedule.load_state_dict(state["lr_scheduler"])
+
+
+def has_batch_norm(net: torch.nn.Module) -> bool:
+    """Whether ``net`` normalises over its batch (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), which cannot
+    train on a batch of one example."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def _check_batch_norm(net: torch.nn.Module, n_train: int, s: TunerSettings, drop_last: bool) -> None:
+    """Refuse, before training, a run whose BatchNorm would meet a training batch of one example (PyTorch
+    raises "Expected more than 1 value per channel" at that step, mid-run)."""
+    if not has_batch_norm(net):
+        return
+    if s.batch_size == 1:
+        raise ConfigError("tuner.batch_size", "the model has BatchNorm, which cannot train on batches of 1 "
+                                              "example; use at least 2")
+    step = s.batch_size * s.accumulate
+    if not drop_last and s.adaptive_batch is None and n_train % step == 1:
+        raise ConfigError("tuner.drop_last", f"each epoch's last batch holds 1 example ({n_train} training examples, "
+                                             f"{step} per step), which the model's BatchNorm cannot train on; set "
+                                             "tuner.drop_last = true or another batch size")
+    if not drop_last and s.accumulate > 1 and (n_train % step) % s.batch_size == 1:
+        raise ConfigError("tuner.drop_last", f"each epoch's last batch ends in a micro-batch of 1 example "
+                                             f"({n_train} training examples, {step} per step, {s.batch_size} per "
+                                             "micro-batch), which the model's BatchNorm cannot train on; set "
+                                             "tuner.drop_last = true or another batch size")
+
+
+def _shape(v: Any) -> str:
+    """A batch's shape for a message: a tensor's, else its type (a dict or tuple of inputs)."""
+    return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 def _copy_module(module: torch.nn.Module) -> torch.nn.Module:

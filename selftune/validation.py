@@ -262,8 +262,10 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
 
 
 #: How to say "this is regression": the default loss is cross-entropy, so float targets need a loss.
-_REGRESSION_FIX = ("floating-point targets that are values to predict need a regression loss: pass "
-                   "loss=torch.nn.functional.mse_loss (SelfTuner(loss=...) or Task(loss=...))")
+_REGRESSION_FIX = ("floating-point targets that are values to predict need a regression loss of outputs shaped "
+                   "as the targets: pass loss=lambda out, y: torch.nn.functional.mse_loss(out.squeeze(-1), y) for "
+                   "(N,) targets and a one-output head, or mse_loss for targets shaped as the outputs "
+                   "(SelfTuner(loss=...) or Task(loss=...))")
 
 
 def _check_probabilities(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:

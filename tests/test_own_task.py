@@ -461,3 +461,53 @@ def test_a_torch_scheduler_that_ends_at_a_rate_of_zero_finishes_and_records_it()
                                                  lr_scheduler_args={"total_iters": 2},
                                                  lr_scheduler_interval="epoch")).fit(4)
     assert fit.schedule is not None and fit.schedule.lr is not None and fit.schedule.lr[-1] == 0.0
+
+
+def test_inputs_the_model_cannot_take_and_a_broadcasting_loss_are_one_line_errors():
+    x, y = regression()
+    net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+    with pytest.raises(DataError, match=r"^val: the model failed on the first examples \(RuntimeError: mat1 and "
+                                        r"mat2 .*\); its inputs are \(2, 5\)"):
+        st.SelfTuner(net, (x[:160], y[:160]), (x[160:200, :5], y[160:200]), loss=mse)
+    with pytest.raises(DataError, match=r"^train: loss\(outputs, targets\) broadcasts the model's outputs \(2, 1\) "
+                                        r"against the targets \(2,\)"):
+        st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=F.mse_loss)
+
+
+def batch_norm_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), st.Dropout("drop"), nn.Linear(16, 1))
+    return st.hypernetize(model, st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+
+
+def test_a_batch_norm_model_never_meets_a_batch_of_one():
+    """17 training rows in batches of 8 leave one row per epoch, which BatchNorm cannot train on: refused
+    before training, naming the fix; ``drop_last`` (the setting, or the user's DataLoader's) drops it, and
+    Delta-STN's response step keeps two examples of a small batch."""
+    x, y = regression(60)
+    train, val = (x[:17], y[:17]), (x[40:], y[40:])
+    with pytest.raises(ConfigError, match=r"^tuner.drop_last: each epoch's last batch holds 1 example \(17 training "
+                                          r"examples, 8 per step\)"):
+        st.SelfTuner(batch_norm_net(), train, val, loss=mse, settings=st.TunerSettings(batch_size=8))
+    with pytest.raises(ConfigError, match=r"^tuner.batch_size: the model has BatchNorm"):
+        st.SelfTuner(batch_norm_net(), train, val, loss=mse, settings=st.TunerSettings(batch_size=1))
+    loader = DataLoader(torch.utils.data.TensorDataset(*train), batch_size=8, drop_last=True)
+    for data, settings in ((loader, {}), (train, {"drop_last": True})):
+        tuner = st.SelfTuner(batch_norm_net(), data, val, loss=mse, method="delta-stn",
+                             settings=st.TunerSettings(batch_size=8, warmup_epochs=0, response_fraction=0.1,
+                                                       **settings))
+        tuner.fit(3)
+        assert tuner.batches_per_epoch == 2 and tuner.counters.steps == 6 and torch.isfinite(tuner.net.hparams).all()
+
+
+def test_drop_last_leaves_the_order_of_full_batches_unchanged():
+    x, y = regression(60)
+    runs = []
+    for drop_last in (False, True):
+        net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+        tuner = st.SelfTuner(net, (x[:20], y[:20]), (x[40:], y[40:]), loss=mse, method="fixed",
+                             settings=st.TunerSettings(batch_size=8, drop_last=drop_last, log_every=1))
+        tuner.fit(2)
+        runs.append(tuner)
+    assert [r.counters.steps for r in runs] == [6, 4]
+    assert runs[0].trajectory[0]["train_loss"] == runs[1].trajectory[0]["train_loss"]  # the same first batch
