@@ -132,8 +132,9 @@ def trial_digest(config: RunConfig) -> str:
 
     task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": True,
                                                    "tuner": set(TUNING_ONLY)})
-    if task["tuner"].get("keep") == "last":  # the default, older than the setting: studies named before it go on
-        del task["tuner"]["keep"]
+    for key, default in (("keep", "last"), ("drop_last", False)):
+        if task["tuner"].get(key) == default:  # a default newer than the study: studies named before it go on
+            del task["tuner"][key]
     if config.task is not None:
         path, _, func = config.task.source.rpartition(":")
         file = Path(path)
