@@ -256,7 +256,7 @@ class DeltaSTN(Algorithm):
             keep = 2
         x, y = head(x, keep, dim, n), head(y, keep, dim, n)
         u = tuner.net.perturb(keep, tuner.generator).detach()
-        with tuner.frozen(tuner.general_params):
+        with tuner.frozen(tuner.general_params), tuner.kept_statistics():
             tuner.weight_step(x, y, u, "response", linearize=self.settings.linearize)
         return loss
 

@@ -179,7 +179,7 @@ class ImplicitDifferentiation(Fixed):
             x = tuner.augment(x, tuner._lookup(values.detach()), tuner.generator)
         # PyTorch's fused attention kernels (flash, memory-efficient) have no double backward; the math
         # one does, and this graph is differentiated again (a Transformer's attention)
-        with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH):
+        with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH), tuner.kept_statistics():
             outputs = net(x, u, respond=False, generator=tuner.generator)
         loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
         return list(torch.autograd.grad(loss, weights, create_graph=True))

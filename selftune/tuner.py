@@ -1184,6 +1184,29 @@ class SelfTuner:
         index = self.net.space.index
         return lambda name: values[:, index(name)]
 
+    @contextmanager
+    def kept_statistics(self) -> Iterator[None]:
+        """Leave BatchNorm's running statistics as they are across one extra training-mode pass (Delta-STN's
+        response step at perturbed values, ``ift``'s second pass over a batch): evaluation normalises with
+        the statistics of the plain network's own steps, as fixed training's, and each batch counts once."""
+        if not self.batch_norm:
+            yield
+            return
+        layers = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        # the pass updates copies, and the originals are put back: a graph that differentiates the pass
+        # again (ift) keeps the copies it saved, so nothing it needs is changed in place
+        saved = [{n: getattr(m, n) for n in names if getattr(m, n) is not None} for m in layers]
+        for m, buffers in zip(layers, saved, strict=True):
+            for n, b in buffers.items():
+                setattr(m, n, b.clone())
+        try:
+            yield
+        finally:
+            for m, buffers in zip(layers, saved, strict=True):
+                for n, b in buffers.items():
+                    setattr(m, n, b)
+
     @staticmethod
     @contextmanager
     def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:

@@ -511,3 +511,15 @@ def test_drop_last_leaves_the_order_of_full_batches_unchanged():
         runs.append(tuner)
     assert [r.counters.steps for r in runs] == [6, 4]
     assert runs[0].trajectory[0]["train_loss"] == runs[1].trajectory[0]["train_loss"]  # the same first batch
+
+
+@pytest.mark.parametrize("method", ["delta-stn", "ift", "fixed"])
+def test_batch_norm_statistics_count_the_plain_steps_only(method):
+    """Delta-STN's response step and ift's second pass over a batch run in training mode: BatchNorm's
+    running statistics must not take them in (they are at perturbed values, or the same batch again)."""
+    x, y = regression(60)
+    tuner = st.SelfTuner(batch_norm_net(), (x[:32], y[:32]), (x[40:], y[40:]), loss=mse, method=method,
+                         settings=st.TunerSettings(batch_size=8, warmup_epochs=0))
+    tuner.fit(3)
+    bn = tuner.net.model[1]
+    assert int(bn.num_batches_tracked) == tuner.counters.steps == 12
