@@ -123,14 +123,14 @@ class Algorithm:
     def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
         """The user's optimizer class over ``groups``: ``tuner.momentum`` reaches SGD only (as before
         any optimizer could be named), ``optimizer_args`` override the rest."""
-        from .settings import optimizer_class, optimizer_label
+        from .settings import optimizer_class, optimizer_label, takes_sgd_momentum
 
         s = self.settings
         cls = optimizer_class(s.optimizer)
         kwargs: dict = {"lr": self.lr}
         if s.weight_decay or "weight_decay" in inspect.signature(cls.__init__).parameters:
             kwargs["weight_decay"] = s.weight_decay  # a user's class without one is refused a nonzero decay
-        if cls is torch.optim.SGD:
+        if takes_sgd_momentum(cls):
             # a momentum bound to a hyperparameter is written into the group by the tuner before every step
             kwargs["momentum"] = s.momentum if isinstance(s.momentum, float) else 0.9
         kwargs.update(s.optimizer_args)
@@ -252,7 +252,7 @@ class DeltaSTN(Algorithm):
         dim = tuner.net.batch_dim
         n = batch_size(x, dim)
         keep = max(1, math.ceil(self.settings.response_fraction * n))
-        if keep == 1 and n > 1 and tuner.batch_norm:  # BatchNorm cannot train on one example
+        if tuner.needs_two and keep == 1 and n > 1:  # BatchNorm cannot train on one example
             keep = 2
         x, y = head(x, keep, dim, n), head(y, keep, dim, n)
         u = tuner.net.perturb(keep, tuner.generator).detach()

@@ -27,13 +27,17 @@ class BatchOrder:
     """
 
     def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int, *,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, fold_single: bool = False) -> None:
         self.n_train, self.n_val = n_train, n_val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         #: an epoch ends where fewer than a batch's examples are left (``tuner.drop_last``)
         self.drop_last = drop_last
+        #: a single example left after a batch joins that batch (a model that cannot train on one example)
+        self.fold_single = fold_single and not drop_last
         #: batches of an epoch at the starting batch size (the unit of planned steps and schedules)
-        self.batches_per_epoch = max(1, n_train // batch_size if drop_last else math.ceil(n_train / batch_size))
+        whole = n_train // batch_size
+        self.batches_per_epoch = max(1, whole if drop_last or (self.fold_single and n_train % batch_size == 1)
+                                     else math.ceil(n_train / batch_size))
         self.epoch = 0
         self.batch = 0
         self.pos = 0  # examples of this epoch's permutation drawn so far (the batch size may grow mid-epoch)
@@ -46,6 +50,19 @@ class BatchOrder:
         return torch.randperm(n, generator=generator, device=generator.device).cpu()
 
     @property
+    def epoch_examples(self) -> int:
+        """Training examples an epoch trains on: all of them, less a short last batch ``drop_last`` drops."""
+        return self.n_train - self.n_train % self.batch_size if self.drop_last else self.n_train
+
+    def steps_left(self, pos: int) -> int:
+        """Weight steps of an epoch from position ``pos`` on, at the current batch size."""
+        left = max(self.n_train - pos, 0)
+        if self.drop_last:
+            return left // self.batch_size
+        steps = math.ceil(left / self.batch_size)
+        return steps - 1 if self.fold_single and steps > 1 and left % self.batch_size == 1 else steps
+
+    @property
     def epoch_done(self) -> bool:
         return self.pos >= self.n_train or (self.drop_last and self.n_train - self.pos < self.batch_size)
 
@@ -53,7 +70,10 @@ class BatchOrder:
         """Indices of the next training batch (a new permutation at the start of each epoch)."""
         if self.perm is None:
             self.perm = self._randperm(self.n_train, generator)
-        index = self.perm[self.pos:self.pos + self.batch_size]
+        stop = self.pos + self.batch_size
+        if self.fold_single and self.n_train - stop == 1 and stop > self.pos + 1:
+            stop += 1
+        index = self.perm[self.pos:stop]
         self.pos += len(index)
         self.batch += 1
         return index

@@ -112,7 +112,7 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
             lines.append(f"{tuner.method}: {' and '.join(cut)}, to keep the run within {state['budget']:g} plain "
                          "runs' examples (tuner.compute_budget)")
         if "budget" in state and tuner.planned_epochs:
-            used = log.counters.examples / (tuner.planned_epochs * tuner.order.n_train)
+            used = log.counters.examples / (tuner.planned_epochs * tuner.order.epoch_examples)
             if used > float(state["budget"]) + 1e-9:
                 # roll-backs after the plan re-trained the steps they discarded, and those examples count (the
                 # plan counted those before it); otherwise the budget went before the implicit steps began

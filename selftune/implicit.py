@@ -74,12 +74,12 @@ def spacing(tuner: SelfTuner, budget: float, *, terms_first: bool = True,
     scripts/budget_variants.py). ``power_iteration=False``: the series' step size needs no power iteration
     (``one-pass`` steps with the weights' own update, :mod:`selftune.onepass`)."""
     s, order = tuner.settings, tuner.order
-    n, epochs, b = order.n_train, tuner.planned_epochs, order.batch_size
+    n, epochs, b = order.epoch_examples, tuner.planned_epochs, order.batch_size
     plain = epochs * n
     done = min(order.epoch * n + order.pos, plain)
     # weight steps still to come, each epoch ending in its own short batch; hyper steps begin after the warm-up
-    per_epoch = math.ceil(n / b)
-    remaining = math.ceil(max(n - order.pos, 0) / b) + max(epochs - order.epoch - 1, 0) * per_epoch
+    per_epoch = order.steps_left(0)
+    remaining = order.steps_left(order.pos) + max(epochs - order.epoch - 1, 0) * per_epoch
     tuned_from = min(s.warmup_epochs, epochs)  # the first epoch that takes hyper steps
     steps = remaining if order.epoch >= tuned_from else (epochs - tuned_from) * per_epoch
     first = tuner.log.counters.steps + remaining - steps  # weight steps done before the first of them

@@ -281,13 +281,13 @@ class TunerSettings(BaseModel):
             if key == "weight_decay":  # it would silently replace tuner.weight_decay
                 raise ConfigError("tuner.optimizer_args.weight_decay", "set tuner.weight_decay instead (or tune a "
                                                                        "decay through [objective] weight_decay)")
-            if key == "momentum" and cls is torch.optim.SGD:  # SGD takes tuner.momentum, which it would replace
+            if key == "momentum" and takes_sgd_momentum(cls):  # SGD takes tuner.momentum, which it would replace
                 raise ConfigError("tuner.optimizer_args.momentum", "SGD takes its momentum from tuner.momentum (a "
                                                                    "number, or a hyperparameter's name); set it there")
             if key not in takes and not anything:
                 raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of {optimizer_label(cls)}; it "
                                                                  f"takes {', '.join(sorted(takes - {'lr'}))}")
-        if isinstance(self.momentum, float) and cls is not torch.optim.SGD:
+        if isinstance(self.momentum, float) and not takes_sgd_momentum(cls):
             self._check_numeric_momentum(cls, takes)
         if self.rollback_val_ratio is not None and 0 < self.rollback_val_ratio < 2:
             raise ConfigError("tuner.rollback_val_ratio",
@@ -416,6 +416,12 @@ def optimizer_class(name: str) -> type:
                          "or your own as 'package.module:Class' or 'path/to/file.py:Class'") from None
 
 
+def takes_sgd_momentum(cls: type) -> bool:
+    """Whether ``tuner.momentum`` (a number) reaches ``cls``: SGD, and a user's subclass of it that still
+    takes a ``momentum`` argument."""
+    return issubclass(cls, torch.optim.SGD) and "momentum" in _init_parameters(cls)
+
+
 def optimizer_label(cls: type) -> str:
     """How errors name an optimizer class: ``torch.optim.AdamW``, or a user's ``module.Class``."""
     module = cls.__module__
@@ -450,10 +456,12 @@ def optimizer_source(cls: type) -> str:
         raise ConfigError("tuner.optimizer", f"{cls!r} is not a subclass of torch.optim.Optimizer")
     if cls.__module__.startswith("torch.optim") and getattr(torch.optim, cls.__name__, None) is cls:
         return cls.__name__.lower()
-    source = f"{cls.__module__}:{cls.__qualname__}"
     module = sys.modules.get(cls.__module__)
     if "." in cls.__qualname__ or module is None or getattr(module, cls.__qualname__, None) is not cls:
         raise ConfigError("tuner.optimizer", f"{cls.__qualname__} must be defined at the top level of a module "
                                              "(a run records it by name, 'module:Class', to resume); or pass "
                                              "'path/to/file.py:Class'")
-    return source
+    file = getattr(module, "__file__", None)
+    if cls.__module__.startswith("selftune_task_") and file:  # loaded from a file path: recorded as that path
+        return f"{Path(file).resolve()}:{cls.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}"

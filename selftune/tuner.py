@@ -333,11 +333,18 @@ class SelfTuner:
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).
         drop_last = s.drop_last or (isinstance(train, DataLoader) and bool(train.drop_last))
-        _check_batch_norm(net, self.n_train, s, drop_last)
-        #: whether the model normalises over its batch (a response step then keeps at least 2 examples)
+        if drop_last != s.drop_last:  # a DataLoader's drop_last: the settings say what the run does
+            self.settings = s = s.model_copy(update={"drop_last": drop_last})
+        #: whether the model normalises over its batch (its running statistics skip extra passes)
         self.batch_norm = has_batch_norm(net)
+        #: whether the model cannot train on a batch of one example (BatchNorm over features alone): a
+        #: leftover example joins the batch before it, and a response step keeps at least two
+        self.needs_two = self.batch_norm and self._fails_on_one_example()
+        if self.needs_two and s.batch_size == 1:
+            raise ConfigError("tuner.batch_size", "the model's BatchNorm cannot train on batches of 1 example; use "
+                                                  "at least 2")
         self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size,
-                                drop_last=drop_last)
+                                drop_last=drop_last, fold_single=self.needs_two)
         # The batch can change (tuner.adaptive_batch grows it) and the rate can follow it (lr_batch_scaling).
         self._start_batch = s.batch_size * s.accumulate
         adaptive = s.adaptive_batch
@@ -543,6 +550,23 @@ class SelfTuner:
         if self.objective.loss is None:
             check_all_targets(source.dataset, classes, what)
 
+    def _fails_on_one_example(self) -> bool:
+        """Whether a training-mode pass over one training example fails as BatchNorm does on a batch of one
+        (over features alone: ``BatchNorm1d`` on ``(B, C)``; a ``BatchNorm2d`` has pixels to average over)."""
+        net, device = self.net, self.net.hparams.device
+        x, _ = self.sources["train"].take(torch.arange(1), self.fields)
+        was_training = net.training
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    self.kept_statistics():
+                net.train()
+                net(to_device(x, device))
+        except ValueError as err:
+            return "Expected more than 1 value per channel" in str(err)
+        finally:
+            net.train(was_training)
+        return False
+
     def _check_augment(self, x: torch.Tensor) -> None:
         """Run the augmentations once on the first training examples (their own generator: the run's
         draws are untouched), so inputs they cannot take (cutout on a table's rows) are a one-line error
@@ -583,20 +607,24 @@ class SelfTuner:
                   *((f"metrics[{k!r}]", m) for k, m in self.metrics.items())]
         for name, fn in checks:
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with warnings.catch_warnings():
+                    # PyTorch's mse/l1/huber warn on (B, 1) outputs against (B,) targets; other warnings pass
+                    warnings.filterwarnings("error", message=".*broadcasting.*", category=UserWarning)
                     value = fn(out, y)
                 float(value)
+            except UserWarning as err:
+                if "broadcasting" not in str(err):  # another warning a user's filter made an error: theirs
+                    raise
+                squeeze = isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and \
+                    out.shape[-1:] == (1,) and out.shape[:-1] == y.shape
+                raise DataError(f"{what}: {name}(outputs, targets) broadcasts the model's outputs {_shape(out)} "
+                                f"against the targets {_shape(y)}, which pairs outputs with the wrong targets; "
+                                "make them one shape" + (", e.g. loss=lambda out, y: mse_loss(out.squeeze(-1), y)"
+                                                         if squeeze else "")) from err
             except Exception as err:
                 reason = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
                                 f"model's outputs are {_shape(out)} and the targets {_shape(y)}") from err
-            for w in caught:
-                if "broadcasting" in str(w.message):  # PyTorch's mse/l1/huber on (B, 1) outputs and (B,) targets
-                    raise DataError(f"{what}: {name}(outputs, targets) broadcasts the model's outputs {_shape(out)} "
-                                    f"against the targets {_shape(y)}, which pairs every output with every target; "
-                                    "make them one shape, e.g. loss=lambda out, y: mse_loss(out.squeeze(-1), y)")
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours: pass it on
 
     # -- views kept for callbacks and users ------------------------------------------------------------
     @property
@@ -1003,8 +1031,10 @@ class SelfTuner:
         total, size, value = batch_of(x, net.batch_dim), self.settings.batch_size, 0.0
         # Gradient accumulation: micro-batches of batch_size, each loss weighted by its share of the
         # batch, so the summed gradient is the whole batch's mean-loss gradient (decay term included once).
-        for start in range(0, total, size):
-            stop = min(start + size, total)
+        bounds = [(start, min(start + size, total)) for start in range(0, total, size)]
+        if self.needs_two and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], total)]  # a micro-batch of one example joins the one before
+        for start, stop in bounds:
             whole = start == 0 and stop == total
             dim = net.batch_dim
             loss = self._micro_step(x if whole else rows(x, start, stop, dim, total),
@@ -1420,10 +1450,16 @@ class SelfTuner:
             opt.load_state_dict(state["optimizers"][key])
         self.generator.set_state(state["generator"])
         if state.get("torch_rng") is not None:  # absent in checkpoints of selftune before stop 27
-            torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(state["torch_rng"].cpu())  # a checkpoint loaded with map_location="cuda"
         cuda_rng = state.get("cuda_rng")
-        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            if len(cuda_rng) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
+            else:  # another machine: the run goes on, with other draws in the model's own CUDA dropouts
+                warnings.warn(f"checkpoint: saved with {len(cuda_rng)} CUDA devices, resumed with "
+                              f"{torch.cuda.device_count()}; PyTorch's CUDA generators start afresh, so a model's own "
+                              "nn.Dropout on the GPU draws differently from the uninterrupted run",
+                              SelftuneWarning, stacklevel=2)
         self.order.load_state_dict(state["order"])
         self.log.load_state_dict(state["log"])
         if self.lr_tuner is not None:
@@ -1444,26 +1480,6 @@ def has_batch_norm(net: torch.nn.Module) -> bool:
     """Whether ``net`` normalises over its batch (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), which cannot
     train on a batch of one example."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
-def _check_batch_norm(net: torch.nn.Module, n_train: int, s: TunerSettings, drop_last: bool) -> None:
-    """Refuse, before training, a run whose BatchNorm would meet a training batch of one example (PyTorch
-    raises "Expected more than 1 value per channel" at that step, mid-run)."""
-    if not has_batch_norm(net):
-        return
-    if s.batch_size == 1:
-        raise ConfigError("tuner.batch_size", "the model has BatchNorm, which cannot train on batches of 1 "
-                                              "example; use at least 2")
-    step = s.batch_size * s.accumulate
-    if not drop_last and s.adaptive_batch is None and n_train % step == 1:
-        raise ConfigError("tuner.drop_last", f"each epoch's last batch holds 1 example ({n_train} training examples, "
-                                             f"{step} per step), which the model's BatchNorm cannot train on; set "
-                                             "tuner.drop_last = true or another batch size")
-    if not drop_last and s.accumulate > 1 and (n_train % step) % s.batch_size == 1:
-        raise ConfigError("tuner.drop_last", f"each epoch's last batch ends in a micro-batch of 1 example "
-                                             f"({n_train} training examples, {step} per step, {s.batch_size} per "
-                                             "micro-batch), which the model's BatchNorm cannot train on; set "
-                                             "tuner.drop_last = true or another batch size")
 
 
 def _shape(v: Any) -> str:

@@ -115,8 +115,9 @@ def test_dict_examples_without_a_target_key_name_the_keys():
 def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_shapes():
     x, y = regression(40)
     net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
-    with pytest.raises(DataError, match=r"train: loss\(outputs, targets\) failed.*outputs are \(2, 1\) and the "
-                                        r"targets \(2, 3\)"):
+    with pytest.raises(DataError, match=r"train: loss\(outputs, targets\) broadcasts the model's outputs \(2, 1\) "
+                                        r"against the targets \(2, 3\), which pairs outputs with the wrong targets; "
+                                        r"make them one shape$"):
         st.SelfTuner(net, (x[:30], y[:30, None].expand(-1, 3)), (x[30:], y[30:]), loss=mse,
                      settings=st.TunerSettings(batch_size=8))
     with pytest.raises(ConfigError, match="label_smoothing applies to the default cross-entropy only"):
@@ -481,23 +482,38 @@ def batch_norm_net():
 
 
 def test_a_batch_norm_model_never_meets_a_batch_of_one():
-    """17 training rows in batches of 8 leave one row per epoch, which BatchNorm cannot train on: refused
-    before training, naming the fix; ``drop_last`` (the setting, or the user's DataLoader's) drops it, and
-    Delta-STN's response step keeps two examples of a small batch."""
-    x, y = regression(60)
-    train, val = (x[:17], y[:17]), (x[40:], y[40:])
-    with pytest.raises(ConfigError, match=r"^tuner.drop_last: each epoch's last batch holds 1 example \(17 training "
-                                          r"examples, 8 per step\)"):
-        st.SelfTuner(batch_norm_net(), train, val, loss=mse, settings=st.TunerSettings(batch_size=8))
-    with pytest.raises(ConfigError, match=r"^tuner.batch_size: the model has BatchNorm"):
+    """17 training rows in batches of 8 leave one row per epoch, which BatchNorm1d cannot train on: it joins
+    the batch before it, or ``drop_last`` (the setting, or the user's DataLoader's) drops the short batch;
+    Delta-STN's response step keeps two examples, a micro-batch of one joins the one before, and a batch
+    that grows (adaptive) folds a leftover example too."""
+    x, y = regression(100)
+    train, val = (x[:17], y[:17]), (x[80:], y[80:])
+    with pytest.raises(ConfigError, match=r"^tuner.batch_size: the model's BatchNorm cannot train on batches of 1"):
         st.SelfTuner(batch_norm_net(), train, val, loss=mse, settings=st.TunerSettings(batch_size=1))
     loader = DataLoader(torch.utils.data.TensorDataset(*train), batch_size=8, drop_last=True)
-    for data, settings in ((loader, {}), (train, {"drop_last": True})):
+    for data, settings, steps in ((train, {}, 6), (loader, {}, 6), (train, {"drop_last": True}, 6),
+                                  ((x[:64], y[:64]), {"accumulate": 4, "response_fraction": 0.28}, 6),
+                                  ((x[:64], y[:64]), {"batch_size": 9, "adaptive_batch": st.AdaptiveBatchSettings(
+                                      eta=1e-9)}, None)):
         tuner = st.SelfTuner(batch_norm_net(), data, val, loss=mse, method="delta-stn",
-                             settings=st.TunerSettings(batch_size=8, warmup_epochs=0, response_fraction=0.1,
-                                                       **settings))
+                             settings=st.TunerSettings(**{"batch_size": 8, "warmup_epochs": 0,
+                                                          "response_fraction": 0.1, **settings}))
         tuner.fit(3)
-        assert tuner.batches_per_epoch == 2 and tuner.counters.steps == 6 and torch.isfinite(tuner.net.hparams).all()
+        assert steps is None or tuner.counters.steps == steps
+        assert tuner.settings.drop_last == (data is loader or "drop_last" in settings)
+        assert torch.isfinite(tuner.net.hparams).all()
+
+
+def test_a_batch_norm_over_pixels_still_trains_on_one_example():
+    """BatchNorm2d averages over an image's pixels, so a batch of one example trains: nothing is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), st.Dropout("drop"),
+                          nn.Flatten(), nn.Linear(4 * 16, 3))
+    net = st.hypernetize(model, st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+    x, y = torch.randn(9, 1, 4, 4), torch.randint(0, 3, (9,))
+    tuner = st.SelfTuner(net, (x, y), (x, y), settings=st.TunerSettings(batch_size=1, warmup_epochs=0))
+    assert not tuner.needs_two and tuner.batches_per_epoch == 9
+    tuner.fit(1)
 
 
 def test_drop_last_leaves_the_order_of_full_batches_unchanged():
@@ -523,3 +539,18 @@ def test_batch_norm_statistics_count_the_plain_steps_only(method):
     tuner.fit(3)
     bn = tuner.net.model[1]
     assert int(bn.num_batches_tracked) == tuner.counters.steps == 12
+
+
+def test_in_the_stn_form_a_partly_frozen_layer_stays_plain():
+    """An STN layer's response is part of its output at every value, so it would change a frozen weight's
+    function: such a layer stays plain, and its frozen bias is exported as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), st.Dropout("drop"), nn.Linear(32, 1))
+    model[3].bias.requires_grad_(False)
+    net = st.hypernetize(model, st.Space([st.Float("drop", 0.0, 0.9, 0.3)]), form="stn")
+    assert net.left_plain["3"].startswith("partly frozen") and "0" in net.converted
+    bias = model[3].bias.detach().clone()
+    x, y = regression()
+    st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="stn",
+                 settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=0)).fit(2)
+    assert torch.equal(st.export(net)[3].bias, bias)

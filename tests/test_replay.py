@@ -41,10 +41,10 @@ def test_an_inconsistent_schedule_is_refused(bad, message):
 @pytest.mark.parametrize("text, message", [
     ("step,a\n5,0.1\n10,0.2\n", "steps must start at 0"),
     ("step,a\n0,0.1\n0.5,0.2\n", "step 0.5 is not a whole number"),
-    ("step,a,weights_lr\n0,0.1,0.1\n1,0.2,-0.1\n", "weights_lr.1: Input should be greater than 0"),
+    ("step,a,weights_lr\n0,0.1,0.1\n1,0.2,-0.1\n", "weights_lr.1: Input should be greater than or equal to 0"),
     ("step,a\n0,0.1\n1,nan\n", "a has a value that is not finite"),
     ("step,a\n0,0.1\ninf,0.2\n", "step inf is not a whole number"),
-    ("step,a,lr\n0,0.1,0.1\n1,0.2,-0.1\n", "lr.1: Input should be greater than 0"),
+    ("step,a,lr\n0,0.1,0.1\n1,0.2,-0.1\n", "lr.1: Input should be greater than or equal to 0"),
 ])
 def test_a_bad_schedule_file_is_one_plain_line(tmp_path, text, message):
     """What is wrong and where, without pydantic's echo of the whole input and its link (a fractional
@@ -56,7 +56,7 @@ def test_a_bad_schedule_file_is_one_plain_line(tmp_path, text, message):
     assert message in line and "\n" not in line and "input_value" not in line and "pydantic" not in line
     if "-0.1" in text:  # the same in a JSON file, whose field is lr
         (tmp_path / "s.json").write_text('{"steps": [0, 1], "values": {"a": [0.1, 0.2]}, "lr": [0.1, -0.1]}')
-        with pytest.raises(ValueError, match=r"is not valid: lr\.1: Input should be greater than 0"):
+        with pytest.raises(ValueError, match=r"is not valid: lr\.1: Input should be greater than or equal to 0"):
             HyperSchedule.load(tmp_path / "s.json")
 
 

@@ -125,7 +125,7 @@ class Search(Method):
 def trial_digest(config: RunConfig) -> str:
     """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
     table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
-    by the contents of its file and of the modules beside it that it can import
+    (and a ``tuner.optimizer`` file) by the contents of its file and of the modules beside it that it can import
     (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its path: a
     moved checkout continues its studies; an edited task file or helper does not."""
     from ..settings import TUNING_ONLY
@@ -136,14 +136,22 @@ def trial_digest(config: RunConfig) -> str:
         if task["tuner"].get(key) == default:  # a default newer than the study: studies named before it go on
             del task["tuner"][key]
     if config.task is not None:
-        path, _, func = config.task.source.rpartition(":")
-        file = Path(path)
-        if path.endswith(".py") and file.is_file():
-            contents = hashlib.sha1()
-            for module in sorted(file.resolve().parent.glob("*.py")):
-                contents.update(module.name.encode() + b"\0" + module.read_bytes() + b"\0")
-            task["task"]["source"] = f"{contents.hexdigest()}:{file.name}:{func}"
+        task["task"]["source"] = _by_contents(config.task.source)
+    if ".py:" in config.tuner.optimizer:  # a user's optimizer class from a file: the same rule
+        task["tuner"]["optimizer"] = _by_contents(config.tuner.optimizer)
     return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _by_contents(source: str) -> str:
+    """``"file.py:name"`` as the contents of the file and of the modules beside it, not its path."""
+    path, _, name = source.rpartition(":")
+    file = Path(path)
+    if not (path.endswith(".py") and file.is_file()):
+        return source
+    contents = hashlib.sha1()
+    for module in sorted(file.resolve().parent.glob("*.py")):
+        contents.update(module.name.encode() + b"\0" + module.read_bytes() + b"\0")
+    return f"{contents.hexdigest()}:{file.name}:{name}"
 
 
 class Grid(Search):

@@ -127,7 +127,7 @@ class EmbeddingDropout(HyperModule):
     def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return embedded
-        if self.fixed is None and self.hyper_state.batch_axis(ids) != 0:  # sequence-first (T, B) ids
+        if self.fixed is None and self.hyper_state.data_axis(ids) != 0:  # sequence-first (T, B) ids
             return self(ids.t(), embedded.transpose(0, 1)).transpose(0, 1)
         if self.fixed is not None:
             rate, generator = embedded.new_full((ids.shape[0],), self.fixed), None

@@ -70,8 +70,10 @@ class HyperNet(nn.Module):
         self.model = model
         self.space = space
         self.form = form
-        # in the model's floating dtype (a float64 model's layers multiply these into their weights)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        # float64 for a float64 model (its layers multiply these into their weights); a half-precision model
+        # keeps float32 values, which autocast or its layers cast, so an init of 0.3 stays 0.3
+        double = any(p.dtype == torch.float64 for p in model.parameters())
+        dtype = torch.float64 if double else torch.get_default_dtype()
         self.hparams = nn.Parameter(space.init_unconstrained().to(dtype))
         self.scale_raw = nn.Parameter(torch.full((len(space),), _inverse_softplus(init_scale), dtype=dtype))
         self._state = HyperState(space, batch_dim=batch_dim)
@@ -427,7 +429,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     """
     named = dict(model.named_modules())
     if modules is None:
-        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE and not _frozen(m)
+        targets = [n for n, m in named.items() if type(m) in CONVERTIBLE and not _frozen(m, form)
                    and not (isinstance(m, nn.MultiheadAttention) and _attention_plain_reason(m))]
     else:
         targets = list(modules)
@@ -448,15 +450,17 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     retie(model, ties)
     net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
     net.converted = converted
-    net.left_plain = _left_plain(named, set(targets))
+    net.left_plain = _left_plain(named, set(targets), form)
     return net
 
 
-def _frozen(module: nn.Module) -> bool:
-    """Whether every weight of ``module`` is frozen: a layer that does not train needs no response (and a
-    response would train it away from what the user froze), so it stays plain."""
-    params = list(module.parameters())
-    return bool(params) and not any(p.requires_grad for p in params)
+def _frozen(module: nn.Module, form: Form = "delta") -> bool:
+    """Whether ``module`` must stay plain because the user froze it: every weight frozen (a layer that does
+    not train needs no response), or, in the STN form, any weight (an STN layer's response is part of its
+    output at every value, so it would change the function of a weight the user froze; a Delta-STN layer
+    computes its plain weights at its own values, so a partly frozen one keeps them)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    return bool(flags) and (not any(flags) or (form == "stn" and not all(flags)))
 
 
 def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
@@ -497,7 +501,7 @@ _PLAIN_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
 )
 
 
-def _left_plain(named: dict[str, nn.Module], converted: set[str]) -> dict[str, str]:
+def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "delta") -> dict[str, str]:
     """Modules that hold weights of their own and were not converted, with the reason."""
     plain: dict[str, str] = {}
     inside = tuple(f"{n}." for n, m in named.items() if isinstance(m, nn.MultiheadAttention))
@@ -509,8 +513,9 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str]) -> dict[str, s
         reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
         if isinstance(module, nn.MultiheadAttention):
             reason = _attention_plain_reason(module)
-        if reason is None and type(module) in CONVERTIBLE and _frozen(module):
-            reason = "frozen (requires_grad=False): it does not train, so it needs no response"
+        if reason is None and type(module) in CONVERTIBLE and _frozen(module, form):
+            reason = ("frozen (requires_grad=False): it does not train, so it needs no response" if _frozen(module)
+                      else "partly frozen (requires_grad=False): an STN response would change its frozen weights")
         if reason is None:
             reason = ("not in modules=" if type(module) in CONVERTIBLE
                       else f"{type(module).__name__} has no best-response form")

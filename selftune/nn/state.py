@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..batches import batch_axis
+from ..batches import batch_axis, data_axis
 from ..space import Space
 
 
@@ -72,6 +72,13 @@ class HyperState:
         if self.values is None:
             return 0
         return batch_axis(t, self.values.shape[0], self.batch_dim)
+
+    def data_axis(self, t: torch.Tensor) -> int:
+        """The dimension of ``t`` holding the examples when ``t`` is laid out as data (token ids fed to an
+        embedding): a ``(T, B)`` tensor with ``T == B`` is read sequence-first (see :func:`data_axis`)."""
+        if self.values is None:
+            return 0
+        return data_axis(t, self.values.shape[0], self.batch_dim)
 
     def value(self, name: str) -> torch.Tensor:
         """``(B,)`` per-example value of one hyperparameter.
