@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="take over a run whose driver stopped beating its heartbeat but cannot be shown dead "
                              "(another host); a live driver is never taken over")
     resume.add_argument("--quiet", action="store_true", help="no progress bar")
-    resume.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
-                        help="steps between checkpoints (also one at every epoch end; default 100)")
+    resume.add_argument("--checkpoint-every", type=_positive, default=None, metavar="STEPS",
+                        help="steps between checkpoints (also one at every epoch end; default: the run's own "
+                             "interval, so the resumed run rolls back where the uninterrupted one would)")
     _store_arg(resume)
 
     bench = sub.add_parser("bench", help="run several tuning methods on one task at equal accounting of compute",
@@ -199,10 +200,17 @@ def _run(args: argparse.Namespace) -> int:
                                        "(e.g. --compare fixed)")
     prepared = prepare(config)
     baseline = config.derive(method=args.compare) if args.compare else None
-    if args.out is not None:  # refused before the store is opened (or created): nothing written
+    # refused before the store is opened (or created): nothing written
+    from .runner import check_writable
+
+    if args.out is not None:
         claim_folder(args.out, "", overwrite=args.overwrite)
+        check_writable(Path(args.out), "--out")
         if baseline is not None:
             claim_folder(f"{args.out}-{args.compare}", "", overwrite=args.overwrite)
+    else:
+        check_writable(Path("runs"), "--out")
+    check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
     store = _open_store(args.store)
     result, out = _recorded_run(args, prepared, store)
     if baseline is None:
@@ -355,7 +363,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .outputs import claim_folder, mark_folder, write_csv
+    from .outputs import claim_folder, mark_folder, write_atomic, write_csv
     from .report.plots import plot_losses, plot_trajectory
 
     store = _open_store(args.store, create=False)
@@ -370,15 +378,20 @@ def _report(args: argparse.Namespace) -> int:
         mark_folder(out, r.uuid, r.id, store.display_url)
     names = [k for k in trajectory[0] if k not in {"step", "epoch", "train_loss", "val_loss"}
              and not k.endswith("_scale")]
-    plot_trajectory(trajectory, names, out / "trajectory.png", title=f"run {r.id} ({r.method}) hyperparameters")
-    plot_losses(trajectory, epochs, out / "losses.png", title=f"run {r.id} ({r.method}) losses")
-    write_csv(out / "trajectory.csv", trajectory)
-    write_csv(out / "epochs.csv", epochs)
+    # each file through a temporary one and a rename: --overwrite replaces a link of the same name, never
+    # what it points to
+    label = f"run {r.id} ({r.method})"
+    write_atomic(out / "trajectory.png",
+                 lambda p: plot_trajectory(trajectory, names, p, title=f"{label} hyperparameters"))
+    write_atomic(out / "losses.png", lambda p: plot_losses(trajectory, epochs, p, title=f"{label} losses"))
+    write_atomic(out / "trajectory.csv", lambda p: write_csv(p, trajectory))
+    write_atomic(out / "epochs.csv", lambda p: write_csv(p, epochs))
     written = "trajectory.png, losses.png, trajectory.csv, epochs.csv"
     if r.status == "finished":
         from .runner import recorded_schedule
 
-        recorded_schedule(store, r.id)[1].to_csv(out / "schedule.csv")
+        schedule = recorded_schedule(store, r.id)[1]
+        write_atomic(out / "schedule.csv", schedule.to_csv)
         written += ", schedule.csv"
     print(f"wrote {out}/{written} from {store.display_url}")
     return 0
@@ -478,9 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SelftuneError as err:
         kind = "run failed" if err.exit_code == 1 else "stopped" if err.exit_code > 2 else "error"
+        if err.exit_code > 2 and argv is None:  # stopped by a signal, and recorded: one more Ctrl-C while
+            _ignore_sigint()  # Python shuts down would print a traceback from an exit handler, changing nothing
         print(f"selftune: {kind}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a run's training (start-up, data loading, a search)
+        if argv is None:  # the command line's process (not a caller's, which keeps its own handler)
+            _ignore_sigint()
         print("selftune: stopped: interrupted by SIGINT", file=sys.stderr)
         return 130
     except BrokenPipeError as err:
@@ -497,6 +514,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
     finally:
         warnings.showwarning = previous
+
+
+def _ignore_sigint() -> None:
+    """Ignore further SIGINTs: the command has stopped and only exits now."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # main() called from a thread other than the main one (a test): nothing to do
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

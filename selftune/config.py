@@ -127,7 +127,8 @@ class RunConfig(BaseModel):
 
     model_config = _STRICT
     method: str = Field(DEFAULT_ALGORITHM, description="an in-loop algorithm of selftune.algorithms.ALGORITHMS")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the model's initialisation and the tuner's "
+                                                       "generator (PyTorch takes 64-bit seeds)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     epochs: int = Field(ge=1)
     task: TaskConfig | None = None

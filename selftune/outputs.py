@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,9 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
     except OSError as err:  # a name the file system cannot hold (too long, a bad character)
         shown = repr(str(path)) if len(str(path)) <= 60 else f"{str(path)[:60]!r}..."
         raise OutputError(f"{option}: {shown}: {err.strerror or err}; choose a shorter or plainer path") from None
+    if not exists and path.is_symlink():  # a dangling link: writing there would create its target
+        raise OutputError(f"{option}: {str(path)!r} is a link to {str(path.readlink())!r}, which does not exist; "
+                          "choose another folder, or create its target")
     if exists and not path.is_dir():
         raise OutputError(f"{option}: {str(path)!r} is a file, not a folder; choose a folder path")
     if not exists:
@@ -122,6 +126,18 @@ def mark_folder(out: Path, run_uuid: str, run_id: int | None, store: str) -> Non
     (out / MARKER).write_text(json.dumps(marker) + "\n")
 
 
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(temporary path)`` and an atomic rename: a link the user left at
+    ``path`` is replaced, never written through (its target is not ours), and a reader never sees half a
+    file. The temporary file keeps ``path``'s suffix (matplotlib picks the format by it)."""
+    tmp = path.with_name(f".{path.stem}.selftune-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
     """Rows as CSV (NaN as an empty cell); an empty file when there are none."""
     if not rows:
@@ -135,12 +151,12 @@ def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def _render(folder: Path, fit: FitResult, result: RunResult) -> None:
-    import torch
 
     from .report.plots import plot_losses, plot_trajectory
+    from .store._recorder import torch_save
 
     (folder / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    torch.save(fit.net.state_dict(), folder / "model.pt")
+    torch_save(fit.net.state_dict(), folder / "model.pt", folder / "model.pt")  # a full disk: an OSError
     write_csv(folder / "trajectory.csv", fit.trajectory)
     write_csv(folder / "epochs.csv", fit.history)
     if fit.schedule is not None:  # what a plain loop or `[tuner] follow` can replay (selftune.schedules)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shlex
 import signal
 import tempfile
 import threading
@@ -286,6 +287,8 @@ class RecordedRun:
         self.store, self.run_id, self.uuid = store, run_id, run_uuid
         self.out, self.checkpoint_dir = out, checkpoint_dir
         self.notes: list[str] = []  # what a resume had to work around (shown to the user)
+        #: the checkpoint interval the newest usable checkpoint was written at (``None``: unknown)
+        self.checkpointing: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, store: Any, config: RunConfig, *, out: str | Path | None = None,
@@ -301,8 +304,8 @@ class RecordedRun:
         out = Path(out) if out is not None else default_out(name, method or config.method, run_uuid)
         claim_folder(out, run_uuid, overwrite=overwrite)
         checkpoint_root = Path(checkpoint_root)
-        for folder, option in ((checkpoint_root, "--checkpoint-dir"), (out.resolve().parent, "--out")):
-            _writable(folder, option)
+        for folder, option in ((checkpoint_root, "--checkpoint-dir"), (out, "--out")):
+            check_writable(folder, option)
         run_id = store.create_run(method=method or config.method, seed=config.seed,
                                   config=config.model_dump(mode="json"), out_dir=str(out.resolve()),
                                   checkpoint_root=str(checkpoint_root.resolve()), uuid=run_uuid)
@@ -361,6 +364,7 @@ class RecordedRun:
                 continue
             tuner.load_state_dict(saved["tuner"])
             self.store.rewind(self.run_id, step, epoch, divergences=tuner.divergences)
+            self.checkpointing = saved.get("checkpointing")  # absent in checkpoints before stop 27
             return step
         self.store.rewind(self.run_id, -1, 0, divergences=0)
         if self.notes:
@@ -434,11 +438,21 @@ class RecordedRun:
         return result
 
 
-def _writable(folder: Path, option: str) -> None:
-    """Create ``folder`` if needed; an unwritable one is refused before the run starts, not hours in."""
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse a folder that cannot be written (or created) before the run starts, not hours in; nothing is
+    created: the folder, if missing, is made when something is written there."""
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputError(f"{option}: {str(probe)!r} is a link to {str(probe.readlink())!r}, which does not "
+                              "exist; choose another folder, or create its target")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"{option}: {str(probe)!r} is a file, not a folder; choose a folder path")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
         raise OutputError(f"{option}: cannot write to {str(folder)!r} ({err.strerror}); choose a writable "
@@ -468,9 +482,17 @@ def _heartbeat(store: Any, run_id: int, every_s: float = 10.0) -> Iterator[None]
 
 
 def _store_hint(store: Any) -> str:
+    """`` --store URL`` for a printed command, ready to paste: quoted for the shell, a relative SQLite
+    path made absolute (the command works from any folder); empty for the default store."""
     from .store import resolve_url
 
-    return "" if store.display_url == resolve_url(None) else f" --store {store.display_url}"
+    if store.display_url == resolve_url(None):
+        return ""
+    shown, url = store.display_url, store.url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
+            and not Path(url.database).is_absolute():
+        shown = f"sqlite:///{Path(url.database).resolve()}"
+    return f" --store {shlex.quote(shown)}"
 
 
 def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = None,
@@ -483,11 +505,13 @@ def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = Non
     return run.drive(prepared, every=every, callbacks=callbacks)
 
 
-def resume_recorded(store: Any, run_id: int, *, every: int = 100, callbacks: list[Callback] | None = None,
+def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callbacks: list[Callback] | None = None,
                     force: bool = False, notes: list[str] | None = None) -> RunResult:
     """Continue run ``run_id`` from its newest intact checkpoint (from the start if it has none).
     What the resume had to work around (a torn newest checkpoint, ...) goes to ``notes``, or is
-    issued as warnings when ``notes`` is None.
+    issued as warnings when ``notes`` is None. ``every``: steps between checkpoints; ``None`` keeps the
+    interval the run checkpointed at (roll-backs return to checkpoints, so another interval can change
+    the result), 100 for a run without a checkpoint to read it from.
 
     Raises:
         LookupError: no such run.
@@ -504,6 +528,9 @@ def resume_recorded(store: Any, run_id: int, *, every: int = 100, callbacks: lis
     finally:
         for note in run.notes:
             notes.append(note) if notes is not None else warnings.warn(note, stacklevel=2)
+    if every is None:
+        recorded = run.checkpointing or {"every": 100, "at_epoch_end": True}
+        every = int(recorded["every"]) if recorded.get("at_epoch_end", True) else None
     return run.drive(prepared, every=every, callbacks=callbacks)
 
 

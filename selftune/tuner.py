@@ -21,6 +21,7 @@ import collections
 import copy
 import itertools
 import math
+import operator
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -318,6 +319,13 @@ class SelfTuner:
         self.train_data, self.val_data = self.sources["train"].dataset, self.sources["val"].dataset
         self.device = _usable_device(device)
         # On the training device, so masks and perturbations are drawn where they are used.
+        given = seed
+        try:
+            seed = operator.index(seed)  # an int, NumPy's, a 0-d integer tensor
+        except TypeError:
+            seed = -1
+        if not 0 <= seed < 2**63:
+            raise ConfigError("seed", f"must be an integer in [0, 2**63) (got {given!r}); PyTorch takes 64-bit seeds")
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
         self.n_train = len(self.train_data)  # type: ignore[arg-type]

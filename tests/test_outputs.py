@@ -177,3 +177,54 @@ def test_events_after_a_checkpoint_are_dropped_with_it_on_resume(tmp_path):
     store.rewind(run, 10, 1)  # the (10, 2) file was torn: the resume starts from (10, 1)
     assert [e["step"] for e in store.events(run)] == [5]  # step 15 happens again when the run is replayed
     assert [c[2] for c in store.checkpoints(run)] == ["a.pt"]
+
+
+def test_report_overwrite_replaces_a_link_and_never_writes_through_it(tmp_path):
+    """A link named like one of selftune's files, in a folder the user lets it overwrite, is replaced: its
+    target (the user's thesis) is not selftune's to write."""
+    assert main([*RUN, "--out", "run"]) == 0
+    safe, folder = tmp_path / "safe", tmp_path / "userdir"
+    safe.mkdir()
+    folder.mkdir()
+    (safe / "thesis.txt").write_text("years of work")
+    (folder / "epochs.csv").symlink_to(safe / "thesis.txt")
+    assert main(["report", "1", "--out", str(folder), "--overwrite"]) == 0
+    assert (safe / "thesis.txt").read_text() == "years of work"
+    assert not (folder / "epochs.csv").is_symlink() and (folder / "epochs.csv").read_text().startswith("epoch")
+
+
+def test_a_refused_run_writes_nothing(tmp_path, capsys):
+    """A checkpoint folder that is a file, a dangling link as --out, a seed PyTorch cannot take: exit 2,
+    and no store, no checkpoints folder, no run row, no target of the link."""
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    for extra, message in ((["--checkpoint-dir", "afile"], "--checkpoint-dir: 'afile' is a file, not a folder"),
+                           (["--out", "dangling"], "--out: 'dangling' is a link to"),
+                           (["--seed", str(2**64)], "seed: Input should be less than or equal to")):
+        assert main([*RUN, *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_a_second_bench_into_a_folder_in_use_is_refused_at_its_start(tmp_path, capsys):
+    import fcntl
+
+    folder = tmp_path / "b"
+    folder.mkdir()
+    with (folder / ".selftune-bench.lock").open("a") as held:  # another bench holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--methods", "fixed", "--out", "b"]) == 2
+    assert "is in use by another selftune bench" in capsys.readouterr().err
+    assert not (folder / "results.json").exists()
+
+
+def test_a_write_that_fails_is_an_os_error_not_a_torch_one(tmp_path):
+    """PyTorch reports a full disk as a RuntimeError; the run's one-line handling of a full disk (status
+    interrupted, resumable) needs the OSError it is. /dev/full fails every write with ENOSPC."""
+    from pathlib import Path
+
+    from selftune.store._recorder import torch_save
+
+    with pytest.raises(OSError) as caught:
+        torch_save({"w": torch.zeros(100_000)}, "/dev/full", Path("/dev/full"))
+    assert caught.value.filename == "/dev/full"

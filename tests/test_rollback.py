@@ -343,3 +343,28 @@ def test_an_epoch_end_that_blew_up_and_then_passed_ends_the_streak_there():
     tuner, spoil = contradicted(flip=False, lr=0.05, max_divergences=1), SpoilOnce(30, 40)
     tuner.fit(6, callbacks=[spoil])
     assert [(e["step"], e["rolled_back_to"]) for e in spoil.events] == [(30, 20), (40, 30)]
+
+
+@pytest.mark.parametrize("every", [None, 100])
+def test_a_resume_keeps_the_interval_its_checkpoints_and_so_its_roll_backs_had(tmp_path, monkeypatch, every):
+    """A run that diverges rolls back to checkpoints, so where it checkpoints is part of its result: a
+    resume without --checkpoint-every takes the interval the run's checkpoints were written at and ends as
+    the uninterrupted run; another interval (100 here, the default before) can end elsewhere."""
+    from selftune.config import load_config
+    from selftune.errors import Interrupted
+    from selftune.runner import RecordedRun, prepare, resume_recorded, run_recorded
+    from selftune.testing import StopAt
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "digits_mlp.toml",
+                         ["method=\"fixed\"", "epochs=4", "tuner.lr=1.5", "tuner.max_divergences=6"])
+    whole = run_recorded(prepare(config), RunStore(f"sqlite:///{tmp_path / 'a.db'}"), out=tmp_path / "a",
+                         checkpoint_root=tmp_path / "ck", every=7)
+    store = RunStore(f"sqlite:///{tmp_path / 'b.db'}")
+    run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        run.drive(prepare(config), every=7, callbacks=[StopAt(10)])
+    resumed = resume_recorded(store, run.run_id, every=every)
+    counts = [{k: v for k, v in r.compute.items() if k != "seconds"} for r in (resumed, whole)]
+    same = resumed.test == whole.test and counts[0] == counts[1]
+    assert same if every is None else not same

@@ -11,7 +11,8 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..config import RunConfig, load_config
 from ..data import CORPORA
 from ..errors import ConfigError, DivergenceError, OutputError
 from ..methods import METHODS, Context, Method, MethodResult, get_method
+from ..outputs import write_atomic
 from ..report.plots import plot_schedules
 from ..store import RunStore
 from .paired import describe
@@ -73,7 +75,7 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out: {str(path)!r} is a file, not a folder; choose a folder path")
-    if not path.exists() or overwrite or not any(path.iterdir()):
+    if not path.exists() or overwrite or not any(p.name != BENCH_LOCK for p in path.iterdir()):
         return path
     try:
         marker = json.loads((path / BENCH_MARKER).read_text())
@@ -85,10 +87,35 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
                           "to replace its results")
     if marker is not None:
         return path
-    names = sorted(p.name for p in path.iterdir())
+    names = sorted(p.name for p in path.iterdir() if p.name != BENCH_LOCK)
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise OutputError(f"--out: folder {str(path)!r} is not empty ({shown}) and is no benchmark folder; "
                       "choose a new folder, or pass --overwrite to replace only the benchmark's own files")
+
+
+#: held by a running benchmark (:func:`_bench_lock`); left in place, empty, when it ends
+BENCH_LOCK = ".selftune-bench.lock"
+
+
+@contextmanager
+def _bench_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this benchmark while it runs: a second ``selftune bench`` into the same folder (which
+    would mix its runs' outputs with this one's) is refused at its start, not found out at its end."""
+    try:
+        import fcntl
+    except ImportError:  # not on this platform: no lock, as before
+        yield
+        return
+    with (out / BENCH_LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"--out: folder {str(out)!r} is in use by another selftune bench; wait for it to "
+                              "finish, or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 20, population: int = 8,
@@ -129,47 +156,51 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
         population = min(population, QUICK["population"])
     out = claim_bench_folder(out, task=name, quick=quick, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    (out / BENCH_MARKER).write_text(json.dumps({"task": name, "quick": quick}) + "\n")
-    ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
-                  population=population)
-    results: list[MethodResult] = []
-    for seed in range(seeds):
-        for method in chosen:
-            runs = [(start, cfg, replace(ctx, start=start)) for start, cfg in starts.items()] if method.uses_start \
-                else [("", config, ctx)]
-            for start, cfg, run_ctx in runs:
-                progress(f"[{name}] seed {seed}: {method.name}{f' from {start}' if start else ''}"
-                         f"{method.budget(ctx)}")
-                try:
-                    r = method.run(cfg, seed, run_ctx)
-                except DivergenceError as err:
-                    # A tuner that diverges is a result (a loss against fixed training), not a reason to
-                    # throw away the rest of the benchmark.
-                    r = MethodResult(method=method.name, seed=seed, test_loss=math.nan, test_accuracy=math.nan,
-                                     val_loss=math.nan, hparams={}, examples=0, seconds=0.0, start=start,
-                                     start_values={n: h.init for n, h in cfg.space.items()}, failed=str(err))
-                    progress(f"    FAILED: {err}")
-                else:
-                    accuracy = "" if math.isnan(r.test_accuracy) else f", accuracy {r.test_accuracy:.4f}"
-                    progress(f"    test loss {r.test_loss:.4f}{accuracy}, "
-                             f"{r.examples} examples, {r.seconds:.1f} s")
-                results.append(r)
-    (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-    scheduled = [m.name for m in chosen if m.schedule]
-    corpus = config.data is not None and config.data.name in CORPORA
-    (out / "README.md").write_text(table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config,
-                                         overrides=overrides))
-    plot_compute(name, results, out / "loss_vs_compute.png")
-    schedules = {}
-    for m in scheduled:
-        for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
-            if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results):
-                label = f"{m} from {start}" if start else m
-                schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
-    if schedules:
-        plot_schedules(schedules, config.build_space().names, out / "schedules.png", title=f"{name}, seed 0",
-                       log={n for n, h in config.space.items() if h.log})
-    return results
+    with _bench_lock(out):
+        write_atomic(out / BENCH_MARKER, lambda p: p.write_text(json.dumps({"task": name, "quick": quick}) + "\n"))
+        ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
+                      population=population)
+        results: list[MethodResult] = []
+        for seed in range(seeds):
+            for method in chosen:
+                runs = [(start, cfg, replace(ctx, start=start)) for start, cfg in starts.items()] if method.uses_start \
+                    else [("", config, ctx)]
+                for start, cfg, run_ctx in runs:
+                    progress(f"[{name}] seed {seed}: {method.name}{f' from {start}' if start else ''}"
+                             f"{method.budget(ctx)}")
+                    try:
+                        r = method.run(cfg, seed, run_ctx)
+                    except DivergenceError as err:
+                        # A tuner that diverges is a result (a loss against fixed training), not a reason to
+                        # throw away the rest of the benchmark.
+                        r = MethodResult(method=method.name, seed=seed, test_loss=math.nan, test_accuracy=math.nan,
+                                         val_loss=math.nan, hparams={}, examples=0, seconds=0.0, start=start,
+                                         start_values={n: h.init for n, h in cfg.space.items()}, failed=str(err))
+                        progress(f"    FAILED: {err}")
+                    else:
+                        accuracy = "" if math.isnan(r.test_accuracy) else f", accuracy {r.test_accuracy:.4f}"
+                        progress(f"    test loss {r.test_loss:.4f}{accuracy}, "
+                                 f"{r.examples} examples, {r.seconds:.1f} s")
+                    results.append(r)
+        # through temporary files and renames: --overwrite replaces a link of the same name, never its target
+        write_atomic(out / "results.json", lambda p: p.write_text(json.dumps([r.as_dict() for r in results], indent=2)
+                                                                  + "\n"))
+        scheduled = [m.name for m in chosen if m.schedule]
+        corpus = config.data is not None and config.data.name in CORPORA
+        readme = table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config, overrides=overrides)
+        write_atomic(out / "README.md", lambda p: p.write_text(readme))
+        write_atomic(out / "loss_vs_compute.png", lambda p: plot_compute(name, results, p))
+        schedules = {}
+        for m in scheduled:
+            for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
+                if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results):
+                    label = f"{m} from {start}" if start else m
+                    schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
+        if schedules:
+            write_atomic(out / "schedules.png", lambda p: plot_schedules(
+                schedules, config.build_space().names, p, title=f"{name}, seed 0",
+                log={n for n, h in config.space.items() if h.log}))
+        return results
 
 
 def usable_methods(config: RunConfig, methods: Sequence[str] | None) -> list[Method]:

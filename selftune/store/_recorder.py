@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,13 +16,30 @@ from ..tuner import Callback, SelfTuner
 from ._store import RunStore
 
 
+def torch_save(state: Any, f: Any, path: Path) -> None:
+    """``torch.save(state, f)``, where a write that fails (a full disk) is the ``OSError`` it is: PyTorch's
+    writer reports it as a ``RuntimeError`` ("unexpected pos"), which the callers' one-line handling of a
+    full disk or an unwritable folder would not recognise."""
+    try:
+        torch.save(state, f)
+    except RuntimeError as err:
+        if "enforce fail" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        try:
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, "no space left on the device" if full else "the write failed", str(path)) from None
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
     The temporary file is unique to this write, so two writers never interleave in one file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch_save(state, f, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -91,7 +110,9 @@ class StoreRecorder(Callback):
         history = [r for r in tuner.history if r["epoch"] > last_epoch]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point)}, path)
+        # the interval, so that a resume checkpoints (and so rolls back) where the uninterrupted run does
+        checkpointing = {"every": self.every, "at_epoch_end": self.at_epoch_end}
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point), "checkpointing": checkpointing}, path)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
         self._committed, self._last_beat = (steps, epochs), time.monotonic()
