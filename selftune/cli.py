@@ -399,7 +399,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import GPU_TASKS, TASKS, load_task, run_bench
-    from .bench.harness import claim_bench_folder, task_name, usable_methods
+    from .bench.harness import check_bench_lock, claim_bench_folder, task_name, usable_methods
     from .errors import ConfigError
     from .methods import get_method
     from .runner import prepare
@@ -428,8 +428,12 @@ def _bench(args: argparse.Namespace) -> int:
             raise ConfigError("--set", f"{key} is what bench varies; choose with --{key}s instead")
     outs = {t: Path(args.out) if args.out else Path("bench") / (task_name(t) + ("-quick" if args.quick else ""))
             for t in tasks}
-    for task, out in outs.items():
+    from .runner import check_writable
+
+    for task, out in outs.items():  # refused before the store is opened (or created)
         claim_bench_folder(out, task=task_name(task), quick=args.quick, overwrite=args.overwrite)
+        check_writable(out, "--out")
+        check_bench_lock(out)
     runnable = []
     for task in tasks:
         try:  # a task whose data package (or GPU) is missing fails here, before any run starts

@@ -127,8 +127,9 @@ class RunConfig(BaseModel):
 
     model_config = _STRICT
     method: str = Field(DEFAULT_ALGORITHM, description="an in-loop algorithm of selftune.algorithms.ALGORITHMS")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the model's initialisation and the tuner's "
-                                                       "generator (PyTorch takes 64-bit seeds)")
+    seed: int = Field(0, ge=-(2**31), le=2**31 - 1, description="seeds the model's initialisation and the "
+                                                               "tuner's generator; a 32-bit integer, which every "
+                                                               "store (PostgreSQL's integer column) can record")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     epochs: int = Field(ge=1)
     task: TaskConfig | None = None

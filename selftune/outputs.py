@@ -123,14 +123,16 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
 def mark_folder(out: Path, run_uuid: str, run_id: int | None, store: str) -> None:
     """Write the marker that says ``out`` holds run ``run_uuid``'s files (so the run may later write there)."""
     marker = {"run_uuid": run_uuid, "run_id": run_id, "store": store, "files": list(OUTPUT_FILES)}
-    (out / MARKER).write_text(json.dumps(marker) + "\n")
+    write_atomic(out / MARKER, lambda p: p.write_text(json.dumps(marker) + "\n"))  # a link there: replaced
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through ``write(temporary path)`` and an atomic rename: a link the user left at
     ``path`` is replaced, never written through (its target is not ours), and a reader never sees half a
     file. The temporary file keeps ``path``'s suffix (matplotlib picks the format by it)."""
-    tmp = path.with_name(f".{path.stem}.selftune-{os.getpid()}{path.suffix}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".selftune-tmp{path.suffix}", dir=path.parent)
+    os.close(fd)  # a fresh name no other writer (thread, process, host) has: the writer opens it again
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import torch
 from torch.utils.data import TensorDataset
@@ -441,21 +442,22 @@ class RecordedRun:
 def check_writable(folder: Path, option: str) -> None:
     """Refuse a folder that cannot be written (or created) before the run starts, not hours in; nothing is
     created: the folder, if missing, is made when something is written there."""
-    probe = folder
-    while not probe.exists():
-        if probe.is_symlink():
-            raise OutputError(f"{option}: {str(probe)!r} is a link to {str(probe.readlink())!r}, which does not "
-                              "exist; choose another folder, or create its target")
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise OutputError(f"{option}: {str(probe)!r} is a file, not a folder; choose a folder path")
     try:
+        probe = folder
+        while not probe.exists():
+            if probe.is_symlink():
+                raise OutputError(f"{option}: {str(probe)!r} is a link to {str(probe.readlink())!r}, which does "
+                                  "not exist; choose another folder, or create its target")
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise OutputError(f"{option}: {str(probe)!r} is a file, not a folder; choose a folder path")
         with tempfile.TemporaryFile(dir=probe):
             pass
-    except OSError as err:
-        raise OutputError(f"{option}: cannot write to {str(folder)!r} ({err.strerror}); choose a writable "
+    except OSError as err:  # no permission to look, a name too long, a read-only file system
+        shown = repr(str(folder)) if len(str(folder)) <= 80 else f"{str(folder)[:80]!r}..."
+        raise OutputError(f"{option}: cannot write to {shown} ({err.strerror or err}); choose a writable "
                           "folder") from None
 
 
@@ -482,16 +484,18 @@ def _heartbeat(store: Any, run_id: int, every_s: float = 10.0) -> Iterator[None]
 
 
 def _store_hint(store: Any) -> str:
-    """`` --store URL`` for a printed command, ready to paste: quoted for the shell, a relative SQLite
-    path made absolute (the command works from any folder); empty for the default store."""
+    """`` --store URL`` for a printed command, ready to paste from any folder: quoted for the shell, a
+    relative SQLite path made absolute (also the default store's, which is relative to the working folder);
+    empty only where the URL is the default and absolute already."""
     from .store import resolve_url
 
-    if store.display_url == resolve_url(None):
-        return ""
-    shown, url = store.display_url, store.url
+    url = store.url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
-            and not Path(url.database).is_absolute():
-        shown = f"sqlite:///{Path(url.database).resolve()}"
+            and not url.database.startswith("file:") and not Path(url.database).is_absolute():
+        url = url.set(database=str(Path(url.database).expanduser().absolute()))
+    shown = unquote(url.render_as_string(hide_password=True))  # as the store shows it (display_url)
+    if shown == resolve_url(None) and Path(url.database or "").is_absolute():
+        return ""
     return f" --store {shlex.quote(shown)}"
 
 

@@ -323,9 +323,9 @@ class SelfTuner:
         try:
             seed = operator.index(seed)  # an int, NumPy's, a 0-d integer tensor
         except TypeError:
-            seed = -1
-        if not 0 <= seed < 2**63:
-            raise ConfigError("seed", f"must be an integer in [0, 2**63) (got {given!r}); PyTorch takes 64-bit seeds")
+            seed = 2**64
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ConfigError("seed", f"must be an integer in [-2**63, 2**64) (got {given!r}), as PyTorch's seeds")
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
         self.n_train = len(self.train_data)  # type: ignore[arg-type]

@@ -191,16 +191,23 @@ def test_report_overwrite_replaces_a_link_and_never_writes_through_it(tmp_path):
     assert main(["report", "1", "--out", str(folder), "--overwrite"]) == 0
     assert (safe / "thesis.txt").read_text() == "years of work"
     assert not (folder / "epochs.csv").is_symlink() and (folder / "epochs.csv").read_text().startswith("epoch")
+    # the folder's marker too, which a run writes at its start
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MARKER).symlink_to(safe / "thesis.txt")
+    assert main([*RUN, "--out", str(other), "--overwrite"]) == 0
+    assert (safe / "thesis.txt").read_text() == "years of work" and not (other / MARKER).is_symlink()
 
 
 def test_a_refused_run_writes_nothing(tmp_path, capsys):
-    """A checkpoint folder that is a file, a dangling link as --out, a seed PyTorch cannot take: exit 2,
-    and no store, no checkpoints folder, no run row, no target of the link."""
+    """A checkpoint folder that is a file or a name too long, a dangling link as --out, a seed the store
+    cannot record: exit 2, and no store, no checkpoints folder, no run row, no target of the link."""
     (tmp_path / "afile").write_text("keep")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
     for extra, message in ((["--checkpoint-dir", "afile"], "--checkpoint-dir: 'afile' is a file, not a folder"),
                            (["--out", "dangling"], "--out: 'dangling' is a link to"),
-                           (["--seed", str(2**64)], "seed: Input should be less than or equal to")):
+                           (["--checkpoint-dir", "x" * 300], "--checkpoint-dir: cannot write to"),
+                           (["--seed", str(2**40)], "seed: Input should be less than or equal to")):
         assert main([*RUN, *extra]) == 2
         assert message in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
@@ -215,7 +222,7 @@ def test_a_second_bench_into_a_folder_in_use_is_refused_at_its_start(tmp_path, c
         fcntl.flock(held, fcntl.LOCK_EX)
         assert main(["bench", "digits-mlp", "--quick", "--seeds", "1", "--methods", "fixed", "--out", "b"]) == 2
     assert "is in use by another selftune bench" in capsys.readouterr().err
-    assert not (folder / "results.json").exists()
+    assert not (folder / "results.json").exists() and not (tmp_path / "selftune.db").exists()
 
 
 def test_a_write_that_fails_is_an_os_error_not_a_torch_one(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -106,7 +107,12 @@ def _bench_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not on this platform: no lock, as before
         yield
         return
-    with (out / BENCH_LOCK).open("a") as handle:
+    try:  # never through a link of that name: the lock file is ours
+        fd = os.open(out / BENCH_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        raise OutputError(f"--out: cannot hold {str(out / BENCH_LOCK)!r} ({err.strerror or err}); choose another "
+                          "folder") from None
+    with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -116,6 +122,15 @@ def _bench_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_bench_lock(out: Path) -> None:
+    """Refuse now a folder another benchmark is running in, before anything (a store) is created; nothing
+    is written (the lock is only tried where its file exists)."""
+    if not (out / BENCH_LOCK).is_file():
+        return
+    with _bench_lock(out):
+        pass
 
 
 def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 20, population: int = 8,

@@ -110,13 +110,17 @@ class StoreRecorder(Callback):
         history = [r for r in tuner.history if r["epoch"] > last_epoch]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
-        # the interval, so that a resume checkpoints (and so rolls back) where the uninterrupted run does
-        checkpointing = {"every": self.every, "at_epoch_end": self.at_epoch_end}
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point), "checkpointing": checkpointing}, path)
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point), "checkpointing": self._checkpointing()},
+                    path)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
         self._committed, self._last_beat = (steps, epochs), time.monotonic()
         self._prune(path)
+
+    def _checkpointing(self) -> dict[str, Any]:
+        """The interval, kept in every checkpoint: a resume checkpoints (and so rolls back) where the
+        uninterrupted run does."""
+        return {"every": self.every, "at_epoch_end": self.at_epoch_end}
 
     def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None:
         """Record the divergence. The tuner rolled back to its last healthy state (SelfTuner.snapshot):
@@ -134,7 +138,8 @@ class StoreRecorder(Callback):
         later = [Path(p) for s, e, p in self.store.checkpoints(self.run_id) if (s, e) > here]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point=False)}, path)
+        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point=False),
+                     "checkpointing": self._checkpointing()}, path)
         self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), event_step=int(info["step"]),
                              message=info["message"])
         self._committed, self._last_beat = here, time.monotonic()
