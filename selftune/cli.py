@@ -200,6 +200,8 @@ def _run(args: argparse.Namespace) -> int:
                                        "(e.g. --compare fixed)")
     prepared = prepare(config)
     baseline = config.derive(method=args.compare) if args.compare else None
+    # the comparison is built now too: a method that cannot run this config is refused before the main run
+    prepared_baseline = prepare(baseline) if baseline is not None else None
     # refused before the store is opened (or created): nothing written
     from .runner import check_writable
 
@@ -215,7 +217,8 @@ def _run(args: argparse.Namespace) -> int:
     result, out = _recorded_run(args, prepared, store)
     if baseline is None:
         return 0
-    other, _ = _recorded_run(args, prepare(baseline), store, out=f"{out}-{args.compare}")
+    assert prepared_baseline is not None
+    other, _ = _recorded_run(args, prepared_baseline, store, out=f"{out}-{args.compare}")
     _comparison(result, other)
     return 0
 
@@ -371,6 +374,14 @@ def _report(args: argparse.Namespace) -> int:
     trajectory, epochs = store.trajectory(r.id), store.epochs(r.id)
     if not trajectory:
         raise ConfigError("RUN", f"run {r.id} has no recorded trajectory yet")
+    schedule = None
+    if r.status == "finished":  # read before anything is written: its config is parsed here
+        from .runner import recorded_schedule
+
+        try:
+            schedule = recorded_schedule(store, r.id)[1]
+        except ConfigError as err:  # e.g. its optimizer file moved: the other files come from the store alone
+            print(f"selftune: note: schedule.csv not written ({err})", file=sys.stderr)
     # The run's own folder (or one the user names) may receive these files only under the folder rule.
     out = claim_folder(args.out or r.out_dir, r.uuid, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,10 +398,7 @@ def _report(args: argparse.Namespace) -> int:
     write_atomic(out / "trajectory.csv", lambda p: write_csv(p, trajectory))
     write_atomic(out / "epochs.csv", lambda p: write_csv(p, epochs))
     written = "trajectory.png, losses.png, trajectory.csv, epochs.csv"
-    if r.status == "finished":
-        from .runner import recorded_schedule
-
-        schedule = recorded_schedule(store, r.id)[1]
+    if schedule is not None:
         write_atomic(out / "schedule.csv", schedule.to_csv)
         written += ", schedule.csv"
     print(f"wrote {out}/{written} from {store.display_url}")

@@ -166,6 +166,8 @@ def _prepare_task(config: RunConfig) -> Prepared:
     tuner.check_data(task.test, "test")  # scored at the end: a bad label fails now, not after training
     sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
     info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source)}
+    if tuner.settings.drop_last != config.tuner.drop_last:  # the task's DataLoader drops: record what ran
+        config = config.model_copy(update={"tuner": tuner.settings})
     return Prepared(config, tuner, task.test, info)
 
 
@@ -363,7 +365,12 @@ class RecordedRun:
             if not isinstance(saved, dict) or saved.get("run_uuid") != self.uuid:
                 self.notes.append(f"checkpoint {path} belongs to another run; trying an older one")
                 continue
-            tuner.load_state_dict(saved["tuner"])
+            try:
+                tuner.load_state_dict(saved["tuner"])
+            except (RuntimeError, KeyError, ValueError) as err:  # another model, space or optimizer than saved it
+                raise ResumeError(f"run {self.run_id}: its checkpoint does not fit the model and tuner built now "
+                                  f"({_first_line(err)}); the task's code or data changed since the run started? "
+                                  "Restore it, or start a new run") from None
             self.store.rewind(self.run_id, step, epoch, divergences=tuner.divergences)
             self.checkpointing = saved.get("checkpointing")  # absent in checkpoints before stop 27
             return step
@@ -481,6 +488,11 @@ def _heartbeat(store: Any, run_id: int, every_s: float = 10.0) -> Iterator[None]
     finally:
         done.set()
         thread.join(timeout=5)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[0].split())
+    return f"{type(err).__name__}: {text[:200]}"
 
 
 def _store_hint(store: Any) -> str:

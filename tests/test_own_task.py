@@ -554,3 +554,41 @@ def test_in_the_stn_form_a_partly_frozen_layer_stays_plain():
     st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="stn",
                  settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=0)).fit(2)
     assert torch.equal(st.export(net)[3].bias, bias)
+
+
+def test_a_method_that_cannot_run_the_config_is_refused_before_anything_trains(tmp_path):
+    """`run --compare one-pass` and `bench --methods one-pass` with an optimizer one-pass cannot
+    differentiate: exit 2 before the main run or any other method trains, nothing written."""
+    write_task(tmp_path, SIGN_DESCENT, name="opt.py")
+    config = tmp_path / "own.toml"
+    config.write_text(OWN.read_text().replace('source = "own_task.py:', f'source = "{ROOT / "examples"}/own_task.py:'))
+    common = ["--set", 'tuner.optimizer="opt.py:SignDescent"', "--set", "epochs=1"]
+    for args in (["run", str(config), "--method", "fixed", "--compare", "one-pass", "--out", "out", *common],
+                 ["bench", str(config), "--methods", "fixed", "one-pass", "--seeds", "1", "--out", "out", *common]):
+        proc = cli(args, cwd=tmp_path)
+        assert proc.returncode == 2 and "method 'one-pass' differentiates the update of" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.py", "own.toml"]
+
+
+def test_a_resume_after_the_task_changed_its_model_is_one_line(tmp_path, monkeypatch):
+    from selftune.errors import ResumeError
+
+    monkeypatch.chdir(tmp_path)
+    body = (ROOT / "examples" / "own_task.py").read_text()
+    (tmp_path / "own_task.py").write_text(body)
+    (tmp_path / "own.toml").write_text(OWN.read_text())
+    config = load_config(tmp_path / "own.toml", ["epochs=3", "task.args.hidden=32"])
+    store = RunStore(f"sqlite:///{tmp_path / 'b.db'}")
+    run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        run.drive(prepare(config), every=5, callbacks=[StopAt(7)])
+    wider = body.replace("nn.Linear(10, hidden)", "nn.Linear(10, hidden + 16)").replace(
+        "nn.Linear(hidden, hidden)", "nn.Linear(hidden + 16, hidden)")  # the user edits the model mid-run
+    assert wider != body
+    (tmp_path / "own_task.py").write_text(wider)
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("selftune_task_")]:  # a new process imports it afresh
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ResumeError, match=r"its checkpoint does not fit the model and tuner built now"):
+        resume_recorded(store, run.run_id)

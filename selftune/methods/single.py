@@ -27,6 +27,12 @@ class SingleRun(Method):
         if self.algorithm.needs_lr and not isinstance(config.tuner.lr, str):
             return (f"{self.name} tunes the learning rate, and this config's tuner.lr is a number; "
                     "bind it to a hyperparameter ([tuner] lr = \"lr\" with a [space.lr] table)")
+        from ..errors import ConfigError
+
+        try:  # what the algorithm itself refuses (one-pass: an optimizer whose update it cannot differentiate)
+            self.algorithm(config.tuner, lr=1.0)
+        except ConfigError as err:
+            return str(err)
         return None
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
