@@ -186,6 +186,8 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
                                                   and prepared.tuner.order.batch == 0)
         last = {"test": test, "val": val} if same else {"test": prepared.score("test"), "val": prepared.score("val")}
         extra = {"kept_epoch": fit.kept_epoch, "last": {"epoch": prepared.tuner.epoch, **last}}
+    if prepared.tuner.log.start:  # the values and rate of step 0: a schedule rebuilt from the store starts there
+        extra["start"] = {k: float(v) for k, v in prepared.tuner.log.start.items()}
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
@@ -571,7 +573,10 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
     if not trajectory:
         raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows; nothing to replay")
     steps = int((info.result or {}).get("compute", {}).get("steps", 0))
-    schedule = HyperSchedule.from_trajectory({n: h.init for n, h in config.space.items()}, trajectory,
+    # the run's own start (a value pulled off its bound, a tuned rate's first step), recorded with its result
+    # since stop 27; before, each init, which differs there
+    start = (info.result or {}).get("start") or {n: h.init for n, h in config.space.items()}
+    schedule = HyperSchedule.from_trajectory(start, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
                                              source=f"run {info.uuid}")
     t = config.tuner

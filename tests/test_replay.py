@@ -314,3 +314,19 @@ def test_a_rate_bound_to_a_hyperparameter_named_lr_replays_through_schedule_csv(
         step = int(row["step"])
         assert row["lr"] == pytest.approx(schedule.at(step)["lr"], rel=1e-5)
         assert row["weights_lr"] == pytest.approx(schedule.lr_at(step - 1), rel=1e-5)
+
+
+def test_a_schedule_rebuilt_from_the_store_starts_where_the_run_did(tmp_path, monkeypatch):
+    """A tuned rate logged every 10 steps: the store's rows begin at step 10, so the rebuilt schedule's row
+    0 took step 9's rate (60x the first one); the run's start, recorded with its result, is now row 0."""
+    from selftune.runner import recorded_schedule
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "digits_lr.toml",
+                         ["epochs=2", "method=\"hd\""])
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    result = run_recorded(prepare(config), store, out=tmp_path / "out", checkpoint_root=tmp_path / "ck")
+    own = HyperSchedule.load(tmp_path / "out" / "schedule.csv")
+    rebuilt = recorded_schedule(store, result.run_id)[1]
+    assert rebuilt.lr is not None and own.lr is not None
+    assert rebuilt.lr[0] == pytest.approx(own.lr[0]) and rebuilt.at(0) == pytest.approx(own.at(0))
