@@ -285,8 +285,9 @@ class TunerSettings(BaseModel):
                 raise ConfigError("tuner.optimizer_args.momentum", "SGD takes its momentum from tuner.momentum (a "
                                                                    "number, or a hyperparameter's name); set it there")
             if key not in takes and not anything:
+                others = ", ".join(sorted(takes - {"lr"})) or "no other argument"
                 raise ConfigError(f"tuner.optimizer_args.{key}", f"not an argument of {optimizer_label(cls)}; it "
-                                                                 f"takes {', '.join(sorted(takes - {'lr'}))}")
+                                                                 f"takes {others}")
         if isinstance(self.momentum, float) and not takes_sgd_momentum(cls):
             self._check_numeric_momentum(cls, takes)
         if self.rollback_val_ratio is not None and 0 < self.rollback_val_ratio < 2:
