@@ -114,6 +114,12 @@ class Objective:
         if self.loss is not None and not callable(self.loss):
             raise TypeError(f"loss must be a callable loss(outputs, targets) -> scalar tensor (got "
                             f"{type(self.loss).__name__})")
+        if self.loss is not None and getattr(self.loss, "reduction", "mean") == "sum":
+            # a summed loss scales with the batch: validation losses over batches of other sizes, the hyper
+            # steps' scale and a growing batch's steps would all silently depend on the batch size
+            raise TypeError(f"{type(self.loss).__name__}(reduction='sum') grows with the batch size, and "
+                            "selftune needs the batch's mean loss (it compares losses over batches of other "
+                            "sizes); use reduction='mean', and a larger learning rate where the sum set its scale")
 
     def decays(self) -> list[Spec]:
         """The decay of each layer group, in the order of :meth:`decay_group`'s indices (one group, every

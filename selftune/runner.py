@@ -348,10 +348,12 @@ class RecordedRun:
             raise
         return run, config
 
-    def restore(self, tuner: SelfTuner) -> int:
+    def restore(self, tuner: SelfTuner, data: dict[str, Any] | None = None) -> int:
         """Load the newest intact checkpoint of this run into ``tuner`` and rewind the store to it;
         returns its step (-1: none usable, the run starts over). A truncated or foreign newest
-        file is skipped with a note, and the previous one is used."""
+        file is skipped with a note, and the previous one is used. ``data`` (what the run is built on
+        now, ``Prepared.data``) against the checkpoint's: an edited task file or another split gets a
+        note, because the resumed run no longer ends where the uninterrupted one would have."""
         for step, epoch, path in reversed(self.store.checkpoints(self.run_id)):
             try:
                 saved = torch.load(path, weights_only=True)
@@ -375,11 +377,27 @@ class RecordedRun:
                                   "Restore it, or start a new run") from None
             self.store.rewind(self.run_id, step, epoch, divergences=tuner.divergences)
             self.checkpointing = saved.get("checkpointing")  # absent in checkpoints before stop 27
+            self._compare_data(saved.get("data"), data)  # absent before stop 28
             return step
         self.store.rewind(self.run_id, -1, 0, divergences=0)
         if self.notes:
             self.notes.append("no usable checkpoint of this run is left: it starts over from step 0")
         return -1
+
+    def _compare_data(self, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+        if not saved or not now:
+            return
+        if saved.get("sha256") and now.get("sha256") and saved["sha256"] != now["sha256"]:
+            file = str(now.get("source", "")).rpartition(":")[0] or now.get("source")
+            self.notes.append(f"the task file {file} changed since this run's checkpoint was written "
+                              "(its sha256 differs): the run goes on with the file as it is now, so it no longer "
+                              "ends where the uninterrupted run would have; restore the file to continue the "
+                              "same run")
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("train", "val", "test")
+                   if k in saved and k in now and saved[k] != now[k]]
+        if changed:
+            self.notes.append(f"the data changed since this run's checkpoint was written ({', '.join(changed)} "
+                              "examples): the run goes on with the data as it is now")
 
     def drive(self, prepared: Prepared, *, every: int | None = 100,
               callbacks: list[Callback] | None = None) -> RunResult:
@@ -394,7 +412,7 @@ class RecordedRun:
 
         config, tuner = prepared.config, prepared.tuner
         recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
-                                 every=every or 2**62, at_epoch_end=every is not None)
+                                 every=every or 2**62, at_epoch_end=every is not None, data=prepared.data)
         try:
             with _stop_on_signals() as caught, _heartbeat(self.store, self.run_id):
                 caught.tuner = tuner
@@ -539,7 +557,7 @@ def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callba
     run, config = RecordedRun.reopen(store, run_id, force=force)
     try:
         prepared = prepare(config)
-        run.restore(prepared.tuner)
+        run.restore(prepared.tuner, prepared.data)
     except SelftuneError as err:
         store.interrupt(run_id, f"resume failed: {err}")
         raise

@@ -412,6 +412,17 @@ def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(t
     assert with_helper != here
     (tmp_path / "moved" / "helpers.py").write_text("SCALE = 2\n")
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != with_helper
+    (tmp_path / "moved" / "lib").mkdir()  # a package beside the task: its modules count too
+    (tmp_path / "moved" / "lib" / "__init__.py").write_text("")
+    (tmp_path / "moved" / "lib" / "net.py").write_text("WIDTH = 8\n")
+    in_package = tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx)
+    (tmp_path / "moved" / "lib" / "net.py").write_text("WIDTH = 16\n")
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) != in_package
+    (tmp_path / "moved" / "data").mkdir()  # a folder that is no package is not read
+    (tmp_path / "moved" / "data" / "prepare.py").write_text("X = 1\n")
+    unread = tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx)
+    (tmp_path / "moved" / "data" / "prepare.py").write_text("X = 2\n")
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) == unread
     (tmp_path / "moved" / "own_task.py").write_text((own.parent / "own_task.py").read_text() + "\n# edited\n")
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) not in (here, with_helper)
 

@@ -122,6 +122,8 @@ def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_
                      settings=st.TunerSettings(batch_size=8))
     with pytest.raises(ConfigError, match="label_smoothing applies to the default cross-entropy only"):
         st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), loss=mse, objective=st.Objective(label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=r"loss: MSELoss\(reduction='sum'\) grows with the batch size"):
+        st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), loss=nn.MSELoss(reduction="sum"))
 
 
 def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
@@ -592,3 +594,28 @@ def test_a_resume_after_the_task_changed_its_model_is_one_line(tmp_path, monkeyp
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ResumeError, match=r"its checkpoint does not fit the model and tuner built now"):
         resume_recorded(store, run.run_id)
+
+
+def test_a_resume_after_the_task_changed_only_its_data_says_so(tmp_path, monkeypatch):
+    """An edit that leaves the model as it was (here the targets' scale) fits the checkpoint, so the resume
+    goes on, but not silently: the run is no longer the one an uninterrupted run would have finished."""
+    monkeypatch.chdir(tmp_path)
+    body = (ROOT / "examples" / "own_task.py").read_text()
+    (tmp_path / "own_task.py").write_text(body)
+    (tmp_path / "own.toml").write_text(OWN.read_text())
+    config = load_config(tmp_path / "own.toml", ["epochs=2", "task.args.hidden=16"])
+    store = RunStore(f"sqlite:///{tmp_path / 'b.db'}")
+    run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        run.drive(prepare(config), every=5, callbacks=[StopAt(7)])
+    notes: list[str] = []
+    scaled = body.replace("(y_all - y_mean) / y_std", "2 * (y_all - y_mean) / y_std")
+    assert scaled != body
+    (tmp_path / "own_task.py").write_text(scaled)
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("selftune_task_")]:  # a new process imports it afresh
+        monkeypatch.delitem(sys.modules, name)
+    result = resume_recorded(store, run.run_id, notes=notes)
+    assert result.test["loss"] > 0
+    assert len(notes) == 1 and "own_task.py changed since this run's checkpoint was written" in notes[0], notes

@@ -125,7 +125,7 @@ class Search(Method):
 def trial_digest(config: RunConfig) -> str:
     """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
     table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
-    (and a ``tuner.optimizer`` file) by the contents of its file and of the modules beside it that it can import
+    (and a ``tuner.optimizer`` file) by the contents of its file and of the modules and packages beside it that it can import
     (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its path: a
     moved checkout continues its studies; an edited task file or helper does not."""
     from ..settings import TUNING_ONLY
@@ -148,10 +148,22 @@ def _by_contents(source: str) -> str:
     file = Path(path)
     if not (path.endswith(".py") and file.is_file()):
         return source
+    folder = file.resolve().parent
     contents = hashlib.sha1()
-    for module in sorted(file.resolve().parent.glob("*.py")):
-        contents.update(module.name.encode() + b"\0" + module.read_bytes() + b"\0")
+    for module in _importable(folder):
+        contents.update(module.relative_to(folder).as_posix().encode() + b"\0" + module.read_bytes() + b"\0")
     return f"{contents.hexdigest()}:{file.name}:{name}"
+
+
+def _importable(folder: Path) -> list[Path]:
+    """The modules a file in ``folder`` can import from it: the ``.py`` files there and, through every
+    package (a folder with ``__init__.py``, not hidden), theirs, sorted. A virtual environment or data
+    folder beside the task (no ``__init__.py``) is not read."""
+    found = sorted(folder.glob("*.py"))
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and not sub.name.startswith((".", "__")) and (sub / "__init__.py").is_file():
+            found += _importable(sub)
+    return found
 
 
 class Grid(Search):

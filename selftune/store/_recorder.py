@@ -58,8 +58,9 @@ class StoreRecorder(Callback):
     committed yet; when it rolls back further (a blow-up that stayed finite), :meth:`on_divergence`
     undoes the rows and checkpoints after its target.
 
-    A checkpoint file holds ``{"run_uuid": ..., "tuner": state}``: a resume checks that the file
-    belongs to the run it resumes.
+    A checkpoint file holds ``{"run_uuid": ..., "tuner": state, "checkpointing": ..., "data": ...}``: a
+    resume checks that the file belongs to the run it resumes, checkpoints at the same interval, and
+    says when the data it is built from now differs from what the checkpoint was trained on.
 
     Args:
         store: the run store.
@@ -71,11 +72,15 @@ class StoreRecorder(Callback):
             resume falls back to the previous one when the newest is torn).
         heartbeat_s: seconds between heartbeats when no checkpoint happens.
         at_epoch_end: also checkpoint at every epoch end (benchmarks turn it off: only the final one).
+        data: what the run trains on (name, split sizes and, for a user's task, its file's digest; the
+            ``data`` entry of ``result.json``), kept in every checkpoint.
     """
 
     def __init__(self, store: RunStore, run_id: int, checkpoint_dir: str | Path, *, run_uuid: str, every: int = 100,
-                 keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True) -> None:
+                 keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True,
+                 data: dict[str, Any] | None = None) -> None:
         self.store, self.run_id, self.uuid = store, run_id, run_uuid
+        self.data = dict(data) if data is not None else None
         self.dir = Path(checkpoint_dir)
         self.every, self.keep, self.heartbeat_s, self.at_epoch_end = every, keep, heartbeat_s, at_epoch_end
         self._last_beat = time.monotonic()
@@ -110,17 +115,20 @@ class StoreRecorder(Callback):
         history = [r for r in tuner.history if r["epoch"] > last_epoch]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point), "checkpointing": self._checkpointing()},
-                    path)
+        save_atomic(self._payload(tuner.snapshot(point)), path)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
         self._committed, self._last_beat = (steps, epochs), time.monotonic()
         self._prune(path)
 
-    def _checkpointing(self) -> dict[str, Any]:
-        """The interval, kept in every checkpoint: a resume checkpoints (and so rolls back) where the
-        uninterrupted run does."""
-        return {"every": self.every, "at_epoch_end": self.at_epoch_end}
+    def _payload(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint file's contents. The interval is kept so that a resume checkpoints (and so rolls
+        back) where the uninterrupted run does; the data, so that it can tell a task file edited since."""
+        payload = {"run_uuid": self.uuid, "tuner": state,
+                   "checkpointing": {"every": self.every, "at_epoch_end": self.at_epoch_end}}
+        if self.data is not None:
+            payload["data"] = self.data
+        return payload
 
     def on_divergence(self, tuner: SelfTuner, info: dict[str, Any]) -> None:
         """Record the divergence. The tuner rolled back to its last healthy state (SelfTuner.snapshot):
@@ -138,8 +146,7 @@ class StoreRecorder(Callback):
         later = [Path(p) for s, e, p in self.store.checkpoints(self.run_id) if (s, e) > here]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
-        save_atomic({"run_uuid": self.uuid, "tuner": tuner.snapshot(point=False),
-                     "checkpointing": self._checkpointing()}, path)
+        save_atomic(self._payload(tuner.snapshot(point=False)), path)
         self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), event_step=int(info["step"]),
                              message=info["message"])
         self._committed, self._last_beat = here, time.monotonic()
