@@ -382,6 +382,10 @@ def _report(args: argparse.Namespace) -> int:
             schedule = recorded_schedule(store, r.id)[1]
         except ConfigError as err:  # e.g. its optimizer file moved: the other files come from the store alone
             print(f"selftune: note: schedule.csv not written ({err})", file=sys.stderr)
+    if args.out is None and not Path(r.out_dir).parent.is_dir():
+        # the project moved or was deleted: recreating the recorded path would scatter folders elsewhere
+        raise ConfigError("--out", f"run {r.id}'s output folder {r.out_dir} no longer exists, nor the folder it was "
+                                   "in (moved?); name where to write with --out")
     # The run's own folder (or one the user names) may receive these files only under the folder rule.
     out = claim_folder(args.out or r.out_dir, r.uuid, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)

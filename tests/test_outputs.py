@@ -199,6 +199,22 @@ def test_report_overwrite_replaces_a_link_and_never_writes_through_it(tmp_path):
     assert (safe / "thesis.txt").read_text() == "years of work" and not (other / MARKER).is_symlink()
 
 
+def test_report_of_a_moved_project_asks_where_to_write(tmp_path, capsys):
+    """The run's folder and the folder it was in are gone (the project moved): report does not recreate
+    that path somewhere the user no longer works; it asks for --out."""
+    (tmp_path / "proj").mkdir()
+    assert main([*RUN, "--out", str(tmp_path / "proj" / "run"), "--quiet"]) == 0
+    import shutil
+
+    shutil.move(tmp_path / "proj", tmp_path / "moved")
+    assert main(["report", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: run 1's output folder" in err and "no longer exists" in err, err
+    assert not (tmp_path / "proj").exists()
+    assert main(["report", "1", "--out", str(tmp_path / "moved" / "report")]) == 0
+    assert (tmp_path / "moved" / "report" / "epochs.csv").is_file()
+
+
 def test_a_refused_run_writes_nothing(tmp_path, capsys):
     """A checkpoint folder that is a file or a name too long, a dangling link as --out, a seed the store
     cannot record: exit 2, and no store, no checkpoints folder, no run row, no target of the link."""
