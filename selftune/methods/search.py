@@ -125,8 +125,9 @@ class Search(Method):
 def trial_digest(config: RunConfig) -> str:
     """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
     table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
-    (and a ``tuner.optimizer`` file) by the contents of its file and of the modules and packages beside it that it can import
-    (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its path: a
+    (and a ``tuner.optimizer`` file) by the contents of its file and of the modules and packages beside it
+    that it can import (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its
+    path: a
     moved checkout continues its studies; an edited task file or helper does not."""
     from ..settings import TUNING_ONLY
 
