@@ -366,13 +366,13 @@ def _show(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .outputs import claim_folder, mark_folder, write_atomic, write_csv
+    from .outputs import _trajectory_columns, claim_folder, mark_folder, write_atomic, write_csv
     from .report.plots import plot_losses, plot_trajectory
 
     store = _open_store(args.store, create=False)
     r = _get_run(store, args.run)
     trajectory, epochs = store.trajectory(r.id), store.epochs(r.id)
-    if not trajectory:
+    if not trajectory and not epochs:  # a run shorter than log_every still has its epoch rows
         raise ConfigError("RUN", f"run {r.id} has no recorded trajectory yet")
     schedule = None
     if r.status == "finished":  # read before anything is written: its config is parsed here
@@ -391,7 +391,8 @@ def _report(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not any(p for p in out.iterdir()):  # a new folder is this run's: its outputs may land here later
         mark_folder(out, r.uuid, r.id, store.display_url)
-    names = [k for k in trajectory[0] if k not in {"step", "epoch", "train_loss", "val_loss"}
+    columns = list(trajectory[0]) if trajectory else _trajectory_columns(epochs)
+    names = [k for k in columns or () if k not in {"step", "epoch", "train_loss", "val_loss"}
              and not k.endswith("_scale")]
     # each file through a temporary one and a rename: --overwrite replaces a link of the same name, never
     # what it points to
@@ -399,7 +400,7 @@ def _report(args: argparse.Namespace) -> int:
     write_atomic(out / "trajectory.png",
                  lambda p: plot_trajectory(trajectory, names, p, title=f"{label} hyperparameters"))
     write_atomic(out / "losses.png", lambda p: plot_losses(trajectory, epochs, p, title=f"{label} losses"))
-    write_atomic(out / "trajectory.csv", lambda p: write_csv(p, trajectory))
+    write_atomic(out / "trajectory.csv", lambda p: write_csv(p, trajectory, columns))
     write_atomic(out / "epochs.csv", lambda p: write_csv(p, epochs))
     written = "trajectory.png, losses.png, trajectory.csv, epochs.csv"
     if schedule is not None:

@@ -140,16 +140,26 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    """Rows as CSV (NaN as an empty cell); an empty file when there are none."""
-    if not rows:
+def write_csv(path: Path, rows: list[dict[str, float]], columns: list[str] | None = None) -> None:
+    """Rows as CSV (NaN as an empty cell). With no rows, ``columns`` alone as the header, so a reader
+    (pandas, a plot script) still finds the columns; an empty file when neither is known."""
+    if not rows and not columns:
         path.write_text("")
         return
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _trajectory_columns(history: list[dict[str, float]]) -> list[str] | None:
+    """The trajectory's columns, for a run shorter than ``log_every`` (no trajectory row): an epoch row
+    holds the same values after its ``seconds`` column (see ``RunLog.log_row`` and ``epoch_row``)."""
+    if not history or "seconds" not in history[0]:
+        return None
+    keys = list(history[0])
+    return ["step", "epoch", *keys[keys.index("seconds") + 1:], "train_loss", "val_loss"]
 
 
 def _render(folder: Path, fit: FitResult, result: RunResult) -> None:
@@ -159,7 +169,7 @@ def _render(folder: Path, fit: FitResult, result: RunResult) -> None:
 
     (folder / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     torch_save(fit.net.state_dict(), folder / "model.pt", folder / "model.pt")  # a full disk: an OSError
-    write_csv(folder / "trajectory.csv", fit.trajectory)
+    write_csv(folder / "trajectory.csv", fit.trajectory, _trajectory_columns(fit.history))
     write_csv(folder / "epochs.csv", fit.history)
     if fit.schedule is not None:  # what a plain loop or `[tuner] follow` can replay (selftune.schedules)
         fit.schedule.to_csv(folder / "schedule.csv")

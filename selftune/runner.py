@@ -588,9 +588,11 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
                                     if info.status == "interrupted" else ""))
     config = parse_config(recorded_meaning(info.config))
     trajectory = store.trajectory(run_id)
-    if not trajectory:
-        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows; nothing to replay")
     steps = int((info.result or {}).get("compute", {}).get("steps", 0))
+    if not trajectory:  # its values moved between unrecorded rows: the start alone would replay another run
+        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows ({steps} steps, fewer than "
+                                 f"tuner.log_every = {config.tuner.log_every}), so its schedule is unknown; "
+                                 "run it again with a smaller tuner.log_every to replay it")
     # the run's own start (a value pulled off its bound, a tuned rate's first step), recorded with its result
     # since stop 27; before, each init, which differs there
     start = (info.result or {}).get("start") or {n: h.init for n, h in config.space.items()}

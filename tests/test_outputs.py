@@ -215,6 +215,26 @@ def test_report_of_a_moved_project_asks_where_to_write(tmp_path, capsys):
     assert (tmp_path / "moved" / "report" / "epochs.csv").is_file()
 
 
+def test_a_run_shorter_than_log_every_still_has_a_trajectory_header_and_a_report(tmp_path, capsys):
+    """A one-epoch run with log_every above its step count records no trajectory row: its trajectory.csv
+    still names its columns (pandas reads an empty file as an error), report rebuilds its files, and
+    replay says why it cannot follow it rather than replaying the start as if it were the schedule."""
+    import csv
+
+    short = [*RUN, "--set", "epochs=1", "--set", "tuner.log_every=100000"]
+    assert main([*short, "--out", "run"]) == 0
+    with (tmp_path / "run" / "trajectory.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header[:2] == ["step", "epoch"] and header[-2:] == ["train_loss", "val_loss"]
+    assert "dropout1" in header, header
+    assert main(["report", "1", "--out", "rep"]) == 0
+    assert (tmp_path / "rep" / "trajectory.csv").read_text().splitlines()[0] == ",".join(header)
+    capsys.readouterr()
+    assert main(["replay", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tuner.log_every = 100000" in err and "smaller tuner.log_every" in err, err
+
+
 def test_a_refused_run_writes_nothing(tmp_path, capsys):
     """A checkpoint folder that is a file or a name too long, a dangling link as --out, a seed the store
     cannot record: exit 2, and no store, no checkpoints folder, no run row, no target of the link."""
