@@ -509,12 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SelftuneError as err:
         kind = "run failed" if err.exit_code == 1 else "stopped" if err.exit_code > 2 else "error"
         if err.exit_code > 2 and argv is None:  # stopped by a signal, and recorded: one more Ctrl-C while
-            _ignore_sigint()  # Python shuts down would print a traceback from an exit handler, changing nothing
+            _exit_on_sigint()  # Python shuts down ends it there, without a traceback from an exit handler
         print(f"selftune: {kind}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a run's training (start-up, data loading, a search)
         if argv is None:  # the command line's process (not a caller's, which keeps its own handler)
-            _ignore_sigint()
+            _exit_on_sigint()
         print("selftune: stopped: interrupted by SIGINT", file=sys.stderr)
         return 130
     except BrokenPipeError as err:
@@ -533,12 +533,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = previous
 
 
-def _ignore_sigint() -> None:
-    """Ignore further SIGINTs: the command has stopped and only exits now."""
+def _exit_on_sigint() -> None:
+    """A further Ctrl-C ends the process at once, with status 130: the command has stopped (its run is
+    recorded) and only exits now. Ignoring it left a hanging exit handler (a Ray or database shutdown)
+    holding the terminal; Python's own handling prints a traceback from inside an exit handler."""
     import signal
 
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
     except ValueError:  # main() called from a thread other than the main one (a test): nothing to do
         pass
 

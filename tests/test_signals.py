@@ -93,3 +93,25 @@ def test_only_one_process_drives_a_run(tmp_path):
     late = cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url)
     assert late.returncode == 2 and "finished" in late.stderr
     assert RunStore(url, create=False).get_run(1).status == "finished"
+
+
+def test_a_second_ctrl_c_ends_a_hanging_shutdown(tmp_path):
+    """After a stop the command only exits; an exit handler that hangs there (a Ray or database shutdown)
+    must not hold the terminal: one more Ctrl-C ends the process at once, with 130 and no traceback."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    hang = ("import atexit, sys, time; from pathlib import Path\n"
+            "atexit.register(lambda: (Path('hanging').touch(), time.sleep(600)))\n"
+            "from selftune.cli import main; sys.exit(main())")
+    cmd = [sys.executable, "-c", hang, "run", str(DIGITS_CONFIG), *LONG, "--out", "out", "--store", url]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(_checkpointed(url), proc, "the first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: (tmp_path / "hanging").exists(), proc, "the exit handler")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume with: selftune resume 1" in err, err
+    assert RunStore(url, create=False).get_run(1).status == "interrupted"
