@@ -53,7 +53,7 @@ def as_dataset(data: Any, what: str) -> Dataset:
 
     Returns:
         ``data`` itself if it is a Dataset (a loader's dataset for a loader), else a ``TensorDataset``
-        of the pair.
+        of the pair; tensors that carry autograd history are detached (views, not copies).
 
     Raises:
         DataError: on another type, a pair of other than two tensors or of different lengths, an
@@ -66,7 +66,9 @@ def as_dataset(data: Any, what: str) -> Dataset:
         custom_collate = data.collate_fn is not default_collate
         data = data.dataset
     if isinstance(data, tuple):
-        tensors = _pair(data, what)
+        # detached (a view, no copy): features a user's encoder computed outside torch.no_grad() carry its
+        # graph, and every batch's backward would run into it ("backward through the graph a second time")
+        tensors = _detached(_pair(data, what))
         dataset: Dataset = TensorDataset(*tensors)
     elif isinstance(data, TensorDataset):
         if len(data.tensors) != 2:
@@ -74,6 +76,9 @@ def as_dataset(data: Any, what: str) -> Dataset:
                             f"{len(data.tensors)}; build it as TensorDataset(inputs, targets)")
         tensors = _same_length(data.tensors, what)
         dataset = data
+        if any(t.requires_grad for t in tensors):  # as for a pair
+            tensors = _detached(tensors)
+            dataset = TensorDataset(*tensors)
     elif isinstance(data, IterableDataset):
         raise DataError(f"{what}: an IterableDataset cannot be indexed, but the tuner draws examples by index; "
                         f"pass {_ACCEPTED}")
@@ -94,6 +99,11 @@ def as_dataset(data: Any, what: str) -> Dataset:
     for i, t in enumerate(tensors):
         _check_finite(t, f"{what}: {_part(i)}")
     return dataset
+
+
+def _detached(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors without their autograd history (views, no copy); the same objects when none has any."""
+    return tuple(t.detach() for t in tensors) if any(t.requires_grad for t in tensors) else tensors
 
 
 def _pair(data: tuple, what: str) -> tuple[torch.Tensor, ...]:

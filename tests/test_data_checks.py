@@ -595,3 +595,22 @@ def test_augmentations_the_inputs_cannot_take_are_refused_before_training(tmp_pa
                  "--out", str(tmp_path / "out"), "--store", f"sqlite:///{tmp_path / 's.db'}",
                  "--checkpoint-dir", str(tmp_path / "ck")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_inputs_that_carry_autograd_history_train(pair):
+    """Features a user's encoder computed outside torch.no_grad() carry its graph: they are detached on the
+    way in (views, the user's tensors untouched), not a "backward through the graph a second time" crash
+    at the second step."""
+    from torch import nn
+
+    import selftune as st
+
+    torch.manual_seed(0)
+    encoder = nn.Linear(5, 8)
+    x, y = encoder(pair[0]), pair[1]
+    assert as_dataset((x, y), "train").tensors[0].grad_fn is None and x.grad_fn is not None
+    assert as_dataset(TensorDataset(x, y), "train").tensors[0].grad_fn is None
+    net = st.hypernetize(nn.Sequential(st.Dropout("d"), nn.Linear(8, 10)), st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    fit = st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), method="delta-stn",
+                       settings=st.TunerSettings(batch_size=16, lr=0.1)).fit(2)
+    assert len(fit.history) == 2 and encoder.weight.grad is None
