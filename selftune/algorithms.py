@@ -117,8 +117,17 @@ class Algorithm:
     def check_net(self, net: HyperNet) -> None:
         """Raises ValueError when ``net``'s layers do not have the form this algorithm trains."""
         if self.form is not None and net.form != self.form:
-            raise ValueError(f"method {self.name!r} needs a net built with form={self.form!r} (got {net.form!r}); "
-                             f"build it with selftune.hypernetize(model, space, form={self.form!r})")
+            raise ConfigError("method", f"{self.name!r} needs a net built with form={self.form!r} (got {net.form!r}); "
+                                        f"build it with selftune.hypernetize(model, space, form={self.form!r})")
+        if self.form is not None and not net.best_response_layers():
+            # its hypergradient flows through the response layers only: with none it would crash at the
+            # first response step (delta) or never move a hyperparameter (stn)
+            others = ", ".join(repr(n) for n, c in ALGORITHMS.items() if c.form is None and c.tunes)
+            raise ConfigError("method", f"{self.name!r} tunes through best-response layers, but hypernetize "
+                                        "converted none of this model's layers (it converts nn.Linear, nn.Conv1d/2d, "
+                                        "nn.Embedding, nn.LSTM/GRU and nn.MultiheadAttention; net.summary() says "
+                                        f"what stayed plain); use a method that needs none ({others}) or build the "
+                                        "model from layers it converts")
 
     def _weight_optimizer(self, groups: list) -> torch.optim.Optimizer:
         """The user's optimizer class over ``groups``: ``tuner.momentum`` reaches SGD only (as before

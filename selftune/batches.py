@@ -121,7 +121,8 @@ class Source:
     def take(self, index: torch.Tensor, fields: Fields) -> tuple[Any, Any]:
         """The batch of examples ``index`` as ``(inputs, targets)``."""
         data = self.dataset
-        if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        if isinstance(data, TensorDataset) and len(data.tensors) == 2 and self.collate is default_collate:
+            # fast path: what default_collate would stack (a loader's own collate_fn may change the batch)
             x, y = data.tensors[0][index], data.tensors[1][index]
         else:
             x, y = fields.split(self.collate([data[i] for i in index.tolist()]), self.what)

@@ -95,7 +95,20 @@ class BatchOrder:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "perm": self.perm, "val_perm": self.val_perm,
-                "val_pos": self.val_pos, "pos": self.pos, "batch_size": self.batch_size}
+                "val_pos": self.val_pos, "pos": self.pos, "batch_size": self.batch_size,
+                "n_train": self.n_train, "n_val": self.n_val}
+
+    def mismatch(self, state: dict[str, Any]) -> str | None:
+        """Why ``state`` cannot continue in this order (it was drawn over other training or validation
+        sets: a permutation of other indices would hang the epoch or index past the data), or ``None``."""
+        for what, mine, saved in (
+                ("training", self.n_train, state.get("n_train", None if state.get("perm") is None
+                                                    else len(state["perm"]))),
+                ("validation", self.n_val, state.get("n_val", None if state.get("val_perm") is None
+                                                     else len(state["val_perm"])))):
+            if saved is not None and int(saved) != mine:
+                return f"it was saved by a run on {int(saved)} {what} examples, this tuner has {mine}"
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -379,7 +379,7 @@ def _report(args: argparse.Namespace) -> int:
         from .runner import recorded_schedule
 
         try:
-            schedule = recorded_schedule(store, r.id)[1]
+            schedule = recorded_schedule(store, r.id, replay=False)[1]  # the rates too, as the run's own file
         except ConfigError as err:  # e.g. its optimizer file moved: the other files come from the store alone
             print(f"selftune: note: schedule.csv not written ({err})", file=sys.stderr)
     if args.out is None and not Path(r.out_dir).parent.is_dir():

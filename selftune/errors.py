@@ -111,6 +111,6 @@ def from_validation(err: ValidationError, prefix: str = "") -> ConfigError:
         message = "op must be one of 'cutout', 'noise', 'shift', 'flip'"
     elif first["type"] == "union_tag_not_found":
         message = "needs an op ('cutout', 'noise', 'shift' or 'flip')"
-    else:
+    elif cleaned:  # a field's value; a whole model's validator would echo every field given
         message = f"{message} (got {first.get('input')!r})"
     return ConfigError(field or "config", message)

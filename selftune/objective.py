@@ -43,7 +43,9 @@ def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     """Sequence outputs ``(B, T, C)`` with targets ``(B, T)`` become ``(B*T, C)`` and ``(B*T,)``:
     a language model's loss is the mean over every predicted token. Classifier outputs pass unchanged."""
     if logits.dim() > 2:
-        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+        classes = logits.shape[-1]
+        soft = target.shape == logits.shape  # class probabilities per token
+        return logits.reshape(-1, classes), target.reshape(-1, classes) if soft else target.reshape(-1)
     return logits, target
 
 
@@ -52,10 +54,14 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
     """Mean cross-entropy with a per-example label-smoothing rate ``smoothing`` ``(B,)``.
 
     Example ``i`` scores ``(1 - s_i) * nll_i + s_i * mean_k(-log p_ik)``, which equals
-    ``F.cross_entropy(..., label_smoothing=s)`` when every ``s_i = s``.
+    ``F.cross_entropy(..., label_smoothing=s)`` when every ``s_i = s``; with class-probability targets
+    (floating point, the logits' shape) ``nll_i = -sum_k t_ik log p_ik``, as PyTorch smooths them.
     """
     logp = F.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if target.is_floating_point() and target.shape == logits.shape:
+        nll = -(target.to(logp.dtype) * logp).sum(dim=-1)
+    else:
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     uniform = -logp.mean(dim=-1)
     s = (smoothing if differentiable else smoothing.detach()).to(logits.dtype)
     return ((1 - s) * nll + s * uniform).mean()

@@ -88,8 +88,14 @@ def _marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, option: str = "--out") -> Path:
-    """Check that ``out`` may receive run ``run_uuid``'s outputs; nothing is written.
+#: what a refusal of a folder with other files asks a ``--out`` to do
+_NEW_FOLDER = "choose a new folder, or pass --overwrite to replace only selftune's own files in it"
+
+
+def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, option: str = "--out",
+                 fix: str = _NEW_FOLDER) -> Path:
+    """Check that ``out`` may receive run ``run_uuid``'s outputs; nothing is written. ``fix``: what the
+    refusal of a folder holding other files tells the user to do (a resume has no ``--out`` to change).
 
     Raises:
         OutputError: ``out`` is a file, or a folder with files not written for this run (and
@@ -116,14 +122,20 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
         return path
     owner = f" (outputs of run {marker.get('run_id')} of {marker.get('store')})" if marker else ""
     shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
-    raise OutputError(f"{option}: folder {str(path)!r} is not empty ({shown}){owner}; choose a new folder, "
-                      "or pass --overwrite to replace only selftune's own files in it")
+    raise OutputError(f"{option}: folder {str(path)!r} is not empty ({shown}){owner}; {fix}")
 
 
 def mark_folder(out: Path, run_uuid: str, run_id: int | None, store: str) -> None:
     """Write the marker that says ``out`` holds run ``run_uuid``'s files (so the run may later write there)."""
     marker = {"run_uuid": run_uuid, "run_id": run_id, "store": store, "files": list(OUTPUT_FILES)}
     write_atomic(out / MARKER, lambda p: p.write_text(json.dumps(marker) + "\n"))  # a link there: replaced
+
+
+def _umask() -> int:
+    """The process's umask (Python reads it only by setting it: set and put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -135,6 +147,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make a shared report private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -191,6 +204,8 @@ def write_outputs(out: str | Path, fit: FitResult, result: RunResult, *, store: 
     fresh = not out.exists()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.selftune-", dir=out.parent if fresh else out))
     try:
+        if fresh:  # it becomes the output folder: as a mkdir would make it, not mkdtemp's 0700
+            os.chmod(tmp, 0o777 & ~_umask())
         _render(tmp, fit, result)
         mark_folder(tmp, result.run_uuid, result.run_id, store)
         if fresh:

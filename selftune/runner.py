@@ -338,7 +338,9 @@ class RecordedRun:
         run = cls(store, run_id, info.uuid, Path(info.out_dir), Path(info.checkpoint_dir))
         try:
             # The folder must still be this run's (or gone/empty): a resume never takes another's.
-            claim_folder(run.out, run.uuid, option=f"run {run_id}'s output folder")
+            claim_folder(run.out, run.uuid, option=f"run {run_id}'s output folder",
+                         fix="move those files (or the folder) elsewhere, then resume: the run writes its "
+                             "outputs there when it finishes")
             config = parse_config(recorded_meaning(info.config))
         except ConfigError as err:
             run._record(store.interrupt, f"resume refused: {err}")
@@ -354,10 +356,13 @@ class RecordedRun:
         file is skipped with a note, and the previous one is used. ``data`` (what the run is built on
         now, ``Prepared.data``) against the checkpoint's: an edited task file or another split gets a
         note, because the resumed run no longer ends where the uninterrupted one would have."""
-        for step, epoch, path in reversed(self.store.checkpoints(self.run_id)):
+        listed = self.store.checkpoints(self.run_id)
+        missing = 0
+        for step, epoch, path in reversed(listed):
             try:
                 saved = torch.load(path, weights_only=True)
             except FileNotFoundError:
+                missing += 1
                 continue  # pruned long ago: only the newest files are kept
             except Exception as err:  # a torn or corrupt file: any unpickling error
                 self.notes.append(f"checkpoint {path} is unreadable ({type(err).__name__}); trying an older one")
@@ -379,6 +384,11 @@ class RecordedRun:
             self.checkpointing = saved.get("checkpointing")  # absent in checkpoints before stop 27
             self._compare_data(saved.get("data"), data)  # absent before stop 28
             return step
+        if listed and missing == len(listed):  # starting over would rewind every recorded epoch away
+            last_step, _, last = listed[-1]
+            raise ResumeError(f"run {self.run_id}: the store lists {len(listed)} checkpoints (the last at step "
+                              f"{last_step}), but none of their files is left ({Path(last).parent} moved or "
+                              "deleted?); restore them to continue, or start a new run")
         self.store.rewind(self.run_id, -1, 0, divergences=0)
         if self.notes:
             self.notes.append("no usable checkpoint of this run is left: it starts over from step 0")
@@ -574,8 +584,12 @@ def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callba
 REPLAY = "replay"
 
 
-def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule]:
+def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[RunConfig, HyperSchedule]:
     """A finished run's config and the schedule its hyperparameters followed, from the store alone.
+
+    ``replay``: for a replay, which keeps the run's own learning-rate schedule where nothing tuned or
+    lowered the rate (exact at every step), the schedule holds no rates then; ``False`` keeps the recorded
+    rates, as the run's own ``schedule.csv`` (``selftune report``).
 
     Raises:
         LookupError: no such run.
@@ -601,7 +615,7 @@ def recorded_schedule(store: Any, run_id: int) -> tuple[RunConfig, HyperSchedule
                                              source=f"run {info.uuid}")
     t = config.tuner
     diverged = any(e["kind"] == "divergence" for e in store.events(run_id))
-    if not isinstance(t.lr, str) and not diverged and (t.lr_scheduler or "").lower() != "reducelronplateau":
+    if replay and not isinstance(t.lr, str) and not diverged and (t.lr_scheduler or "").lower() != "reducelronplateau":
         # A rate nothing tuned, lowered or fitted to the run's own validation losses is its schedule's
         # (tuner.lr_scheduler, [tuner.schedule]) at every step: the replay keeps that schedule, exact, rather
         # than the recorded rates, which are sampled every log_every steps and miss a change between rows.

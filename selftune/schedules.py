@@ -35,6 +35,7 @@ import bisect
 import csv
 import inspect
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from .errors import ConfigError, from_validation
 
 __all__ = ["HyperSchedule", "ScheduleSettings", "TorchSchedule", "factor", "lr_scheduler_class"]
 
@@ -193,6 +196,18 @@ class HyperSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __init__(self, steps: Any = None, values: Any = None, /, **data: Any) -> None:
+        """``HyperSchedule(steps, values, lr=...)`` as documented (pydantic alone takes keywords only); a
+        schedule that is not consistent is a one-line :class:`~selftune.errors.ConfigError` naming
+        ``tuner.follow.<field>``, as a config's ``[tuner.follow]`` gets (pydantic's own is several lines)."""
+        for name, value in (("steps", steps), ("values", values)):
+            if value is not None:
+                data[name] = value
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise from_validation(err, prefix="tuner.follow") from None
+
     steps: list[NonNegativeInt]
     values: dict[str, list[float]]
     lr: list[NonNegativeFloat] | None = None  # a torch scheduler may end at exactly 0
@@ -311,17 +326,25 @@ class HyperSchedule(BaseModel):
                 odd = next((v for v in steps if not math.isfinite(v) or v != int(v)), None)
                 if odd is not None:
                     raise ValueError(f"step {odd:g} is not a whole number of weight steps")
-                schedule = cls(steps=[int(v) for v in steps],
-                               values={n: [float(r[n]) for r in table] for n in names}, lr=lr)
+                # the epoch column (to_csv writes it where steps per epoch are known) gives them back
+                per_epoch = {round(int(v) / float(r["epoch"])) for v, r in zip(steps, table, strict=True)
+                             if float(r.get("epoch") or 0) > 0} if "epoch" in table[0] else set()
+                schedule = cls.model_validate({
+                    "steps": [int(v) for v in steps], "values": {n: [float(r[n]) for r in table] for n in names},
+                    "lr": lr, "steps_per_epoch": per_epoch.pop() if len(per_epoch) == 1 else None})
         except OSError as err:
             raise ValueError(f"cannot read schedule {str(path)!r}: {err.strerror}") from None
         except ValidationError as err:  # pydantic's own text carries the whole input and a link: say what is wrong
             first = err.errors()[0]
+            raised = first.get("ctx", {}).get("error")
             column = RATE_COLUMN if rate == RATE_COLUMN else "lr"  # what the file calls the rate
-            loc = [column if part == "lr" and i == 0 else part for i, part in enumerate(first["loc"])]
-            where = ".".join(str(part) for part in loc)  # steps.3: the fourth row
-            message = first["msg"].removeprefix("Value error, ")
-            detail = f"{where}: {message}" if where else message
+            if isinstance(raised, ConfigError):  # the constructor's one line, naming tuner.follow.<field>[row]
+                parts = re.sub(r"\[(\d+)\]", r".\1", raised.field.removeprefix("tuner.follow")).strip(".").split(".")
+                loc, message = [p for p in parts if p], raised.message
+            else:
+                loc, message = list(first["loc"]), first["msg"].removeprefix("Value error, ")
+            where = ".".join(column if part == "lr" and i == 0 else str(part) for i, part in enumerate(loc))
+            detail = f"{where}: {message}" if where else message  # steps.3: the fourth row
             raise ValueError(f"schedule {str(path)!r} is not valid: {detail}") from None
         except (ValueError, KeyError, TypeError) as err:
             first = str(err).splitlines()

@@ -24,14 +24,14 @@ import math
 import operator
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
 from .augment import Augment
@@ -107,11 +107,29 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
     if device is None:  # where the model's weights (or, without any, its buffers) are
         device = net.hparams.device if isinstance(net, HyperNet) else \
             next((t.device for t in itertools.chain(net.parameters(), net.buffers())), torch.device("cpu"))
-    return _score(net, source, Objective(loss=loss), metrics or {}, Fields(input_key, target_key),
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be a whole number >= 1 (got {batch_size!r})")
+    return _score(net, source, Objective(loss=loss), _checked_metrics(metrics), Fields(input_key, target_key),
                   batch_size, device, dim)
 
 
 @torch.no_grad()
+def _checked_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
+    """The user's metrics, each callable and none called ``loss``: it was added into the validation loss,
+    which every roll-back, ``keep = "best"`` and handover then judged. (One called ``accuracy`` is the
+    user's own accuracy: with a loss of their own, selftune computes none; with the default one, theirs
+    is the column.)"""
+    checked = dict(metrics or {})
+    for name, metric in checked.items():
+        if not callable(metric):
+            raise TypeError(f"metrics[{name!r}] must be a callable metric(outputs, targets) (got "
+                            f"{type(metric).__name__})")
+        if name == "loss":
+            raise ConfigError("metrics['loss']", "'loss' is the validation loss selftune computes itself (val_loss) "
+                                                 "and judges the run by; name the metric otherwise, e.g. 'my_loss'")
+    return checked
+
+
 def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: Mapping[str, Metric],
            fields: Fields, batch_size: int, device: torch.device | str, batch_dim: int | None = None
            ) -> dict[str, float]:
@@ -298,20 +316,16 @@ class SelfTuner:
         self.objective = objective or Objective()
         if loss is not None:
             if self.objective.loss is not None and self.objective.loss is not loss:
-                raise ValueError("loss is given twice (loss= and objective.loss) with different functions; pass one")
+                raise ConfigError("loss", "it is given twice (loss= and objective.loss) with different functions; "
+                                          "pass one")
             try:
                 self.objective = replace(self.objective, loss=loss)
             except (TypeError, ValueError) as err:
                 raise ConfigError("loss", str(err)) from None
-        self.metrics = dict(metrics or {})
-        for name, metric in self.metrics.items():
-            if not callable(metric):
-                raise TypeError(f"metrics[{name!r}] must be a callable metric(outputs, targets) (got "
-                                f"{type(metric).__name__})")
+        self.metrics = _checked_metrics(metrics)
         self.fields = Fields(input_key, target_key)
         self.augment = augment
-        for name in self.objective.hyperparameters() | (augment.hyperparameters() if augment else set()):
-            net.space.index(name)
+        _check_declared(net.space, self.objective, augment)
         _check_meanings(net, self.objective)
         s = self.settings
         self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim),
@@ -328,6 +342,11 @@ class SelfTuner:
             raise ConfigError("seed", f"must be an integer in [-2**63, 2**64) (got {given!r}), as PyTorch's seeds")
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.seed = int(seed)
+        # PyTorch's global generators as this run left them (None: not yet trained; fit seeds them from
+        # ``seed``), see _own_rng
+        self._rng: torch.Tensor | None = None
+        self._cuda_rng: list[torch.Tensor] | None = None
+        self._in_fit = False
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
         self.n_val = len(self.val_data)  # type: ignore[arg-type]
         check_batch_sizes(self.n_train, self.n_val, s.batch_size, s.val_batch_size)
@@ -555,7 +574,7 @@ class SelfTuner:
                 self._check_differentiable(x, y)
         finally:
             net.train(was_training)
-        if self.objective.loss is None:
+        if self.objective.loss is None and source.collate is default_collate:  # a loader's own may map labels
             check_all_targets(source.dataset, classes, what)
 
     def _fails_on_one_example(self) -> bool:
@@ -683,8 +702,43 @@ class SelfTuner:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError("epochs", f"must be a whole number >= 1 (got {epochs!r})")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ConfigError("max_steps", f"must be a whole number >= 1, or None for no limit (got {max_steps!r})")
+        if isinstance(callbacks, Callback | str) or not isinstance(callbacks, Iterable):
+            raise TypeError(f"callbacks must be a list of selftune.Callback instances (got {type(callbacks).__name__}; "
+                            "a single one: [callback])")
+        callbacks = list(callbacks)
         self.planned_epochs = epochs
         self._stop = False
+        with self._own_rng():
+            return self._fit(epochs, callbacks, max_steps)
+
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """PyTorch's global generators, the run's own while it trains: a model's own ``nn.Dropout``, a
+        Transformer layer's dropout or a ``torch.rand`` in its forward draws from them, so two runs of one
+        seed differed wherever the caller's global state did. A fresh run seeds them from ``seed`` (a
+        stream apart from the tuner's own generator), a later ``fit`` or a restored run continues where
+        they were, and the caller's global state is put back afterwards."""
+        cuda = self.device.type == "cuda"
+        devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if cuda \
+            else []
+        with torch.random.fork_rng(devices=devices):
+            if self._rng is None:
+                torch.manual_seed((self.seed + _GLOBAL_SEED_OFFSET) % 2**64)
+            else:
+                torch.set_rng_state(self._rng)
+                if cuda and self._cuda_rng is not None and len(self._cuda_rng) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(self._cuda_rng)
+            self._in_fit = True
+            try:
+                yield
+            finally:
+                self._in_fit = False
+                self._rng = torch.get_rng_state()
+                self._cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+
+    def _fit(self, epochs: int, callbacks: Sequence[Callback], max_steps: int | None) -> FitResult:
         for cb in callbacks:
             cb.on_fit_start(self, epochs * self.batches_per_epoch)
         self.net.to(self.device).train()
@@ -1420,10 +1474,13 @@ class SelfTuner:
             "generator": self.generator.get_state(),
             # PyTorch's global generators: a model's own nn.Dropout, a Transformer layer's dropout or a
             # torch.rand in its forward draw from them, so a resumed run needs them to equal an uninterrupted one
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else None,
+            # (the run's own, see _own_rng: None before its first fit, which seeds them)
+            "torch_rng": torch.get_rng_state() if self._in_fit else self._rng,
+            "cuda_rng": (torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None) if self._in_fit
+            else self._cuda_rng,
             "order": self.order.state_dict(),
+            # what the net's hyperparameter vector means, position by position (load_state_dict checks it)
+            "space": [[h.name, float(h.low), float(h.high), bool(h.log)] for h in self.net.space.params],
             "log": self.log.state_dict(),
             "lr": self.lr_tuner.state_dict() if self.lr_tuner is not None else None,
             "momentum": self.momentum_tuner.state_dict() if self.momentum_tuner is not None else None,
@@ -1431,6 +1488,28 @@ class SelfTuner:
             "lr_scheduler": None if self._torch_schedule is None else self._torch_schedule.state_dict(),
             "best": self._best,
         }
+
+    def _check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a state this tuner would misread, before anything is loaded: the hyperparameters are one
+        vector restored by position (another order swaps values silently, other bounds reinterpret them),
+        and the data order indexes the training and validation sets it was drawn over."""
+        space = self.net.space
+        mine = [[h.name, float(h.low), float(h.high), bool(h.log)] for h in space.params]
+        saved = state.get("space")  # absent before stop 29: the names, from the run's start values
+        names = [s[0] for s in saved] if saved is not None else \
+            [k for k in (state.get("log") or {}).get("start") or {} if k != "weights_lr"]  # the first step's rate
+        if names and names != space.names:
+            raise ConfigError("checkpoint", f"it was saved with the hyperparameters {names}, this tuner has "
+                                            f"{space.names} (in this order); declare the space it was saved with")
+        changed = next((f"{m[0]} ([{s[1]:g}, {s[2]:g}]{', log' if s[3] else ''} -> [{m[1]:g}, {m[2]:g}]"
+                        f"{', log' if m[3] else ''})" for s, m in zip(saved or [], mine, strict=False)
+                        if list(s) != m), None)
+        if changed:
+            raise ConfigError("checkpoint", f"it was saved with other bounds for {changed}; its values would "
+                                            "be read on the new scale: declare the bounds it was saved with")
+        order = self.order.mismatch(state["order"])
+        if order:
+            raise ConfigError("checkpoint", f"{order}; a run continues on the data it started with")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` into a tuner built with the same net, data and settings.
@@ -1445,6 +1524,7 @@ class SelfTuner:
         if state["method"] != self.method:
             raise ConfigError("checkpoint", f"it was saved by method {state['method']!r}, this tuner runs "
                                             f"{self.method!r}")
+        self._check_fits(state)
         if "rollback" in state:  # a checkpoint (see snapshot()): its roll-back point, or itself
             rollback = state["rollback"]
             self._good = copy.deepcopy(rollback if rollback is not None else
@@ -1457,12 +1537,18 @@ class SelfTuner:
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
         self.generator.set_state(state["generator"])
-        if state.get("torch_rng") is not None:  # absent in checkpoints of selftune before stop 27
-            torch.set_rng_state(state["torch_rng"].cpu())  # a checkpoint loaded with map_location="cuda"
+        # absent in checkpoints of selftune before stop 27; None before a run's first fit (which seeds them)
+        rng = state.get("torch_rng")
+        self._rng = None if rng is None else rng.cpu()  # a checkpoint loaded with map_location="cuda"
+        if self._in_fit and self._rng is not None:  # a roll-back inside fit
+            torch.set_rng_state(self._rng)
         cuda_rng = state.get("cuda_rng")
+        self._cuda_rng = None
         if cuda_rng is not None and torch.cuda.is_available():
             if len(cuda_rng) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
+                self._cuda_rng = [r.cpu() for r in cuda_rng]
+                if self._in_fit:
+                    torch.cuda.set_rng_state_all(self._cuda_rng)
             else:  # another machine: the run goes on, with other draws in the model's own CUDA dropouts
                 warnings.warn(f"checkpoint: saved with {len(cuda_rng)} CUDA devices, resumed with "
                               f"{torch.cuda.device_count()}; PyTorch's CUDA generators start afresh, so a model's own "
@@ -1527,6 +1613,26 @@ def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
             if key not in ("_parameters", "_buffers", "_modules"):
                 walk(value, 0)
     return copy.deepcopy(module, memo)
+
+
+#: added to a run's seed for PyTorch's global generators, so their stream is not the tuner's own generator's
+#: (the same seed in both would draw a model's own dropout masks in step with selftune's)
+_GLOBAL_SEED_OFFSET = 0x9E3779B97F4A7C15
+
+
+def _check_declared(space: Any, objective: Objective, augment: Augment | None) -> None:
+    """Every hyperparameter the objective and augmentations name is declared, or a one-line error names
+    the field (as the config's keys) and the names the space has."""
+    wd = objective.weight_decay
+    named: list[tuple[str, Any]] = [
+        *(((f'objective.weight_decay["{k}"]', v) for k, v in wd.items()) if isinstance(wd, Mapping)
+          else (("objective.weight_decay", wd),)),
+        ("objective.label_smoothing", objective.label_smoothing),
+        *(("augment", n) for n in sorted(augment.hyperparameters() if augment else ()))]
+    for field, name in named:
+        if isinstance(name, str) and name not in space:
+            raise ConfigError(field, f"{name!r} is not a hyperparameter of the space (it has {space.names}); "
+                                     "fix the name or declare it in the space")
 
 
 def _check_meanings(net: HyperNet, objective: Objective) -> None:

@@ -237,3 +237,32 @@ def test_accumulating_sequence_first_batches_as_long_as_they_are_wide_equals_the
         nets.append(net)
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+class RawWeights(nn.Module):
+    """A user's own layer: a bare nn.Parameter, which hypernetize leaves plain."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3) * 0.1)
+        self.drop = st.Dropout("p")
+
+    def forward(self, x):
+        return self.drop(x) @ self.w
+
+
+@pytest.mark.parametrize("method, form", [("delta-stn", "delta"), ("stn", "stn"), ("delta-ift", "delta")])
+def test_a_response_method_on_a_net_with_no_converted_layer_is_refused_and_ift_tunes_it(method, form):
+    """With no best-response layer, delta-stn crashed at its first response step and stn never moved a
+    value: both are refused with a one-line error naming the methods that need none, which tune it."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    space = st.Space([st.Float("p", 0.0, 0.9, 0.3)])
+    with pytest.raises(st.errors.ConfigError) as err:
+        st.SelfTuner(st.hypernetize(RawWeights(), space, form=form), (x, y), (x, y), method=method)
+    message = str(err.value)
+    assert message.startswith(f"method: {method!r} tunes through best-response layers") and "'ift'" in message
+    net = st.hypernetize(RawWeights(), space)
+    fit = st.SelfTuner(net, (x, y), (x, y), method="ift", settings=st.TunerSettings(lr=0.05, batch_size=16),
+                       seed=0).fit(3)
+    assert fit.hparams["p"] != pytest.approx(0.3, abs=1e-3)

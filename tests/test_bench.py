@@ -423,6 +423,10 @@ def test_a_changed_config_starts_a_study_of_its_own_and_the_same_one_continues(t
     unread = tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx)
     (tmp_path / "moved" / "data" / "prepare.py").write_text("X = 2\n")
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) == unread
+    # what no import reads is not read either: an editor's dangling lock link, a folder named *.py
+    (tmp_path / "moved" / ".#own_task.py").symlink_to("root@host.123:1733570000")
+    (tmp_path / "moved" / "notes.py").mkdir()
+    assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) == unread
     (tmp_path / "moved" / "own_task.py").write_text((own.parent / "own_task.py").read_text() + "\n# edited\n")
     assert tpe.study_name(load_task(str(tmp_path / "moved" / "own_task.toml")), 0, ctx) not in (here, with_helper)
 

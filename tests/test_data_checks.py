@@ -614,3 +614,35 @@ def test_inputs_that_carry_autograd_history_train(pair):
     fit = st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), method="delta-stn",
                        settings=st.TunerSettings(batch_size=16, lr=0.1)).fit(2)
     assert len(fit.history) == 2 and encoder.weight.grad is None
+
+
+def test_a_loaders_own_collate_fn_is_used_over_a_tensor_dataset():
+    """A DataLoader over a TensorDataset with its own collate_fn (scaling, label mapping): the fast path that
+    indexes the tensors directly skipped it, silently, in training, hyper steps and scoring, and the label
+    check read the unmapped labels."""
+    from torch import nn
+    from torch.utils.data import DataLoader, default_collate
+
+    import selftune as st
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(120, 5, generator=g) * 255, torch.randint(1, 4, (120,), generator=g)  # labels 1..3
+    calls, seen = [], []
+
+    def collate(batch):
+        calls.append(1)
+        xs, ys = default_collate(batch)
+        return xs / 255, ys - 1
+
+    class Probe(nn.Module):
+        def forward(self, v):
+            seen.append(float(v.abs().max()))
+            return v
+
+    model = nn.Sequential(Probe(), nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 3))
+    net = st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    train, val = (DataLoader(TensorDataset(x[a:b], y[a:b]), collate_fn=collate) for a, b in ((0, 90), (90, 120)))
+    tuner = st.SelfTuner(net, train, val, method="delta-stn", settings=st.TunerSettings(batch_size=16, lr=0.1))
+    tuner.fit(2)
+    assert calls and max(seen) <= 1.0
+    assert set(st.score(net, val)) == {"loss", "accuracy"} and max(seen) <= 1.0

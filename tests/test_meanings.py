@@ -33,6 +33,24 @@ def test_a_range_a_regulariser_cannot_take_is_refused(digits, space, objective, 
     assert err.value.field == field and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("objective, augment, field", [
+    (st.Objective(weight_decay="wdd"), None, "objective.weight_decay"),
+    (st.Objective(weight_decay={"0": "wdd"}), None, 'objective.weight_decay["0"]'),
+    (st.Objective(label_smoothing="ls"), None, "objective.label_smoothing"),
+    (None, st.Augment([st.Noise(std="noise")]), "augment"),
+])
+def test_a_name_the_space_does_not_declare_is_refused_naming_its_field(digits, objective, augment, field):
+    """A misspelt name was a bare LookupError (no field); a misspelt dropout name passed every check and
+    failed at the first training step, deep inside the forward pass."""
+    with pytest.raises(ConfigError) as err:
+        _tuner(digits, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]), objective, augment=augment)
+    assert err.value.field == field and "['d0']" in str(err.value) and "\n" not in str(err.value)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), st.Dropout("d_0"), torch.nn.Linear(8, 2))
+    with pytest.raises(ConfigError) as err:
+        st.hypernetize(model, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
+    assert str(err.value).startswith("model.1: Dropout('d_0') reads a hyperparameter the space does not declare")
+
+
 def test_the_test_split_is_checked_before_training(digits):
     tuner = _tuner(digits, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
     x, y = digits.test.tensors

@@ -7,6 +7,7 @@ output folder ignored `--set`, so a second run replaced the first one's outputs.
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +129,23 @@ def test_a_foreign_or_torn_newest_checkpoint_falls_back_to_the_previous_intact_o
     assert result2.test["loss"] == pytest.approx(_uninterrupted_test_loss(3), abs=1e-6)
 
 
+def test_a_resume_whose_checkpoint_files_are_all_gone_is_refused_and_keeps_the_records(tmp_path):
+    """The checkpoint folder deleted (or the store copied without it): starting over silently rewound every
+    recorded epoch away; the resume is refused, naming the folder, and the records stay."""
+    import shutil
+
+    from selftune.errors import ResumeError
+
+    store = RunStore("sqlite:///a.db")
+    run = _interrupted(store, seed=3, at=20)
+    epochs, listed = store.epochs(run.run_id), store.checkpoints(run.run_id)
+    assert epochs and listed
+    shutil.rmtree(Path(listed[-1][2]).parent)
+    with pytest.raises(ResumeError, match=r"none of their files is left .* restore them to continue"):
+        resume_recorded(store, run.run_id)
+    assert store.epochs(run.run_id) == epochs and store.get_run(run.run_id).status == "interrupted"
+
+
 def test_read_only_commands_create_no_store_and_memory_stores_are_refused(tmp_path, capsys):
     for args in (["runs"], ["show", "1"], ["report", "1"], ["resume", "1"]):
         assert main([*args, "--store", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
@@ -162,6 +180,7 @@ def test_a_resume_never_writes_into_a_folder_another_run_took(tmp_path, capsys):
     assert main(["resume", "1", "--quiet", "--store", "sqlite:///a.db"]) == 2
     err = capsys.readouterr().err
     assert "output folder" in err and len(err.strip().splitlines()) == 1, err
+    assert "--overwrite" not in err and "elsewhere, then resume" in err, err  # resume takes no --overwrite
     assert json.loads((tmp_path / "res" / "result.json").read_text()) == second
     assert RunStore("sqlite:///a.db").get_run(1).status == "interrupted"
 
@@ -233,6 +252,26 @@ def test_a_run_shorter_than_log_every_still_has_a_trajectory_header_and_a_report
     assert main(["replay", "1"]) == 2
     err = capsys.readouterr().err
     assert "tuner.log_every = 100000" in err and "smaller tuner.log_every" in err, err
+
+
+def test_report_rebuilds_the_runs_own_files_with_their_rates_and_permissions(tmp_path):
+    """report's schedule.csv is the run's own (the rates each row trained at, not the replay's copy
+    without them), and its files honour the umask as the run's do (mkstemp's 0600 made them private)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main([*RUN, "--out", "run"]) == 0
+        assert main(["report", "1", "--out", "rep"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("schedule.csv", "trajectory.csv", "epochs.csv"):
+        assert (tmp_path / "rep" / name).read_text() == (tmp_path / "run" / name).read_text(), name
+    assert "weights_lr" in (tmp_path / "rep" / "schedule.csv").read_text().splitlines()[0]
+    for folder in ("run", "rep"):
+        for f in (tmp_path / folder).iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
 
 
 def test_a_refused_run_writes_nothing(tmp_path, capsys):

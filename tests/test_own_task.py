@@ -1,6 +1,7 @@
 """A user's own task: their model, data (tensors, dict datasets, DataLoaders), loss, metrics and optimizer,
 through the Python API and through `selftune run / resume / bench` with a [task] table."""
 
+import copy
 import json
 import textwrap
 import warnings
@@ -417,6 +418,31 @@ def test_a_model_drawing_from_torchs_global_generator_resumes_exactly():
     assert torch.equal(second.net.hparams, whole.net.hparams)
     for a, b in zip(second.net.parameters(), whole.net.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_models_own_randomness_follows_the_runs_seed_and_leaves_the_callers_alone():
+    """Two tuners of one seed over equal nets train equally, whatever the caller drew from PyTorch's global
+    generator before fit (a model's own nn.Dropout draws from it); another seed trains otherwise; and fit
+    leaves the caller's global generator where it was."""
+    x, y = regression()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), st.Dropout("drop"), nn.Linear(32, 1))
+    nets = [st.hypernetize(copy.deepcopy(model), st.Space([st.Float("drop", 0.0, 0.9, 0.3)])) for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+
+    def fit(net, seed, draw):
+        tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), loss=mse, method="delta-stn",
+                             settings=st.TunerSettings(lr=0.01, batch_size=16, warmup_epochs=1), seed=seed)
+        torch.rand(draw)  # the caller's own draws between building and training
+        before = torch.get_rng_state()
+        tuner.fit(2)
+        assert torch.equal(torch.get_rng_state(), before)
+        return [p.detach().clone() for p in net.parameters()]
+
+    a, b, c = fit(nets[0], 5, 1), fit(nets[1], 5, 1000), fit(nets[2], 6, 1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("method", ["fixed", "delta-ift", "one-pass"])

@@ -69,6 +69,18 @@ def test_smoothed_cross_entropy_matches_torch_for_a_shared_rate():
     assert torch.allclose(ours, F.cross_entropy(logits, target, label_smoothing=0.1), atol=1e-6)
 
 
+def test_smoothed_cross_entropy_of_class_probabilities_matches_torch():
+    """Soft targets (distillation, mixup) with label smoothing: PyTorch smooths the distribution; the gather
+    of integer labels crashed mid-fit on them."""
+    logits, target = torch.randn(16, 5), F.softmax(torch.randn(16, 5), -1)
+    ours = smoothed_cross_entropy(logits, target, torch.full((16,), 0.2))
+    assert torch.allclose(ours, F.cross_entropy(logits, target, label_smoothing=0.2), atol=1e-6)
+    tokens, soft = torch.randn(2, 3, 5), F.softmax(torch.randn(2, 3, 5), -1)
+    loss = Objective(label_smoothing=0.2).train_loss(tokens, soft, lambda n: None)
+    assert torch.allclose(loss, F.cross_entropy(tokens.reshape(6, 5), soft.reshape(6, 5), label_smoothing=0.2),
+                          atol=1e-6)
+
+
 def test_weight_decay_term():
     logits, target = torch.randn(4, 3), torch.randint(0, 3, (4,))
     w = torch.ones(2, 2)

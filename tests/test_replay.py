@@ -68,8 +68,8 @@ def test_csv_and_json_round_trip(tmp_path):
     assert header == "step,epoch,a,b,weights_lr"
     for name in ("s.csv", "s.json"):
         back = HyperSchedule.load(tmp_path / name)
-        assert (back.steps, back.values, back.lr) == (s.steps, s.values, s.lr)
-        assert back.source  # where it came from is recorded
+        assert (back.steps, back.values, back.lr, back.steps_per_epoch) == (s.steps, s.values, s.lr, 20)
+        assert back.rows() == s.rows() and back.source  # where it came from is recorded
     # a hyperparameter named lr (the rate's usual binding) keeps its own column beside the weights' rate
     bound = HyperSchedule(steps=[0, 10], values={"lr": [0.02, 0.04]}, lr=[0.01, 0.03])
     bound.to_csv(tmp_path / "bound.csv")
@@ -84,6 +84,21 @@ def test_csv_and_json_round_trip(tmp_path):
         HyperSchedule.load(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="cannot read schedule"):
         HyperSchedule.load(tmp_path / "missing.csv")
+
+
+def test_a_schedule_built_in_python_takes_its_documented_arguments_and_one_line_errors():
+    """HyperSchedule(steps, values, ...) as docs/api.md writes it (pydantic alone takes keywords only), and an
+    inconsistent one is a ConfigError naming tuner.follow, as in a config."""
+    from selftune.errors import ConfigError
+
+    s = HyperSchedule([0, 100], {"dropout": [0.5, 0.2]}, lr=[0.1, 0.05])
+    assert s.at(150) == {"dropout": 0.2} and s.lr_at(99) == 0.1
+    for kwargs, message in [({"steps": [1], "values": {}}, "tuner.follow: steps must start at 0"),
+                            ({"steps": [0, 1], "values": {"a": [0.1]}}, "tuner.follow: a has 1 values for 2 steps"),
+                            ({"steps": [0], "values": {}, "lr": [-1.0]}, "tuner.follow.lr[0]: Input should be")]:
+        with pytest.raises(ConfigError) as err:
+            HyperSchedule(**kwargs)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
 
 
 def _follower(schedule, *overrides, seed=0):

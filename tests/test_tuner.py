@@ -111,7 +111,7 @@ def test_method_and_form_must_agree(digits, space3):
 
 def test_objective_names_must_exist(digits, space3):
     net = make_net(digits, space3, "delta")
-    with pytest.raises(LookupError, match="smooth"):
+    with pytest.raises(st.errors.ConfigError, match=r"objective\.label_smoothing: 'smooth' is not a hyperparameter"):
         st.SelfTuner(net, digits.train, digits.val, objective=st.Objective(label_smoothing="smooth"))
 
 
@@ -183,3 +183,57 @@ def test_a_device_the_machine_lacks_is_a_one_line_error(digits, device, match):
     net = st.hypernetize(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), space)
     with pytest.raises(ConfigError, match=rf"^device: .*{match}"):
         st.SelfTuner(net, digits.train, digits.val, device=device)
+
+
+def test_a_state_the_tuner_would_misread_is_refused_before_anything_loads(digits, space3):
+    """The hyperparameters are one vector restored by position and the data order indexes the sets it was
+    drawn over: another order of names swapped values silently, other bounds reinterpreted them, a larger
+    training set hung the epoch and a smaller one indexed past it. Each is a one-line error naming the
+    checkpoint, and the tuner is left as it was."""
+    saved = make_tuner(digits, space3)
+    saved.fit(1, max_steps=3)
+    state = saved.state_dict()
+    d0, d1, wd = space3.params
+    others = {
+        "the hyperparameters ['d0', 'd1', 'wd'], this tuner has ['d1', 'd0', 'wd']": st.Space([d1, d0, wd]),
+        "other bounds for d1 ([0, 0.95] -> [0, 0.5])": st.Space([d0, st.Float("d1", 0.0, 0.5, init=0.3), wd])}
+    for message, space in others.items():
+        tuner = make_tuner(digits, space)
+        before = tuner.net.hparams.detach().clone()
+        with pytest.raises(ConfigError) as err:
+            tuner.load_state_dict(state)
+        assert str(err.value).startswith(f"checkpoint: it was saved with {message}"), err.value
+        assert torch.equal(tuner.net.hparams, before)
+    x, y = digits.train.tensors
+    for n in (len(x) // 2, len(x) - 1):
+        net = make_net(digits, space3, "delta")
+        smaller = st.SelfTuner(net, (x[:n], y[:n]), digits.val, settings=st.TunerSettings(batch_size=64, lr=0.05),
+                               objective=st.Objective(weight_decay="wd"), method="delta-stn")
+        with pytest.raises(ConfigError, match=f"saved by a run on {len(x)} training examples, this tuner has {n}"):
+            smaller.load_state_dict(state)
+    older = {**state, "order": {k: v for k, v in state["order"].items() if k not in ("n_train", "n_val")}}
+    older.pop("space")  # a checkpoint from before these were kept: the permutation's length and the names tell
+    with pytest.raises(ConfigError, match="this tuner has 100"):
+        st.SelfTuner(make_net(digits, space3, "delta"), (x[:100], y[:100]), digits.val, method="delta-stn",
+                     settings=st.TunerSettings(batch_size=64),
+                     objective=st.Objective(weight_decay="wd")).load_state_dict(older)
+    same = make_tuner(digits, space3)
+    same.load_state_dict(older)
+    assert torch.equal(same.net.hparams, saved.net.hparams)
+
+
+def test_arguments_that_cannot_mean_anything_are_one_line_errors(digits, space3):
+    """Found by fuzzing the API: max_steps=0 trained a step, a metric named "loss" was added into the
+    validation loss the run is judged by, a lone callback failed as "not iterable", score(batch_size=0)
+    failed inside range()."""
+    tuner = make_tuner(digits, space3)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="max_steps: must be a whole number >= 1"):
+            tuner.fit(1, max_steps=bad)
+    with pytest.raises(TypeError, match=r"a single one: \[callback\]"):
+        tuner.fit(1, callbacks=st.Callback())
+    with pytest.raises(ConfigError, match=r"metrics\['loss'\]: 'loss' is the validation loss"):
+        st.SelfTuner(tuner.net, digits.train, digits.val, metrics={"loss": lambda out, t: out.sum()})
+    with pytest.raises(ConfigError, match="batch_size: must be a whole number >= 1"):
+        st.score(tuner.net, digits.val, batch_size=0)
+    assert tuner.counters.steps == 0

@@ -152,7 +152,11 @@ def _by_contents(source: str) -> str:
     folder = file.resolve().parent
     contents = hashlib.sha1()
     for module in _importable(folder):
-        contents.update(module.relative_to(folder).as_posix().encode() + b"\0" + module.read_bytes() + b"\0")
+        try:
+            text = module.read_bytes()
+        except OSError:  # unreadable (permissions, gone since the listing): Python could not import it either
+            continue
+        contents.update(module.relative_to(folder).as_posix().encode() + b"\0" + text + b"\0")
     return f"{contents.hexdigest()}:{file.name}:{name}"
 
 
@@ -160,7 +164,9 @@ def _importable(folder: Path) -> list[Path]:
     """The modules a file in ``folder`` can import from it: the ``.py`` files there and, through every
     package (a folder with ``__init__.py``, not hidden), theirs, sorted. A virtual environment or data
     folder beside the task (no ``__init__.py``) is not read."""
-    found = sorted(folder.glob("*.py"))
+    # regular files only, not hidden: an editor's lock file (Emacs' dangling link ".#task.py") or a folder
+    # named *.py is no module Python imports, and reading it failed the whole search
+    found = sorted(f for f in folder.glob("*.py") if f.is_file() and not f.name.startswith("."))
     for sub in sorted(folder.iterdir()):
         if sub.is_dir() and not sub.name.startswith((".", "__")) and (sub / "__init__.py").is_file():
             found += _importable(sub)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Kwargs, batch_size
+from ..errors import ConfigError
 from ..space import ENCODINGS, Encoding, Space
 from .layers import (
     FORMS,
@@ -80,8 +81,9 @@ class HyperNet(nn.Module):
         #: what :func:`hypernetize` did: converted layers by name, and layers with weights left plain (why)
         self.converted: dict[str, str] = {}
         self.left_plain: dict[str, str] = {}
-        for module in model.modules():
+        for qualname, module in model.named_modules():
             if isinstance(module, HyperModule):
+                _check_name(qualname, module, space)
                 module.bind_state(self._state)
 
     # -- forward --------------------------------------------------------------------------------
@@ -452,6 +454,16 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     net.converted = converted
     net.left_plain = _left_plain(named, set(targets), form)
     return net
+
+
+def _check_name(qualname: str, module: nn.Module, space: Space) -> None:
+    """A regulariser's hyperparameter must be declared: a misspelt name passed every check before training
+    (an eval-mode pass never reads a dropout rate) and failed at the first training step, deep inside."""
+    name = getattr(module, "name", None)
+    if isinstance(name, str) and name not in space.names:
+        raise ConfigError(f"model.{qualname}" if qualname else "model",
+                          f"{type(module).__name__}({name!r}) reads a hyperparameter the space does not declare "
+                          f"(it has {space.names}); fix the name or declare it in the space")
 
 
 def _frozen(module: nn.Module, form: Form = "delta") -> bool:
