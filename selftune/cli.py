@@ -466,9 +466,11 @@ def _bench(args: argparse.Namespace) -> int:
         run_bench(task, methods=args.methods, trials=args.trials, population=args.population, seeds=args.seeds,
                   quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite,
                   overrides=args.overrides)
-        print((out / "README.md").read_text())
-        print(f"wrote {out}/README.md, results.json, loss_vs_compute.png, schedules.png; runs and Optuna studies "
-              f"in {store.display_url}")
+        readme = (out / "README.md").read_text()
+        print(readme)
+        plotted = "(schedules.png)" in readme  # linked only where a tuned method's schedule was plotted now
+        print(f"wrote {out}/README.md, results.json, loss_vs_compute.png{', schedules.png' if plotted else ''}; runs "
+              f"and Optuna studies in {store.display_url}")
     return 0
 
 

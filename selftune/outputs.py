@@ -199,7 +199,8 @@ def write_outputs(out: str | Path, fit: FitResult, result: RunResult, *, store: 
         OutputError: the folder was claimed by something else since the run started.
     """
     assert result.run_uuid, "a recorded run has a UUID"
-    out = claim_folder(out, result.run_uuid, overwrite=overwrite)
+    out = claim_folder(out, result.run_uuid, overwrite=overwrite, option=f"run {result.run_id}'s output folder",
+                       fix="another run took it while this one trained (--overwrite); move its files elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
     fresh = not out.exists()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.selftune-", dir=out.parent if fresh else out))

@@ -449,6 +449,10 @@ class RecordedRun:
             self._record(self.store.interrupt, message)
             raise OutputError(f"{message}; free space or fix permissions, then selftune resume {self.run_id}"
                               f"{_store_hint(self.store)}") from None
+        except OutputError as err:  # its folder was taken while it trained: the training is in its last checkpoint
+            self._record(self.store.interrupt, f"outputs not written: {err}")
+            raise OutputError(f"{err}, then selftune resume {self.run_id}{_store_hint(self.store)} (it writes its "
+                              "outputs from its last checkpoint)") from None
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._record(self.store.fail, f"{type(err).__name__}: {message}")

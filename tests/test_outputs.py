@@ -146,6 +146,36 @@ def test_a_resume_whose_checkpoint_files_are_all_gone_is_refused_and_keeps_the_r
     assert store.epochs(run.run_id) == epochs and store.get_run(run.run_id).status == "interrupted"
 
 
+def test_a_run_whose_folder_another_run_took_while_it_trained_stays_resumable(tmp_path):
+    """Another run's --overwrite took the folder while this one trained: at its end it was recorded failed,
+    all its training unreachable. It is interrupted instead, and once those files are moved its resume
+    writes the outputs of the whole run."""
+    import shutil
+
+    from selftune.callbacks import Callback
+    from selftune.errors import OutputError
+    from selftune.outputs import mark_folder
+
+    class TakeFolder(Callback):
+        def on_step(self, tuner, row):
+            if tuner.counters.steps == 5:
+                mark_folder(tmp_path / "out", "another-run", 2, "sqlite:///other.db")
+                (tmp_path / "out" / "result.json").write_text('{"theirs": true}')
+
+    store = RunStore("sqlite:///a.db")
+    config = digits_config("seed=3")
+    run = RecordedRun.start(store, config, out=tmp_path / "out", checkpoint_root="checkpoints")
+    with pytest.raises(OutputError, match=r"another run took it .* then selftune resume 1"):
+        run.drive(prepare(config), every=7, callbacks=[TakeFolder()])
+    assert store.get_run(run.run_id).status == "interrupted"
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == {"theirs": True}
+    shutil.move(tmp_path / "out", tmp_path / "theirs")
+    result = resume_recorded(store, run.run_id)
+    assert store.get_run(run.run_id).status == "finished"
+    assert result.test["loss"] == pytest.approx(_uninterrupted_test_loss(3), abs=1e-6)
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["run_id"] == run.run_id
+
+
 def test_read_only_commands_create_no_store_and_memory_stores_are_refused(tmp_path, capsys):
     for args in (["runs"], ["show", "1"], ["report", "1"], ["resume", "1"]):
         assert main([*args, "--store", f"sqlite:///{tmp_path / 'none.db'}"]) == 2

@@ -200,17 +200,18 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
         # through temporary files and renames: --overwrite replaces a link of the same name, never its target
         write_atomic(out / "results.json", lambda p: p.write_text(json.dumps([r.as_dict() for r in results], indent=2)
                                                                   + "\n"))
-        scheduled = [m.name for m in chosen if m.schedule]
-        corpus = config.data is not None and config.data.name in CORPORA
-        readme = table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config, overrides=overrides)
-        write_atomic(out / "README.md", lambda p: p.write_text(readme))
-        write_atomic(out / "loss_vs_compute.png", lambda p: plot_compute(name, results, p))
-        schedules = {}
-        for m in scheduled:
+        scheduled, schedules = [], {}
+        for m in [m.name for m in chosen if m.schedule]:
             for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
                 if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results):
                     label = f"{m} from {start}" if start else m
                     schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
+                    scheduled += [m] if m not in scheduled else []
+        corpus = config.data is not None and config.data.name in CORPORA
+        # the README links schedules.png only where it is plotted now (a bench before may have left one)
+        readme = table(name, results, quick, perplexity=corpus, scheduled=scheduled, config=config, overrides=overrides)
+        write_atomic(out / "README.md", lambda p: p.write_text(readme))
+        write_atomic(out / "loss_vs_compute.png", lambda p: plot_compute(name, results, p))
         if schedules:
             write_atomic(out / "schedules.png", lambda p: plot_schedules(
                 schedules, config.build_space().names, p, title=f"{name}, seed 0",
