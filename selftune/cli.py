@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         claim_folder(args.out, "", overwrite=args.overwrite)
         check_writable(Path(args.out), "--out")
         if baseline is not None:
-            claim_folder(f"{args.out}-{args.compare}", "", overwrite=args.overwrite)
+            claim_folder(_beside(args.out, args.compare), "", overwrite=args.overwrite)
     else:
         check_writable(Path("runs"), "--out")
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     if baseline is None:
         return 0
     assert prepared_baseline is not None
-    other, _ = _recorded_run(args, prepared_baseline, store, out=f"{out}-{args.compare}")
+    other, _ = _recorded_run(args, prepared_baseline, store, out=_beside(out, args.compare))
     _comparison(result, other)
     return 0
 
@@ -331,6 +331,15 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"{r.id:>4}  {r.method:<10} {r.seed:>4}  {r.status:<11} {loss:>9}  {_age(r.created_at):>5}  "
               f"{data}/{model}, {r.config.get('epochs')} epochs")
     return 0
+
+
+def _beside(out: str | Path, method: str) -> Path:
+    """``<out>-<method>``, the comparison's folder beside the run's: for ``--out .`` (or ``..``) named after
+    the folder itself, not a hidden ``.-fixed`` inside it."""
+    path = Path(out)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    return path.with_name(f"{path.name}-{method}") if path.name else Path(f"{out}-{method}")
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ model arguments) happens before anything is written. The format is documented in
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -347,7 +348,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; unreadable or malformed files raise :class:`ConfigError`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no TOML statement
     except FileNotFoundError:
         raise ConfigError("CONFIG", f"file {str(p)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -362,7 +363,10 @@ def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text  # bare words are strings: --set data.name=mnist
+        pass
+    if re.fullmatch(r"[+-]?(\d*\.\d+|\d+\.)([eE][+-]?\d+)?", text.strip()):
+        return float(text)  # .5 and 1. are numbers on a command line, though TOML wants 0.5 and 1.0
+    return text  # bare words are strings: --set data.name=mnist
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -118,6 +118,10 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
     if marker is not None and marker.get("run_uuid") == run_uuid:
         return path
     others = sorted(p.name for p in path.iterdir())
+    folders = [name for name in OUTPUT_FILES if (path / name).is_dir() and not (path / name).is_symlink()]
+    if folders:  # replacing a folder by a file would delete what is in it, and fails after the whole run
+        raise OutputError(f"{option}: {str(path / folders[0])!r} is a folder where selftune writes a file; "
+                          "move it elsewhere or choose another folder")
     if not others or overwrite:
         return path
     owner = f" (outputs of run {marker.get('run_id')} of {marker.get('store')})" if marker else ""

@@ -120,6 +120,11 @@ def load_callable(source: str, *, field: str = "task.source", what: str = "funct
             sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
+            except ImportError as err:
+                del sys.modules[name]
+                if "no known parent package" not in str(err):
+                    raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
+                module = _import_in_package(file, path, field)  # ``from .models import Net``
             except Exception as err:
                 del sys.modules[name]
                 raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
@@ -135,6 +140,29 @@ def load_callable(source: str, *, field: str = "task.source", what: str = "funct
     if not callable(fn):
         raise ConfigError(field, f"{path!r} has no {what} {func!r}")
     return fn
+
+
+def _import_in_package(file: Path, path: str, field: str) -> Any:
+    """Import ``file`` as the module of its package (folders with ``__init__.py`` above it), so its relative
+    imports resolve: the outermost package's parent joins ``sys.path`` (appended, as the file's own folder)."""
+    parts, folder = [file.stem], file.resolve().parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if len(parts) == 1:
+        raise ConfigError(field, f"importing {path!r} failed: it uses a relative import, but its folder is no "
+                                 "package; add an __init__.py beside it, or import its helpers by their names")
+    dotted = ".".join(parts)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    try:
+        module = importlib.import_module(dotted)
+    except Exception as err:
+        raise ConfigError(field, f"importing {path!r} as {dotted!r} failed: {_first_line(err)}") from err
+    if Path(getattr(module, "__file__", "") or "").resolve() != file.resolve():
+        raise ConfigError(field, f"{dotted!r} is another module ({module.__file__}) than {path!r}: a package named "
+                                 f"{parts[0]!r} is installed; rename yours or install it (pip install -e)")
+    return module
 
 
 def call_task(source: str, args: Mapping[str, Any]) -> Task:

@@ -123,6 +123,32 @@ def test_bad_override_and_bad_arguments_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_byte_order_mark_and_numbers_a_shell_writes_are_read_as_meant(tmp_path):
+    """A config saved with a byte-order mark (Windows Notepad) was "Invalid statement"; `--set tuner.lr=.5`
+    was read as the name of a hyperparameter ".5"."""
+    from selftune.config import apply_overrides, load_config
+
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + DIGITS.read_bytes())
+    assert load_config(bom, ["epochs=2"]).epochs == 2
+    raw = apply_overrides({"tuner": {}}, ["tuner.lr=.5", "tuner.momentum=1.", "tuner.hyper_lr=-.5e-3", "data=1.2.3"])
+    assert raw == {"tuner": {"lr": 0.5, "momentum": 1.0, "hyper_lr": -0.0005}, "data": "1.2.3"}
+
+
+def test_compare_with_out_dot_writes_beside_the_folder_and_a_folder_named_as_an_output_is_refused(tmp_path):
+    """`--out . --compare fixed` put the comparison in a hidden `.-fixed` inside the run's own folder; an
+    output name taken by a folder failed only after the whole run, leaving half the outputs."""
+    here = tmp_path / "work"
+    here.mkdir()
+    os.chdir(here)
+    assert main(["run", str(DIGITS), "--set", "epochs=1", "--out", ".", "--compare", "fixed", "--quiet"]) == 0
+    assert (tmp_path / "work-fixed" / "result.json").is_file() and not (here / ".-fixed").exists()
+    (tmp_path / "taken" / "model.pt").mkdir(parents=True)
+    assert main(["run", str(DIGITS), "--set", "epochs=1", "--out", str(tmp_path / "taken"), "--overwrite",
+                 "--quiet"]) == 2
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["model.pt"]
+
+
 def test_store_commands_and_a_failing_run(tmp_path, capsys):
     assert main(["run", str(DIGITS), "--set", "epochs=2", "--out", "ok", "--quiet"]) == 0
     code = main(["run", str(DIGITS), "--set", "epochs=2", "--set", "tuner.lr=50", "--set", "tuner.max_divergences=1",

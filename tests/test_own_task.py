@@ -292,6 +292,39 @@ def test_a_task_file_imports_a_module_beside_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_task_file_inside_a_package_takes_its_relative_imports(tmp_path):
+    """A project laid out as a package (``from .models import Net``) loads from the file form, as the
+    package's module; a relative import outside any package says what to do."""
+    pkg = tmp_path / "project" / "mypkg_for_selftune_test"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    write_task(pkg, """
+        import torch
+        import selftune as st
+        def model():
+            return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), st.Dropout("p"), torch.nn.Linear(16, 2))
+    """, name="models.py")
+    write_task(pkg, """
+        import torch
+        import selftune as st
+        from .models import model
+        def task():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(120, 4, generator=g)
+            y = (x[:, 0] > 0).long()
+            return st.Task(model=model(), space=st.Space([st.Float("p", 0.0, 0.8, init=0.2)]),
+                           train=(x[:80], y[:80]), val=(x[80:100], y[80:100]), test=(x[100:], y[100:]))
+    """)
+    config = 'epochs = 2\nmethod = "fixed"\n[task]\nsource = "mypkg_for_selftune_test/task.py:task"\n' \
+             '[tuner]\nbatch_size = 16\n'
+    (tmp_path / "project" / "c.toml").write_text(config)
+    proc = cli(["run", str(tmp_path / "project" / "c.toml"), "--out", "out", "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (pkg / "__init__.py").unlink()
+    proc = cli(["run", str(tmp_path / "project" / "c.toml"), "--out", "out2", "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 2 and "its folder is no package; add an __init__.py" in proc.stderr, proc.stderr
+
+
 def test_the_example_task_runs_from_another_folder_and_records_where_it_came_from(tmp_path):
     proc = cli(["run", str(OWN), "--set", "epochs=4", "--out", "out", "--quiet"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

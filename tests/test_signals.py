@@ -76,7 +76,9 @@ def test_only_one_process_drives_a_run(tmp_path):
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 130
 
-    driver = _start(["resume", "1", "--quiet", "--checkpoint-every", "7"], tmp_path, url)
+    # a checkpoint at every step slows the driver down: it must still be training when the refused resumes
+    # (two process starts) are done and SIGTERM comes
+    driver = _start(["resume", "1", "--quiet", "--checkpoint-every", "1"], tmp_path, url)
     before = len(RunStore(url, create=False).checkpoints(1))
     _wait_for(lambda: RunStore(url, create=False).get_run(1).pid == driver.pid and
               _checkpointed(url, after=before)(), driver, "the resume to take the lease")
@@ -86,9 +88,10 @@ def test_only_one_process_drives_a_run(tmp_path):
         assert len(second.stderr.strip().splitlines()) == 1 and str(driver.pid) in second.stderr, second.stderr
     assert driver.poll() is None  # the refused resumes did not disturb the driver
     driver.send_signal(signal.SIGTERM)
-    assert driver.wait(timeout=120) == 143
+    rc = driver.wait(timeout=120)
+    assert rc == 143, (rc, driver.stderr.read(), driver.stdout.read())
     assert RunStore(url, create=False).get_run(1).status == "interrupted"
-    assert cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url).returncode == 0
+    assert cli(["resume", "1", "--quiet", "--checkpoint-every", "100"], cwd=tmp_path, store=url).returncode == 0
     assert RunStore(url, create=False).get_run(1).status == "finished"
     late = cli(["resume", "1", "--quiet"], cwd=tmp_path, store=url)
     assert late.returncode == 2 and "finished" in late.stderr
