@@ -115,7 +115,8 @@ class Algorithm:
 
     # -- construction ----------------------------------------------------------------------------
     def check_net(self, net: HyperNet) -> None:
-        """Raises ValueError when ``net``'s layers do not have the form this algorithm trains."""
+        """Raises ConfigError (a ValueError) when ``net``'s layers do not have the form this algorithm trains,
+        or it trains through best-response layers and ``net`` has none."""
         if self.form is not None and net.form != self.form:
             raise ConfigError("method", f"{self.name!r} needs a net built with form={self.form!r} (got {net.form!r}); "
                                         f"build it with selftune.hypernetize(model, space, form={self.form!r})")

@@ -113,7 +113,6 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
                   batch_size, device, dim)
 
 
-@torch.no_grad()
 def _checked_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
     """The user's metrics, each callable and none called ``loss``: it was added into the validation loss,
     which every roll-back, ``keep = "best"`` and handover then judged. (One called ``accuracy`` is the
@@ -130,6 +129,7 @@ def _checked_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
     return checked
 
 
+@torch.no_grad()
 def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: Mapping[str, Metric],
            fields: Fields, batch_size: int, device: torch.device | str, batch_dim: int | None = None
            ) -> dict[str, float]:
