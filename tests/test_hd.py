@@ -439,7 +439,8 @@ def test_a_tuned_momentum_resumes_exactly_and_fixed_keeps_it(digits):
 
 @pytest.mark.parametrize("space, settings, match", [
     (momentum_space(), dict(momentum="nope"), r"tuner\.momentum: 'nope' is not declared"),
-    (st.Space([st.Float("lr", 1e-4, 1.0, init=0.01, log=True), st.Float("mom", 0.0, 1.0, init=0.5)]),
+    (st.Space([st.Float("d0", 0.0, 0.95, init=0.2), st.Float("lr", 1e-4, 1.0, init=0.01, log=True),
+               st.Float("mom", 0.0, 1.0, init=0.5)]),
      dict(momentum="mom"), r"tuner\.momentum: hyperparameter 'mom' must be a float in \[0, 1\)"),
     (momentum_space(), dict(momentum="mom", optimizer="rmsprop"), r"tuner\.momentum: a tuned momentum drives SGD"),
     (momentum_space(), dict(momentum="mom", optimizer_args={"momentum": 0.5}), r"tuner\.optimizer_args\.momentum"),
