@@ -1323,7 +1323,11 @@ class SelfTuner:
     def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:
         """:func:`score` of ``net`` (default: the tuner's own) on ``data`` (default: the validation data, with
         its loader's collate) with this tuner's loss, metrics and fields."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size", f"must be a whole number >= 1 (got {batch_size!r})")
         source = self.sources["val"] if data is None else _as_source(data, "data", batch_dim=self.net.batch_dim)
+        if data is not None:  # as the splits were: inputs the model cannot take, labels past its outputs
+            self._check_source(source, "data")
         net = self.net if net is None else net
         return _score(net, source, self.objective, self.metrics, self.fields, batch_size, self.device,
                       self.net.batch_dim)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import selftune as st
-from selftune.errors import ConfigError
+from selftune.errors import ConfigError, DataError
 from selftune.models import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,4 +236,9 @@ def test_arguments_that_cannot_mean_anything_are_one_line_errors(digits, space3)
         st.SelfTuner(tuner.net, digits.train, digits.val, metrics={"loss": lambda out, t: out.sum()})
     with pytest.raises(ConfigError, match="batch_size: must be a whole number >= 1"):
         st.score(tuner.net, digits.val, batch_size=0)
+    x, y = digits.val.tensors
+    with pytest.raises(DataError, match=r"data: the model failed on the first.* its inputs are \(2, 1, 4, 8\)"):
+        tuner.score((x[:, :, :4], y))  # was torch's own shape error from deep inside
+    with pytest.raises(DataError, match="data: label 12 is outside the model's 10 outputs"):
+        tuner.score((x, torch.full_like(y, 12)))
     assert tuner.counters.steps == 0
