@@ -30,7 +30,8 @@ from .errors import OutputError
 if TYPE_CHECKING:
     from .tuner import FitResult
 
-__all__ = ["MARKER", "OUTPUT_FILES", "RunResult", "claim_folder", "mark_folder", "write_csv", "write_outputs"]
+__all__ = ["MARKER", "OUTPUT_FILES", "RunResult", "claim_folder", "mark_folder", "read_marker", "write_csv",
+           "write_outputs"]
 
 #: The marker naming the run a folder belongs to.
 MARKER = ".selftune-run.json"
@@ -81,11 +82,13 @@ class RunResult:
         return payload
 
 
-def _marker(folder: Path) -> dict[str, Any] | None:
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of ``folder`` (which run's outputs it holds), or ``None`` when it has none readable."""
     try:
-        return json.loads((folder / MARKER).read_text())
+        marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 #: what a refusal of a folder with other files asks a ``--out`` to do
@@ -114,7 +117,7 @@ def claim_folder(out: str | Path, run_uuid: str, *, overwrite: bool = False, opt
         raise OutputError(f"{option}: {str(path)!r} is a file, not a folder; choose a folder path")
     if not exists:
         return path
-    marker = _marker(path)
+    marker = read_marker(path)
     if marker is not None and marker.get("run_uuid") == run_uuid:
         return path
     others = sorted(p.name for p in path.iterdir())

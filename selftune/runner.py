@@ -308,6 +308,8 @@ class RecordedRun:
         run_uuid = uuidlib.uuid4().hex
         out = Path(out) if out is not None else default_out(name, method or config.method, run_uuid)
         claim_folder(out, run_uuid, overwrite=overwrite)
+        if overwrite:
+            _refuse_a_live_owner(store, out)
         checkpoint_root = Path(checkpoint_root)
         for folder, option in ((checkpoint_root, "--checkpoint-dir"), (out, "--out")):
             check_writable(folder, option)
@@ -586,6 +588,20 @@ def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callba
 
 #: What the store calls a run that re-trains on another run's schedule (its config's method is ``fixed``).
 REPLAY = "replay"
+
+
+def _refuse_a_live_owner(store: Any, out: Path) -> None:
+    """``--overwrite`` replaces selftune's files, but never those of a run of this store that is training:
+    it would write there at its end, find the folder taken and stop (resumable, but with a folder to clear)."""
+    from .outputs import read_marker
+
+    marker = read_marker(out)
+    if not marker or marker.get("store") != store.display_url or not isinstance(marker.get("run_id"), int):
+        return
+    holder = store.driver(marker["run_id"])
+    if holder is not None and store.get_run(marker["run_id"]).uuid == marker.get("run_uuid"):
+        raise OutputError(f"--out: folder {str(out)!r} holds the outputs of run {marker['run_id']}, which {holder} "
+                          "is training now; choose another folder, or wait for it to end")
 
 
 def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[RunConfig, HyperSchedule]:

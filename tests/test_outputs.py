@@ -176,6 +176,19 @@ def test_a_run_whose_folder_another_run_took_while_it_trained_stays_resumable(tm
     assert json.loads((tmp_path / "out" / "result.json").read_text())["run_id"] == run.run_id
 
 
+def test_overwrite_never_takes_the_folder_of_a_run_that_is_training(tmp_path, capsys):
+    """--overwrite replaces selftune's files, but not those of a live run of the same store (it would find its
+    folder taken at its end); once that run stopped, the folder may be taken."""
+    store = RunStore()
+    live = RecordedRun.start(store, digits_config(), out=tmp_path / "x", checkpoint_root="checkpoints")
+    assert main([*RUN, "--out", "x", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the outputs of run {live.run_id}, which pid" in err and "is training now" in err, err
+    assert [r.id for r in store.list_runs()] == [live.run_id]  # nothing recorded for the refused run
+    store.interrupt(live.run_id, "stopped")
+    assert main([*RUN, "--out", "x", "--overwrite"]) == 0
+
+
 def test_read_only_commands_create_no_store_and_memory_stores_are_refused(tmp_path, capsys):
     for args in (["runs"], ["show", "1"], ["report", "1"], ["resume", "1"]):
         assert main([*args, "--store", f"sqlite:///{tmp_path / 'none.db'}"]) == 2

@@ -609,6 +609,18 @@ class RunStore:
         with self._read() as s:
             return [RunInfo.from_row(r) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
 
+    def driver(self, run_id: int) -> str | None:
+        """Who drives run ``run_id`` now (``"pid P on H (last heartbeat ... ago)"``), or ``None`` when no live
+        process does (:class:`RunInfo`'s status: a run whose process is gone from this host or whose heartbeat
+        went stale reads ``interrupted``), for a command that must not take what a live run owns."""
+        try:
+            row = self.get_run(run_id)
+        except LookupError:
+            return None
+        if row.status != "running":
+            return None
+        return f"pid {row.pid} on {row.host} (last heartbeat {_age(_now() - row.heartbeat_at)} ago)"
+
     def get_run(self, run_id: int) -> RunInfo:
         """Raises:
             LookupError: no run with this id.
