@@ -66,7 +66,12 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
             kept_values: dict[str, float | int] | None = None) -> list[str]:
     """One line per hyperparameter, then on the validation loss, for the run ``tuner`` holds; ``kept_epoch``:
     the epoch whose weights the run returns (``tuner.keep = "best"``), ``None`` for the last step's, and
-    ``kept_values`` its hyperparameters (the lines above end at the last step's)."""
+    ``kept_values`` its hyperparameters (the lines above end at the last step's). Both default to what the
+    tuner returns (:meth:`~selftune.SelfTuner.result`), so ``explain(tuner)`` describes a ``keep = "best"``
+    run as it is."""
+    if kept_epoch is None and tuner.settings.keep == "best":
+        kept = tuner.result()
+        kept_epoch, kept_values = kept.kept_epoch, kept_values or kept.hparams
     log, space = tuner.log, tuner.net.space
     start, end = log.start, tuner.net.values()
     if not start:

@@ -74,8 +74,8 @@ class ScheduleSettings(BaseModel):
 def factor(schedule: ScheduleSettings, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """The factor of the base rate at weight step ``step`` (0-based) of a run of ``total_steps``."""
     warm = schedule.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
+    if step < warm:  # linear to the base rate, never past it (a fractional warm-up ends mid-step)
+        return min((step + 1) / warm, 1.0)
     kind = schedule.kind
     if kind == "constant":
         return 1.0

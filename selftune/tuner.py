@@ -46,7 +46,7 @@ from .batch_size import (
     per_example_gradients,
     scaling_rule,
 )
-from .batches import Fields, Source, rows, to_device
+from .batches import Fields, Kwargs, Source, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
@@ -143,7 +143,8 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
         for start in range(0, n, batch_size):
             x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
             x, y = to_device(x, device), to_device(y, device)
-            out = net(x)
+            # a plain module (export's copy) takes keyword inputs as keywords; a HyperNet unpacks them itself
+            out = net(**x) if isinstance(x, Kwargs) and not isinstance(net, HyperNet) else net(x)
             b = batch_of(x, getattr(net, "batch_dim", 0) if batch_dim is None else batch_dim)
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
@@ -952,7 +953,7 @@ class SelfTuner:
             if log.healthy and log.streak and passed:
                 log.streak = 0
             log.last_point = here
-        state = self.state_dict()
+        state = self._state()
         # a second point at the roll-back point's own position (a recorder's checkpoint at the epoch end the
         # tuner just judged) keeps it: a copy of the same state would only cost memory and checkpoint space
         if self._good is None or (point and log.healthy and _position(self._good) != here):
@@ -1395,7 +1396,9 @@ class SelfTuner:
         (a few rows wrong with certainty), while the training-loss rule of :meth:`snapshot` passed it."""
         log = self.log
         ratio, reference = log.val_ratio, log.val_reference
-        if not self._val_rule_on:
+        if not self._val_rule_on:  # a ratio cannot judge a loss of the user's, but a NaN/inf is never a result
+            if not math.isfinite(loss):
+                raise NonFiniteError("validation loss", "weights", self.counters.steps, epoch_end=True)
             return
         if log.streak >= self.settings.max_divergences and (not math.isfinite(loss) or loss > ratio * reference):
             # roll-backs in a row did not bring it down: over-fitting far past the untrained loss (tiny validation
@@ -1468,8 +1471,19 @@ class SelfTuner:
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, hyperparameters, optimizers, RNG, data
-        order and the run log. Holds only tensors and plain Python values, so it loads with
+        order and the run log, and the roll-back point (as :meth:`snapshot` with ``point=False``: a run
+        resumed from it rolls back where the uninterrupted one would; without it the resume point became
+        the roll-back point). Holds only tensors and plain Python values, so it loads with
         ``torch.load(weights_only=True)``."""
+        state = self._state()
+        if self._good is not None:
+            state["rollback"] = None if _position(self._good) == _position(state) else self._good
+            if self._checked is not None:
+                state["rollback_checked"] = self._checked
+        return state
+
+    def _state(self) -> dict[str, Any]:
+        """The tuner's own state, without roll-back points (what a roll-back point itself is)."""
         return {
             "format": _STATE_FORMAT,
             "method": self.method,
@@ -1529,15 +1543,19 @@ class SelfTuner:
             raise ConfigError("checkpoint", f"it was saved by method {state['method']!r}, this tuner runs "
                                             f"{self.method!r}")
         self._check_fits(state)
+        # copies: a state handed over in memory (another tuner's state_dict(), a fork of a run) would otherwise
+        # share its optimizer buffers and kept epoch with the tuner it came from, and train both
+        state = copy.deepcopy(state)
         if "rollback" in state:  # a checkpoint (see snapshot()): its roll-back point, or itself
             rollback = state["rollback"]
-            self._good = copy.deepcopy(rollback if rollback is not None else
-                                       {k: v for k, v in state.items() if k not in ("rollback", "rollback_checked")})
-            self._checked = copy.deepcopy(state.get("rollback_checked"))
-        else:  # a plain state_dict (a roll-back's own target, a PBT member): fit() or the roll-back snapshots it
+            # the state itself is loaded into the optimizers, which then share its tensors: the point is a copy
+            self._good = rollback if rollback is not None else \
+                copy.deepcopy({k: v for k, v in state.items() if k not in ("rollback", "rollback_checked")})
+            self._checked = state.get("rollback_checked")
+        else:  # a state of the tuner alone (a roll-back's own target): fit() or the roll-back snapshots it
             self._good = self._checked = None
         self.net.load_state_dict(state["net"])
-        self._best = copy.deepcopy(state.get("best"))
+        self._best = state.get("best")
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
         self.generator.set_state(state["generator"])

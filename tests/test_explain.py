@@ -104,3 +104,27 @@ def test_a_validation_loss_that_ended_far_above_its_lowest_is_pointed_out(digits
     assert line.startswith("the validation loss ended 2x its lowest") and "epoch 2" in line, line
     assert not any("ended" in x for x in explain(tuner, kept_epoch=2))
     assert explain(tuner, kept_epoch=2)[-1].startswith("returned the weights and hyperparameters of epoch 2")
+
+
+def test_explain_of_a_keep_best_tuner_describes_what_it_returns():
+    """explain(tuner), as documented, said the returned model was the last epoch's and keep = "best" *would*
+    return the best one, on a run that kept it: only the runner passed the kept epoch."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    space = st.Space([st.Float("d1", 0.0, 0.9, 0.2), st.Float("d2", 0.0, 0.9, 0.3),
+                      st.Float("wd", 1e-6, 1e-1, 1e-4, log=True)])
+    net = st.hypernetize(nn.Sequential(st.Dropout("d1"), nn.Linear(8, 32), nn.ReLU(), st.Dropout("d2"),
+                                       nn.Linear(32, 3)), space)
+    tuner = st.SelfTuner(net, (x[:200], y[:200]), (x[200:], y[200:]), method="delta-stn", seed=0,
+                         objective=st.Objective(weight_decay="wd"),
+                         settings=st.TunerSettings(lr=0.5, batch_size=32, warmup_epochs=0, keep="best"))
+    fit = tuner.fit(5)
+    assert fit.kept_epoch is not None and fit.kept_epoch < 5
+    lines = explain(tuner)
+    assert any(line.startswith(f"returned the weights and hyperparameters of epoch {fit.kept_epoch},")
+               for line in lines), lines
+    assert not any("would return" in line for line in lines), lines

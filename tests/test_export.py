@@ -152,3 +152,37 @@ def test_tied_weights_stay_tied_through_hypernetize_training_and_export(method):
     plain.eval()
     with torch.no_grad():
         assert torch.allclose(plain(x[160:]), net(x[160:]), atol=1e-6)
+
+
+def test_the_exported_copy_of_a_keyword_input_model_scores_as_the_tuned_one():
+    """Dict examples with a list input_key reach the model as keyword arguments: score() passed them to the
+    exported plain module as one positional argument (only the HyperNet unpacked them)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"a": self.x[i, :4], "b": self.x[i, 4:], "label": self.y[i]}
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.la, self.lb, self.drop, self.out = nn.Linear(4, 8), nn.Linear(4, 8), st.Dropout("d"), nn.Linear(16, 3)
+
+        def forward(self, a, b):
+            return self.out(self.drop(torch.cat([self.la(a), self.lb(b)], -1).relu()))
+
+    torch.manual_seed(0)
+    net = st.hypernetize(TwoInputs(), st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    val = Pairs(x[80:], y[80:])
+    st.SelfTuner(net, Pairs(x[:80], y[:80]), val, method="delta-stn", input_key=["a", "b"], target_key="label",
+                 settings=st.TunerSettings(lr=0.05, batch_size=16), seed=0).fit(1)
+    keys = {"input_key": ["a", "b"], "target_key": "label"}
+    assert st.score(st.export(net), val, **keys) == pytest.approx(st.score(net, val, **keys))

@@ -96,3 +96,13 @@ def test_a_model_returning_a_tuple_with_the_default_loss_is_a_data_error(digits)
 def test_an_optimizer_argument_that_would_replace_a_tuner_field_is_refused(args, field):
     with pytest.raises(ConfigError, match=rf"tuner\.optimizer_args\.{field}: .*tuner\.{field}"):
         st.TunerSettings(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_refused_with_the_way_that_works(dtype):
+    """Its layers would mix float32 gates with half weights and fail at the first step with torch's dtype
+    error; autocast over a float32 model is the way (tested in test_own_task)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), st.Dropout("d0"), torch.nn.Linear(8, 2)).to(dtype)
+    with pytest.raises(ConfigError, match=r"model: its weights are .*float16; keep them float32 and train in half "
+                                          r"precision under torch\.autocast"):
+        st.hypernetize(model, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))

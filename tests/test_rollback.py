@@ -368,3 +368,67 @@ def test_a_resume_keeps_the_interval_its_checkpoints_and_so_its_roll_backs_had(t
     counts = [{k: v for k, v in r.compute.items() if k != "seconds"} for r in (resumed, whole)]
     same = resumed.test == whole.test and counts[0] == counts[1]
     assert same if every is None else not same
+
+
+def _small():
+    """A small classifier whose tuned rate and momentum blow its validation loss up at step 14 (found by
+    fuzzing the API)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    space = st.Space([st.Float("d1", 0.0, 0.9, 0.2), st.Float("d2", 0.0, 0.9, 0.3),
+                      st.Float("wd", 1e-6, 1e-1, 1e-4, log=True), st.Float("lr", 1e-3, 1.0, 0.05, log=True),
+                      st.Float("mom", 0.0, 0.99, 0.5)])
+    net = st.hypernetize(nn.Sequential(st.Dropout("d1"), nn.Linear(8, 32), nn.ReLU(), st.Dropout("d2"),
+                                       nn.Linear(32, 3)), space)
+    return st.SelfTuner(net, (x[:200], y[:200]), (x[200:], y[200:]), method="one-pass", seed=0,
+                        objective=st.Objective(weight_decay="wd"),
+                        settings=st.TunerSettings(lr="lr", momentum="mom", batch_size=32, warmup_epochs=0))
+
+
+def test_a_state_dict_resumes_exactly_across_a_later_roll_back_and_never_shares_with_its_source():
+    """state_dict() carries the roll-back point (a plain one made the resume point the roll-back point: the
+    resumed run rolled back to step 10, the uninterrupted one to step 7), and a state loaded in memory is
+    copied (a fork shared its source's optimizer buffers, so training one changed the other)."""
+    import io
+
+    whole = _small()
+    whole.fit(3)
+    assert whole.divergences >= 1
+    part = _small()
+    part.fit(3, max_steps=10)
+    buffer = io.BytesIO()
+    torch.save(part.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _small()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    fork = _small()
+    fork.load_state_dict(part.state_dict())  # in memory
+    fork.fit(3)
+    for tuner in (resumed, part):  # the fork trained first: its source goes on as if it had not
+        tuner.fit(3)
+        assert all(torch.equal(a, b) for a, b in zip(tuner.net.state_dict().values(),
+                                                     whole.net.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fork.net.state_dict().values(), whole.net.state_dict().values(),
+                                                 strict=True))
+
+
+def test_a_non_finite_validation_loss_rolls_back_with_a_loss_of_your_own():
+    """With a loss of the user's the ratio rule is off, and that switched off the NaN/inf check with it:
+    stn's third epoch ended with an infinite validation loss and fit returned that network."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    torch.manual_seed(0)
+    space = st.Space([st.Float("d1", 0.0, 0.9, 0.2), st.Float("d2", 0.0, 0.9, 0.3),
+                      st.Float("wd", 1e-6, 1e-1, 1e-4, log=True)])
+    net = st.hypernetize(nn.Sequential(st.Dropout("d1"), nn.Linear(8, 32), nn.ReLU(), st.Dropout("d2"),
+                                       nn.Linear(32, 1)), space, form="stn")
+    tuner = st.SelfTuner(net, (x[:200], torch.ones(200)), (x[200:], torch.ones(100)), method="stn", seed=0,
+                         loss=lambda o, t: F.mse_loss(o.squeeze(-1), t), objective=st.Objective(weight_decay="wd"),
+                         settings=st.TunerSettings(lr=0.05, batch_size=32, warmup_epochs=0))
+    fit = tuner.fit(3)
+    assert tuner.divergences >= 1 and all(math.isfinite(r["val_loss"]) for r in fit.history)
+    assert math.isfinite(tuner.score()["loss"])

@@ -25,6 +25,9 @@ CPA = ScheduleSettings(kind="cosine_power", power=10.0)
     (ScheduleSettings(kind="cosine", warmup_epochs=2), 4, 100, 10, 5 / 20),
     (ScheduleSettings(kind="cosine", warmup_epochs=2), 20, 100, 10, 1.0),
     (ScheduleSettings(kind="cosine", warmup_epochs=2), 60, 100, 10, 0.5),
+    # a fractional warm-up (3.5 steps) reaches the base rate within its last step, never past it (it was 4/3.5)
+    (ScheduleSettings(kind="constant", warmup_epochs=0.5), 2, 70, 7, 3 / 3.5),
+    (ScheduleSettings(kind="constant", warmup_epochs=0.5), 3, 70, 7, 1.0),
     (ScheduleSettings(kind="step", step_epochs=3, gamma=0.5), 29, 100, 10, 1.0),
     (ScheduleSettings(kind="step", step_epochs=3, gamma=0.5), 30, 100, 10, 0.5),
     (ScheduleSettings(kind="step", step_epochs=3, gamma=0.5), 65, 100, 10, 0.25),

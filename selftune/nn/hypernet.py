@@ -73,6 +73,10 @@ class HyperNet(nn.Module):
         self.form = form
         # float64 for a float64 model (its layers multiply these into their weights); a half-precision model
         # keeps float32 values, which autocast or its layers cast, so an init of 0.3 stays 0.3
+        half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+        if half is not None:  # the hyperparameters, gates and perturbations stay float32: layers would mix dtypes
+            raise ConfigError("model", f"its weights are {str(half).removeprefix('torch.')}; keep them float32 and "
+                                       "train in half precision under torch.autocast instead")
         double = any(p.dtype == torch.float64 for p in model.parameters())
         dtype = torch.float64 if double else torch.get_default_dtype()
         self.hparams = nn.Parameter(space.init_unconstrained().to(dtype))
