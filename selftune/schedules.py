@@ -321,6 +321,11 @@ class HyperSchedule(BaseModel):
                     raise ValueError("a schedule CSV needs a header with a step column and at least one row")
                 rate = RATE_COLUMN if RATE_COLUMN in table[0] else "lr" if "lr" in table[0] else None
                 names = [c for c in table[0] if c not in ("step", "epoch", rate)]
+                needed = ("step", *names, *([rate] if rate else []))
+                for line, r in enumerate(table, start=2):  # a short row reads None, an empty cell ""
+                    empty = next((c for c in needed if r.get(c) in (None, "")), None)
+                    if empty is not None:
+                        raise ValueError(f"line {line} has no value for {empty}")
                 lr = [float(r[rate]) for r in table] if rate is not None else None
                 steps = [float(r["step"]) for r in table]
                 odd = next((v for v in steps if not math.isfinite(v) or v != int(v)), None)

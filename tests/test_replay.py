@@ -45,6 +45,8 @@ def test_an_inconsistent_schedule_is_refused(bad, message):
     ("step,a\n0,0.1\n1,nan\n", "a has a value that is not finite"),
     ("step,a\n0,0.1\ninf,0.2\n", "step inf is not a whole number"),
     ("step,a,lr\n0,0.1,0.1\n1,0.2,-0.1\n", "lr.1: Input should be greater than or equal to 0"),
+    ("step,a,b\n0,0.1,0.2\n1,0.3\n", "line 3 has no value for b"),
+    ("step,a\n0,0.1\n1,\n", "line 3 has no value for a"),
 ])
 def test_a_bad_schedule_file_is_one_plain_line(tmp_path, text, message):
     """What is wrong and where, without pydantic's echo of the whole input and its link (a fractional
