@@ -366,7 +366,9 @@ def _show(args: argparse.Namespace) -> int:
     if r.error:
         print(f"error: {r.error}")
     if r.status == "interrupted":
-        print(f"resume with: selftune resume {r.id}")
+        from .runner import _store_hint
+
+        print(f"resume with: selftune resume {r.id}{_store_hint(store)}")  # pasteable anywhere, as a stop prints
     for e in store.events(r.id):
         print(f"event at step {e['step']}: {e['kind']}: {e['message']}")
     print("config: " + json.dumps(r.config, sort_keys=True))

@@ -128,6 +128,7 @@ def prepare(config: RunConfig) -> Prepared:
                       objective=config.build_objective(), augment=config.build_augment(), seed=config.seed,
                       device=device)
     tuner.check_data(splits.test, "test")  # scored at the end: a bad label fails now, not after training
+    tuner.check_schedule(config.epochs)  # a scheduler that fails within the run: before it is recorded
     return Prepared(config, tuner, splits.test, {"name": splits.name, **splits.sizes()}, kind=splits.kind)
 
 
@@ -164,6 +165,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
             raise
         raise ConfigError("task", str(err)) from None
     tuner.check_data(task.test, "test")  # scored at the end: a bad label fails now, not after training
+    tuner.check_schedule(config.epochs)  # a scheduler that fails within the run: before it is recorded
     sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
     info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source)}
     if tuner.settings.drop_last != config.tuner.drop_last:  # the task's DataLoader drops: record what ran

@@ -152,6 +152,26 @@ class TorchSchedule:
     def factor(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) / self.initial
 
+    @classmethod
+    def rehearse(cls, name: str, args: dict[str, Any], *, initial_lr: float, total: int) -> None:
+        """Step a copy through the whole run before it starts: arguments a constructor accepts may still fail
+        when stepped (StepLR's ``step_size = 0``, a OneCycleLR shorter than the run) or give a negative rate
+        (ExponentialLR's ``gamma < 0``), which would stop or reverse the run after it was recorded.
+
+        Raises:
+            ValueError: what failed, and at which of its ``total`` steps.
+        """
+        schedule = cls(name, args, initial_lr=initial_lr, total=total)
+        for step in range(1, max(int(total), 1) + 1):
+            try:
+                schedule.step(1.0)
+            except (ValueError, ZeroDivisionError, TypeError, IndexError) as err:
+                raise ValueError(f"it fails at step {step} of the run's {total}: "
+                                 f"{' '.join(str(err).split()) or type(err).__name__}") from None
+            if not (schedule.factor >= 0.0 and math.isfinite(schedule.factor)):
+                raise ValueError(f"it gives the rate {schedule.factor * initial_lr:g} at step {step} of the run's "
+                                 f"{total}; a rate must be finite and >= 0")
+
     def step(self, metric: float | None = None) -> None:
         """Advance one scheduler step (``metric``: the validation loss, for ReduceLROnPlateau)."""
         self.optimizer.step()  # no gradient: nothing moves, but PyTorch sees the order it expects

@@ -774,11 +774,34 @@ class SelfTuner:
         s = self.settings
         if s.lr_scheduler is None:
             return
+        start, total = self._torch_schedule_plan(self._planned_steps)
+        self.check_schedule(self._planned_steps // self.batches_per_epoch)
+        self._torch_schedule = TorchSchedule(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
+
+    def _torch_schedule_plan(self, planned_steps: int) -> tuple[float, int]:
         group = self.algorithm.lr_group
         start = self.lr_tuner.value if self.lr_tuner is not None else self._base_lrs[group][0]
-        total = self._planned_steps if s.lr_scheduler_interval == "step" else \
-            self._planned_steps // self.batches_per_epoch
-        self._torch_schedule = TorchSchedule(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
+        total = planned_steps if self.settings.lr_scheduler_interval == "step" else \
+            planned_steps // self.batches_per_epoch
+        return start, total
+
+    def check_schedule(self, epochs: int) -> None:
+        """Step ``settings.lr_scheduler`` through a run of ``epochs`` before it starts (a fresh run's
+        :meth:`fit` does; the command line before it records the run).
+
+        Raises:
+            ConfigError: naming ``tuner.lr_scheduler_args``: the scheduler fails within the run or gives a
+                negative or non-finite rate.
+        """
+        s = self.settings
+        if s.lr_scheduler is None:
+            return
+        start, total = self._torch_schedule_plan(epochs * self.batches_per_epoch)
+        try:
+            TorchSchedule.rehearse(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
+        except ValueError as err:
+            raise ConfigError("tuner.lr_scheduler_args", f"torch.optim.lr_scheduler.{s.lr_scheduler} with "
+                                                         f"{s.lr_scheduler_args}: {err}") from None
 
     def _planned_validation(self, epochs: int) -> int:
         """Hyper steps (validation batches) a fresh run of ``epochs`` plans at its start."""

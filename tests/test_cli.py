@@ -149,6 +149,23 @@ def test_compare_with_out_dot_writes_beside_the_folder_and_a_folder_named_as_an_
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["model.pt"]
 
 
+@pytest.mark.parametrize("scheduler, args, message", [
+    ("StepLR", ["step_size=0"], "fails at step 1 of the run's 2: integer modulo by zero"),
+    ("OneCycleLR", ["max_lr=0.1", "total_steps=3"], "fails at step 4 of the run's"),
+    ("ExponentialLR", ["gamma=-1"], "gives the rate -0.05 at step 1 of the run's 2; a rate must be finite and >= 0"),
+])
+def test_a_scheduler_that_fails_within_the_run_is_refused_before_it_starts(tmp_path, capsys, scheduler, args,
+                                                                          message):
+    """Arguments its constructor takes but that fail when stepped: a traceback mid-run, or a whole run trained
+    at negative rates (gradient ascent) and then refused as a bad tuner.follow."""
+    interval = ["--set", "tuner.lr_scheduler_interval=step"] if scheduler == "OneCycleLR" else []
+    code = main(["run", str(DIGITS), "--set", "epochs=2", "--set", f"tuner.lr_scheduler={scheduler}", *interval,
+                 *[a for arg in args for a in ("--set", f"tuner.lr_scheduler_args.{arg}")], "--out", "o", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "tuner.lr_scheduler_args" in err and message in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "selftune.db").exists()
+
+
 def test_store_commands_and_a_failing_run(tmp_path, capsys):
     assert main(["run", str(DIGITS), "--set", "epochs=2", "--out", "ok", "--quiet"]) == 0
     code = main(["run", str(DIGITS), "--set", "epochs=2", "--set", "tuner.lr=50", "--set", "tuner.max_divergences=1",

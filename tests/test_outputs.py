@@ -189,6 +189,18 @@ def test_overwrite_never_takes_the_folder_of_a_run_that_is_training(tmp_path, ca
     assert main([*RUN, "--out", "x", "--overwrite"]) == 0
 
 
+def test_show_of_an_interrupted_run_prints_a_resume_command_for_its_own_store(tmp_path, capsys):
+    """show printed a bare `selftune resume N`, which pasted elsewhere resumes (or refuses) run N of the
+    default store; the stop's own message names the store, and so does show now."""
+    (tmp_path / "sub").mkdir()
+    store = RunStore("sqlite:///sub/other.db")
+    run = RecordedRun.start(store, digits_config(), out=tmp_path / "x", checkpoint_root="checkpoints")
+    store.interrupt(run.run_id, "stopped")
+    assert main(["show", str(run.run_id), "--store", "sqlite:///sub/other.db"]) == 0
+    out = capsys.readouterr().out
+    assert f"resume with: selftune resume {run.run_id} --store sqlite:///{tmp_path / 'sub' / 'other.db'}" in out, out
+
+
 def test_read_only_commands_create_no_store_and_memory_stores_are_refused(tmp_path, capsys):
     for args in (["runs"], ["show", "1"], ["report", "1"], ["resume", "1"]):
         assert main([*args, "--store", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
