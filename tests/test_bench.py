@@ -35,6 +35,8 @@ def test_quick_bench_runs_and_records_every_method(tmp_path, monkeypatch, capsys
         assert [r["start"] for r in results if r["method"] == m] == expected
     overfit = next(r for r in results if r["method"] == "fixed" and r["start"] == "overfit")
     assert overfit["start_values"]["dropout1"] == 0.05 and overfit["hparams"]["dropout1"] == pytest.approx(0.05)
+    tuned = next(r for r in results if r["method"] == "delta-stn" and r["start"] == "overfit")
+    assert tuned["began"]["dropout1"] == pytest.approx(0.05)  # the values the run itself began from
     assert (tmp_path / "b" / "runs" / "delta-stn-overreg-seed0" / "result.json").exists()
     for r in results:
         assert r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["examples"] > 0 and r["seconds"] > 0
@@ -527,3 +529,21 @@ def test_an_interrupted_grid_run_again_visits_every_point_once(tmp_path, monkeyp
     done = [t.params["lr"] for t in optuna.load_study(study_name="g", storage=url).trials
             if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(done) == pytest.approx(grid_points(config, 4)["lr"]) and result.trials == 4
+
+
+def test_moves_are_measured_from_where_a_run_began_not_from_the_start_it_was_pulled_off():
+    """A start on a bound (dropout 0.0) is pulled 2% of the range inside before the first step; the verdict
+    credited that pull as tuning (+0.02, "more regularisation") on runs that then moved down."""
+    from selftune.bench.harness import unit_moves
+    from selftune.config import parse_config
+    from selftune.methods._base import MethodResult
+
+    config = parse_config({"epochs": 1, "data": {"name": "digits"}, "model": {"name": "mlp", "dropout": ["p", None]},
+                           "space": {"p": {"low": 0.0, "high": 0.9, "init": 0.3}}})
+    run = MethodResult(method="delta-stn", seed=0, test_loss=1.0, test_accuracy=0.5, val_loss=1.0,
+                       hparams={"p": 0.0138}, examples=1, seconds=1.0, start="overfit", start_values={"p": 0.0},
+                       began={"p": 0.018})
+    assert unit_moves(run, config)["p"] == pytest.approx((0.0138 - 0.018) / 0.9, abs=1e-6)
+    older = MethodResult(**{**run.as_dict(), "began": {}})  # results.json from before: the named start
+    assert unit_moves(older, config)["p"] > 0
+

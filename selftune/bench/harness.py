@@ -340,11 +340,14 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
 
 def unit_moves(result: MethodResult, config: RunConfig) -> dict[str, float]:
     """How far each hyperparameter moved over a run, as a share of its range in the unit space of its
-    transform (+: up). For regularisers, up means more regularisation."""
+    transform (+: up), from the values the run began at (:attr:`MethodResult.began`). For regularisers,
+    up means more regularisation."""
     import torch
 
     space = config.build_space()
-    start = torch.sigmoid(space.from_dict({k: float(v) for k, v in result.start_values.items()}).double())
+    # from where the run began: an init on a bound was pulled inside before the first step, which is no tuning
+    began = {**result.start_values, **result.began}
+    start = torch.sigmoid(space.from_dict({k: float(v) for k, v in began.items()}).double())
     end = torch.sigmoid(space.from_dict({k: float(v) for k, v in result.hparams.items()}).double())
     return dict(zip(space.names, (end - start).tolist(), strict=True))
 

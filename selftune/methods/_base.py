@@ -29,7 +29,10 @@ class MethodResult:
         curve: ``(examples so far, best test loss so far)`` after each trial, for compute plots.
         start: the named benchmark start the run began from (``""``: the method samples the whole
             space, so it has no start).
-        start_values: the hyperparameters it began from.
+        start_values: the hyperparameters of its start, as named (``[bench.starts.NAME]``).
+        began: the values the run itself began from, where they differ: a tuning method starts an init on
+            a bound 2% of the range inside (:meth:`~selftune.SelfTuner.fit`), and how far it moved is
+            measured from there (``{}``: as ``start_values``).
         failed: why the run failed (a divergence past ``max_divergences``); ``""`` when it finished.
             A failed run has no model: its losses are NaN and benchmark tables count it apart.
     """
@@ -49,6 +52,7 @@ class MethodResult:
     start: str = ""
     start_values: dict[str, Any] = field(default_factory=dict)
     failed: str = ""
+    began: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,3 +116,10 @@ class Method(ABC):
     @abstractmethod
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         """Tune ``config`` with ``seed``; every run it trains has the config's epochs and splits."""
+
+
+def began_from(extra: dict[str, Any], config: RunConfig) -> dict[str, float]:
+    """The values a recorded run began from, by name (``RunResult.extra["start"]``, its log's start: an init
+    on a bound pulled inside); ``{}`` for a result without them."""
+    start = extra.get("start") or {}
+    return {n: float(start[n]) for n in config.space if n in start}

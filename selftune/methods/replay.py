@@ -13,7 +13,7 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from ._base import Context, Method, MethodResult
+from ._base import Context, Method, MethodResult, began_from
 from .single import SingleRun
 
 if TYPE_CHECKING:
@@ -77,4 +77,5 @@ class Replayed(Method):
                             hparams=r.hparams, examples=examples, seconds=tuned.seconds + r.compute["seconds"],
                             trials=2, run_id=r.run_id, curve=[(tuned.examples, tuned.test_loss),
                                                               (examples, r.test["loss"])],
-                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()})
+                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()},
+                            began=began_from(r.extra, config))

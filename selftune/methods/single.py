@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..algorithms import ALGORITHMS
-from ._base import Context, Method, MethodResult
+from ._base import Context, Method, MethodResult, began_from
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -46,4 +46,5 @@ class SingleRun(Method):
                             test_accuracy=r.test.get("accuracy", math.nan),
                             val_loss=r.val["loss"], hparams=r.hparams, examples=examples,
                             seconds=r.compute["seconds"], run_id=r.run_id, curve=[(examples, r.test["loss"])],
-                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()})
+                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()},
+                            began=began_from(r.extra, config))
