@@ -147,8 +147,11 @@ def _prepare_task(config: RunConfig) -> Prepared:
     space = config.build_space()
     _check_dropouts(task.model, space, "space")
     net = _hypernetize(config, task.model, space, task.batch_dim)
+    objective = config.build_objective()  # its own errors name their fields (an empty weight_decay table)
     try:
-        objective = replace(config.build_objective(), loss=task.loss)
+        objective = replace(objective, loss=task.loss)
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError("objective.label_smoothing", "applies to the default cross-entropy only, and the "
                                                        "task has its own loss; remove it or smooth inside the "

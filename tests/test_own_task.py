@@ -261,6 +261,18 @@ def test_bad_task_sources_are_one_line_errors(tmp_path):
         load_config(tmp_path / "c.toml")
 
 
+def test_an_objective_error_on_a_task_config_names_its_own_field(tmp_path, monkeypatch, capsys):
+    """Every ValueError of the objective was reported as label smoothing with a task's own loss: an empty
+    weight_decay table, in a config that sets no label_smoothing, said to remove it."""
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(OWN), "--set", "objective.weight_decay={}", "--store", f"sqlite:///{tmp_path / 's.db'}",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.weight_decay: an empty table decays nothing" in err and "label_smoothing" not in err, err
+
+
 def test_a_task_file_imports_a_module_beside_it(tmp_path):
     """A user's task split over two files (``from helpers import ...``) loads, from any working folder,
     as the same files would when run as a script."""

@@ -204,6 +204,11 @@ def test_a_run_whose_batch_grew_is_refused_by_replay():
     schedule = HyperSchedule(steps=[0], values={"dropout1": [0.3]})
     with pytest.raises(ConfigError, match=r"tuner\.adaptive_batch: a run whose batch grew cannot be replayed"):
         replay_config(config, schedule)
+    # a bench names it before anything trains (it trained fixed and the tuned runs, then stopped)
+    from selftune.methods import METHODS
+
+    assert "cannot be replayed" in METHODS["delta-stn-replay"].unusable(config)
+    assert METHODS["delta-stn-replay"].unusable(digits_config()) is None
 
 
 def _epochs(folder):

@@ -31,6 +31,9 @@ class Replayed(Method):
         super().__init__(f"{algorithm}-replay", schedule=False)
 
     def unusable(self, config: RunConfig) -> str | None:
+        if config.tuner.adaptive_batch is not None:  # known before anything trains (replay_config refuses it)
+            return ("a run whose batch grew ([tuner.adaptive_batch]) cannot be replayed: its schedule is recorded "
+                    "by weight step, and a replay at a constant batch takes other steps")
         return self.inner.unusable(config)
 
     def budget(self, ctx: Context) -> str:
