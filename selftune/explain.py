@@ -138,7 +138,7 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
                          "weight update overflowed (the update expands violently: a learning rate far too large "
                          "for the curvature, or weights it has already blown up)")
         plan = log.hyper_lr
-        if plan.get("rule") == "travel":
+        if plan.get("rule") == "travel" and hyper_steps:  # a rate no hyper step used is no news
             lines.append(f"hyper learning rate {plan['lr']:.3g}: raised from the default so that "
                          f"{plan['planned_steps']} planned hyper steps can move a hyperparameter {plan['travel']:g} "
                          "units (tuner.hyper_travel)")
