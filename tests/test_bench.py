@@ -547,3 +547,9 @@ def test_moves_are_measured_from_where_a_run_began_not_from_the_start_it_was_pul
     older = MethodResult(**{**run.as_dict(), "began": {}})  # results.json from before: the named start
     assert unit_moves(older, config)["p"] > 0
 
+
+def test_an_explicit_epochs_override_wins_over_quick():
+    """`bench --quick --set epochs=9` trained 4 epochs while its README said --set epochs=9 was applied."""
+    assert load_task("digits-mlp", quick=True).epochs == 4
+    assert load_task("digits-mlp", quick=True, overrides=["epochs=9"]).epochs == 9
+

@@ -55,9 +55,11 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False, overrides: S
     else:
         raise LookupError(f"unknown task {name!r}; choose one of {list(TASKS)} or give a config file (.toml)")
     config = load_config(path, [*overrides, *(['device="cuda"'] if gpu else [])])
-    if quick:
-        config = config.derive(epochs=min(config.epochs, QUICK["epochs"]))
-        if config.data is not None:  # a task sizes its own data (through [task.args])
+    if quick:  # what --set names explicitly wins over the quick budget (the README lists it as applied)
+        named = {o.partition("=")[0].strip() for o in overrides}
+        if "epochs" not in named:
+            config = config.derive(epochs=min(config.epochs, QUICK["epochs"]))
+        if config.data is not None and "data.train_subset" not in named:  # a task sizes its own data
             subset = config.data.train_subset
             if config.data.name not in SMALL_DATASETS and not 0 < subset <= QUICK["train_subset"]:
                 config = config.derive(train_subset=QUICK["train_subset"])
