@@ -6,6 +6,7 @@ model arguments) happens before anything is written. The format is documented in
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -79,8 +80,18 @@ class ObjectiveConfig(BaseModel):
 _Strength = str | float
 
 
+def _constant_strengths(op: BaseModel) -> BaseModel:
+    """A constant strength is >= 0 (a negative one was accepted and acted as its size), a flip's p <= 1."""
+    for name, value in op:
+        if isinstance(value, float) and not 0.0 <= value <= (1.0 if name == "p" else math.inf):
+            raise ValueError(f"{name} = {value:g} is outside {'[0, 1]' if name == 'p' else '[0, inf)'}; give a "
+                             "strength in it or a hyperparameter's name")
+    return op
+
+
 class CutoutConfig(BaseModel):
     model_config = _STRICT
+    _strengths = model_validator(mode="after")(_constant_strengths)
     op: Literal["cutout"]
     length: _Strength
     holes: _Strength = 1.0
@@ -88,18 +99,21 @@ class CutoutConfig(BaseModel):
 
 class NoiseConfig(BaseModel):
     model_config = _STRICT
+    _strengths = model_validator(mode="after")(_constant_strengths)
     op: Literal["noise"]
     std: _Strength
 
 
 class ShiftConfig(BaseModel):
     model_config = _STRICT
+    _strengths = model_validator(mode="after")(_constant_strengths)
     op: Literal["shift"]
     max_shift: _Strength
 
 
 class FlipConfig(BaseModel):
     model_config = _STRICT
+    _strengths = model_validator(mode="after")(_constant_strengths)
     op: Literal["flip"]
     p: _Strength
 
@@ -294,7 +308,8 @@ class RunConfig(BaseModel):
             refs += [(f"augment[{i}].{k}", v) for k, v in a.model_dump(exclude={"op"}).items()]
         for where, value in refs:
             if isinstance(value, str) and value not in space:
-                raise ConfigError(where, f"{value!r} is not declared; add a [space.{value}] table or use a number")
+                table = value if value.isprintable() and value.strip() == value and value else "NAME"  # one line
+                raise ConfigError(where, f"{value!r} is not declared; add a [space.{table}] table or use a number")
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:

@@ -166,6 +166,16 @@ def test_a_scheduler_that_fails_within_the_run_is_refused_before_it_starts(tmp_p
     assert not (tmp_path / "o").exists() and not (tmp_path / "selftune.db").exists()
 
 
+@pytest.mark.parametrize("augment, message", [('[{op="noise", std=-1}]', "std = -1 is outside [0, inf)"),
+                                              ('[{op="flip", p=1.5}]', "p = 1.5 is outside [0, 1]")])
+def test_a_constant_augmentation_strength_outside_its_range_is_refused(tmp_path, capsys, augment, message):
+    """A negative noise std trained as its size (a negative weight decay is refused); a flip p above 1."""
+    assert main(["run", str(DIGITS), "--set", f"augment={augment}", "--out", "o", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"augment[0]: {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_store_commands_and_a_failing_run(tmp_path, capsys):
     assert main(["run", str(DIGITS), "--set", "epochs=2", "--out", "ok", "--quiet"]) == 0
     code = main(["run", str(DIGITS), "--set", "epochs=2", "--set", "tuner.lr=50", "--set", "tuner.max_divergences=1",
