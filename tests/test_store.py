@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
 from selftune.store import STALE_AFTER, LeaseError, RunStore, StoreError
-from selftune.store._schema import Base, RunRow
+from selftune.store._schema import RunRow
 from selftune.store._store import MIGRATIONS
 
 PG_URL = os.environ.get("SELFTUNE_TEST_PG_URL")
@@ -23,10 +23,12 @@ HEX32 = r"[0-9a-f]{32}"
 
 
 def _reset_postgres(url):
+    """An empty database for each test: the throwaway server's data folder outlives a run of the suite, so
+    whatever else used it (Optuna studies of a bench pointed at it) is dropped too."""
     engine = create_engine(url)
     with engine.begin() as conn:
-        Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS selftune_alembic_version, things, runs CASCADE"))
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
 
 
