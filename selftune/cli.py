@@ -287,6 +287,12 @@ def _replay(args: argparse.Namespace) -> int:
     prepared = prepare(replay_config(config, schedule, seed=args.seed))
     if args.out is not None:
         claim_folder(args.out, "", overwrite=args.overwrite)
+    then = (source.result or {}).get("data") or {}
+    if then.get("sha256") and prepared.data.get("sha256") and then["sha256"] != prepared.data["sha256"]:
+        # as a resume says it: the comparison below is then between runs on different code or data
+        print(f"selftune: note: the task file {str(prepared.data.get('source', '')).rpartition(':')[0]} changed "
+              f"since run {source.id} (its sha256 differs): the replay trains on what it builds now",
+              file=sys.stderr)
     run = RecordedRun.start(store, prepared.config, out=args.out, checkpoint_root=args.checkpoint_dir,
                             overwrite=args.overwrite, method=REPLAY, name=f"run{args.run}")
     print(f"selftune replay of run {source.id} ({source.method}, seed {source.seed}): {len(schedule.steps)} schedule "

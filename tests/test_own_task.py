@@ -273,6 +273,28 @@ def test_an_objective_error_on_a_task_config_names_its_own_field(tmp_path, monke
     assert "objective.weight_decay: an empty table decays nothing" in err and "label_smoothing" not in err, err
 
 
+def test_a_replay_after_the_task_file_changed_says_so(tmp_path, monkeypatch, capsys):
+    """replay compares its test loss with the tuning run's; after an edit of the task file the two ran on
+    different code or data, which a resume says and replay did not."""
+    import sys
+
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    body = (ROOT / "examples" / "own_task.py").read_text()
+    (tmp_path / "own_task.py").write_text(body)
+    (tmp_path / "own.toml").write_text(OWN.read_text())
+    common = ["--set", "epochs=2", "--set", "task.args.hidden=16", "--quiet"]
+    assert main(["run", "own.toml", *common, "--out", "tuned"]) == 0
+    (tmp_path / "own_task.py").write_text(body.replace("(y_all - y_mean) / y_std", "2 * (y_all - y_mean) / y_std"))
+    for name in [m for m in sys.modules if m.startswith("selftune_task_")]:  # a new process imports it afresh
+        monkeypatch.delitem(sys.modules, name)
+    capsys.readouterr()
+    assert main(["replay", "1", "--quiet", "--out", "replayed"]) == 0
+    err = capsys.readouterr().err
+    assert "own_task.py changed since run 1 (its sha256 differs)" in err, err
+
+
 def test_a_task_file_imports_a_module_beside_it(tmp_path):
     """A user's task split over two files (``from helpers import ...``) loads, from any working folder,
     as the same files would when run as a script."""
