@@ -346,6 +346,7 @@ class SelfTuner:
         # PyTorch's global generators as this run left them (None: not yet trained; fit seeds them from
         # ``seed``), see _own_rng
         self._rng: torch.Tensor | None = None
+        self._rehearsed: tuple[float, int] | None = None  # the scheduler run check_schedule stepped through
         self._cuda_rng: list[torch.Tensor] | None = None
         self._in_fit = False
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
@@ -797,8 +798,11 @@ class SelfTuner:
         if s.lr_scheduler is None:
             return
         start, total = self._torch_schedule_plan(epochs * self.batches_per_epoch)
+        if self._rehearsed == (start, total):  # checked already (the command line's, then fit's): ~60 us a step
+            return
         try:
             TorchSchedule.rehearse(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total)
+            self._rehearsed = (start, total)
         except ValueError as err:
             raise ConfigError("tuner.lr_scheduler_args", f"torch.optim.lr_scheduler.{s.lr_scheduler} with "
                                                          f"{s.lr_scheduler_args}: {err}") from None
