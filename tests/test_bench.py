@@ -3,6 +3,10 @@
 import csv
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -475,6 +479,17 @@ def test_a_pbt_member_plans_its_schedule_over_the_whole_run_not_its_first_interv
     assert rates[1] > 0.3 * max(rates) and rates[0] > rates[1] > rates[2] > rates[3]
 
 
+def _left_running(trial: optuna.Trial) -> optuna.Trial:
+    """``trial`` as a process killed mid-trial leaves it: RUNNING, owned by a process that has exited."""
+    from selftune.methods._study import HOST, PID
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    trial.set_user_attr(HOST, socket.gethostname())
+    trial.set_user_attr(PID, gone.pid)
+    return trial
+
+
 @pytest.mark.parametrize("method", ["random", "tpe"])
 def test_an_interrupted_search_run_again_tries_what_an_uninterrupted_one_does(tmp_path, method):
     """A study stopped after 2 of 4 trials, with a third left RUNNING as a killed process leaves it, then run
@@ -487,7 +502,7 @@ def test_an_interrupted_search_run_again_tries_what_an_uninterrupted_one_does(tm
     whole_url, cut_url = (f"sqlite:///{tmp_path / name}" for name in ("whole.db", "cut.db"))
     whole = run_search(config, search, 0, 4, whole_url, "s")
     run_search(config, search, 0, 2, cut_url, "s")
-    optuna.load_study(study_name="s", storage=cut_url).ask()  # a trial that never reports back
+    _left_running(optuna.load_study(study_name="s", storage=cut_url).ask())  # a trial that never reports back
     resumed = run_search(config, search, 0, 4, cut_url, "s")
 
     def finished(url: str) -> list[dict]:
@@ -497,6 +512,62 @@ def test_an_interrupted_search_run_again_tries_what_an_uninterrupted_one_does(tm
     assert len(finished(whole_url)) == 4 and len({json.dumps(p) for p in finished(whole_url)}) == 4
     assert finished(cut_url) == finished(whole_url)
     assert (resumed.trials, resumed.hparams, resumed.test_loss) == (4, whole.hparams, whole.test_loss)
+
+
+def test_two_processes_on_one_study_run_its_budget_once_and_agree(tmp_path):
+    """Two benches of one task side by side on one store share the study (its name is the task's, seed's
+    and budget's). Each counted the trials finished when it began and ran the rest itself: 8 trials for a
+    budget of 4, drawn in pairs alike (their samplers seeded alike), and each reported another best."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    RunStore(url)  # the store exists; Optuna's tables are made by the two at once
+    script = (
+        "import json, sys\n"
+        "from selftune.bench import load_task\n"
+        "from selftune.methods import METHODS\n"
+        "from selftune.methods.search import run_search\n"
+        "config = load_task('digits-mlp', quick=True, overrides=['epochs=2'])\n"
+        "r = run_search(config, METHODS['random'], 0, 4, sys.argv[1], 's')\n"
+        "print(json.dumps([r.trials, r.examples, r.test_loss, r.hparams]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and len({json.dumps(t.params, sort_keys=True) for t in done}) == 4
+    assert answers[0] == answers[1] and answers[0][0] == 4
+    # and each ran some: the work was shared, not done twice
+    owners = {t.user_attrs["selftune_pid"] for t in done}
+    assert owners == {p.pid for p in procs}
+
+
+def test_a_trial_whose_process_is_gone_is_failed_and_a_live_ones_is_kept(tmp_path, monkeypatch):
+    """A killed search leaves its trial RUNNING for ever; it used to stay so in the study (and in
+    optuna-dashboard), and now it would hold a place in the budget that nobody fills."""
+    from selftune.methods import _study
+
+    storage = _study.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = _left_running(study.ask())
+    live = study.ask()
+    live.set_user_attr(_study.HOST, socket.gethostname())
+    live.set_user_attr(_study.PID, os.getpid())
+    orphan = study.ask()  # no owner: an older selftune's, or killed between ask and its first line
+    _study.fail_dead(study, storage)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {dead.number: "FAIL", live.number: "RUNNING", orphan.number: "RUNNING"}
+    monkeypatch.setattr(_study, "ORPHAN_AFTER_S", 0.0)
+    _study.fail_dead(study, storage)
+    assert study.get_trials()[orphan.number].state.name == "FAIL"
+    assert study.get_trials()[live.number].state.name == "RUNNING"
+    # a budget of 2 with the live trial still running: a third trial is surplus and samples nothing
+    study2 = optuna.create_study(study_name="t", storage=storage)
+    study2.tell(study2.ask(), 1.0)
+    study2.ask()
+    with pytest.raises(_study.SurplusTrialError):
+        _study.claim(study2, study2.ask(), 2)
 
 
 def test_an_interrupted_grid_run_again_visits_every_point_once(tmp_path, monkeypatch):
@@ -522,7 +593,7 @@ def test_an_interrupted_grid_run_again_visits_every_point_once(tmp_path, monkeyp
         run_search(config, grid, 0, 4, url, "g")
     monkeypatch.setattr(selftune.runner, "execute", real)
     study = optuna.load_study(study_name="g", storage=url, sampler=grid.make_sampler(0, config, 4))
-    grid.suggest(study.ask(), config)  # never told: RUNNING for ever
+    grid.suggest(_left_running(study.ask()), config)  # never told: RUNNING for ever
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
     result = run_search(config, grid, 0, 4, url, "g")

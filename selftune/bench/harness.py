@@ -176,7 +176,7 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     with _bench_lock(out):
         write_atomic(out / BENCH_MARKER, lambda p: p.write_text(json.dumps({"task": name, "quick": quick}) + "\n"))
         ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
-                      population=population)
+                      population=population, progress=progress)
         results: list[MethodResult] = []
         for seed in range(seeds):
             for method in chosen:

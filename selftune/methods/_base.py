@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ class Context:
         trials: trials of a search.
         population: members of a population method.
         start: name of the benchmark start being run (part of each run's folder name), or ``""``.
+        progress: where a method says what it waits for (a search sharing its study with another process).
     """
 
     store: RunStore
@@ -77,6 +79,7 @@ class Context:
     trials: int = 20
     population: int = 8
     start: str = ""
+    progress: Callable[[str], None] | None = None
 
     def run_folder(self, method: str, seed: int) -> Path:
         start = f"{self.start}-" if self.start else ""

@@ -5,9 +5,10 @@ Why: a sampler built from a seed draws from one random stream, trial after trial
 process builds its sampler afresh and starts that stream from the beginning again: after 3 finished
 trials of 8, the next 5 repeated trials 0-4 and the winner (the uninterrupted study's trial 7) was never
 tried. Here each trial gets a sampler seeded by ``(seed, slot)``, ``slot`` being how many trials of the
-study had finished (complete or pruned) when it began. Trials that never finished (a process killed
-mid-trial leaves one ``RUNNING``, a Ctrl-C a failed one) take no slot, so the next trial draws what the
-interrupted one would have. TPE's model reads only finished trials, so it sees the same history. (The
+study before it had finished (complete or pruned) or were being run by another process sharing the study
+(``_study``). Trials that never finished (a Ctrl-C fails one; one a killed process left ``RUNNING`` is
+failed before the next trial starts) take no slot, so the next trial draws what the interrupted one would
+have. TPE's model reads only finished trials, so it sees the same history. (The
 pruner of ``tpe-asha`` also reads the intermediate values an interrupted trial reported, so a resumed
 ``tpe-asha`` study may prune differently.) A grid is not re-seeded: Optuna's GridSampler gives trial
 ``k`` the ``k``-th point of one seeded shuffle, and :func:`retry_lost_points` queues the points of failed
@@ -47,7 +48,10 @@ class SlotSeeded(BaseSampler):
         self._inner = make(slot_seed(seed, 0))
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        slot = len(study.get_trials(deepcopy=False, states=FINISHED))
+        # trials before it that finished or are being run by another process (``_study``): two processes on
+        # one study take distinct slots; alone, every trial before it has finished or failed
+        before = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        slot = sum(t.number < trial.number for t in before)
         self._inner = self._make(slot_seed(self._seed, slot))
         self._inner.before_trial(study, trial)
 
@@ -71,14 +75,14 @@ class SlotSeeded(BaseSampler):
 
 
 def retry_lost_points(study: Study) -> None:
-    """A grid's points whose trial failed (a Ctrl-C ends its trial as failed) count as visited for Optuna's
-    GridSampler, which would then end the study short of them and repeat a finished point: queue each such
-    point once more. A trial a killed process left running needs nothing: the sampler returns to its point
-    once every other point has started."""
+    """A grid's points whose trial failed (a Ctrl-C ends its trial as failed; one a killed process left
+    running is failed by ``_study.fail_dead``) count as visited for Optuna's GridSampler, which would then
+    end the study short of them and repeat a finished point: queue each such point once more, unless a
+    trial has it already (finished, queued, or being run by another process)."""
     trials = study.get_trials(deepcopy=False)
-    done = [t.params for t in trials if t.state in FINISHED]
+    taken = [t.params for t in trials if t.state in (*FINISHED, TrialState.RUNNING)]
     queued = [t.params for t in trials if t.state == TrialState.WAITING]
     for t in trials:
-        if t.state == TrialState.FAIL and t.params and t.params not in done and t.params not in queued:
+        if t.state == TrialState.FAIL and t.params and t.params not in taken and t.params not in queued:
             study.enqueue_trial(t.params)
             queued.append(t.params)

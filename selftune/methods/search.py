@@ -101,7 +101,7 @@ class Search(Method):
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         return run_search(config, self, seed, ctx.trials, ctx.store.url.render_as_string(hide_password=False),
-                          self.study_name(config, seed, ctx))
+                          self.study_name(config, seed, ctx), progress=ctx.progress)
 
     def study_name(self, config: RunConfig, seed: int, ctx: Context) -> str:
         """Names the study in the store: the same task, method, seed and budget continue one study. The
@@ -228,7 +228,7 @@ SEARCHES: tuple[Search, ...] = (Search("random", _random), Search("tpe", _tpe), 
 
 
 def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, storage: str,
-               study_name: str) -> MethodResult:
+               study_name: str, progress: Callable[[str], None] | None = None) -> MethodResult:
     """Run an Optuna study of ``n_trials`` full training runs.
 
     Args:
@@ -237,11 +237,14 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         seed: seeds the sampler and every trial's training.
         n_trials: trials to run.
         storage: SQLAlchemy URL for the study (the run store's).
-        study_name: unique study name (``load_if_exists``: a re-run continues the study).
+        study_name: unique study name (``load_if_exists``: a re-run continues the study, and processes
+            running the same study at once share its trials: ``_study``).
+        progress: told when this process waits for trials another process runs.
     """
     import optuna
 
     from ..runner import execute, prepare
+    from ._study import claim, open_storage, run_budget
 
     pruner = optuna.pruners.SuccessiveHalvingPruner() if search.pruned else optuna.pruners.NopPruner()
     # Optuna warns with a full traceback for a trial an exception ended, then re-raises it; every such
@@ -256,13 +259,12 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     else:
         sampler = search.make_sampler(seed, config, n_trials)
     n_trials = search.planned_trials(config, n_trials)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+    rdb = open_storage(storage)
+    study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner,
                                 direction="minimize", load_if_exists=True)
-    if not search.slot_seeded:
-        retry_lost_points(study)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial: optuna.Trial) -> float:
+        claim(study, trial, n_trials)  # a trial past the budget (another process ran the rest) ends here
         values = search.suggest(trial, config)
         report = _Report(trial)
         callbacks = [report] if search.pruned else []
@@ -288,12 +290,15 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         return result.val["loss"]
 
     # A re-run continues the study (the same name in the same store): it runs only the trials still
-    # missing, and the compute and the curve are read back from every finished trial, so a study
-    # interrupted and resumed reports what an uninterrupted one does (a grid already visited runs none).
-    done = sum(t.state in finished for t in study.trials)
-    if done < n_trials:
-        study.optimize(objective, n_trials=n_trials - done)
-    trials = [t for t in sorted(study.trials, key=lambda t: t.number) if t.state in finished]
+    # missing, and the compute and the curve are read back from the study's first n_trials finished trials,
+    # so a study interrupted and resumed reports what an uninterrupted one does (a grid already visited
+    # runs none), and so does every process that shared it.
+    try:
+        trials = run_budget(study, rdb, objective, n_trials, progress=progress,
+                            before_each=(lambda: None) if search.slot_seeded else lambda: retry_lost_points(study))
+    finally:
+        rdb.remove_session()
+        rdb.engine.dispose()
     examples, seconds = 0, 0.0
     best: optuna.trial.FrozenTrial | None = None
     curve: list[tuple[int, float]] = []

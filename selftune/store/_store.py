@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import ConfigError, LeaseError, StoreError
 from ._schema import CheckpointRow, EpochRow, EventRow, RunRow, TrajectoryRow
 
-__all__ = ["STALE_AFTER", "LeaseError", "RunInfo", "RunStore", "StoreError", "resolve_url"]
+__all__ = ["STALE_AFTER", "LeaseError", "RunInfo", "RunStore", "StoreError", "process_gone", "resolve_url"]
 
 DEFAULT_URL = "sqlite:///selftune.db"
 ENV_VAR = "SELFTUNE_STORE"
@@ -68,8 +68,9 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _dead_here(host: str, pid: int) -> bool:
-    """True when ``pid`` on this host has exited (a run killed before its heartbeat went stale)."""
+def process_gone(host: str, pid: int) -> bool:
+    """True when ``pid`` on this host has exited (a run, or a search trial, killed before its heartbeat went
+    stale); ``False`` for another host's process, which only its heartbeat can tell about."""
     if host != socket.gethostname():
         return False
     try:
@@ -146,7 +147,7 @@ class RunInfo:
     @classmethod
     def from_row(cls, row: RunRow) -> RunInfo:
         status = row.status
-        if status == "running" and (_now() - row.heartbeat_at > STALE_AFTER or _dead_here(row.host, row.pid)):
+        if status == "running" and (_now() - row.heartbeat_at > STALE_AFTER or process_gone(row.host, row.pid)):
             status = "interrupted"
         return cls(row.id, row.method, row.seed, status, row.config, row.out_dir, row.checkpoint_dir,
                    row.created_at, row.heartbeat_at, row.finished_at, row.test_loss, row.result, row.error,
@@ -502,7 +503,7 @@ class RunStore:
             where = [RunRow.id == run_id, RunRow.lease.is_not_distinct_from(row.lease), RunRow.status != "finished"]
             if row.status == "finished":
                 raise LeaseError(f"run {run_id} already finished; its results are in {row.out_dir}")
-            if row.status == "running" and not _dead_here(row.host, row.pid):
+            if row.status == "running" and not process_gone(row.host, row.pid):
                 age = _now() - row.heartbeat_at
                 holder = f"pid {row.pid} on {row.host} (last heartbeat {_age(age)} ago)"
                 if row.host == socket.gethostname() and age > STALE_AFTER:  # alive here: never taken over

@@ -1,0 +1,130 @@
+"""One Optuna study, driven by any number of processes at once, that runs exactly its budget of trials.
+
+Why: a search's study is named by its task, seed and budget (``Search.study_name``), so a re-run continues
+it, and so do two ``selftune bench`` commands of the same task started side by side on one store (two
+``--out`` folders, or two machines on one PostgreSQL store). Each used to count the trials finished when
+it began and run the rest itself: the study ended with twice its budget, the two drew the same points
+(their samplers seeded alike), and each reported another best trial. Here:
+
+* a trial that starts when the study already has its budget of trials before it (finished, running or
+  queued) is **surplus**: it ends at once as failed, before it samples anything (failed trials take no
+  slot and count nowhere), so the study holds exactly ``n`` trials that count, whoever ran them;
+* a process whose remaining trials are all being run by others **waits** for them, then reads the same
+  ``n`` trials as they do: every process reports the same best trial;
+* a trial a **dead process** left ``RUNNING`` is failed, so it neither blocks the wait nor takes a slot:
+  the process's host and pid are recorded on the trial (a process on this host that has exited is dead
+  at once), and Optuna's heartbeat (``RDBStorage(heartbeat_interval=...)``) fails one of another host
+  after :data:`GRACE_S` seconds of silence. A ``RUNNING`` trial without an owner (an older selftune's,
+  or a process killed between Optuna's ``ask`` and the trial's first line) is dead once
+  :data:`ORPHAN_AFTER_S` old.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from optuna.trial import TrialState
+
+from ..store import process_gone
+from ._sampling import FINISHED
+
+if TYPE_CHECKING:
+    import optuna
+
+#: seconds between a running trial's heartbeats, and the silence after which another process fails it
+HEARTBEAT_S, GRACE_S = 15, 60
+#: age after which a running trial that names no owning process counts as dead
+ORPHAN_AFTER_S = 30.0
+#: seconds between two looks at trials other processes are running
+POLL_S = 2.0
+#: trial attributes naming the process that runs it
+HOST, PID = "selftune_host", "selftune_pid"
+#: the trials that hold a place in the budget: finished, being run, or queued to run
+COUNTED = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class SurplusTrialError(Exception):
+    """Raised at the start of a trial the study's budget has no place for; Optuna records it as failed."""
+
+
+def open_storage(url: str, timeout_s: float = 30.0) -> optuna.storages.RDBStorage:
+    """Optuna's storage on ``url`` with heartbeats on, waiting up to ``timeout_s`` for SQLite's locks (two
+    processes write the same file). Two processes that open a database without Optuna's tables at the same
+    moment both create them and one fails on the other's half-made schema: that one tries again."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = {"connect_args": {"timeout": timeout_s}} if url.startswith("sqlite") else {}
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9; nothing to act on
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except SQLAlchemyError:
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None:
+    """Record this process as the trial's owner, or raise :class:`SurplusTrialError` when ``n_trials`` trials that
+    count come before it (numbers are handed out in order by the storage, so exactly the first ``n_trials``
+    pass, however many processes ask at once)."""
+    ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
+    if ahead >= n_trials:
+        raise SurplusTrialError(f"the study has its {n_trials} trials")
+    trial.set_user_attr(HOST, socket.gethostname())
+    trial.set_user_attr(PID, os.getpid())
+
+
+def fail_dead(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """Fail the running trials whose process is gone (module docstring)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # silent for GRACE_S: another host's process died
+    now = datetime.now()  # Optuna stamps trials in local time
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid = t.user_attrs.get(HOST), t.user_attrs.get(PID)
+        if host is not None and pid is not None:
+            gone = int(pid) != os.getpid() and process_gone(str(host), int(pid))
+        else:
+            gone = t.datetime_start is None or now - t.datetime_start > timedelta(seconds=ORPHAN_AFTER_S)
+        if gone:
+            try:
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # it finished, or another process failed it
+                pass
+
+
+def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objective: Callable[[optuna.Trial], float],
+               n_trials: int, *, before_each: Callable[[], None] = lambda: None,
+               progress: Callable[[str], None] | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Run trials of ``study`` until it has ``n_trials`` finished ones, sharing the work with any other
+    process doing the same; return those trials, by number. ``objective`` must call :func:`claim` first.
+    ``before_each`` runs before each trial (a grid queues points of failed trials again)."""
+    waited = False
+    while True:
+        fail_dead(study, storage)
+        before_each()
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in FINISHED]
+        if len(finished) >= n_trials:
+            return sorted(finished, key=lambda t: t.number)[:n_trials]
+        others = [t for t in trials if t.state == TrialState.RUNNING]
+        if len(finished) + len(others) >= n_trials and not any(t.state == TrialState.WAITING for t in trials):
+            if progress is not None and not waited:
+                progress(f"    waiting for {len(others)} trial(s) another process is running in this study")
+            waited = True
+            time.sleep(POLL_S)
+            continue
+        study.optimize(objective, n_trials=1, catch=(SurplusTrialError,))
