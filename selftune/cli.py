@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                                      "benchmark's is refused unless --overwrite")
     bench.add_argument("--overwrite", action="store_true",
                        help="write into a non-empty --out folder, replacing only the benchmark's own files")
+    bench.add_argument("--fresh", action="store_true",
+                       help="train every single run anew; by default a bench run again in its folder keeps the runs "
+                            "an earlier one finished there (same config, data and versions) and resumes the one it "
+                            "was training (searches continue their studies either way)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of the task's config for every method and start, e.g. --set "
                             "tuner.lr_signal=val (repeatable; the table's README names them)")
@@ -482,7 +486,7 @@ def _bench(args: argparse.Namespace) -> int:
         out = outs[task]
         run_bench(task, methods=args.methods, trials=args.trials, population=args.population, seeds=args.seeds,
                   quick=args.quick, gpu=args.gpu, out=out, store=store, overwrite=args.overwrite,
-                  overrides=args.overrides)
+                  overrides=args.overrides, fresh=args.fresh)
         readme = (out / "README.md").read_text()
         print(readme)
         plotted = "(schedules.png)" in readme  # linked only where a tuned method's schedule was plotted now

@@ -181,6 +181,12 @@ def _to_device(splits: Splits, device: str) -> Splits:
     return replace(splits, **moved)
 
 
+def versions() -> dict[str, str]:
+    """The selftune, PyTorch and Python versions a result records (a benchmark keeps an earlier run only
+    when they match: another PyTorch rounds differently)."""
+    return {"selftune": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
 def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = None) -> RunResult:
     """Test and validation quality of ``fit``'s model and everything ``result.json`` records."""
     config = prepared.config
@@ -201,8 +207,7 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
                      compute=dict(fit.compute), epochs=config.epochs,
                      data=dict(prepared.data),
                      config=config.model_dump(mode="json"),
-                     versions={"selftune": __version__, "torch": torch.__version__,
-                               "python": platform.python_version()})
+                     versions=versions())
 
 
 def execute(prepared: Prepared, callbacks: list[Callback] | None = None) -> tuple[FitResult, RunResult]:

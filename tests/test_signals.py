@@ -118,3 +118,40 @@ def test_a_second_ctrl_c_ends_a_hanging_shutdown(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resume with: selftune resume 1" in err, err
     assert RunStore(url, create=False).get_run(1).status == "interrupted"
+
+
+def test_a_bench_run_again_keeps_what_it_finished_and_resumes_what_it_was_training(tmp_path):
+    """A Ctrl-C during a benchmark's second run, then the same command again: the first run is kept, the
+    second resumed from the checkpoint its stop wrote, and the results equal an uninterrupted bench's (a
+    bench used to train every single run again, and to tell the user to resume a run it would not use)."""
+    args = ["bench", str(DIGITS_CONFIG), "--methods", "fixed", "delta-stn", "--seeds", "1",
+            *[a for s in ("model.hidden=[32, 32]", "tuner.log_every=4", "epochs=20") for a in ("--set", s)]]
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = _start([*args, "--out", "cut"], tmp_path, url)
+    _wait_for(lambda: len(RunStore(url, create=False).list_runs()) >= 2, proc, "the second run")
+    time.sleep(0.5)  # into its training (about 3 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run this bench again" in err and "Traceback" not in err, err
+    runs = RunStore(url, create=False).list_runs()
+    assert [r.status for r in runs] == ["finished", "interrupted"]
+
+    again = cli([*args, "--out", "cut"], cwd=tmp_path, store=url)
+    assert again.returncode == 0, again.stderr
+    assert "kept run 1" in again.stdout and "resumed run 2" in again.stdout, again.stdout
+    assert len(RunStore(url, create=False).list_runs()) == 2  # nothing trained twice
+    whole = cli([*args, "--out", "whole"], cwd=tmp_path, store=f"sqlite:///{tmp_path / 'whole.db'}")
+    assert whole.returncode == 0, whole.stderr
+
+    def losses(folder):
+        return [(r["method"], r["test_loss"], r["hparams"], r["examples"])
+                for r in json.loads((tmp_path / folder / "results.json").read_text())]
+
+    cut, uncut = losses("cut"), losses("whole")
+    assert [c[0] for c in cut] == ["fixed", "delta-stn"] and [c[3] for c in cut] == [c[3] for c in uncut]
+    for (_, loss, hparams, _), (_, loss2, hparams2, _) in zip(cut, uncut, strict=True):
+        assert loss == pytest.approx(loss2, abs=1e-6) and hparams == pytest.approx(hparams2, abs=1e-6)
+    fresh = cli([*args, "--out", "cut", "--fresh"], cwd=tmp_path, store=url)
+    assert fresh.returncode == 0 and "kept run" not in fresh.stdout, fresh.stderr
+    assert len(RunStore(url, create=False).list_runs()) == 4

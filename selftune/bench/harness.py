@@ -20,7 +20,7 @@ from pathlib import Path
 from ..algorithms import Fixed
 from ..config import RunConfig, load_config
 from ..data import CORPORA
-from ..errors import ConfigError, DivergenceError, OutputError
+from ..errors import ConfigError, DivergenceError, Interrupted, OutputError
 from ..methods import METHODS, Context, Method, MethodResult, get_method
 from ..outputs import write_atomic
 from ..report.plots import plot_schedules
@@ -137,7 +137,7 @@ def check_bench_lock(out: Path) -> None:
 
 def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 20, population: int = 8,
               seeds: int = 3, quick: bool = False, gpu: bool = False, out: str | Path = "bench", store: RunStore,
-              overwrite: bool = False, overrides: Sequence[str] = (),
+              overwrite: bool = False, overrides: Sequence[str] = (), fresh: bool = False,
               progress: Callable[[str], None] = print) -> list[MethodResult]:
     """Run ``methods`` on ``task`` for ``seeds`` seeds; write ``results.json``, ``README.md`` and plots
     into ``out``; return every result.
@@ -155,6 +155,10 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
         overwrite: allow a non-empty folder that is not a benchmark's (only the benchmark's files are replaced).
         overrides: ``key.path=value`` settings applied to the task's config (``selftune bench --set``);
             the table's README names them.
+        fresh: train every single run anew. By default a benchmark run again in its folder keeps the runs an
+            earlier one finished there (same config, data and versions) and resumes the one it was training
+            when it stopped (:func:`~selftune.methods.single.continue_earlier`), as searches continue their
+            studies.
 
     Raises:
         ConfigError: an unknown method, or a named method that cannot run this task.
@@ -176,7 +180,7 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     with _bench_lock(out):
         write_atomic(out / BENCH_MARKER, lambda p: p.write_text(json.dumps({"task": name, "quick": quick}) + "\n"))
         ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
-                      population=population, progress=progress)
+                      population=population, progress=progress, fresh=fresh)
         results: list[MethodResult] = []
         for seed in range(seeds):
             for method in chosen:
@@ -187,6 +191,9 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
                              f"{method.budget(ctx)}")
                     try:
                         r = method.run(cfg, seed, run_ctx)
+                    except Interrupted as err:  # the run's own advice, and the bench's: run it again
+                        raise Interrupted(f"{err}; or run this bench again, which resumes that run and keeps "
+                                          "the runs and trials it finished", err.signum) from None
                     except DivergenceError as err:
                         # A tuner that diverges is a result (a loss against fixed training), not a reason to
                         # throw away the rest of the benchmark.

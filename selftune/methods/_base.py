@@ -70,7 +70,9 @@ class Context:
         trials: trials of a search.
         population: members of a population method.
         start: name of the benchmark start being run (part of each run's folder name), or ``""``.
-        progress: where a method says what it waits for (a search sharing its study with another process).
+        progress: where a method says what it waits for (a search sharing its study with another process)
+            or what it kept of an earlier benchmark.
+        fresh: train every single run anew, keeping nothing an earlier benchmark in the folder finished.
     """
 
     store: RunStore
@@ -80,6 +82,7 @@ class Context:
     population: int = 8
     start: str = ""
     progress: Callable[[str], None] | None = None
+    fresh: bool = False
 
     def run_folder(self, method: str, seed: int) -> Path:
         start = f"{self.start}-" if self.start else ""

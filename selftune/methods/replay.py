@@ -9,12 +9,11 @@ for Delta-STN), so the benchmark table shows what the protocol costs as well as 
 
 from __future__ import annotations
 
-import json
-import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ._base import Context, Method, MethodResult, began_from
-from .single import SingleRun
+from ._base import Context, Method, MethodResult
+from .single import SingleRun, continue_earlier, result_of
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -43,26 +42,13 @@ class Replayed(Method):
         return 2
 
     def _tuned(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
-        """The tuning run: the one a benchmark that also runs ``inner`` already trained (same folder,
-        same config), else a new one. Either way its cost is counted."""
-        folder = ctx.run_folder(self.inner.name, seed)
-        try:
-            done = json.loads((folder / "result.json").read_text())
-        except (OSError, ValueError):
-            done = None
-        wanted = config.derive(method=self.inner.name, seed=seed).model_dump(mode="json")
-        if done is not None and done.get("config") == wanted and done.get("run_id") is not None:
-            try:
-                info = ctx.store.get_run(int(done["run_id"]))
-            except LookupError:
-                info = None
-            if info is not None and info.uuid == done.get("run_uuid") and info.status == "finished":
-                return MethodResult(method=self.inner.name, seed=seed, test_loss=done["test"]["loss"],
-                                    test_accuracy=done["test"].get("accuracy", math.nan),
-                                    val_loss=done["val"]["loss"], hparams=done["hparams"],
-                                    examples=int(done["compute"]["examples"]), seconds=done["compute"]["seconds"],
-                                    run_id=info.id)
-        return self.inner.run(config, seed, ctx)
+        """The tuning run: the one this benchmark (or an earlier one in this folder) already trained with the
+        same config, data and versions, else a new one. Either way its cost is counted."""
+        from ..runner import prepare
+
+        prepared = prepare(config.derive(method=self.inner.name, seed=seed))
+        done = continue_earlier(replace(ctx, progress=None), ctx.run_folder(self.inner.name, seed), prepared)
+        return done if done is not None else self.inner.run(config, seed, ctx)
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         from ..runner import REPLAY, RecordedRun, prepare, recorded_schedule, replay_config
@@ -71,14 +57,12 @@ class Replayed(Method):
         assert tuned.run_id is not None
         recorded, schedule = recorded_schedule(ctx.store, tuned.run_id)
         prepared = prepare(replay_config(recorded, schedule))
-        run = RecordedRun.start(ctx.store, prepared.config, out=ctx.run_folder(self.name, seed),
-                                checkpoint_root=ctx.folder / "checkpoints", overwrite=True, method=REPLAY)
-        r = run.drive(prepared, every=None)
-        examples = tuned.examples + int(r.compute["examples"])
-        return MethodResult(method=self.name, seed=seed, test_loss=r.test["loss"],
-                            test_accuracy=r.test.get("accuracy", math.nan), val_loss=r.val["loss"],
-                            hparams=r.hparams, examples=examples, seconds=tuned.seconds + r.compute["seconds"],
-                            trials=2, run_id=r.run_id, curve=[(tuned.examples, tuned.test_loss),
-                                                              (examples, r.test["loss"])],
-                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()},
-                            began=began_from(r.extra, config))
+        folder = ctx.run_folder(self.name, seed)
+        second = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        if second is None:
+            run = RecordedRun.start(ctx.store, prepared.config, out=folder, checkpoint_root=ctx.folder / "checkpoints",
+                                    overwrite=True, method=REPLAY)
+            second = result_of(run.drive(prepared, every=None).to_json(), ctx, config)
+        examples = tuned.examples + second.examples
+        return replace(second, method=self.name, seed=seed, examples=examples, seconds=tuned.seconds + second.seconds,
+                       trials=2, curve=[(tuned.examples, tuned.test_loss), (examples, second.test_loss)])

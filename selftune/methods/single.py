@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..algorithms import ALGORITHMS
 from ._base import Context, Method, MethodResult, began_from
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+    from ..runner import Prepared
 
 
 class SingleRun(Method):
@@ -39,12 +42,66 @@ class SingleRun(Method):
         from ..runner import prepare, run_recorded
 
         config = config.derive(method=self.name, seed=seed)
-        r = run_recorded(prepare(config), ctx.store, out=ctx.run_folder(self.name, seed),
-                         checkpoint_root=ctx.folder / "checkpoints", every=None, overwrite=True)
-        examples = int(r.compute["examples"])
-        return MethodResult(method=self.name, seed=seed, test_loss=r.test["loss"],
-                            test_accuracy=r.test.get("accuracy", math.nan),
-                            val_loss=r.val["loss"], hparams=r.hparams, examples=examples,
-                            seconds=r.compute["seconds"], run_id=r.run_id, curve=[(examples, r.test["loss"])],
-                            start=ctx.start, start_values={n: h.init for n, h in config.space.items()},
-                            began=began_from(r.extra, config))
+        prepared = prepare(config)
+        folder = ctx.run_folder(self.name, seed)
+        earlier = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        if earlier is not None:
+            return earlier
+        r = run_recorded(prepared, ctx.store, out=folder, checkpoint_root=ctx.folder / "checkpoints", every=None,
+                         overwrite=True)
+        return result_of(r.to_json(), ctx, config)
+
+
+def result_of(done: dict[str, Any], ctx: Context, config: RunConfig) -> MethodResult:
+    """A single run's ``result.json`` payload as a benchmark result."""
+    examples = int(done["compute"]["examples"])
+    return MethodResult(method=str(done["method"]), seed=int(done["seed"]), test_loss=done["test"]["loss"],
+                        test_accuracy=done["test"].get("accuracy", math.nan), val_loss=done["val"]["loss"],
+                        hparams=done["hparams"], examples=examples, seconds=done["compute"]["seconds"],
+                        run_id=done["run_id"], curve=[(examples, done["test"]["loss"])], start=ctx.start,
+                        start_values={n: h.init for n, h in config.space.items()}, began=began_from(done, config))
+
+
+def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodResult | None:
+    """What an earlier benchmark in this folder left of this run, continued: a bench run again (after a
+    Ctrl-C, a crash, a lost machine) keeps the runs it finished and resumes the one it was training,
+    as a search continues its study. Only a run of this store, whose folder still holds its outputs,
+    recorded with the config, the data (for a ``[task]``, the task file's SHA-256 too) and the selftune,
+    PyTorch and Python versions of this run counts; anything else (``None``, a failed run too) is trained
+    anew."""
+    from ..errors import ConfigError, LeaseError, ResumeError
+    from ..outputs import read_marker
+    from ..runner import resume_recorded, versions
+
+    marker = read_marker(folder)
+    if not marker or marker.get("store") != ctx.store.display_url or not isinstance(marker.get("run_id"), int):
+        return None
+    try:
+        info = ctx.store.get_run(marker["run_id"])
+    except LookupError:
+        return None
+    config = prepared.config
+    if info.uuid != marker.get("run_uuid") or info.config != config.model_dump(mode="json"):
+        return None
+    say = ctx.progress or (lambda line: None)
+    if info.status == "finished":
+        try:
+            done = json.loads((folder / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(done, dict) or done.get("run_uuid") != info.uuid or done.get("data") != prepared.data
+                or done.get("versions") != versions()):
+            return None
+        say(f"    kept run {info.id}: an earlier bench in this folder finished it (same config, data and versions)")
+        return result_of(done, ctx, config)
+    if info.status != "interrupted" or not ctx.store.checkpoints(info.id):
+        return None
+    notes: list[str] = []
+    try:
+        r = resume_recorded(ctx.store, info.id, notes=notes)
+    except (ConfigError, LeaseError, ResumeError):
+        return None
+    say(f"    resumed run {info.id}, which an earlier bench in this folder was training")
+    for note in notes:
+        say(f"    note: {note}")
+    return result_of(r.to_json(), ctx, config)
