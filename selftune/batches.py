@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 
 from .errors import DataError, SelftuneWarning
 
@@ -108,6 +116,14 @@ class Source:
                     f"{what}: the DataLoader's batch_size {data.batch_size} is not used: the tuner draws batches of "
                     f"tuner.batch_size = {batch_size} from its dataset, in its own checkpointed order, with its "
                     "collate_fn"), stacklevel=3)
+            custom = [type(sampler).__name__ for sampler, plain in (
+                (data.sampler, (SequentialSampler, RandomSampler)), (data.batch_sampler, (BatchSampler, type(None))))
+                if type(sampler) not in plain]
+            if custom:  # a weighted or stratified draw would silently become a uniform one
+                warnings.warn(SelftuneWarning(
+                    f"{what}: the DataLoader's {' and '.join(custom)} is not used: the tuner draws every example once "
+                    "an epoch, in its own checkpointed order; weight the loss (e.g. CrossEntropyLoss(weight=...)) or "
+                    "resample the dataset itself to keep that balance"), stacklevel=3)
             collate = data.collate_fn
             data = data.dataset
         self.dataset = data

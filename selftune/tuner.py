@@ -359,6 +359,10 @@ class SelfTuner:
             raise DataError(f"tuner.batch_size x tuner.accumulate ({s.batch_size} x {s.accumulate}) is larger than the "
                             f"training set ({self.n_train} examples); lower tuner.accumulate")
         self._check_targets()
+        if net.best_response_layers():  # a layer every example shares (positional embeddings) responds to their mean
+            few, more = (to_device(self.sources["train"].take(torch.zeros(k, dtype=torch.long), self.fields)[0],
+                                   net.hparams.device) for k in (2, 3))
+            net.find_shared_layers(few, more)
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).
         drop_last = s.drop_last or (isinstance(train, DataLoader) and bool(train.drop_last))

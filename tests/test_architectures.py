@@ -2,11 +2,14 @@
 encoders are converted, tuned (every declared hyperparameter gets a hypergradient), exported, and never
 evaluated through a path that skips their response."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import selftune as st
+from selftune.errors import DataError
 
 
 def space():
@@ -266,3 +269,65 @@ def test_a_response_method_on_a_net_with_no_converted_layer_is_refused_and_ift_t
     fit = st.SelfTuner(net, (x, y), (x, y), method="ift", settings=st.TunerSettings(lr=0.05, batch_size=16),
                        seed=0).fit(3)
     assert fit.hparams["p"] != pytest.approx(0.3, abs=1e-3)
+
+
+class _Positional(nn.Module):
+    """Tokens plus a learned positional embedding called on ``arange(T)`` (GPT/BERT style): an input shared by
+    every example, with no batch dimension."""
+
+    def __init__(self, vocab: int = 20, length: int = 12, width: int = 16) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.drop, self.head = st.Dropout("d"), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        return self.head(self.drop(h).mean(1))
+
+
+def test_a_positional_embedding_shared_by_every_example_responds_to_their_mean_perturbation():
+    """The response of such a layer was applied along a batch axis guessed from sizes: a batch of 16 over 12
+    positions failed at the first response step ("no dimension ... holds the batch's examples"), and a
+    batch of exactly 12 gave position t example t's perturbation, silently."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (240, 12), generator=torch.Generator().manual_seed(0))
+    y = ((x == 3).sum(1) > (x == 5).sum(1)).long()
+    space = st.Space([st.Float("d", 0.0, 0.8, 0.2)])
+    for batch in (16, 12):
+        net = st.hypernetize(_Positional(), space)
+        tuner = st.SelfTuner(net, (x[:160], y[:160]), (x[160:200], y[160:200]), method="delta-stn",
+                             settings=st.TunerSettings(batch_size=batch, lr=0.05), seed=0)
+        assert net.model.pos.unbatched and not net.model.tok.unbatched
+        tuner.fit(1)
+        assert math.isfinite(tuner.score((x[200:], y[200:]))["loss"])
+    # at a batch of 12 = T: every position gets the batch's mean gate
+    seen = []
+    net.model.pos.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    u = net.hparams.detach() + torch.linspace(-1, 1, 12)[:, None]
+    with torch.no_grad():
+        net(x[:12], u)
+        pos = net.model.pos
+        gates = torch.nn.functional.linear(net.encode(u) - net.encode(net.hparams.detach()[None]), pos.gate)[:, :16]
+        expected = pos.weight + gates.mean(0) * pos.response_weight
+    torch.testing.assert_close(seen[-1], expected)
+
+
+def test_a_packed_sequence_into_a_converted_rnn_is_one_clear_error():
+    """It was a raw AttributeError ('PackedSequence' object has no attribute 'dim') at the tuner's check."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.drop, self.head = nn.GRU(3, 8, batch_first=True), st.Dropout("d"), nn.Linear(8, 2)
+
+        def forward(self, x):
+            lengths = (x.abs().sum(-1) > 0).sum(1).clamp(min=1)
+            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return self.head(self.drop(h[-1]))
+
+    x, y = torch.randn(40, 5, 3), torch.randint(0, 2, (40,))
+    net = st.hypernetize(Packed(), st.Space([st.Float("d", 0.0, 0.8, 0.2)]))
+    with pytest.raises(DataError, match="takes padded .* not a PackedSequence.*leave this layer plain"):
+        st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), method="delta-stn",
+                     settings=st.TunerSettings(batch_size=10))

@@ -102,6 +102,23 @@ def test_dict_batches_from_a_dataloader_reach_the_model_as_keyword_arguments():
     assert set(scores) == {"loss"} and scores["loss"] < 1.0
 
 
+def test_a_loaders_weighted_sampler_that_the_tuner_does_not_use_is_a_warning():
+    """A WeightedRandomSampler balancing classes was dropped silently: the run trained on uniform batches."""
+    from torch.utils.data import TensorDataset, WeightedRandomSampler
+
+    x, y = torch.randn(120, 8), (torch.arange(120) % 6 == 0).long()
+    weights = torch.where(y == 1, 5.0, 1.0)
+    net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 2)),
+                         st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    train = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, sampler=WeightedRandomSampler(weights[:100], 100))
+    with pytest.warns(SelftuneWarning, match="DataLoader's WeightedRandomSampler is not used.*weight the loss"):
+        st.SelfTuner(net, train, (x[100:], y[100:]), settings=st.TunerSettings(batch_size=16))
+    with warnings.catch_warnings():  # shuffle=True / False: the tuner's own order, no warning
+        warnings.simplefilter("error", SelftuneWarning)
+        st.SelfTuner(net, DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, shuffle=True),
+                     DataLoader(TensorDataset(x[100:], y[100:]), batch_size=16), settings=st.TunerSettings(batch_size=16))
+
+
 def test_dict_examples_without_a_target_key_name_the_keys():
     x, y = regression(40)
     net = st.hypernetize(KeywordModel(), st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))

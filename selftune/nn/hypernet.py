@@ -130,6 +130,49 @@ class HyperNet(nn.Module):
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
 
+    def find_shared_layers(self, few: Any, more: Any) -> list[str]:
+        """Mark the converted layers whose output does not grow with the batch, and return their names.
+
+        ``few`` and ``more`` are batches of the same examples (one repeated), the second larger. A layer whose
+        input is shared by every example, as a learned positional embedding called on ``torch.arange(T)``,
+        has no batch dimension in its output, so no per-example response can be applied to it: the batch
+        axis was guessed from sizes, which failed the run at the first response step, or, where ``T``
+        equalled the batch, silently gave position ``t`` example ``t``'s perturbation. A marked layer
+        responds to the batch's mean perturbation (:func:`~selftune.nn.layers._batch_view`). Runs in eval
+        mode without gradients and restores the global RNG; a model that fails on such batches is left
+        as it is (the checks of the data say why elsewhere)."""
+        layers = {name: m for name, m in self.model.named_modules() if isinstance(m, BestResponseModule)}
+        calls: dict[str, list[Any]] = {name: [] for name in layers}
+
+        def shapes(out: Any) -> Any:
+            if isinstance(out, torch.Tensor):
+                return tuple(out.shape)
+            if isinstance(out, tuple | list):
+                return tuple(shapes(o) for o in out)
+            return None
+
+        hooks = [m.register_forward_hook(lambda _m, _i, out, n=name: calls[n].append(shapes(out)))
+                 for name, m in layers.items()]
+        was_training = self.training
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                self.eval()
+                self(few, respond=False)
+                first = {name: list(c) for name, c in calls.items()}
+                for c in calls.values():
+                    c.clear()
+                self(more, respond=False)
+        except Exception:  # a probe: the model's own checks report what fails
+            return []
+        finally:
+            self.train(was_training)
+            for h in hooks:
+                h.remove()
+        shared = [name for name in layers if first[name] and first[name] == calls[name]]
+        for name, m in layers.items():
+            m.unbatched = name in shared
+        return shared
+
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,
                            generator: torch.Generator | None = None) -> torch.Tensor:
         """Delta-STN's first-order response ``f(x; lam) + J (enc(u) - enc(lam))``.

@@ -30,6 +30,9 @@ FORMS: tuple[str, ...] = ("stn", "delta")
 class BestResponseModule(HyperModule):
     """A layer whose weights respond to the hyperparameters; the tuner trains its two groups apart."""
 
+    #: its output has no batch dimension (set by :meth:`~selftune.HyperNet.find_shared_layers`)
+    unbatched: bool = False
+
     def general_parameters(self) -> list[nn.Parameter]:
         """Weights that do not depend on the hyperparameters (``W0``, ``b0``)."""
         raise NotImplementedError
@@ -70,9 +73,12 @@ def _effective_sq_norm(rows: torch.Tensor, response_rows: torch.Tensor, g: torch
 def _batch_view(layer: HyperModule, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-example, per-unit gates ``(B, out)`` shaped to multiply an output ``like`` whose last dimension
     is the units: ``(B, 1, ..., 1, out)`` batch-first, ``(1, B, ..., out)`` sequence-first."""
+    shape = [1] * like.dim()
+    if getattr(layer, "unbatched", False):  # shared by every example: their mean (HyperNet.find_shared_layers)
+        shape[-1] = g.shape[1]
+        return g.mean(0).view(shape)
     state = layer._hyper_state
     axis = 0 if state is None or getattr(layer, "batch_first", False) else state.batch_axis(like)
-    shape = [1] * like.dim()
     shape[axis], shape[-1] = g.shape[0], g.shape[1]
     return g.view(shape)
 
@@ -404,6 +410,10 @@ class BestResponseRecurrent(BestResponseModule):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise TypeError(f"a best-response {self.mode} takes padded (B, T, H) tensors, not a PackedSequence: pass "
+                            "the padded batch (pad_packed_sequence) and pick each sequence's last valid step from "
+                            "the output, or leave this layer plain (hypernetize(..., modules=[...]) without it)")
         if x.dim() != 3:
             raise ValueError(f"{type(self).__name__} takes batched 3-d input, got shape {tuple(x.shape)}")
         if not self.batch_first:
