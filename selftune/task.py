@@ -18,7 +18,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,31 @@ def source_digest(source: str) -> str | None:
         return None
 
 
+@contextmanager
+def seeded_import() -> Iterator[None]:
+    """Import a task's module with PyTorch's, NumPy's and Python's global generators seeded from 0, and put
+    the caller's back after. A quick task often draws its data at module level (``X = torch.randn(300, 5)``
+    beside the function); imported unseeded, the same config and seed trained on other data in every
+    process, and a resumed run went on with data its checkpoint never saw. A module is imported once per
+    process, so its draws cannot follow a run's seed (a bench runs many): they follow this fixed one, and
+    the task function itself runs after PyTorch is seeded from the run's seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 def load_callable(source: str, *, field: str = "task.source", what: str = "function") -> Callable[..., Any]:
     """Import the function (or class: ``what``) ``source`` names; errors name ``field``.
 
@@ -119,18 +145,21 @@ def load_callable(source: str, *, field: str = "task.source", what: str = "funct
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             try:
-                spec.loader.exec_module(module)
+                with seeded_import():
+                    spec.loader.exec_module(module)
             except ImportError as err:
                 del sys.modules[name]
                 if "no known parent package" not in str(err):
                     raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
-                module = _import_in_package(file, path, field)  # ``from .models import Net``
+                with seeded_import():
+                    module = _import_in_package(file, path, field)  # ``from .models import Net``
             except Exception as err:
                 del sys.modules[name]
                 raise ConfigError(field, f"importing {path!r} failed: {_first_line(err)}") from err
     else:
         try:
-            module = importlib.import_module(path)
+            with seeded_import():
+                module = importlib.import_module(path)
         except ModuleNotFoundError as err:
             raise ConfigError(field, f"no module named {err.name!r}; install it or give a file path "
                                      f"'path/to/file.py:{what}'") from None

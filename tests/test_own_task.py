@@ -729,3 +729,35 @@ def test_a_resume_after_the_task_changed_only_its_data_says_so(tmp_path, monkeyp
     result = resume_recorded(store, run.run_id, notes=notes)
     assert result.test["loss"] > 0
     assert len(notes) == 1 and "own_task.py changed since this run's checkpoint was written" in notes[0], notes
+
+
+def test_a_task_modules_own_top_level_draws_are_the_same_in_every_process(tmp_path):
+    """``X = torch.randn(...)`` beside the task function was drawn from whatever state PyTorch's generator was
+    in at the import: the same config and seed trained on other data in two processes (and a resume, in a
+    new process, went on with other data)."""
+    import sys
+
+    import numpy as np
+
+    from selftune.task import load_callable
+
+    (tmp_path / "drawn.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        X = torch.randn(4)
+        Z = np.random.rand(2)
+        def task():
+            return X
+    """))
+    seen = []
+    for seed in (1, 2):
+        for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) == str(tmp_path / "drawn.py")]:
+            del sys.modules[name]  # as a new process would import it
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+        fn = load_callable(f"{tmp_path / 'drawn.py'}:task")
+        assert torch.equal(torch.random.get_rng_state(), before[0])  # the caller's generators are put back
+        assert np.array_equal(np.random.get_state()[1], before[1])
+        seen.append((fn().clone(), sys.modules[fn.__module__].Z.copy()))
+    assert torch.equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1])
