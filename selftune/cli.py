@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="selftune", description="Tune hyperparameters inside one training run (STN, Delta-STN).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="train one model with self-tuned (or fixed) hyperparameters",
-                         description="Train the model a config describes and write result.json, "
-                                     "trajectory.csv, epochs.csv and plots to --out.")
+                         description="Train the model a config describes and write result.json, model.pt, "
+                                     "schedule.csv, trajectory.csv, epochs.csv and plots to --out.")
     run.add_argument("config", help="run config (TOML, see docs/config.md)")
     run.add_argument("--method", help="override the config's method (fixed, stn, delta-stn, ...: see docs/cli.md)")
     run.add_argument("--seed", type=int, help="override the config's seed")

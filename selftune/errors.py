@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-__all__ = ["ConfigError", "DataError", "DivergenceError", "Interrupted", "LeaseError", "OutputError",
+__all__ = ["ConfigError", "ConfigTypeError", "DataError", "DivergenceError", "Interrupted", "LeaseError", "OutputError",
            "ResumeError", "SelftuneError", "SelftuneWarning", "StoreError"]
 
 
@@ -37,6 +37,11 @@ class ConfigError(SelftuneError, ValueError):
         # copy and pickle rebuild an exception from its constructor's arguments (Ray copies the errors
         # a worker raised, their causes included)
         return type(self), (self.field, self.message)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of the wrong kind (a loss that is not callable, a summed loss): a :class:`ConfigError`,
+    and a ``TypeError`` as Python's own checks of a wrong type are."""
 
 
 class DataError(SelftuneError, ValueError):

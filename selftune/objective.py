@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 
 Lookup = Callable[[str], torch.Tensor]
 #: A user's loss: ``loss(outputs, targets)`` returns the batch's mean loss as a scalar tensor.
@@ -97,8 +97,8 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.label_smoothing is not None and not _is_spec(self.label_smoothing):
-            raise TypeError(f"objective.label_smoothing must be a hyperparameter's name or a number (got "
-                            f"{type(self.label_smoothing).__name__})")
+            raise ConfigTypeError("objective.label_smoothing", f"must be a hyperparameter's name or a number (got "
+                                                               f"{type(self.label_smoothing).__name__})")
         decay = self.weight_decay
         if isinstance(decay, Mapping):
             if not decay:
@@ -109,23 +109,25 @@ class Objective:
                     raise ConfigError("objective.weight_decay", f"layer patterns are module names or fnmatch "
                                                                 f"patterns (got {pattern!r})")
                 if not _is_spec(value):
-                    raise TypeError(f"objective.weight_decay[\"{pattern}\"] must be a hyperparameter's name or a "
-                                    f"number (got {type(value).__name__})")
+                    raise ConfigTypeError(f"objective.weight_decay[\"{pattern}\"]",
+                                          f"must be a hyperparameter's name or a number (got {type(value).__name__})")
         elif decay is not None and not _is_spec(decay):
-            raise TypeError(f"objective.weight_decay must be a hyperparameter's name, a number, or a table from layer "
-                            f"patterns to those (got {type(decay).__name__})")
+            raise ConfigTypeError("objective.weight_decay", f"must be a hyperparameter's name, a number, or a table "
+                                                            f"from layer patterns to those (got "
+                                                            f"{type(decay).__name__})")
         if self.loss is not None and self.label_smoothing is not None:
-            raise ValueError("objective.label_smoothing applies to the default cross-entropy only; remove it, or "
-                             "smooth the targets inside your own loss")
+            raise ConfigError("objective.label_smoothing", "applies to the default cross-entropy only; remove it, or "
+                                                           "smooth the targets inside your own loss")
         if self.loss is not None and not callable(self.loss):
-            raise TypeError(f"loss must be a callable loss(outputs, targets) -> scalar tensor (got "
-                            f"{type(self.loss).__name__})")
+            raise ConfigTypeError("loss", f"must be a callable loss(outputs, targets) -> scalar tensor (got "
+                                          f"{type(self.loss).__name__})")
         if self.loss is not None and getattr(self.loss, "reduction", "mean") == "sum":
             # a summed loss scales with the batch: validation losses over batches of other sizes, the hyper
             # steps' scale and a growing batch's steps would all silently depend on the batch size
-            raise TypeError(f"{type(self.loss).__name__}(reduction='sum') grows with the batch size, and "
-                            "selftune needs the batch's mean loss (it compares losses over batches of other "
-                            "sizes); use reduction='mean', and a larger learning rate where the sum set its scale")
+            raise ConfigTypeError("loss", f"{type(self.loss).__name__}(reduction='sum') grows with the batch size, "
+                                          "and selftune needs the batch's mean loss (it compares losses over batches "
+                                          "of other sizes); use reduction='mean', and a larger learning rate where "
+                                          "the sum set its scale")
 
     def decays(self) -> list[Spec]:
         """The decay of each layer group, in the order of :meth:`decay_group`'s indices (one group, every

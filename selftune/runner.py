@@ -150,14 +150,13 @@ def _prepare_task(config: RunConfig) -> Prepared:
     objective = config.build_objective()  # its own errors name their fields (an empty weight_decay table)
     try:
         objective = replace(objective, loss=task.loss)
-    except ConfigError:
+    except ConfigError as err:
+        if err.field == "objective.label_smoothing":
+            raise ConfigError(err.field, "applies to the default cross-entropy only, and the task has its own "
+                                         "loss; remove it or smooth inside the loss") from None
+        if err.field == "loss":  # the task's loss (Task.loss), not a setting of the config
+            raise ConfigError("task.source", f"Task.loss {err.message}") from None
         raise
-    except ValueError:
-        raise ConfigError("objective.label_smoothing", "applies to the default cross-entropy only, and the "
-                                                       "task has its own loss; remove it or smooth inside the "
-                                                       "loss") from None
-    except TypeError as err:
-        raise ConfigError("task.source", f"Task.loss: {err}") from None
     try:
         tuner = SelfTuner(net, task.train, task.val, method=config.method, settings=config.tuner,
                           objective=objective,

@@ -38,8 +38,8 @@ class Task:
             after hyperparameters); selftune converts its layers (:func:`selftune.hypernetize`).
         train, val: training data and the validation data the hyperparameters are tuned on: a pair
             of tensors, a map-style Dataset (of pairs or dicts) or a DataLoader over one.
-        test: held-out data every method is scored on at the end (same forms); ``None``: the
-            validation data is reported instead, and the result says so.
+        test: held-out data every method is scored on at the end (same forms). Required by every command
+            (``prepare`` refuses a task without it); ``None`` only where a caller scores nothing.
         space: the hyperparameters (a :class:`selftune.Space`), used when the config declares no
             ``[space]`` (a config's ``[space]`` replaces it, so ranges and starts change without code).
         loss: ``loss(outputs, targets) -> scalar`` mean loss; ``None``: cross-entropy.

@@ -321,6 +321,8 @@ class SelfTuner:
                                           "pass one")
             try:
                 self.objective = replace(self.objective, loss=loss)
+            except ConfigError:
+                raise
             except (TypeError, ValueError) as err:
                 raise ConfigError("loss", str(err)) from None
         self.metrics = _checked_metrics(metrics)

@@ -328,6 +328,6 @@ def test_a_packed_sequence_into_a_converted_rnn_is_one_clear_error():
 
     x, y = torch.randn(40, 5, 3), torch.randint(0, 2, (40,))
     net = st.hypernetize(Packed(), st.Space([st.Float("d", 0.0, 0.8, 0.2)]))
-    with pytest.raises(DataError, match="takes padded .* not a PackedSequence.*leave this layer plain"):
+    with pytest.raises(DataError, match=r"takes padded .* not a PackedSequence.*leave this layer plain"):
         st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), method="delta-stn",
                      settings=st.TunerSettings(batch_size=10))

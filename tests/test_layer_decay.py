@@ -75,7 +75,7 @@ def test_a_pattern_that_names_no_layer_is_refused_with_the_layers_listed():
         digits_tuner(*DECAYS, 'objective.weight_decay={"*"="wd_rest", "net.2"="wd_first"}')
     with pytest.raises(ConfigError, match=r"objective\.weight_decay: an empty table decays nothing"):
         digits_tuner(*DECAYS, "objective.weight_decay={}")
-    with pytest.raises(TypeError, match=r'objective\.weight_decay\["net\.2"\] must be'):
+    with pytest.raises(ConfigError, match=r'objective\.weight_decay\["net\.2"\]: must be'):
         Objective(weight_decay={"net.2": [0.1]})
 
 

@@ -110,13 +110,15 @@ def test_a_loaders_weighted_sampler_that_the_tuner_does_not_use_is_a_warning():
     weights = torch.where(y == 1, 5.0, 1.0)
     net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 2)),
                          st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
-    train = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, sampler=WeightedRandomSampler(weights[:100], 100))
+    sampler = WeightedRandomSampler(weights[:100], 100)
+    train = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, sampler=sampler)
     with pytest.warns(SelftuneWarning, match="DataLoader's WeightedRandomSampler is not used.*weight the loss"):
         st.SelfTuner(net, train, (x[100:], y[100:]), settings=st.TunerSettings(batch_size=16))
     with warnings.catch_warnings():  # shuffle=True / False: the tuner's own order, no warning
         warnings.simplefilter("error", SelftuneWarning)
         st.SelfTuner(net, DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, shuffle=True),
-                     DataLoader(TensorDataset(x[100:], y[100:]), batch_size=16), settings=st.TunerSettings(batch_size=16))
+                     DataLoader(TensorDataset(x[100:], y[100:]), batch_size=16),
+                     settings=st.TunerSettings(batch_size=16))
 
 
 def test_dict_examples_without_a_target_key_name_the_keys():
@@ -138,10 +140,12 @@ def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_
                                         r"make them one shape$"):
         st.SelfTuner(net, (x[:30], y[:30, None].expand(-1, 3)), (x[30:], y[30:]), loss=mse,
                      settings=st.TunerSettings(batch_size=8))
-    with pytest.raises(ConfigError, match="label_smoothing applies to the default cross-entropy only"):
+    with pytest.raises(ConfigError, match="label_smoothing: applies to the default cross-entropy only"):
         st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), loss=mse, objective=st.Objective(label_smoothing=0.1))
     with pytest.raises(ConfigError, match=r"loss: MSELoss\(reduction='sum'\) grows with the batch size"):
         st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), loss=nn.MSELoss(reduction="sum"))
+    with pytest.raises(ConfigError, match=r"^loss: MSELoss\(reduction='sum'\) grows"):  # the Objective's own check
+        st.Objective(loss=nn.MSELoss(reduction="sum"))
 
 
 def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
@@ -438,7 +442,7 @@ def test_fit_inside_a_user_autocast_region_trains_on_fresh_weights():
 
 
 def test_a_weight_decay_that_is_neither_a_name_a_number_nor_a_table_is_refused_at_once():
-    with pytest.raises(TypeError, match=r"objective.weight_decay must be a hyperparameter's name, a number, or a "
+    with pytest.raises(ConfigError, match=r"objective.weight_decay: must be a hyperparameter.s name, a number, or a "
                                         r"table from layer patterns to those \(got list"):
         st.Objective(weight_decay=["wd0", "wd1"])
 

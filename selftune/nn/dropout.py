@@ -109,7 +109,8 @@ class EmbeddingDropout(HyperModule):
     the STN paper's ``dropoute``): every occurrence of a dropped word in the example is zeroed, and kept
     words are scaled by ``1 / (1 - p)``.
 
-    Call it as ``drop(ids, embedded)`` with ``ids`` ``(B, T)`` and ``embedded`` ``(B, T, D)``.
+    Call the module on ``(ids, embedded)``, ``ids`` ``(B, T)`` and ``embedded`` ``(B, T, D)``:
+    ``self.drop_words(ids, self.embedding(ids))``.
     Inactive in ``eval()`` mode.
 
     Args:
