@@ -117,5 +117,6 @@ def from_validation(err: ValidationError, prefix: str = "") -> ConfigError:
     elif first["type"] == "union_tag_not_found":
         message = "needs an op ('cutout', 'noise', 'shift' or 'flip')"
     elif cleaned:  # a field's value; a whole model's validator would echo every field given
-        message = f"{message} (got {first.get('input')!r})"
+        got = " ".join(repr(first.get("input")).split())  # one line: an object's repr may span many
+        message = f"{message} (got {got if len(got) <= 80 else got[:77] + '...'})"
     return ConfigError(field or "config", message)

@@ -257,6 +257,10 @@ class TunerSettings(BaseModel):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _known_optimizer(cls, v: Any) -> Any:
+        if isinstance(v, torch.optim.Optimizer):  # built over the user's parameters, not the tuner's groups
+            raise ValueError(f"an optimizer already built over parameters; pass the class or its name "
+                             f"(optimizer=\"{type(v).__name__.lower()}\" or torch.optim.{type(v).__name__}) and its "
+                             "arguments in optimizer_args: selftune builds it over its own parameter groups")
         if isinstance(v, type):  # the Python API's optimizer=MyOptimizer: recorded by its import name
             v = optimizer_source(v)
         if isinstance(v, str):
@@ -409,7 +413,11 @@ def optimizer_class(name: str) -> type:
     if name.lower() == "lbfgs":  # its step needs a closure re-evaluating the loss, which a tuner step is not
         raise ValueError("LBFGS needs a closure at every step and cannot train inside the tuner; use sgd, adam, "
                          "adamw, ...")
+    if name.lower() == "sparseadam":  # dense gradients are all the tuner's layers give
+        raise ValueError("SparseAdam takes sparse gradients only (nn.Embedding(sparse=True)), and the tuner's "
+                         "layers give dense ones; use adam or adamw")
     classes.pop("lbfgs", None)
+    classes.pop("sparseadam", None)
     try:
         return classes[name.lower()]
     except KeyError:

@@ -765,3 +765,15 @@ def test_a_task_modules_own_top_level_draws_are_the_same_in_every_process(tmp_pa
         assert np.array_equal(np.random.get_state()[1], before[1])
         seen.append((fn().clone(), sys.modules[fn.__module__].Z.copy()))
     assert torch.equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1])
+
+
+def test_an_optimizer_built_by_the_user_or_one_the_tuner_cannot_step_is_one_line():
+    """An AdamW instance gave 15 lines of its repr under "Input should be a valid string"; SparseAdam passed
+    every check and failed at the first step with PyTorch's "does not support dense gradients"."""
+    built = torch.optim.AdamW(nn.Linear(2, 2).parameters())
+    with pytest.raises(ConfigError, match=r"^tuner.optimizer: an optimizer already built over parameters; pass the "
+                                          r"class or its name \(optimizer=\"adamw\" or torch.optim.AdamW\)") as err:
+        st.TunerSettings(optimizer=built)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"tuner\.optimizer: SparseAdam takes sparse gradients only"):
+        st.TunerSettings(optimizer="SparseAdam")
