@@ -178,6 +178,14 @@ class HypergradientLR:
             u = space.from_dict({**space.values_dict(self.net.hparams), self.name: value})[self.index]
             self.net.hparams[self.index] = u.clamp(*self._limits)
 
+    def limit(self, before: float) -> None:
+        """Undo the part of a move from rate ``before`` beyond :data:`MAX_CHANGE` either way: the rule of this
+        module's own steps, for a rate another hypergradient moved (``one-pass``'s Adam hyper step, whose
+        rate the run's length sets: a 4-epoch run's 4 planned steps moved a rate 80x in one epoch)."""
+        after = self.value
+        if after > MAX_CHANGE * before or after < before / MAX_CHANGE:
+            self._set(min(max(after, before / MAX_CHANGE), MAX_CHANGE * before))
+
     def after_step(self) -> None:
         """Remember the update the optimizer just made (the direction the next gradient is tested on)."""
         if self._before is not None:

@@ -1300,7 +1300,10 @@ class SelfTuner:
         if net.hparams.grad is not None:
             seen = (net.hparams.grad != 0).tolist()
             self.log.hypergrad_seen = [a or b for a, b in zip(self.log.hypergrad_seen, seen, strict=True)]
+        rate = self.lr_tuner.value if self.lr_tuner is not None and self.algorithm.differentiates_update else None
         self.optimizers["hyper"].step()
+        if rate is not None:  # at most MAX_CHANGE x per step either way, as hd's own steps
+            self.lr_tuner.limit(rate)
         self._check(net.hparams, "hyperparameters", "hyper")
 
     # ------------------------------------------------------------------------------------------

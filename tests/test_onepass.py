@@ -132,3 +132,21 @@ def test_from_a_rate_10x_too_small_one_pass_raises_it_and_beats_fixed():
     _, tuned = execute(prepare(config.derive(method="one-pass")))
     assert tuned.hparams["lr"] > 0.02
     assert tuned.test["loss"] < fixed.test["loss"]
+
+
+def test_a_short_runs_large_hyper_steps_move_the_rate_at_most_twofold_each():
+    """The rate's Adam hyper step follows the run's length (tuner.hyper_travel): 4 planned steps made it 2
+    units, and a rate moved 80x in one epoch (validation loss x5, test loss twice fixed training's)."""
+    tuner = digits_tuner("tuner.lr=\"lr\"", "space.lr={low=1e-4, high=1.0, init=0.01, log=true}",
+                         "tuner.optimizer=\"adamw\"", "epochs=3", method="one-pass")
+    moves, apply = [], tuner._apply_hypergradient
+
+    def recorded():
+        before = tuner.lr_tuner.value
+        apply()
+        moves.append(tuner.lr_tuner.value / before)
+
+    tuner._apply_hypergradient = recorded
+    tuner.fit(3)
+    assert tuner.log.hyper_lr["lr"] > 1.0 and moves  # the travel rule raised it: steps of more than 2x were possible
+    assert all(0.5 * (1 - 1e-5) <= m <= 2.0 * (1 + 1e-5) for m in moves), moves  # float32 round trips
