@@ -205,7 +205,8 @@ def batch_axis(t: torch.Tensor, n: int, batch_dim: int) -> int:
     if fits_second:  # a sequence-first activation inside a batch-first model ((T, B, H) with T != B)
         return 1
     raise ValueError(f"no dimension of a tensor of shape {tuple(t.shape)} holds the batch's {n} examples "
-                     f"(batch_dim={batch_dim}); put the batch in dimension {batch_dim} or 0")
+                     f"(batch_dim={batch_dim}); put the batch in dimension "
+                     f"{'0' if batch_dim == 0 else f'{batch_dim} or 0'}")
 
 
 def data_axis(t: torch.Tensor, n: int, batch_dim: int) -> int:

@@ -128,7 +128,10 @@ class DeltaIFT(DeltaSTN):
         epochs, best = tuner.planned_epochs, int(state.get("best_epoch", epoch))
         waited = epoch - best >= patience(self.settings, epochs, best - self.settings.warmup_epochs)
         since = state["since_best"]
-        risen = sum(since) / len(since) >= (1 + self.settings.handover_rise) * float(state["best_val"])
+        mean, best_val = sum(since) / len(since), float(state["best_val"])
+        # a relative rise, of more than rounding: from a best of exactly 0 (a task fitted perfectly) any 1e-8
+        # read as risen, and the run "over-fitted"
+        risen = mean >= (1 + self.settings.handover_rise) * best_val and mean - best_val > 1e-7
         if waited and risen and epoch < epochs:
             state["handover_epoch"] = epoch
             state["handover_lr"] = self._hand_over(tuner, epochs)

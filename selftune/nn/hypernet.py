@@ -253,7 +253,8 @@ class HyperNet(nn.Module):
             kinds[kind] = kinds.get(kind, 0) + 1
         text = "converted " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "no layer")
         if self.left_plain:
-            text += "; left plain: " + "; ".join(f"{name} ({why})" for name, why in self.left_plain.items())
+            text += "; left plain: " + "; ".join(f"{name or 'the model itself'} ({why})"  # its own nn.Parameter
+                                                 for name, why in self.left_plain.items())
         return text
 
     # -- hyperparameters ------------------------------------------------------------------------
