@@ -10,6 +10,7 @@ SIGINT/SIGTERM into a checkpoint and an ``interrupted`` status, and writes the o
 
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import shlex
@@ -129,7 +130,19 @@ def prepare(config: RunConfig) -> Prepared:
                       device=device)
     tuner.check_data(splits.test, "test")  # scored at the end: a bad label fails now, not after training
     tuner.check_schedule(config.epochs)  # a scheduler that fails within the run: before it is recorded
-    return Prepared(config, tuner, splits.test, {"name": splits.name, **splits.sizes()}, kind=splits.kind)
+    return Prepared(config, tuner, splits.test, {"name": splits.name, **splits.sizes(), **_code(config)},
+                    kind=splits.kind)
+
+
+def _code(config: RunConfig) -> dict[str, str]:
+    """``{"code": digest}`` of the user's code a run trains with, a task file and the modules beside it and
+    a ``tuner.optimizer`` file (:func:`~selftune.task.code_digest`; ``{}`` for none): a benchmark keeps an
+    earlier run only where it is unchanged."""
+    from .task import code_digest
+
+    sources = ([config.task.source] if config.task is not None else []) + \
+        ([config.tuner.optimizer] if ":" in config.tuner.optimizer else [])
+    return {"code": hashlib.sha1("\0".join(code_digest(s) for s in sources).encode()).hexdigest()} if sources else {}
 
 
 def _prepare_task(config: RunConfig) -> Prepared:
@@ -169,7 +182,8 @@ def _prepare_task(config: RunConfig) -> Prepared:
     tuner.check_data(task.test, "test")  # scored at the end: a bad label fails now, not after training
     tuner.check_schedule(config.epochs)  # a scheduler that fails within the run: before it is recorded
     sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
-    info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source)}
+    info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source),
+            **_code(config)}
     if tuner.settings.drop_last != config.tuner.drop_last:  # the task's DataLoader drops: record what ran
         config = config.model_copy(update={"tuner": tuner.settings})
     return Prepared(config, tuner, task.test, info)

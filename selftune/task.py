@@ -94,6 +94,48 @@ def source_digest(source: str) -> str | None:
         return None
 
 
+def code_digest(source: str) -> str:
+    """``"file.py:name"`` as the contents of the file and of the modules beside it that it can import, not its
+    path: what a search's study name and a benchmark's kept runs compare (an edited helper module trains
+    something else). A module path (``"package.module:name"``) is read from the file it imports from,
+    where one is found; otherwise it stays as given."""
+    path, _, name = source.rpartition(":")
+    file = Path(path) if path.endswith(".py") else _module_file(path)
+    if file is None or not file.is_file():
+        return source
+    folder = file.resolve().parent
+    contents = hashlib.sha1()
+    for module in _importable(folder):
+        try:
+            text = module.read_bytes()
+        except OSError:  # unreadable (permissions, gone since the listing): Python could not import it either
+            continue
+        contents.update(module.relative_to(folder).as_posix().encode() + b"\0" + text + b"\0")
+    return f"{contents.hexdigest()}:{file.name}:{name}"
+
+
+def _importable(folder: Path) -> list[Path]:
+    """The modules a file in ``folder`` can import from it: the ``.py`` files there and, through every
+    package (a folder with ``__init__.py``, not hidden), theirs, sorted. A virtual environment or data
+    folder beside the task (no ``__init__.py``) is not read."""
+    # regular files only, not hidden: an editor's lock file (Emacs' dangling link ".#task.py") or a folder
+    # named *.py is no module Python imports, and reading it failed the whole search
+    found = sorted(f for f in folder.glob("*.py") if f.is_file() and not f.name.startswith("."))
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and not sub.name.startswith((".", "__")) and (sub / "__init__.py").is_file():
+            found += _importable(sub)
+    return found
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The file a module path imports from, without importing it (``None``: none found)."""
+    try:
+        spec = importlib.util.find_spec(dotted)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
 @contextmanager
 def seeded_import() -> Iterator[None]:
     """Import a task's module with PyTorch's, NumPy's and Python's global generators seeded from 0, and put
@@ -108,8 +150,8 @@ def seeded_import() -> Iterator[None]:
     import torch
 
     python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: a GPU's are neither seeded nor touched
+        torch.random.default_generator.manual_seed(0)
         random.seed(0)
         np.random.seed(0)
         try:

@@ -362,8 +362,9 @@ class SelfTuner:
                             f"training set ({self.n_train} examples); lower tuner.accumulate")
         self._check_targets()
         if net.best_response_layers():  # a layer every example shares (positional embeddings) responds to their mean
-            few, more = (to_device(self.sources["train"].take(torch.zeros(k, dtype=torch.long), self.fields)[0],
-                                   net.hparams.device) for k in (2, 3))
+            pick = [0, 1, 1, 0, 1] if self.n_train > 1 else [0] * 5  # two examples, unevenly repeated: a model
+            few, more = (to_device(self.sources["train"].take(torch.tensor(index), self.fields)[0],  # padding its
+                                   net.hparams.device) for index in (pick[:2], pick))  # batch still differs
             net.find_shared_layers(few, more)
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).

@@ -4,9 +4,9 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import optuna
@@ -481,12 +481,12 @@ def test_a_pbt_member_plans_its_schedule_over_the_whole_run_not_its_first_interv
 
 def _left_running(trial: optuna.Trial) -> optuna.Trial:
     """``trial`` as a process killed mid-trial leaves it: RUNNING, owned by a process that has exited."""
-    from selftune.methods._study import HOST, PID
+    from selftune.methods._study import PID, owner
 
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    trial.set_user_attr(HOST, socket.gethostname())
-    trial.set_user_attr(PID, gone.pid)
+    for key, value in {**owner(), PID: gone.pid}.items():
+        trial.set_user_attr(key, value)
     return trial
 
 
@@ -552,12 +552,16 @@ def test_a_trial_whose_process_is_gone_is_failed_and_a_live_ones_is_kept(tmp_pat
     study = optuna.create_study(study_name="s", storage=storage)
     dead = _left_running(study.ask())
     live = study.ask()
-    live.set_user_attr(_study.HOST, socket.gethostname())
-    live.set_user_attr(_study.PID, os.getpid())
-    orphan = study.ask()  # no owner: an older selftune's, or killed between ask and its first line
+    for key, value in _study.owner().items():
+        live.set_user_attr(key, value)
+    elsewhere = study.ask()  # a process of the same host name in another PID namespace (a container): its
+    for key, value in {**_study.owner(), _study.PID: 4_000_000, _study.NAMESPACE: "other"}.items():  # heartbeat
+        elsewhere.set_user_attr(key, value)  # decides, not its pid
+    orphan = study.ask()  # no owner and no heartbeat: an older selftune's
     _study.fail_dead(study, storage)
     states = {t.number: t.state.name for t in study.get_trials()}
-    assert states == {dead.number: "FAIL", live.number: "RUNNING", orphan.number: "RUNNING"}
+    assert states == {dead.number: "FAIL", live.number: "RUNNING", elsewhere.number: "RUNNING",
+                      orphan.number: "RUNNING"}
     monkeypatch.setattr(_study, "ORPHAN_AFTER_S", 0.0)
     _study.fail_dead(study, storage)
     assert study.get_trials()[orphan.number].state.name == "FAIL"
@@ -568,6 +572,26 @@ def test_a_trial_whose_process_is_gone_is_failed_and_a_live_ones_is_kept(tmp_pat
     study2.ask()
     with pytest.raises(_study.SurplusTrialError):
         _study.claim(study2, study2.ask(), 2)
+
+
+def test_a_process_whose_trial_another_failed_meanwhile_drops_it_and_finishes_the_study(tmp_path):
+    """A process paused past the heartbeat's grace (SIGSTOP, a swap storm) finds its trial failed by the
+    process that took it for dead: Optuna's tell then raised, and the bench ended with a traceback."""
+    from selftune.methods import _study
+
+    storage = _study.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    said = []
+
+    def objective(trial):
+        _study.claim(study, trial, 3)
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 1:  # meanwhile another process fails it
+            storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        return x
+
+    done = _study.run_budget(study, storage, objective, 3, progress=said.append)
+    assert [t.number for t in done] == [0, 2, 3] and any("trial 1 was failed by another process" in s for s in said)
 
 
 def test_an_interrupted_grid_run_again_visits_every_point_once(tmp_path, monkeypatch):
@@ -624,3 +648,44 @@ def test_an_explicit_epochs_override_wins_over_quick():
     assert load_task("digits-mlp", quick=True).epochs == 4
     assert load_task("digits-mlp", quick=True, overrides=["epochs=9"]).epochs == 9
 
+
+
+def test_a_bench_run_again_trains_again_what_changed_and_fresh_trains_everything(tmp_path):
+    """Kept runs must be the runs this bench would train: --fresh kept a -replay method's tuning run; an
+    edited module beside the task file kept stale runs while the searches started anew; a kept run
+    without its trajectory.csv failed the bench's plot with a traceback."""
+    from selftune.bench import run_bench
+
+    (tmp_path / "helper.py").write_text("WIDTH = 16\n")
+    (tmp_path / "task.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        import selftune as st
+        import helper
+
+        def task():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(160, 6, generator=g)
+            y = (x[:, 0] > 0).long()
+            model = nn.Sequential(nn.Linear(6, helper.WIDTH), nn.ReLU(), st.Dropout("d"), nn.Linear(helper.WIDTH, 2))
+            return st.Task(model=model, train=(x[:100], y[:100]), val=(x[100:130], y[100:130]),
+                           test=(x[130:], y[130:]), space=st.Space([st.Float("d", 0.0, 0.8, 0.2)]))
+    """))
+    (tmp_path / "t.toml").write_text('epochs = 2\n[task]\nsource = "task.py:task"\n[tuner]\nbatch_size = 20\n')
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    said: list[str] = []
+
+    def bench(**kwargs):
+        said.clear()
+        run_bench(str(tmp_path / "t.toml"), methods=["fixed", "delta-stn", "delta-stn-replay"], seeds=1,
+                  out=tmp_path / "b", store=store, progress=said.append, **kwargs)
+        return len(store.list_runs())
+
+    assert bench() == 3  # fixed, delta-stn, and the replay of that delta-stn run
+    assert bench() == 3 and sum("kept run" in s for s in said) == 3
+    assert bench(fresh=True) == 6  # all three again, the replay's tuning run included
+    (tmp_path / "helper.py").write_text("WIDTH = 24\n")
+    assert bench() == 9 and not any("kept run" in s for s in said)
+    (tmp_path / "b" / "runs" / "delta-stn-seed0" / "trajectory.csv").unlink()
+    assert bench() == 11  # that run, and its replay (which follows the new run: its config names it)
+    assert (tmp_path / "b" / "README.md").is_file()

@@ -212,9 +212,11 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
         scheduled, schedules = [], {}
         for m in [m.name for m in chosen if m.schedule]:
             for start in starts if any(mm.name == m and mm.uses_start for mm in chosen) else [""]:
-                if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results):
+                trajectory = replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv"
+                if any(r.method == m and r.seed == 0 and r.start == start and not r.failed for r in results) and \
+                        trajectory.is_file():  # (a folder a user emptied since: no curve, not a traceback)
                     label = f"{m} from {start}" if start else m
-                    schedules[label] = _read_csv(replace(ctx, start=start).run_folder(m, 0) / "trajectory.csv")
+                    schedules[label] = _read_csv(trajectory)
                     scheduled += [m] if m not in scheduled else []
         corpus = config.data is not None and config.data.name in CORPORA
         # the README links schedules.png only where it is plotted now (a bench before may have left one)

@@ -73,6 +73,8 @@ class Context:
         progress: where a method says what it waits for (a search sharing its study with another process)
             or what it kept of an earlier benchmark.
         fresh: train every single run anew, keeping nothing an earlier benchmark in the folder finished.
+        trained: store ids of the single runs this benchmark has trained or kept so far (shared by the
+            contexts of its starts: a ``-replay`` method takes its tuning run from there, ``fresh`` or not).
     """
 
     store: RunStore
@@ -83,6 +85,7 @@ class Context:
     start: str = ""
     progress: Callable[[str], None] | None = None
     fresh: bool = False
+    trained: set[int] = field(default_factory=set)
 
     def run_folder(self, method: str, seed: int) -> Path:
         start = f"{self.start}-" if self.start else ""

@@ -12,11 +12,12 @@ it began and run the rest itself: the study ended with twice its budget, the two
 * a process whose remaining trials are all being run by others **waits** for them, then reads the same
   ``n`` trials as they do: every process reports the same best trial;
 * a trial a **dead process** left ``RUNNING`` is failed, so it neither blocks the wait nor takes a slot:
-  the process's host and pid are recorded on the trial (a process on this host that has exited is dead
-  at once), and Optuna's heartbeat (``RDBStorage(heartbeat_interval=...)``) fails one of another host
-  after :data:`GRACE_S` seconds of silence. A ``RUNNING`` trial without an owner (an older selftune's,
-  or a process killed between Optuna's ``ask`` and the trial's first line) is dead once
-  :data:`ORPHAN_AFTER_S` old.
+  the process's host, pid and PID namespace are recorded on the trial (a process of this host and
+  namespace that has exited is dead at once), and Optuna's heartbeat (``RDBStorage(heartbeat_interval=
+  ...)``) fails any other after :data:`GRACE_S` seconds of silence. A ``RUNNING`` trial with neither an
+  owner nor a heartbeat (an older selftune's) is dead once :data:`ORPHAN_AFTER_S` old;
+* a process whose trial another one failed meanwhile (it was paused past the grace, or its heartbeat
+  starved) drops that trial's result and goes on, where Optuna's ``tell`` of a failed trial raised.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
+from ..errors import SelftuneError
 from ..store import process_gone
 from ._sampling import FINISHED
 
@@ -44,7 +46,7 @@ ORPHAN_AFTER_S = 30.0
 #: seconds between two looks at trials other processes are running
 POLL_S = 2.0
 #: trial attributes naming the process that runs it
-HOST, PID = "selftune_host", "selftune_pid"
+HOST, PID, NAMESPACE = "selftune_host", "selftune_pid", "selftune_pid_namespace"
 #: the trials that hold a place in the budget: finished, being run, or queued to run
 COUNTED = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -75,14 +77,46 @@ def open_storage(url: str, timeout_s: float = 30.0) -> optuna.storages.RDBStorag
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None:
-    """Record this process as the trial's owner, or raise :class:`SurplusTrialError` when ``n_trials`` trials that
-    count come before it (numbers are handed out in order by the storage, so exactly the first ``n_trials``
-    pass, however many processes ask at once)."""
+    """Record this process as the trial's owner, or raise :class:`SurplusTrialError` when ``n_trials`` trials
+    that count come before it (numbers are handed out in order by the storage, so exactly the first
+    ``n_trials`` pass, however many processes ask at once). The owner is recorded first: counting may wait on
+    a busy database."""
+    import optuna
+
+    try:
+        for key, value in owner().items():
+            trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it already: let it go
+        raise SurplusTrialError("another process failed this trial before it began") from None
     ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
     if ahead >= n_trials:
         raise SurplusTrialError(f"the study has its {n_trials} trials")
-    trial.set_user_attr(HOST, socket.gethostname())
-    trial.set_user_attr(PID, os.getpid())
+
+
+def owner() -> dict[str, str | int]:
+    """What names this process on a trial: host, pid and PID namespace (containers that share a host name,
+    docker's ``--net=host``, number their processes apart: there a pid says nothing about another's)."""
+    return {HOST: socket.gethostname(), PID: os.getpid(), NAMESPACE: _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS, Windows): the host name alone tells
+        return ""
+
+
+def _heartbeating(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
+    """The trials among ``trial_ids`` that have an Optuna heartbeat (every trial this module runs has one
+    from the moment Optuna asks for it, before :func:`claim` names its owner)."""
+    from sqlalchemy import bindparam, text
+
+    if not trial_ids:
+        return set()
+    query = text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+        bindparam("ids", expanding=True))
+    with storage.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(query, {"ids": trial_ids})}
 
 
 def fail_dead(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
@@ -91,13 +125,18 @@ def fail_dead(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # silent for GRACE_S: another host's process died
-    now = datetime.now()  # Optuna stamps trials in local time
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = t.user_attrs.get(HOST), t.user_attrs.get(PID)
-        if host is not None and pid is not None:
-            gone = int(pid) != os.getpid() and process_gone(str(host), int(pid))
-        else:
+        optuna.storages.fail_stale_trials(study)  # silent for GRACE_S: its process died (or sleeps)
+    now, here = datetime.now(), owner()  # Optuna stamps trials in local time
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beating = _heartbeating(storage, [t._trial_id for t in running if t.user_attrs.get(PID) is None])
+    for t in running:
+        host, pid, namespace = (t.user_attrs.get(k) for k in (HOST, PID, NAMESPACE))
+        if pid is not None:  # a process of this host and namespace is checked at once; any other by heartbeat
+            gone = ((host, namespace) == (here[HOST], here[NAMESPACE]) and int(pid) != os.getpid()
+                    and process_gone(str(host), int(pid)))
+        elif t._trial_id in beating:  # asked by a live optimize that has not claimed it yet
+            gone = False
+        else:  # an older selftune's, without heartbeats: by its age
             gone = t.datetime_start is None or now - t.datetime_start > timedelta(seconds=ORPHAN_AFTER_S)
         if gone:
             try:
@@ -112,7 +151,14 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
     """Run trials of ``study`` until it has ``n_trials`` finished ones, sharing the work with any other
     process doing the same; return those trials, by number. ``objective`` must call :func:`claim` first.
     ``before_each`` runs before each trial (a grid queues points of failed trials again)."""
-    waited = False
+    waited, ran = False, []  # ran: the trials whose objective this process ran to its end
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        finally:
+            ran.append(trial.number)
+
     while True:
         fail_dead(study, storage)
         before_each()
@@ -127,4 +173,18 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
             waited = True
             time.sleep(POLL_S)
             continue
-        study.optimize(objective, n_trials=1, catch=(SurplusTrialError,))
+        ran.clear()
+        try:
+            study.optimize(run, n_trials=1, catch=(SurplusTrialError,))
+        except Exception as err:  # Optuna's tell of a trial another process failed meanwhile (module docstring)
+            if isinstance(err, SelftuneError) or not ran or not _failed_elsewhere(study, ran[-1]):
+                raise
+            if progress is not None:
+                progress(f"    trial {ran[-1]} was failed by another process that took this one for dead (no "
+                         "heartbeat for a while); its result is dropped and its point drawn again")
+
+
+def _failed_elsewhere(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number``, which this process ran to its end, ended failed (by another process)."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return trial is not None and trial.state == TrialState.FAIL

@@ -42,13 +42,22 @@ class Replayed(Method):
         return 2
 
     def _tuned(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
-        """The tuning run: the one this benchmark (or an earlier one in this folder) already trained with the
-        same config, data and versions, else a new one. Either way its cost is counted."""
+        """The tuning run: the one this benchmark already trained (or kept), else, without ``--fresh``, one an
+        earlier benchmark in this folder left (:func:`continue_earlier`), else a new one. Either way its cost
+        is counted."""
+        from ..outputs import read_marker
         from ..runner import prepare
 
-        prepared = prepare(config.derive(method=self.inner.name, seed=seed))
-        done = continue_earlier(replace(ctx, progress=None), ctx.run_folder(self.inner.name, seed), prepared)
-        return done if done is not None else self.inner.run(config, seed, ctx)
+        folder = ctx.run_folder(self.inner.name, seed)
+        marker = read_marker(folder) or {}
+        here = marker.get("run_id") in ctx.trained  # trained (or kept) by this benchmark: said so then
+        if here or not ctx.fresh:
+            prepared = prepare(config.derive(method=self.inner.name, seed=seed))
+            done = continue_earlier(replace(ctx, progress=None) if here else ctx, folder, prepared)
+            if done is not None:
+                ctx.trained.add(int(done.run_id or 0))
+                return done
+        return self.inner.run(config, seed, ctx)
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
         from ..runner import REPLAY, RecordedRun, prepare, recorded_schedule, replay_config

@@ -12,12 +12,12 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import Fixed
 from ..errors import DivergenceError
 from ..extras import install_hint, missing
+from ..task import code_digest
 from ..tuner import Callback, SelfTuner
 from ._base import Context, Method, MethodResult
 
@@ -126,9 +126,8 @@ def trial_digest(config: RunConfig) -> str:
     """Eight hex digits of what a search trial trains: the config without its method, seed, ``[bench]``
     table and the settings only tuning reads (:data:`~selftune.settings.TUNING_ONLY`), and a ``[task]``
     (and a ``tuner.optimizer`` file) by the contents of its file and of the modules and packages beside it
-    that it can import (:func:`~selftune.task.load_callable` puts that folder on the path), rather than its
-    path: a
-    moved checkout continues its studies; an edited task file or helper does not."""
+    that it can import (:func:`~selftune.task.code_digest`), rather than its path: a moved checkout
+    continues its studies; an edited task file or helper does not."""
     from ..settings import TUNING_ONLY
 
     task = config.model_dump(mode="json", exclude={"method": True, "seed": True, "bench": True,
@@ -137,40 +136,12 @@ def trial_digest(config: RunConfig) -> str:
         if task["tuner"].get(key) == default:  # a default newer than the study: studies named before it go on
             del task["tuner"][key]
     if config.task is not None:
-        task["task"]["source"] = _by_contents(config.task.source)
+        task["task"]["source"] = code_digest(config.task.source)
     if ".py:" in config.tuner.optimizer:  # a user's optimizer class from a file: the same rule
-        task["tuner"]["optimizer"] = _by_contents(config.tuner.optimizer)
+        task["tuner"]["optimizer"] = code_digest(config.tuner.optimizer)
     return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _by_contents(source: str) -> str:
-    """``"file.py:name"`` as the contents of the file and of the modules beside it, not its path."""
-    path, _, name = source.rpartition(":")
-    file = Path(path)
-    if not (path.endswith(".py") and file.is_file()):
-        return source
-    folder = file.resolve().parent
-    contents = hashlib.sha1()
-    for module in _importable(folder):
-        try:
-            text = module.read_bytes()
-        except OSError:  # unreadable (permissions, gone since the listing): Python could not import it either
-            continue
-        contents.update(module.relative_to(folder).as_posix().encode() + b"\0" + text + b"\0")
-    return f"{contents.hexdigest()}:{file.name}:{name}"
-
-
-def _importable(folder: Path) -> list[Path]:
-    """The modules a file in ``folder`` can import from it: the ``.py`` files there and, through every
-    package (a folder with ``__init__.py``, not hidden), theirs, sorted. A virtual environment or data
-    folder beside the task (no ``__init__.py``) is not read."""
-    # regular files only, not hidden: an editor's lock file (Emacs' dangling link ".#task.py") or a folder
-    # named *.py is no module Python imports, and reading it failed the whole search
-    found = sorted(f for f in folder.glob("*.py") if f.is_file() and not f.name.startswith("."))
-    for sub in sorted(folder.iterdir()):
-        if sub.is_dir() and not sub.name.startswith((".", "__")) and (sub / "__init__.py").is_file():
-            found += _importable(sub)
-    return found
 
 
 class Grid(Search):

@@ -44,12 +44,14 @@ class SingleRun(Method):
         config = config.derive(method=self.name, seed=seed)
         prepared = prepare(config)
         folder = ctx.run_folder(self.name, seed)
-        earlier = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
-        if earlier is not None:
-            return earlier
-        r = run_recorded(prepared, ctx.store, out=folder, checkpoint_root=ctx.folder / "checkpoints", every=None,
-                         overwrite=True)
-        return result_of(r.to_json(), ctx, config)
+        result = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        if result is None:
+            r = run_recorded(prepared, ctx.store, out=folder, checkpoint_root=ctx.folder / "checkpoints",
+                             every=None, overwrite=True)
+            result = result_of(r.to_json(), ctx, config)
+        assert result.run_id is not None
+        ctx.trained.add(result.run_id)
+        return result
 
 
 def result_of(done: dict[str, Any], ctx: Context, config: RunConfig) -> MethodResult:
@@ -65,10 +67,10 @@ def result_of(done: dict[str, Any], ctx: Context, config: RunConfig) -> MethodRe
 def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodResult | None:
     """What an earlier benchmark in this folder left of this run, continued: a bench run again (after a
     Ctrl-C, a crash, a lost machine) keeps the runs it finished and resumes the one it was training,
-    as a search continues its study. Only a run of this store, whose folder still holds its outputs,
-    recorded with the config, the data (for a ``[task]``, the task file's SHA-256 too) and the selftune,
-    PyTorch and Python versions of this run counts; anything else (``None``, a failed run too) is trained
-    anew."""
+    as a search continues its study. Only a run of this store, whose folder still holds its outputs
+    (``result.json``, ``trajectory.csv``), recorded with the config, the data, the user's code (a task file
+    and the modules beside it, an optimizer file: ``data["code"]``) and the selftune, PyTorch and Python
+    versions of this run counts; anything else (``None``, a failed run too) is trained anew."""
     from ..errors import ConfigError, LeaseError, ResumeError
     from ..outputs import read_marker
     from ..runner import resume_recorded, versions
@@ -90,8 +92,8 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
         except (OSError, ValueError):
             return None
         if (not isinstance(done, dict) or done.get("run_uuid") != info.uuid or done.get("data") != prepared.data
-                or done.get("versions") != versions()):
-            return None
+                or done.get("versions") != versions() or not (folder / "trajectory.csv").is_file()):
+            return None  # (the bench plots the schedule from the folder's trajectory.csv)
         say(f"    kept run {info.id}: an earlier bench in this folder finished it (same config, data and versions)")
         return result_of(done, ctx, config)
     if info.status != "interrupted" or not ctx.store.checkpoints(info.id):

@@ -133,25 +133,28 @@ class HyperNet(nn.Module):
     def find_shared_layers(self, few: Any, more: Any) -> list[str]:
         """Mark the converted layers whose output does not grow with the batch, and return their names.
 
-        ``few`` and ``more`` are batches of the same examples (one repeated), the second larger. A layer whose
-        input is shared by every example, as a learned positional embedding called on ``torch.arange(T)``,
-        has no batch dimension in its output, so no per-example response can be applied to it: the batch
-        axis was guessed from sizes, which failed the run at the first response step, or, where ``T``
-        equalled the batch, silently gave position ``t`` example ``t``'s perturbation. A marked layer
-        responds to the batch's mean perturbation (:func:`~selftune.nn.layers._batch_view`). Runs in eval
-        mode without gradients and restores the global RNG; a model that fails on such batches is left
-        as it is (the checks of the data say why elsewhere)."""
+        ``few`` and ``more`` are batches of the same examples, the second larger (``SelfTuner``: examples 0
+        and 1, then 0, 1, 1, 0, 1). A layer whose input is
+        shared by every example, as a learned positional embedding called on ``torch.arange(T)``, has no
+        batch dimension in its output, so no per-example response can be applied to it: the batch axis was
+        guessed from sizes, which failed the run at the first response step, or, where ``T`` equalled the
+        batch, silently gave position ``t`` example ``t``'s perturbation. A layer is marked when every call
+        of it gave the same non-empty output, shape and values, in both passes (a model that pads its batch
+        to a multiple of 4 gives both the same shape, but other rows). A marked layer responds to the
+        batch's mean perturbation (:func:`~selftune.nn.layers._batch_view`). Runs in eval mode without
+        gradients and restores the global RNG; a model that fails on such batches is left as it is (the
+        checks of the data say why elsewhere)."""
         layers = {name: m for name, m in self.model.named_modules() if isinstance(m, BestResponseModule)}
         calls: dict[str, list[Any]] = {name: [] for name in layers}
 
-        def shapes(out: Any) -> Any:
+        def tensors(out: Any) -> list[torch.Tensor]:
             if isinstance(out, torch.Tensor):
-                return tuple(out.shape)
+                return [out.detach().clone()]
             if isinstance(out, tuple | list):
-                return tuple(shapes(o) for o in out)
-            return None
+                return [t for o in out for t in tensors(o)]
+            return []
 
-        hooks = [m.register_forward_hook(lambda _m, _i, out, n=name: calls[n].append(shapes(out)))
+        hooks = [m.register_forward_hook(lambda _m, _i, out, n=name: calls[n].append(tensors(out)))
                  for name, m in layers.items()]
         was_training = self.training
         try:
@@ -168,9 +171,16 @@ class HyperNet(nn.Module):
             self.train(was_training)
             for h in hooks:
                 h.remove()
-        shared = [name for name in layers if first[name] and first[name] == calls[name]]
+        def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
+            pairs = [(x, y) for ca, cb in zip(a, b, strict=True) for x, y in zip(ca, cb, strict=True)] \
+                if len(a) == len(b) and all(len(ca) == len(cb) for ca, cb in zip(a, b, strict=True)) else []
+            return bool(pairs) and all(x.shape == y.shape and x.numel() > 0 and torch.allclose(x, y)
+                                       for x, y in pairs)
+
+        shared = [name for name in layers if same(first[name], calls[name])]
         for name, m in layers.items():
             m.unbatched = name in shared
+            m.qualified_name = name
         return shared
 
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,

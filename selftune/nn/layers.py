@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .state import HyperModule
 
 Form = Literal["stn", "delta"]
@@ -32,6 +33,8 @@ class BestResponseModule(HyperModule):
 
     #: its output has no batch dimension (set by :meth:`~selftune.HyperNet.find_shared_layers`)
     unbatched: bool = False
+    #: its name in the model, for messages (set there too)
+    qualified_name: str = ""
 
     def general_parameters(self) -> list[nn.Parameter]:
         """Weights that do not depend on the hyperparameters (``W0``, ``b0``)."""
@@ -78,7 +81,13 @@ def _batch_view(layer: HyperModule, g: torch.Tensor, like: torch.Tensor) -> torc
         shape[-1] = g.shape[1]
         return g.mean(0).view(shape)
     state = layer._hyper_state
-    axis = 0 if state is None or getattr(layer, "batch_first", False) else state.batch_axis(like)
+    try:
+        axis = 0 if state is None or getattr(layer, "batch_first", False) else state.batch_axis(like)
+    except ValueError as err:
+        name = getattr(layer, "qualified_name", "") or type(layer).__name__
+        raise DataError(f"model.{name}: {err}. A layer applied to a tensor every example shares (and also to "
+                        "per-example inputs, or in a path only training takes) cannot respond per example; leave "
+                        "it plain: hypernetize(..., modules=[...]) without it") from None
     shape[axis], shape[-1] = g.shape[0], g.shape[1]
     return g.view(shape)
 
