@@ -689,3 +689,19 @@ def test_a_bench_run_again_trains_again_what_changed_and_fresh_trains_everything
     (tmp_path / "b" / "runs" / "delta-stn-seed0" / "trajectory.csv").unlink()
     assert bench() == 11  # that run, and its replay (which follows the new run: its config names it)
     assert (tmp_path / "b" / "README.md").is_file()
+
+
+def test_a_ctrl_c_during_a_search_says_to_run_the_bench_again(tmp_path, monkeypatch):
+    """Outside a run's training (a search trial) a Ctrl-C printed only "stopped: interrupted by SIGINT"."""
+    import selftune.runner
+    from selftune.bench import run_bench
+    from selftune.errors import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selftune.runner, "execute", interrupted)
+    with pytest.raises(Interrupted, match="during random; run it again to go on") as err:
+        run_bench("digits-mlp", methods=["random"], trials=2, seeds=1, quick=True, out=tmp_path / "b",
+                  store=RunStore(f"sqlite:///{tmp_path / 's.db'}"), overrides=["epochs=1"], progress=lambda s: None)
+    assert err.value.exit_code == 130

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -194,6 +195,10 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
                     except Interrupted as err:  # the run's own advice, and the bench's: run it again
                         raise Interrupted(f"{err}; or run this bench again, which resumes that run and keeps "
                                           "the runs and trials it finished", err.signum) from None
+                    except KeyboardInterrupt:  # outside a run's training: a search trial, a wait, a start-up
+                        raise Interrupted(f"bench of {name} interrupted by SIGINT during {method.name}; run it "
+                                          "again to go on: it keeps the runs and trials it finished",
+                                          signal.SIGINT) from None
                     except DivergenceError as err:
                         # A tuner that diverges is a result (a loss against fixed training), not a reason to
                         # throw away the rest of the benchmark.
