@@ -573,3 +573,34 @@ def test_cli_run_records_into_the_store(store_url, tmp_path, monkeypatch):
     (run,) = store.list_runs()
     assert run.status == "finished" and run.result["hparams"] and store.trajectory(run.id)
     assert len(store.epochs(run.id)) == 2
+
+
+def test_a_shared_study_finds_its_dead_trials_and_runs_its_budget_on_either_database(store_url, tmp_path,
+                                                                                      monkeypatch):
+    """Searches keep their studies in the store's database: the trial ownership of `methods._study` (its
+    heartbeat query included) on SQLite and on PostgreSQL."""
+
+    from selftune.methods import _study
+
+    RunStore(store_url)
+    storage = _study.open_storage(store_url)
+    study = optuna.create_study(study_name="shared", storage=storage)
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    dead, live, orphan = study.ask(), study.ask(), study.ask()
+    for trial, pid in ((dead, gone.pid), (live, os.getpid())):
+        for key, value in {**_study.owner(), _study.PID: pid}.items():
+            trial.set_user_attr(key, value)
+    monkeypatch.setattr(_study, "ORPHAN_AFTER_S", 0.0)
+    _study.fail_dead(study, storage)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {dead.number: "FAIL", live.number: "RUNNING", orphan.number: "FAIL"}
+    study.tell(live, 0.5)
+
+    def objective(trial):
+        _study.claim(study, trial, 3)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    done = _study.run_budget(study, storage, objective, 3)
+    assert [t.number for t in done] == [live.number, 3, 4]
+    storage.engine.dispose()
