@@ -689,6 +689,8 @@ def test_a_bench_run_again_trains_again_what_changed_and_fresh_trains_everything
     (tmp_path / "b" / "runs" / "delta-stn-seed0" / "trajectory.csv").unlink()
     assert bench() == 11  # that run, and its replay (which follows the new run: its config names it)
     assert (tmp_path / "b" / "README.md").is_file()
+    # the checkpoints of the runs trained again in their place are gone: one folder per run the bench holds
+    assert len(list((tmp_path / "b" / "checkpoints").iterdir())) == 3
 
 
 def test_a_ctrl_c_during_a_search_says_to_run_the_bench_again(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ._base import Context, Method, MethodResult
-from .single import SingleRun, continue_earlier, result_of
+from .single import SingleRun, continue_earlier, prune_checkpoints, result_of, superseded
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -69,9 +69,11 @@ class Replayed(Method):
         folder = ctx.run_folder(self.name, seed)
         second = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
         if second is None:
+            replaced = superseded(ctx, folder)
             run = RecordedRun.start(ctx.store, prepared.config, out=folder, checkpoint_root=ctx.folder / "checkpoints",
                                     overwrite=True, method=REPLAY)
             second = result_of(run.drive(prepared, every=None).to_json(), ctx, config)
+            prune_checkpoints(ctx, replaced)
         examples = tuned.examples + second.examples
         return replace(second, method=self.name, seed=seed, examples=examples, seconds=tuned.seconds + second.seconds,
                        trials=2, curve=[(tuned.examples, tuned.test_loss), (examples, second.test_loss)])

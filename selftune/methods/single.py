@@ -46,9 +46,11 @@ class SingleRun(Method):
         folder = ctx.run_folder(self.name, seed)
         result = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
         if result is None:
+            replaced = superseded(ctx, folder)
             r = run_recorded(prepared, ctx.store, out=folder, checkpoint_root=ctx.folder / "checkpoints",
                              every=None, overwrite=True)
             result = result_of(r.to_json(), ctx, config)
+            prune_checkpoints(ctx, replaced)
         assert result.run_id is not None
         ctx.trained.add(result.run_id)
         return result
@@ -107,3 +109,35 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
     for note in notes:
         say(f"    note: {note}")
     return result_of(r.to_json(), ctx, config)
+
+
+def superseded(ctx: Context, folder: Path) -> str | None:
+    """The checkpoint folder of the run of this store whose outputs ``folder`` holds, when a new run is about
+    to replace them there and it lies under this benchmark's ``checkpoints/`` (a run this benchmark made);
+    ``None`` otherwise, or while that run trains."""
+    from ..outputs import read_marker
+
+    marker = read_marker(folder)
+    if not marker or marker.get("store") != ctx.store.display_url or not isinstance(marker.get("run_id"), int):
+        return None
+    try:
+        info = ctx.store.get_run(marker["run_id"])
+    except LookupError:
+        return None
+    root = (ctx.folder / "checkpoints").resolve()
+    mine = Path(info.checkpoint_dir).resolve()
+    if info.uuid != marker.get("run_uuid") or info.status == "running" or mine.parent != root:
+        return None
+    return str(mine)
+
+
+def prune_checkpoints(ctx: Context, folder: str | None) -> None:
+    """Delete the checkpoints of a run a benchmark trained again in its place (:func:`superseded`): its outputs
+    are gone from the benchmark's folder, so nothing resumes or keeps it, and each re-run with ``--fresh``
+    or a changed setting left one more folder of them (GPU checkpoints are large). The store keeps its
+    record; ``selftune resume`` of it says its checkpoint files are gone."""
+    import shutil
+
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
