@@ -118,7 +118,7 @@ class Source:
                     "collate_fn"), stacklevel=3)
             custom = [type(sampler).__name__ for sampler, plain in (
                 (data.sampler, (SequentialSampler, RandomSampler)), (data.batch_sampler, (BatchSampler, type(None))))
-                if type(sampler) not in plain]
+                if type(sampler) not in plain and not type(sampler).__name__.startswith("_")]  # (an iterable's)
             if custom:  # a weighted or stratified draw would silently become a uniform one
                 warnings.warn(SelftuneWarning(
                     f"{what}: the DataLoader's {' and '.join(custom)} is not used: the tuner draws every example once "

@@ -129,9 +129,9 @@ class DeltaIFT(DeltaSTN):
         waited = epoch - best >= patience(self.settings, epochs, best - self.settings.warmup_epochs)
         since = state["since_best"]
         mean, best_val = sum(since) / len(since), float(state["best_val"])
-        # a relative rise, of more than rounding: from a best of exactly 0 (a task fitted perfectly) any 1e-8
-        # read as risen, and the run "over-fitted"
-        risen = mean >= (1 + self.settings.handover_rise) * best_val and mean - best_val > 1e-7
+        # a relative rise, of more than float rounding: from a best of exactly 0 (a task fitted perfectly) any
+        # 1e-8 read as risen, and the run "over-fitted"
+        risen = mean >= (1 + self.settings.handover_rise) * best_val and mean - best_val > 1e-6 * abs(best_val) + 1e-12
         if waited and risen and epoch < epochs:
             state["handover_epoch"] = epoch
             state["handover_lr"] = self._hand_over(tuner, epochs)

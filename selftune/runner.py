@@ -10,6 +10,7 @@ SIGINT/SIGTERM into a checkpoint and an ``interrupted`` status, and writes the o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import platform
@@ -136,13 +137,13 @@ def prepare(config: RunConfig) -> Prepared:
 
 def _code(config: RunConfig) -> dict[str, str]:
     """``{"code": digest}`` of the user's code a run trains with, a task file and the modules beside it and
-    a ``tuner.optimizer`` file (:func:`~selftune.task.code_digest`; ``{}`` for none): a benchmark keeps an
-    earlier run only where it is unchanged."""
-    from .task import code_digest
+    a ``tuner.optimizer`` of the user's (:func:`~selftune.task.module_digest`; ``{}`` for none): a benchmark
+    keeps an earlier run only where it is unchanged."""
+    from .task import module_digest
 
     sources = ([config.task.source] if config.task is not None else []) + \
         ([config.tuner.optimizer] if ":" in config.tuner.optimizer else [])
-    return {"code": hashlib.sha1("\0".join(code_digest(s) for s in sources).encode()).hexdigest()} if sources else {}
+    return {"code": hashlib.sha1("\0".join(module_digest(s) for s in sources).encode()).hexdigest()} if sources else {}
 
 
 def _prepare_task(config: RunConfig) -> Prepared:
@@ -196,8 +197,19 @@ def _to_device(splits: Splits, device: str) -> Splits:
 
 def versions() -> dict[str, str]:
     """The selftune, PyTorch and Python versions a result records (a benchmark keeps an earlier run only
-    when they match: another PyTorch rounds differently)."""
-    return {"selftune": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    when they match: another PyTorch rounds differently), and a digest of selftune's own source: a checkout
+    trains differently after a pull that leaves the version number as it was."""
+    return {"selftune": __version__, "selftune_source": _source_digest(), "torch": str(torch.__version__),
+            "python": platform.python_version()}
+
+
+@functools.cache
+def _source_digest() -> str:
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for file in sorted(package.rglob("*.py")):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = None) -> RunResult:
@@ -447,7 +459,8 @@ class RecordedRun:
 
         config, tuner = prepared.config, prepared.tuner
         recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
-                                 every=every or 2**62, at_epoch_end=every is not None, data=prepared.data)
+                                 every=every or 2**62, at_epoch_end=every is not None,
+                                 data={**prepared.data, "versions": versions()})
         try:
             with _stop_on_signals() as caught, _heartbeat(self.store, self.run_id):
                 caught.tuner = tuner
@@ -581,7 +594,8 @@ def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = Non
 
 
 def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callbacks: list[Callback] | None = None,
-                    force: bool = False, notes: list[str] | None = None) -> RunResult:
+                    force: bool = False, notes: list[str] | None = None,
+                    prepared: Prepared | None = None) -> RunResult:
     """Continue run ``run_id`` from its newest intact checkpoint (from the start if it has none).
     What the resume had to work around (a torn newest checkpoint, ...) goes to ``notes``, or is
     issued as warnings when ``notes`` is None. ``every``: steps between checkpoints; ``None`` keeps the
@@ -592,10 +606,15 @@ def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callba
         LookupError: no such run.
         LeaseError: the run finished, or another process drives it (``force`` takes over a stale one).
         ConfigError: the run's config no longer builds here (a missing data package, ...).
+
+    ``prepared``: the run's config already prepared by the caller (a benchmark that compared it with the
+    run's record), used instead of a second model and dataset on the device when its config is the run's.
     """
     run, config = RecordedRun.reopen(store, run_id, force=force)
+    if prepared is not None and prepared.config.model_dump(mode="json") != config.model_dump(mode="json"):
+        prepared = None
     try:
-        prepared = prepare(config)
+        prepared = prepared or prepare(config)
         run.restore(prepared.tuner, prepared.data)
     except SelftuneError as err:
         store.interrupt(run_id, f"resume failed: {err}")

@@ -97,11 +97,11 @@ def source_digest(source: str) -> str | None:
 def code_digest(source: str) -> str:
     """``"file.py:name"`` as the contents of the file and of the modules beside it that it can import, not its
     path: what a search's study name and a benchmark's kept runs compare (an edited helper module trains
-    something else). A module path (``"package.module:name"``) is read from the file it imports from,
-    where one is found; otherwise it stays as given."""
+    something else). A module path (``"package.module:name"``) stays as given (studies are named so);
+    :func:`module_digest` reads its own file for kept runs."""
     path, _, name = source.rpartition(":")
-    file = Path(path) if path.endswith(".py") else _module_file(path)
-    if file is None or not file.is_file():
+    file = Path(path)
+    if not (path.endswith(".py") and file.is_file()):
         return source
     folder = file.resolve().parent
     contents = hashlib.sha1()
@@ -125,6 +125,20 @@ def _importable(folder: Path) -> list[Path]:
         if sub.is_dir() and not sub.name.startswith((".", "__")) and (sub / "__init__.py").is_file():
             found += _importable(sub)
     return found
+
+
+def module_digest(source: str) -> str:
+    """``"package.module:name"`` as the contents of the file the module imports from (its own file only: a
+    module installed in ``site-packages`` has thousands beside it), or as given where none is found; a
+    ``"file.py:name"`` as :func:`code_digest`."""
+    path, _, name = source.rpartition(":")
+    if path.endswith(".py"):
+        return code_digest(source)
+    file = _module_file(path)
+    try:
+        return f"{hashlib.sha1(file.read_bytes()).hexdigest()}:{name}" if file is not None else source
+    except OSError:
+        return source
 
 
 def _module_file(dotted: str) -> Path | None:

@@ -15,7 +15,7 @@ import torch
 
 from selftune.bench import GPU_TASKS, load_task
 from selftune.cli import main
-from selftune.errors import ConfigError
+from selftune.errors import ConfigError, DivergenceError
 from selftune.methods import METHODS
 from selftune.store import RunStore
 
@@ -703,7 +703,69 @@ def test_a_ctrl_c_during_a_search_says_to_run_the_bench_again(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(selftune.runner, "execute", interrupted)
-    with pytest.raises(Interrupted, match="during random; run it again to go on") as err:
+    with pytest.raises(Interrupted, match="during random; run it again to go on: it keeps the single runs") as err:
         run_bench("digits-mlp", methods=["random"], trials=2, seeds=1, quick=True, out=tmp_path / "b",
                   store=RunStore(f"sqlite:///{tmp_path / 's.db'}"), overrides=["epochs=1"], progress=lambda s: None)
     assert err.value.exit_code == 130
+
+
+def test_a_trial_that_raises_reaches_the_user_and_a_failed_trials_slot_goes_to_the_next_trial(tmp_path):
+    """run_budget forgave every failed trial as one another process had failed, and drew again for ever (a
+    CUDA out-of-memory error, a bug in the user's model); a slot freed by one process's failed trial was
+    taken by the other process's next trial as well as kept by its last, so the two drew the same point."""
+    from selftune.methods import _study
+    from selftune.methods._sampling import SlotSeeded, free_slot
+
+    storage = _study.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage,
+                                sampler=SlotSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), 0))
+
+    def broken(trial):
+        _study.claim(study, trial, 3)
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        _study.run_budget(study, storage, broken, 3)
+    # slots: trial 1 runs (another process), trial 2 begins beside it, then trial 1 fails
+    first = study.ask()
+    x1 = first.suggest_float("x", 0, 1)
+    second = study.ask()
+    x2 = second.suggest_float("x", 0, 1)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    third = study.ask()
+    assert third.suggest_float("x", 0, 1) == x1 != x2  # the failed trial's point, not the running one's
+    assert free_slot(study, third.number + 1) == 2
+
+
+def test_a_search_trial_with_a_non_finite_validation_loss_counts_as_diverged(tmp_path):
+    """Optuna fails a trial that returns NaN without raising, and a study that runs until its budget is
+    finished would draw that point again for ever."""
+    from selftune.config import load_config
+    from selftune.methods.search import run_search
+
+    (tmp_path / "nan_task.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        import selftune as st
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(4, 8), st.Dropout("d"), nn.Linear(8, 2))
+
+            def forward(self, x):
+                out = self.body(x)
+                return out if self.training else out * float("nan")  # validation (eval mode) only
+
+        def task():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(90, 4, generator=g)
+            y = (x[:, 0] > 0).long()
+            return st.Task(model=Net(), train=(x[:60], y[:60]), val=(x[60:75], y[60:75]), test=(x[75:], y[75:]),
+                           space=st.Space([st.Float("d", 0.0, 0.5, 0.1)]))
+    """))
+    (tmp_path / "t.toml").write_text('epochs = 1\n[task]\nsource = "nan_task.py:task"\n[tuner]\nbatch_size = 20\n'
+                                     'rollback_val_ratio = 0\n')
+    config = load_config(tmp_path / "t.toml")
+    with pytest.raises(DivergenceError, match="every trial of the random study diverged"):
+        run_search(config, METHODS["random"], 0, 2, f"sqlite:///{tmp_path / 's.db'}", "s")

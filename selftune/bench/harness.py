@@ -197,8 +197,8 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
                                           "the runs and trials it finished", err.signum) from None
                     except KeyboardInterrupt:  # outside a run's training: a search trial, a wait, a start-up
                         raise Interrupted(f"bench of {name} interrupted by SIGINT during {method.name}; run it "
-                                          "again to go on: it keeps the runs and trials it finished",
-                                          signal.SIGINT) from None
+                                          "again to go on: it keeps the single runs and search trials it "
+                                          "finished (PBT trains again)", signal.SIGINT) from None
                     except DivergenceError as err:
                         # A tuner that diverges is a result (a loss against fixed training), not a reason to
                         # throw away the rest of the benchmark.

@@ -4,15 +4,15 @@ trials only, so an interrupted study that is run again continues as the uninterr
 Why: a sampler built from a seed draws from one random stream, trial after trial. A study resumed in a new
 process builds its sampler afresh and starts that stream from the beginning again: after 3 finished
 trials of 8, the next 5 repeated trials 0-4 and the winner (the uninterrupted study's trial 7) was never
-tried. Here each trial gets a sampler seeded by ``(seed, slot)``, ``slot`` being how many trials of the
-study before it had finished (complete or pruned) or were being run by another process sharing the study
-(``_study``). Trials that never finished (a Ctrl-C fails one; one a killed process left ``RUNNING`` is
-failed before the next trial starts) take no slot, so the next trial draws what the interrupted one would
-have. TPE's model reads only finished trials, so it sees the same history. (The
-pruner of ``tpe-asha`` also reads the intermediate values an interrupted trial reported, so a resumed
-``tpe-asha`` study may prune differently.) A grid is not re-seeded: Optuna's GridSampler gives trial
-``k`` the ``k``-th point of one seeded shuffle, and :func:`retry_lost_points` queues the points of failed
-trials again.
+tried. Here each trial gets a sampler seeded by ``(seed, slot)``, ``slot`` being the lowest one that no
+trial before it holds (:func:`free_slot`): alone, how many trials of the study had finished (complete or
+pruned) when it began; beside another process sharing the study (``_study``), a slot of its own. Trials
+that never finished (a Ctrl-C fails one; one a killed process left ``RUNNING`` is failed before the next
+trial starts) free their slot, so the next trial draws what the interrupted one would have. TPE's model
+reads only finished trials, so it sees the same history. (The pruner of ``tpe-asha`` also reads the
+intermediate values an interrupted trial reported, so a resumed ``tpe-asha`` study may prune
+differently.) A grid is not re-seeded: Optuna's GridSampler gives trial ``k`` the ``k``-th point of one
+seeded shuffle, and :func:`retry_lost_points` queues the points of failed trials again.
 """
 
 from __future__ import annotations
@@ -28,6 +28,29 @@ from optuna.trial import FrozenTrial, TrialState
 
 #: The trials that take a slot: those that gave the study a result.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+#: the trial attribute recording the slot a trial drew from
+SLOT = "selftune_slot"
+
+
+def free_slot(study: Study, number: int) -> int:
+    """The lowest slot that no trial numbered below ``number`` holds. A trial holds its slot while it runs
+    or once it finished (a failed one frees it); one without a recorded slot (an older study's, or one
+    another process has just begun) holds the lowest free one at its turn, in number order. Alone, every
+    trial before a new one has finished or failed, so its slot is the number of finished trials, as before
+    slots were recorded; two processes at once take distinct slots, and a trial that failed in one gives
+    its slot, and its point, to the next trial of either."""
+    held: set[int] = set()
+
+    def lowest() -> int:
+        return next(s for s in range(len(held) + 1) if s not in held)
+
+    for t in sorted(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)), key=lambda t: t.number):
+        if t.number < number:
+            recorded = t.user_attrs.get(SLOT)
+            held.add(int(recorded) if recorded is not None and int(recorded) not in held else lowest())
+    return lowest()
 
 
 def slot_seed(seed: int, slot: int) -> int:
@@ -48,10 +71,8 @@ class SlotSeeded(BaseSampler):
         self._inner = make(slot_seed(seed, 0))
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        # trials before it that finished or are being run by another process (``_study``): two processes on
-        # one study take distinct slots; alone, every trial before it has finished or failed
-        before = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-        slot = sum(t.number < trial.number for t in before)
+        slot = free_slot(study, trial.number)
+        study._storage.set_trial_user_attr(trial._trial_id, SLOT, slot)
         self._inner = self._make(slot_seed(self._seed, slot))
         self._inner.before_trial(study, trial)
 

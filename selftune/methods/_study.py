@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
-from ..errors import SelftuneError
+from ..errors import SelftuneError, StoreError
 from ..store import process_gone
 from ._sampling import FINISHED
 
@@ -87,7 +87,7 @@ def claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None:
         for key, value in owner().items():
             trial.set_user_attr(key, value)
     except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it already: let it go
-        raise SurplusTrialError("another process failed this trial before it began") from None
+        raise SurplusTrialError("another process took this trial for dead before it began") from None
     ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
     if ahead >= n_trials:
         raise SurplusTrialError(f"the study has its {n_trials} trials")
@@ -151,21 +151,27 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
     """Run trials of ``study`` until it has ``n_trials`` finished ones, sharing the work with any other
     process doing the same; return those trials, by number. ``objective`` must call :func:`claim` first.
     ``before_each`` runs before each trial (a grid queues points of failed trials again)."""
-    waited, ran = False, []  # ran: the trials whose objective this process ran to its end
+    import optuna
+
+    waited, ran, lost = False, [], 0  # ran: the trial whose objective this process ran to its end (or pruned)
 
     def run(trial: optuna.Trial) -> float:
         try:
-            return objective(trial)
-        finally:
+            value = objective(trial)
+        except optuna.TrialPruned:
             ran.append(trial.number)
+            raise
+        ran.append(trial.number)  # an error inside the objective is the user's to see, never "lost"
+        return value
 
     while True:
         fail_dead(study, storage)
-        before_each()
         trials = study.get_trials(deepcopy=False)
         finished = [t for t in trials if t.state in FINISHED]
         if len(finished) >= n_trials:
             return sorted(finished, key=lambda t: t.number)[:n_trials]
+        before_each()
+        trials = study.get_trials(deepcopy=False)
         others = [t for t in trials if t.state == TrialState.RUNNING]
         if len(finished) + len(others) >= n_trials and not any(t.state == TrialState.WAITING for t in trials):
             if progress is not None and not waited:
@@ -179,6 +185,11 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
         except Exception as err:  # Optuna's tell of a trial another process failed meanwhile (module docstring)
             if isinstance(err, SelftuneError) or not ran or not _failed_elsewhere(study, ran[-1]):
                 raise
+            lost += 1
+            if lost > n_trials:  # a study that loses every trial it runs would never end
+                raise StoreError(f"study {study.study_name}: {lost} trials of this process were failed by another "
+                                 "process that took it for dead; give it a steadier machine, or run one bench at "
+                                 "a time") from None
             if progress is not None:
                 progress(f"    trial {ran[-1]} was failed by another process that took this one for dead (no "
                          "heartbeat for a while); its result is dropped and its point drawn again")

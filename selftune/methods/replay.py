@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ._base import Context, Method, MethodResult
-from .single import SingleRun, continue_earlier, prune_checkpoints, result_of, superseded
+from .single import SingleRun, TrainAnew, continue_earlier, prune_checkpoints, result_of, superseded
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -53,9 +53,14 @@ class Replayed(Method):
         here = marker.get("run_id") in ctx.trained  # trained (or kept) by this benchmark: said so then
         if here or not ctx.fresh:
             prepared = prepare(config.derive(method=self.inner.name, seed=seed))
-            done = continue_earlier(replace(ctx, progress=None) if here else ctx, folder, prepared)
+            try:
+                done = continue_earlier(replace(ctx, progress=None) if here else ctx, folder, prepared)
+            except TrainAnew:
+                done = None
+            del prepared  # one model and dataset on the device at a time: inner.run prepares its own
             if done is not None:
-                ctx.trained.add(int(done.run_id or 0))
+                assert done.run_id is not None
+                ctx.trained.add(done.run_id)
                 return done
         return self.inner.run(config, seed, ctx)
 
@@ -67,13 +72,16 @@ class Replayed(Method):
         recorded, schedule = recorded_schedule(ctx.store, tuned.run_id)
         prepared = prepare(replay_config(recorded, schedule))
         folder = ctx.run_folder(self.name, seed)
-        second = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        try:
+            second = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        except TrainAnew:
+            second, prepared = None, prepare(replay_config(recorded, schedule))
         if second is None:
             replaced = superseded(ctx, folder)
             run = RecordedRun.start(ctx.store, prepared.config, out=folder, checkpoint_root=ctx.folder / "checkpoints",
                                     overwrite=True, method=REPLAY)
             second = result_of(run.drive(prepared, every=None).to_json(), ctx, config)
-            prune_checkpoints(ctx, replaced)
+            prune_checkpoints(replaced)
         examples = tuned.examples + second.examples
         return replace(second, method=self.name, seed=seed, examples=examples, seconds=tuned.seconds + second.seconds,
                        trials=2, curve=[(tuned.examples, tuned.test_loss), (examples, second.test_loss)])

@@ -231,8 +231,12 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         sampler = search.make_sampler(seed, config, n_trials)
     n_trials = search.planned_trials(config, n_trials)
     rdb = open_storage(storage)
-    study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner,
-                                direction="minimize", load_if_exists=True)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner,
+                                    direction="minimize", load_if_exists=True)
+    except BaseException:
+        rdb.engine.dispose()
+        raise
 
     def objective(trial: optuna.Trial) -> float:
         claim(study, trial, n_trials)  # a trial past the budget (another process ran the rest) ends here
@@ -256,6 +260,9 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         trial.set_user_attr("seconds", float(result.compute["seconds"]))
         for key in ("loss", "accuracy"):
             trial.set_user_attr(f"test_{key}", result.test.get(key, math.nan))
+        if not math.isfinite(result.val["loss"]):  # Optuna fails such a trial, which would be drawn again
+            trial.set_user_attr("diverged", True)  # for ever: it counts as a diverged one
+            raise optuna.TrialPruned()
         if report.pruned:
             raise optuna.TrialPruned()
         return result.val["loss"]

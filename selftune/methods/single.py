@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,21 +40,32 @@ class SingleRun(Method):
         return None
 
     def run(self, config: RunConfig, seed: int, ctx: Context) -> MethodResult:
+        from ..outputs import read_marker
         from ..runner import prepare, run_recorded
 
         config = config.derive(method=self.name, seed=seed)
         prepared = prepare(config)
         folder = ctx.run_folder(self.name, seed)
-        result = None if ctx.fresh else continue_earlier(ctx, folder, prepared)
+        marker = read_marker(folder) or {}
+        here = marker.get("run_id") in ctx.trained  # this benchmark's own (a -replay method ran it first)
+        try:
+            result = None if ctx.fresh and not here else \
+                continue_earlier(replace(ctx, progress=None) if here else ctx, folder, prepared)
+        except TrainAnew:
+            result, prepared = None, prepare(config)
         if result is None:
             replaced = superseded(ctx, folder)
             r = run_recorded(prepared, ctx.store, out=folder, checkpoint_root=ctx.folder / "checkpoints",
                              every=None, overwrite=True)
             result = result_of(r.to_json(), ctx, config)
-            prune_checkpoints(ctx, replaced)
+            prune_checkpoints(replaced)
         assert result.run_id is not None
         ctx.trained.add(result.run_id)
         return result
+
+
+class TrainAnew(Exception):  # noqa: N818 - a decision, not a fault
+    """:func:`continue_earlier` tried to resume a run and could not: train anew, from a fresh ``prepare``."""
 
 
 def result_of(done: dict[str, Any], ctx: Context, config: RunConfig) -> MethodResult:
@@ -72,7 +84,13 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
     as a search continues its study. Only a run of this store, whose folder still holds its outputs
     (``result.json``, ``trajectory.csv``), recorded with the config, the data, the user's code (a task file
     and the modules beside it, an optimizer file: ``data["code"]``) and the selftune, PyTorch and Python
-    versions of this run counts; anything else (``None``, a failed run too) is trained anew."""
+    versions of this run counts; anything else (``None``, a failed run too) is trained anew. A resumed run
+    must have stopped with a checkpoint (a Ctrl-C writes one; a bench's runs write none before their end,
+    so one killed or lost is trained anew) whose data, code and versions are this run's.
+
+    Raises:
+        TrainAnew: a resume that started failed; ``prepared`` may hold part of its checkpoint.
+    """
     from ..errors import ConfigError, LeaseError, ResumeError
     from ..outputs import read_marker
     from ..runner import resume_recorded, versions
@@ -98,13 +116,22 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
             return None  # (the bench plots the schedule from the folder's trajectory.csv)
         say(f"    kept run {info.id}: an earlier bench in this folder finished it (same config, data and versions)")
         return result_of(done, ctx, config)
-    if info.status != "interrupted" or not ctx.store.checkpoints(info.id):
+    checkpoints = ctx.store.checkpoints(info.id) if info.status == "interrupted" else []
+    if not checkpoints or Path(info.out_dir).resolve() != folder.resolve():  # (a moved bench folder: anew)
+        return None
+    try:  # what the run trained on until its stop: the same data, code and versions as this one, or anew
+        import torch
+
+        saved = torch.load(max(checkpoints)[2], map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the resume would read the one before it; train anew instead
+        return None
+    if not isinstance(saved, dict) or saved.get("data") != {**prepared.data, "versions": versions()}:
         return None
     notes: list[str] = []
     try:
-        r = resume_recorded(ctx.store, info.id, notes=notes)
+        r = resume_recorded(ctx.store, info.id, notes=notes, prepared=prepared)
     except (ConfigError, LeaseError, ResumeError):
-        return None
+        raise TrainAnew from None  # (``prepared`` may hold part of the checkpoint now: prepare again)
     say(f"    resumed run {info.id}, which an earlier bench in this folder was training")
     for note in notes:
         say(f"    note: {note}")
@@ -131,7 +158,7 @@ def superseded(ctx: Context, folder: Path) -> str | None:
     return str(mine)
 
 
-def prune_checkpoints(ctx: Context, folder: str | None) -> None:
+def prune_checkpoints(folder: str | None) -> None:
     """Delete the checkpoints of a run a benchmark trained again in its place (:func:`superseded`): its outputs
     are gone from the benchmark's folder, so nothing resumes or keeps it, and each re-run with ``--fresh``
     or a changed setting left one more folder of them (GPU checkpoints are large). The store keeps its

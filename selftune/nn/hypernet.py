@@ -140,11 +140,13 @@ class HyperNet(nn.Module):
         guessed from sizes, which failed the run at the first response step, or, where ``T`` equalled the
         batch, silently gave position ``t`` example ``t``'s perturbation. A layer is marked when every call
         of it gave the same non-empty output, shape and values, in both passes (a model that pads its batch
-        to a multiple of 4 gives both the same shape, but other rows). A marked layer responds to the
+        to a multiple of 8 gives both the same shape, but other rows). A marked layer responds to the
         batch's mean perturbation (:func:`~selftune.nn.layers._batch_view`). Runs in eval mode without
         gradients and restores the global RNG; a model that fails on such batches is left as it is (the
         checks of the data say why elsewhere)."""
         layers = {name: m for name, m in self.model.named_modules() if isinstance(m, BestResponseModule)}
+        for name, m in layers.items():  # unmarked until the probe says otherwise (a failed probe marks none)
+            m.unbatched, m.qualified_name = False, name
         calls: dict[str, list[Any]] = {name: [] for name in layers}
 
         def tensors(out: Any) -> list[torch.Tensor]:
@@ -180,7 +182,6 @@ class HyperNet(nn.Module):
         shared = [name for name in layers if same(first[name], calls[name])]
         for name, m in layers.items():
             m.unbatched = name in shared
-            m.qualified_name = name
         return shared
 
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,
