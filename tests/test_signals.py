@@ -120,6 +120,7 @@ def test_a_second_ctrl_c_ends_a_hanging_shutdown(tmp_path):
     assert RunStore(url, create=False).get_run(1).status == "interrupted"
 
 
+@pytest.mark.slow  # four bench processes, about a minute: test_bench.py's in-process test covers the keeping
 def test_a_bench_run_again_keeps_what_it_finished_and_resumes_what_it_was_training(tmp_path):
     """A Ctrl-C during a benchmark's second run, then the same command again: the first run is kept, the
     second resumed from the checkpoint its stop wrote, and the results equal an uninterrupted bench's (a
