@@ -769,3 +769,36 @@ def test_a_search_trial_with_a_non_finite_validation_loss_counts_as_diverged(tmp
     config = load_config(tmp_path / "t.toml")
     with pytest.raises(DivergenceError, match="every trial of the random study diverged"):
         run_search(config, METHODS["random"], 0, 2, f"sqlite:///{tmp_path / 's.db'}", "s")
+
+
+def test_a_bench_stopped_in_a_run_resumes_that_run_when_run_again(tmp_path, monkeypatch):
+    """The in-process twin of test_signals' four-process test (make test-slow): a stop in the middle of a
+    bench's run writes a checkpoint; the bench run again resumes it and ends where an uninterrupted one does."""
+    import selftune.runner
+    from selftune.bench import run_bench
+    from selftune.errors import Interrupted
+    from selftune.testing import StopAt
+
+    def bench(out, store):
+        said = []
+        results = run_bench("digits-mlp", methods=["fixed", "delta-stn"], seeds=1, quick=True, out=out, store=store,
+                            overrides=["epochs=2", "bench.starts={}"], progress=said.append)
+        return [(r.method, r.test_loss, r.examples) for r in results], said
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    original = selftune.runner.run_recorded
+
+    def stopped(prepared, *args, **kwargs):
+        if prepared.config.method == "delta-stn":
+            kwargs["callbacks"] = [StopAt(5)]
+        return original(prepared, *args, **kwargs)
+
+    monkeypatch.setattr(selftune.runner, "run_recorded", stopped)
+    with pytest.raises(Interrupted, match="run this bench again"):
+        bench(tmp_path / "cut", store)
+    monkeypatch.setattr(selftune.runner, "run_recorded", original)
+    cut, said = bench(tmp_path / "cut", store)
+    assert any("kept run 1" in s for s in said) and any("resumed run 2" in s for s in said), said
+    whole, _ = bench(tmp_path / "whole", RunStore(f"sqlite:///{tmp_path / 'w.db'}"))
+    assert [(m, e) for m, _, e in cut] == [(m, e) for m, _, e in whole]
+    assert [t for _, t, _ in cut] == pytest.approx([t for _, t, _ in whole], abs=1e-6)
