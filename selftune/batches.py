@@ -2,9 +2,13 @@
 
 The tuner draws its examples by index (its order is part of every checkpoint, which is what makes a
 resumed run equal an uninterrupted one), so it needs an indexable dataset, not an iterator. A
-``DataLoader`` is accepted for what it knows about the data: its ``dataset`` and its ``collate_fn``
-(padding, tokenising); its sampler, batch size and workers are not used, and the tuner says so once
-when its batch size differs.
+``DataLoader`` is accepted for what it knows about the data: its ``dataset``, its ``collate_fn``
+(padding, tokenising) and what its sampler says about which examples to draw: a ``SubsetRandomSampler``
+(one dataset split into training and validation by index, a common PyTorch pattern) makes the split the
+data, and a ``WeightedRandomSampler`` on the training data (class balancing) draws each epoch's examples
+by its weights from the tuner's own seeded, checkpointed generator. Its batch size and workers are not
+used, and the tuner says so once when its batch size differs; any other sampler is a warning (its draw
+cannot be checkpointed).
 
 A collated batch is split into inputs and targets by :class:`Fields`:
 
@@ -31,13 +35,16 @@ from torch.utils.data import (
     Dataset,
     RandomSampler,
     SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
     TensorDataset,
+    WeightedRandomSampler,
     default_collate,
 )
 
 from .errors import DataError, SelftuneWarning
 
-__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "to_device"]
+__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "loader_dataset", "to_device"]
 
 Collate = Callable[[list[Any]], Any]
 
@@ -93,39 +100,67 @@ class Fields:
                         "(with target_key naming its target)")
 
 
+def loader_dataset(loader: DataLoader) -> Dataset:
+    """The examples a loader draws from: its dataset, or the part of it a ``SubsetRandomSampler`` names.
+
+    Why: ``DataLoader(ds, sampler=SubsetRandomSampler(train_idx))`` and the same with ``val_idx`` is how
+    many PyTorch users split one dataset; reading ``loader.dataset`` alone would train on the validation
+    examples too. A ``TensorDataset`` stays one (its rows taken), so batches keep their fast path."""
+    data, sampler = loader.dataset, loader.sampler
+    if type(sampler) is SubsetRandomSampler:
+        index = torch.as_tensor(list(sampler.indices), dtype=torch.long)
+        if isinstance(data, TensorDataset):
+            return TensorDataset(*(t[index] for t in data.tensors))
+        return Subset(data, index.tolist())
+    return data
+
+
 class Source:
     """An indexable dataset with the collate that turns its examples into a batch.
 
     Args:
-        data: a ``Dataset`` (map-style, with ``__len__``), or a ``DataLoader`` whose dataset and
-            ``collate_fn`` are used.
+        data: a ``Dataset`` (map-style, with ``__len__``), or a ``DataLoader`` whose dataset (the part a
+            ``SubsetRandomSampler`` names), ``collate_fn`` and ``WeightedRandomSampler`` are used.
         what: how messages name the data.
         batch_size: the batch size the tuner draws (only to warn when a loader's differs).
         batch_dim: 1 for a sequence-first model: batches that selftune stacks itself (tensor pairs,
             datasets without a ``collate_fn`` of their own) get their examples in dimension 1 of every
             tensor of 2 or more dimensions, as ``pad_sequence(batch_first=False)`` lays them out; a
             loader's own ``collate_fn`` is trusted to produce the model's layout.
+        weighted: whether a ``WeightedRandomSampler`` is honoured (the training data's); elsewhere it is a
+            warning, since losses there are over every example once.
     """
 
     def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None,
-                 batch_dim: int = 0) -> None:
+                 batch_dim: int = 0, *, weighted: bool = False) -> None:
         collate: Collate | None = None
+        #: a training loader's ``WeightedRandomSampler``: ``(weights, num_samples, replacement)``
+        self.weights: tuple[torch.Tensor, int, bool] | None = None
         if isinstance(data, DataLoader):
             if batch_size is not None and data.batch_size not in (None, batch_size):
                 warnings.warn(SelftuneWarning(
                     f"{what}: the DataLoader's batch_size {data.batch_size} is not used: the tuner draws batches of "
                     f"tuner.batch_size = {batch_size} from its dataset, in its own checkpointed order, with its "
                     "collate_fn"), stacklevel=3)
-            custom = [type(sampler).__name__ for sampler, plain in (
-                (data.sampler, (SequentialSampler, RandomSampler)), (data.batch_sampler, (BatchSampler, type(None))))
-                if type(sampler) not in plain and not type(sampler).__name__.startswith("_")]  # (an iterable's)
+            sampler = data.sampler
+            if weighted and type(sampler) is WeightedRandomSampler:
+                self.weights = (torch.as_tensor(sampler.weights, dtype=torch.double), int(sampler.num_samples),
+                                bool(sampler.replacement))
+            honoured = (SequentialSampler, RandomSampler, SubsetRandomSampler) + (
+                (WeightedRandomSampler,) if weighted else ())
+            custom = [type(s).__name__ for s, plain in (
+                (sampler, honoured), (data.batch_sampler, (BatchSampler, type(None))))
+                if type(s) not in plain and not type(s).__name__.startswith("_")]  # (an iterable's)
             if custom:  # a weighted or stratified draw would silently become a uniform one
+                how = ("the tuner's losses there are over every example once" if type(sampler) is WeightedRandomSampler
+                       else "the tuner draws every example once an epoch, in its own checkpointed order (it honours "
+                            "a training loader's WeightedRandomSampler and any loader's SubsetRandomSampler)")
                 warnings.warn(SelftuneWarning(
-                    f"{what}: the DataLoader's {' and '.join(custom)} is not used: the tuner draws every example once "
-                    "an epoch, in its own checkpointed order; weight the loss (e.g. CrossEntropyLoss(weight=...)) or "
-                    "resample the dataset itself to keep that balance"), stacklevel=3)
+                    f"{what}: the DataLoader's {' and '.join(custom)} is not used: {how}; weight the loss "
+                    "(e.g. CrossEntropyLoss(weight=...)) or resample the dataset itself to keep that balance"),
+                    stacklevel=3)
             collate = data.collate_fn
-            data = data.dataset
+            data = loader_dataset(data)
         self.dataset = data
         self.what = what
         self.collate: Collate = collate or default_collate

@@ -27,7 +27,15 @@ class BatchOrder:
     """
 
     def __init__(self, n_train: int, n_val: int, batch_size: int, val_batch_size: int, *,
-                 drop_last: bool = False, fold_single: bool = False) -> None:
+                 drop_last: bool = False, fold_single: bool = False,
+                 weights: tuple[torch.Tensor, int, bool] | None = None) -> None:
+        #: a DataLoader's WeightedRandomSampler ``(weights, num_samples, replacement)``: an epoch is then
+        #: ``num_samples`` examples drawn by weight (as the sampler draws them), not a permutation
+        self.weights = weights
+        #: examples in the training set; ``n_train`` is those an epoch draws (the same unless weighted)
+        self.n_data = n_train
+        if weights is not None:
+            n_train = weights[1]
         self.n_train, self.n_val = n_train, n_val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         #: an epoch ends where fewer than a batch's examples are left (``tuner.drop_last``)
@@ -69,7 +77,11 @@ class BatchOrder:
     def next_train(self, generator: torch.Generator) -> torch.Tensor:
         """Indices of the next training batch (a new permutation at the start of each epoch)."""
         if self.perm is None:
-            self.perm = self._randperm(self.n_train, generator)
+            if self.weights is None:
+                self.perm = self._randperm(self.n_train, generator)
+            else:
+                weights, n, replacement = self.weights
+                self.perm = torch.multinomial(weights.to(generator.device), n, replacement, generator=generator).cpu()
         stop = self.pos + self.batch_size
         if self.fold_single and self.n_train - stop == 1 and stop > self.pos + 1:
             stop += 1
@@ -96,12 +108,13 @@ class BatchOrder:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "perm": self.perm, "val_perm": self.val_perm,
                 "val_pos": self.val_pos, "pos": self.pos, "batch_size": self.batch_size,
-                "n_train": self.n_train, "n_val": self.n_val}
+                "n_train": self.n_train, "n_val": self.n_val, "n_data": self.n_data}
 
     def mismatch(self, state: dict[str, Any]) -> str | None:
         """Why ``state`` cannot continue in this order (it was drawn over other training or validation
         sets: a permutation of other indices would hang the epoch or index past the data), or ``None``."""
         for what, mine, saved in (
+                ("training", self.n_data, state.get("n_data")),
                 ("training", self.n_train, state.get("n_train", None if state.get("perm") is None
                                                     else len(state["perm"]))),
                 ("validation", self.n_val, state.get("n_val", None if state.get("val_perm") is None

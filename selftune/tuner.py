@@ -66,10 +66,11 @@ BOUND_MARGIN = 0.02
 DataLike = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 0) -> Source:
+def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 0, *,
+               weighted: bool = False) -> Source:
     """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
     dataset = as_dataset(data, what)
-    return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim)
+    return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim, weighted=weighted)
 
 
 def _is_classification(outputs: Any, target: Any) -> bool:
@@ -331,7 +332,7 @@ class SelfTuner:
         _check_declared(net.space, self.objective, augment)
         _check_meanings(net, self.objective)
         s = self.settings
-        self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim),
+        self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim, weighted=True),
                         "val": _as_source(val, "val", s.val_batch_size or s.batch_size, net.batch_dim)}
         self.train_data, self.val_data = self.sources["train"].dataset, self.sources["val"].dataset
         self.device = _usable_device(device)
@@ -380,7 +381,8 @@ class SelfTuner:
             raise ConfigError("tuner.batch_size", "the model's BatchNorm cannot train on batches of 1 example; use "
                                                   "at least 2")
         self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size,
-                                drop_last=drop_last, fold_single=self.needs_two)
+                                drop_last=drop_last, fold_single=self.needs_two,
+                                weights=self.sources["train"].weights)
         # The batch can change (tuner.adaptive_batch grows it) and the rate can follow it (lr_batch_scaling).
         self._start_batch = s.batch_size * s.accumulate
         adaptive = s.adaptive_batch

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
+from .batches import loader_dataset
 from .errors import ConfigError, DataError
 
 __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
@@ -64,7 +65,7 @@ def as_dataset(data: Any, what: str) -> Dataset:
     custom_collate = False
     if isinstance(data, DataLoader):
         custom_collate = data.collate_fn is not default_collate
-        data = data.dataset
+        data = loader_dataset(data)
     if isinstance(data, tuple):
         # detached (a view, no copy): features a user's encoder computed outside torch.no_grad() carry its
         # graph, and every batch's backward would run into it ("backward through the graph a second time")

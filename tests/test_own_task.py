@@ -102,23 +102,83 @@ def test_dict_batches_from_a_dataloader_reach_the_model_as_keyword_arguments():
     assert set(scores) == {"loss"} and scores["loss"] < 1.0
 
 
-def test_a_loaders_weighted_sampler_that_the_tuner_does_not_use_is_a_warning():
-    """A WeightedRandomSampler balancing classes was dropped silently: the run trained on uniform batches."""
+def test_a_training_loaders_weighted_sampler_draws_each_epoch_by_its_weights_and_resumes_exactly():
+    """A WeightedRandomSampler balancing classes was dropped (a warning since stop 30): the run trained on
+    uniform batches. It now draws each epoch's ``num_samples`` examples by weight from the tuner's seeded
+    generator, checkpointed as the permutation is; a validation loader's is a warning (losses there are over
+    every example once)."""
     from torch.utils.data import TensorDataset, WeightedRandomSampler
 
-    x, y = torch.randn(120, 8), (torch.arange(120) % 6 == 0).long()
-    weights = torch.where(y == 1, 5.0, 1.0)
-    net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 2)),
-                         st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
-    sampler = WeightedRandomSampler(weights[:100], 100)
-    train = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, sampler=sampler)
-    with pytest.warns(SelftuneWarning, match="DataLoader's WeightedRandomSampler is not used.*weight the loss"):
-        st.SelfTuner(net, train, (x[100:], y[100:]), settings=st.TunerSettings(batch_size=16))
+    x, y = torch.randn(120, 8), (torch.arange(120) % 6 == 0).long()  # one in six is class 1
+    weights = torch.where(y[:100] == 1, 5.0, 1.0)  # 5x: half the draws are class 1
+    seen = []
+
+    class Counting(Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            seen.append(int(i))
+            return x[i], y[i]
+
+    def tuner():
+        torch.manual_seed(0)
+        net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 2)),
+                             st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+        train = DataLoader(Counting(), batch_size=16, sampler=WeightedRandomSampler(weights, 150))
+        return st.SelfTuner(net, train, (x[100:], y[100:]), method="fixed", seed=3,
+                            settings=st.TunerSettings(batch_size=16))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        first = tuner()
+    assert first.batches_per_epoch == 10  # 150 draws in batches of 16
+    seen.clear()  # (the tuner's checks before training read a few examples)
+    first.fit(4)
+    assert len(seen) == 600 and len(set(seen)) < 100  # num_samples an epoch, drawn with replacement
+    share = float((y[torch.tensor(seen)] == 1).float().mean())
+    assert 0.4 < share < 0.6, share  # uniform draws would give 1/6
+    # stopped mid-epoch and restored, the weighted draw continues as in one run
+    again = tuner()
+    again.fit(4, max_steps=13)
+    resumed = tuner()
+    resumed.load_state_dict(again.state_dict())
+    resumed.fit(4)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.net.state_dict().values(), first.net.state_dict().values()))
+    with pytest.warns(SelftuneWarning, match="WeightedRandomSampler is not used: the tuner's losses there are over"):
+        st.SelfTuner(first.net, (x[:100], y[:100]),
+                     DataLoader(TensorDataset(x[100:], y[100:]), sampler=WeightedRandomSampler(torch.ones(20), 20)),
+                     settings=st.TunerSettings(batch_size=16))
     with warnings.catch_warnings():  # shuffle=True / False: the tuner's own order, no warning
         warnings.simplefilter("error", SelftuneWarning)
-        st.SelfTuner(net, DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, shuffle=True),
+        st.SelfTuner(first.net, DataLoader(TensorDataset(x[:100], y[:100]), batch_size=16, shuffle=True),
                      DataLoader(TensorDataset(x[100:], y[100:]), batch_size=16),
                      settings=st.TunerSettings(batch_size=16))
+
+
+def test_loaders_that_split_one_dataset_by_subset_samplers_train_and_validate_on_their_own_parts():
+    """``DataLoader(ds, sampler=SubsetRandomSampler(train_idx))`` with another loader on ``val_idx`` is a
+    common PyTorch split; reading each loader's ``dataset`` trained on the validation examples too."""
+    from torch.utils.data import SubsetRandomSampler, TensorDataset
+
+    x, y = torch.randn(120, 8), torch.arange(120) % 3
+    whole = TensorDataset(x, y)
+    net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 3)),
+                         st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    train = DataLoader(whole, batch_size=16, sampler=SubsetRandomSampler(range(90)))
+    val = DataLoader(whole, batch_size=16, sampler=SubsetRandomSampler(range(90, 120)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        tuner = st.SelfTuner(net, train, val, method="fixed", settings=st.TunerSettings(batch_size=16))
+    assert (tuner.n_train, tuner.n_val) == (90, 30)
+    assert torch.equal(tuner.train_data.tensors[0], x[:90]) and torch.equal(tuner.val_data.tensors[0], x[90:])
+    assert st.score(net, val)["loss"] == pytest.approx(st.score(net, (x[90:], y[90:]))["loss"])
+    records = Records(x, y.float())
+    keyword = st.hypernetize(KeywordModel(), st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    tuner = st.SelfTuner(keyword, DataLoader(records, sampler=SubsetRandomSampler(range(60))),
+                         DataLoader(records, sampler=SubsetRandomSampler([5, 7, 9])), method="fixed", loss=mse,
+                         target_key="target", settings=st.TunerSettings(batch_size=16))
+    assert (tuner.n_train, tuner.val_data.indices) == (60, [5, 7, 9])
 
 
 def test_dict_examples_without_a_target_key_name_the_keys():

@@ -71,7 +71,8 @@ def _now() -> datetime:
 def process_gone(host: str, pid: int) -> bool:
     """True when ``pid`` on this host has exited (a run, or a search trial, killed before its heartbeat went
     stale); ``False`` for another host's process, which only its heartbeat can tell about."""
-    if host != socket.gethostname():
+    if host != socket.gethostname() or os.name == "nt":
+        # (Windows: os.kill(pid, 0) sends CTRL_C_EVENT there, it does not test; the heartbeat tells)
         return False
     try:
         os.kill(pid, 0)
