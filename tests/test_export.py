@@ -112,6 +112,22 @@ def test_an_exported_sequence_first_model_is_scored_on_its_batch_dimension():
         st.score(plain, (x, y))
 
 
+def test_your_class_loaded_from_an_exported_state_dict_says_how_to_give_its_dropouts_their_rates():
+    """The rates are not weights (the state_dict keeps your model's keys): a fresh model loaded from it runs
+    in eval mode, and in train mode names the fix; the exported copy shows its rates."""
+    plain = st.export(_trained("delta"))
+    assert "fixed=" in repr(plain.drop) and "fixed=" in repr(plain.edrop)
+    mine = Small()
+    mine.load_state_dict(plain.state_dict())
+    mine.eval()
+    assert torch.allclose(mine(_batch()), plain.eval()(_batch()))
+    mine.train()
+    with pytest.raises(RuntimeError, match=r"module.fixed = p \(result.hparams\['(p|pe)'\]\)"):
+        mine(_batch())
+    mine.drop.fixed, mine.edrop.fixed = plain.drop.fixed, plain.edrop.fixed
+    assert mine(_batch()).shape == (8, 4)
+
+
 def test_export_refuses_what_is_not_a_hypernet():
     with pytest.raises(TypeError, match="export takes the HyperNet"):
         st.export(nn.Linear(2, 2))

@@ -101,7 +101,8 @@ class Dropout(HyperModule):
                        generator=state.generator, relax=state.relax, batch_axis=state.batch_axis(x))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, channelwise={self.channelwise}, locked={self.locked}"
+        fixed = "" if self.fixed is None else f", fixed={self.fixed:.4g}"
+        return f"name={self.name!r}, channelwise={self.channelwise}, locked={self.locked}{fixed}"
 
 
 class EmbeddingDropout(HyperModule):
@@ -141,4 +142,5 @@ class EmbeddingDropout(HyperModule):
         return embedded * kept.gather(1, ids.flatten(1)).view(*ids.shape, *([1] * (embedded.dim() - ids.dim())))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, num_embeddings={self.num_embeddings}"
+        fixed = "" if self.fixed is None else f", fixed={self.fixed:.4g}"
+        return f"name={self.name!r}, num_embeddings={self.num_embeddings}{fixed}"

@@ -105,7 +105,10 @@ class HyperModule(torch.nn.Module):
     @property
     def hyper_state(self) -> HyperState:
         if self._hyper_state is None:
+            fixed = (f"; or, to train it as a plain model (your class loaded from an exported state_dict, which "
+                     f"holds no rates), give it a constant rate: module.fixed = p (result.hparams[{self.name!r}])"
+                     if hasattr(self, "fixed") and isinstance(getattr(self, "name", None), str) else "")
             raise RuntimeError(
                 f"{type(self).__name__} is not attached to a HyperNet: wrap the model with "
-                "selftune.hypernetize(model, space) before calling it")
+                f"selftune.hypernetize(model, space) before calling it{fixed}")
         return self._hyper_state
