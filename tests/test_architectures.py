@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import selftune as st
-from selftune.errors import DataError
 
 
 def space():
@@ -311,23 +310,3 @@ def test_a_positional_embedding_shared_by_every_example_responds_to_their_mean_p
         expected = pos.weight + gates.mean(0) * pos.response_weight
     torch.testing.assert_close(seen[-1], expected)
 
-
-def test_a_packed_sequence_into_a_converted_rnn_is_one_clear_error():
-    """It was a raw AttributeError ('PackedSequence' object has no attribute 'dim') at the tuner's check."""
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    class Packed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.drop, self.head = nn.GRU(3, 8, batch_first=True), st.Dropout("d"), nn.Linear(8, 2)
-
-        def forward(self, x):
-            lengths = (x.abs().sum(-1) > 0).sum(1).clamp(min=1)
-            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-            return self.head(self.drop(h[-1]))
-
-    x, y = torch.randn(40, 5, 3), torch.randint(0, 2, (40,))
-    net = st.hypernetize(Packed(), st.Space([st.Float("d", 0.0, 0.8, 0.2)]))
-    with pytest.raises(DataError, match=r"takes padded .* not a PackedSequence.*leave this layer plain"):
-        st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), method="delta-stn",
-                     settings=st.TunerSettings(batch_size=10))

@@ -168,3 +168,76 @@ def test_text_data_and_language_model_must_go_together(tmp_path, monkeypatch, ca
     assert "token sequences" in capsys.readouterr().err
     assert main(["run", str(root / task), "--set", "device=cuda"]) == 2 or torch.cuda.is_available()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("layers, bidirectional, enforce_sorted",
+                         [(1, False, False), (2, True, False), (2, True, True)])
+def test_a_packed_sequence_runs_through_a_converted_rnn_as_through_the_plain_one(kind, layers, bidirectional,
+                                                                              enforce_sorted):
+    """A PackedSequence into a converted LSTM/GRU was a DataError (stop 30): models that pack variable-length
+    batches had to leave their RNN plain. Now, with and without a response: the plain module's outputs and
+    final states (each sequence's last valid step, the reverse direction starting there), and a perturbation
+    of one example moves that example only."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = kind(5, 6, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+
+        def forward(self, x):
+            lengths = (x.abs().sum(-1) > 0).sum(1).clamp(min=1)
+            out, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted))
+            padded, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            h = state[0] if isinstance(state, tuple) else state
+            return torch.cat([padded.flatten(1), h.transpose(0, 1).flatten(1)], 1)
+
+    torch.manual_seed(0)
+    plain = Packed()
+    lengths = torch.tensor([9, 7, 3, 1]) if enforce_sorted else torch.tensor([7, 3, 9, 1])
+    x = torch.randn(4, 9, 5) * (torch.arange(9)[None, :, None] < lengths[:, None, None])
+    net = st.hypernetize(copy.deepcopy(plain), st.Space([st.Float("p", 0.0, 0.9, 0.3), st.Float("q", 0.0, 0.9, 0.5)]))
+    want = plain(x)
+    torch.testing.assert_close(net(x), want)  # PyTorch's packed kernel
+    gates = [p for n, p in net.model.rnn.named_parameters() if n.startswith("gate")]
+    with torch.no_grad():
+        for g in gates:
+            g.zero_()
+    moved = net.hparams.detach().expand(4, -1) + torch.randn(4, 2)
+    torch.testing.assert_close(net(x, moved), want, atol=1e-5, rtol=1e-5)  # unrolled, responses gated off
+    with torch.no_grad():
+        for g in gates:
+            g.normal_(std=0.5)
+    centre = net.hparams.detach().expand(4, -1).clone()
+    one = centre.clone()
+    one[1] += 1.0
+    out = net(x, one)
+    torch.testing.assert_close(net(x, centre), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[1], want[1], atol=1e-4)
+    torch.testing.assert_close(out[[0, 2, 3]], want[[0, 2, 3]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_packs_its_batches_tunes_its_dropout_under_every_single_run_method():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.drop, self.head = nn.GRU(3, 8, batch_first=True), st.Dropout("d"), nn.Linear(8, 2)
+
+        def forward(self, x):
+            lengths = (x.abs().sum(-1) > 0).sum(1).clamp(min=1)
+            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return self.head(self.drop(h[-1]))
+
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 6, (40,))
+    x = torch.randn(40, 5, 3) * (torch.arange(5)[None, :, None] < lengths[:, None, None])
+    y = (x.sum((1, 2)) > 0).long()
+    for method in ("delta-stn", "stn", "delta-ift"):
+        net = st.hypernetize(Packed(), st.Space([st.Float("d", 0.0, 0.8, 0.2)]),
+                             form="stn" if method == "stn" else "delta")
+        fit = st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), method=method,
+                           settings=st.TunerSettings(batch_size=10, lr=0.05)).fit(3)
+        assert math.isfinite(fit.history[-1]["val_loss"]) and fit.hparams["d"] != 0.2, method

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import DataError
 from .state import HyperModule
@@ -325,6 +326,14 @@ class BestResponseEmbedding(_BestResponse):
 _RNN_UNITS = {"LSTM": 4, "GRU": 3}
 
 
+def _flip(x: torch.Tensor, reverse: torch.Tensor | None) -> torch.Tensor:
+    """Batch-first ``x`` with each sequence's steps reversed: all of them, or (``reverse``, ``(B, T)``
+    indices) the steps within each one's length, its padding left in place."""
+    if reverse is None:
+        return x.flip(1)
+    return x.gather(1, reverse[..., None].expand(-1, -1, x.shape[2]))
+
+
 class BestResponseRecurrent(BestResponseModule):
     """An ``nn.LSTM`` or ``nn.GRU`` (any number of layers, one or two directions) whose input and
     recurrent maps respond to the hyperparameters.
@@ -340,8 +349,9 @@ class BestResponseRecurrent(BestResponseModule):
     hyperparameters) the layer runs PyTorch's fused kernel; with one it unrolls the steps in Python,
     both recurrent maps in one matrix product per step. The general weights keep PyTorch's names
     (``weight_ih_l1_reverse``, ...), so a plain module's ``state_dict`` loads, and :meth:`plain` gives
-    the module back. The response parameters of layer 0's forward direction have no suffix
-    (``response_weight_ih``, ``gate``), the others ``_l{k}`` and ``_reverse`` as PyTorch's do.
+    the module back. A ``PackedSequence`` goes in and comes out as the plain module takes it. The
+    response parameters of layer 0's forward direction have no suffix (``response_weight_ih``,
+    ``gate``), the others ``_l{k}`` and ``_reverse`` as PyTorch's do.
 
     PyTorch's own ``dropout`` between stacked layers is refused at conversion: it draws from the global
     random generator (a resumed run would differ) and cannot be tuned; put a
@@ -418,11 +428,9 @@ class BestResponseRecurrent(BestResponseModule):
         return params + ([self.scale] if self.scale is not None else [])
 
     # -- forward --------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:
-        if isinstance(x, nn.utils.rnn.PackedSequence):
-            raise TypeError(f"a best-response {self.mode} takes padded (B, T, H) tensors, not a PackedSequence: pass "
-                            "the padded batch (pad_packed_sequence) and pick each sequence's last valid step from "
-                            "the output, or leave this layer plain (hypernetize(..., modules=[...]) without it)")
+    def forward(self, x: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
+        if isinstance(x, PackedSequence):
+            return self._packed(x, hx)
         if x.dim() != 3:
             raise ValueError(f"{type(self).__name__} takes batched 3-d input, got shape {tuple(x.shape)}")
         if not self.batch_first:
@@ -443,19 +451,67 @@ class BestResponseRecurrent(BestResponseModule):
         out = out if self.batch_first else out.transpose(0, 1)
         return out, (tuple(state) if self.mode == "LSTM" else state[0])
 
-    def _unrolled(self, x: torch.Tensor, hx: Any, cond: torch.Tensor | None
+    def _packed(self, x: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
+        """A ``PackedSequence`` in and out, as ``nn.LSTM``/``nn.GRU`` take it (``hx`` and the final states in
+        the batch's own order). Without a response PyTorch's packed kernel runs; with one the sequences are
+        laid out padded, in the batch's order (each example's perturbation is its own row), and the steps
+        past a sequence's length leave its state alone, so the final state is the one of its last step and the
+        reverse direction starts at that step, as the packed kernel does."""
+        data, sizes, order, unorder = x.data, x.batch_sizes, x.sorted_indices, x.unsorted_indices
+        batch, steps = int(sizes[0]), len(sizes)
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+            hx = (zeros, zeros) if lstm else zeros
+
+        def permute(h: Any, index: torch.Tensor | None) -> Any:
+            if index is None:
+                return h
+            return tuple(t.index_select(1, index) for t in h) if isinstance(h, tuple) else h.index_select(1, index)
+
+        cond = self._cond()
+        self._record_norm(cond)
+        if cond is None and self.scale is None:
+            run = torch.lstm if lstm else torch.gru
+            out, *state = run(data, sizes, permute(hx, order), self.general_parameters(), self.has_bias,
+                              self.num_layers, 0.0, self.training, self.bidirectional)
+            final = permute(tuple(state) if lstm else state[0], unorder)
+            return PackedSequence(out, sizes, order, unorder), final
+        # where each sorted sequence's step t sits in the packed data: time-major, batch_sizes[t] rows a step
+        valid = torch.arange(batch)[:, None] < sizes[None, :]  # (B, T) in sorted order, on the CPU as sizes is
+        starts = torch.cumsum(sizes, 0) - sizes
+        rows = (starts[None, :] + torch.arange(batch)[:, None]).masked_fill(~valid, 0).to(data.device)
+        padded = data.index_select(0, rows.flatten()).view(batch, steps, -1) * valid.to(data)[..., None]
+        lengths = valid.sum(1).to(data.device)
+        if unorder is not None:  # to the batch's own order: cond's rows are its examples
+            padded, lengths = padded.index_select(0, unorder), lengths.index_select(0, unorder)
+        out, state = self._unrolled(padded, hx, cond, lengths)
+        if order is not None:
+            out = out.index_select(0, order)
+        packed = out.reshape(batch * steps, -1).index_select(
+            0, (torch.arange(batch)[:, None] * steps + torch.arange(steps)[None, :]).t()[valid.t()].to(data.device))
+        return PackedSequence(packed, sizes, order, unorder), (tuple(state) if lstm else state[0])
+
+    def _unrolled(self, x: torch.Tensor, hx: Any, cond: torch.Tensor | None, lengths: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every layer and direction step by step on batch-first ``x``; ``lengths`` (``(B,)``): sequences
+        padded past their length (a packed batch), whose state stops there and whose reverse pass starts there."""
         lstm = self.mode == "LSTM"
         h0, c0 = hx if lstm else (hx, None)
         finals_h, finals_c = [], []
         layer_input = x
+        reverse = None
+        if lengths is not None:  # step t of the reversed sequence is step length - 1 - t (padding stays put)
+            t = torch.arange(x.shape[1], device=x.device)[None, :]
+            reverse = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.directions):
                 i = layer * self.directions + direction
-                seq = layer_input.flip(1) if direction else layer_input
-                out, h, c = self._cell_sequence(seq, h0[i], None if c0 is None else c0[i], cond, layer, direction)
-                outputs.append(out.flip(1) if direction else out)
+                seq = _flip(layer_input, reverse) if direction else layer_input
+                out, h, c = self._cell_sequence(seq, h0[i], None if c0 is None else c0[i], cond, layer, direction,
+                                                lengths)
+                outputs.append(_flip(out, reverse) if direction else out)
                 finals_h.append(h)
                 finals_c.append(c)
             layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
@@ -463,7 +519,8 @@ class BestResponseRecurrent(BestResponseModule):
         return layer_input, state
 
     def _cell_sequence(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, cond: torch.Tensor | None,
-                       layer: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       layer: int, direction: int, lengths: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         w_ih, w_hh, b_ih, b_hh = self._general(layer, direction)
         r_ih, r_hh, r_b, gate = self._response(layer, direction)
         units = _RNN_UNITS[self.mode] * self.hidden_size
@@ -488,6 +545,7 @@ class BestResponseRecurrent(BestResponseModule):
             rec = z if g_hh is None else z[:, :units] + g_hh * z[:, units:]
             if rec_bias is not None:
                 rec = rec + rec_bias
+            h_before, c_before = h, c
             if lstm:
                 i, f, g, o = (inputs[:, t] + rec).chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -498,6 +556,10 @@ class BestResponseRecurrent(BestResponseModule):
                 reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
                 candidate = torch.tanh(x_n + reset * h_n)
                 h = (1 - update) * candidate + update * h
+            if lengths is not None:  # a sequence already ended keeps its last state
+                running = (t < lengths)[:, None]
+                h = torch.where(running, h, h_before)
+                c = c if c is None or c_before is None else torch.where(running, c, c_before)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h, c
 
