@@ -167,7 +167,7 @@ class ImplicitDifferentiation(Fixed):
         n = batch_of(x, dim)
         self._last = (x, y) if self.settings.accumulate == 1 else (head(x, k, dim, n), head(y, k, dim, n))
 
-    def _train_gradient(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    def _train_gradient(self, tuner: SelfTuner, weights: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
         """``dL_train/dw`` on the last training batch, as a graph differentiable again in the weights and
         the hyperparameters (relaxed dropout masks, decay and smoothing kept as functions of ``hparams``)."""
         assert self._last is not None, "a hyper step follows a weight step"
@@ -182,7 +182,8 @@ class ImplicitDifferentiation(Fixed):
         with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH), tuner.kept_statistics():
             outputs = net(x, u, respond=False, generator=tuner.generator)
         loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
-        return list(torch.autograd.grad(loss, weights, create_graph=True))
+        # (None for a weight the training loss never reaches: an auxiliary head, a layer left unused)
+        return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
 
     def _curvature(self, tuner: SelfTuner, mapped: list[torch.Tensor], weights: list[torch.nn.Parameter]) -> float:
         """The largest |eigenvalue| of the map's Jacobian in the weights (the training loss's Hessian for
@@ -192,7 +193,9 @@ class ImplicitDifferentiation(Fixed):
         vec = [v / scale for v in vec]
         value = 0.0
         for _ in range(POWER_STEPS):
-            hv = torch.autograd.grad(mapped, weights, grad_outputs=vec, retain_graph=True)
+            hv = [h if h is not None else torch.zeros_like(w) for h, w in zip(
+                torch.autograd.grad(mapped, weights, grad_outputs=vec, retain_graph=True, allow_unused=True),
+                weights, strict=True)]
             value = abs(float(_dot(vec, list(hv))))
             size = _norm(list(hv))
             if size == 0.0:
@@ -221,7 +224,14 @@ class ImplicitDifferentiation(Fixed):
         val_grad = [g if g is not None else torch.zeros_like(w) for g, w in zip(raw, weights, strict=True)]
         skipped = False
         with self.differentiated_at(tuner, weights):
-            mapped = self.mapped(tuner, weights, self._train_gradient(tuner, weights))
+            train_grad = self._train_gradient(tuner, weights)
+            # Weights the training loss never reaches (an auxiliary head the loss ignores, a layer left over)
+            # do not move with the hyperparameters: the theorem is applied to the others. Their
+            # gradient was the raw autograd error "appears to not have been used in the graph", mid-run.
+            reached = [i for i, g in enumerate(train_grad) if g is not None]
+            weights = [weights[i] for i in reached]
+            val_grad = [val_grad[i] for i in reached]
+            mapped = self.mapped(tuner, weights, [train_grad[i] for i in reached])
             if "neumann_lr" not in state:
                 if s.neumann_lr is not None or not self.power_iteration:
                     state["neumann_lr"] = s.neumann_lr if s.neumann_lr is not None else 1.0

@@ -71,3 +71,34 @@ def test_from_an_over_fitting_start_ift_adds_regularisation_and_beats_fixed():
     _, tuned = execute(prepare(config.derive(method="ift")))
     assert tuned.hparams["weight_decay"] > 1e-4
     assert tuned.test["loss"] < fixed.test["loss"]
+
+
+@pytest.mark.parametrize("method", ["ift", "one-pass"])
+def test_weights_the_training_loss_never_reaches_do_not_stop_the_implicit_hypergradient(method):
+    """An auxiliary head the loss ignores, or a layer left unused, failed every implicit hyper step (and
+    the default delta-ift at its handover, mid-run) with autograd's "appears to not have been used in the
+    graph"; they now stay out of the theorem, and the hyperparameter still gets its gradient."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import selftune as st
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), st.Dropout("d"))
+            self.head, self.aux, self.unused = nn.Linear(32, 2), nn.Linear(32, 1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.head(h), self.aux(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    y = (x[:, 0] > 0).long()
+    net = st.hypernetize(WithAux(), st.Space([st.Float("d", 0.0, 0.9, 0.3)]))
+    tuner = st.SelfTuner(net, (x[:120], y[:120]), (x[120:], y[120:]), method=method,
+                         loss=lambda out, t: F.cross_entropy(out[0], t),
+                         settings=st.TunerSettings(lr=0.05, batch_size=32), seed=0)
+    fit = tuner.fit(2)
+    assert fit.hparams["d"] != pytest.approx(0.3, abs=1e-3) and all(tuner.log.hypergrad_seen)
