@@ -155,7 +155,7 @@ class DeltaIFT(DeltaSTN):
         interval, terms = spacing(tuner, budget)
         tuner.log.algorithm.update(budget=budget, hyper_interval=interval, neumann_terms=terms,
                                    divergences_at_plan=tuner.divergences)  # roll-backs the plan already saw
-        planned = max(1, max(epochs - s.warmup_epochs, 0) * tuner.batches_per_epoch // interval * s.val_steps)
+        planned = tuner.planned_hyper_steps(epochs, interval) * s.val_steps
         move = s.hyper_lr if s.hyper_lr is not None else \
             max(self._implicit.default_hyper_lr, s.hyper_travel / planned)
         group = opt.param_groups[0]  # the hyperparameters (group 1, the scales, no longer gets gradients)

@@ -818,9 +818,19 @@ class SelfTuner:
 
     def _planned_validation(self, epochs: int) -> int:
         """Hyper steps (validation batches) a fresh run of ``epochs`` plans at its start."""
-        s = self.settings
-        tuning_epochs = max(epochs - s.warmup_epochs, 0)
-        return max(1, tuning_epochs * self.batches_per_epoch // self.algorithm.hyper_interval(self) * s.val_steps)
+        return self.planned_hyper_steps(epochs, self.algorithm.hyper_interval(self)) * self.settings.val_steps
+
+    def planned_hyper_steps(self, epochs: int, interval: int) -> int:
+        """The hyper steps a run of ``epochs`` takes every ``interval`` weight steps (at least 1).
+
+        The loop steps the hyperparameters after every weight step whose number (counted from the run's
+        start, warm-up included) is a multiple of ``interval``, once warm-up is over: the multiples in
+        ``(warmup, epochs]`` epochs' steps. (Counting the tuning epochs' steps alone missed one where warm-up
+        ends between two multiples: on a 3-epoch run of 4 steps an epoch, 1 planned against 2 taken, and a
+        hyper learning rate planned to travel 8 units travelled 16.)"""
+        per = self.batches_per_epoch
+        warmup = min(self.settings.warmup_epochs, epochs)
+        return max(1, epochs * per // interval - warmup * per // interval)
 
     def _plan_hyper_lr(self, epochs: int) -> None:
         """Scale an Adam hyper learning rate to the run (``settings.hyper_travel``).

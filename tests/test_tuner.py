@@ -173,6 +173,23 @@ def test_hyper_learning_rate_follows_the_run_length(digits, space3):
     assert fixed.log.hyper_lr == {}
 
 
+@pytest.mark.parametrize("n, epochs", [(120, 3), (120, 5), (150, 4), (100, 6)])
+def test_the_hyper_rate_is_planned_on_the_hyper_steps_the_run_takes(n, epochs):
+    """Steps are counted from the run's start, warm-up included: where warm-up ends between two multiples of
+    train_steps, counting the tuning epochs' steps alone planned one step fewer than the run took (1 against
+    2 on 120 rows, 3 epochs: a planned travel of 8 units became 16)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    x, y = torch.randn(n + 40, 6), torch.randint(0, 3, (n + 40,))
+    net = st.hypernetize(nn.Sequential(nn.Linear(6, 16), st.Dropout("d"), nn.Linear(16, 3)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.3)]), form="stn")
+    tuner = st.SelfTuner(net, (x[:n], y[:n]), (x[n:], y[n:]), method="stn",
+                         settings=st.TunerSettings(batch_size=32, warmup_epochs=1))
+    tuner.fit(epochs)
+    assert tuner.log.hyper_lr["planned_steps"] == tuner.counters.hyper_steps
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available here"),
                                            ("cuda:0", "CUDA is not available here"),
