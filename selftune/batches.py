@@ -165,6 +165,9 @@ class Source:
         self.what = what
         self.collate: Collate = collate or default_collate
         self.sequence_first = batch_dim == 1 and self.collate is default_collate
+        #: whether every example was checked before training (a tensor dataset's inputs and labels, in full);
+        #: other datasets have each batch checked as it is drawn
+        self.checked_whole = isinstance(data, TensorDataset) and self.collate is default_collate
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

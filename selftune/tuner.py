@@ -56,7 +56,7 @@ from .nn.hypernet import HyperNet
 from .objective import LossFn, Objective, flatten_tokens
 from .schedules import HyperSchedule, TorchSchedule, factor
 from .settings import TunerSettings
-from .validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
+from .validation import as_dataset, check_all_targets, check_batch, check_batch_sizes, check_targets
 
 __all__ = ["Callback", "DivergenceError", "FitResult", "NonFiniteError", "SelfTuner", "evaluate", "score"]
 
@@ -142,7 +142,10 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
     n = len(source)
     try:
         for start in range(0, n, batch_size):
-            x, y = source.take(torch.arange(start, min(start + batch_size, n)), fields)
+            index = torch.arange(start, min(start + batch_size, n))
+            x, y = source.take(index, fields)
+            if not source.checked_whole:  # a NaN input would be a NaN loss, read as a divergence
+                check_batch(x, y, index, source.what, classes=None, batch_dim=batch_dim or 0)
             x, y = to_device(x, device), to_device(y, device)
             # a plain module (export's copy) takes keyword inputs as keywords; a HyperNet unpacks them itself
             out = net(**x) if isinstance(x, Kwargs) and not isinstance(net, HyperNet) else net(x)
@@ -350,6 +353,7 @@ class SelfTuner:
         # ``seed``), see _own_rng
         self._rng: torch.Tensor | None = None
         self._rehearsed: tuple[float, int] | None = None  # the scheduler run check_schedule stepped through
+        self._n_outputs: int | None = None  # the model's outputs under the default cross-entropy
         self._cuda_rng: list[torch.Tensor] | None = None
         self._in_fit = False
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
@@ -587,6 +591,8 @@ class SelfTuner:
             net.train(was_training)
         if self.objective.loss is None and source.collate is default_collate:  # a loader's own may map labels
             check_all_targets(source.dataset, classes, what)
+        if self.objective.loss is None and what in ("train", "val"):
+            self._n_outputs = classes  # what each batch of a dataset not checked whole is checked against
 
     def _fails_on_one_example(self) -> bool:
         """Whether a training-mode pass over one training example fails as BatchNorm does on a batch of one
@@ -1367,7 +1373,10 @@ class SelfTuner:
             raise NonFiniteError(what, group, self.counters.steps + 1)
 
     def _batch(self, split: str, index: torch.Tensor) -> tuple[Any, Any]:
-        x, y = self.sources[split].take(index, self.fields)
+        source = self.sources[split]
+        x, y = source.take(index, self.fields)
+        if not source.checked_whole:  # a Dataset of the user's: each batch as it comes (validation.check_batch)
+            check_batch(x, y, index, split, classes=self._n_outputs, batch_dim=self.net.batch_dim)
         return to_device(x, self.device), to_device(y, self.device)
 
     def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:

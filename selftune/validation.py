@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
-from .batches import loader_dataset
+from .batches import batch_axis, loader_dataset
 from .errors import ConfigError, DataError
 
 __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
@@ -291,11 +291,28 @@ def _check_probabilities(outputs: torch.Tensor, targets: torch.Tensor, what: str
     if outputs.shape[-1] == 1:
         raise DataError(f"{what}: cross-entropy over a single output is 0 whatever the model predicts (outputs and "
                         f"floating-point targets both {out_shape}); {_REGRESSION_FIX}")
+    _check_distributions(targets, what)
+
+
+def _check_distributions(targets: torch.Tensor, what: str, rows: torch.Tensor | None = None) -> None:
+    """Floating-point targets under cross-entropy: non-negative rows that sum to 1. The message names the
+    first row that is not one (``rows``: the examples' indices in their dataset) and, for 0/1 targets with
+    a row of several 1s, says that multi-label data needs a binary loss per output."""
     t = targets.detach().double()
-    if t.numel() and (bool((t < 0).any()) or not torch.allclose(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-3)):
-        raise DataError(f"{what}: floating-point targets are read as class probabilities by cross-entropy, but "
-                        f"these are not (min {t.min().item():.4g}, a row sums to {t.sum(-1).flatten()[0].item():.4g}); "
-                        f"{_REGRESSION_FIX}")
+    if not t.numel():
+        return
+    sums = t.sum(-1)
+    bad = (t < 0).any(-1) | ((sums - 1).abs() > 1e-3)
+    if not bool(bad.any()):
+        return
+    first = bad.reshape(len(t), -1).any(1).nonzero()[0, 0]
+    row = first if rows is None else rows[first]
+    where = f"row {int(row)}: min {t[first].min().item():.4g}, sums to {sums[first].reshape(-1)[0].item():.4g}"
+    binary = bool(((t == 0) | (t == 1)).all()) and bool((sums > 1).any())
+    fix = ("several labels per example are multi-label targets: pass loss=torch.nn.BCEWithLogitsLoss() "
+           "(SelfTuner(loss=...) or Task(loss=...))" if binary else _REGRESSION_FIX)
+    raise DataError(f"{what}: floating-point targets are read as class probabilities by cross-entropy, but "
+                    f"these are not ({where}; {int(bad.sum())} such rows); {fix}")
 
 
 def _label_error(what: str, label: int, where: str, classes: int, count: int) -> None:
@@ -308,11 +325,12 @@ def _label_error(what: str, label: int, where: str, classes: int, count: int) ->
 
 
 def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
-    """Check that every integer target of a ``TensorDataset`` lies in ``[0, num_outputs)``.
+    """Check that every integer target of a ``TensorDataset`` lies in ``[0, num_outputs)``, and that every
+    row of floating-point targets is a distribution (class probabilities).
 
     A min/max over the whole target tensor (no copy), so a bad label deep in the data is found before
-    training instead of when its batch comes up. Other Datasets and floating-point targets are skipped
-    (:func:`check_targets` covers the batch it is given).
+    training instead of when its batch comes up. Other Datasets are skipped: :func:`check_batch` checks
+    each of their batches as it is drawn.
 
     Args:
         data: the dataset (as returned by :func:`as_dataset`).
@@ -325,6 +343,9 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
     if not isinstance(data, TensorDataset) or len(data.tensors) < 2:
         return
     targets = data.tensors[1]
+    if targets.is_floating_point() and targets.dim() >= 2:  # class probabilities, every row
+        _check_distributions(targets, what)
+        return
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool or not targets.numel():
         return
     low, high = (int(v) for v in torch.aminmax(targets))
@@ -334,3 +355,46 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
     row = int(bad.reshape(len(targets), -1).any(dim=1).nonzero()[0, 0])
     value = int(targets[row].reshape(-1)[bad[row].reshape(-1)][0])
     _label_error(what, value, f" at row {row}", num_outputs, int(bad.sum()))
+
+
+def check_batch(x: Any, y: Any, index: torch.Tensor, what: str, *, classes: int | None, batch_dim: int = 0) -> None:
+    """Check one batch of a dataset that was not checked whole before training (a ``Dataset`` of your own:
+    reading every example up front would cost an epoch of loading): floating-point inputs finite, and
+    under cross-entropy (``classes``: the model's outputs) integer labels in range and floating-point
+    targets distributions. Each problem is the ``DataError`` a tensor dataset gets before training,
+    naming the example by its index in the dataset, instead of a raw error or a run that "diverges".
+
+    Args:
+        x, y: the batch's inputs (any nesting of tensors) and targets.
+        index: the batch's examples, as indices into the dataset.
+        what: how messages name the data.
+        classes: the model's number of outputs when the loss is the default cross-entropy, else ``None``.
+        batch_dim: the model's batch dimension (sequence-first models: 1).
+    """
+    n = len(index)
+    for t in _tensors(x):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            try:
+                axis = batch_axis(t, n, batch_dim)
+            except ValueError:
+                axis = None
+            where = ""
+            if axis is not None:
+                rows = (~torch.isfinite(t)).movedim(axis, 0).reshape(n, -1).any(1).nonzero()
+                where = f" (example {int(index[int(rows[0, 0])])} of the dataset)"
+            raise DataError(f"{what}: inputs contain NaN/inf values{where}; clean or impute them before training")
+    if classes is None or not isinstance(y, torch.Tensor) or not y.numel():
+        return
+    if y.is_floating_point():
+        if y.dim() >= 2:
+            _check_distributions(y, what, index if len(y) == n else None)
+        return
+    if y.is_complex() or y.dtype == torch.bool:
+        return
+    low, high = (int(v) for v in torch.aminmax(y.detach()))
+    if low >= 0 and high < classes:
+        return
+    bad = (y < 0) | (y >= classes)
+    flat = bad.reshape(len(y), -1).any(1) if len(y) == n else None
+    where = "" if flat is None else f" at example {int(index[int(flat.nonzero()[0, 0])])} of the dataset"
+    _label_error(what, low if low < 0 else high, where, classes, int(bad.sum()))

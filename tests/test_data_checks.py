@@ -374,13 +374,76 @@ def test_all_targets_of_sequences():
     check_all_targets(TensorDataset(torch.zeros(300, 20, dtype=torch.long), y.clamp(max=49)), 50, "train")
 
 
-def test_all_targets_skips_float_targets_and_other_datasets(digits):
-    check_all_targets(TensorDataset(torch.zeros(3, 2), torch.tensor([[0.0, 7.0], [1.0, -3.0], [2.0, 9.0]])), 2, "t")
-    check_all_targets(Items([(torch.zeros(2), 99)]), 2, "train")
+def test_all_targets_skips_other_datasets(digits):
+    check_all_targets(Items([(torch.zeros(2), 99)]), 2, "train")  # each batch is checked as drawn instead
     check_all_targets(digits.train, 10, "train")
     check_all_targets(digits.val, 10, "val")
     with pytest.raises(DataError, match="label 9 at row"):  # the real data with a model of too few outputs
         check_all_targets(digits.train, 9, "train")
+
+
+def test_every_row_of_probability_targets_is_checked_and_multi_label_targets_name_their_loss():
+    """Only the first two rows were checked: sparse multi-label data (most rows one tag) trained silently on
+    cross-entropy against rows summing to 2-4."""
+    y = torch.zeros(200, 4)
+    y[torch.arange(200), torch.arange(200) % 4] = 1.0
+    check_all_targets(TensorDataset(torch.zeros(200, 3), y), 4, "train")
+    y[150, 0] = 1.0
+    with pytest.raises(DataError) as err:
+        check_all_targets(TensorDataset(torch.zeros(200, 3), y), 4, "train")
+    assert "row 150: min 0, sums to 2; 1 such rows" in one_line(err) and "BCEWithLogitsLoss" in str(err.value)
+    soft = torch.full((10, 4), 0.25)
+    soft[7] = torch.tensor([0.5, 0.5, 0.5, -0.5])
+    with pytest.raises(DataError, match=r"row 7: min -0.5, sums to 1; 1 such rows\); floating-point targets that"):
+        check_all_targets(TensorDataset(torch.zeros(10, 3), soft), 4, "val")
+
+
+class Pairs(Dataset):
+    """A Dataset of the user's own over tensors (no TensorDataset: not checked whole before training)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("problem", ["label", "nan", "multi-label"])
+def test_a_bad_example_deep_in_a_dataset_of_your_own_is_a_data_error_naming_it(problem):
+    """A Dataset subclass has its first examples checked before training; a bad label deep in it was a raw
+    IndexError when its batch came up, and a NaN input three roll-backs and a DivergenceError advising a lower
+    rate. Each batch is now checked as it is drawn, and the epoch-end scoring too."""
+    import selftune as st
+
+    torch.manual_seed(0)
+    x = torch.randn(160, 6)
+    y = torch.randint(0, 2, (160,))
+    if problem == "multi-label":
+        y = torch.nn.functional.one_hot(y, 2).float()
+        y[100] = 1.0
+    elif problem == "label":
+        y[100] = 2
+    else:
+        x[100, 3] = float("nan")
+    net = st.hypernetize(torch.nn.Sequential(torch.nn.Linear(6, 8), st.Dropout("d"), torch.nn.Linear(8, 2)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    tuner = st.SelfTuner(net, Pairs(x[:120], y[:120]), Pairs(x[120:], y[120:]), method="delta-stn",
+                         settings=st.TunerSettings(batch_size=16))
+    with pytest.raises(DataError) as err:
+        tuner.fit(2)
+    want = {"label": "train: label 2 at example 100 of the dataset is outside the model's 2 outputs",
+            "nan": "train: inputs contain NaN/inf values (example 100 of the dataset); clean or impute",
+            "multi-label": "row 100: min 1, sums to 2"}[problem]
+    assert want in one_line(err) and tuner.divergences == 0
+    bad_val = x.clone()
+    bad_val[130, 0] = float("inf")
+    clean = st.SelfTuner(net, Pairs(x[:100], y[:100]), Pairs(bad_val[120:], y[120:]), method="fixed",
+                         settings=st.TunerSettings(batch_size=16))
+    with pytest.raises(DataError, match=r"val: inputs contain NaN/inf values \(example 10 of the dataset\)"):
+        clean.fit(1)
 
 
 # ---------------------------------------------------------------------------------------------------
