@@ -174,6 +174,13 @@ class Objective:
             for pattern, group in zip(self.weight_decay, groups, strict=True):
                 where = f"objective.weight_decay[\"{pattern}\"]"
                 if not any(matches(pattern, name) for name in holders):
+                    frozen = [name for name, module in model.named_modules() if matches(pattern, name)
+                              and any(not p.requires_grad for p in module.parameters(recurse=False))]
+                    if frozen:  # it names layers, whose weights do not train
+                        raise ConfigError(where, f"names only frozen layers ({', '.join(repr(n) for n in frozen[:4])}"
+                                                 f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), whose "
+                                                 "weights do not train, so a decay there would drive nothing; remove "
+                                                 "the pattern, or unfreeze those layers")
                     layers = ", ".join(repr(n) for n in holders[:12]) + (", ..." if len(holders) > 12 else "")
                     raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
                 if not group:

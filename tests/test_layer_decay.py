@@ -79,6 +79,23 @@ def test_a_pattern_that_names_no_layer_is_refused_with_the_layers_listed():
         Objective(weight_decay={"net.2": [0.1]})
 
 
+def test_a_pattern_that_names_a_frozen_block_says_it_is_frozen_not_missing():
+    """It read "names no layer with weights; the model's are 'head.1'": a typo hunt for a layer that exists."""
+    backbone = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU())
+    backbone.requires_grad_(False)
+    model = torch.nn.Sequential()
+    model.add_module("backbone", backbone)
+    model.add_module("head", torch.nn.Sequential(st.Dropout("d"), torch.nn.Linear(32, 2)))
+    space = st.Space([st.Float("d", 0.0, 0.9, 0.3), st.Float("wd_bb", 1e-6, 0.1, 1e-4, log=True),
+                      st.Float("wd", 1e-6, 0.1, 1e-4, log=True)])
+    x, y = torch.randn(100, 8), torch.randint(0, 2, (100,))
+    with pytest.raises(ConfigError, match=r"""weight_decay\["backbone"\]: names only frozen layers \('backbone\.0'"""
+                                          r""": requires_grad=False\).*remove the pattern, or unfreeze"""):
+        st.SelfTuner(st.hypernetize(model, space), (x[:60], y[:60]), (x[60:], y[60:]),
+                     objective=st.Objective(weight_decay={"backbone": "wd_bb", "*": "wd"}),
+                     settings=st.TunerSettings(batch_size=16))
+
+
 @pytest.mark.parametrize("method", ["delta-stn", "ift"])
 def test_the_decays_of_two_layer_groups_are_tuned_apart(method):
     tuner = digits_tuner(*DECAYS, 'objective.weight_decay={"net.2"="wd_first", "*"="wd_rest"}', method=method)
