@@ -310,3 +310,18 @@ def test_a_positional_embedding_shared_by_every_example_responds_to_their_mean_p
         expected = pos.weight + gates.mean(0) * pos.response_weight
     torch.testing.assert_close(seen[-1], expected)
 
+
+
+def test_hypernetize_twice_on_one_model_reports_its_layers_converted_or_refuses_another_space():
+    """A notebook cell run twice: the second call's summary said every layer was left plain ("BestResponseLinear
+    has no best-response form") while they responded; a space or form the earlier layers cannot take is refused."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), st.Dropout("d"), nn.Linear(16, 2))
+    space = st.Space([st.Float("d", 0.0, 0.9, 0.3)])
+    st.hypernetize(model, space)
+    again = st.hypernetize(model, space)
+    assert again.summary() == "converted 2 BestResponseLinear (an earlier hypernetize's)" and not again.left_plain
+    with pytest.raises(TypeError, match=r"model\.0 is already a best-response layer \(form='delta', 1 encoding "
+                                        r"inputs\).*build the model afresh"):
+        st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.3), st.Float("e", 0.0, 0.9, 0.3)]))
+    with pytest.raises(TypeError, match="cannot respond to this space \\(form='stn'"):
+        st.hypernetize(model, space, form="stn")

@@ -489,6 +489,18 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
             projection, a recurrent module with its own dropout between layers).
     """
     named = dict(model.named_modules())
+    # Layers an earlier call converted (a notebook cell run twice on one model): kept as they are when they
+    # respond to this space's encoding in this form, and reported as converted (they read as "no
+    # best-response form" before); otherwise their gates cannot take this space, which is said now.
+    earlier = {n: m for n, m in named.items() if isinstance(m, BestResponseModule)
+               and not any(n.startswith(f"{o}.") for o in named if o and isinstance(named[o], BestResponseModule))}
+    width = space.encoding_width(encoding) if encoding in ENCODINGS else None
+    for name, module in earlier.items():
+        if getattr(module, "form", form) != form or getattr(module, "encoding_size", width) != width:
+            raise TypeError(f"model.{name} is already a best-response layer (form={getattr(module, 'form', '?')!r}, "
+                            f"{getattr(module, 'encoding_size', '?')} encoding inputs) from an earlier hypernetize of "
+                            f"this model, which cannot respond to this space (form={form!r}, {width}); build the "
+                            "model afresh before hypernetize")
     if modules is None:
         targets = [n for n, m in named.items() if type(m) in CONVERTIBLE and not _frozen(m, form)
                    and not (isinstance(m, nn.MultiheadAttention) and _attention_plain_reason(m))]
@@ -510,8 +522,9 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
     retie(model, ties)
     net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
-    net.converted = converted
-    net.left_plain = _left_plain(named, set(targets), form)
+    net.converted = {**{n: f"{type(m).__name__} (an earlier hypernetize's)" for n, m in earlier.items()},
+                     **converted}
+    net.left_plain = _left_plain(named, set(targets) | set(earlier), form)
     return net
 
 
@@ -575,7 +588,8 @@ _PLAIN_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
 def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "delta") -> dict[str, str]:
     """Modules that hold weights of their own and were not converted, with the reason."""
     plain: dict[str, str] = {}
-    inside = tuple(f"{n}." for n, m in named.items() if isinstance(m, nn.MultiheadAttention))
+    inside = tuple(f"{n}." for n, m in named.items()
+                   if isinstance(m, nn.MultiheadAttention) or (n in converted and isinstance(m, BestResponseModule)))
     for name, module in named.items():
         if name in converted or not any(True for _ in module.parameters(recurse=False)):
             continue
