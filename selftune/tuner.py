@@ -656,6 +656,8 @@ class SelfTuner:
                     warnings.filterwarnings("error", message=".*broadcasting.*", category=UserWarning)
                     value = fn(out, y)
                 float(value)
+                if name == "loss" and what == "train":  # (one warning: the splits share the loss)
+                    self._warn_pairwise(fn, out, y, what)
             except UserWarning as err:
                 if "broadcasting" not in str(err):  # another warning a user's filter made an error: theirs
                     raise
@@ -669,6 +671,27 @@ class SelfTuner:
                 reason = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
                                 f"model's outputs are {_shape(out)} and the targets {_shape(y)}") from err
+
+    @staticmethod
+    def _warn_pairwise(fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any, what: str) -> None:
+        """A hand-written loss such as ``((out - y) ** 2).mean()`` on ``(B, 1)`` outputs and ``(B,)`` targets
+        broadcasts to ``(B, B)``, pairing every output with every target, and PyTorch says nothing (its own
+        losses warn, which :meth:`_try_loss` turns into an error). Such a loss on two examples is not the mean
+        of its values on each: that is said, as a warning, since a loss may compare examples on purpose."""
+        if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point()
+                and out.dim() == 2 and out.shape[1] == 1 and y.shape == out.shape[:1] and len(y) >= 2):
+            return
+        try:
+            both = float(fn(out[:2], y[:2]))
+            each = (float(fn(out[:1], y[:1])) + float(fn(out[1:2], y[1:2]))) / 2
+        except Exception:  # a loss that needs more than one example: nothing to compare
+            return
+        if math.isfinite(both) and abs(both - each) > 1e-4 * max(1.0, abs(each)):
+            warnings.warn(SelftuneWarning(
+                f"{what}: the loss of two examples ({both:.4g}) is not the mean of their own losses ({each:.4g}): "
+                f"with outputs {_shape(out)} and targets {_shape(y)}, a loss written as ((out - y) ** 2).mean() "
+                "broadcasts to every (output, target) pair; make them one shape (out.squeeze(-1)), unless your "
+                "loss compares examples on purpose"), stacklevel=4)
 
     # -- views kept for callbacks and users ------------------------------------------------------------
     @property

@@ -837,3 +837,19 @@ def test_an_optimizer_built_by_the_user_or_one_the_tuner_cannot_step_is_one_line
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"tuner\.optimizer: SparseAdam takes sparse gradients only"):
         st.TunerSettings(optimizer="SparseAdam")
+
+
+def test_a_hand_written_loss_that_pairs_every_output_with_every_target_is_a_warning():
+    """``((out - y) ** 2).mean()`` on (B, 1) outputs and (B,) targets trains on all (B, B) pairs, and PyTorch
+    says nothing (its own losses warn, which is a DataError here)."""
+    x = torch.randn(100, 5)
+    y = 2 * x[:, 0]
+    net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 1)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    with pytest.warns(SelftuneWarning, match=r"train: the loss of two examples .* is not the mean of their own "
+                                             r"losses .*make them one shape \(out.squeeze\(-1\)\)"):
+        st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=lambda o, t: ((o - t) ** 2).mean(),
+                     settings=st.TunerSettings(batch_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=mse, settings=st.TunerSettings(batch_size=16))
