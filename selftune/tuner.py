@@ -748,6 +748,11 @@ class SelfTuner:
             raise TypeError(f"callbacks must be a list of selftune.Callback instances (got {type(callbacks).__name__}; "
                             "a single one: [callback])")
         callbacks = list(callbacks)
+        if epochs < self.order.epoch:  # (equal: a finished run asked again, which returns its result)
+            warnings.warn(SelftuneWarning(
+                f"fit({epochs}): this tuner has already trained {self.order.epoch} epochs, so nothing is trained; "
+                f"epochs is the run's total, not more epochs (fit({self.order.epoch + epochs}) trains {epochs} "
+                "more)"), stacklevel=2)
         self.planned_epochs = epochs
         self._stop = False
         with self._own_rng():

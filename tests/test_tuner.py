@@ -259,3 +259,18 @@ def test_arguments_that_cannot_mean_anything_are_one_line_errors(digits, space3)
     with pytest.raises(DataError, match="data: label 12 is outside the model's 10 outputs"):
         tuner.score((x, torch.full_like(y, 12)))
     assert tuner.counters.steps == 0
+
+
+def test_fit_with_fewer_epochs_than_trained_says_epochs_is_the_total():
+    from torch import nn
+
+    from selftune.errors import SelftuneWarning
+
+    x, y = torch.randn(100, 5), torch.randint(0, 2, (100,))
+    net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    tuner = st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), settings=st.TunerSettings(batch_size=16))
+    tuner.fit(3)
+    with pytest.warns(SelftuneWarning, match=r"fit\(2\): this tuner has already trained 3 epochs.*fit\(5\) trains 2"):
+        tuner.fit(2)
+    assert tuner.epoch == 3
