@@ -378,6 +378,9 @@ class SelfTuner:
             self.settings = s = s.model_copy(update={"drop_last": drop_last})
         #: whether the model normalises over its batch (its running statistics skip extra passes)
         self.batch_norm = has_batch_norm(net)
+        #: the layers that keep running statistics (BatchNorm, an InstanceNorm with track_running_stats)
+        self._tracking = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                          and m.track_running_stats]
         #: whether the model cannot train on a batch of one example (BatchNorm over features alone): a
         #: leftover example joins the batch before it, and a response step keeps at least two
         self.needs_two = self.batch_norm and self._fails_on_one_example()
@@ -1362,13 +1365,14 @@ class SelfTuner:
 
     @contextmanager
     def kept_statistics(self) -> Iterator[None]:
-        """Leave BatchNorm's running statistics as they are across one extra training-mode pass (Delta-STN's
-        response step at perturbed values, ``ift``'s second pass over a batch): evaluation normalises with
-        the statistics of the plain network's own steps, as fixed training's, and each batch counts once."""
-        if not self.batch_norm:
+        """Leave BatchNorm's (and a tracking InstanceNorm's) running statistics as they are across one extra
+        training-mode pass (Delta-STN's response step at perturbed values, ``ift``'s second pass over a
+        batch): evaluation normalises with the statistics of the plain network's own steps, as fixed
+        training's, and each batch counts once."""
+        layers = self._tracking
+        if not layers:
             yield
             return
-        layers = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         names = ("running_mean", "running_var", "num_batches_tracked")
         # the pass updates copies, and the originals are put back: a graph that differentiates the pass
         # again (ift) keeps the copies it saved, so nothing it needs is changed in place

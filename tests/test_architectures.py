@@ -325,3 +325,20 @@ def test_hypernetize_twice_on_one_model_reports_its_layers_converted_or_refuses_
         st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.3), st.Float("e", 0.0, 0.9, 0.3)]))
     with pytest.raises(TypeError, match="cannot respond to this space \\(form='stn'"):
         st.hypernetize(model, space, form="stn")
+
+
+def test_an_instance_norm_that_tracks_statistics_keeps_them_across_the_extra_passes():
+    """Only BatchNorm's were kept: the response step and ift's second pass moved a tracking InstanceNorm's."""
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, track_running_stats=True), nn.Flatten(),
+                          st.Dropout("d"), nn.Linear(24, 2))
+    net = st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    x, y = torch.randn(40, 2, 8), torch.randint(0, 2, (40,))
+    tuner = st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), settings=st.TunerSettings(batch_size=10))
+    norm = model[1]
+    before = norm.running_mean.clone()
+    net.train()
+    with tuner.kept_statistics():
+        net(x[:10] * 5 + 3)
+    assert torch.equal(norm.running_mean, before)
+    net(x[:10] * 5 + 3)
+    assert not torch.equal(norm.running_mean, before)
