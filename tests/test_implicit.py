@@ -102,3 +102,29 @@ def test_weights_the_training_loss_never_reaches_do_not_stop_the_implicit_hyperg
                          settings=st.TunerSettings(lr=0.05, batch_size=32), seed=0)
     fit = tuner.fit(2)
     assert fit.hparams["d"] != pytest.approx(0.3, abs=1e-3) and all(tuner.log.hypergrad_seen)
+
+
+def test_embedding_dropout_gets_an_implicit_hypergradient_through_its_relaxed_draws():
+    """Its per-word-type draws were hard masks of a detached rate: ift, one-pass and delta-ift after its
+    handover froze a tuned embedding dropout."""
+    from torch import nn
+
+    import selftune as st
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.drop = nn.Embedding(20, 8), st.EmbeddingDropout("de", 20)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, ids):
+            return self.out(self.drop(ids, self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (120, 6))
+    y = (ids[:, 0] > 9).long()
+    net = st.hypernetize(Tokens(), st.Space([st.Float("de", 0.0, 0.9, 0.3)]))
+    tuner = st.SelfTuner(net, (ids[:80], y[:80]), (ids[80:], y[80:]), method="ift",
+                         settings=st.TunerSettings(lr=0.05, batch_size=16))
+    fit = tuner.fit(2)
+    assert tuner.log.hypergrad_seen == [True] and fit.hparams["de"] != pytest.approx(0.3, abs=1e-4)

@@ -131,14 +131,24 @@ class EmbeddingDropout(HyperModule):
             return embedded
         if self.fixed is None and self.hyper_state.data_axis(ids) != 0:  # sequence-first (T, B) ids
             return self(ids.t(), embedded.transpose(0, 1)).transpose(0, 1)
+        relax = None
         if self.fixed is not None:
             rate, generator = embedded.new_full((ids.shape[0],), self.fixed), None
         else:
             state = self.hyper_state
-            rate, generator = state.value(self.name).detach(), state.generator
+            relax = state.relax
+            rate, generator = state.value(self.name), state.generator
+            rate = rate if relax is not None else rate.detach()
         keep = (1.0 - rate).clamp_min(1e-6).to(embedded.dtype)  # (B,)
         draws = torch.rand(ids.shape[0], self.num_embeddings, generator=generator, device=ids.device)
-        kept = (draws < keep[:, None]).to(embedded.dtype) / keep[:, None]  # (B, V): one decision per word type
+        if relax is None:
+            kept = (draws < keep[:, None]).to(embedded.dtype) / keep[:, None]  # (B, V): one decision per word type
+        else:  # the concrete relaxation of that draw (as dropout's): implicit hypergradients reach the rate
+            tiny = 1e-6
+            draws = draws.to(embedded.dtype)
+            logits = (torch.log(1 - keep + tiny) - torch.log(keep + tiny))[:, None] + torch.log(draws + tiny) \
+                - torch.log(1 - draws + tiny)
+            kept = (1 - torch.sigmoid(logits / relax)) / keep[:, None]
         return embedded * kept.gather(1, ids.flatten(1)).view(*ids.shape, *([1] * (embedded.dim() - ids.dim())))
 
     def extra_repr(self) -> str:
