@@ -44,7 +44,7 @@ from torch.utils.data import (
 
 from .errors import DataError, SelftuneWarning
 
-__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "loader_dataset", "to_device"]
+__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "loader_dataset", "subset_origin", "to_device"]
 
 Collate = Callable[[list[Any]], Any]
 
@@ -100,19 +100,48 @@ class Fields:
                         "(with target_key naming its target)")
 
 
+def subset_origin(loader: DataLoader) -> torch.Tensor | None:
+    """The indices of a loader's ``SubsetRandomSampler`` into its dataset (``None`` for any other sampler):
+    where each example of :func:`loader_dataset` sits in the user's dataset, which messages name."""
+    sampler = loader.sampler
+    if type(sampler) is not SubsetRandomSampler:
+        return None
+    try:
+        return torch.as_tensor(sampler.indices, dtype=torch.long).reshape(-1)  # a tensor, list, range, array
+    except (TypeError, ValueError, RuntimeError):
+        return torch.as_tensor(list(sampler.indices), dtype=torch.long)
+
+
 def loader_dataset(loader: DataLoader) -> Dataset:
     """The examples a loader draws from: its dataset, or the part of it a ``SubsetRandomSampler`` names.
 
     Why: ``DataLoader(ds, sampler=SubsetRandomSampler(train_idx))`` and the same with ``val_idx`` is how
     many PyTorch users split one dataset; reading ``loader.dataset`` alone would train on the validation
     examples too. A ``TensorDataset`` stays one (its rows taken), so batches keep their fast path."""
-    data, sampler = loader.dataset, loader.sampler
-    if type(sampler) is SubsetRandomSampler:
-        index = torch.as_tensor(list(sampler.indices), dtype=torch.long)
-        if isinstance(data, TensorDataset):
-            return TensorDataset(*(t[index] for t in data.tensors))
-        return Subset(data, index.tolist())
-    return data
+    data, index = loader.dataset, subset_origin(loader)
+    if index is None:
+        return data
+    if isinstance(data, TensorDataset):
+        return TensorDataset(*(t[index.to(t.device)] for t in data.tensors))
+    return Subset(data, index.tolist())
+
+
+def _checked_weights(sampler: WeightedRandomSampler, n: int, what: str) -> tuple[torch.Tensor, int, bool]:
+    """A ``WeightedRandomSampler``'s draw ``(weights, num_samples, replacement)``, refused in one line where
+    it could not draw an epoch from ``n`` examples (PyTorch would fail at the first batch, or index past
+    the data)."""
+    weights = torch.as_tensor(sampler.weights, dtype=torch.double).reshape(-1)
+    draws, replacement = int(sampler.num_samples), bool(sampler.replacement)
+    fix = "; give one weight per example of the dataset"
+    if len(weights) > n:
+        raise DataError(f"{what}: the WeightedRandomSampler has {len(weights)} weights for {n} examples{fix}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise DataError(f"{what}: the WeightedRandomSampler's weights must be finite, non-negative and not all 0{fix}")
+    positive = int((weights > 0).sum())
+    if not replacement and draws > positive:
+        raise DataError(f"{what}: the WeightedRandomSampler draws {draws} examples without replacement but only "
+                        f"{positive} have a weight above 0; lower num_samples or pass replacement=True")
+    return weights, draws, replacement
 
 
 class Source:
@@ -129,11 +158,15 @@ class Source:
             loader's own ``collate_fn`` is trusted to produce the model's layout.
         weighted: whether a ``WeightedRandomSampler`` is honoured (the training data's); elsewhere it is a
             warning, since losses there are over every example once.
+        dataset: the loader's examples as :func:`~selftune.validation.as_dataset` checked them (the part a
+            ``SubsetRandomSampler`` names, tensors detached), so they are taken once.
     """
 
     def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None,
-                 batch_dim: int = 0, *, weighted: bool = False) -> None:
+                 batch_dim: int = 0, *, weighted: bool = False, dataset: Dataset | None = None) -> None:
         collate: Collate | None = None
+        #: where each example sits in the user's dataset when a ``SubsetRandomSampler`` chose them (messages)
+        self.origin: torch.Tensor | None = None
         #: a training loader's ``WeightedRandomSampler``: ``(weights, num_samples, replacement)``
         self.weights: tuple[torch.Tensor, int, bool] | None = None
         if isinstance(data, DataLoader):
@@ -144,8 +177,7 @@ class Source:
                     "collate_fn"), stacklevel=3)
             sampler = data.sampler
             if weighted and type(sampler) is WeightedRandomSampler:
-                self.weights = (torch.as_tensor(sampler.weights, dtype=torch.double), int(sampler.num_samples),
-                                bool(sampler.replacement))
+                self.weights = _checked_weights(sampler, len(dataset if dataset is not None else data.dataset), what)
             honoured = (SequentialSampler, RandomSampler, SubsetRandomSampler) + (
                 (WeightedRandomSampler,) if weighted else ())
             custom = [type(s).__name__ for s, plain in (
@@ -160,7 +192,8 @@ class Source:
                     "(e.g. CrossEntropyLoss(weight=...)) or resample the dataset itself to keep that balance"),
                     stacklevel=3)
             collate = data.collate_fn
-            data = loader_dataset(data)
+            self.origin = subset_origin(data)
+            data = loader_dataset(data) if dataset is None else dataset  # (the checked one: as_dataset's)
         self.dataset = data
         self.what = what
         self.collate: Collate = collate or default_collate

@@ -15,10 +15,10 @@ official code (lorraine2/implicit-hyper-opt) does; ``K`` is ``tuner.neumann_term
 How each hyperparameter reaches ``d2L_train/(dw dlam)``:
 
 * weight decay and label smoothing: the training loss is differentiated in them directly;
-* dropout rates: the hyper step's training loss uses concrete (relaxed Bernoulli) masks, a smooth function
-  of the rate (the official RNN code's ``concrete`` dropout);
-* augmentation strengths and embedding dropout draw discrete masks that no gradient passes: they get
-  none, and the run's explanation says so ("never received a hypergradient").
+* dropout rates (embedding dropout's too): the hyper step's training loss uses concrete (relaxed Bernoulli)
+  masks, a smooth function of the rate (the official RNN code's ``concrete`` dropout);
+* augmentation strengths draw discrete transforms that no gradient passes: they get none, and the run's
+  explanation says so ("never received a hypergradient").
 
 Differences from the official code, and why: the Neumann step size ``alpha`` is not the weights'
 learning rate (meaningless for Adam) but ``1 / (largest curvature)`` from a power iteration at the first
@@ -178,8 +178,10 @@ class ImplicitDifferentiation(Fixed):
         if tuner.augment is not None:
             x = tuner.augment(x, tuner._lookup(values.detach()), tuner.generator)
         # PyTorch's fused attention kernels (flash, memory-efficient) have no double backward; the math
-        # one does, and this graph is differentiated again (a Transformer's attention)
-        with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH), tuner.kept_statistics():
+        # one does, and this graph is differentiated again (a Transformer's attention). Nor has cuDNN's
+        # LSTM/GRU ("Double backwards is not supported for CuDNN RNNs"): PyTorch's own CUDA kernels then run.
+        with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH), tuner.kept_statistics(), \
+                torch.backends.cudnn.flags(enabled=False):
             outputs = net(x, u, respond=False, generator=tuner.generator)
         loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
         # (None for a weight the training loss never reaches: an auxiliary head, a layer left unused)

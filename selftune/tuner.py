@@ -70,7 +70,8 @@ def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 
                weighted: bool = False) -> Source:
     """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
     dataset = as_dataset(data, what)
-    return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim, weighted=weighted)
+    return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim, weighted=weighted,
+                  dataset=dataset)
 
 
 def _is_classification(outputs: Any, target: Any) -> bool:
@@ -145,7 +146,8 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
             index = torch.arange(start, min(start + batch_size, n))
             x, y = source.take(index, fields)
             if not source.checked_whole:  # a NaN input would be a NaN loss, read as a divergence
-                check_batch(x, y, index, source.what, classes=None, batch_dim=batch_dim or 0)
+                check_batch(x, y, index if source.origin is None else source.origin[index], source.what,
+                            classes=None, batch_dim=batch_dim or 0)
             x, y = to_device(x, device), to_device(y, device)
             # a plain module (export's copy) takes keyword inputs as keywords; a HyperNet unpacks them itself
             out = net(**x) if isinstance(x, Kwargs) and not isinstance(net, HyperNet) else net(x)
@@ -387,9 +389,13 @@ class SelfTuner:
         if self.needs_two and s.batch_size == 1:
             raise ConfigError("tuner.batch_size", "the model's BatchNorm cannot train on batches of 1 example; use "
                                                   "at least 2")
+        weights = self.sources["train"].weights
+        if weights is not None and drop_last and weights[1] < s.batch_size * s.accumulate:
+            raise DataError(f"train: the WeightedRandomSampler draws {weights[1]} examples an epoch, fewer than a "
+                            f"batch (tuner.batch_size x tuner.accumulate = {s.batch_size * s.accumulate}), and "
+                            "drop_last drops them all; raise num_samples or lower tuner.batch_size")
         self.order = BatchOrder(self.n_train, self.n_val, s.batch_size * s.accumulate, self.val_batch_size,
-                                drop_last=drop_last, fold_single=self.needs_two,
-                                weights=self.sources["train"].weights)
+                                drop_last=drop_last, fold_single=self.needs_two, weights=weights)
         # The batch can change (tuner.adaptive_batch grows it) and the rate can follow it (lr_batch_scaling).
         self._start_batch = s.batch_size * s.accumulate
         adaptive = s.adaptive_batch
@@ -593,7 +599,7 @@ class SelfTuner:
         finally:
             net.train(was_training)
         if self.objective.loss is None and source.collate is default_collate:  # a loader's own may map labels
-            check_all_targets(source.dataset, classes, what)
+            check_all_targets(source.dataset, classes, what, origin=source.origin)
         if self.objective.loss is None and what in ("train", "val"):
             self._n_outputs = classes  # what each batch of a dataset not checked whole is checked against
 
@@ -679,22 +685,25 @@ class SelfTuner:
     def _warn_pairwise(fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any, what: str) -> None:
         """A hand-written loss such as ``((out - y) ** 2).mean()`` on ``(B, 1)`` outputs and ``(B,)`` targets
         broadcasts to ``(B, B)``, pairing every output with every target, and PyTorch says nothing (its own
-        losses warn, which :meth:`_try_loss` turns into an error). Such a loss on two examples is not the mean
-        of its values on each: that is said, as a warning, since a loss may compare examples on purpose."""
+        losses warn, which :meth:`_try_loss` turns into an error). Such a loss does not change when two
+        examples swap their targets, which any loss that pairs each output with its own target does (sum or
+        mean reduced alike): that is said, as a warning, since a loss may compare examples on purpose."""
         if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point()
                 and out.dim() == 2 and out.shape[1] == 1 and y.shape == out.shape[:1] and len(y) >= 2):
             return
-        try:
-            both = float(fn(out[:2], y[:2]))
-            each = (float(fn(out[:1], y[:1])) + float(fn(out[1:2], y[1:2]))) / 2
-        except Exception:  # a loss that needs more than one example: nothing to compare
+        o, t = out[:2], y[:2]
+        if bool(t[0] == t[1]) or bool(o[0, 0] == o[1, 0]):
             return
-        if math.isfinite(both) and abs(both - each) > 1e-4 * max(1.0, abs(each)):
+        try:
+            kept, swapped = float(fn(o, t)), float(fn(o, t.flip(0)))
+        except Exception:  # a loss that cannot take two examples: nothing to compare
+            return
+        if math.isfinite(kept) and abs(kept - swapped) <= 1e-6 * max(1.0, abs(kept)):
             warnings.warn(SelftuneWarning(
-                f"{what}: the loss of two examples ({both:.4g}) is not the mean of their own losses ({each:.4g}): "
-                f"with outputs {_shape(out)} and targets {_shape(y)}, a loss written as ((out - y) ** 2).mean() "
-                "broadcasts to every (output, target) pair; make them one shape (out.squeeze(-1)), unless your "
-                "loss compares examples on purpose"), stacklevel=4)
+                f"{what}: the loss does not change when two examples swap their targets ({kept:.4g}): with outputs "
+                f"{_shape(out)} and targets {_shape(y)}, a loss written as ((out - y) ** 2).mean() broadcasts to "
+                "every (output, target) pair; make them one shape (out.squeeze(-1)), unless your loss compares "
+                "examples on purpose"), stacklevel=4)
 
     # -- views kept for callbacks and users ------------------------------------------------------------
     @property
@@ -858,13 +867,15 @@ class SelfTuner:
         return self.planned_hyper_steps(epochs, self.algorithm.hyper_interval(self)) * self.settings.val_steps
 
     def planned_hyper_steps(self, epochs: int, interval: int) -> int:
-        """The hyper steps a run of ``epochs`` takes every ``interval`` weight steps (at least 1).
+        """The hyper steps a run of ``epochs`` takes every ``interval`` weight steps (at least 1), at the
+        starting batch size (a batch that ``adaptive_batch`` grows makes epochs of fewer steps).
 
         The loop steps the hyperparameters after every weight step whose number (counted from the run's
-        start, warm-up included) is a multiple of ``interval``, once warm-up is over: the multiples in
-        ``(warmup, epochs]`` epochs' steps. (Counting the tuning epochs' steps alone missed one where warm-up
-        ends between two multiples: on a 3-epoch run of 4 steps an epoch, 1 planned against 2 taken, and a
-        hyper learning rate planned to travel 8 units travelled 16.)"""
+        start, warm-up included) is a multiple of ``interval`` (``train_steps``, or an implicit method's
+        spacing), once warm-up is over: the multiples in ``(warmup, epochs]`` epochs' steps. (Counting the
+        tuning epochs' steps alone missed one where warm-up ends between two multiples: on a 3-epoch run of
+        4 steps an epoch, 1 planned against 2 taken, and a hyper learning rate planned to travel 8 units
+        travelled 16.)"""
         per = self.batches_per_epoch
         warmup = min(self.settings.warmup_epochs, epochs)
         return max(1, epochs * per // interval - warmup * per // interval)
@@ -1408,7 +1419,8 @@ class SelfTuner:
         source = self.sources[split]
         x, y = source.take(index, self.fields)
         if not source.checked_whole:  # a Dataset of the user's: each batch as it comes (validation.check_batch)
-            check_batch(x, y, index, split, classes=self._n_outputs, batch_dim=self.net.batch_dim)
+            check_batch(x, y, index if source.origin is None else source.origin[index], split,
+                        classes=self._n_outputs, batch_dim=self.net.batch_dim)
         return to_device(x, self.device), to_device(y, self.device)
 
     def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:

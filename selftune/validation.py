@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
-from .batches import batch_axis, loader_dataset
+from .batches import data_axis, loader_dataset, subset_origin
 from .errors import ConfigError, DataError
 
 __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
@@ -62,9 +62,10 @@ def as_dataset(data: Any, what: str) -> Dataset:
             anywhere in the floating-point tensors of a pair or ``TensorDataset`` (checked in chunks
             of :data:`CHUNK_ELEMENTS`), in the first example of any other Dataset.
     """
-    custom_collate = False
+    custom_collate, origin = False, None
     if isinstance(data, DataLoader):
         custom_collate = data.collate_fn is not default_collate
+        origin = subset_origin(data)  # rows of the user's dataset, which messages name
         data = loader_dataset(data)
     if isinstance(data, tuple):
         # detached (a view, no copy): features a user's encoder computed outside torch.no_grad() carry its
@@ -98,7 +99,7 @@ def as_dataset(data: Any, what: str) -> Dataset:
     if len(tensors[0]) == 0:
         raise DataError(f"{what}: the dataset is empty (0 examples); give at least one example")
     for i, t in enumerate(tensors):
-        _check_finite(t, f"{what}: {_part(i)}")
+        _check_finite(t, f"{what}: {_part(i)}", origin)
     return dataset
 
 
@@ -126,8 +127,9 @@ def _same_length(tensors: tuple[torch.Tensor, ...], what: str) -> tuple[torch.Te
     return tuple(tensors)
 
 
-def _check_finite(t: torch.Tensor, label: str) -> None:
-    """Count NaN/inf in a floating-point tensor, ``CHUNK_ELEMENTS`` at a time, and name the first bad row."""
+def _check_finite(t: torch.Tensor, label: str, origin: torch.Tensor | None = None) -> None:
+    """Count NaN/inf in a floating-point tensor, ``CHUNK_ELEMENTS`` at a time, and name the first bad row
+    (``origin``: the user's row of each of ``t``'s, where a ``SubsetRandomSampler`` took them)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     rows = max(1, CHUNK_ELEMENTS // max(1, t[0].numel()))
@@ -145,6 +147,7 @@ def _check_finite(t: torch.Tensor, label: str) -> None:
             first = start + int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
         count += n
     if count:
+        first = first if origin is None else int(origin[first])
         raise DataError(f"{label} contain {count} NaN/inf value{'s' if count > 1 else ''} (first at row {first}); "
                         "clean or impute them before training")
 
@@ -294,25 +297,36 @@ def _check_probabilities(outputs: torch.Tensor, targets: torch.Tensor, what: str
     _check_distributions(targets, what)
 
 
-def _check_distributions(targets: torch.Tensor, what: str, rows: torch.Tensor | None = None) -> None:
+def _check_distributions(targets: torch.Tensor, what: str, name: Callable[[int], str] = lambda r: f"row {r}") -> None:
     """Floating-point targets under cross-entropy: non-negative rows that sum to 1. The message names the
-    first row that is not one (``rows``: the examples' indices in their dataset) and, for 0/1 targets with
-    a row of several 1s, says that multi-label data needs a binary loss per output."""
-    t = targets.detach().double()
-    if not t.numel():
+    first example (dimension 0; ``name`` says where it is in the user's data) with a row that is not one and, for
+    0/1 targets with a row of several 1s, says that multi-label data needs a binary loss per output.
+    Checked in chunks of :data:`CHUNK_ELEMENTS` (a distillation set's soft targets are large), each
+    reduced in float64."""
+    if not targets.numel():
         return
-    sums = t.sum(-1)
-    bad = (t < 0).any(-1) | ((sums - 1).abs() > 1e-3)
-    if not bool(bad.any()):
+    n = len(targets)
+    step = max(1, CHUNK_ELEMENTS // max(1, targets[0].numel()))
+    count, first, binary, several = 0, None, True, False
+    for start in range(0, n, step):
+        t = targets[start:start + step].detach().double()
+        sums = t.sum(-1)
+        bad = (t < 0).any(-1) | ((sums - 1).abs() > 1e-3)
+        count += int(bad.sum())
+        if first is None and bool(bad.any()):
+            k = int(bad.reshape(len(t), -1).any(1).nonzero()[0, 0])
+            first = (start + k, t[k].min().item(), sums[k][bad[k]].reshape(-1)[0].item() if bad[k].dim()
+                     else sums[k].item())
+        binary = binary and bool(((t == 0) | (t == 1)).all())
+        several = several or bool((sums > 1).any())
+    if first is None:
         return
-    first = bad.reshape(len(t), -1).any(1).nonzero()[0, 0]
-    row = first if rows is None else rows[first]
-    where = f"row {int(row)}: min {t[first].min().item():.4g}, sums to {sums[first].reshape(-1)[0].item():.4g}"
-    binary = bool(((t == 0) | (t == 1)).all()) and bool((sums > 1).any())
+    row, low, total = first
+    where = f"{name(row)}: min {low:.4g}, sums to {total:.4g}"
     fix = ("several labels per example are multi-label targets: pass loss=torch.nn.BCEWithLogitsLoss() "
-           "(SelfTuner(loss=...) or Task(loss=...))" if binary else _REGRESSION_FIX)
+           "(SelfTuner(loss=...) or Task(loss=...))" if binary and several else _REGRESSION_FIX)
     raise DataError(f"{what}: floating-point targets are read as class probabilities by cross-entropy, but "
-                    f"these are not ({where}; {int(bad.sum())} such rows); {fix}")
+                    f"these are not ({where}; {count} such rows); {fix}")
 
 
 def _label_error(what: str, label: int, where: str, classes: int, count: int) -> None:
@@ -324,7 +338,7 @@ def _label_error(what: str, label: int, where: str, classes: int, count: int) ->
                     f"{_labels(classes)}{extra}); check num_classes or the labels")
 
 
-def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
+def check_all_targets(data: Dataset, num_outputs: int, what: str, origin: torch.Tensor | None = None) -> None:
     """Check that every integer target of a ``TensorDataset`` lies in ``[0, num_outputs)``, and that every
     row of floating-point targets is a distribution (class probabilities).
 
@@ -336,6 +350,8 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
         data: the dataset (as returned by :func:`as_dataset`).
         num_outputs: the model's number of classes, ``outputs.shape[-1]``.
         what: how messages name the data (``"train"``, ``"val"``).
+        origin: the rows of the user's dataset that ``data`` holds (a ``SubsetRandomSampler``'s), which
+            messages name.
 
     Raises:
         DataError: naming the first bad label, its row and ``num_outputs``.
@@ -343,8 +359,12 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
     if not isinstance(data, TensorDataset) or len(data.tensors) < 2:
         return
     targets = data.tensors[1]
+
+    def row_of(r: int) -> str:
+        return f"row {r if origin is None else int(origin[r])}"
+
     if targets.is_floating_point() and targets.dim() >= 2:  # class probabilities, every row
-        _check_distributions(targets, what)
+        _check_distributions(targets, what, row_of)
         return
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool or not targets.numel():
         return
@@ -354,7 +374,7 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str) -> None:
     bad = (targets < 0) | (targets >= num_outputs)  # only on failure: the one full-size temporary
     row = int(bad.reshape(len(targets), -1).any(dim=1).nonzero()[0, 0])
     value = int(targets[row].reshape(-1)[bad[row].reshape(-1)][0])
-    _label_error(what, value, f" at row {row}", num_outputs, int(bad.sum()))
+    _label_error(what, value, f" at {row_of(row)}", num_outputs, int(bad.sum()))
 
 
 def check_batch(x: Any, y: Any, index: torch.Tensor, what: str, *, classes: int | None, batch_dim: int = 0) -> None:
@@ -363,31 +383,46 @@ def check_batch(x: Any, y: Any, index: torch.Tensor, what: str, *, classes: int 
     under cross-entropy (``classes``: the model's outputs) integer labels in range and floating-point
     targets distributions. Each problem is the ``DataError`` a tensor dataset gets before training,
     naming the example by its index in the dataset, instead of a raw error or a run that "diverges".
+    A finite sum settles a tensor at once (NaN and inf propagate through it), as before training.
 
     Args:
         x, y: the batch's inputs (any nesting of tensors) and targets.
-        index: the batch's examples, as indices into the dataset.
+        index: the batch's examples, as indices into the user's dataset.
         what: how messages name the data.
         classes: the model's number of outputs when the loss is the default cross-entropy, else ``None``.
         batch_dim: the model's batch dimension (sequence-first models: 1).
     """
     n = len(index)
+
+    def example(t: torch.Tensor, bad: torch.Tensor) -> str:
+        """`` at example i of the dataset`` for the first example with an entry of ``bad`` (``t``'s shape)."""
+        try:
+            axis = data_axis(t, n, batch_dim)
+        except ValueError:
+            return ""
+        rows = bad.movedim(axis, 0).reshape(n, -1).any(1).nonzero()
+        return f" at example {int(index[int(rows[0, 0])])} of the dataset" if len(rows) else ""
+
     for t in _tensors(x):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            try:
-                axis = batch_axis(t, n, batch_dim)
-            except ValueError:
-                axis = None
-            where = ""
-            if axis is not None:
-                rows = (~torch.isfinite(t)).movedim(axis, 0).reshape(n, -1).any(1).nonzero()
-                where = f" (example {int(index[int(rows[0, 0])])} of the dataset)"
-            raise DataError(f"{what}: inputs contain NaN/inf values{where}; clean or impute them before training")
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
+            continue
+        if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):  # (else a finite tensor whose sum overflowed)
+            raise DataError(f"{what}: inputs contain NaN/inf values{example(t, bad)}; clean or impute them "
+                            "before training")
     if classes is None or not isinstance(y, torch.Tensor) or not y.numel():
         return
     if y.is_floating_point():
         if y.dim() >= 2:
-            _check_distributions(y, what, index if len(y) == n else None)
+            try:
+                axis: int | None = data_axis(y, n, batch_dim)
+            except ValueError:
+                axis = None
+            _check_distributions(y if axis is None else y.movedim(axis, 0), what,
+                                 (lambda r: f"row {r} of the batch") if axis is None else
+                                 (lambda r: f"example {int(index[r])} of the dataset"))
         return
     if y.is_complex() or y.dtype == torch.bool:
         return
@@ -395,6 +430,4 @@ def check_batch(x: Any, y: Any, index: torch.Tensor, what: str, *, classes: int 
     if low >= 0 and high < classes:
         return
     bad = (y < 0) | (y >= classes)
-    flat = bad.reshape(len(y), -1).any(1) if len(y) == n else None
-    where = "" if flat is None else f" at example {int(index[int(flat.nonzero()[0, 0])])} of the dataset"
-    _label_error(what, low if low < 0 else high, where, classes, int(bad.sum()))
+    _label_error(what, low if low < 0 else high, example(y, bad), classes, int(bad.sum()))

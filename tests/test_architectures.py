@@ -325,6 +325,11 @@ def test_hypernetize_twice_on_one_model_reports_its_layers_converted_or_refuses_
         st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.3), st.Float("e", 0.0, 0.9, 0.3)]))
     with pytest.raises(TypeError, match="cannot respond to this space \\(form='stn'"):
         st.hypernetize(model, space, form="stn")
+    attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                              st.Dropout("d"), nn.Linear(32, 2))
+    st.hypernetize(attention, space, modules=["0.self_attn"])
+    with pytest.raises(TypeError, match=r"model\.0\.self_attn\.in_proj is already a best-response layer"):
+        st.hypernetize(attention, st.Space([st.Float("d", 0.0, 0.9, 0.3), st.Float("e", 0.0, 0.9, 0.3)]))
 
 
 def test_an_instance_norm_that_tracks_statistics_keeps_them_across_the_extra_passes():

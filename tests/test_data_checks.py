@@ -435,14 +435,14 @@ def test_a_bad_example_deep_in_a_dataset_of_your_own_is_a_data_error_naming_it(p
     with pytest.raises(DataError) as err:
         tuner.fit(2)
     want = {"label": "train: label 2 at example 100 of the dataset is outside the model's 2 outputs",
-            "nan": "train: inputs contain NaN/inf values (example 100 of the dataset); clean or impute",
-            "multi-label": "row 100: min 1, sums to 2"}[problem]
+            "nan": "train: inputs contain NaN/inf values at example 100 of the dataset; clean or impute",
+            "multi-label": "example 100 of the dataset: min 1, sums to 2"}[problem]
     assert want in one_line(err) and tuner.divergences == 0
     bad_val = x.clone()
     bad_val[130, 0] = float("inf")
     clean = st.SelfTuner(net, Pairs(x[:100], y[:100]), Pairs(bad_val[120:], y[120:]), method="fixed",
                          settings=st.TunerSettings(batch_size=16))
-    with pytest.raises(DataError, match=r"val: inputs contain NaN/inf values \(example 10 of the dataset\)"):
+    with pytest.raises(DataError, match=r"val: inputs contain NaN/inf values at example 10 of the dataset"):
         clean.fit(1)
 
 

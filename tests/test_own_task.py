@@ -846,10 +846,62 @@ def test_a_hand_written_loss_that_pairs_every_output_with_every_target_is_a_warn
     y = 2 * x[:, 0]
     net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 1)),
                          st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
-    with pytest.warns(SelftuneWarning, match=r"train: the loss of two examples .* is not the mean of their own "
-                                             r"losses .*make them one shape \(out.squeeze\(-1\)\)"):
+    with pytest.warns(SelftuneWarning, match=r"train: the loss does not change when two examples swap their "
+                                             r"targets .*make them one shape \(out.squeeze\(-1\)\)"):
         st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=lambda o, t: ((o - t) ** 2).mean(),
                      settings=st.TunerSettings(batch_size=16))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # summed, or with a batch statistic: still each output with its own target
         warnings.simplefilter("error", SelftuneWarning)
-        st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=mse, settings=st.TunerSettings(batch_size=16))
+        for loss in (mse, lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="sum"),
+                     lambda o, t: mse(o, t) + 0.1 * o.std(unbiased=False)):
+            st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=loss, settings=st.TunerSettings(batch_size=16))
+
+
+def test_a_weighted_sampler_that_cannot_draw_an_epoch_is_refused_in_one_line():
+    from torch.utils.data import TensorDataset, WeightedRandomSampler
+
+    x, y = torch.randn(60, 8), torch.randint(0, 2, (60,))
+    net = st.hypernetize(nn.Sequential(nn.Linear(8, 16), st.Dropout("drop"), nn.Linear(16, 2)),
+                         st.Space([st.Float("drop", 0.0, 0.9, 0.2)]))
+    cases = [
+        (WeightedRandomSampler(torch.ones(50), 40), {}, "has 50 weights for 40 examples"),
+        (WeightedRandomSampler(torch.tensor([1.0] * 5 + [0.0] * 35), 10, replacement=False), {},
+         "draws 10 examples without replacement but only 5 have a weight above 0"),
+        (WeightedRandomSampler(torch.ones(40), 8), {"drop_last": True}, "draws 8 examples an epoch, fewer than a"),
+        (WeightedRandomSampler(-torch.ones(40), 8), {}, "must be finite, non-negative and not all 0"),
+    ]
+    for sampler, loader_args, message in cases:
+        train = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=16, sampler=sampler, **loader_args)
+        with pytest.raises(DataError, match=message):
+            st.SelfTuner(net, train, (x[40:], y[40:]), settings=st.TunerSettings(batch_size=16))
+
+
+def test_messages_name_the_row_of_your_dataset_where_a_subset_sampler_took_the_examples():
+    from torch.utils.data import SubsetRandomSampler, TensorDataset
+
+    x, y = torch.randn(160, 6), torch.randint(0, 2, (160,))
+    y[95] = 5
+    net = st.hypernetize(nn.Sequential(nn.Linear(6, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    val = (torch.randn(20, 6), torch.randint(0, 2, (20,)))
+    subset = SubsetRandomSampler(range(40, 160))
+    settings = st.TunerSettings(batch_size=16)
+    with pytest.raises(DataError, match="label 5 at row 95 is outside"):
+        st.SelfTuner(net, DataLoader(TensorDataset(x, y), sampler=subset), val, settings=settings)
+    tuner = st.SelfTuner(net, DataLoader(Pairs(x, y), sampler=subset), val, settings=st.TunerSettings(batch_size=16))
+    with pytest.raises(DataError, match="label 5 at example 95 of the dataset"):
+        tuner.fit(1)
+    x[95, 2], y[95] = float("nan"), 1
+    with pytest.raises(DataError, match=r"inputs contain 1 NaN/inf value \(first at row 95\)"):
+        st.SelfTuner(net, DataLoader(TensorDataset(x, y), sampler=subset), val, settings=settings)
+
+
+class Pairs(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]

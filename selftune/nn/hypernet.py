@@ -495,7 +495,9 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     earlier = {n: m for n, m in named.items() if isinstance(m, BestResponseModule)
                and not any(n.startswith(f"{o}.") for o in named if o and isinstance(named[o], BestResponseModule))}
     width = space.encoding_width(encoding) if encoding in ENCODINGS else None
-    for name, module in earlier.items():
+    for name, module in named.items():  # nested ones too: an attention's projections hold its gates
+        if not isinstance(module, BestResponseModule):
+            continue
         if getattr(module, "form", form) != form or getattr(module, "encoding_size", width) != width:
             raise TypeError(f"model.{name} is already a best-response layer (form={getattr(module, 'form', '?')!r}, "
                             f"{getattr(module, 'encoding_size', '?')} encoding inputs) from an earlier hypernetize of "
