@@ -10,6 +10,8 @@ examples/heldout/seq_gru.toml ...``); no default was tuned on them. Results: doc
 * ``seq_gru``: token sequences through an embedding and a GRU; the label is whether a sequence holds more
   1s than 2s, with 10% of labels flipped; 300 training sequences.
 * ``friedman_scaled``: ``tasks.friedman`` with its loss multiplied by ``k`` (a loss in other units).
+* ``seq_gru_packed`` (stop 31): ``seq_gru``'s problem on sequences of 4 to 20 tokens, padded, which the
+  model packs (``pack_padded_sequence``) into its GRU, as variable-length batches usually are.
 """
 from __future__ import annotations
 
@@ -102,3 +104,40 @@ def friedman_scaled(k: float = 25.0, split_seed: int = 0) -> st.Task:
         return k * base(o, t)
     task.loss = scaled
     return task
+
+
+PAD = 12
+
+
+class PackedGRUNet(nn.Module):
+    """``GRUNet`` over padded sequences that it packs, so the GRU stops at each sequence's own end."""
+
+    def __init__(self, vocab=PAD + 1, dim=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.drop_a = st.Dropout("drop_a")
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+        self.drop_b = st.Dropout("drop_b")
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        lengths = (x != PAD).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.drop_a(self.emb(x)), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, h = self.gru(packed)
+        return self.out(self.drop_b(h[-1]))
+
+
+def seq_gru_packed(n_train: int = 300, split_seed: int = 0) -> st.Task:
+    """``seq_gru``'s rule (more 1s than 2s, 10% of labels flipped) on sequences of 4-20 tokens, padded."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randint(0, 12, (1400, 20), generator=g)
+    lengths = torch.randint(4, 21, (1400,), generator=g)
+    x = torch.where(torch.arange(20)[None, :] < lengths[:, None], x, torch.full_like(x, PAD))
+    y = ((x == 1).sum(1) > (x == 2).sum(1)).long()
+    flip = torch.rand(1400, generator=g) < 0.1
+    y = torch.where(flip, 1 - y, y)
+    o = _order(len(x), split_seed)
+    tr, va, te = o[:n_train], o[n_train:n_train + 200], o[n_train + 200:]
+    return st.Task(model=PackedGRUNet(), space=_space(), loss=F.cross_entropy, metrics={"accuracy": acc},
+                   train=(x[tr], y[tr]), val=(x[va], y[va]), test=(x[te], y[te]))
