@@ -198,8 +198,11 @@ class RunLog:
     algorithm: dict[str, Any] = field(default_factory=dict)
     #: mean training loss between consecutive roll-back points, the last :data:`HEALTH_WINDOW` of them
     point_losses: list[float] = field(default_factory=list)
-    #: the weights' norm at those points
+    #: the weights' norm at those points (the first: the run's start)
     point_norms: list[float] = field(default_factory=list)
+    #: the run's first training loss (the untrained network's, on its first batch): what the first stretch,
+    #: which has no earlier one, is judged against
+    first_loss: float | None = None
     #: the verdict of the latest judged stretch (:meth:`close_interval`), that verdict with the validation loss's
     #: (``val_healthy``), and where that point was (steps, epoch)
     train_healthy: bool = True
@@ -231,6 +234,8 @@ class RunLog:
 
     # -- losses --------------------------------------------------------------------------------------
     def add_train_loss(self, loss: float) -> None:
+        if self.counters.steps == 0 and (self.first_loss is None or not math.isfinite(self.first_loss)):
+            self.first_loss = float(loss)
         s = self.sums
         s.train += loss
         s.train_n += 1
@@ -254,12 +259,19 @@ class RunLog:
         time, while a state from before the growth recovers at half the rate. The window, rather than the
         run's best, lets a loss that rises for a good reason (regularisation tuned up) become the new normal
         after a few points. A loss that is not positive cannot be judged by a ratio: only a non-finite one
-        is then unhealthy, as before this rule."""
+        is then unhealthy, as before this rule. The first stretch of a run is judged against the run's start
+        (its first training loss and the weights' norm before the first step): a rate far too large that blew
+        the weights up within the first epoch made that epoch's end the roll-back point, so every roll-back
+        landed on broken weights and the run failed where going back to the start at a lower rate trains."""
         s = self.sums
         if s.point_n == 0:
+            if not self.point_norms and math.isfinite(norm):  # the run's start: the first stretch's reference
+                self.point_norms = [norm]
             return None
         mean = s.point / s.point_n
         losses = [v for v in self.point_losses if math.isfinite(v)]
+        if not losses and self.first_loss is not None and math.isfinite(self.first_loss):
+            losses = [self.first_loss]  # the first stretch: against the untrained network's loss
         norms = [v for v in self.point_norms if math.isfinite(v)]
         lowest = min(losses) if losses else math.inf
         grew = lowest > 0 and mean > ratio * lowest and bool(norms) and norm > NORM_GROWTH * min(norms)
@@ -303,6 +315,7 @@ class RunLog:
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
+                "first_loss": self.first_loss,
                 "train_healthy": self.train_healthy, "healthy": self.healthy,
                 "last_point": None if self.last_point is None else list(self.last_point),
                 "val_reference": self.val_reference, "val_ratio": self.val_ratio, "val_gave_up": self.val_gave_up,
@@ -323,6 +336,8 @@ class RunLog:
         self.algorithm = dict(state.get("algorithm", {}))
         self.point_losses = [float(v) for v in state.get("point_losses", [])]
         self.point_norms = [float(v) for v in state.get("point_norms", [])]
+        first = state.get("first_loss")  # None in a checkpoint from before: the first stretch is unjudged
+        self.first_loss = None if first is None else float(first)
         self.healthy = bool(state.get("healthy", True))
         self.train_healthy = bool(state.get("train_healthy", self.healthy))
         last = state.get("last_point")

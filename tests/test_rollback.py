@@ -93,6 +93,26 @@ def test_a_finite_blow_up_rolls_back_to_before_it_and_the_run_finishes():
     assert heard.events and all(e["what"].startswith("validation loss (") for e in heard.events)
 
 
+def test_a_first_epoch_that_blew_up_is_judged_against_the_start_and_the_run_goes_back_there():
+    """The first stretch had no earlier one to be judged against: a rate far too large that blew the weights up
+    within the first epoch (training loss 2e11) made that epoch's end the roll-back point, every later roll-back
+    landed on the broken weights, and the run failed calling it "the last good state"."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(240, 6, generator=g)
+    y = x[:, 0] * 2 - x[:, 1] + 0.3 * torch.randn(240, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(st.Dropout("d"), nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+    tuner = st.SelfTuner(st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.1)])), (x[:120], y[:120]),
+                         (x[120:180], y[120:180]), method="fixed", loss=lambda o, t: ((o.squeeze(-1) - t) ** 2).mean(),
+                         settings=st.TunerSettings(optimizer="sgd", lr=2.0, momentum=0.9, batch_size=16,
+                                                   max_divergences=8), seed=0)
+    listen = Listen()
+    result = tuner.fit(4, callbacks=[listen])
+    early = [e for e in listen.events if e["step"] < 2 * tuner.batches_per_epoch]
+    assert early and all(e["rolled_back_to"] == 0 for e in early)  # not to the broken first epoch's end
+    assert math.isfinite(result.history[-1]["val_loss"]) and result.history[-1]["val_loss"] < 1e3  # (1e34 there)
+
+
 def recorded(tmp_path, name, every):
     store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
     run = store.create_run(method="fixed", seed=0, config={}, out_dir=str(tmp_path / name),
