@@ -384,6 +384,21 @@ def _parse_value(text: str) -> Any:
     return text  # bare words are strings: --set data.name=mnist
 
 
+def _key_path(key: str) -> list[str]:
+    """The parts of ``--set``'s key as TOML reads a dotted key, so a quoted part keeps its dots
+    (``objective.weight_decay."encoder.0"``: a per-layer decay pattern names a nested layer); a key TOML
+    cannot read is split on its dots."""
+    try:
+        node: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        return key.split(".")
+    parts = []
+    while isinstance(node, dict) and len(node) == 1:
+        (part, node), = node.items()
+        parts.append(part)
+    return parts
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as TOML, else taken as strings).
 
@@ -394,7 +409,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", f"{item!r} must look like key.path=value")
-        parts = key.strip().split(".")
+        parts = _key_path(key.strip())
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

@@ -133,6 +133,10 @@ def test_a_byte_order_mark_and_numbers_a_shell_writes_are_read_as_meant(tmp_path
     assert load_config(bom, ["epochs=2"]).epochs == 2
     raw = apply_overrides({"tuner": {}}, ["tuner.lr=.5", "tuner.momentum=1.", "tuner.hyper_lr=-.5e-3", "data=1.2.3"])
     assert raw == {"tuner": {"lr": 0.5, "momentum": 1.0, "hyper_lr": -0.0005}, "data": "1.2.3"}
+    # a quoted part keeps its dots, as in TOML: a per-layer decay pattern names a nested layer
+    raw = apply_overrides({"objective": {"weight_decay": {"enc.0": "wa", "*": "wb"}}},
+                          ['objective.weight_decay."enc.0"=0.01', 'objective.weight_decay."*"="wc"'])
+    assert raw == {"objective": {"weight_decay": {"enc.0": 0.01, "*": "wc"}}}
 
 
 def test_compare_with_out_dot_writes_beside_the_folder_and_a_folder_named_as_an_output_is_refused(tmp_path):
