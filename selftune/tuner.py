@@ -1012,6 +1012,15 @@ class SelfTuner:
                                                                                self._trained_batch)
         return lr_scale(batch, self._reference_batch, self._lr_rule)
 
+    def _short_batch_factor(self) -> float:
+        """How much below a full batch's rate this step's is: an epoch's short last batch under
+        ``lr_batch_scaling`` (1 otherwise). A trajectory row records the full batch's rate, and a run that
+        follows it applies this factor again, so a short step's reduced rate is not replayed on the
+        ``log_every`` full steps its row stands for."""
+        if self._lr_rule is None:
+            return 1.0
+        return self._batch_scale() / lr_scale(self.order.batch_size, self._reference_batch, self._lr_rule)
+
     # ------------------------------------------------------------------------------------------
     # The roll-back point: one owner (this tuner); divergence rolls back to it
     # ------------------------------------------------------------------------------------------
@@ -1249,7 +1258,7 @@ class SelfTuner:
             if lr is not None:  # the recorded rate already includes any schedule's factor and tuning
                 # times what roll-backs did to the base: a run that diverges while it follows does slow down
                 bases = self._base_lrs[group]
-                lr *= bases[0] / self._first_lrs[group][0]
+                lr *= bases[0] / self._first_lrs[group][0] * self._short_batch_factor()
                 for g, base in zip(self.optimizers[group].param_groups, bases, strict=True):
                     g["lr"] = lr * base / bases[0]
                 return
@@ -1442,7 +1451,7 @@ class SelfTuner:
             scales = net.scale.double().tolist()
         row = dict(zip(net.space.names, values, strict=True))
         row.update({f"{n}_scale": v for n, v in zip(net.space.names, scales, strict=True)})
-        row["weights_lr"] = self.weights_lr
+        row["weights_lr"] = self.weights_lr / self._short_batch_factor()  # a full batch's (_short_batch_factor)
         if self.settings.adaptive_batch is not None or self._lr_rule is not None:
             row["batch_size"] = float(self.order.batch_size)
         return row

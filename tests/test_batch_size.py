@@ -13,7 +13,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from selftune import AdaptiveBatchSettings, Dropout, Float, SelfTuner, Space, TunerSettings, hypernetize, lr_scale
+from selftune import (
+    AdaptiveBatchSettings,
+    Callback,
+    Dropout,
+    Float,
+    SelfTuner,
+    Space,
+    TunerSettings,
+    hypernetize,
+    lr_scale,
+)
 from selftune.batch_size import adaptive_batch_size, gradient_noise, per_example_gradients, scaling_rule
 from selftune.cli import main
 
@@ -62,8 +72,19 @@ def test_a_short_last_batch_takes_the_rate_of_its_own_size() -> None:
     """The factor follows the examples the step averages: 400 = 12 x 32 + 16, so the epoch's last step
     trains at 16 / 8 of the rate (linear), not at the full batch's 32 / 8."""
     tuner = _tuner(batch_size=32, lr=0.01, lr_batch_scaling="linear", reference_batch_size=8)
-    rates = [row["weights_lr"] for row in tuner.fit(1).trajectory]
-    assert rates[:12] == pytest.approx([0.04] * 12) and rates[12] == pytest.approx(0.02)
+
+    class Rates(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step(self, tuner, row):
+            self.seen.append(tuner.weights_lr)
+
+    rates = Rates()
+    fit = tuner.fit(1, callbacks=[rates])
+    assert rates.seen[:12] == pytest.approx([0.04] * 12) and rates.seen[12] == pytest.approx(0.02)
+    # the trajectory's rows hold a full batch's rate: a run that follows them scales its own short steps
+    assert [row["weights_lr"] for row in fit.trajectory] == pytest.approx([0.04] * len(fit.trajectory))
 
 
 # -- the test statistics ------------------------------------------------------------------------------

@@ -352,3 +352,29 @@ def test_a_schedule_rebuilt_from_the_store_starts_where_the_run_did(tmp_path, mo
     rebuilt = recorded_schedule(store, result.run_id)[1]
     assert rebuilt.lr is not None and own.lr is not None
     assert rebuilt.lr[0] == pytest.approx(own.lr[0]) and rebuilt.at(0) == pytest.approx(own.at(0))
+
+
+def test_a_short_last_batch_under_lr_batch_scaling_does_not_set_the_rate_of_the_steps_its_row_stands_for():
+    """A trajectory row holds the rate of its last step; under lr_batch_scaling an epoch's short last batch
+    trains at a fraction of it, and a follower applied that fraction to the row's log_every full steps (a
+    constant rate of 0.01 replayed at 0.00375 for whole stretches). Rows now hold a full batch's rate and the
+    follower scales its own short steps."""
+    from torch import nn
+
+    import selftune as st
+
+    torch.manual_seed(0)
+    x, y = torch.randn(190, 6), torch.randint(0, 2, (190,))
+
+    def tuner(**settings):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), st.Dropout("d"), nn.Linear(16, 2))
+        space = st.Space([st.Float("d", 0.0, 0.9, 0.2), st.Float("lr", 1e-3, 1.0, 0.01, log=True)])
+        base = dict(batch_size=16, lr="lr", optimizer="sgd", lr_batch_scaling="linear", lr_travel=1e-9, log_every=5)
+        return SelfTuner(st.hypernetize(model, space), (x[:150], y[:150]), (x[150:], y[150:]),
+                         method=settings.pop("method", "hd"), settings=TunerSettings(**{**base, **settings}), seed=0)
+
+    fit = tuner().fit(3)
+    assert {round(r["weights_lr"], 6) for r in fit.trajectory} == {0.01}  # a full batch's rate, every row
+    followed = tuner(method="fixed", follow=fit.schedule).fit(3)
+    assert followed.history[-1]["val_loss"] == pytest.approx(fit.history[-1]["val_loss"], rel=1e-5)
