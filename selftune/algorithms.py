@@ -72,6 +72,27 @@ def response_lr(settings: TunerSettings, lr: float) -> float:
     return settings.response_lr if settings.response_lr is not None else min(lr, RESPONSE_LR_CAP)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+def _rehearse_step(cls: type[torch.optim.Optimizer], kwargs: dict, optimizer: torch.optim.Optimizer,
+                   field: str) -> None:
+    """One step of the optimizer class with these arguments on a stand-in weight, on the weights' device:
+    some arguments are checked only at the first step (Adam's ``betas`` of three values, ``capturable``
+    on a CPU), which would fail the run after it was recorded, with PyTorch's traceback."""
+    from .settings import optimizer_label
+
+    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+    device = first.device if first is not None else torch.device("cpu")
+    stand_in = torch.zeros(2, device=device, requires_grad=True)
+    stand_in.grad = torch.ones_like(stand_in)
+    try:
+        cls([stand_in], **kwargs).step()
+    except Exception as err:
+        raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: {_one_line(err)}") from None
+
+
 class Algorithm:
     """Base class of in-loop algorithms. Subclasses set the class attributes and :meth:`step`.
 
@@ -144,10 +165,13 @@ class Algorithm:
             # a momentum bound to a hyperparameter is written into the group by the tuner before every step
             kwargs["momentum"] = s.momentum if isinstance(s.momentum, float) else 0.9
         kwargs.update(s.optimizer_args)
+        field = "tuner.optimizer_args" if s.optimizer_args else "tuner.optimizer"
         try:
-            return cls(groups, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError("tuner.optimizer_args", f"{optimizer_label(cls)} refused them: {err}") from None
+            optimizer = cls(groups, **kwargs)
+        except Exception as err:  # PyTorch's own checks raise IndexError, RuntimeError, ... as well
+            raise ConfigError(field, f"{optimizer_label(cls)} refused them: {_one_line(err)}") from None
+        _rehearse_step(cls, kwargs, optimizer, field)
+        return optimizer
 
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}

@@ -211,7 +211,14 @@ def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_
 def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
     for override, expected in (("tuner.optimizer=\"adamm\"", "tuner.optimizer: unknown optimizer 'adamm'"),
                                ("tuner.optimizer_args={nesterov=true}",
-                                "tuner.optimizer_args.nesterov: not an argument of torch.optim.AdamW")):
+                                "tuner.optimizer_args.nesterov: not an argument of torch.optim.AdamW"),
+                               # PyTorch's IndexError in the constructor; errors its first step raises
+                               ("tuner.optimizer_args={betas=[0.8]}", "tuner.optimizer_args: torch.optim.AdamW "
+                                                                     "refused them: IndexError"),
+                               ("tuner.optimizer_args={betas=[0.9,0.99,0.5]}", "tuner.optimizer_args: torch.optim."
+                                                                               "AdamW failed its first step"),
+                               ("tuner.optimizer_args={capturable=true}", "tuner.optimizer_args: torch.optim.AdamW "
+                                                                          "failed its first step")):
         proc = cli(["run", str(OWN), "--set", override, "--out", "out"], cwd=tmp_path)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith(f"selftune: error: {expected}"), proc.stderr
