@@ -153,15 +153,18 @@ class TorchSchedule:
         return float(self.optimizer.param_groups[0]["lr"]) / self.initial
 
     @classmethod
-    def rehearse(cls, name: str, args: dict[str, Any], *, initial_lr: float, total: int) -> None:
+    def rehearse(cls, name: str, args: dict[str, Any], *, initial_lr: float, total: int,
+                 steps: int | None = None) -> None:
         """Step a copy through the whole run before it starts: arguments a constructor accepts may still fail
         when stepped (StepLR's ``step_size = 0``, a OneCycleLR shorter than the run) or give a negative rate
         (ExponentialLR's ``gamma < 0``), which would stop or reverse the run after it was recorded.
+        ``steps``: step that many times a schedule planned for ``total`` (a later fit past the plan).
 
         Raises:
             ValueError: what failed, and at which of its ``total`` steps.
         """
         schedule = cls(name, args, initial_lr=initial_lr, total=total)
+        total = total if steps is None else steps
         for step in range(1, max(int(total), 1) + 1):
             try:
                 schedule.step(1.0)

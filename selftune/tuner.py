@@ -760,6 +760,8 @@ class SelfTuner:
             raise TypeError(f"callbacks must be a list of selftune.Callback instances (got {type(callbacks).__name__}; "
                             "a single one: [callback])")
         callbacks = list(callbacks)
+        if self.log.start and self._planned_steps and epochs * self.batches_per_epoch > self._planned_steps:
+            self._check_extension(epochs)
         if epochs < self.order.epoch:  # (equal: a finished run asked again, which returns its result)
             warnings.warn(SelftuneWarning(
                 f"fit({epochs}): this tuner has already trained {self.order.epoch} epochs, so nothing is trained; "
@@ -840,6 +842,29 @@ class SelfTuner:
         total = planned_steps if self.settings.lr_scheduler_interval == "step" else \
             planned_steps // self.batches_per_epoch
         return start, total
+
+    def _check_extension(self, epochs: int) -> None:
+        """A later fit past the epochs the first one planned keeps that plan (the schedule's length, the
+        tuned rate's step, the hyper learning rate): a scheduler that cannot step past its length
+        (OneCycleLR) is refused now, in one line, and a schedule that can is a warning, since its rate
+        past the plan is its end's (a cosine's: about 0)."""
+        s = self.settings
+        planned = self._planned_steps // self.batches_per_epoch
+        fix = f"give the whole run's epochs to the first fit (fit({epochs}) on a fresh tuner)"
+        if s.lr_scheduler is not None:
+            start, total = self._torch_schedule_plan(self._planned_steps)
+            steps = epochs * self.batches_per_epoch if s.lr_scheduler_interval == "step" else epochs
+            try:
+                TorchSchedule.rehearse(s.lr_scheduler, s.lr_scheduler_args, initial_lr=start, total=total, steps=steps)
+            except ValueError as err:
+                raise ConfigError("epochs", f"fit({epochs}) trains past the {planned} epochs this tuner's first fit "
+                                            f"planned torch.optim.lr_scheduler.{s.lr_scheduler} for, and {err}; "
+                                            f"{fix}") from None
+        if s.lr_scheduler is not None or s.schedule.kind != "constant" or s.schedule.warmup_epochs:
+            warnings.warn(SelftuneWarning(
+                f"fit({epochs}): this tuner's first fit planned its learning-rate schedule for {planned} epochs; "
+                f"the epochs past them keep that plan (the rate where it ended, or where the scheduler goes "
+                f"next); {fix}"), stacklevel=3)
 
     def check_schedule(self, epochs: int) -> None:
         """Step ``settings.lr_scheduler`` through a run of ``epochs`` before it starts (a fresh run's

@@ -274,3 +274,37 @@ def test_fit_with_fewer_epochs_than_trained_says_epochs_is_the_total():
     with pytest.warns(SelftuneWarning, match=r"fit\(2\): this tuner has already trained 3 epochs.*fit\(5\) trains 2"):
         tuner.fit(2)
     assert tuner.epoch == 3
+
+
+def test_a_later_fit_past_the_planned_schedule_is_refused_or_warned_in_one_line():
+    """fit(2) then fit(4): OneCycleLR was PyTorch's raw ValueError at step 21; a cosine trained epochs 3-4 at
+    a rate of 0 without a word (the first fit plans the schedule, as documented)."""
+    from torch import nn
+
+    from selftune.errors import SelftuneWarning
+
+    x, y = torch.randn(100, 5), torch.randint(0, 2, (100,))
+
+    def tuner(**settings):
+        net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                             st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+        return st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), method="fixed",
+                            settings=st.TunerSettings(batch_size=16, lr=0.1, **settings))
+
+    one_cycle = tuner(lr_scheduler="OneCycleLR", lr_scheduler_args={"max_lr": 0.2}, lr_scheduler_interval="step")
+    one_cycle.fit(2)
+    with pytest.raises(ConfigError, match=r"epochs: fit\(4\) trains past the 2 epochs .*OneCycleLR.*fit\(4\) on a "
+                                          r"fresh tuner"):
+        one_cycle.fit(4)
+    cosine = tuner(schedule={"kind": "cosine"})
+    cosine.fit(2)
+    with pytest.warns(SelftuneWarning, match=r"fit\(4\): this tuner's first fit planned its learning-rate schedule "
+                                             r"for 2 epochs"):
+        cosine.fit(4)
+    plain = tuner()
+    plain.fit(2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        plain.fit(4)  # a constant rate: nothing was planned
