@@ -1108,6 +1108,8 @@ class SelfTuner:
         if group == "hyper":
             return _DIVERGENCE_FIX["hyper"] + ("" if self.settings.scale_lr is None else " or tuner.scale_lr")
         fix = _DIVERGENCE_FIX["weights"]
+        if isinstance(self.settings.lr, str):  # a rate bound to a hyperparameter starts at its init
+            fix = f"lower space.{self.settings.lr}.init (and its high bound; tuner.lr is bound to it)"
         if "response" in self.optimizers:
             fix += " (tuner.response_lr for the best-response weights)"
         return fix + (" or set tuner.grad_clip" if self.settings.grad_clip is None else " or lower tuner.grad_clip")

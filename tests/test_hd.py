@@ -293,6 +293,8 @@ def test_a_diverging_rate_is_lowered_in_its_hyperparameter(digits):
     assert epochs_done == 1  # rolled back to the end of epoch 1 (step 18)
     assert value == pytest.approx(applied) == pytest.approx(0.5 * epoch_ends[0], rel=1e-5)
     assert all(torch.isfinite(p).all() for p in tuner.net.parameters())
+    # the advice names where the bound rate starts, not tuner.lr (which names the hyperparameter)
+    assert tuner._divergence_fix("weights").startswith("lower space.lr.init")
 
 
 @pytest.mark.parametrize("space, settings, method, match", [
