@@ -224,6 +224,8 @@ def evaluate_run(prepared: Prepared, fit: FitResult, *, method: str | None = Non
         extra = {"kept_epoch": fit.kept_epoch, "last": {"epoch": prepared.tuner.epoch, **last}}
     if prepared.tuner.log.start:  # the values and rate of step 0: a schedule rebuilt from the store starts there
         extra["start"] = {k: float(v) for k, v in prepared.tuner.log.start.items()}
+    if prepared.tuner.last_lr is not None:  # the last step's rate: the schedule's last row holds to it
+        extra["end"] = {"weights_lr": prepared.tuner.last_lr}
     from .explain import explain
 
     return RunResult(method=method or config.method, seed=config.seed, hparams=fit.hparams, test=test, val=val,
@@ -672,9 +674,10 @@ def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[
     # the run's own start (a value pulled off its bound, a tuned rate's first step), recorded with its result
     # since stop 27; before, each init, which differs there
     start = (info.result or {}).get("start") or {n: h.init for n, h in config.space.items()}
+    end = ((info.result or {}).get("end") or {}).get("weights_lr")  # recorded since stop 31
     schedule = HyperSchedule.from_trajectory(start, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
-                                             source=f"run {info.uuid}")
+                                             source=f"run {info.uuid}", end_lr=end)
     t = config.tuner
     diverged = any(e["kind"] == "divergence" for e in store.events(run_id))
     if replay and not isinstance(t.lr, str) and not diverged and (t.lr_scheduler or "").lower() != "reducelronplateau":

@@ -283,10 +283,10 @@ class HyperSchedule(BaseModel):
     @classmethod
     def from_trajectory(cls, start: Mapping[str, float], trajectory: Sequence[Mapping[str, Any]],
                         names: Sequence[str], *, steps_per_epoch: int | None = None,
-                        source: str = "") -> HyperSchedule:
+                        source: str = "", end_lr: float | None = None) -> HyperSchedule:
         """A run's schedule from its starting values (and ``weights_lr``, the first step's rate, where
         known) and trajectory rows (``step``, each name and ``weights_lr``, as :class:`~selftune.FitResult`
-        and the store keep them)."""
+        and the store keep them); ``end_lr``: the rate of the run's last step, which the last row holds to."""
         rows = [r for r in trajectory if int(r["step"]) > 0]
         steps = [0, *(int(r["step"]) for r in rows)]
         values = {n: [float(start[n]), *(float(r[n]) for r in rows)] for n in names}
@@ -298,9 +298,11 @@ class HyperSchedule(BaseModel):
             # taking the row's own record put every step one step behind, low all through a warm-up). At a
             # coarser resolution a row holds the rate its interval ended on, except row 0, which holds the
             # run's first rate (start["weights_lr"], where known: where a schedule begins). The last row
-            # (the run's end, or a last short interval) keeps the last rate recorded.
+            # holds to the run's last step, whose rate ``end_lr`` is (where known; else the last one recorded:
+            # a run whose steps are not a multiple of log_every then replayed its tail at a stale rate).
             recorded = [float(r["weights_lr"]) for r in rows]
-            lr = [float(start.get("weights_lr", recorded[0])), *recorded[1:], recorded[-1]]
+            lr = [float(start.get("weights_lr", recorded[0])), *recorded[1:],
+                  recorded[-1] if end_lr is None else float(end_lr)]
         elif not rows and start.get("weights_lr") not in (None, ""):  # a run shorter than log_every: one row
             lr = [float(start["weights_lr"])]
         return cls(steps=steps, values=values, lr=lr, steps_per_epoch=steps_per_epoch, source=source)

@@ -1602,7 +1602,13 @@ class SelfTuner:
         if not self.log.start:
             return None
         return HyperSchedule.from_trajectory(self.log.start, self.trajectory, self.net.space.names,
-                                             steps_per_epoch=self.batches_per_epoch)
+                                             steps_per_epoch=self.batches_per_epoch, end_lr=self.last_lr)
+
+    @property
+    def last_lr(self) -> float | None:
+        """The rate of the run's last step, a full batch's (see :meth:`_short_batch_factor`); ``None``
+        before the first step."""
+        return self.weights_lr / self._short_batch_factor() if self.log.counters.steps else None
 
     # ------------------------------------------------------------------------------------------
     # Checkpointing

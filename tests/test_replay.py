@@ -378,3 +378,32 @@ def test_a_short_last_batch_under_lr_batch_scaling_does_not_set_the_rate_of_the_
     assert {round(r["weights_lr"], 6) for r in fit.trajectory} == {0.01}  # a full batch's rate, every row
     followed = tuner(method="fixed", follow=fit.schedule).fit(3)
     assert followed.history[-1]["val_loss"] == pytest.approx(fit.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_the_last_row_of_a_schedule_holds_the_rate_of_the_runs_last_step(tmp_path):
+    """20 steps logged every 7: the row at step 14 holds steps 14-19, and took step 13's rate (a replay
+    trained a cosine's tail at 0.0137 where the run went to 0.0003). The store keeps the last rate too."""
+    from torch import nn
+
+    import selftune as st
+
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 6), torch.randint(0, 2, (200,))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), st.Dropout("d"), nn.Linear(16, 2))
+    tuner = SelfTuner(st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, 0.2)])), (x[:160], y[:160]),
+                      (x[160:], y[160:]), method="fixed",
+                      settings=TunerSettings(batch_size=16, lr=0.05, log_every=7, schedule={"kind": "cosine"}))
+    fit = tuner.fit(2)
+    assert fit.schedule.steps == [0, 7, 14]
+    assert fit.schedule.lr[-1] == pytest.approx(tuner.weights_lr) and fit.schedule.lr[-1] < 0.2 * fit.schedule.lr[1]
+    from selftune.cli import main
+    from selftune.runner import recorded_schedule
+
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    assert main(["run", str(ROOT / "examples" / "digits_mlp.toml"), "--set", "epochs=2", "--set", "tuner.log_every=7",
+                 "--set", 'tuner.schedule.kind="cosine"', "--set", "data.train_subset=600", "--out",
+                 str(tmp_path / "out"), "--store", url, "--quiet"]) == 0
+    store = RunStore(url)
+    _, stored = recorded_schedule(store, 1, replay=False)
+    written = HyperSchedule.load(tmp_path / "out" / "schedule.csv")
+    assert stored.lr == pytest.approx(written.lr) and stored.lr[-1] < stored.lr[-2]
