@@ -98,7 +98,14 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         hyper_steps = log.counters.hyper_steps
         lines.extend(_moves(tuner, start, end, range(len(space))))
         if hyper_steps == 0:
-            lines.append(f"no hyper step was taken ({tuner.settings.warmup_epochs} warm-up epochs cover the run)")
+            warmup, epochs = tuner.settings.warmup_epochs, tuner.epoch
+            why = (f"{warmup} warm-up epochs cover the run" if warmup >= epochs else
+                   f"the {epochs - warmup} epochs after warm-up took fewer than the "
+                   f"{tuner.algorithm.hyper_interval(tuner)} weight steps between hyper steps"
+                   + ("; the batch grew (tuner.adaptive_batch), leaving fewer steps an epoch"
+                      if tuner.settings.adaptive_batch is not None else "")
+                   + "; train longer or lower tuner.train_steps")
+            lines.append(f"no hyper step was taken ({why})")
         state = log.algorithm
         if "handover_epoch" in state:
             lines.append(f"{tuner.method}: the validation loss was best after epoch {state['best_epoch']} "

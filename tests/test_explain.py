@@ -128,3 +128,25 @@ def test_explain_of_a_keep_best_tuner_describes_what_it_returns():
     assert any(line.startswith(f"returned the weights and hyperparameters of epoch {fit.kept_epoch},")
                for line in lines), lines
     assert not any("would return" in line for line in lines), lines
+
+
+def test_a_run_without_hyper_steps_says_why_warm_up_or_too_few_steps():
+    """It blamed the warm-up also where the epochs after it had fewer weight steps than train_steps."""
+    import torch
+    from torch import nn
+
+    import selftune as st
+    from selftune.explain import explain
+
+    x, y = torch.randn(50, 5), torch.randint(0, 2, (50,))
+    net = st.hypernetize(nn.Sequential(nn.Linear(5, 8), st.Dropout("d"), nn.Linear(8, 2)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    short = st.SelfTuner(net, (x[:32], y[:32]), (x[32:], y[32:]), method="delta-stn",
+                         settings=st.TunerSettings(batch_size=16))
+    short.fit(2)
+    assert "no hyper step was taken (the 1 epochs after warm-up took fewer than the 5 weight steps between hyper " \
+           "steps; train longer or lower tuner.train_steps)" in explain(short)
+    warm = st.SelfTuner(net, (x[:32], y[:32]), (x[32:], y[32:]), method="delta-stn",
+                        settings=st.TunerSettings(batch_size=16))
+    warm.fit(1)
+    assert "no hyper step was taken (1 warm-up epochs cover the run)" in explain(warm)
