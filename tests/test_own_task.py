@@ -208,21 +208,26 @@ def test_a_loss_that_does_not_fit_the_outputs_fails_before_training_naming_both_
         st.Objective(loss=nn.MSELoss(reduction="sum"))
 
 
-def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path):
+def test_an_unknown_optimizer_or_argument_is_refused_naming_the_field(tmp_path, capsys):
     for override, expected in (("tuner.optimizer=\"adamm\"", "tuner.optimizer: unknown optimizer 'adamm'"),
                                ("tuner.optimizer_args={nesterov=true}",
-                                "tuner.optimizer_args.nesterov: not an argument of torch.optim.AdamW"),
-                               # PyTorch's IndexError in the constructor; errors its first step raises
-                               ("tuner.optimizer_args={betas=[0.8]}", "tuner.optimizer_args: torch.optim.AdamW "
-                                                                     "refused them: IndexError"),
-                               ("tuner.optimizer_args={betas=[0.9,0.99,0.5]}", "tuner.optimizer_args: torch.optim."
-                                                                               "AdamW failed its first step"),
-                               ("tuner.optimizer_args={capturable=true}", "tuner.optimizer_args: torch.optim.AdamW "
-                                                                          "failed its first step")):
+                                "tuner.optimizer_args.nesterov: not an argument of torch.optim.AdamW")):
         proc = cli(["run", str(OWN), "--set", override, "--out", "out"], cwd=tmp_path)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith(f"selftune: error: {expected}"), proc.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "selftune.db").exists()
+    from selftune.cli import main
+
+    # PyTorch's IndexError in the constructor, and what its first step refuses: before anything is recorded
+    first_step = "torch.optim.AdamW failed its first step"
+    for override, expected in (("tuner.optimizer_args={betas=[0.8]}", "torch.optim.AdamW refused them: IndexError"),
+                               ("tuner.optimizer_args={betas=[0.9,0.99,0.5]}", first_step),
+                               ("tuner.optimizer_args={capturable=true}", first_step)):
+        url = f"sqlite:///{tmp_path / 'in.db'}"
+        assert main(["run", str(OWN), "--set", override, "--out", str(tmp_path / "in"), "--store", url]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"selftune: error: tuner.optimizer_args: {expected}"), last
+        assert not (tmp_path / "in").exists() and not (tmp_path / "in.db").exists()
 
 
 SIGN_DESCENT = """
