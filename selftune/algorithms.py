@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -76,23 +77,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())[:300]
 
 
-def _rehearse_step(cls: type[torch.optim.Optimizer], kwargs: dict, optimizer: torch.optim.Optimizer,
-                   field: str) -> None:
-    """One step of the optimizer class with these arguments on a stand-in weight, on the weights' device:
-    some arguments are checked only at the first step (Adam's ``betas`` of three values, ``capturable``
-    on a CPU), which would fail the run after it was recorded, with PyTorch's traceback."""
-    from .settings import optimizer_label
-
-    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
-    device = first.device if first is not None else torch.device("cpu")
-    stand_in = torch.zeros(2, device=device, requires_grad=True)
-    stand_in.grad = torch.ones_like(stand_in)
-    try:
-        cls([stand_in], **kwargs).step()
-    except Exception as err:
-        raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: {_one_line(err)}") from None
-
-
 class Algorithm:
     """Base class of in-loop algorithms. Subclasses set the class attributes and :meth:`step`.
 
@@ -133,6 +117,8 @@ class Algorithm:
                 raise ValueError(f"tuner.lr names the hyperparameter {settings.lr!r}: pass its initial value as lr")
             lr = settings.lr
         self.lr = float(lr)
+        #: what each weight optimizer was built from (:meth:`rehearse_optimizers`), by ``id``
+        self._built: dict[int, tuple[type[torch.optim.Optimizer], dict, str]] = {}
 
     # -- construction ----------------------------------------------------------------------------
     def check_net(self, net: HyperNet) -> None:
@@ -170,8 +156,35 @@ class Algorithm:
             optimizer = cls(groups, **kwargs)
         except Exception as err:  # PyTorch's own checks raise IndexError, RuntimeError, ... as well
             raise ConfigError(field, f"{optimizer_label(cls)} refused them: {_one_line(err)}") from None
-        _rehearse_step(cls, kwargs, optimizer, field)
+        self._built[id(optimizer)] = (cls, kwargs, field)
         return optimizer
+
+    def rehearse_optimizers(self, optimizers: Mapping[str, torch.optim.Optimizer], device: torch.device) -> None:
+        """One step of each weight optimizer's class and arguments on a stand-in weight shaped as its first
+        weight (at most 4 wide in each dimension: Muon takes matrices only) with its dtype, on the training
+        ``device`` (the net moves there when it trains): some arguments are checked only at the first step
+        (Adam's ``betas`` of three values, ``capturable`` off a GPU), which would fail the run after it was
+        recorded, with PyTorch's traceback.
+
+        Raises:
+            ConfigError: naming ``tuner.optimizer_args`` (``tuner.optimizer`` without any).
+        """
+        from .settings import optimizer_label
+
+        for optimizer in optimizers.values():
+            built = self._built.get(id(optimizer))
+            first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+            if built is None or first is None:
+                continue
+            cls, kwargs, field = built
+            stand_in = torch.zeros(tuple(min(n, 4) for n in first.shape), dtype=first.dtype, device=device,
+                                   requires_grad=True)
+            stand_in.grad = torch.ones_like(stand_in)
+            try:
+                cls([stand_in], **kwargs).step()
+            except Exception as err:
+                raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: "
+                                         f"{_one_line(err)}") from None
 
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}

@@ -423,6 +423,7 @@ class SelfTuner:
         self.general_params = net.general_parameters()
         self._weights = net.weight_parameters()
         self.optimizers: dict[str, torch.optim.Optimizer] = self.algorithm.weight_optimizers(net)
+        self.algorithm.rehearse_optimizers(self.optimizers, self.device)
         hyper = self.algorithm.hyper_optimizer(net)
         if hyper is not None:
             self.optimizers["hyper"] = hyper

@@ -3,6 +3,7 @@ through the Python API and through `selftune run / resume / bench` with a [task]
 
 import copy
 import json
+import math
 import textwrap
 import warnings
 from pathlib import Path
@@ -917,3 +918,14 @@ class Pairs(Dataset):
 
     def __getitem__(self, i):
         return self.x[i], self.y[i]
+
+
+def test_the_rehearsed_first_step_takes_a_weight_of_the_models_shape():
+    """The optimizer's first step is rehearsed on a stand-in: a vector of 2 refused Muon, which takes matrices
+    only, and blamed the user's settings."""
+    x, y = torch.randn(60, 5), torch.randint(0, 2, (60,))
+    net = st.hypernetize(nn.Sequential(nn.Linear(5, 8, bias=False), st.Dropout("d"), nn.Linear(8, 2, bias=False)),
+                         st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    tuner = st.SelfTuner(net, (x[:48], y[:48]), (x[48:], y[48:]), method="fixed",
+                         settings=st.TunerSettings(batch_size=16, optimizer="muon", lr=0.02))
+    assert math.isfinite(tuner.fit(1).history[-1]["val_loss"])
