@@ -692,14 +692,15 @@ class SelfTuner:
         if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point()
                 and out.dim() == 2 and out.shape[1] == 1 and y.shape == out.shape[:1] and len(y) >= 2):
             return
-        o, t = out[:2], y[:2]
-        if bool(t[0] == t[1]) or bool(o[0, 0] == o[1, 0]):
+        t = y[:2]
+        if bool(t[0] == t[1]):
             return
-        try:
+        o = t[:, None].to(out.dtype)  # outputs equal to the targets: the swap then moves a per-example loss
+        try:  # by the targets' own spread, whatever their scale (house prices), not the untrained outputs'
             kept, swapped = float(fn(o, t)), float(fn(o, t.flip(0)))
         except Exception:  # a loss that cannot take two examples: nothing to compare
             return
-        if math.isfinite(kept) and abs(kept - swapped) <= 1e-6 * max(1.0, abs(kept)):
+        if math.isfinite(kept) and abs(kept - swapped) <= 1e-6 * max(1.0, abs(kept), abs(swapped)):
             warnings.warn(SelftuneWarning(
                 f"{what}: the loss does not change when two examples swap their targets ({kept:.4g}): with outputs "
                 f"{_shape(out)} and targets {_shape(y)}, a loss written as ((out - y) ** 2).mean() broadcasts to "

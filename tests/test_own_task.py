@@ -868,6 +868,8 @@ def test_a_hand_written_loss_that_pairs_every_output_with_every_target_is_a_warn
         for loss in (mse, lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="sum"),
                      lambda o, t: mse(o, t) + 0.1 * o.std(unbiased=False)):
             st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=loss, settings=st.TunerSettings(batch_size=16))
+        big = y * 1e5 + 2e5  # targets in the hundreds of thousands (prices): no false alarm
+        st.SelfTuner(net, (x[:80], big[:80]), (x[80:], big[80:]), loss=mse, settings=st.TunerSettings(batch_size=16))
 
 
 def test_a_weighted_sampler_that_cannot_draw_an_epoch_is_refused_in_one_line():
