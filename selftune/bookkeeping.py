@@ -198,11 +198,13 @@ class RunLog:
     algorithm: dict[str, Any] = field(default_factory=dict)
     #: mean training loss between consecutive roll-back points, the last :data:`HEALTH_WINDOW` of them
     point_losses: list[float] = field(default_factory=list)
-    #: the weights' norm at those points (the first: the run's start)
+    #: the weights' norm at those points
     point_norms: list[float] = field(default_factory=list)
-    #: the run's first training loss (the untrained network's, on its first batch): what the first stretch,
-    #: which has no earlier one, is judged against
+    #: the run's first training loss (the untrained network's, on its first batch) and the weights' norm
+    #: before its first step: what the first stretch, which has no earlier one, is judged against (and
+    #: only it: later ones are judged against their own window)
     first_loss: float | None = None
+    start_norm: float | None = None
     #: the verdict of the latest judged stretch (:meth:`close_interval`), that verdict with the validation loss's
     #: (``val_healthy``), and where that point was (steps, epoch)
     train_healthy: bool = True
@@ -265,14 +267,15 @@ class RunLog:
         landed on broken weights and the run failed where going back to the start at a lower rate trains."""
         s = self.sums
         if s.point_n == 0:
-            if not self.point_norms and math.isfinite(norm):  # the run's start: the first stretch's reference
-                self.point_norms = [norm]
+            if not self.point_norms and self.start_norm is None and math.isfinite(norm):  # the run's start
+                self.start_norm = norm
             return None
         mean = s.point / s.point_n
         losses = [v for v in self.point_losses if math.isfinite(v)]
-        if not losses and self.first_loss is not None and math.isfinite(self.first_loss):
-            losses = [self.first_loss]  # the first stretch: against the untrained network's loss
         norms = [v for v in self.point_norms if math.isfinite(v)]
+        if not self.point_losses:  # the first stretch: against the untrained network
+            losses = [self.first_loss] if self.first_loss is not None and math.isfinite(self.first_loss) else []
+            norms = [self.start_norm] if self.start_norm is not None else []
         lowest = min(losses) if losses else math.inf
         grew = lowest > 0 and mean > ratio * lowest and bool(norms) and norm > NORM_GROWTH * min(norms)
         healthy = math.isfinite(mean) and math.isfinite(norm) and not grew
@@ -315,7 +318,7 @@ class RunLog:
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
-                "first_loss": self.first_loss,
+                "first_loss": self.first_loss, "start_norm": self.start_norm,
                 "train_healthy": self.train_healthy, "healthy": self.healthy,
                 "last_point": None if self.last_point is None else list(self.last_point),
                 "val_reference": self.val_reference, "val_ratio": self.val_ratio, "val_gave_up": self.val_gave_up,
@@ -338,6 +341,8 @@ class RunLog:
         self.point_norms = [float(v) for v in state.get("point_norms", [])]
         first = state.get("first_loss")  # None in a checkpoint from before: the first stretch is unjudged
         self.first_loss = None if first is None else float(first)
+        start = state.get("start_norm")
+        self.start_norm = None if start is None else float(start)
         self.healthy = bool(state.get("healthy", True))
         self.train_healthy = bool(state.get("train_healthy", self.healthy))
         last = state.get("last_point")

@@ -44,6 +44,25 @@ def test_a_stretch_is_a_blow_up_when_its_loss_and_the_weights_grew_far_past_thei
     assert log_with([([-1.0], 1.0), ([50.0], 9.0)])[1] == [True, True]  # a loss below 0: no ratio to judge by
 
 
+def test_the_first_stretch_is_judged_against_the_start_and_only_it():
+    """The run's start (its first loss, the weights' norm before the first step) judges the first stretch; a
+    later one is judged against its own window (the start's norm in the window made a weight decay tuned up, a
+    loss that rises while the norm shrinks below the start's 1.5x, a blow-up at points 2-4)."""
+    log = RunLog()
+    assert log.close_interval(2.0, 10.0) is None and log.start_norm == 10.0  # the fit's start: nothing to judge
+    log.add_train_loss(1.0)  # step 0: the untrained network's loss
+    log.counters.steps = 1
+    log.add_train_loss(4.0)
+    assert log.close_interval(2.0, 20.0) is False  # 2.5x the first loss, 2x the norm: blown up in epoch 1
+    fresh = RunLog()
+    fresh.close_interval(2.0, 10.0)
+    fresh.add_train_loss(1.0)
+    assert fresh.close_interval(2.0, 14.0) is True and fresh.point_norms == [14.0]
+    for loss, norm in ((2.5, 14.5), (3.0, 13.0), (4.0, 12.0)):  # the loss rises, the norm falls: healthy
+        fresh.add_train_loss(loss)
+        assert fresh.close_interval(2.0, norm) is True
+
+
 def blowup(lr=0.05, **settings):
     """A wide MLP with 0.7/0.8/0.8 dropout under SGD with momentum at 0.05: the training loss grows about
     2-4x per epoch for four epochs, all finite, then overflows (the held-out case the rule came from)."""
