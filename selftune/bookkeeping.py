@@ -205,6 +205,9 @@ class RunLog:
     #: only it: later ones are judged against their own window)
     first_loss: float | None = None
     start_norm: float | None = None
+    #: the latest step's rate for a full batch of the size it drew (``SelfTuner._short_batch_factor``): what
+    #: trajectory rows and a schedule's last row record
+    end_lr: float | None = None
     #: the verdict of the latest judged stretch (:meth:`close_interval`), that verdict with the validation loss's
     #: (``val_healthy``), and where that point was (steps, epoch)
     train_healthy: bool = True
@@ -318,7 +321,7 @@ class RunLog:
                 "hypergrad_seen": list(self.hypergrad_seen), "idle": self.idle, "start": dict(self.start),
                 "hyper_lr": dict(self.hyper_lr), "algorithm": dict(self.algorithm),
                 "point_losses": list(self.point_losses), "point_norms": list(self.point_norms),
-                "first_loss": self.first_loss, "start_norm": self.start_norm,
+                "first_loss": self.first_loss, "start_norm": self.start_norm, "end_lr": self.end_lr,
                 "train_healthy": self.train_healthy, "healthy": self.healthy,
                 "last_point": None if self.last_point is None else list(self.last_point),
                 "val_reference": self.val_reference, "val_ratio": self.val_ratio, "val_gave_up": self.val_gave_up,
@@ -343,6 +346,8 @@ class RunLog:
         self.first_loss = None if first is None else float(first)
         start = state.get("start_norm")
         self.start_norm = None if start is None else float(start)
+        end = state.get("end_lr")
+        self.end_lr = None if end is None else float(end)
         self.healthy = bool(state.get("healthy", True))
         self.train_healthy = bool(state.get("train_healthy", self.healthy))
         last = state.get("last_point")

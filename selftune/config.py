@@ -384,6 +384,19 @@ def _parse_value(text: str) -> Any:
     return text  # bare words are strings: --set data.name=mnist
 
 
+def _split_override(item: str) -> tuple[str, str, str]:
+    """``key=value`` at the first ``=`` outside a quoted part of the key (a layer pattern may hold one)."""
+    quote = None
+    for i, char in enumerate(item):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "=":
+            return item[:i], "=", item[i + 1:]
+    return item, "", ""
+
+
 def _key_path(key: str) -> list[str]:
     """The parts of ``--set``'s key as TOML reads a dotted key, so a quoted part keeps its dots
     (``objective.weight_decay."encoder.0"``: a per-layer decay pattern names a nested layer); a key TOML
@@ -406,7 +419,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         ConfigError: on a malformed override or a path through a non-table.
     """
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, value = _split_override(item)
         if not sep or not key.strip():
             raise ConfigError("--set", f"{item!r} must look like key.path=value")
         parts = _key_path(key.strip())

@@ -99,12 +99,15 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         lines.extend(_moves(tuner, start, end, range(len(space))))
         if hyper_steps == 0:
             warmup, epochs = tuner.settings.warmup_epochs, tuner.epoch
+            interval = tuner.algorithm.hyper_interval(tuner)
+            knob = ("tuner.train_steps" if interval <= tuner.settings.train_steps else
+                    "raise tuner.compute_budget (the implicit steps' spacing follows it)")
             why = (f"{warmup} warm-up epochs cover the run" if warmup >= epochs else
-                   f"the {epochs - warmup} epochs after warm-up took fewer than the "
-                   f"{tuner.algorithm.hyper_interval(tuner)} weight steps between hyper steps"
+                   f"the {epochs - warmup} epochs after warm-up took fewer than the {interval} weight steps "
+                   "between hyper steps"
                    + ("; the batch grew (tuner.adaptive_batch), leaving fewer steps an epoch"
                       if tuner.settings.adaptive_batch is not None else "")
-                   + "; train longer or lower tuner.train_steps")
+                   + f"; train longer or {'lower ' + knob if knob == 'tuner.train_steps' else knob}")
             lines.append(f"no hyper step was taken ({why})")
         state = log.algorithm
         if "handover_epoch" in state:

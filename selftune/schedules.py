@@ -134,19 +134,28 @@ class TorchSchedule:
         from torch.optim import lr_scheduler
 
         cls = lr_scheduler_class(name)
-        takes = set(inspect.signature(cls.__init__).parameters)
         args = dict(args)
-        if "total_steps" in takes and args.get("total_steps") is None and args.get("epochs") is None:
-            args["total_steps"] = max(int(total), 1)
-        if "T_max" in takes and "T_max" not in args:
-            args["T_max"] = max(int(total), 1)
-        if "cycle_momentum" in takes:
+        for key in self.planned_arguments(name, args):
+            args[key] = max(int(total), 1)
+        if "cycle_momentum" in inspect.signature(cls.__init__).parameters:
             args.setdefault("cycle_momentum", False)
         self.initial = float(initial_lr)
         self._param = torch.nn.Parameter(torch.zeros(()))
         self.optimizer = torch.optim.SGD([self._param], lr=self.initial)
         self.scheduler = cls(self.optimizer, **args)
         self.plateau = isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau)
+
+    @staticmethod
+    def planned_arguments(name: str, args: dict[str, Any]) -> list[str]:
+        """The arguments the run's length fills in where ``args`` leaves them out: OneCycleLR's
+        ``total_steps`` (unless ``epochs`` is given), CosineAnnealingLR's ``T_max``."""
+        takes = set(inspect.signature(lr_scheduler_class(name).__init__).parameters)
+        keys = []
+        if "total_steps" in takes and args.get("total_steps") is None and args.get("epochs") is None:
+            keys.append("total_steps")
+        if "T_max" in takes and "T_max" not in args:
+            keys.append("T_max")
+        return keys
 
     @property
     def factor(self) -> float:

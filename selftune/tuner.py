@@ -848,8 +848,9 @@ class SelfTuner:
     def _check_extension(self, epochs: int) -> None:
         """A later fit past the epochs the first one planned keeps that plan (the schedule's length, the
         tuned rate's step, the hyper learning rate): a scheduler that cannot step past its length
-        (OneCycleLR) is refused now, in one line, and a schedule that can is a warning, since its rate
-        past the plan is its end's (a cosine's: about 0)."""
+        (OneCycleLR) is refused now, in one line, and a schedule whose curve the run's length set (a cosine,
+        a filled-in ``T_max``) is a warning, since its rate past the plan is its end's (about 0) or a
+        restart."""
         s = self.settings
         planned = self._planned_steps // self.batches_per_epoch
         fix = f"give the whole run's epochs to the first fit (fit({epochs}) on a fresh tuner)"
@@ -862,7 +863,9 @@ class SelfTuner:
                 raise ConfigError("epochs", f"fit({epochs}) trains past the {planned} epochs this tuner's first fit "
                                             f"planned torch.optim.lr_scheduler.{s.lr_scheduler} for, and {err}; "
                                             f"{fix}") from None
-        if s.lr_scheduler is not None or s.schedule.kind != "constant" or s.schedule.warmup_epochs:
+        planned_by_length = (TorchSchedule.planned_arguments(s.lr_scheduler, s.lr_scheduler_args)
+                             if s.lr_scheduler is not None else s.schedule.kind not in ("constant", "step"))
+        if planned_by_length:  # (a step schedule, a warm-up, StepLR... go on exactly as in one longer fit)
             warnings.warn(SelftuneWarning(
                 f"fit({epochs}): this tuner's first fit planned its learning-rate schedule for {planned} epochs; "
                 f"the epochs past them keep that plan (the rate where it ended, or where the scheduler goes "
@@ -949,6 +952,8 @@ class SelfTuner:
                     # that only grows would keep what that noise asked for
                     grown = self._test_batch(x, y)  # on the weights this batch's gradient is taken at
                 log.add_train_loss(self.algorithm.step(self, x, y))
+                # this step's rate for a full batch of the size it drew (before any growth), for the records
+                log.end_lr = self.weights_lr / self._short_batch_factor()
                 if log.counters.steps == 0:  # the first step's rate begins the run's schedule (schedule())
                     log.start.setdefault("weights_lr", self.weights_lr)
                     if self._follow is not None:  # the followed values are what the run started from
@@ -1480,7 +1485,8 @@ class SelfTuner:
             scales = net.scale.double().tolist()
         row = dict(zip(net.space.names, values, strict=True))
         row.update({f"{n}_scale": v for n, v in zip(net.space.names, scales, strict=True)})
-        row["weights_lr"] = self.weights_lr / self._short_batch_factor()  # a full batch's (_short_batch_factor)
+        # the last step's rate for a full batch of its size (_short_batch_factor)
+        row["weights_lr"] = self.log.end_lr if self.log.end_lr is not None else self.weights_lr
         if self.settings.adaptive_batch is not None or self._lr_rule is not None:
             row["batch_size"] = float(self.order.batch_size)
         return row
@@ -1610,7 +1616,7 @@ class SelfTuner:
     def last_lr(self) -> float | None:
         """The rate of the run's last step, a full batch's (see :meth:`_short_batch_factor`); ``None``
         before the first step."""
-        return self.weights_lr / self._short_batch_factor() if self.log.counters.steps else None
+        return self.log.end_lr if self.log.counters.steps else None
 
     # ------------------------------------------------------------------------------------------
     # Checkpointing

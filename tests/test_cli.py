@@ -137,6 +137,7 @@ def test_a_byte_order_mark_and_numbers_a_shell_writes_are_read_as_meant(tmp_path
     raw = apply_overrides({"objective": {"weight_decay": {"enc.0": "wa", "*": "wb"}}},
                           ['objective.weight_decay."enc.0"=0.01', 'objective.weight_decay."*"="wc"'])
     assert raw == {"objective": {"weight_decay": {"enc.0": 0.01, "*": "wc"}}}
+    assert apply_overrides({}, ['a."b=c".d=1', 'x="a=b"']) == {"a": {"b=c": {"d": 1}}, "x": "a=b"}
 
 
 def test_compare_with_out_dot_writes_beside_the_folder_and_a_folder_named_as_an_output_is_refused(tmp_path):

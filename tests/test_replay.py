@@ -374,8 +374,12 @@ def test_a_short_last_batch_under_lr_batch_scaling_does_not_set_the_rate_of_the_
         return SelfTuner(st.hypernetize(model, space), (x[:150], y[:150]), (x[150:], y[150:]),
                          method=settings.pop("method", "hd"), settings=TunerSettings(**{**base, **settings}), seed=0)
 
-    fit = tuner().fit(3)
+    first = tuner()
+    fit = first.fit(3)
     assert {round(r["weights_lr"], 6) for r in fit.trajectory} == {0.01}  # a full batch's rate, every row
+    restored = tuner()  # the last step (a short batch) is in the checkpoint: a restored run records the same
+    restored.load_state_dict(first.state_dict())
+    assert restored.last_lr == pytest.approx(0.01) and restored.schedule().lr[-1] == pytest.approx(0.01)
     followed = tuner(method="fixed", follow=fit.schedule).fit(3)
     assert followed.history[-1]["val_loss"] == pytest.approx(fit.history[-1]["val_loss"], rel=1e-5)
 

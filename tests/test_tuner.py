@@ -301,10 +301,13 @@ def test_a_later_fit_past_the_planned_schedule_is_refused_or_warned_in_one_line(
     with pytest.warns(SelftuneWarning, match=r"fit\(4\): this tuner's first fit planned its learning-rate schedule "
                                              r"for 2 epochs"):
         cosine.fit(4)
-    plain = tuner()
-    plain.fit(2)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SelftuneWarning)
-        plain.fit(4)  # a constant rate: nothing was planned
+    # nothing there depends on the run's length: a longer fit goes on as one fit would
+    for settings in ({}, {"schedule": {"kind": "step", "step_epochs": 1}}, {"lr_scheduler": "StepLR",
+                                                                            "lr_scheduler_args": {"step_size": 1}}):
+        plain = tuner(**settings)
+        plain.fit(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SelftuneWarning)
+            plain.fit(4)
