@@ -3,12 +3,19 @@
 The tuner draws its examples by index (its order is part of every checkpoint, which is what makes a
 resumed run equal an uninterrupted one), so it needs an indexable dataset, not an iterator. A
 ``DataLoader`` is accepted for what it knows about the data: its ``dataset``, its ``collate_fn``
-(padding, tokenising) and what its sampler says about which examples to draw: a ``SubsetRandomSampler``
-(one dataset split into training and validation by index, a common PyTorch pattern) makes the split the
-data, and a ``WeightedRandomSampler`` on the training data (class balancing) draws each epoch's examples
-by its weights from the tuner's own seeded, checkpointed generator. Its batch size and workers are not
-used, and the tuner says so once when its batch size differs; any other sampler is a warning (its draw
-cannot be checkpointed).
+(padding, tokenising), its workers and what its sampler says about which examples to draw: a
+``SubsetRandomSampler`` (one dataset split into training and validation by index, a common PyTorch
+pattern) makes the split the data, and a ``WeightedRandomSampler`` on the training data (class
+balancing) draws each epoch's examples by its weights from the tuner's own seeded, checkpointed
+generator. Its batch size is not used, and the tuner says so once when it differs; any other sampler is
+a warning (its draw cannot be checkpointed).
+
+``num_workers`` is honoured by :class:`Workers`: each batch the tuner asks for is fetched by the workers
+in parallel, a share each (the loader's ``worker_init_fn`` and ``multiprocessing_context`` included), and
+collated in the main process. Each example is fetched with PyTorch's, Python's and NumPy's generators
+seeded for it from one draw of the run's generator per batch, so a dataset's random transforms give the
+same examples whatever the number of workers, a run reproduces from its seed and a resumed run fetches
+what the uninterrupted one fetched.
 
 A collated batch is split into inputs and targets by :class:`Fields`:
 
@@ -23,8 +30,14 @@ Inputs may be any nesting of tensors (dicts, tuples); :func:`batch_size`, :func:
 
 from __future__ import annotations
 
+import io
+import multiprocessing
+import pickle
+import random
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +57,8 @@ from torch.utils.data import (
 
 from .errors import DataError, SelftuneWarning
 
-__all__ = ["Fields", "Kwargs", "Source", "batch_size", "head", "loader_dataset", "subset_origin", "to_device"]
+__all__ = ["Fields", "Kwargs", "Source", "Workers", "batch_size", "example_seed", "head", "loader_dataset",
+           "subset_origin", "to_device"]
 
 Collate = Callable[[list[Any]], Any]
 
@@ -144,6 +158,163 @@ def _checked_weights(sampler: WeightedRandomSampler, n: int, what: str) -> tuple
     return weights, draws, replacement
 
 
+_MASK = (1 << 64) - 1
+
+
+def example_seed(batch_seed: int, k: int) -> int:
+    """A 63-bit seed for the ``k``-th example of a batch drawn with ``batch_seed`` (SplitMix64's mix:
+    neighbouring ``k`` give unrelated seeds, cheaply and without NumPy)."""
+    z = (batch_seed + (k + 1) * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (z ^ (z >> 31)) >> 1
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed what a dataset's random transforms draw from: PyTorch's, Python's and (when the dataset's
+    code imported it) NumPy's global generators. (The CPU generator alone: a dataset's transforms run on
+    the CPU, and seeding every device's costs 100x more, per example.)"""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % (1 << 32))
+
+
+_WORKER_DATA: Dataset | None = None  # (in a worker process: the dataset it fetches from)
+
+
+def _start_worker(data: Dataset, ids: Any, worker_init_fn: Callable[[int], None] | None) -> None:
+    """A worker's start: keep the dataset, then run the loader's ``worker_init_fn`` with the worker's id
+    (0 to num_workers - 1, as a DataLoader numbers them)."""
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    torch.set_num_threads(1)  # as a DataLoader's workers: N of them must not each take every core
+    if worker_init_fn is not None:
+        worker_init_fn(ids.get())
+
+
+class _Packer(pickle.Pickler):
+    """Pickles a share of examples with each plain CPU tensor's bytes set apart (:func:`_pack`)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.buffers: list[bytes] = []
+
+    def persistent_id(self, obj: Any) -> Any:
+        if (type(obj) is torch.Tensor and obj.layout is torch.strided and obj.device.type == "cpu"
+                and not obj.is_quantized and obj.numel() > 0):
+            self.buffers.append(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            return (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), obj.requires_grad)
+        return None
+
+
+class _Unpacker(pickle.Unpickler):
+    def __init__(self, structure: bytes, buffers: list[bytes]) -> None:
+        super().__init__(io.BytesIO(structure))
+        self.buffers = iter(buffers)
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        dtype, shape, requires_grad = pid
+        raw = torch.frombuffer(bytearray(next(self.buffers)), dtype=torch.uint8)
+        return raw.view(getattr(torch, dtype)).reshape(shape).requires_grad_(requires_grad)
+
+
+def _pack(examples: list[Any]) -> tuple[bytes, list[bytes]]:
+    """Examples as a pickled structure and the raw bytes of their tensors. Why: pickled as they are, a
+    tensor goes through ``torch.save`` (about 0.2 ms each way), and sent through a process queue it gets a
+    shared-memory segment of its own; a share of small examples would cost more to move than to make."""
+    file = io.BytesIO()
+    packer = _Packer(file)
+    packer.dump(examples)
+    return file.getvalue(), packer.buffers
+
+
+def _unpack(packed: tuple[bytes, list[bytes]]) -> list[Any]:
+    return _Unpacker(*packed).load()
+
+
+def _fetch_share(items: list[tuple[int, int]]) -> tuple[bytes, list[bytes]]:
+    """A worker's share of a batch: each example fetched with its own seed, packed (:func:`_pack`)."""
+    assert _WORKER_DATA is not None
+    examples = []
+    for seed, index in items:
+        _seed_generators(seed)
+        examples.append(_WORKER_DATA[index])
+    return _pack(examples)
+
+
+class Workers:
+    """A dataset's examples fetched by worker processes: a batch is cut into one share per worker.
+
+    Why a share per worker and not a batch per worker, as a ``DataLoader`` does: the tuner decides each
+    batch when it needs it (the data order is part of every checkpoint; Delta-STN's hyper steps, the
+    adaptive batch and roll-backs change what comes next), so there is no queue of future batches to
+    hand out, but every batch can be fetched in ``num_workers`` parallel parts. The processes (a
+    ``concurrent.futures.ProcessPoolExecutor``) start at the first batch and stop with :meth:`close`,
+    when this object is collected, or at exit; pickling drops them (a copy starts its own).
+
+    Args:
+        data: the examples (the part of the dataset a ``SubsetRandomSampler`` names).
+        num_workers: worker processes.
+        loader: the user's ``DataLoader``, whose ``worker_init_fn``, ``multiprocessing_context`` and
+            ``timeout`` the workers take.
+    """
+
+    def __init__(self, data: Dataset, num_workers: int, loader: DataLoader | None = None) -> None:
+        self.data, self.num_workers = data, num_workers
+        self.worker_init_fn = getattr(loader, "worker_init_fn", None)
+        self.context = getattr(loader, "multiprocessing_context", None)
+        self.timeout = float(getattr(loader, "timeout", 0) or 0) or None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # (at interpreter exit the executor's machinery may be gone already)
+            pass
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = self.context
+            if context is None or isinstance(context, str):
+                context = multiprocessing.get_context(context)
+            ids = context.Queue()
+            for k in range(self.num_workers):
+                ids.put(k)
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_start_worker,
+                                             initargs=(self.data, ids, self.worker_init_fn))
+        return self._pool
+
+    def fetch(self, index: list[int], batch_seed: int) -> list[Any]:
+        """The examples ``index``, in that order, each fetched with its :func:`example_seed`.
+
+        Raises:
+            whatever the dataset raised in a worker (its own type); ``BrokenProcessPool`` where a worker
+            died (the next batch starts new ones).
+        """
+        items = [(example_seed(batch_seed, k), i) for k, i in enumerate(index)]
+        size = -(-len(items) // self.num_workers)
+        pool = self._started()
+        try:
+            shares = pool.map(_fetch_share, [items[start:start + size] for start in range(0, len(items), size)],
+                              timeout=self.timeout)
+            return [example for share in shares for example in _unpack(share)]
+        except BaseException:
+            if getattr(pool, "_broken", False):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the worker processes (the next batch starts new ones)."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Source:
     """An indexable dataset with the collate that turns its examples into a batch.
 
@@ -160,11 +331,16 @@ class Source:
             warning, since losses there are over every example once.
         dataset: the loader's examples as :func:`~selftune.validation.as_dataset` checked them (the part a
             ``SubsetRandomSampler`` names, tensors detached), so they are taken once.
+        workers: worker processes that fetch each batch's examples (:class:`Workers`); ``None``: a
+            loader's ``num_workers``, none for a dataset. A ``TensorDataset`` without a collate of its own
+            is always indexed in place (faster than any worker).
     """
 
     def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None,
-                 batch_dim: int = 0, *, weighted: bool = False, dataset: Dataset | None = None) -> None:
+                 batch_dim: int = 0, *, weighted: bool = False, dataset: Dataset | None = None,
+                 workers: int | None = None) -> None:
         collate: Collate | None = None
+        loader = data if isinstance(data, DataLoader) else None
         #: where each example sits in the user's dataset when a ``SubsetRandomSampler`` chose them (messages)
         self.origin: torch.Tensor | None = None
         #: a training loader's ``WeightedRandomSampler``: ``(weights, num_samples, replacement)``
@@ -201,6 +377,10 @@ class Source:
         #: whether every example was checked before training (a tensor dataset's inputs and labels, in full);
         #: other datasets have each batch checked as it is drawn
         self.checked_whole = isinstance(data, TensorDataset) and self.collate is default_collate
+        n_workers = (loader.num_workers if loader is not None else 0) if workers is None else workers
+        fast = isinstance(data, TensorDataset) and len(data.tensors) == 2 and self.collate is default_collate
+        #: the worker processes that fetch this source's examples (``None``: the main process does)
+        self.workers = Workers(data, n_workers, loader) if n_workers > 0 and not fast else None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -212,7 +392,11 @@ class Source:
             # fast path: what default_collate would stack (a loader's own collate_fn may change the batch)
             x, y = data.tensors[0][index], data.tensors[1][index]
         else:
-            x, y = fields.split(self.collate([data[i] for i in index.tolist()]), self.what)
+            if self.workers is None:
+                examples = [data[i] for i in index.tolist()]
+            else:  # one draw of the run's generator per batch seeds its examples' transforms
+                examples = self.workers.fetch(index.tolist(), int(torch.randint(1 << 62, ())))
+            x, y = fields.split(self.collate(examples), self.what)
         return (_sequence_first(x), _sequence_first(y)) if self.sequence_first else (x, y)
 
 

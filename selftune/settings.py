@@ -89,6 +89,13 @@ class TunerSettings(BaseModel):
         False, description="drop each epoch's last training batch when it holds fewer than batch_size x accumulate "
                            "examples, as DataLoader(drop_last=True) does (a training DataLoader with drop_last=True "
                            "sets it too): a model with BatchNorm cannot train on a batch of one example")
+    workers: int | None = Field(
+        None, ge=0, description="worker processes that fetch the examples of each training and validation batch in "
+                                "parallel, a share each, from a Dataset of your own (one with per-example work: "
+                                "decoding, random transforms); None: the DataLoader's num_workers, 0 for a Dataset. "
+                                "Each example's random transforms are seeded from the run's seed, so a run gives "
+                                "the same examples whatever the number of workers above 0 and resumes exactly; "
+                                "tensors (a TensorDataset) are indexed in place, without workers")
     adaptive_batch: AdaptiveBatchSettings | None = Field(
         None, description="[tuner.adaptive_batch]: grow the batch during the run when the per-example gradient "
                           "noise asks for it (AdAdaGrad's norm or inner-product test, selftune.batch_size); the run "

@@ -67,11 +67,11 @@ DataLike = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
 
 def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 0, *,
-               weighted: bool = False) -> Source:
+               weighted: bool = False, workers: int | None = None) -> Source:
     """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
     dataset = as_dataset(data, what)
     return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim, weighted=weighted,
-                  dataset=dataset)
+                  dataset=dataset, workers=workers)
 
 
 def _is_classification(outputs: Any, target: Any) -> bool:
@@ -337,8 +337,10 @@ class SelfTuner:
         _check_declared(net.space, self.objective, augment)
         _check_meanings(net, self.objective)
         s = self.settings
-        self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim, weighted=True),
-                        "val": _as_source(val, "val", s.val_batch_size or s.batch_size, net.batch_dim)}
+        self.sources = {"train": _as_source(train, "train", s.batch_size, net.batch_dim, weighted=True,
+                                            workers=s.workers),
+                        "val": _as_source(val, "val", s.val_batch_size or s.batch_size, net.batch_dim,
+                                          workers=s.workers)}
         self.train_data, self.val_data = self.sources["train"].dataset, self.sources["val"].dataset
         self.device = _usable_device(device)
         # On the training device, so masks and perturbations are drawn where they are used.

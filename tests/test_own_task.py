@@ -157,6 +157,91 @@ def test_a_training_loaders_weighted_sampler_draws_each_epoch_by_its_weights_and
                      settings=st.TunerSettings(batch_size=16))
 
 
+class Augmented(Dataset):
+    """Examples with random transforms drawn from PyTorch's, Python's and NumPy's generators, as
+    torchvision's and albumentations' transforms draw them, each tagged with the process that made it."""
+
+    def __init__(self, x, y, fail_at=None):
+        self.x, self.y, self.fail_at = x, y, fail_at
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import os
+        import random
+
+        import numpy as np
+        if i == self.fail_at:
+            raise KeyError(f"record {i} is missing")
+        jitter = 0.1 * torch.randn(8) + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        return {"x": self.x[i] + jitter, "y": self.y[i], "pid": torch.tensor(os.getpid())}
+
+
+def _seen_by(pids):
+    """A collate that records which processes made each batch's examples (it runs in the main process)."""
+    from torch.utils.data import default_collate
+
+    def collate(examples):
+        batch = default_collate(examples)
+        pids.update(batch.pop("pid").tolist())
+        return batch
+    return collate
+
+
+def _started(worker_id):
+    """A DataLoader's worker_init_fn: leaves a file named by the worker's id."""
+    import os
+    Path(os.environ["SELFTUNE_TEST_WORKER_DIR"], str(worker_id)).touch()
+
+
+def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_number_of_them(tmp_path, monkeypatch):
+    """``num_workers`` was ignored: a Dataset with per-example work (decoding, random transforms) was fetched
+    in the main process alone. Workers now fetch each batch, a share each; every example's transforms are
+    seeded from one draw of the run's generator, so 1, 2 or 3 workers give the same run, bit for bit, and a
+    run stopped mid-epoch resumes as the uninterrupted one; a dataset's error reaches the caller as raised."""
+    import os
+    monkeypatch.setenv("SELFTUNE_TEST_WORKER_DIR", str(tmp_path))
+    x, y = regression(200)
+    pids = set()
+
+    def tuner(workers=None, fail_at=None):
+        torch.manual_seed(0)
+        net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]), hidden=16)
+        train = DataLoader(Augmented(x[:150], y[:150], fail_at), batch_size=25, num_workers=2,
+                           collate_fn=_seen_by(pids), worker_init_fn=_started)
+        return st.SelfTuner(net, train, DataLoader(Augmented(x[150:], y[150:]), num_workers=2, batch_size=25,
+                                                   collate_fn=_seen_by(pids)),
+                            loss=mse, input_key="x", target_key="y", seed=2,
+                            settings=st.TunerSettings(batch_size=25, lr=0.05, workers=workers))
+
+    two = tuner()
+    assert two.sources["train"].workers.num_workers == 2 and two.sources["val"].workers.num_workers == 2
+    pids.clear()
+    first = two.fit(3)
+    assert pids and os.getpid() not in pids, "every example is made in a worker"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1"]  # the loader's worker_init_fn, per id
+    one = tuner(workers=1).fit(3)
+    same = [torch.equal(a, b) for a, b in zip(first.net.state_dict().values(), one.net.state_dict().values())]
+    timeless = [{k: v for k, v in row.items() if k != "seconds"} for row in first.history]
+    assert all(same) and first.hparams == one.hparams and timeless == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in one.history]
+    stopped = tuner()
+    stopped.fit(3, max_steps=8)  # mid-epoch (6 steps an epoch)
+    resumed = tuner(workers=3)
+    resumed.load_state_dict(stopped.state_dict())
+    again = resumed.fit(3)
+    assert all(torch.equal(a, b) for a, b in zip(again.net.state_dict().values(), first.net.state_dict().values()))
+    # the transforms are random per example and per draw: an example fetched twice differs
+    source = two.sources["train"]
+    a, b = (source.take(torch.tensor([4, 5]), two.fields)[0] for _ in range(2))
+    assert not torch.equal(a[0], a[1] - x[5] + x[4]) and not torch.equal(a, b)
+    with pytest.raises(KeyError, match="record 7 is missing"):
+        tuner(fail_at=7).fit(1)
+    with pytest.raises(ConfigError, match=r"tuner\.workers"):
+        st.TunerSettings(workers=-1)
+
+
 def test_loaders_that_split_one_dataset_by_subset_samplers_train_and_validate_on_their_own_parts():
     """``DataLoader(ds, sampler=SubsetRandomSampler(train_idx))`` with another loader on ``val_idx`` is a
     common PyTorch split; reading each loader's ``dataset`` trained on the validation examples too."""
