@@ -38,6 +38,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,9 +304,8 @@ class Workers:
             shares = pool.map(_fetch_share, [items[start:start + size] for start in range(0, len(items), size)],
                               timeout=self.timeout)
             return [example for share in shares for example in _unpack(share)]
-        except BaseException:
-            if getattr(pool, "_broken", False):
-                self.close()
+        except BrokenProcessPool:
+            self.close()
             raise
 
     def close(self) -> None:
@@ -395,7 +395,13 @@ class Source:
             if self.workers is None:
                 examples = [data[i] for i in index.tolist()]
             else:  # one draw of the run's generator per batch seeds its examples' transforms
-                examples = self.workers.fetch(index.tolist(), int(torch.randint(1 << 62, ())))
+                try:
+                    examples = self.workers.fetch(index.tolist(), int(torch.randint(1 << 62, ())))
+                except BrokenProcessPool:
+                    raise DataError(f"{self.what}: a worker process fetching its examples died (killed, out of "
+                                    "memory, or a crash in the dataset's code); set tuner.workers = 0 (or the "
+                                    "DataLoader's num_workers) to fetch them in this process and see the error"
+                                    ) from None
             x, y = fields.split(self.collate(examples), self.what)
         return (_sequence_first(x), _sequence_first(y)) if self.sequence_first else (x, y)
 

@@ -161,8 +161,8 @@ class Augmented(Dataset):
     """Examples with random transforms drawn from PyTorch's, Python's and NumPy's generators, as
     torchvision's and albumentations' transforms draw them, each tagged with the process that made it."""
 
-    def __init__(self, x, y, fail_at=None):
-        self.x, self.y, self.fail_at = x, y, fail_at
+    def __init__(self, x, y, fail_at=None, die_at=None):
+        self.x, self.y, self.fail_at, self.die_at = x, y, fail_at, die_at
 
     def __len__(self):
         return len(self.x)
@@ -174,6 +174,8 @@ class Augmented(Dataset):
         import numpy as np
         if i == self.fail_at:
             raise KeyError(f"record {i} is missing")
+        if i == self.die_at:
+            os._exit(1)  # a worker killed (the OS's out-of-memory killer, a crash in a C extension)
         jitter = 0.1 * torch.randn(8) + 0.01 * random.random() + 0.01 * float(np.random.rand())
         return {"x": self.x[i] + jitter, "y": self.y[i], "pid": torch.tensor(os.getpid())}
 
@@ -205,10 +207,10 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
     x, y = regression(200)
     pids = set()
 
-    def tuner(workers=None, fail_at=None):
+    def tuner(workers=None, fail_at=None, die_at=None):
         torch.manual_seed(0)
         net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]), hidden=16)
-        train = DataLoader(Augmented(x[:150], y[:150], fail_at), batch_size=25, num_workers=2,
+        train = DataLoader(Augmented(x[:150], y[:150], fail_at, die_at), batch_size=25, num_workers=2,
                            collate_fn=_seen_by(pids), worker_init_fn=_started)
         return st.SelfTuner(net, train, DataLoader(Augmented(x[150:], y[150:]), num_workers=2, batch_size=25,
                                                    collate_fn=_seen_by(pids)),
@@ -238,6 +240,8 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
     assert not torch.equal(a[0], a[1] - x[5] + x[4]) and not torch.equal(a, b)
     with pytest.raises(KeyError, match="record 7 is missing"):
         tuner(fail_at=7).fit(1)
+    with pytest.raises(DataError, match="train: a worker process fetching its examples died"):
+        tuner(die_at=7).fit(1)
     with pytest.raises(ConfigError, match=r"tuner\.workers"):
         st.TunerSettings(workers=-1)
 
