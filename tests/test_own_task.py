@@ -162,7 +162,8 @@ class Augmented(Dataset):
     torchvision's and albumentations' transforms draw them, each tagged with the process that made it."""
 
     def __init__(self, x, y, fail_at=None, die_at=None):
-        self.x, self.y, self.fail_at, self.die_at = x, y, fail_at, die_at
+        import os
+        self.x, self.y, self.fail_at, self.die_at, self.pid = x, y, fail_at, die_at, os.getpid()
 
     def __len__(self):
         return len(self.x)
@@ -174,7 +175,7 @@ class Augmented(Dataset):
         import numpy as np
         if i == self.fail_at:
             raise KeyError(f"record {i} is missing")
-        if i == self.die_at:
+        if i == self.die_at and os.getpid() != self.pid:
             os._exit(1)  # a worker killed (the OS's out-of-memory killer, a crash in a C extension)
         jitter = 0.1 * torch.randn(8) + 0.01 * random.random() + 0.01 * float(np.random.rand())
         return {"x": self.x[i] + jitter, "y": self.y[i], "pid": torch.tensor(os.getpid())}
