@@ -183,7 +183,8 @@ class ImplicitDifferentiation(Fixed):
         with net.relaxed(self.settings.relax_temperature), sdpa_kernel(SDPBackend.MATH), tuner.kept_statistics(), \
                 torch.backends.cudnn.flags(enabled=False):
             outputs = net(x, u, respond=False, generator=tuner.generator)
-        loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True)
+        loss = tuner.objective.train_loss(outputs, y, tuner._lookup(values), tuner._decayed, differentiable=True,
+                                          batch_dim=net.batch_dim)
         # (None for a weight the training loss never reaches: an auxiliary head, a layer left unused)
         return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
 

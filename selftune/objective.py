@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .batches import batch_axis
 from .errors import ConfigError, ConfigTypeError
 
 Lookup = Callable[[str], torch.Tensor]
@@ -47,6 +48,18 @@ def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
         soft = target.shape == logits.shape  # class probabilities per token
         return logits.reshape(-1, classes), target.reshape(-1, classes) if soft else target.reshape(-1)
     return logits, target
+
+
+def per_prediction(values: torch.Tensor, logits: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """Per-example values ``(B,)`` (or one value) spread over the predictions of ``logits`` in the order
+    :func:`flatten_tokens` flattens them: each token takes its example's value, whether the examples lie
+    in dimension 0 (``(B, T, C)``) or, for a sequence-first model, in dimension 1 (``(T, B, C)``)."""
+    lead = logits.shape[:-1]
+    if values.numel() == 1 or len(lead) <= 1:
+        return values.reshape(-1).expand(lead.numel()) if values.numel() == 1 else values
+    shape = [1] * len(lead)
+    shape[batch_axis(logits, values.numel(), batch_dim)] = values.numel()
+    return values.reshape(shape).expand(lead).reshape(-1)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor, *,
@@ -199,9 +212,10 @@ class Objective:
 
     def train_loss(self, logits: torch.Tensor, target: torch.Tensor, lookup: Lookup,
                    decayed: Sequence[Sequence[torch.Tensor]] = (), *, norms: torch.Tensor | None = None,
-                   differentiable: bool = False) -> torch.Tensor:
+                   differentiable: bool = False, batch_dim: int = 0) -> torch.Tensor:
         """Training loss at per-example hyperparameters ``lookup(name) -> (B,)``; sequence outputs
-        ``(B, T, C)`` average over tokens, each token at its example's hyperparameters.
+        ``(B, T, C)`` (``(T, B, C)`` for a sequence-first model, ``batch_dim = 1``) average over tokens,
+        each token at its example's hyperparameters.
 
         Weight decay penalises ``0.5 * sum_g mean_i(wd_gi * norms_gi)`` over the layer groups ``g`` of
         :meth:`decays` when ``norms`` (``(G, B)``: the squared norms of each example's effective weights
@@ -216,10 +230,9 @@ class Objective:
         elif self.label_smoothing is None:
             loss = cross_entropy(logits, target)
         else:
-            tokens = logits[0].numel() // logits.shape[-1]  # predictions per example (1 for classifiers)
             flat_logits, flat_target = flatten_tokens(logits, target)
-            smoothing = self._per_example(self.label_smoothing, lookup, logits.shape[0], logits)
-            loss = smoothed_cross_entropy(flat_logits, flat_target, smoothing.repeat_interleave(tokens),
+            smoothing = self._per_example(self.label_smoothing, lookup, 1, logits)
+            loss = smoothed_cross_entropy(flat_logits, flat_target, per_prediction(smoothing, logits, batch_dim),
                                           differentiable=differentiable)
         if decayed and isinstance(decayed[0], torch.Tensor):
             raise TypeError("decayed must hold one list of weights per decay (Objective.weight_groups), not the "

@@ -1012,7 +1012,7 @@ class SelfTuner:
         lookup, dim, n = self._lookup(values), net.batch_dim, batch_of(x, net.batch_dim)
 
         def loss(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
-            return self.objective.train_loss(torch.func.functional_call(net, p, (xi,)), yi, lookup)
+            return self.objective.train_loss(torch.func.functional_call(net, p, (xi,)), yi, lookup, batch_dim=dim)
 
         def matrix(start: int, stop: int) -> torch.Tensor:
             return per_example_gradients(loss, params, example_rows(x, start, stop, dim, n),
@@ -1281,7 +1281,7 @@ class SelfTuner:
             with net.recording_norms(self._decayed) as recorded:
                 logits = net(x, u, respond=respond, generator=self.generator)
             norms = recorded()
-        loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms)
+        loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms, batch_dim=net.batch_dim)
         self._check(loss, "training loss", group)
         (loss * share if share != 1.0 else loss).backward()
         return loss.item() * share

@@ -128,6 +128,39 @@ def test_sequence_losses_average_over_tokens():
     assert torch.allclose(smooth, expected, atol=1e-6)
 
 
+def test_each_token_is_smoothed_at_its_own_examples_rate_in_either_layout():
+    """A sequence-first model's ``(T, B, C)`` outputs were smoothed as if batch-first: a raw size error
+    where T != B, and where T == B each example's rate went to the tokens of one time step (found by a
+    fuzz round)."""
+    torch.manual_seed(0)
+    rates = torch.tensor([0.0, 0.0, 0.0, 0.5])
+    objective = Objective(label_smoothing="s")
+    for steps in (4, 6):  # T == B, and T != B
+        logits, target = torch.randn(steps, 4, 7), torch.randint(0, 7, (steps, 4))
+        expected = torch.stack([F.cross_entropy(logits[:, b], target[:, b], label_smoothing=float(rates[b]))
+                                for b in range(4)]).mean()
+        got = objective.train_loss(logits, target, lambda name: rates, [], batch_dim=1)
+        assert torch.allclose(got, expected, atol=1e-6), (steps, got, expected)
+        first = objective.train_loss(logits.transpose(0, 1), target.transpose(0, 1), lambda name: rates, [])
+        assert torch.allclose(first, expected, atol=1e-6)
+    # and through a run: a sequence-first GRU language model with a tuned smoothing rate trains
+    ids = torch.randint(0, 12, (64, 5))
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.dec = nn.Embedding(12, 8), nn.GRU(8, 16), nn.Linear(16, 12)
+
+        def forward(self, x):
+            return self.dec(self.rnn(self.emb(x))[0])
+
+    net = st.hypernetize(LM(), st.Space([st.Float("ls", 0.0, 0.5, init=0.1)]), batch_dim=1)
+    fit = st.SelfTuner(net, (ids[:48], ids.roll(-1, 1)[:48]), (ids[48:], ids.roll(-1, 1)[48:]), method="delta-stn",
+                       objective=Objective(label_smoothing="ls"),
+                       settings=st.TunerSettings(lr=0.1, batch_size=8)).fit(2)
+    assert math.isfinite(fit.history[-1]["val_loss"]) and fit.hparams["ls"] != 0.1
+
+
 def test_ptb_ships_offline_with_the_official_token_counts():
     splits = load_dataset("ptb", seq_len=35)
     assert splits.kind == "language-model" and splits.num_classes == 10000 and splits.input_shape == (35,)
