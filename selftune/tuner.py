@@ -74,6 +74,20 @@ def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 
                   dataset=dataset, workers=workers)
 
 
+def _check_loss_parameters(loss: Any) -> None:
+    """Refuse a loss module with trainable parameters (a learnable temperature, a class-weight vector left
+    trainable): the tuner trains the model's weights, so they would stay at their initial values while
+    their gradients piled up, silently."""
+    if not isinstance(loss, torch.nn.Module):
+        return
+    trainable = [name for name, p in loss.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ConfigError("loss", f"{type(loss).__name__} has trainable parameters ({', '.join(trainable[:3])}"
+                                  f"{', ...' if len(trainable) > 3 else ''}), which nothing would train: the tuner "
+                                  "trains the model's weights; move them into the model (its forward can apply "
+                                  "them) or freeze them with requires_grad_(False)")
+
+
 def _is_classification(outputs: Any, target: Any) -> bool:
     """Accuracy means something: class scores ``(B, [T,] C)`` against integer labels ``(B, [T])``."""
     return (isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor) and outputs.dim() >= 2
@@ -331,6 +345,7 @@ class SelfTuner:
                 raise
             except (TypeError, ValueError) as err:
                 raise ConfigError("loss", str(err)) from None
+        _check_loss_parameters(self.objective.loss)
         self.metrics = _checked_metrics(metrics)
         self.fields = Fields(input_key, target_key)
         self.augment = augment

@@ -66,6 +66,29 @@ def test_regression_with_a_custom_loss_and_adamw_trains_and_tunes():
     assert fit.hparams != {"drop": 0.3, "wd": 1e-3}
 
 
+def test_a_loss_with_trainable_parameters_is_refused_with_the_fix():
+    """A loss module's own parameters (a learnable temperature) were never trained, silently: the tuner
+    builds the optimizers over the model's weights (found by a fuzz round)."""
+
+    class TemperatureMSE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_t = nn.Parameter(torch.zeros(()))
+
+        def forward(self, out, y):
+            return mse(out * self.log_t.exp(), y)
+
+    x, y = regression(60)
+    net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]))
+    with pytest.raises(ConfigError, match=r"loss: TemperatureMSE has trainable parameters \(log_t\).*move them into "
+                                          r"the model .* or freeze them with requires_grad_\(False\)"):
+        st.SelfTuner(net, (x[:40], y[:40]), (x[40:], y[40:]), loss=TemperatureMSE())
+    frozen = TemperatureMSE().requires_grad_(False)  # a constant temperature is fine
+    fit = st.SelfTuner(net, (x[:40], y[:40]), (x[40:], y[40:]), loss=frozen,
+                       settings=st.TunerSettings(batch_size=20)).fit(1)
+    assert math.isfinite(fit.history[-1]["val_loss"])
+
+
 class Records(Dataset):
     """Dict examples, as a Hugging Face style dataset returns them."""
 
