@@ -40,9 +40,27 @@ def _is_spec(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, str | int | float)
 
 
+def classes_in_dim_1(logits: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether outputs hold their classes in dimension 1, PyTorch's ``F.cross_entropy`` layout: ``(B, C,
+    d1, ...)`` (a tagger's ``(B, C, L)``, a segmentation's ``(B, C, H, W)``) with integer targets ``(B, d1,
+    ...)``. Where the targets fit both that and the classes-last layout (``(B, T, C)``, a language model's,
+    selftune's reading), classes last it is: that is when ``C`` equals ``d1`` (``check_targets`` warns)."""
+    return (logits.dim() > 2 and isinstance(target, torch.Tensor) and not target.is_floating_point()
+            and tuple(target.shape) != tuple(logits.shape[:-1])
+            and tuple(target.shape) == (logits.shape[0], *logits.shape[2:]))
+
+
+def classes_last(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The outputs with their classes in the last dimension (:func:`classes_in_dim_1` moved)."""
+    return logits.movedim(1, -1) if classes_in_dim_1(logits, target) else logits
+
+
 def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence outputs ``(B, T, C)`` with targets ``(B, T)`` become ``(B*T, C)`` and ``(B*T,)``:
-    a language model's loss is the mean over every predicted token. Classifier outputs pass unchanged."""
+    a language model's loss is the mean over every predicted token. Outputs with their classes in
+    dimension 1 (PyTorch's ``(B, C, d1, ...)``, :func:`classes_in_dim_1`) are read as ``F.cross_entropy``
+    reads them. Classifier outputs pass unchanged."""
+    logits = classes_last(logits, target)
     if logits.dim() > 2:
         classes = logits.shape[-1]
         soft = target.shape == logits.shape  # class probabilities per token
@@ -230,6 +248,7 @@ class Objective:
         elif self.label_smoothing is None:
             loss = cross_entropy(logits, target)
         else:
+            logits = classes_last(logits, target)
             flat_logits, flat_target = flatten_tokens(logits, target)
             smoothing = self._per_example(self.label_smoothing, lookup, 1, logits)
             loss = smoothed_cross_entropy(flat_logits, flat_target, per_prediction(smoothing, logits, batch_dim),

@@ -53,7 +53,7 @@ from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
 from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
-from .objective import LossFn, Objective, flatten_tokens
+from .objective import LossFn, Objective, classes_in_dim_1, classes_last, flatten_tokens
 from .schedules import HyperSchedule, TorchSchedule, factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch, check_batch_sizes, check_targets
@@ -89,9 +89,11 @@ def _check_loss_parameters(loss: Any) -> None:
 
 
 def _is_classification(outputs: Any, target: Any) -> bool:
-    """Accuracy means something: class scores ``(B, [T,] C)`` against integer labels ``(B, [T])``."""
+    """Accuracy means something: class scores ``(B, [T,] C)`` (or ``(B, C, d1, ...)``, the classes in
+    dimension 1) against integer labels ``(B, [T])`` (``(B, d1, ...)``)."""
     return (isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor) and outputs.dim() >= 2
-            and not target.is_floating_point() and target.shape == outputs.shape[:-1])
+            and not target.is_floating_point()
+            and (target.shape == outputs.shape[:-1] or classes_in_dim_1(outputs, target)))
 
 
 Metric = Callable[[Any, Any], "torch.Tensor | float"]
@@ -610,7 +612,7 @@ class SelfTuner:
                                         "(cross-entropy) needs a tensor of logits; return the logits, or pass a loss "
                                         "that takes the model's outputs (Task.loss, SelfTuner(loss=...))")
                     check_targets(out, y, what)
-                    classes = out.shape[-1]
+                    classes = classes_last(out, y).shape[-1]
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)

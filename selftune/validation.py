@@ -7,13 +7,14 @@ found here and raised as a :class:`~selftune.errors.DataError` (or a
 the fix. The checks are cheap: a pass over each floating-point tensor in chunks, a min/max over the
 targets, and the first example of a Dataset that is not a ``TensorDataset``.
 
-This is core code: it imports only torch and :mod:`selftune.errors`.
+This is core code: it imports only torch and selftune's core (errors, batches, objective).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from .batches import data_axis, loader_dataset, subset_origin
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SelftuneWarning
+from .objective import classes_in_dim_1
 
 __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
 
@@ -233,7 +235,8 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
 
     Integer targets are class labels: they must be ``torch.int64``, have the outputs' shape without
     the class dimension (``(B,)`` for ``(B, C)`` outputs, ``(B, T)`` for a sequence model's
-    ``(B, T, C)``) and lie in ``[0, C)`` with ``C = outputs.shape[-1]``. Floating-point targets
+    ``(B, T, C)``, or ``(B, d1, ...)`` for outputs ``(B, C, d1, ...)`` with the classes in dimension 1, as
+    ``F.cross_entropy`` takes them) and lie in ``[0, C)``. Floating-point targets
     (class probabilities) must have the outputs' shape; their values are not checked.
 
     Args:
@@ -263,11 +266,20 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
         raise DataError(f"{what}: targets are {targets.dtype}, but class labels must be torch.int64; "
                         "convert them with .long()")
     expected = out_shape[:-1]
-    if tgt_shape != expected:
+    dim_1 = classes_in_dim_1(outputs, targets)  # PyTorch's (B, C, d1, ...) layout
+    if tgt_shape != expected and not dim_1:
+        also = f" (or {(out_shape[0], *out_shape[2:])}, with the classes in dimension 1)" if outputs.dim() > 2 else ""
         raise DataError(f"{what}: targets have shape {tgt_shape} but the model's outputs {out_shape} need targets of "
-                        f"shape {expected} (one class label per output row); reshape the targets or check the model")
+                        f"shape {expected}{also} (one class label per output row); reshape the targets or check the "
+                        "model")
+    if outputs.dim() > 2 and tgt_shape == (out_shape[0], *out_shape[2:]) and not dim_1:
+        warnings.warn(SelftuneWarning(
+            f"{what}: outputs {out_shape} against targets {tgt_shape} are read with the classes in the last dimension "
+            f"({out_shape[-1]} of them, as a sequence model's (batch, steps, classes)); if the model puts them in "
+            "dimension 1, as F.cross_entropy takes them ((batch, classes, length)), pass "
+            "loss=torch.nn.functional.cross_entropy"), stacklevel=3)
     if targets.numel():
-        classes = outputs.shape[-1]
+        classes = outputs.shape[1 if dim_1 else -1]
         low, high = (int(v) for v in torch.aminmax(targets.detach()))
         if high >= classes:
             _label_error(what, high, "", classes, 1)

@@ -709,3 +709,48 @@ def test_a_loaders_own_collate_fn_is_used_over_a_tensor_dataset():
     tuner.fit(2)
     assert calls and max(seen) <= 1.0
     assert set(st.score(net, val)) == {"loss", "accuracy"} and max(seen) <= 1.0
+
+
+def test_outputs_with_their_classes_in_dimension_1_are_read_as_pytorchs_cross_entropy_reads_them():
+    """A tagger's ``(B, C, L)`` or a segmentation's ``(B, C, H, W)``, with ``(B, L)`` / ``(B, H, W)`` labels, is
+    what ``F.cross_entropy`` takes; the default loss read the classes from the last dimension, so such a
+    model was refused with a wrong fix, or, where ``C == L``, trained on positions as classes, silently
+    (found by a fuzz round). Where both readings fit, classes last it is, with a warning naming the fix."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import selftune as st
+    from selftune.errors import SelftuneWarning
+
+    class Tagger(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.emb, self.drop = nn.Embedding(20, 16), st.Dropout("d")
+            self.conv = nn.Conv1d(16, classes, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.drop(self.emb(x)).transpose(1, 2))  # (B, C, L)
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (64, 8))
+    y = x % 5
+    net = st.hypernetize(Tagger(5), st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        tuner = st.SelfTuner(net, (x[:48], y[:48]), (x[48:], y[48:]), settings=st.TunerSettings(batch_size=16, lr=0.5))
+    tuner.fit(4)
+    scores = st.score(net, (x[48:], y[48:]))
+    net.eval()
+    assert scores["loss"] == pytest.approx(F.cross_entropy(net(x[48:]), y[48:]).item(), rel=1e-5)
+    assert scores["loss"] < 0.5 and scores["accuracy"] > 0.9  # the label is the token id mod 5: learnable
+    segmentation = torch.randn(2, 3, 4, 5)
+    check_targets(segmentation, torch.randint(0, 3, (2, 4, 5)), "train")
+    with pytest.raises(DataError, match=r"label 3 .*3"):
+        check_targets(segmentation, torch.full((2, 4, 5), 3), "train")
+    with pytest.raises(DataError, match=r"need targets of shape \(2, 3, 4\) \(or \(2, 4, 5\), with the classes in "):
+        check_targets(segmentation, torch.zeros(2, 4, 4, dtype=torch.long), "train")
+    with pytest.warns(SelftuneWarning, match=r"outputs \(2, 8, 8\) against targets \(2, 8\) are read with the classes "
+                                             r"in the last dimension .* pass loss=torch.nn.functional.cross_entropy"):
+        check_targets(torch.randn(2, 8, 8), torch.zeros(2, 8, dtype=torch.long), "train")
