@@ -85,11 +85,22 @@ def test_converted_recurrent_layers_compute_the_plain_module_fused_and_unrolled(
     assert torch.allclose(state[0], want_h, atol=1e-5)
 
 
-def test_recurrent_dropout_and_projections_are_refused_with_a_fix():
-    with pytest.raises(TypeError, match=r"LSTM\(dropout=0.3\).*use dropout=0, or stack one-layer LSTMs"):
+def test_recurrent_dropout_is_refused_and_variants_without_a_response_are_left_plain():
+    """An Embedding with max_norm/sparse, a reflect-padded convolution or an LSTM with a projection stopped
+    hypernetize for the whole model with a message naming no layer (found by a fuzz round): with every
+    layer converted they are now left plain, with the reason in the summary; named in modules=, refused
+    naming the layer."""
+    with pytest.raises(TypeError, match=r"model.0: LSTM\(dropout=0.3\).*use dropout=0, or stack one-layer LSTMs"):
         st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.3)), space())
-    with pytest.raises(TypeError, match="proj_size"):
-        st.hypernetize(nn.Sequential(nn.LSTM(3, 4, proj_size=2)), space())
+    model = nn.Sequential(nn.Embedding(10, 3, max_norm=1.0), nn.Conv1d(3, 3, 3, padding=1, padding_mode="reflect"),
+                          nn.LSTM(3, 4, proj_size=2), nn.Linear(2, 2))
+    net = st.hypernetize(model, space())
+    assert net.converted == {"3": "Linear"}
+    assert net.left_plain == {"0": "max_norm or sparse gradients have no best-response form",
+                              "1": "padding_mode='reflect' has no best-response form (only 'zeros')",
+                              "2": "proj_size has no best-response form"}
+    with pytest.raises(TypeError, match=r"model.1: LSTM with proj_size .*; leave it out of modules= to keep it plain"):
+        st.hypernetize(nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, proj_size=2)), space(), modules=["0", "1"])
 
 
 def test_locked_dropout_shares_the_mask_across_time():
@@ -274,3 +285,22 @@ def test_a_model_that_packs_its_batches_tunes_its_dropout_under_every_single_run
         fit = st.SelfTuner(net, (x[:30], y[:30]), (x[30:], y[30:]), method=method,
                            settings=st.TunerSettings(batch_size=10, lr=0.05)).fit(3)
         assert math.isfinite(fit.history[-1]["val_loss"]) and fit.hparams["d"] != 0.2, method
+
+
+def test_a_padding_token_embeds_to_zero_at_every_value_and_after_export():
+    """The response matrix's padding row was random and never trained (F.embedding gives it no gradient), so
+    a padding token embedded to g(c) * R[pad], not 0, and export's nn.Embedding(padding_idx=0) had a
+    non-zero padding row (found by a fuzz round)."""
+    torch.manual_seed(0)
+    for form in ("delta", "stn"):
+        net = st.hypernetize(nn.Sequential(nn.Embedding(10, 4, padding_idx=0)), space(), form=form)
+        layer = net.model[0]
+        assert torch.equal(layer.response_weight[0], torch.zeros(4))
+        with torch.no_grad():
+            layer.gate.normal_()  # responses switched on
+        ids = torch.tensor([[0, 3, 0], [0, 0, 5]])
+        u = net.hparams.expand(2, -1) + torch.randn(2, net.hparams.numel())
+        out = net(ids, u)
+        assert torch.equal(out[ids == 0], torch.zeros(int((ids == 0).sum()), 4)), form
+        plain = st.export(net)
+        assert torch.equal(plain[0].weight[0], torch.zeros(4)), form

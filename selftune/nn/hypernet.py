@@ -353,6 +353,21 @@ CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.
                                             nn.MultiheadAttention)
 
 
+def _variant_plain_reason(module: nn.Module) -> str | None:
+    """Why a layer of a convertible kind cannot become a best-response layer in the variant it is
+    (``None``: it can): such a layer is left plain when every layer is converted, and refused by name when
+    ``modules=`` names it."""
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_plain_reason(module)
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "max_norm or sparse gradients have no best-response form"
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} has no best-response form (only 'zeros')"
+    if isinstance(module, nn.LSTM) and module.proj_size:
+        return "proj_size has no best-response form"
+    return None
+
+
 def _attention_plain_reason(module: nn.MultiheadAttention) -> str | None:
     """Why an attention cannot become a best-response layer (``None``: it can)."""
     if not module._qkv_same_embed_dim:
@@ -505,7 +520,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
                             "model afresh before hypernetize")
     if modules is None:
         targets = [n for n, m in named.items() if type(m) in CONVERTIBLE and not _frozen(m, form)
-                   and not (isinstance(m, nn.MultiheadAttention) and _attention_plain_reason(m))]
+                   and _variant_plain_reason(m) is None]
     else:
         targets = list(modules)
         for name in targets:
@@ -521,7 +536,11 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         if not name:
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
         converted[name] = type(named[name]).__name__
-        setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
+        try:
+            setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
+        except TypeError as err:  # a layer with no best-response form: say which, and how to keep it plain
+            fix = "; leave it out of modules= to keep it plain" if modules is not None else ""
+            raise TypeError(f"model.{name}: {err}{fix}") from None
     retie(model, ties)
     net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
     net.converted = {**{n: f"{type(m).__name__} (an earlier hypernetize's)" for n, m in earlier.items()},
@@ -598,8 +617,8 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "
         if name.startswith(inside):
             continue  # an attention's out_proj: reported with the attention
         reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
-        if isinstance(module, nn.MultiheadAttention):
-            reason = _attention_plain_reason(module)
+        if type(module) in CONVERTIBLE:
+            reason = _variant_plain_reason(module)
         if reason is None and type(module) in CONVERTIBLE and _frozen(module, form):
             reason = ("frozen (requires_grad=False): it does not train, so it needs no response" if _frozen(module)
                       else "partly frozen (requires_grad=False): an STN response would change its frozen weights")

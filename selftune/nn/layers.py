@@ -303,6 +303,8 @@ class BestResponseEmbedding(_BestResponse):
         self._init_response(encoding_size, form)
         with torch.no_grad():
             self.response_weight.normal_(0.0, 1.0)  # nn.Embedding's own initialisation
+            if self.padding_idx is not None:  # as nn.Embedding's: padding embeds to 0 at every value (and gets
+                self.response_weight[self.padding_idx].zero_()  # no gradient, so it stays 0)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.embedding(x, weight, self.padding_idx)
