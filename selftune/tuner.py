@@ -1922,6 +1922,17 @@ def _usable_device(device: torch.device | str) -> torch.device:
                                         "device(s); pick one of them")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device", "'mps' is not available here; use device='cpu'")
+    elif dev.type == "meta":
+        raise ConfigError("device", "'meta' tensors hold shapes, not values: nothing can train on them; use "
+                                    "device='cpu' or 'cuda'")
+    elif dev.type != "cpu":  # xla, xpu, hpu, a backend of a plug-in: the tuner needs tensors and a generator there
+        try:
+            torch.empty(1, device=dev)
+            torch.Generator(device=dev)
+        except (RuntimeError, TypeError, NotImplementedError, AssertionError, ImportError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError("device", f"{str(dev)!r} cannot run the tuner here ({first[:160]}); use device='cpu' "
+                                        "or 'cuda'") from None
     return dev
 
 

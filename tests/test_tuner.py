@@ -193,7 +193,9 @@ def test_the_hyper_rate_is_planned_on_the_hyper_steps_the_run_takes(n, epochs):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available here"),
                                            ("cuda:0", "CUDA is not available here"),
-                                           ("gpu7", "is not a device")])
+                                           ("gpu7", "is not a device"),
+                                           ("meta", "'meta' tensors hold shapes, not values"),
+                                           ("xla", "'xla' cannot run the tuner here")])
 def test_a_device_the_machine_lacks_is_a_one_line_error(digits, device, match):
     """PyTorch itself fails only at the first .to(), with a message about how it was compiled."""
     space = st.Space([st.Float("d0", 0.0, 0.9, init=0.3)])
