@@ -60,6 +60,7 @@ def export(net: HyperNet) -> nn.Module:
             setattr(parent, child, plain)
         elif isinstance(module, Dropout | EmbeddingDropout):
             module.fixed = float(values[module.name])
+            module.batch_dim = net.batch_dim  # (a sequence-first model's masks stay per sequence)
         if isinstance(module, HyperModule):
             object.__setattr__(module, "_hyper_state", None)  # the copy answers to no HyperNet
     retie(model, ties, only_equal=True)

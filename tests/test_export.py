@@ -202,3 +202,31 @@ def test_the_exported_copy_of_a_keyword_input_model_scores_as_the_tuned_one():
                  settings=st.TunerSettings(lr=0.05, batch_size=16), seed=0).fit(1)
     keys = {"input_key": ["a", "b"], "target_key": "label"}
     assert st.score(st.export(net), val, **keys) == pytest.approx(st.score(net, val, **keys))
+
+
+def test_an_exported_sequence_first_models_dropouts_draw_per_sequence_as_the_tuned_ones():
+    """Exported with fixed rates, a sequence-first model's locked dropout drew one mask per time step shared
+    by every sequence, and its word dropout a new draw of word types per time step: the batch was read
+    from dimension 0 (found by a fuzz round). The copy now keeps the HyperNet's batch_dim."""
+    from torch import nn
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.words = nn.Embedding(30, 6), st.EmbeddingDropout("pe", 30)
+            self.drop, self.out = st.Dropout("p", locked=True), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.drop(self.words(x, self.emb(x))))
+
+    torch.manual_seed(0)
+    space = st.Space([st.Float("p", 0.0, 0.9, 0.5), st.Float("pe", 0.0, 0.9, 0.5)])
+    plain = st.export(st.hypernetize(LM(), space, batch_dim=1))
+    assert plain.drop.batch_dim == 1 and plain.words.batch_dim == 1
+    plain.train()
+    masks = plain.drop(torch.ones(7, 40, 6))  # (T, B, H)
+    assert torch.equal(masks, masks[:1].expand_as(masks)), "one mask per sequence, shared over its steps"
+    assert not torch.equal(masks, masks[:, :1].expand_as(masks)), "sequences draw their own masks"
+    words = plain.words(torch.full((7, 40), 3), torch.ones(7, 40, 6))  # one word at every step
+    assert torch.equal(words, words[:1].expand_as(words)), "a word is kept or dropped for a whole sequence"
+    assert 0 < int((words[0, :, 0] == 0).sum()) < 40

@@ -90,12 +90,17 @@ class Dropout(HyperModule):
         self.locked = locked
         #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
         self.fixed: float | None = None
+        #: with ``fixed``: 1 for a sequence-first model (``(T, B, ...)`` activations; set by export from the
+        #: HyperNet's ``batch_dim``), so a locked mask is still one per sequence shared over its steps
+        self.batch_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         if self.fixed is not None:
-            return dropout(x, x.new_full((x.shape[0],), self.fixed), channelwise=self.channelwise, locked=self.locked)
+            axis = 1 if self.batch_dim == 1 and x.dim() >= 3 else 0  # ((B, H) features after pooling: first)
+            return dropout(x, x.new_full((x.shape[axis],), self.fixed), channelwise=self.channelwise,
+                           locked=self.locked, batch_axis=axis)
         state = self.hyper_state
         return dropout(x, state.value(self.name), channelwise=self.channelwise, locked=self.locked,
                        generator=state.generator, relax=state.relax, batch_axis=state.batch_axis(x))
@@ -125,12 +130,20 @@ class EmbeddingDropout(HyperModule):
         self.num_embeddings = num_embeddings
         #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
         self.fixed: float | None = None
+        #: with ``fixed``: 1 for a sequence-first model, whose ids are ``(T, B)`` (set by export)
+        self.batch_dim = 0
 
     def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return embedded
-        if self.fixed is None and self.hyper_state.data_axis(ids) != 0:  # sequence-first (T, B) ids
-            return self(ids.t(), embedded.transpose(0, 1)).transpose(0, 1)
+        sequence_first = (self.batch_dim == 1 and ids.dim() >= 2) if self.fixed is not None \
+            else self.hyper_state.data_axis(ids) != 0
+        if sequence_first:  # (T, B) ids: one draw of word types per sequence, as batch-first
+            return self._drop_words(ids.t(), embedded.transpose(0, 1)).transpose(0, 1)
+        return self._drop_words(ids, embedded)
+
+    def _drop_words(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Batch-first ``ids`` ``(B, T)`` and ``embedded`` ``(B, T, D)`` with each example's dropped words zeroed."""
         relax = None
         if self.fixed is not None:
             rate, generator = embedded.new_full((ids.shape[0],), self.fixed), None
