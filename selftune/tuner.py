@@ -790,8 +790,12 @@ class SelfTuner:
                 "more)"), stacklevel=2)
         self.planned_epochs = epochs
         self._stop = False
-        with self._own_rng():
-            return self._fit(epochs, callbacks, max_steps)
+        was_training = self.net.training  # put back afterwards, as score() does: a net the caller had in
+        try:                              # eval() mode predicts without dropout after fit too
+            with self._own_rng():
+                return self._fit(epochs, callbacks, max_steps)
+        finally:
+            self.net.train(was_training)
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:

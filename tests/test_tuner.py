@@ -313,3 +313,17 @@ def test_a_later_fit_past_the_planned_schedule_is_refused_or_warned_in_one_line(
         with warnings.catch_warnings():
             warnings.simplefilter("error", SelftuneWarning)
             plain.fit(4)
+
+
+def test_fit_leaves_the_net_in_the_mode_it_found_it_in(digits, space3):
+    """fit left the net in training mode, so predictions right after it dropped units at random even for a
+    caller who had put it in eval mode (found by a fuzz round)."""
+    tuner = make_tuner(digits, space3)
+    tuner.net.eval()
+    tuner.fit(1)
+    assert not tuner.net.training
+    x = digits.val.tensors[0][:50]
+    assert torch.equal(tuner.net(x), tuner.net(x))  # no dropout: the same predictions twice
+    tuner.net.train()
+    tuner.fit(2)
+    assert tuner.net.training
