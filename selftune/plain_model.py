@@ -18,7 +18,7 @@ from torch import nn
 
 from .nn import HyperNet
 from .nn.dropout import Dropout, EmbeddingDropout
-from .nn.hypernet import keep_frozen, retie, tied_parameters
+from .nn.hypernet import keep_frozen, registrations, replace_everywhere, retie, tied_parameters
 from .nn.layers import BestResponseModule
 from .nn.state import HyperModule
 
@@ -51,13 +51,12 @@ def export(net: HyperNet) -> nn.Module:
         if name.startswith(replaced):
             continue  # inside a layer already folded (an attention's projections)
         if isinstance(module, BestResponseModule):
-            replaced = (*replaced, f"{name}.")
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            aliases = registrations(model, module)  # a shared block: one plain module at each of its positions
+            replaced = (*replaced, *(f"{a}." for a in aliases))
             plain = module.plain(cond)
             keep_frozen(module, plain)
             plain.train(module.training)
-            setattr(parent, child, plain)
+            replace_everywhere(model, aliases, plain)
         elif isinstance(module, Dropout | EmbeddingDropout):
             module.fixed = float(values[module.name])
             module.batch_dim = net.batch_dim  # (a sequence-first model's masks stay per sequence)

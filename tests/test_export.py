@@ -230,3 +230,42 @@ def test_an_exported_sequence_first_models_dropouts_draw_per_sequence_as_the_tun
     words = plain.words(torch.full((7, 40), 3), torch.ones(7, 40, 6))  # one word at every step
     assert torch.equal(words, words[:1].expand_as(words)), "a word is kept or dropped for a whole sequence"
     assert 0 < int((words[0, :, 0] == 0).sum()) < 40
+
+
+@pytest.mark.parametrize("form", ["stn", "delta"])
+def test_a_block_shared_by_several_positions_is_converted_and_exported_at_every_one(form):
+    """A module registered under several names (``nn.ModuleList([block] * 3)``, ALBERT's sharing) was converted
+    at its first name only: two of its three applications never responded, and an STN export loaded into the
+    user's class differed from the tuned net (found by a fuzz round)."""
+    from torch import nn
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = nn.Linear(16, 16)
+            self.layers, self.drop, self.fc = nn.ModuleList([block] * 3), st.Dropout("p"), nn.Linear(16, 3)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return self.fc(self.drop(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 16)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    net = st.hypernetize(Shared(), st.Space([st.Float("p", 0.0, 0.9, init=0.3)]), form=form)
+    layers = net.model.layers
+    assert layers[0] is layers[1] is layers[2] and type(layers[0]).__name__ == "BestResponseLinear"
+    assert "also registered as layers.1, layers.2" in net.summary()
+    st.SelfTuner(net, (x[:150], y[:150]), (x[150:], y[150:]), method="stn" if form == "stn" else "delta-stn",
+                 settings=st.TunerSettings(lr=0.05, batch_size=32)).fit(2)
+    plain = st.export(net).eval()
+    net.eval()
+    assert plain.layers[0] is plain.layers[2] and type(plain.layers[0]) is nn.Linear
+    mine = Shared()
+    mine.load_state_dict(plain.state_dict())
+    assert torch.allclose(mine.eval()(x), net(x), atol=1e-5)
+    with pytest.raises(TypeError, match=r"model.0.out_proj: its MultiheadAttention reads its weight directly.*name "
+                                        r"the attention \('0'\) in modules= instead"):
+        st.hypernetize(nn.Sequential(nn.MultiheadAttention(8, 2)), st.Space([st.Float("p", 0.0, 0.9, init=0.3)]),
+                       modules=["0.out_proj"])

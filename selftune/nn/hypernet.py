@@ -531,16 +531,18 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     converted: dict[str, str] = {}
     ties = tied_parameters(model)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = named[parent_name] if parent_name else model
         if not name:
             raise TypeError("the model itself cannot be replaced; pass a model that contains layers")
-        converted[name] = type(named[name]).__name__
+        _check_called(named, name)
+        aliases = registrations(model, named[name])  # one module registered under several names (shared blocks)
+        converted[name] = type(named[name]).__name__ + (
+            f" (also registered as {', '.join(a for a in aliases if a != name)})" if len(aliases) > 1 else "")
         try:
-            setattr(parent, child, _convert(named[name], space.encoding_width(encoding), form))
+            new = _convert(named[name], space.encoding_width(encoding), form)
         except TypeError as err:  # a layer with no best-response form: say which, and how to keep it plain
             fix = "; leave it out of modules= to keep it plain" if modules is not None else ""
             raise TypeError(f"model.{name}: {err}{fix}") from None
+        replace_everywhere(model, aliases, new)
     retie(model, ties)
     net = HyperNet(model, space, form=form, init_scale=init_scale, encoding=encoding, batch_dim=batch_dim)
     net.converted = {**{n: f"{type(m).__name__} (an earlier hypernetize's)" for n, m in earlier.items()},
@@ -568,14 +570,40 @@ def _frozen(module: nn.Module, form: Form = "delta") -> bool:
     return bool(flags) and (not any(flags) or (form == "stn" and not all(flags)))
 
 
+def registrations(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every qualified name under which ``module`` is registered in ``model``: a block shared by several
+    positions (``nn.ModuleList([block] * 3)``, ALBERT's layers) is one module under several names."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def replace_everywhere(model: nn.Module, names: Iterable[str], new: nn.Module) -> None:
+    """Put ``new`` at each of ``names`` (the registrations of one module), so a shared block stays one
+    module, converted (or folded) at every position it is applied at."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _check_called(named: dict[str, nn.Module], name: str) -> None:
+    """Refuse to convert a layer its parent does not call: ``nn.MultiheadAttention`` reads its ``out_proj``'s
+    weight directly (``F.multi_head_attention_forward``), so a response there would never take effect."""
+    parent_name = name.rpartition(".")[0]
+    parent = named.get(parent_name) if parent_name else None
+    if type(parent) is nn.MultiheadAttention:
+        raise TypeError(f"model.{name}: its MultiheadAttention reads its weight directly, never calling it, so a "
+                        f"response there would never take effect; name the attention ({parent_name!r}) in modules= "
+                        "instead")
+
+
 def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
     """Groups of ``(module name, parameter name)`` that hold one and the same parameter: tied weights, as a
     language model's decoder sharing its embedding's matrix (``dec.weight = emb.weight``)."""
-    owners: dict[int, list[tuple[str, str]]] = {}
+    owners: dict[int, dict[int, tuple[str, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((module_name, name))
-    return [group for group in owners.values() if len(group) > 1]
+            # one entry per module: a module registered under several names (a shared block) is one owner
+            owners.setdefault(id(param), {}).setdefault(id(module), (module_name, name))
+    return [list(group.values()) for group in owners.values() if len(group) > 1]
 
 
 def retie(model: nn.Module, ties: list[list[tuple[str, str]]], *, only_equal: bool = False) -> None:
