@@ -12,10 +12,12 @@ regulariser applies a constant rate. :func:`export` folds them, so the result is
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 
+from .errors import SelftuneWarning
 from .nn import HyperNet
 from .nn.dropout import Dropout, EmbeddingDropout
 from .nn.hypernet import keep_frozen, registrations, replace_everywhere, retie, tied_parameters
@@ -63,4 +65,14 @@ def export(net: HyperNet) -> nn.Module:
         if isinstance(module, HyperModule):
             object.__setattr__(module, "_hyper_state", None)  # the copy answers to no HyperNet
     retie(model, ties, only_equal=True)
+    untied = [group for group in ties
+              if len({id(getattr(model.get_submodule(m), n)) for m, n in group}) > 1]
+    if untied:
+        names = " and ".join(f"{m}.{n}" for m, n in untied[0])
+        warnings.warn(SelftuneWarning(
+            f"export: {names} are tied in the model, but in the STN form each layer adds its own response at the "
+            "tuned values, so the copy holds one matrix for each (its outputs equal the tuned net's); its state_dict "
+            "does not load into your tied class without changing the model (one matrix would overwrite the other): "
+            "load it into a copy whose weights are not tied, or tune with form='delta', whose export keeps the tie"),
+            stacklevel=2)
     return model

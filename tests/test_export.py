@@ -170,6 +170,25 @@ def test_tied_weights_stay_tied_through_hypernetize_training_and_export(method):
         assert torch.allclose(plain(x[160:]), net(x[160:]), atol=1e-6)
 
 
+def test_an_stn_export_that_cannot_keep_a_tie_says_so():
+    """In the STN form the embedding and the decoder each add their own response at the tuned values, so the
+    copy holds two matrices; loaded into the user's tied class, one overwrote the other silently (found by a
+    fuzz round). The copy equals the tuned net, and export warns."""
+    from selftune.errors import SelftuneWarning
+
+    torch.manual_seed(0)
+    net = st.hypernetize(TiedLM(), st.Space([st.Float("d", 0.0, 0.9, 0.2)]), form="stn")
+    x = torch.randint(0, 20, (240,), generator=torch.Generator().manual_seed(0))
+    st.SelfTuner(net, (x[:160], (x[:160] + 1) % 20), (x[160:], (x[160:] + 1) % 20), method="stn",
+                 settings=st.TunerSettings(batch_size=16, lr=0.1)).fit(1)
+    with pytest.warns(SelftuneWarning, match=r"export: emb.weight and dec.weight are tied in the model, but in the STN "
+                                             r"form .* tune with form='delta', whose export keeps the tie"):
+        plain = st.export(net)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x[160:]), net(x[160:]), atol=1e-5)
+
+
 def test_the_exported_copy_of_a_keyword_input_model_scores_as_the_tuned_one():
     """Dict examples with a list input_key reach the model as keyword arguments: score() passed them to the
     exported plain module as one positional argument (only the HyperNet unpacked them)."""
