@@ -147,13 +147,16 @@ def _code(config: RunConfig) -> dict[str, str]:
 
 
 def _prepare_task(config: RunConfig) -> Prepared:
-    """Build a user's task: call its function after seeding PyTorch (its model's init follows the run's
-    seed), convert its model and hand its data, loss and metrics to the tuner."""
-    from .task import call_task, source_digest
+    """Build a user's task: call its function after seeding PyTorch's, NumPy's and Python's generators from
+    the run's seed (its model's init and any split it draws follow the seed), convert its model and hand its
+    data, loss and metrics to the tuner."""
+    from .task import call_task, seed_task_generators, source_digest
 
     assert config.task is not None
     device = config.resolve_device()
-    torch.manual_seed(config.seed)
+    # NumPy's and Python's too: a task that splits its data with np.random.permutation or random.shuffle
+    # drew another split in every process (a resume went on with test rows among its training rows)
+    seed_task_generators(config.seed)
     task = call_task(config.task.source, config.task.args)
     if task.test is None:
         raise ConfigError("task.source", "the task returns no test data (Task.test); every method is scored on "
@@ -436,12 +439,19 @@ class RecordedRun:
     def _compare_data(self, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
         if not saved or not now:
             return
+        file = str(now.get("source", "")).rpartition(":")[0] or now.get("source")
         if saved.get("sha256") and now.get("sha256") and saved["sha256"] != now["sha256"]:
-            file = str(now.get("source", "")).rpartition(":")[0] or now.get("source")
             self.notes.append(f"the task file {file} changed since this run's checkpoint was written "
                               "(its sha256 differs): the run goes on with the file as it is now, so it no longer "
                               "ends where the uninterrupted run would have; restore the file to continue the "
                               "same run")
+        elif saved.get("code") and now.get("code") and saved["code"] != now["code"]:
+            # a helper module beside the task file (from helpers import make_model), or an optimizer of the
+            # user's: the same model shapes load, so only this says the code is not the code that trained
+            self.notes.append("the code beside the task changed since this run's checkpoint was written (a module "
+                              f"next to {file or 'the task'}, or a tuner.optimizer of yours): the run goes on with "
+                              "the code as it is now, so it no longer ends where the uninterrupted run would have; "
+                              "restore it to continue the same run")
         changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("train", "val", "test")
                    if k in saved and k in now and saved[k] != now[k]]
         if changed:

@@ -175,6 +175,21 @@ def seeded_import() -> Iterator[None]:
             np.random.set_state(numpy)
 
 
+def seed_task_generators(seed: int) -> None:
+    """Seed PyTorch's (CPU), NumPy's and Python's global generators from a run's seed before its task
+    function runs: the "seed everything" a task's own draws (a split by ``np.random.permutation``,
+    ``train_test_split`` without a ``random_state``, ``random.shuffle``) need to give one split per seed, in
+    every process, and the same one when the run is resumed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def load_callable(source: str, *, field: str = "task.source", what: str = "function") -> Callable[..., Any]:
     """Import the function (or class: ``what``) ``source`` names; errors name ``field``.
 

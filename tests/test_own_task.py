@@ -1044,3 +1044,60 @@ def test_the_rehearsed_first_step_takes_a_weight_of_the_models_shape():
     tuner = st.SelfTuner(net, (x[:48], y[:48]), (x[48:], y[48:]), method="fixed",
                          settings=st.TunerSettings(batch_size=16, optimizer="muon", lr=0.02))
     assert math.isfinite(tuner.fit(1).history[-1]["val_loss"])
+
+
+NUMPY_SPLIT_TASK = """
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+import selftune as st
+from helpers import width
+
+
+def task():
+    x = torch.randn(120, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    idx = np.random.permutation(120)  # a split drawn from NumPy's global generator, as many scripts do
+    order = list(range(20))
+    random.shuffle(order)
+    idx[:20] = idx[:20][order]
+    model = nn.Sequential(nn.Linear(4, width()), nn.ReLU(), st.Dropout("d"), nn.Linear(width(), 2))
+    return st.Task(model=model, train=(x[idx[:80]], y[idx[:80]]), val=(x[idx[80:100]], y[idx[80:100]]),
+                   test=(x[idx[100:]], y[idx[100:]]), space=st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+"""
+
+
+def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_changed_helper_is_noted(
+        tmp_path, monkeypatch):
+    """Only PyTorch was seeded before the task function ran: a split drawn with np.random.permutation or
+    random.shuffle differed in every process, and a resume went on with test rows among its training rows.
+    And a resume after a helper module beside the task changed went on silently (found by a fuzz round)."""
+    import sys
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "split_task.py").write_text(NUMPY_SPLIT_TASK)
+    (tmp_path / "helpers.py").write_text("def width():\n    return 16\n")
+    (tmp_path / "t.toml").write_text('method = "delta-stn"\nepochs = 2\n[task]\nsource = "split_task.py:task"\n'
+                                     '[tuner]\nbatch_size = 16\n')
+    config = load_config(tmp_path / "t.toml")
+    splits = []
+    for noise in (1, 2):  # whatever state the process's generators are in
+        np.random.seed(noise)
+        __import__("random").seed(noise)
+        splits.append(prepare(config).tuner.train_data.tensors[0])
+    assert torch.equal(splits[0], splits[1])
+    store = RunStore(f"sqlite:///{tmp_path / 'b.db'}")
+    run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        run.drive(prepare(config), every=2, callbacks=[StopAt(3)])
+    (tmp_path / "helpers.py").write_text("def width():\n    return 16  # (the same shapes: the checkpoint fits)\n")
+    for name in [m for m in sys.modules if m.startswith("selftune_task_") or m == "helpers"]:
+        monkeypatch.delitem(sys.modules, name)  # a new process imports them afresh
+    notes: list[str] = []
+    resume_recorded(store, run.run_id, notes=notes)
+    assert len(notes) == 1 and "the code beside the task changed since this run's checkpoint" in notes[0], notes
