@@ -86,20 +86,33 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
 
     Example ``i`` scores ``(1 - s_i) * nll_i + s_i * mean_k(-log p_ik)``, which equals
     ``F.cross_entropy(..., label_smoothing=s)`` when every ``s_i = s``; with class-probability targets
-    (floating point, the logits' shape) ``nll_i = -sum_k t_ik log p_ik``, as PyTorch smooths them.
+    (floating point, the logits' shape) ``nll_i = -sum_k t_ik log p_ik``, as PyTorch smooths them. Labels of
+    :data:`IGNORE_INDEX` are left out of the mean, as PyTorch leaves them out.
     """
     logp = F.log_softmax(logits, dim=-1)
+    scored = None  # integer labels: those not IGNORE_INDEX (padding), as F.cross_entropy skips them
     if target.is_floating_point() and target.shape == logits.shape:
         nll = -(target.to(logp.dtype) * logp).sum(dim=-1)
     else:
+        ignored = target == IGNORE_INDEX
+        if bool(ignored.any()):
+            scored = ~ignored
+            target = target.clamp_min(0)
         nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     uniform = -logp.mean(dim=-1)
     s = (smoothing if differentiable else smoothing.detach()).to(logits.dtype)
-    return ((1 - s) * nll + s * uniform).mean()
+    per = (1 - s) * nll + s * uniform
+    return per.mean() if scored is None else per[scored].mean()
+
+
+#: PyTorch's default ``ignore_index``: a label the default cross-entropy does not score (a padding token of a
+#: sequence, as Hugging Face's collators mark it), in the loss, the accuracy and the checks alike
+IGNORE_INDEX = -100
 
 
 def cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The default loss: mean cross-entropy, per predicted token for sequence outputs."""
+    """The default loss: mean cross-entropy, per predicted token for sequence outputs; labels of
+    :data:`IGNORE_INDEX` are not scored (PyTorch's ``F.cross_entropy`` default)."""
     return F.cross_entropy(*flatten_tokens(outputs, target))
 
 

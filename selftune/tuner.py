@@ -53,7 +53,7 @@ from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
 from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
-from .objective import LossFn, Objective, classes_in_dim_1, classes_last, flatten_tokens
+from .objective import IGNORE_INDEX, LossFn, Objective, classes_in_dim_1, classes_last, flatten_tokens
 from .schedules import HyperSchedule, TorchSchedule, factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch, check_batch_sizes, check_targets
@@ -170,14 +170,18 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
             b = batch_of(x, getattr(net, "batch_dim", 0) if batch_dim is None else batch_dim)
             if loss is None:
                 logits, flat = flatten_tokens(out, y)
+                scored = len(flat)
                 if not flat.is_floating_point() and len(flat):  # a label the outputs lack (on a GPU: no assert)
-                    low, high = int(flat.min()), int(flat.max())
+                    kept = flat[flat != IGNORE_INDEX]  # (padding: not scored, as F.cross_entropy skips it)
+                    scored = len(kept)
+                    low, high = (int(kept.min()), int(kept.max())) if scored else (0, 0)
                     if low < 0 or high >= logits.shape[-1]:
                         bad = low if low < 0 else high
                         raise DataError(f"data: label {bad} is outside the model's {logits.shape[-1]} outputs; "
-                                        "labels must be class indices from 0 to the number of outputs - 1")
+                                        "labels must be class indices from 0 to the number of outputs - 1 (or "
+                                        f"{IGNORE_INDEX}, not scored)")
                 sums["loss"] = sums.get("loss", 0.0) + F.cross_entropy(logits, flat, reduction="sum").item()
-                tokens += len(flat)
+                tokens += scored
                 classification = classification and _is_classification(out, y)
                 if classification:
                     correct += int((logits.argmax(-1) == flat).sum())
@@ -188,6 +192,8 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
             count += b
     finally:
         net.train(was_training)
+    if loss is None and count and not tokens:
+        raise DataError(f"data: every label is {IGNORE_INDEX} (ignored, as padding is): there is nothing to score")
     result = {"loss": sums["loss"] / (tokens if loss is None else count)}
     if classification:
         result["accuracy"] = correct / tokens

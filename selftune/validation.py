@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from .batches import data_axis, loader_dataset, subset_origin
 from .errors import ConfigError, DataError, SelftuneWarning
-from .objective import classes_in_dim_1
+from .objective import IGNORE_INDEX, classes_in_dim_1
 
 __all__ = ["as_dataset", "check_all_targets", "check_batch_sizes", "check_targets"]
 
@@ -278,9 +278,10 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, what: str) -> No
             f"({out_shape[-1]} of them, as a sequence model's (batch, steps, classes)); if the model puts them in "
             "dimension 1, as F.cross_entropy takes them ((batch, classes, length)), pass "
             "loss=torch.nn.functional.cross_entropy"), stacklevel=3)
-    if targets.numel():
+    scored = targets.detach()[targets.detach() != IGNORE_INDEX]  # (padding: not scored)
+    if scored.numel():
         classes = outputs.shape[1 if dim_1 else -1]
-        low, high = (int(v) for v in torch.aminmax(targets.detach()))
+        low, high = (int(v) for v in torch.aminmax(scored))
         if high >= classes:
             _label_error(what, high, "", classes, 1)
         if low < 0:
@@ -344,8 +345,10 @@ def _check_distributions(targets: torch.Tensor, what: str, name: Callable[[int],
 def _label_error(what: str, label: int, where: str, classes: int, count: int) -> None:
     extra = f"; {count} labels are out of range" if count > 1 else ""
     if label < 0:
-        raise DataError(f"{what}: label {label}{where} is negative (labels must be {_labels(classes)}{extra}); "
-                        "map missing or ignored labels to a class or drop those examples")
+        raise DataError(f"{what}: label {label}{where} is negative (labels must be {_labels(classes)}, or "
+                        f"{IGNORE_INDEX} for a label not scored, as PyTorch's cross-entropy skips it{extra}); mark "
+                        f"ignored labels (padding) with {IGNORE_INDEX}, map missing ones to a class or drop those "
+                        "examples")
     raise DataError(f"{what}: label {label}{where} is outside the model's {classes} outputs (labels must be "
                     f"{_labels(classes)}{extra}); check num_classes or the labels")
 
@@ -383,7 +386,12 @@ def check_all_targets(data: Dataset, num_outputs: int, what: str, origin: torch.
     low, high = (int(v) for v in torch.aminmax(targets))
     if low >= 0 and high < num_outputs:
         return
-    bad = (targets < 0) | (targets >= num_outputs)  # only on failure: the one full-size temporary
+    bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= num_outputs)  # only on failure or padding
+    if not bool(bad.any()):
+        if not bool((targets != IGNORE_INDEX).any()):
+            raise DataError(f"{what}: every label is {IGNORE_INDEX} (not scored, as padding is): there is nothing to "
+                            "train or score on")
+        return
     row = int(bad.reshape(len(targets), -1).any(dim=1).nonzero()[0, 0])
     value = int(targets[row].reshape(-1)[bad[row].reshape(-1)][0])
     _label_error(what, value, f" at {row_of(row)}", num_outputs, int(bad.sum()))
@@ -441,5 +449,8 @@ def check_batch(x: Any, y: Any, index: torch.Tensor, what: str, *, classes: int 
     low, high = (int(v) for v in torch.aminmax(y.detach()))
     if low >= 0 and high < classes:
         return
-    bad = (y < 0) | (y >= classes)
-    _label_error(what, low if low < 0 else high, example(y, bad), classes, int(bad.sum()))
+    bad = ((y < 0) & (y != IGNORE_INDEX)) | (y >= classes)
+    if not bool(bad.any()):
+        return  # padding (IGNORE_INDEX) only
+    value = int(y[bad].reshape(-1)[0])
+    _label_error(what, value, example(y, bad), classes, int(bad.sum()))

@@ -310,9 +310,10 @@ def test_a_label_above_the_outputs_names_the_label_and_the_class_count():
 def test_negative_labels_are_refused():
     with pytest.raises(DataError) as err:
         check_targets(torch.randn(4, 10), torch.tensor([0, -1, 2, 3]), "train")
-    assert one_line(err).startswith("train: label -1 is negative (labels must be 0..9)")
-    with pytest.raises(DataError, match="label -100 is negative"):  # an "ignore index" is not supported
-        check_targets(torch.randn(2, 10), torch.tensor([-100, 3]), "train")
+    assert one_line(err).startswith("train: label -1 is negative (labels must be 0..9, or -100 for a label not scored")
+    check_targets(torch.randn(2, 10), torch.tensor([-100, 3]), "train")  # PyTorch's ignore_index: not scored
+    with pytest.raises(DataError, match=r"label -2 is negative .* or -100 for a label not scored"):
+        check_targets(torch.randn(2, 10), torch.tensor([-100, -2]), "train")
 
 
 def test_sequence_outputs_check_every_token():
@@ -362,8 +363,9 @@ def test_all_targets_reports_the_first_bad_row_and_the_count():
     y[3000], y[4000], y[4999] = -2, 7, 9
     with pytest.raises(DataError) as err:
         check_all_targets(TensorDataset(torch.zeros(5000, 1), y), 5, "val")
-    assert one_line(err) == ("val: label -2 at row 3000 is negative (labels must be 0..4; 3 labels are out of "
-                             "range); map missing or ignored labels to a class or drop those examples")
+    assert one_line(err) == ("val: label -2 at row 3000 is negative (labels must be 0..4, or -100 for a label not "
+                             "scored, as PyTorch's cross-entropy skips it; 3 labels are out of range); mark ignored "
+                             "labels (padding) with -100, map missing ones to a class or drop those examples")
 
 
 def test_all_targets_of_sequences():
@@ -754,3 +756,47 @@ def test_outputs_with_their_classes_in_dimension_1_are_read_as_pytorchs_cross_en
     with pytest.warns(SelftuneWarning, match=r"outputs \(2, 8, 8\) against targets \(2, 8\) are read with the classes "
                                              r"in the last dimension .* pass loss=torch.nn.functional.cross_entropy"):
         check_targets(torch.randn(2, 8, 8), torch.zeros(2, 8, dtype=torch.long), "train")
+
+
+def test_padding_labels_of_minus_100_are_not_scored_as_pytorchs_cross_entropy_skips_them():
+    """A token task's padding marked -100 (F.cross_entropy's ignore_index, what Hugging Face collators write)
+    was refused with advice to drop the examples (found by a fuzz round): it is now left out of the loss, the
+    smoothed loss, the accuracy and the checks, as PyTorch leaves it out."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import selftune as st
+    from selftune.objective import Objective
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 6, 9), torch.randint(0, 9, (4, 6))
+    target[:, 4:] = -100
+    assert torch.allclose(Objective().eval_loss(logits, target), F.cross_entropy(logits.reshape(-1, 9),
+                                                                                 target.reshape(-1)))
+    smoothed = Objective(label_smoothing="s").train_loss(logits, target, lambda name: torch.full((4,), 0.1), [])
+    assert torch.allclose(smoothed, F.cross_entropy(logits.reshape(-1, 9), target.reshape(-1), label_smoothing=0.1),
+                          atol=1e-6)
+    check_all_targets(TensorDataset(torch.zeros(4, 6, dtype=torch.long), target), 9, "train")
+    with pytest.raises(DataError, match="every label is -100"):
+        check_all_targets(TensorDataset(torch.zeros(4, 6, dtype=torch.long), torch.full((4, 6), -100)), 9, "train")
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.drop, self.out = nn.Embedding(12, 16), st.Dropout("d"), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(self.drop(self.emb(x)))
+
+    ids = torch.randint(1, 12, (96, 8))
+    tags = ids % 3
+    tags[:, 6:] = -100  # the last two positions are padding
+    net = st.hypernetize(Tagger(), st.Space([st.Float("d", 0.0, 0.9, 0.2)]))
+    st.SelfTuner(net, (ids[:64], tags[:64]), (ids[64:80], tags[64:80]), method="delta-stn",
+                 objective=Objective(label_smoothing=0.05), settings=st.TunerSettings(batch_size=16, lr=0.5)).fit(3)
+    scores = st.score(net, (ids[80:], tags[80:]))
+    net.eval()
+    out = net(ids[80:])
+    assert scores["loss"] == pytest.approx(F.cross_entropy(out.reshape(-1, 3), tags[80:].reshape(-1)).item(), rel=1e-5)
+    kept = tags[80:] != -100
+    assert scores["accuracy"] == pytest.approx(float((out.argmax(-1)[kept] == tags[80:][kept]).float().mean()))
