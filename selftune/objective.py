@@ -225,6 +225,15 @@ class Objective:
                                                  f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), whose "
                                                  "weights do not train, so a decay there would drive nothing; remove "
                                                  "the pattern, or unfreeze those layers")
+                    owner = {id(p): name for name in holders for p in model.get_submodule(name).parameters(
+                        recurse=False) if id(p) in keep}
+                    tied = sorted({owner[id(p)] for name, module in model.named_modules() if matches(pattern, name)
+                                   for p in module.parameters(recurse=False) if id(p) in owner})
+                    if tied:  # a decoder whose weight is its embedding's: the matrix belongs to its first holder
+                        raise ConfigError(where, f"names only layers whose weights are tied to "
+                                                 f"{', '.join(repr(n) for n in tied)}, which holds them first: a tied "
+                                                 "matrix has one decay, its first holder's; set it on "
+                                                 f"{tied[0]!r} (or a pattern matching it), or untie the weights")
                     layers = ", ".join(repr(n) for n in holders[:12]) + (", ..." if len(holders) > 12 else "")
                     raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
                 if not group:

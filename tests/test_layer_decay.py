@@ -129,3 +129,26 @@ def test_the_shipped_per_layer_example_gives_each_layer_its_own_decay():
     tuner.fit(3)
     seen = dict(zip(tuner.net.space.names, tuner.log.hypergrad_seen, strict=True))
     assert seen["wd_first"] and seen["wd_hidden"] and seen["wd_out"]
+
+
+def test_a_pattern_naming_a_tied_decoder_says_whose_decay_its_matrix_takes():
+    """``dec.weight = emb.weight`` with a decay pattern for "dec" said it "names no layer with weights": the
+    matrix is held by the embedding first, whose pattern decays it (found by a fuzz round)."""
+    from torch import nn
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.dec = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.mid(self.emb(x))))
+
+    space = st.Space([st.Float("wd", 1e-6, 1e-1, 1e-4, log=True), st.Float("wd_dec", 1e-6, 1e-1, 1e-4, log=True)])
+    x = torch.randint(0, 20, (64,))
+    with pytest.raises(ConfigError, match=r"objective.weight_decay\[\"dec\"\]: names only layers whose weights are "
+                                          r"tied to 'emb', which holds them first: .* set it on 'emb'"):
+        st.SelfTuner(st.hypernetize(LM(), space), (x[:48], x[:48]), (x[48:], x[48:]),
+                     objective=st.Objective(weight_decay={"dec": "wd_dec", "*": "wd"}),
+                     settings=st.TunerSettings(batch_size=16))
