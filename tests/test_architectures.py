@@ -312,6 +312,39 @@ def test_a_positional_embedding_shared_by_every_example_responds_to_their_mean_p
 
 
 
+def test_a_sequence_first_layer_inside_a_batch_first_model_responds_per_example_when_steps_equal_the_batch():
+    """A sequence-first Transformer inside a batch-first model gives (T, B, H) activations; where T equalled
+    the batch, sizes alone read them batch-first and example t took time step t's gate, silently (found by a
+    fuzz round). The probe before training sees which dimension grew with the examples."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.drop, self.fc = st.Dropout("p"), nn.Linear(16, 2)
+
+        def forward(self, x):  # (B, T, E), batch-first outside
+            return self.fc(self.drop(self.enc(x.transpose(0, 1)).mean(0)))
+
+    net = st.hypernetize(Encoder(), st.Space([st.Float("p", 0.0, 0.8, init=0.2)]))
+    x = torch.randn(8, 8, 16)  # T == B
+    y = torch.randint(0, 2, (8,))
+    st.SelfTuner(net, (x, y), (x, y), settings=st.TunerSettings(batch_size=8))  # runs the probe
+    with torch.no_grad():
+        for layer in net.best_response_layers():
+            for name, p in layer.named_parameters(recurse=False):
+                if name.startswith("gate"):
+                    p.normal_(0, 0.5)
+    net.eval()
+    u = net.perturb(8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = net(x, u)
+        single = torch.cat([net(x[i:i + 1], u[i:i + 1]) for i in range(8)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
 def test_hypernetize_twice_on_one_model_reports_its_layers_converted_or_refuses_another_space():
     """A notebook cell run twice: the second call's summary said every layer was left plain ("BestResponseLinear
     has no best-response form") while they responded; a space or form the earlier layers cannot take is refused."""

@@ -179,9 +179,20 @@ class HyperNet(nn.Module):
             return bool(pairs) and all(x.shape == y.shape and x.numel() > 0 and torch.allclose(x, y)
                                        for x, y in pairs)
 
+        def grown(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> int | None:
+            """The one dimension of a layer's first output that went from the few examples to the more."""
+            if not (a and b and a[0] and b[0]) or a[0][0].dim() != b[0][0].dim():
+                return None
+            changed = [d for d, (x, y) in enumerate(zip(a[0][0].shape, b[0][0].shape, strict=True)) if x != y]
+            return changed[0] if len(changed) == 1 else None
+
         shared = [name for name in layers if same(first[name], calls[name])]
         for name, m in layers.items():
             m.unbatched = name in shared
+            # where the examples lie in its output, seen as the dimension that grew with them: a sequence-first
+            # Transformer inside a batch-first model gives (T, B, H), which sizes alone cannot tell from a
+            # batch-first (B, T, H) when T equals the batch (each example took another's perturbation)
+            m.batch_axis_hint = grown(first[name], calls[name])
         return shared
 
     def forward_linearized(self, x: torch.Tensor, u: torch.Tensor, *,

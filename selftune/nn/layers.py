@@ -82,8 +82,14 @@ def _batch_view(layer: HyperModule, g: torch.Tensor, like: torch.Tensor) -> torc
         shape[-1] = g.shape[1]
         return g.mean(0).view(shape)
     state = layer._hyper_state
+    hint = getattr(layer, "batch_axis_hint", None)  # (HyperNet.find_shared_layers: the dimension that grew)
     try:
-        axis = 0 if state is None or getattr(layer, "batch_first", False) else state.batch_axis(like)
+        if state is None or getattr(layer, "batch_first", False):
+            axis = 0
+        elif hint is not None and like.dim() > hint and like.shape[hint] == g.shape[0]:
+            axis = hint
+        else:
+            axis = state.batch_axis(like)
     except ValueError as err:
         name = getattr(layer, "qualified_name", "") or type(layer).__name__
         raise DataError(f"model.{name}: {err}. A layer applied to a tensor every example shares (and also to "
