@@ -253,9 +253,12 @@ def _comparison(tuned, baseline) -> None:
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.hparams.items())
         print(f"  {r.method:<10} test {_quality(r.test)}  "
               f"{r.compute['examples'] / unit:.2f}x examples  {r.compute['seconds']:.1f} s  ({shown})")
-    change = (tuned.test["loss"] / baseline.test["loss"] - 1) * 100
-    verb = "lowers" if change < 0 else "raises"
-    print(f"  {tuned.method} {verb} the test loss by {abs(change):.1f}% against {baseline.method} on this seed; "
+    from .bench.paired import loss_change
+
+    change, relative = loss_change(tuned.test["loss"], baseline.test["loss"])
+    verb = "lowers" if change < 0 else "raises" if change > 0 else "leaves"
+    by = "" if change == 0 else f" by {abs(change):.1f}%" if relative else f" by {abs(change):.4g}"
+    print(f"  {tuned.method} {verb} the test loss{by} against {baseline.method} on this seed; "
           "a single seed is one draw: docs/benchmarks/ gives the spread over seeds")
 
 
@@ -307,9 +310,11 @@ def _replay(args: argparse.Namespace) -> int:
     tuned = source.result or {}
     spent = result.compute["examples"] + int(tuned.get("compute", {}).get("examples", 0))
     if "test" in tuned:
-        change = (result.test["loss"] / tuned["test"]["loss"] - 1) * 100
+        from .bench.paired import describe_change
+
         print(f"replay test loss {result.test['loss']:.4f} against the tuning run's {tuned['test']['loss']:.4f} "
-              f"({change:+.1f}%); tuning + replay cost {spent} examples")
+              f"({describe_change(result.test['loss'], tuned['test']['loss'])}); tuning + replay cost {spent} "
+              "examples")
     print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv, "
           "trajectory.png, losses.png")
     return 0

@@ -91,3 +91,27 @@ def test_the_bench_verdict_shows_the_paired_test(tmp_path):
     lost = verdict(results[:6] + [result("delta-ift", s, math.nan, True) for s in range(6)], config)
     row = next(line for line in lost if line.startswith("| default | delta-ift |"))
     assert "| 0/6 (6 diverged) | +inf, p 0.031: worse |" in row
+
+
+def test_a_change_against_a_loss_of_zero_or_below_is_a_plain_difference(capsys):
+    """`run --compare` and `replay` divided by a reference test loss of 0 (a hinge loss on separable data: a
+    traceback after both runs had trained) and read a negative one backwards (-4.81 against -4.60 printed as
+    "raises the test loss by 4.7%"); the bench's "vs best search" column did both (found by a fuzz round)."""
+    from types import SimpleNamespace
+
+    from selftune.bench.paired import describe_change, loss_change
+    from selftune.cli import _comparison
+
+    assert loss_change(0.9, 1.0) == (pytest.approx(-10.0), True)
+    assert loss_change(-4.8137, -4.5995) == (pytest.approx(-0.2142), False)
+    assert loss_change(0.1, 0.0) == (pytest.approx(0.1), False)
+    assert describe_change(0.0, 0.0) == "+0.0000" and describe_change(1.1, 1.0) == "+10.0%"
+
+    def run(method, loss, run_id):
+        return SimpleNamespace(method=method, run_id=run_id, test={"loss": loss}, hparams={"d": 0.1},
+                               compute={"examples": 100, "seconds": 1.0})
+
+    _comparison(run("delta-stn", -4.8137, 2), run("fixed", -4.5995, 1))
+    assert "delta-stn lowers the test loss by 0.2142 against fixed" in capsys.readouterr().out
+    _comparison(run("delta-stn", 0.0, 2), run("fixed", 0.0, 1))
+    assert "delta-stn leaves the test loss against fixed" in capsys.readouterr().out

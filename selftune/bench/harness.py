@@ -26,7 +26,7 @@ from ..methods import METHODS, Context, Method, MethodResult, get_method
 from ..outputs import write_atomic
 from ..report.plots import plot_schedules
 from ..store import RunStore
-from .paired import describe
+from .paired import describe, describe_change
 
 TASK_DIR = Path(__file__).parent / "tasks"
 TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASK_DIR.glob("*.toml")))
@@ -411,7 +411,7 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             mean = statistics.mean(r.test_loss for r in rs)
             bases = [fixed[(start, r.seed)] for r in rs if math.isfinite(fixed[(start, r.seed)])]
             base = statistics.mean(bases) if bases else math.nan
-            vs = f"{(mean / statistics.mean(searches[best_search]) - 1) * 100:+.1f}%" if best_search else "-"
+            vs = describe_change(mean, statistics.mean(searches[best_search])) if best_search else "-"
             moves = [unit_moves(r, config) for r in rs]
             shown = ", ".join(f"{n} {statistics.mean(mv[n] for mv in moves):+.2f}" for n in names)
             against = f"{base:.4f}" if math.isfinite(base) else "fixed diverged"

@@ -32,6 +32,22 @@ from dataclasses import dataclass
 LEVEL = 0.05
 
 
+def loss_change(new: float, reference: float) -> tuple[float, bool]:
+    """How ``new`` compares with ``reference``: ``(percent change, True)`` where both are positive losses
+    (cross-entropy, squared error), else ``(new - reference, False)``: a loss of the user's may be 0 (a hinge
+    on separable data) or below (a Gaussian NLL, any loss with a constant), where a ratio divides by zero or
+    reads backwards (-4.81 against -4.60 is lower, not "4.7% higher")."""
+    if reference > 0 and new >= 0:
+        return (new / reference - 1) * 100, True
+    return new - reference, False
+
+
+def describe_change(new: float, reference: float) -> str:
+    """:func:`loss_change` as ``"+4.7%"`` or ``"-0.2142"`` (a plain difference)."""
+    change, relative = loss_change(new, reference)
+    return f"{change:+.1f}%" if relative else f"{change:+.4f}"
+
+
 def smallest_p(n: int) -> float:
     """The smallest two-sided p-value the exact signed-rank test can give for ``n`` pairs (all one way)."""
     return min(1.0, 2.0 / 2 ** n)
