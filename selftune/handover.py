@@ -130,8 +130,11 @@ class DeltaIFT(DeltaSTN):
         since = state["since_best"]
         mean, best_val = sum(since) / len(since), float(state["best_val"])
         # a relative rise, of more than float rounding: from a best of exactly 0 (a task fitted perfectly) any
-        # 1e-8 read as risen, and the run "over-fitted"
-        risen = mean >= (1 + self.settings.handover_rise) * best_val and mean - best_val > 1e-6 * abs(best_val) + 1e-12
+        # 1e-8 read as risen, and the run "over-fitted"; measured on the loss's size, so a loss of the user's
+        # that is negative (a Gaussian NLL) must rise too (1.1 x -4.04 lies below -4.04: a stall read as a rise)
+        rise = self.settings.handover_rise
+        bar = (1 + rise) * best_val if best_val >= 0 else best_val + rise * abs(best_val)
+        risen = mean >= bar and mean - best_val > 1e-6 * abs(best_val) + 1e-12
         if waited and risen and epoch < epochs:
             state["handover_epoch"] = epoch
             state["handover_lr"] = self._hand_over(tuner, epochs)

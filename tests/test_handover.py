@@ -43,6 +43,17 @@ def test_a_loss_that_stalls_without_rising_does_not_hand_over():
     assert _feed(tuner, flat) is None
 
 
+def test_a_negative_validation_loss_that_stalls_does_not_hand_over_and_one_that_rises_does():
+    """A loss of the user's may be negative (a Gaussian NLL): 1.1 x a negative best lies below it, so a stall
+    read as a 10% rise and the run handed over (found by a fuzz round)."""
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    assert _feed(tuner, [x - 5.0 for x in [1.0, 0.8, 0.7] + [0.72, 0.74] * 18]) is None  # -4.3 then -4.27
+    tuner = prepare(diabetes(epochs=40)).tuner
+    tuner.planned_epochs = 40
+    assert _feed(tuner, [-1.0, -1.2, -1.3] + [-1.3 + 0.06 * k for k in range(1, 37)]) is not None
+
+
 def _feed(tuner, losses):
     for epoch, loss in enumerate(losses, start=1):
         tuner.algorithm.on_epoch_end(tuner, {"epoch": epoch, "val_loss": loss})
