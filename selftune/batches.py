@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import pickle
 import random
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -185,14 +189,27 @@ def _seed_generators(seed: int) -> None:
 _WORKER_DATA: Dataset | None = None  # (in a worker process: the dataset it fetches from)
 
 
-def _start_worker(data: Dataset, ids: Any, worker_init_fn: Callable[[int], None] | None) -> None:
+def _start_worker(data: Dataset, ids: Any, worker_init_fn: Callable[[int], None] | None, parent: int) -> None:
     """A worker's start: keep the dataset, then run the loader's ``worker_init_fn`` with the worker's id
-    (0 to num_workers - 1, as a DataLoader numbers them)."""
+    (0 to num_workers - 1, as a DataLoader numbers them).
+
+    Ctrl-C is the main process's to handle (it checkpoints and stops; a worker killed by the same signal
+    would fail the step first), and a worker whose main process is gone (killed with SIGKILL: the crash a
+    resume is for) exits instead of waiting for work forever, as a DataLoader's watchdog makes its own."""
     global _WORKER_DATA
     _WORKER_DATA = data
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="selftune-worker-watchdog").start()
     torch.set_num_threads(1)  # as a DataLoader's workers: N of them must not each take every core
     if worker_init_fn is not None:
         worker_init_fn(ids.get())
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker process once its main process ``parent`` is gone (checked every second)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class _Packer(pickle.Pickler):
@@ -287,7 +304,7 @@ class Workers:
             for k in range(self.num_workers):
                 ids.put(k)
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_start_worker,
-                                             initargs=(self.data, ids, self.worker_init_fn))
+                                             initargs=(self.data, ids, self.worker_init_fn, os.getpid()))
         return self._pool
 
     def fetch(self, index: list[int], batch_seed: int) -> list[Any]:

@@ -1101,3 +1101,59 @@ def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_
     notes: list[str] = []
     resume_recorded(store, run.run_id, notes=notes)
     assert len(notes) == 1 and "the code beside the task changed since this run's checkpoint" in notes[0], notes
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_workers_outlive_neither_their_main_process_nor_ignore_its_ctrl_c(tmp_path):
+    """A run killed with SIGKILL (what `selftune resume` is for) left its worker processes behind, waiting for
+    work forever; and Ctrl-C reached the workers too, which died and failed the step before the main process
+    could checkpoint and stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent("""
+        import os, time, torch
+        from selftune.batches import Workers
+
+        class Data:
+            def __len__(self):
+                return 10
+
+            def __getitem__(self, i):
+                return torch.ones(2), i
+
+        pool = Workers(Data(), 2)
+        pool.fetch([0, 1, 2], 0)
+        print(" ".join(str(p) for p in pool._pool._processes), flush=True)
+        time.sleep(120)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = [int(p) for p in main.stdout.readline().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGINT)  # ignored: the main process handles Ctrl-C
+        time.sleep(0.5)
+        assert main.poll() is None
+        os.kill(workers[0], 0)  # still alive
+        main.kill()
+        main.wait()
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (not yet reaped by init) is gone too
+                return f.read().split()[2] != "Z"
+
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers), "the workers outlived their main process"
+    finally:
+        main.kill()
