@@ -1104,7 +1104,7 @@ def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
-def test_workers_outlive_neither_their_main_process_nor_ignore_its_ctrl_c(tmp_path):
+def test_workers_exit_with_their_main_process_and_leave_ctrl_c_to_it(tmp_path):
     """A run killed with SIGKILL (what `selftune resume` is for) left its worker processes behind, waiting for
     work forever; and Ctrl-C reached the workers too, which died and failed the step before the main process
     could checkpoint and stop."""
