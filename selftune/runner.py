@@ -334,6 +334,8 @@ class RecordedRun:
         self.notes: list[str] = []  # what a resume had to work around (shown to the user)
         #: the checkpoint interval the newest usable checkpoint was written at (``None``: unknown)
         self.checkpointing: dict[str, Any] | None = None
+        #: whether this process made the output folder (a failed run may then remove it, empty)
+        self.created_out = False
 
     @classmethod
     def start(cls, store: Any, config: RunConfig, *, out: str | Path | None = None,
@@ -360,6 +362,7 @@ class RecordedRun:
         # Reserve the folder now: its marker names this run, so a later run cannot take it silently,
         # and this run (or its resume) may write there at the end without --overwrite.
         try:
+            run.created_out = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             mark_folder(out, run_uuid, run_id, store.display_url)
         except OSError as err:
@@ -506,7 +509,26 @@ class RecordedRun:
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._record(self.store.fail, f"{type(err).__name__}: {message}")
+            self._release_folder()
             raise
+
+    def _release_folder(self) -> None:
+        """Give back the output folder a failed run claimed and wrote nothing into: its marker alone blocked
+        the obvious next step (the same command with a lower rate and the same ``--out``), calling the
+        folder another run's outputs. Only the marker goes, and the folder with it when this process made
+        it and nothing else is there; a resume of the run writes its outputs there as it would have."""
+        from .outputs import MARKER, read_marker
+
+        try:
+            marker = read_marker(self.out)
+            if marker is None or marker.get("run_uuid") != self.uuid or \
+                    [p.name for p in self.out.iterdir()] != [MARKER]:
+                return
+            (self.out / MARKER).unlink()
+            if self.created_out:
+                self.out.rmdir()
+        except OSError:  # (a folder that cannot be read or changed keeps its marker: nothing is lost)
+            pass
 
     def _record(self, action: Any, message: str) -> None:
         """Record how the run ended, unless the store itself is what failed (the original error wins)."""

@@ -365,3 +365,17 @@ def test_a_write_that_fails_is_an_os_error_not_a_torch_one(tmp_path):
     with pytest.raises(OSError) as caught:
         torch_save({"w": torch.zeros(100_000)}, "/dev/full", Path("/dev/full"))
     assert caught.value.filename == "/dev/full"
+
+
+def test_a_failed_run_gives_back_the_folder_it_claimed_and_wrote_nothing_into(tmp_path, capsys):
+    """A run that failed (diverged) left its --out folder holding only its marker, which refused the same
+    command with a lower rate ("not empty ... outputs of run 1"), though the run had written nothing (found
+    by a fuzz round). The marker goes, and the folder with it where the run made it."""
+    assert main([*RUN, "--out", "made", "--set", "tuner.lr=1e12", "--set", "tuner.max_divergences=1"]) == 1
+    assert "run failed" in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()
+    assert main([*RUN, "--out", "made"]) == 0 and (tmp_path / "made" / "result.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()  # a folder of the user's, empty: kept, as empty as it was
+    assert main([*RUN, "--out", "mine", "--set", "tuner.lr=1e12", "--set", "tuner.max_divergences=1"]) == 1
+    assert mine.is_dir() and not list(mine.iterdir())
