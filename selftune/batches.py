@@ -63,7 +63,7 @@ from torch.utils.data import (
 from .errors import DataError, SelftuneWarning
 
 __all__ = ["Fields", "Kwargs", "Source", "Workers", "batch_size", "example_seed", "head", "loader_dataset",
-           "subset_origin", "to_device"]
+           "loader_sampler", "subset_origin", "to_device"]
 
 Collate = Callable[[list[Any]], Any]
 
@@ -119,10 +119,21 @@ class Fields:
                         "(with target_key naming its target)")
 
 
+def loader_sampler(loader: DataLoader) -> Any:
+    """The sampler that says which examples a loader draws: its ``sampler``, or, when it was built with a
+    ``batch_sampler=BatchSampler(sampler, ...)``, that one's (the loader's own ``sampler`` is then PyTorch's
+    default ``SequentialSampler`` over the whole dataset, which a ``SubsetRandomSampler`` split inside the
+    batch sampler does not draw from: reading it trained on the validation and test rows too)."""
+    batches = loader.batch_sampler
+    if type(batches) is BatchSampler and batches.sampler is not loader.sampler:
+        return batches.sampler
+    return loader.sampler
+
+
 def subset_origin(loader: DataLoader) -> torch.Tensor | None:
     """The indices of a loader's ``SubsetRandomSampler`` into its dataset (``None`` for any other sampler):
     where each example of :func:`loader_dataset` sits in the user's dataset, which messages name."""
-    sampler = loader.sampler
+    sampler = loader_sampler(loader)
     if type(sampler) is not SubsetRandomSampler:
         return None
     try:
@@ -193,21 +204,33 @@ def _start_worker(data: Dataset, ids: Any, worker_init_fn: Callable[[int], None]
     """A worker's start: keep the dataset, then run the loader's ``worker_init_fn`` with the worker's id
     (0 to num_workers - 1, as a DataLoader numbers them).
 
-    Ctrl-C is the main process's to handle (it checkpoints and stops; a worker killed by the same signal
-    would fail the step first), and a worker whose main process is gone (killed with SIGKILL: the crash a
-    resume is for) exits instead of waiting for work forever, as a DataLoader's watchdog makes its own."""
+    Ctrl-C and SIGTERM are the main process's to handle (it checkpoints and stops; a worker killed by the
+    same signal, sent to the process group, would fail the step first), and a worker whose main process is
+    gone (killed with SIGKILL: the crash a resume is for) exits instead of waiting for work forever, as a
+    DataLoader's watchdog makes its own."""
     global _WORKER_DATA
     _WORKER_DATA = data
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="selftune-worker-watchdog").start()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # (a scheduler's SIGTERM reaches the whole process group)
+        signal.signal(stop, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent, os.getppid()), daemon=True,
+                     name="selftune-worker-watchdog").start()
     torch.set_num_threads(1)  # as a DataLoader's workers: N of them must not each take every core
     if worker_init_fn is not None:
         worker_init_fn(ids.get())
 
 
-def _exit_with(parent: int) -> None:
-    """End this worker process once its main process ``parent`` is gone (checked every second)."""
+def _exit_with(main: int, parent: int) -> None:
+    """End this worker process once its main process is gone (checked every second): its parent changed
+    (the main process under fork and spawn; the fork server, which ends with the main process, under
+    forkserver) or the main process ``main`` no longer exists."""
     while os.getppid() == parent:
+        if sys.platform != "win32":  # (there, signal 0 is CTRL_C_EVENT: it would interrupt the main process)
+            try:
+                os.kill(main, 0)
+            except ProcessLookupError:
+                break
+            except OSError:  # (alive, but another user's: a recycled pid; keep watching the parent)
+                pass
         time.sleep(1.0)
     os._exit(0)
 
@@ -221,7 +244,7 @@ class _Packer(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if (type(obj) is torch.Tensor and obj.layout is torch.strided and obj.device.type == "cpu"
-                and not obj.is_quantized and obj.numel() > 0):
+                and not obj.is_quantized and not obj.is_conj() and not obj.is_neg() and obj.numel() > 0):
             self.buffers.append(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             return (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), obj.requires_grad)
         return None
@@ -315,6 +338,8 @@ class Workers:
             died (the next batch starts new ones).
         """
         items = [(example_seed(batch_seed, k), i) for k, i in enumerate(index)]
+        if not items:
+            return []
         size = -(-len(items) // self.num_workers)
         pool = self._started()
         try:
@@ -368,7 +393,7 @@ class Source:
                     f"{what}: the DataLoader's batch_size {data.batch_size} is not used: the tuner draws batches of "
                     f"tuner.batch_size = {batch_size} from its dataset, in its own checkpointed order, with its "
                     "collate_fn"), stacklevel=3)
-            sampler = data.sampler
+            sampler = loader_sampler(data)
             if weighted and type(sampler) is WeightedRandomSampler:
                 self.weights = _checked_weights(sampler, len(dataset if dataset is not None else data.dataset), what)
             honoured = (SequentialSampler, RandomSampler, SubsetRandomSampler) + (
@@ -376,6 +401,9 @@ class Source:
             custom = [type(s).__name__ for s, plain in (
                 (sampler, honoured), (data.batch_sampler, (BatchSampler, type(None))))
                 if type(s) not in plain and not type(s).__name__.startswith("_")]  # (an iterable's)
+            if type(sampler) is RandomSampler and (sampler.replacement
+                                                   or sampler.num_samples != len(sampler.data_source)):
+                custom.append("RandomSampler(replacement=True or num_samples=...)")  # another epoch than all once
             if custom:  # a weighted or stratified draw would silently become a uniform one
                 how = ("the tuner's losses there are over every example once" if type(sampler) is WeightedRandomSampler
                        else "the tuner draws every example once an epoch, in its own checkpointed order (it honours "
@@ -402,8 +430,13 @@ class Source:
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def take(self, index: torch.Tensor, fields: Fields) -> tuple[Any, Any]:
-        """The batch of examples ``index`` as ``(inputs, targets)``."""
+    def take(self, index: torch.Tensor, fields: Fields, *, draw: bool = False) -> tuple[Any, Any]:
+        """The batch of examples ``index`` as ``(inputs, targets)``.
+
+        ``draw``: seed the workers' per-example generators from one draw of PyTorch's global generator (the
+        run's own inside ``fit``: the training loop's batches, whose random transforms differ from epoch to
+        epoch); otherwise from the batch's indices, which draws nothing from the caller's generator (scoring,
+        the checks before training) and gives one batch the same examples every time."""
         data = self.dataset
         if isinstance(data, TensorDataset) and len(data.tensors) == 2 and self.collate is default_collate:
             # fast path: what default_collate would stack (a loader's own collate_fn may change the batch)
@@ -412,8 +445,10 @@ class Source:
             if self.workers is None:
                 examples = [data[i] for i in index.tolist()]
             else:  # one draw of the run's generator per batch seeds its examples' transforms
+                ids = index.tolist()
+                seed = int(torch.randint(1 << 62, ())) if draw else example_seed(len(ids), ids[0] if ids else 0)
                 try:
-                    examples = self.workers.fetch(index.tolist(), int(torch.randint(1 << 62, ())))
+                    examples = self.workers.fetch(ids, seed)
                 except BrokenProcessPool:
                     raise DataError(f"{self.what}: a worker process fetching its examples died (killed, out of "
                                     "memory, or a crash in the dataset's code); set tuner.workers = 0 (or the "

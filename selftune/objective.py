@@ -102,7 +102,9 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
     uniform = -logp.mean(dim=-1)
     s = (smoothing if differentiable else smoothing.detach()).to(logits.dtype)
     per = (1 - s) * nll + s * uniform
-    return per.mean() if scored is None else per[scored].mean()
+    if scored is None:
+        return per.mean()
+    return (per * scored).sum() / scored.sum().clamp_min(1)  # (a batch of padding only: 0, not 0/0)
 
 
 #: PyTorch's default ``ignore_index``: a label the default cross-entropy does not score (a padding token of a
@@ -112,8 +114,13 @@ IGNORE_INDEX = -100
 
 def cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The default loss: mean cross-entropy, per predicted token for sequence outputs; labels of
-    :data:`IGNORE_INDEX` are not scored (PyTorch's ``F.cross_entropy`` default)."""
-    return F.cross_entropy(*flatten_tokens(outputs, target))
+    :data:`IGNORE_INDEX` are not scored (PyTorch's ``F.cross_entropy`` default), and a batch of nothing
+    else (padding only) scores 0, not PyTorch's 0/0 = NaN, which would read as a divergence."""
+    logits, flat = flatten_tokens(outputs, target)
+    loss = F.cross_entropy(logits, flat)
+    if flat.is_floating_point():
+        return loss
+    return torch.where((flat != IGNORE_INDEX).any(), loss, torch.zeros_like(loss))
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,15 @@ def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 
                   dataset=dataset, workers=workers)
 
 
-def _check_loss_parameters(loss: Any) -> None:
-    """Refuse a loss module with trainable parameters (a learnable temperature, a class-weight vector left
-    trainable): the tuner trains the model's weights, so they would stay at their initial values while
-    their gradients piled up, silently."""
+def _check_loss_parameters(loss: Any, net: torch.nn.Module) -> None:
+    """Refuse a loss module with trainable parameters of its own (a learnable temperature, a class-weight
+    vector left trainable): the tuner trains the model's weights, so they would stay at their initial values
+    while their gradients piled up, silently. The model's own parameters, held by a loss that adds a penalty
+    on them (``Loss(model)``), are trained, and pass."""
     if not isinstance(loss, torch.nn.Module):
         return
-    trainable = [name for name, p in loss.named_parameters() if p.requires_grad]
+    model = {id(p) for p in net.parameters()}
+    trainable = [name for name, p in loss.named_parameters() if p.requires_grad and id(p) not in model]
     if trainable:
         raise ConfigError("loss", f"{type(loss).__name__} has trainable parameters ({', '.join(trainable[:3])}"
                                   f"{', ...' if len(trainable) > 3 else ''}), which nothing would train: the tuner "
@@ -353,7 +355,7 @@ class SelfTuner:
                 raise
             except (TypeError, ValueError) as err:
                 raise ConfigError("loss", str(err)) from None
-        _check_loss_parameters(self.objective.loss)
+        _check_loss_parameters(self.objective.loss, net)
         self.metrics = _checked_metrics(metrics)
         self.fields = Fields(input_key, target_key)
         self.augment = augment
@@ -1487,9 +1489,9 @@ class SelfTuner:
         if value is not None and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(what, group, self.counters.steps + 1)
 
-    def _batch(self, split: str, index: torch.Tensor) -> tuple[Any, Any]:
+    def _batch(self, split: str, index: torch.Tensor, *, draw: bool = True) -> tuple[Any, Any]:
         source = self.sources[split]
-        x, y = source.take(index, self.fields)
+        x, y = source.take(index, self.fields, draw=draw)  # (draw: the loop's batches, inside fit)
         if not source.checked_whole:  # a Dataset of the user's: each batch as it comes (validation.check_batch)
             check_batch(x, y, index if source.origin is None else source.origin[index], split,
                         classes=self._n_outputs, batch_dim=self.net.batch_dim)
@@ -1554,7 +1556,7 @@ class SelfTuner:
     @torch.no_grad()
     def _classes(self) -> int:
         """The number of classes the network's outputs score (one validation example, in eval mode)."""
-        x, y = self._batch("val", torch.arange(1))
+        x, y = self._batch("val", torch.arange(1), draw=False)
         was_training = self.net.training
         self.net.eval()
         try:

@@ -776,6 +776,12 @@ def test_padding_labels_of_minus_100_are_not_scored_as_pytorchs_cross_entropy_sk
     smoothed = Objective(label_smoothing="s").train_loss(logits, target, lambda name: torch.full((4,), 0.1), [])
     assert torch.allclose(smoothed, F.cross_entropy(logits.reshape(-1, 9), target.reshape(-1), label_smoothing=0.1),
                           atol=1e-6)
+    padding = torch.full((4, 6), -100)  # a batch of padding only: 0, with a gradient of 0, not 0/0 = NaN
+    for loss in (Objective().train_loss, Objective(label_smoothing="s").train_loss):
+        leaf = logits.clone().requires_grad_()
+        value = loss(leaf, padding, lambda name: torch.full((4,), 0.1), [])
+        value.backward()
+        assert float(value) == 0.0 and torch.equal(leaf.grad, torch.zeros_like(leaf))
     check_all_targets(TensorDataset(torch.zeros(4, 6, dtype=torch.long), target), 9, "train")
     with pytest.raises(DataError, match="every label is -100"):
         check_all_targets(TensorDataset(torch.zeros(4, 6, dtype=torch.long), torch.full((4, 6), -100)), 9, "train")

@@ -83,6 +83,16 @@ def test_a_loss_with_trainable_parameters_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"loss: TemperatureMSE has trainable parameters \(log_t\).*move them into "
                                           r"the model .* or freeze them with requires_grad_\(False\)"):
         st.SelfTuner(net, (x[:40], y[:40]), (x[40:], y[40:]), loss=TemperatureMSE())
+    class Penalised(nn.Module):  # a loss holding the model itself, to penalise its weights: those do train
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, out, y):
+            return mse(out, y) + 1e-4 * sum(p.abs().sum() for p in self.model.parameters())
+
+    st.SelfTuner(net, (x[:40], y[:40]), (x[40:], y[40:]), loss=Penalised(net.model),
+                 settings=st.TunerSettings(batch_size=20))
     frozen = TemperatureMSE().requires_grad_(False)  # a constant temperature is fine
     fit = st.SelfTuner(net, (x[:40], y[:40]), (x[40:], y[40:]), loss=frozen,
                        settings=st.TunerSettings(batch_size=20)).fit(1)
@@ -258,9 +268,13 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
     resumed.load_state_dict(stopped.state_dict())
     again = resumed.fit(3)
     assert all(torch.equal(a, b) for a, b in zip(again.net.state_dict().values(), first.net.state_dict().values()))
-    # the transforms are random per example and per draw: an example fetched twice differs
+    # the transforms are random per example and per draw of the loop's batches: an example fetched twice
+    # differs; scoring's batches draw nothing from the caller's generator and are the same every time
     source = two.sources["train"]
+    state = torch.get_rng_state()
     a, b = (source.take(torch.tensor([4, 5]), two.fields)[0] for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+    a, b = (source.take(torch.tensor([4, 5]), two.fields, draw=True)[0] for _ in range(2))
     assert not torch.equal(a[0], a[1] - x[5] + x[4]) and not torch.equal(a, b)
     with pytest.raises(KeyError, match="record 7 is missing"):
         tuner(fail_at=7).fit(1)
@@ -1157,3 +1171,36 @@ def test_workers_exit_with_their_main_process_and_leave_ctrl_c_to_it(tmp_path):
         assert not any(alive(p) for p in workers), "the workers outlived their main process"
     finally:
         main.kill()
+
+
+class Squares(Dataset):
+    """A picklable dataset (a spawned or forkserver worker imports it by name)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i * i)), i
+
+
+@pytest.mark.parametrize("context", ["forkserver"])  # (spawn starts its workers the same way, slower)
+def test_workers_started_by_a_fork_server_fetch_and_stay(context):
+    """Under a fork server a worker's parent is the server, not the main process: the watchdog read that as
+    the main process gone and every worker exited at its first check, each batch then failing (found by a
+    review). Workers now watch for the main process itself."""
+    import multiprocessing
+    import time
+
+    from selftune.batches import Workers
+
+    if context not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {context} start method here")
+    pool = Workers(Squares(), 2, DataLoader(Squares(), num_workers=2, multiprocessing_context=context))
+    try:
+        first = pool.fetch([3, 1, 2], 7)
+        time.sleep(2.5)  # past the watchdog's checks
+        again = pool.fetch([3, 1, 2], 7)
+        assert [int(i) for _, i in again] == [3, 1, 2] and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+        assert pool.fetch([], 0) == []
+    finally:
+        pool.close()

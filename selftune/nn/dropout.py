@@ -81,6 +81,11 @@ class Dropout(HyperModule):
         locked: on ``(B, T, ...)`` sequences, drop the same units at every time step.
     """
 
+    #: with ``fixed``: 1 for a sequence-first model (``(T, B, ...)`` activations; set by export from the
+    #: HyperNet's ``batch_dim``), so a locked mask is still one per sequence shared over its steps (a class
+    #: default too: a module pickled before this attribute existed loads with it)
+    batch_dim = 0
+
     def __init__(self, name: str, *, channelwise: bool = False, locked: bool = False) -> None:
         super().__init__()
         if channelwise and locked:
@@ -90,9 +95,6 @@ class Dropout(HyperModule):
         self.locked = locked
         #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
         self.fixed: float | None = None
-        #: with ``fixed``: 1 for a sequence-first model (``(T, B, ...)`` activations; set by export from the
-        #: HyperNet's ``batch_dim``), so a locked mask is still one per sequence shared over its steps
-        self.batch_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -124,14 +126,16 @@ class EmbeddingDropout(HyperModule):
         num_embeddings: vocabulary size.
     """
 
+    #: with ``fixed``: 1 for a sequence-first model, whose ids are ``(T, B)`` (set by export; a class default,
+    #: as Dropout's)
+    batch_dim = 0
+
     def __init__(self, name: str, num_embeddings: int) -> None:
         super().__init__()
         self.name = name
         self.num_embeddings = num_embeddings
         #: a constant rate (set by :func:`selftune.export`): the module then needs no HyperNet
         self.fixed: float | None = None
-        #: with ``fixed``: 1 for a sequence-first model, whose ids are ``(T, B)`` (set by export)
-        self.batch_dim = 0
 
     def forward(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         if not self.training:
