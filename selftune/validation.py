@@ -69,6 +69,8 @@ def as_dataset(data: Any, what: str) -> Dataset:
         custom_collate = data.collate_fn is not default_collate
         origin = subset_origin(data)  # rows of the user's dataset, which messages name
         data = loader_dataset(data)
+        if not isinstance(data, Dataset | tuple) and hasattr(data, "__getitem__") and isinstance(data, Sized):
+            data = _Indexed(data)  # DataLoader(list_of_examples): PyTorch takes any indexable as map-style
     if isinstance(data, tuple):
         # detached (a view, no copy): features a user's encoder computed outside torch.no_grad() carry its
         # graph, and every batch's backward would run into it ("backward through the graph a second time")
@@ -103,6 +105,19 @@ def as_dataset(data: Any, what: str) -> Dataset:
     for i, t in enumerate(tensors):
         _check_finite(t, f"{what}: {_part(i)}", origin)
     return dataset
+
+
+class _Indexed(Dataset):
+    """A loader's dataset that is a plain indexable (a list of examples), as a ``Dataset``."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
 
 
 def _detached(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -307,6 +307,20 @@ def test_loaders_that_split_one_dataset_by_subset_samplers_train_and_validate_on
                          DataLoader(records, sampler=SubsetRandomSampler([5, 7, 9])), method="fixed", loss=mse,
                          target_key="target", settings=st.TunerSettings(batch_size=16))
     assert (tuner.n_train, tuner.val_data.indices) == (60, [5, 7, 9])
+    # the split inside a batch sampler (the loader's own sampler is then a SequentialSampler over every row:
+    # read alone, it trained on the validation and test rows, found by a fuzz round)
+    from torch.utils.data import BatchSampler, RandomSampler
+    tuner = st.SelfTuner(net, DataLoader(whole, batch_sampler=BatchSampler(SubsetRandomSampler(range(40)), 8, False)),
+                         val, method="fixed", settings=st.TunerSettings(batch_size=16))
+    assert tuner.n_train == 40 and torch.equal(tuner.train_data.tensors[0], x[:40])
+    with pytest.warns(SelftuneWarning, match=r"RandomSampler\(replacement=True or num_samples=...\) is not used"):
+        st.SelfTuner(net, DataLoader(whole, batch_size=16, sampler=RandomSampler(whole, num_samples=10)), val,
+                     method="fixed", settings=st.TunerSettings(batch_size=16))
+    # a loader over a plain list of examples (PyTorch takes any indexable as a map-style dataset)
+    pairs = [(x[i], y[i]) for i in range(120)]
+    tuner = st.SelfTuner(net, DataLoader(pairs[:90], batch_size=16), DataLoader(pairs[90:], batch_size=16),
+                         method="fixed", settings=st.TunerSettings(batch_size=16))
+    assert (tuner.n_train, tuner.n_val) == (90, 30) and math.isfinite(tuner.fit(1).history[-1]["val_loss"])
 
 
 def test_dict_examples_without_a_target_key_name_the_keys():
