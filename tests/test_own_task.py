@@ -1082,7 +1082,7 @@ import torch
 from torch import nn
 
 import selftune as st
-from helpers import width
+from split_helpers import width
 
 
 def task():
@@ -1109,7 +1109,7 @@ def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "split_task.py").write_text(NUMPY_SPLIT_TASK)
-    (tmp_path / "helpers.py").write_text("def width():\n    return 16\n")
+    (tmp_path / "split_helpers.py").write_text("def width():\n    return 16\n")
     (tmp_path / "t.toml").write_text('method = "delta-stn"\nepochs = 2\n[task]\nsource = "split_task.py:task"\n'
                                      '[tuner]\nbatch_size = 16\n')
     config = load_config(tmp_path / "t.toml")
@@ -1123,8 +1123,8 @@ def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_
     run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
     with pytest.raises(Interrupted):
         run.drive(prepare(config), every=2, callbacks=[StopAt(3)])
-    (tmp_path / "helpers.py").write_text("def width():\n    return 16  # (the same shapes: the checkpoint fits)\n")
-    for name in [m for m in sys.modules if m.startswith("selftune_task_") or m == "helpers"]:
+    (tmp_path / "split_helpers.py").write_text("def width():\n    return 16  # (the same shapes: the checkpoint fits)\n")
+    for name in [m for m in sys.modules if m.startswith("selftune_task_") or m == "split_helpers"]:
         monkeypatch.delitem(sys.modules, name)  # a new process imports them afresh
     notes: list[str] = []
     resume_recorded(store, run.run_id, notes=notes)
