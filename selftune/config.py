@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -162,6 +163,21 @@ class RunConfig(BaseModel):
         if v not in ALGORITHMS:
             raise ValueError(f"unknown method {v!r}; choose one of {list(ALGORITHMS)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_or_data(cls, raw: Any) -> Any:
+        """A ``[task]`` with keys of ``[data]``/``[model]`` (``--set data.train_subset=10``) is refused before
+        those tables are validated: their own check said ``data.name: is required``, a fix the next run
+        refused as "a [task] builds its own model and data"."""
+        if isinstance(raw, Mapping) and raw.get("task") is not None:
+            for other in ("data", "model"):
+                table = raw.get(other)
+                if table is not None:
+                    key = f"{other}.{next(iter(table))}" if isinstance(table, Mapping) and table else other
+                    raise ConfigError(key, "does not apply to a [task] config, whose function builds its own model "
+                                           "and data; remove it (or the [task] table)")
+        return raw
 
     @model_validator(mode="after")
     def _one_task(self) -> RunConfig:

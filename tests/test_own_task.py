@@ -492,8 +492,12 @@ def test_bad_task_sources_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"task\.args: got an unexpected keyword argument 'm'; broken takes n"):
         prepare(load_config(tmp_path / "c.toml"))
     (tmp_path / "c.toml").write_text('epochs = 2\n[task]\nsource = "task.py:broken"\n[data]\nname = "digits"\n')
-    with pytest.raises(ConfigError, match=r"^data: a \[task\] builds its own model and data"):
+    with pytest.raises(ConfigError, match=r"^data.name: does not apply to a \[task\] config, whose function builds "):
         load_config(tmp_path / "c.toml")
+    # --set data.train_subset on a task config said "data.name: is required", a fix the next run refused
+    (tmp_path / "c.toml").write_text('epochs = 2\n[task]\nsource = "task.py:broken"\n')
+    with pytest.raises(ConfigError, match=r"^data.train_subset: does not apply to a \[task\] config"):
+        load_config(tmp_path / "c.toml", ["data.train_subset=10"])
 
 
 def test_an_objective_error_on_a_task_config_names_its_own_field(tmp_path, monkeypatch, capsys):
@@ -1123,7 +1127,7 @@ def test_a_task_that_splits_with_numpys_generator_gets_one_split_per_seed_and_a_
     run = RecordedRun.start(store, config, out=tmp_path / "b", checkpoint_root=tmp_path / "ck")
     with pytest.raises(Interrupted):
         run.drive(prepare(config), every=2, callbacks=[StopAt(3)])
-    (tmp_path / "split_helpers.py").write_text("def width():\n    return 16  # (the same shapes: the checkpoint fits)\n")
+    (tmp_path / "split_helpers.py").write_text("def width():\n    return 16  # the same shapes: the checkpoint fits\n")
     for name in [m for m in sys.modules if m.startswith("selftune_task_") or m == "split_helpers"]:
         monkeypatch.delitem(sys.modules, name)  # a new process imports them afresh
     notes: list[str] = []
