@@ -470,7 +470,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .runner import check_writable
 
     for task, out in outs.items():  # refused before the store is opened (or created)
-        claim_bench_folder(out, task=task_name(task), quick=args.quick, overwrite=args.overwrite)
+        claim_bench_folder(out, task=task_name(task), quick=args.quick, overwrite=args.overwrite, source=task)
         check_writable(out, "--out")
         check_bench_lock(out)
     runnable = []

@@ -379,3 +379,25 @@ def test_a_failed_run_gives_back_the_folder_it_claimed_and_wrote_nothing_into(tm
     mine.mkdir()  # a folder of the user's, empty: kept, as empty as it was
     assert main([*RUN, "--out", "mine", "--set", "tuner.lr=1e12", "--set", "tuner.max_divergences=1"]) == 1
     assert mine.is_dir() and not list(mine.iterdir())
+
+
+def test_a_benchmark_folder_is_another_benchmarks_when_its_config_is_another_file(tmp_path):
+    """The marker named the config file's stem only: `bench other/t.toml` into the folder of `bench t.toml`
+    replaced its results and deleted its runs' checkpoints without --overwrite (found by a fuzz round)."""
+    from selftune.bench.harness import BENCH_MARKER, claim_bench_folder, config_place
+    from selftune.errors import OutputError
+
+    for folder in ("exp1", "exp2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.toml").write_text("epochs = 1\n")
+    out = tmp_path / "X"
+    out.mkdir()
+    first = str(tmp_path / "exp1" / "t.toml")
+    (out / BENCH_MARKER).write_text(json.dumps({"task": "t", "quick": False, "config": config_place(first, out)}))
+    (out / "results.json").write_text("[]")
+    assert claim_bench_folder(out, task="t", source=first) == out  # the same benchmark, run again
+    with pytest.raises(OutputError, match=r"holds the benchmark of 't' \(config '../exp1/t.toml' from this folder\)"):
+        claim_bench_folder(out, task="t", source=str(tmp_path / "exp2" / "t.toml"))
+    assert claim_bench_folder(out, task="t", source=str(tmp_path / "exp2" / "t.toml"), overwrite=True) == out
+    (out / BENCH_MARKER).write_text(json.dumps({"task": "t", "quick": False}))  # an older marker: by name
+    assert claim_bench_folder(out, task="t", source=str(tmp_path / "exp2" / "t.toml")) == out

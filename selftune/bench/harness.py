@@ -67,11 +67,24 @@ def load_task(name: str, *, quick: bool = False, gpu: bool = False, overrides: S
     return config
 
 
+def config_place(source: str | None, out: str | Path) -> str | None:
+    """Where a benchmark's config file is, as a path from its folder (``None`` for a built-in task): two
+    files of one name (``exp1/config.toml``, ``exp2/config.toml``) are two benchmarks, and a project moved
+    as a whole keeps the relation."""
+    if source is None or source in TASKS:
+        return None
+    return os.path.relpath(Path(source).resolve(), Path(out).resolve())
+
+
 def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool = False,
-                       overwrite: bool = False) -> Path:
-    """A benchmark folder may be missing, empty, or a previous run of the same benchmark (task and
-    quick); anything else needs ``overwrite`` (and even then only the benchmark's own files and
+                       overwrite: bool = False, source: str | None = None) -> Path:
+    """A benchmark folder may be missing, empty, or a previous run of the same benchmark (task, config file
+    and quick); anything else needs ``overwrite`` (and even then only the benchmark's own files and
     sub-folders are replaced).
+
+    Args:
+        source: the task as given (a built-in name, or a config file's path), whose file the marker records
+            (:func:`config_place`): a config of the same name elsewhere is another benchmark.
 
     Raises:
         OutputError: the folder holds other files.
@@ -85,8 +98,12 @@ def claim_bench_folder(out: str | Path, *, task: str | None = None, quick: bool 
         marker = json.loads((path / BENCH_MARKER).read_text())
     except (OSError, ValueError):
         marker = None
-    if marker is not None and task is not None and (marker.get("task"), marker.get("quick")) != (task, quick):
-        raise OutputError(f"--out: folder {str(path)!r} holds the benchmark of {marker.get('task')!r}"
+    place = config_place(source, path)
+    other_file = marker is not None and place is not None and marker.get("config") not in (None, place)
+    if marker is not None and task is not None and ((marker.get("task"), marker.get("quick")) != (task, quick)
+                                                    or other_file):
+        of = f" (config {marker.get('config')!r} from this folder)" if other_file else ""
+        raise OutputError(f"--out: folder {str(path)!r} holds the benchmark of {marker.get('task')!r}{of}"
                           f"{' (quick)' if marker.get('quick') else ''}; choose another folder, or pass --overwrite "
                           "to replace its results")
     if marker is not None:
@@ -176,10 +193,11 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
     if quick:
         trials = min(trials, QUICK["trials"])
         population = min(population, QUICK["population"])
-    out = claim_bench_folder(out, task=name, quick=quick, overwrite=overwrite)
+    out = claim_bench_folder(out, task=name, quick=quick, overwrite=overwrite, source=task)
     out.mkdir(parents=True, exist_ok=True)
+    marker = {"task": name, "quick": quick, "config": config_place(task, out)}
     with _bench_lock(out):
-        write_atomic(out / BENCH_MARKER, lambda p: p.write_text(json.dumps({"task": name, "quick": quick}) + "\n"))
+        write_atomic(out / BENCH_MARKER, lambda p: p.write_text(json.dumps(marker) + "\n"))
         ctx = Context(store=store, folder=out, label=f"{name}{'-quick' if quick else ''}", trials=trials,
                       population=population, progress=progress, fresh=fresh)
         results: list[MethodResult] = []
