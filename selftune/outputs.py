@@ -149,7 +149,9 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through ``write(temporary path)`` and an atomic rename: a link the user left at
     ``path`` is replaced, never written through (its target is not ours), and a reader never sees half a
     file. The temporary file keeps ``path``'s suffix (matplotlib picks the format by it)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".selftune-tmp{path.suffix}", dir=path.parent)
+    # (the name's first 40 characters: a temporary name past the file system's 255 bytes failed after a whole run)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem[:40]}.", suffix=f".selftune-tmp{path.suffix[:16]}",
+                                dir=path.parent)
     os.close(fd)  # a fresh name no other writer (thread, process, host) has: the writer opens it again
     tmp = Path(name)
     try:
@@ -210,7 +212,9 @@ def write_outputs(out: str | Path, fit: FitResult, result: RunResult, *, store: 
                        fix="another run took it while this one trained (--overwrite); move its files elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
     fresh = not out.exists()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.selftune-", dir=out.parent if fresh else out))
+    # a short prefix: a folder name near the 255-byte limit passed every check, and its longer temporary
+    # sibling failed after the whole run had trained ("File name too long"), for good, at every resume
+    tmp = Path(tempfile.mkdtemp(prefix=f".{(out.name or 'out')[:40]}.selftune-", dir=out.parent if fresh else out))
     try:
         if fresh:  # it becomes the output folder: as a mkdir would make it, not mkdtemp's 0700
             os.chmod(tmp, 0o777 & ~_umask())

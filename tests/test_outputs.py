@@ -401,3 +401,12 @@ def test_a_benchmark_folder_is_another_benchmarks_when_its_config_is_another_fil
     assert claim_bench_folder(out, task="t", source=str(tmp_path / "exp2" / "t.toml"), overwrite=True) == out
     (out / BENCH_MARKER).write_text(json.dumps({"task": "t", "quick": False}))  # an older marker: by name
     assert claim_bench_folder(out, task="t", source=str(tmp_path / "exp2" / "t.toml")) == out
+
+
+def test_an_output_folder_named_near_the_file_systems_limit_gets_its_outputs(tmp_path):
+    """A folder name of 237-255 bytes passed every check, trained the whole run, then failed: the temporary
+    folder beside it took the name plus 19 bytes ("File name too long"), at every resume too (found by a fuzz
+    round)."""
+    name = "y" * 250
+    assert main([*RUN, "--out", name]) == 0
+    assert (tmp_path / name / "result.json").exists()
