@@ -334,7 +334,9 @@ def test_a_pbt_member_that_diverges_is_replaced_not_fatal_and_all_diverging_is_a
 
     store = RunStore(f"sqlite:///{tmp_path / 'p.db'}")
     config = _lr_config(0.005, 20.0)
-    with pytest.warns(SelftuneWarning, match=r"pbt: [12] of 3 members diverged"):
+    # (how many of the 3 diverge at some point depends on when Ray's trials report, which a loaded machine
+    # changes: all 3 may, each then replaced by a copy of a better one; what matters is that the study ends)
+    with pytest.warns(SelftuneWarning, match=r"pbt: [123] of 3 members diverged"):
         result = run_pbt(config, 0, 3, store, tmp_path / "mixed", ray_dir=tmp_path / "ray",
                          checkpoint_root=tmp_path / "ck", interval=1, concurrency=2)
     assert math.isfinite(result.test_loss) and result.hparams["lr"] < 5
