@@ -62,8 +62,8 @@ from torch.utils.data import (
 
 from .errors import DataError, SelftuneWarning
 
-__all__ = ["Fields", "Kwargs", "Source", "Workers", "batch_size", "example_seed", "head", "loader_dataset",
-           "loader_sampler", "subset_origin", "to_device"]
+__all__ = ["Fields", "Kwargs", "Source", "Workers", "batch_size", "early_workers", "example_seed", "head",
+           "loader_dataset", "loader_sampler", "subset_origin", "to_device"]
 
 Collate = Callable[[list[Any]], Any]
 
@@ -200,23 +200,73 @@ def _seed_generators(seed: int) -> None:
 _WORKER_DATA: Dataset | None = None  # (in a worker process: the dataset it fetches from)
 
 
-def _start_worker(data: Dataset, ids: Any, worker_init_fn: Callable[[int], None] | None, parent: int) -> None:
-    """A worker's start: keep the dataset, then run the loader's ``worker_init_fn`` with the worker's id
-    (0 to num_workers - 1, as a DataLoader numbers them).
+def _start_worker(data: Dataset | None, pickled: bytes | None, modules: list[tuple[str, str]], ids: Any,
+                  worker_init_fn: Callable[[int], None] | None, parent: int) -> None:
+    """A worker's start: keep the dataset (``data`` itself under fork; ``pickled``, the main process's
+    snapshot, under spawn or a fork server, once ``modules`` (a ``[task]`` file imported under selftune's
+    own module name) are imported here too), then run the loader's ``worker_init_fn`` with the worker's
+    id (0 to num_workers - 1, as a DataLoader numbers them).
 
     Ctrl-C and SIGTERM are the main process's to handle (it checkpoints and stops; a worker killed by the
     same signal, sent to the process group, would fail the step first), and a worker whose main process is
     gone (killed with SIGKILL: the crash a resume is for) exits instead of waiting for work forever, as a
     DataLoader's watchdog makes its own."""
     global _WORKER_DATA
-    _WORKER_DATA = data
     for stop in (signal.SIGINT, signal.SIGTERM):  # (a scheduler's SIGTERM reaches the whole process group)
         signal.signal(stop, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent, os.getppid()), daemon=True,
                      name="selftune-worker-watchdog").start()
     torch.set_num_threads(1)  # as a DataLoader's workers: N of them must not each take every core
-    if worker_init_fn is not None:
-        worker_init_fn(ids.get())
+    if pickled is not None:
+        import importlib.util
+
+        for name, file in modules:  # what the dataset's classes are pickled by name from
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, file)
+                if spec is not None and spec.loader is not None:
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules[name] = module
+                    spec.loader.exec_module(module)
+        data = pickle.loads(pickled)
+    _WORKER_DATA = data
+    _WORKER_INIT.clear()
+    if worker_init_fn is not None:  # run with this worker's first task, so its error travels back as the task's
+        _WORKER_INIT.append((worker_init_fn, ids.get()))
+
+
+_WORKER_INIT: list[tuple[Callable[[int], None], int]] = []  # (in a worker: its init function, not run yet)
+
+
+def _init_once() -> None:
+    """Run the loader's ``worker_init_fn`` in this worker, once (an error in it reaches the main process with
+    its own type and message, as a DataLoader re-raises it; run as the pool's initializer, it only broke the
+    pool: "a worker died")."""
+    if _WORKER_INIT:
+        fn, worker_id = _WORKER_INIT.pop()
+        try:
+            fn(worker_id)
+        except Exception as err:
+            portable = _portable(err)
+            if portable is err:
+                raise
+            raise portable from None
+
+
+def _ready() -> int:
+    """A worker's first task when the pool starts (see :meth:`Workers.start`)."""
+    _init_once()
+    return os.getpid()
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` as it can travel back to the main process: itself where it survives pickling, else a
+    ``RuntimeError`` with its type and message (an exception class whose ``__init__`` takes other arguments
+    than its message pickles but cannot be rebuilt, which broke the whole pool: "a worker died")."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__module__}.{type(err).__qualname__} in a worker: {err}")
 
 
 def _exit_with(main: int, parent: int) -> None:
@@ -278,10 +328,17 @@ def _unpack(packed: tuple[bytes, list[bytes]]) -> list[Any]:
 def _fetch_share(items: list[tuple[int, int]]) -> tuple[bytes, list[bytes]]:
     """A worker's share of a batch: each example fetched with its own seed, packed (:func:`_pack`)."""
     assert _WORKER_DATA is not None
+    _init_once()
     examples = []
-    for seed, index in items:
-        _seed_generators(seed)
-        examples.append(_WORKER_DATA[index])
+    try:
+        for seed, index in items:
+            _seed_generators(seed)
+            examples.append(_WORKER_DATA[index])
+    except Exception as err:
+        portable = _portable(err)
+        if portable is err:
+            raise
+        raise portable from None
     return _pack(examples)
 
 
@@ -292,7 +349,9 @@ class Workers:
     batch when it needs it (the data order is part of every checkpoint; Delta-STN's hyper steps, the
     adaptive batch and roll-backs change what comes next), so there is no queue of future batches to
     hand out, but every batch can be fetched in ``num_workers`` parallel parts. The processes (a
-    ``concurrent.futures.ProcessPoolExecutor``) start at the first batch and stop with :meth:`close`,
+    ``concurrent.futures.ProcessPoolExecutor``) start with :meth:`start` (the tuner calls it before it
+    reads a first example itself: a dataset that opens its file in ``__getitem__`` would otherwise hand
+    every forked worker the main process's open file, one shared offset) and stop with :meth:`close`,
     when this object is collected, or at exit; pickling drops them (a copy starts its own).
 
     Args:
@@ -300,17 +359,20 @@ class Workers:
         num_workers: worker processes.
         loader: the user's ``DataLoader``, whose ``worker_init_fn``, ``multiprocessing_context`` and
             ``timeout`` the workers take.
+        what: how messages name the data.
     """
 
-    def __init__(self, data: Dataset, num_workers: int, loader: DataLoader | None = None) -> None:
-        self.data, self.num_workers = data, num_workers
+    def __init__(self, data: Dataset, num_workers: int, loader: DataLoader | None = None, what: str = "data") -> None:
+        self.data, self.num_workers, self.what = data, num_workers, what
         self.worker_init_fn = getattr(loader, "worker_init_fn", None)
         self.context = getattr(loader, "multiprocessing_context", None)
         self.timeout = float(getattr(loader, "timeout", 0) or 0) or None
         self._pool: ProcessPoolExecutor | None = None
+        self._pickled: bytes | None = None  # the dataset as the workers of spawn/forkserver get it
+        self._ids: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pool": None}
+        return {**self.__dict__, "_pool": None, "_ids": None}
 
     def __del__(self) -> None:
         try:
@@ -318,16 +380,47 @@ class Workers:
         except Exception:  # (at interpreter exit the executor's machinery may be gone already)
             pass
 
-    def _started(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            context = self.context
-            if context is None or isinstance(context, str):
-                context = multiprocessing.get_context(context)
-            ids = context.Queue()
-            for k in range(self.num_workers):
-                ids.put(k)
-            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_start_worker,
-                                             initargs=(self.data, ids, self.worker_init_fn, os.getpid()))
+    def start(self) -> ProcessPoolExecutor:
+        """Start the workers now (nothing if they run): forked, they hold the dataset as it is at this
+        moment; under spawn or a fork server, a pickled snapshot of it taken now (the first time).
+
+        Raises:
+            DataError: a dataset that spawned workers cannot receive (it does not pickle).
+        """
+        if self._pool is not None:
+            return self._pool
+        context = self.context
+        if context is None or isinstance(context, str):
+            context = multiprocessing.get_context(context)
+        fork = context.get_start_method() == "fork"
+        if not fork and self._pickled is None:
+            try:
+                self._pickled = pickle.dumps(self.data, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as err:
+                raise DataError(f"{self.what}: the dataset cannot be sent to {context.get_start_method()} worker "
+                                f"processes ({type(err).__name__}: {err}); make it picklable (open files in "
+                                "__getitem__, define its classes at a module's top level) or use workers = 0"
+                                ) from None
+        modules = [] if fork else [(name, str(module.__file__)) for name, module in list(sys.modules.items())
+                                   if name.startswith("selftune_task_") and getattr(module, "__file__", None)]
+        ids = context.Queue()  # (kept: a worker spawned later rebuilds its lock, gone once collected here)
+        for k in range(self.num_workers):
+            ids.put(k)
+        self._ids = ids
+        self._pool = ProcessPoolExecutor(
+            self.num_workers, mp_context=context, initializer=_start_worker,
+            initargs=(self.data if fork else None, self._pickled, modules, ids, self.worker_init_fn, os.getpid()))
+        try:  # every worker started now: forked from this state; spawned ones done unpickling what they take
+            for started in [self._pool.submit(_ready) for _ in range(self.num_workers)]:
+                started.result(timeout=self.timeout)
+        except BrokenProcessPool:
+            self.close(kill=True)
+            raise DataError(f"{self.what}: the worker processes could not start (importing the dataset's classes "
+                            "failed in them: their traceback is printed above); set tuner.workers = 0 (or the "
+                            "DataLoader's num_workers) to load in this process") from None
+        except BaseException:  # the loader's worker_init_fn raised (its own error), or a timeout
+            self.close(kill=True)
+            raise
         return self._pool
 
     def fetch(self, index: list[int], batch_seed: int) -> list[Any]:
@@ -341,20 +434,49 @@ class Workers:
         if not items:
             return []
         size = -(-len(items) // self.num_workers)
-        pool = self._started()
+        pool = self.start()
         try:
             shares = pool.map(_fetch_share, [items[start:start + size] for start in range(0, len(items), size)],
                               timeout=self.timeout)
             return [example for share in shares for example in _unpack(share)]
         except BrokenProcessPool:
-            self.close()
+            self.close(kill=True)
+            raise
+        except (TimeoutError, KeyboardInterrupt):  # a worker stuck in the dataset's code: not waited for
+            self.close(kill=True)
             raise
 
-    def close(self) -> None:
-        """Stop the worker processes (the next batch starts new ones)."""
+    def close(self, *, kill: bool = False) -> None:
+        """Stop the worker processes (the next batch starts new ones), waiting for them to end (a spawned
+        worker still starting would otherwise read locks this process already removed); ``kill``: at once,
+        for workers stuck in a fetch (a loader's ``timeout`` passed, Ctrl-C)."""
         pool, self._pool = getattr(self, "_pool", None), None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if pool is None:
+            return
+        if kill:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):  # (the executor's own)
+                process.kill()
+        pool.shutdown(wait=not kill, cancel_futures=True)
+
+
+def early_workers(data: Any, what: str, workers: int | None = None) -> Workers | None:
+    """Start the worker processes for ``data`` (a loader's ``num_workers``, or ``workers``) before anything
+    reads an example in this process, or ``None`` where none are wanted (0 workers, tensors indexed in place).
+
+    Why before: the checks before training read the first examples here; a dataset that opens its file in
+    ``__getitem__`` (PyTorch's advice for workers) then holds an open file, which forked workers would
+    share, one offset for all, and read each other's records."""
+    loader = data if isinstance(data, DataLoader) else None
+    n = (loader.num_workers if loader is not None else 0) if workers is None else workers
+    if n <= 0 or isinstance(data, tuple):
+        return None
+    raw = loader_dataset(loader) if loader is not None else data
+    custom = loader is not None and loader.collate_fn is not default_collate
+    if (isinstance(raw, TensorDataset) and not custom) or not (hasattr(raw, "__getitem__") and hasattr(raw, "__len__")):
+        return None  # (indexed in place; or no map-style dataset at all, which the checks refuse)
+    pool = Workers(raw, n, loader, what)
+    pool.start()
+    return pool
 
 
 class Source:
@@ -373,14 +495,15 @@ class Source:
             warning, since losses there are over every example once.
         dataset: the loader's examples as :func:`~selftune.validation.as_dataset` checked them (the part a
             ``SubsetRandomSampler`` names, tensors detached), so they are taken once.
-        workers: worker processes that fetch each batch's examples (:class:`Workers`); ``None``: a
-            loader's ``num_workers``, none for a dataset. A ``TensorDataset`` without a collate of its own
-            is always indexed in place (faster than any worker).
+        workers: worker processes that fetch each batch's examples (:class:`Workers`, or one already
+            started: :func:`early_workers`); ``None``: a loader's ``num_workers``, none for a dataset. A
+            ``TensorDataset`` without a collate of its own is always indexed in place (faster than any
+            worker).
     """
 
     def __init__(self, data: Dataset | DataLoader, what: str, batch_size: int | None = None,
                  batch_dim: int = 0, *, weighted: bool = False, dataset: Dataset | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | Workers | None = None) -> None:
         collate: Collate | None = None
         loader = data if isinstance(data, DataLoader) else None
         #: where each example sits in the user's dataset when a ``SubsetRandomSampler`` chose them (messages)
@@ -422,10 +545,14 @@ class Source:
         #: whether every example was checked before training (a tensor dataset's inputs and labels, in full);
         #: other datasets have each batch checked as it is drawn
         self.checked_whole = isinstance(data, TensorDataset) and self.collate is default_collate
-        n_workers = (loader.num_workers if loader is not None else 0) if workers is None else workers
         fast = isinstance(data, TensorDataset) and len(data.tensors) == 2 and self.collate is default_collate
         #: the worker processes that fetch this source's examples (``None``: the main process does)
-        self.workers = Workers(data, n_workers, loader) if n_workers > 0 and not fast else None
+        self.workers: Workers | None = None
+        if isinstance(workers, Workers):  # started before the examples were first read (:func:`early_workers`)
+            self.workers = None if fast else workers
+        else:
+            n_workers = (loader.num_workers if loader is not None else 0) if workers is None else workers
+            self.workers = Workers(data, n_workers, loader, what) if n_workers > 0 and not fast else None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -454,6 +581,10 @@ class Source:
                                     "memory, or a crash in the dataset's code); set tuner.workers = 0 (or the "
                                     "DataLoader's num_workers) to fetch them in this process and see the error"
                                     ) from None
+                except TimeoutError:
+                    raise DataError(f"{self.what}: the workers took longer than the DataLoader's timeout "
+                                    f"({self.workers.timeout:g} s) to fetch a batch; raise the timeout, or find the "
+                                    "slow examples with tuner.workers = 0") from None
             x, y = fields.split(self.collate(examples), self.what)
         return (_sequence_first(x), _sequence_first(y)) if self.sequence_first else (x, y)
 

@@ -46,7 +46,7 @@ from .batch_size import (
     per_example_gradients,
     scaling_rule,
 )
-from .batches import Fields, Kwargs, Source, rows, to_device
+from .batches import Fields, Kwargs, Source, early_workers, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
@@ -68,10 +68,12 @@ DataLike = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
 def _as_source(data: Any, what: str, batch: int | None = None, batch_dim: int = 0, *,
                weighted: bool = False, workers: int | None = None) -> Source:
-    """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need."""
+    """Validated ``data`` (a pair, Dataset or DataLoader) with the collate its batches need; its worker
+    processes, if any, start before the checks read a first example (:func:`~selftune.batches.early_workers`)."""
+    pool = early_workers(data, what, workers)
     dataset = as_dataset(data, what)
     return Source(data if isinstance(data, DataLoader) else dataset, what, batch, batch_dim, weighted=weighted,
-                  dataset=dataset, workers=workers)
+                  dataset=dataset, workers=pool if pool is not None else 0)
 
 
 def _check_loss_parameters(loss: Any, net: torch.nn.Module) -> None:
@@ -1241,6 +1243,21 @@ class SelfTuner:
     def request_stop(self) -> None:
         """Stop :meth:`fit` after the current step (the state stays resumable)."""
         self._stop = True
+
+    def close(self) -> None:
+        """Stop the worker processes that fetch this tuner's examples (a DataLoader's ``num_workers``). They
+        live as long as the tuner otherwise, ready for the next ``fit`` or ``score`` (a finished notebook
+        cell keeps them, each with its copy of the dataset); a later batch starts them again. Also on leaving
+        ``with SelfTuner(...) as tuner:``."""
+        for source in self.sources.values():
+            if source.workers is not None:
+                source.workers.close()
+
+    def __enter__(self) -> SelfTuner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def stop_requested(self) -> bool:

@@ -282,6 +282,10 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
         tuner(die_at=7).fit(1)
     with pytest.raises(ConfigError, match=r"tuner\.workers"):
         st.TunerSettings(workers=-1)
+    with tuner() as done:  # close(): the workers stop
+        pool = done.sources["train"].workers
+        assert pool._pool is not None
+    assert pool._pool is None
 
 
 def test_loaders_that_split_one_dataset_by_subset_samplers_train_and_validate_on_their_own_parts():
@@ -1222,3 +1226,35 @@ def test_workers_started_by_a_fork_server_fetch_and_stay(context):
         assert pool.fetch([], 0) == []
     finally:
         pool.close()
+
+
+class _BadRecordError(Exception):
+    def __init__(self, index, path):  # other arguments than the message: pickles, but is not rebuilt
+        super().__init__(f"bad record {index} in {path}")
+
+
+class _Failing(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        if i == 40:
+            raise _BadRecordError(i, "/data/x.bin")
+        return torch.randn(4), i % 2
+
+
+def _missing_shard(worker_id):
+    raise FileNotFoundError(f"worker {worker_id}: /data/shard-{worker_id}.bin not found")
+
+
+def test_errors_in_workers_reach_the_caller_with_their_message():
+    """An exception class that cannot be rebuilt from its message, and a worker_init_fn that raises, broke the
+    pool, reported as "a worker process died" with the real error lost (found by a fuzz round)."""
+    net = st.hypernetize(nn.Sequential(nn.Linear(4, 2)), st.Space([st.Float("wd", 1e-6, 1e-2, 1e-4, log=True)]))
+    val = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    settings = st.TunerSettings(batch_size=16)
+    with pytest.raises(RuntimeError, match=r"_BadRecordError in a worker: bad record 40 in /data/x.bin"):
+        st.SelfTuner(net, DataLoader(_Failing(), num_workers=2), val, method="fixed", settings=settings).fit(1)
+    with pytest.raises(FileNotFoundError, match=r"worker \d: /data/shard-\d.bin not found"):
+        st.SelfTuner(net, DataLoader(_Failing(), num_workers=2, worker_init_fn=_missing_shard), val, method="fixed",
+                     settings=settings)

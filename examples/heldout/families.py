@@ -141,3 +141,65 @@ def seq_gru_packed(n_train: int = 300, split_seed: int = 0) -> st.Task:
     tr, va, te = o[:n_train], o[n_train:n_train + 200], o[n_train + 200:]
     return st.Task(model=PackedGRUNet(), space=_space(), loss=F.cross_entropy, metrics={"accuracy": acc},
                    train=(x[tr], y[tr]), val=(x[va], y[va]), test=(x[te], y[te]))
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Variable-length token sequences with a tag per token, one dict per example (as a tokenised corpus
+    on disk gives them); :func:`pad_tags` makes the batch."""
+
+    def __init__(self, seqs: list[torch.Tensor], tags: list[torch.Tensor]) -> None:
+        self.seqs, self.tags = seqs, tags
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"ids": self.seqs[i], "tags": self.tags[i]}
+
+
+def pad_tags(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pads ids with ``PAD`` and tags with -100, PyTorch's ``ignore_index``: padding is not scored."""
+    ids = nn.utils.rnn.pad_sequence([e["ids"] for e in examples], batch_first=True, padding_value=PAD)
+    tags = nn.utils.rnn.pad_sequence([e["tags"] for e in examples], batch_first=True, padding_value=-100)
+    return {"ids": ids, "tags": tags}
+
+
+class ConvTagger(nn.Module):
+    """Embedding and two 1-d convolutions; scores come out as ``(B, C, L)``, the layout ``F.cross_entropy``
+    takes (classes in dimension 1)."""
+
+    def __init__(self, vocab=PAD + 1, dim=32, hidden=256, tags=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=PAD)
+        self.drop_a = st.Dropout("drop_a")
+        self.conv = nn.Conv1d(dim, hidden, 3, padding=1)
+        self.drop_b = st.Dropout("drop_b")
+        self.out = nn.Conv1d(hidden, tags, 1)
+
+    def forward(self, ids):
+        h = self.drop_a(self.emb(ids)).transpose(1, 2)  # (B, dim, L)
+        return self.out(self.drop_b(torch.relu(self.conv(h))))  # (B, tags, L)
+
+
+def tagger_conv(n_train: int = 120, split_seed: int = 0, workers: int = 2) -> st.Task:
+    """Tag each token with (previous token + this token) mod 3, 20% of tags flipped, on 4-20 token sequences:
+    a per-token problem a wide convolution over-fits from 120 sequences. Uses the default cross-entropy on
+    ``(B, C, L)`` scores with -100 padding, and loaders with worker processes (a tokenised dataset of dicts,
+    padded by the loaders' ``collate_fn``)."""
+    g = torch.Generator().manual_seed(17)
+    seqs, tags = [], []
+    for _ in range(1000):
+        n = int(torch.randint(4, 21, (), generator=g))
+        x = torch.randint(0, 12, (n,), generator=g)
+        t = (torch.cat([torch.zeros(1, dtype=torch.long), x[:-1]]) + x) % 3
+        flip = torch.rand(n, generator=g) < 0.2
+        t = torch.where(flip, (t + torch.randint(1, 3, (n,), generator=g)) % 3, t)
+        seqs.append(x)
+        tags.append(t)
+    o = _order(len(seqs), split_seed).tolist()
+
+    def loader(rows):
+        return torch.utils.data.DataLoader(Tokens([seqs[i] for i in rows], [tags[i] for i in rows]), batch_size=32,
+                                           collate_fn=pad_tags, num_workers=workers)
+    return st.Task(model=ConvTagger(), space=_space(), input_key="ids", target_key="tags",
+                   train=loader(o[:n_train]), val=loader(o[n_train:n_train + 200]), test=loader(o[n_train + 200:]))

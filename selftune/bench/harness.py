@@ -24,7 +24,7 @@ from ..data import CORPORA
 from ..errors import ConfigError, DivergenceError, Interrupted, OutputError
 from ..methods import METHODS, Context, Method, MethodResult, get_method
 from ..outputs import write_atomic
-from ..report.plots import plot_schedules
+from ..report.plots import loss_scale, plot_schedules
 from ..store import RunStore
 from .paired import describe, describe_change
 
@@ -406,7 +406,8 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
              "Moves: mean change of each hyperparameter over the run, as a share of its range in the unit space "
              "of its transform (+ is up). Paired: the median change of the test loss against fixed training of the "
              "same seed, and whether the changes lean one way beyond the seeds' noise (Wilcoxon signed-rank test "
-             "on the log ratios, 5% level; docs/cli.md, `selftune bench`).", "",
+             "on the log ratios, or on the differences where a loss is 0 or below; 5% level; docs/cli.md, "
+             "`selftune bench`).", "",
              "| start | method | beats fixed | paired (median, p) | mean test loss vs fixed | vs best search | moves |",
              "|---|---|---|---|---|---|---|"]
     tuners = [m for m in dict.fromkeys(r.method for r in results if r.method in single) if m != Fixed.name]
@@ -459,7 +460,7 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
         label = r.method if r.seed == min(x.seed for x in results if x.method == r.method) else None
         ax.plot(xs, ys, "o-" if len(xs) == 1 else "-", color=color, label=label, alpha=0.8, markersize=5)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    loss_scale(ax, [c[1] for r in results if not r.failed and r.seed in fixed for c in r.curve])
     ax.set_xlabel("compute (training examples, in plain runs)")
     ax.set_ylabel("test loss of the returned model")
     ax.set_title(task)

@@ -32,6 +32,13 @@ def plot_trajectory(trajectory: list[dict[str, float]], names: list[str], path: 
     plt.close(fig)
 
 
+def loss_scale(ax: plt.Axes, values: list[float]) -> None:
+    """A log axis for losses that are all positive (cross-entropy, squared error); a linear one where a loss
+    of the user's is 0 or below (a Gaussian NLL, a hinge), whose points a log axis silently drops."""
+    finite = [v for v in values if math.isfinite(v)]
+    ax.set_yscale("log" if finite and min(finite) > 0 else "linear")
+
+
 def plot_losses(trajectory: list[dict[str, float]], history: list[dict[str, float]], path: str | Path,
                 title: str = "losses") -> None:
     """Training loss and hyper-step validation loss per logged step, full validation loss per epoch."""
@@ -44,8 +51,8 @@ def plot_losses(trajectory: list[dict[str, float]], history: list[dict[str, floa
     if history:
         ax.plot([h["step"] for h in history], [h["val_loss"] for h in history], "o-", label="val (full, per epoch)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    loss_scale(ax, [r["train_loss"] for r in trajectory] + [v for _, v in val] + [h["val_loss"] for h in history])
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
