@@ -50,17 +50,41 @@ def classes_in_dim_1(logits: torch.Tensor, target: torch.Tensor) -> bool:
             and tuple(target.shape) == (logits.shape[0], *logits.shape[2:]))
 
 
-def classes_last(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The outputs with their classes in the last dimension (:func:`classes_in_dim_1` moved)."""
+def layout_of(logits: torch.Tensor, target: torch.Tensor) -> int | None:
+    """Where a batch's outputs hold their classes, where its shapes say so: 1 (:func:`classes_in_dim_1`),
+    -1 (classes last, the targets the outputs' shape without it), ``None`` where both or neither fit (a
+    batch whose padded length equals the number of classes, or a classifier's ``(B, C)``)."""
+    if logits.dim() <= 2 or not isinstance(target, torch.Tensor):
+        return None
+    last = tuple(target.shape) == tuple(logits.shape[:-1]) or target.shape == logits.shape
+    if classes_in_dim_1(logits, target):
+        return 1
+    first = tuple(target.shape) == (logits.shape[0], *logits.shape[2:])
+    return -1 if last and not first else None
+
+
+def classes_last(logits: torch.Tensor, target: torch.Tensor, classes_dim: int | None = None) -> torch.Tensor:
+    """The outputs with their classes in the last dimension: moved from dimension 1 where ``classes_dim`` is
+    1 (a run's layout, read once from its first examples: a batch padded to a length equal to the number of
+    classes fits both readings), or, without one, where this batch's shapes say so (:func:`classes_in_dim_1`)."""
+    if logits.dim() <= 2 or classes_dim == -1:
+        return logits
+    if classes_dim == 1:
+        return logits.movedim(1, -1)
     return logits.movedim(1, -1) if classes_in_dim_1(logits, target) else logits
 
 
-def flatten_tokens(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_tokens(logits: torch.Tensor, target: torch.Tensor,
+                   classes_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence outputs ``(B, T, C)`` with targets ``(B, T)`` become ``(B*T, C)`` and ``(B*T,)``:
     a language model's loss is the mean over every predicted token. Outputs with their classes in
-    dimension 1 (PyTorch's ``(B, C, d1, ...)``, :func:`classes_in_dim_1`) are read as ``F.cross_entropy``
-    reads them. Classifier outputs pass unchanged."""
-    logits = classes_last(logits, target)
+    dimension 1 (PyTorch's ``(B, C, d1, ...)``) are read as ``F.cross_entropy`` reads them
+    (:func:`classes_last`; probability targets of the outputs' shape then have theirs there too).
+    Classifier outputs pass unchanged."""
+    moved = classes_last(logits, target, classes_dim)
+    if moved is not logits and target.is_floating_point() and target.shape == logits.shape:
+        target = target.movedim(1, -1)
+    logits = moved
     if logits.dim() > 2:
         classes = logits.shape[-1]
         soft = target.shape == logits.shape  # class probabilities per token
@@ -112,11 +136,12 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
 IGNORE_INDEX = -100
 
 
-def cross_entropy(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The default loss: mean cross-entropy, per predicted token for sequence outputs; labels of
-    :data:`IGNORE_INDEX` are not scored (PyTorch's ``F.cross_entropy`` default), and a batch of nothing
-    else (padding only) scores 0, not PyTorch's 0/0 = NaN, which would read as a divergence."""
-    logits, flat = flatten_tokens(outputs, target)
+def cross_entropy(outputs: torch.Tensor, target: torch.Tensor, classes_dim: int | None = None) -> torch.Tensor:
+    """The default loss: mean cross-entropy, per predicted token for sequence outputs (the classes where
+    ``classes_dim`` says, :func:`classes_last`); labels of :data:`IGNORE_INDEX` are not scored (PyTorch's
+    ``F.cross_entropy`` default), and a batch of nothing else (padding only) scores 0, not PyTorch's 0/0 =
+    NaN, which would read as a divergence."""
+    logits, flat = flatten_tokens(outputs, target, classes_dim)
     loss = F.cross_entropy(logits, flat)
     if flat.is_floating_point():
         return loss
@@ -145,8 +170,15 @@ class Objective:
     weight_decay: DecaySpec | None = None
     label_smoothing: Spec | None = None
     loss: LossFn | None = None
+    #: where the default cross-entropy finds the classes in outputs of 3+ dimensions: 1 (PyTorch's
+    #: ``(B, C, d1, ...)``) or -1 (``(B, T, C)``); ``None``: read from each batch's shapes until the tuner
+    #: fixes it for the run from its first examples (a batch padded to a length equal to the number of
+    #: classes fits both)
+    classes_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if self.classes_dim not in (None, 1, -1):
+            raise ConfigError("objective.classes_dim", f"must be 1, -1 or None (got {self.classes_dim!r})")
         if self.label_smoothing is not None and not _is_spec(self.label_smoothing):
             raise ConfigTypeError("objective.label_smoothing", f"must be a hyperparameter's name or a number (got "
                                                                f"{type(self.label_smoothing).__name__})")
@@ -275,10 +307,11 @@ class Objective:
         if self.loss is not None:
             loss = self.eval_loss(logits, target)
         elif self.label_smoothing is None:
-            loss = cross_entropy(logits, target)
+            loss = cross_entropy(logits, target, self.classes_dim)
         else:
-            logits = classes_last(logits, target)
-            flat_logits, flat_target = flatten_tokens(logits, target)
+            moved = classes_last(logits, target, self.classes_dim)
+            flat_logits, flat_target = flatten_tokens(logits, target, self.classes_dim)
+            logits = moved
             smoothing = self._per_example(self.label_smoothing, lookup, 1, logits)
             loss = smoothed_cross_entropy(flat_logits, flat_target, per_prediction(smoothing, logits, batch_dim),
                                           differentiable=differentiable)
@@ -303,7 +336,7 @@ class Objective:
             TypeError: a custom loss that returns something other than a scalar tensor.
         """
         if self.loss is None:
-            return cross_entropy(outputs, target)
+            return cross_entropy(outputs, target, self.classes_dim)
         value = self.loss(outputs, target)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

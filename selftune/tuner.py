@@ -53,7 +53,15 @@ from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
 from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
-from .objective import IGNORE_INDEX, LossFn, Objective, classes_in_dim_1, classes_last, flatten_tokens
+from .objective import (
+    IGNORE_INDEX,
+    LossFn,
+    Objective,
+    classes_in_dim_1,
+    classes_last,
+    flatten_tokens,
+    layout_of,
+)
 from .schedules import HyperSchedule, TorchSchedule, factor
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch, check_batch_sizes, check_targets
@@ -106,7 +114,8 @@ Metric = Callable[[Any, Any], "torch.Tensor | float"]
 @torch.no_grad()
 def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metrics: Mapping[str, Metric] | None = None,
           input_key: str | Sequence[str] | None = None, target_key: str | None = None, batch_size: int = 512,
-          device: torch.device | str | None = None, batch_dim: int | None = None) -> dict[str, float]:
+          device: torch.device | str | None = None, batch_dim: int | None = None,
+          classes_dim: int | None = None) -> dict[str, float]:
     """Quality of ``net`` at its current hyperparameters (eval mode) on ``data``: a HyperNet, or any plain
     module, such as the one :func:`~selftune.export` returns (so the exported model is scored the same
     way as the tuned one).
@@ -121,6 +130,8 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
         device: where batches go; by default the net's (its first parameter's or buffer's).
         batch_dim: the batch dimension of the inputs; by default the HyperNet's, 0 for a plain module (pass
             the HyperNet's ``batch_dim`` to score the exported copy of a sequence-first model).
+        classes_dim: where the default cross-entropy finds the classes in outputs of 3+ dimensions (1 or -1;
+            :class:`~selftune.objective.Objective`); ``None``: the first batch whose shapes tell.
     """
     if not isinstance(net, torch.nn.Module):
         raise TypeError(f"score needs a torch.nn.Module (a HyperNet or a plain model), got {type(net).__name__}")
@@ -131,7 +142,8 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
             next((t.device for t in itertools.chain(net.parameters(), net.buffers())), torch.device("cpu"))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be a whole number >= 1 (got {batch_size!r})")
-    return _score(net, source, Objective(loss=loss), _checked_metrics(metrics), Fields(input_key, target_key),
+    return _score(net, source, Objective(loss=loss, classes_dim=classes_dim), _checked_metrics(metrics),
+                  Fields(input_key, target_key),
                   batch_size, device, dim)
 
 
@@ -160,6 +172,7 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
     net.eval()
     sums: dict[str, float] = {}
     count, tokens, correct, classification = 0, 0, 0, loss is None
+    layout, warned = objective.classes_dim, False
     n = len(source)
     try:
         for start in range(0, n, batch_size):
@@ -173,7 +186,16 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
             out = net(**x) if isinstance(x, Kwargs) and not isinstance(net, HyperNet) else net(x)
             b = batch_of(x, getattr(net, "batch_dim", 0) if batch_dim is None else batch_dim)
             if loss is None:
-                logits, flat = flatten_tokens(out, y)
+                if layout is None and isinstance(out, torch.Tensor):  # (score() of a plain module: the first batch
+                    layout = layout_of(out, y)                         # whose shapes tell says it for the rest)
+                    if layout is None and not warned and out.dim() > 2 and isinstance(y, torch.Tensor) and \
+                            tuple(y.shape) == tuple(out.shape[:-1]) == (out.shape[0], *out.shape[2:]):
+                        warned = True
+                        warnings.warn(SelftuneWarning(
+                            f"{source.what}: outputs {tuple(out.shape)} against targets {tuple(y.shape)} fit both "
+                            "(batch, classes, length) and (batch, steps, classes); read with the classes last: pass "
+                            "classes_dim=1 if they are in dimension 1"), stacklevel=3)
+                logits, flat = flatten_tokens(out, y, layout)
                 scored = len(flat)
                 if not flat.is_floating_point() and len(flat):  # a label the outputs lack (on a GPU: no assert)
                     kept = flat[flat != IGNORE_INDEX]  # (padding: not scored, as F.cross_entropy skips it)
@@ -623,6 +645,9 @@ class SelfTuner:
                                         "that takes the model's outputs (Task.loss, SelfTuner(loss=...))")
                     check_targets(out, y, what)
                     classes = classes_last(out, y).shape[-1]
+                    if what == "train" and out.dim() > 2 and self.objective.classes_dim is None:
+                        # one reading for the run: a later batch padded to a length equal to the classes fits both
+                        self.objective = replace(self.objective, classes_dim=1 if classes_in_dim_1(out, y) else -1)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)
@@ -1577,7 +1602,7 @@ class SelfTuner:
         was_training = self.net.training
         self.net.eval()
         try:
-            logits, _ = flatten_tokens(self.net(x), y)
+            logits, _ = flatten_tokens(self.net(x), y, self.objective.classes_dim)
         finally:
             self.net.train(was_training)
         return int(logits.shape[-1])

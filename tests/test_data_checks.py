@@ -806,3 +806,45 @@ def test_padding_labels_of_minus_100_are_not_scored_as_pytorchs_cross_entropy_sk
     assert scores["loss"] == pytest.approx(F.cross_entropy(out.reshape(-1, 3), tags[80:].reshape(-1)).item(), rel=1e-5)
     kept = tags[80:] != -100
     assert scores["accuracy"] == pytest.approx(float((out.argmax(-1)[kept] == tags[80:][kept]).float().mean()))
+
+
+def test_one_layout_per_run_where_a_padded_batch_fits_both_readings():
+    """A tagger's (B, C, L) scores with variable-length batches: a batch padded to L == C was read classes-last,
+    silently, in the middle of a run (found by a fuzz round). The tuner now reads the layout once from its
+    first examples, and score() from the first batch whose shapes tell."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import selftune as st
+    from selftune.errors import SelftuneWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(3, 4, 1))  # (B, 3, L) -> (B, 4 classes, L)
+    x6, y6 = torch.randn(8, 3, 6), torch.randint(0, 4, (8, 6))
+    x4, y4 = torch.randn(8, 3, 4), torch.randint(0, 4, (8, 4))  # L == C
+    with torch.no_grad():
+        expected = F.cross_entropy(net(x4), y4).item()
+    with pytest.warns(SelftuneWarning, match=r"fit both .* pass classes_dim=1"):
+        assert st.score(net, (x4, y4))["loss"] != pytest.approx(expected)  # one ambiguous batch alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelftuneWarning)
+        assert st.score(net, (x4, y4), classes_dim=1)["loss"] == pytest.approx(expected, rel=1e-5)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.conv = st.Dropout("d"), nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.drop(x))
+
+    tagger = st.hypernetize(Tagger(), st.Space([st.Float("d", 0.0, 0.5, 0.1)]))
+    tuner = st.SelfTuner(tagger, (x6, y6), (x6, y6), method="fixed", settings=st.TunerSettings(batch_size=4))
+    assert tuner.objective.classes_dim == 1
+    tagger.eval()
+    with torch.no_grad():
+        assert tuner.score((x4, y4))["loss"] == pytest.approx(F.cross_entropy(tagger(x4), y4).item(), rel=1e-5)
+        assert tuner.objective.train_loss(tagger(x4), y4, lambda n: None).item() == pytest.approx(
+            F.cross_entropy(tagger(x4), y4).item(), rel=1e-5)
