@@ -12,6 +12,9 @@ examples/heldout/seq_gru.toml ...``); no default was tuned on them. Results: doc
 * ``friedman_scaled``: ``tasks.friedman`` with its loss multiplied by ``k`` (a loss in other units).
 * ``seq_gru_packed`` (stop 31): ``seq_gru``'s problem on sequences of 4 to 20 tokens, padded, which the
   model packs (``pack_padded_sequence``) into its GRU, as variable-length batches usually are.
+* ``tagger_conv`` (stop 32): a tag per token from a convolution whose scores are ``(B, C, L)``
+  (``F.cross_entropy``'s layout), padding labelled -100, the data a Dataset of dicts behind loaders with
+  worker processes and a padding ``collate_fn``.
 """
 from __future__ import annotations
 
