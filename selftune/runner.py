@@ -334,8 +334,9 @@ class RecordedRun:
         self.notes: list[str] = []  # what a resume had to work around (shown to the user)
         #: the checkpoint interval the newest usable checkpoint was written at (``None``: unknown)
         self.checkpointing: dict[str, Any] | None = None
-        #: whether this process made the output folder (a failed run may then remove it, empty)
-        self.created_out = False
+        #: the folders this process made for the output folder, itself first, then the parents it needed (a
+        #: failed run may then remove them, empty)
+        self.created_dirs: list[Path] = []
 
     @classmethod
     def start(cls, store: Any, config: RunConfig, *, out: str | Path | None = None,
@@ -362,8 +363,12 @@ class RecordedRun:
         # Reserve the folder now: its marker names this run, so a later run cannot take it silently,
         # and this run (or its resume) may write there at the end without --overwrite.
         try:
-            run.created_out = not out.exists()
+            missing, probe = [], out.absolute()
+            while not probe.exists() and probe.parent != probe:
+                missing.append(probe)
+                probe = probe.parent
             out.mkdir(parents=True, exist_ok=True)
+            run.created_dirs = missing
             mark_folder(out, run_uuid, run_id, store.display_url)
         except OSError as err:
             run._record(store.fail, f"cannot write to {out}: {err.strerror}")
@@ -515,8 +520,9 @@ class RecordedRun:
     def _release_folder(self) -> None:
         """Give back the output folder a failed run claimed and wrote nothing into: its marker alone blocked
         the obvious next step (the same command with a lower rate and the same ``--out``), calling the
-        folder another run's outputs. Only the marker goes, and the folder with it when this process made
-        it and nothing else is there; a resume of the run writes its outputs there as it would have."""
+        folder another run's outputs. Only the marker goes, and the folder with it (and the parents made for
+        it) when this process made it and nothing else is there; a resume of the run writes its outputs
+        there as it would have."""
         from .outputs import MARKER, read_marker
 
         try:
@@ -525,9 +531,9 @@ class RecordedRun:
                     [p.name for p in self.out.iterdir()] != [MARKER]:
                 return
             (self.out / MARKER).unlink()
-            if self.created_out:
-                self.out.rmdir()
-        except OSError:  # (a folder that cannot be read or changed keeps its marker: nothing is lost)
+            for folder in self.created_dirs:  # the output folder, then the parents made for it, while empty
+                folder.rmdir()
+        except OSError:  # (a folder that cannot be read or changed, or is not empty, stays: nothing is lost)
             pass
 
     def _record(self, action: Any, message: str) -> None:

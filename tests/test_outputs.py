@@ -371,9 +371,9 @@ def test_a_failed_run_gives_back_the_folder_it_claimed_and_wrote_nothing_into(tm
     """A run that failed (diverged) left its --out folder holding only its marker, which refused the same
     command with a lower rate ("not empty ... outputs of run 1"), though the run had written nothing (found
     by a fuzz round). The marker goes, and the folder with it where the run made it."""
-    assert main([*RUN, "--out", "made", "--set", "tuner.lr=1e12", "--set", "tuner.max_divergences=1"]) == 1
+    assert main([*RUN, "--out", "made/deep/er", "--set", "tuner.lr=1e12", "--set", "tuner.max_divergences=1"]) == 1
     assert "run failed" in capsys.readouterr().err
-    assert not (tmp_path / "made").exists()
+    assert not (tmp_path / "made").exists()  # the parents it made for the folder too
     assert main([*RUN, "--out", "made"]) == 0 and (tmp_path / "made" / "result.json").exists()
     mine = tmp_path / "mine"
     mine.mkdir()  # a folder of the user's, empty: kept, as empty as it was
