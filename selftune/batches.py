@@ -204,8 +204,9 @@ def _start_worker(data: Dataset | None, pickled: bytes | None, modules: list[tup
                   worker_init_fn: Callable[[int], None] | None, parent: int) -> None:
     """A worker's start: keep the dataset (``data`` itself under fork; ``pickled``, the main process's
     snapshot, under spawn or a fork server, once ``modules`` (a ``[task]`` file imported under selftune's
-    own module name) are imported here too), then run the loader's ``worker_init_fn`` with the worker's
-    id (0 to num_workers - 1, as a DataLoader numbers them).
+    own module name) are imported here too), and take the worker's id (0 to num_workers - 1, as a
+    DataLoader numbers them) for the loader's ``worker_init_fn``, which runs with the first task
+    (:func:`_init_once`).
 
     Ctrl-C and SIGTERM are the main process's to handle (it checkpoints and stops; a worker killed by the
     same signal, sent to the process group, would fail the step first), and a worker whose main process is
