@@ -51,6 +51,7 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    IterableDataset,
     RandomSampler,
     SequentialSampler,
     Subset,
@@ -200,13 +201,38 @@ def _seed_generators(seed: int) -> None:
 _WORKER_DATA: Dataset | None = None  # (in a worker process: the dataset it fetches from)
 
 
-def _start_worker(data: Dataset | None, pickled: bytes | None, modules: list[tuple[str, str]], ids: Any,
-                  worker_init_fn: Callable[[int], None] | None, parent: int) -> None:
-    """A worker's start: keep the dataset (``data`` itself under fork; ``pickled``, the main process's
-    snapshot, under spawn or a fork server, once ``modules`` (a ``[task]`` file imported under selftune's
-    own module name) are imported here too), and take the worker's id (0 to num_workers - 1, as a
-    DataLoader numbers them) for the loader's ``worker_init_fn``, which runs with the first task
-    (:func:`_init_once`).
+class _Modules:
+    """Stands before the dataset in a spawned worker's start-up arguments: unpickling it imports the
+    ``[task]`` files the dataset's classes come from (imported under selftune's own module names, which a
+    new process cannot find), as :func:`~selftune.task.load_callable` imports them, generators seeded."""
+
+    def __init__(self, modules: list[tuple[str, str]]) -> None:
+        self.modules = modules
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_import_modules, (self.modules,))
+
+
+def _import_modules(modules: list[tuple[str, str]]) -> None:
+    import importlib.util
+
+    from .task import seeded_import  # (in a worker process only)
+
+    for name, file in modules:
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, file)
+            if spec is not None and spec.loader is not None:
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                with seeded_import():  # module-level draws as the main process made them
+                    spec.loader.exec_module(module)
+
+
+def _start_worker(modules: Any, data: Dataset, ids: Any, worker_init_fn: Callable[[int], None] | None,
+                  parent: int) -> None:
+    """A worker's start: keep the dataset (``modules``, a :class:`_Modules` under spawn or a fork server,
+    has imported what it needs), and take the worker's id (0 to num_workers - 1, as a DataLoader numbers
+    them) for the loader's ``worker_init_fn``, which runs with the first task (:func:`_init_once`).
 
     Ctrl-C and SIGTERM are the main process's to handle (it checkpoints and stops; a worker killed by the
     same signal, sent to the process group, would fail the step first), and a worker whose main process is
@@ -218,17 +244,6 @@ def _start_worker(data: Dataset | None, pickled: bytes | None, modules: list[tup
     threading.Thread(target=_exit_with, args=(parent, os.getppid()), daemon=True,
                      name="selftune-worker-watchdog").start()
     torch.set_num_threads(1)  # as a DataLoader's workers: N of them must not each take every core
-    if pickled is not None:
-        import importlib.util
-
-        for name, file in modules:  # what the dataset's classes are pickled by name from
-            if name not in sys.modules:
-                spec = importlib.util.spec_from_file_location(name, file)
-                if spec is not None and spec.loader is not None:
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules[name] = module
-                    spec.loader.exec_module(module)
-        data = pickle.loads(pickled)
     _WORKER_DATA = data
     _WORKER_INIT.clear()
     if worker_init_fn is not None:  # run with this worker's first task, so its error travels back as the task's
@@ -369,7 +384,6 @@ class Workers:
         self.context = getattr(loader, "multiprocessing_context", None)
         self.timeout = float(getattr(loader, "timeout", 0) or 0) or None
         self._pool: ProcessPoolExecutor | None = None
-        self._pickled: bytes | None = None  # the dataset as the workers of spawn/forkserver get it
         self._ids: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -382,8 +396,8 @@ class Workers:
             pass
 
     def start(self) -> ProcessPoolExecutor:
-        """Start the workers now (nothing if they run): forked, they hold the dataset as it is at this
-        moment; under spawn or a fork server, a pickled snapshot of it taken now (the first time).
+        """Start the workers now (nothing if they run), each holding the dataset as it is at this moment
+        (forked, or sent to spawned ones).
 
         Raises:
             DataError: a dataset that spawned workers cannot receive (it does not pickle).
@@ -393,26 +407,25 @@ class Workers:
         context = self.context
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context)
-        fork = context.get_start_method() == "fork"
-        if not fork and self._pickled is None:
-            try:
-                self._pickled = pickle.dumps(self.data, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as err:
-                raise DataError(f"{self.what}: the dataset cannot be sent to {context.get_start_method()} worker "
-                                f"processes ({type(err).__name__}: {err}); make it picklable (open files in "
-                                "__getitem__, define its classes at a module's top level) or use workers = 0"
-                                ) from None
-        modules = [] if fork else [(name, str(module.__file__)) for name, module in list(sys.modules.items())
-                                   if name.startswith("selftune_task_") and getattr(module, "__file__", None)]
+        method = context.get_start_method()
+        modules = _Modules([] if method == "fork" else [
+            (name, str(module.__file__)) for name, module in list(sys.modules.items())
+            if name.startswith("selftune_task_") and getattr(module, "__file__", None)])
         ids = context.Queue()  # (kept: a worker spawned later rebuilds its lock, gone once collected here)
         for k in range(self.num_workers):
             ids.put(k)
         self._ids = ids
-        self._pool = ProcessPoolExecutor(
-            self.num_workers, mp_context=context, initializer=_start_worker,
-            initargs=(self.data if fork else None, self._pickled, modules, ids, self.worker_init_fn, os.getpid()))
-        try:  # every worker started now: forked from this state; spawned ones done unpickling what they take
-            for started in [self._pool.submit(_ready) for _ in range(self.num_workers)]:
+        self._pool = ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_start_worker,
+                                         initargs=(modules, self.data, ids, self.worker_init_fn, os.getpid()))
+        try:  # every worker started now: forked from this state; spawned ones sent it (tensors in shared memory)
+            try:
+                pending = [self._pool.submit(_ready) for _ in range(self.num_workers)]
+            except (pickle.PicklingError, TypeError, AttributeError) as err:  # (spawning pickles the dataset)
+                self.close(kill=True)
+                raise DataError(f"{self.what}: the dataset cannot be sent to {method} worker processes "
+                                f"({type(err).__name__}: {err}); make it picklable (open files in __getitem__, "
+                                "define its classes at a module's top level) or use workers = 0") from None
+            for started in pending:
                 started.result(timeout=self.timeout)
         except BrokenProcessPool:
             self.close(kill=True)
@@ -473,8 +486,11 @@ def early_workers(data: Any, what: str, workers: int | None = None) -> Workers |
         return None
     raw = loader_dataset(loader) if loader is not None else data
     custom = loader is not None and loader.collate_fn is not default_collate
-    if (isinstance(raw, TensorDataset) and not custom) or not (hasattr(raw, "__getitem__") and hasattr(raw, "__len__")):
+    if (isinstance(raw, TensorDataset) and not custom) or isinstance(raw, IterableDataset) or \
+            not (hasattr(raw, "__getitem__") and hasattr(raw, "__len__")):
         return None  # (indexed in place; or no map-style dataset at all, which the checks refuse)
+    if isinstance(raw, TensorDataset) and any(t.requires_grad for t in raw.tensors):
+        raw = TensorDataset(*(t.detach() for t in raw.tensors))  # (as the checks detach it)
     pool = Workers(raw, n, loader, what)
     pool.start()
     return pool

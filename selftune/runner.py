@@ -367,11 +367,21 @@ class RecordedRun:
             while not probe.exists() and probe.parent != probe:
                 missing.append(probe)
                 probe = probe.parent
+            for folder in reversed(missing):  # one level at a time: only those this process made are its own
+                try:
+                    folder.mkdir()
+                    run.created_dirs.insert(0, folder)
+                except FileExistsError:  # (another process made it meanwhile: not ours to remove)
+                    pass
             out.mkdir(parents=True, exist_ok=True)
-            run.created_dirs = missing
             mark_folder(out, run_uuid, run_id, store.display_url)
         except OSError as err:
             run._record(store.fail, f"cannot write to {out}: {err.strerror}")
+            for folder in run.created_dirs:  # (made before the marker failed: removed again, while empty)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             raise OutputError(f"--out: cannot write to {str(out)!r} ({err.strerror}); choose a writable "
                               "folder") from None
         return run

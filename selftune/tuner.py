@@ -645,9 +645,8 @@ class SelfTuner:
                                         "that takes the model's outputs (Task.loss, SelfTuner(loss=...))")
                     check_targets(out, y, what)
                     classes = classes_last(out, y).shape[-1]
-                    if what == "train" and out.dim() > 2 and self.objective.classes_dim is None:
-                        # one reading for the run: a later batch padded to a length equal to the classes fits both
-                        self.objective = replace(self.objective, classes_dim=1 if classes_in_dim_1(out, y) else -1)
+                    if what == "train":
+                        self._fix_layout(out, y)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)
@@ -657,6 +656,16 @@ class SelfTuner:
             check_all_targets(source.dataset, classes, what, origin=source.origin)
         if self.objective.loss is None and what in ("train", "val"):
             self._n_outputs = classes  # what each batch of a dataset not checked whole is checked against
+
+    def _fix_layout(self, logits: Any, y: Any) -> None:
+        """Fix the default cross-entropy's layout for the run (``Objective.classes_dim``) from the first
+        training batch whose shapes say where the classes are: a later batch padded to a length equal to
+        the number of classes fits both readings. (A first batch that fits both leaves it open: fixing it
+        then could read every later batch the wrong way.)"""
+        if self.objective.loss is None and self.objective.classes_dim is None and isinstance(logits, torch.Tensor):
+            layout = layout_of(logits, y)
+            if layout is not None:
+                self.objective = replace(self.objective, classes_dim=layout)
 
     def _fails_on_one_example(self) -> bool:
         """Whether a training-mode pass over one training example fails as BatchNorm does on a batch of one
@@ -1352,6 +1361,8 @@ class SelfTuner:
             with net.recording_norms(self._decayed) as recorded:
                 logits = net(x, u, respond=respond, generator=self.generator)
             norms = recorded()
+        if self.objective.classes_dim is None and self.objective.loss is None:
+            self._fix_layout(logits, y)
         loss = self.objective.train_loss(logits, y, lookup, self._decayed, norms=norms, batch_dim=net.batch_dim)
         self._check(loss, "training loss", group)
         (loss * share if share != 1.0 else loss).backward()

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from selftune import validation
 from selftune.data import _splits, load_dataset
 from selftune.data._loaders import load_digits
-from selftune.errors import ConfigError, DataError, SelftuneError
+from selftune.errors import ConfigError, DataError, SelftuneError, SelftuneWarning
 from selftune.validation import as_dataset, check_all_targets, check_batch_sizes, check_targets
 
 
@@ -848,3 +848,47 @@ def test_one_layout_per_run_where_a_padded_batch_fits_both_readings():
         assert tuner.score((x4, y4))["loss"] == pytest.approx(F.cross_entropy(tagger(x4), y4).item(), rel=1e-5)
         assert tuner.objective.train_loss(tagger(x4), y4, lambda n: None).item() == pytest.approx(
             F.cross_entropy(tagger(x4), y4).item(), rel=1e-5)
+
+
+def test_a_first_batch_that_fits_both_layouts_leaves_the_layout_to_the_first_that_tells():
+    """Fixed from an ambiguous first batch (length 4 = the classes), the layout read every later (B, C, 6)
+    batch the wrong way and the first step failed (found by a review): it stays open until a training batch
+    whose shapes say where the classes are."""
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    import selftune as st
+
+    class Seqs(Dataset):
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(1)
+            self.items = [(torch.randn(3, 4 if i < 2 else 6, generator=g),
+                           torch.randint(0, 4, (4 if i < 2 else 6,), generator=g)) for i in range(n)]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    def pad(batch):
+        length = max(x.shape[1] for x, _ in batch)
+        return (torch.stack([nn.functional.pad(x, (0, length - x.shape[1])) for x, _ in batch]),
+                torch.stack([nn.functional.pad(y, (0, length - y.shape[0]), value=-100) for _, y in batch]))
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.conv = st.Dropout("d"), nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.drop(x))  # (B, 4 classes, L)
+
+    torch.manual_seed(0)
+    tagger = st.hypernetize(Tagger(), st.Space([st.Float("d", 0.0, 0.5, 0.1)]))
+    with pytest.warns(SelftuneWarning, match="read with the classes in the last dimension"):
+        tuner = st.SelfTuner(tagger, DataLoader(Seqs(32), collate_fn=pad), DataLoader(Seqs(16), collate_fn=pad),
+                             method="fixed", settings=st.TunerSettings(batch_size=8))
+    assert tuner.objective.classes_dim is None
+    tuner.fit(1)
+    assert tuner.objective.classes_dim == 1
