@@ -1258,3 +1258,40 @@ def test_errors_in_workers_reach_the_caller_with_their_message():
     with pytest.raises(FileNotFoundError, match=r"worker \d: /data/shard-\d.bin not found"):
         st.SelfTuner(net, DataLoader(_Failing(), num_workers=2, worker_init_fn=_missing_shard), val, method="fixed",
                      settings=settings)
+
+
+def test_a_fork_server_worker_imports_a_task_files_dataset_as_the_main_process_did(tmp_path):
+    """A [task] file is imported under selftune's own module name, which a spawned or fork-server worker could
+    not import (every batch failed as "a worker died", found by a fuzz round); imported there without seeded
+    generators, its module-level data differed from the main process's (found by a review)."""
+    import multiprocessing
+
+    from selftune.batches import Workers
+    from selftune.task import load_callable
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server here")
+    (tmp_path / "drawn_task.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from torch.utils.data import Dataset
+
+        X = torch.as_tensor(np.random.rand(6, 3))  # data drawn at import, as quick tasks do
+
+        class Rows(Dataset):
+            def __len__(self):
+                return len(X)
+
+            def __getitem__(self, i):
+                return X[i], i
+
+        def rows():
+            return Rows()
+    """))
+    data = load_callable(f"{tmp_path / 'drawn_task.py'}:rows")()
+    pool = Workers(data, 1, DataLoader(data, num_workers=1, multiprocessing_context="forkserver"))
+    try:
+        fetched = pool.fetch([0, 5], 3)
+    finally:
+        pool.close()
+    assert torch.equal(fetched[0][0], data[0][0]) and torch.equal(fetched[1][0], data[5][0])
