@@ -334,16 +334,16 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     Raises:
         ConfigError: the first problem, naming its field.
     """
+    if _partial_tables(raw):
+        raw = {**raw, "space": _laid_over_task_space(raw)}
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
         error = from_validation(err)
         if raw.get("task") and error.field.startswith("space.") and error.message == "is required":
-            # `--set space.NAME.init=...` on a task that declares its own space makes a [space] table of
-            # one key, which replaces the task's whole space
-            raise ConfigError(error.field, "is required: [space] tables in a config replace the task's own space, "
-                                           "so declare each hyperparameter whole (low, high, init), or leave "
-                                           "[space] out to use the task's") from None
+            name = error.field.split(".")[1]
+            raise ConfigError(error.field, f"is required: the task's space does not declare {name!r}, so declare "
+                                           "it whole (low, high, init)") from None
         raise error from None
     if config.task is not None:
         from .task import resolve_source
@@ -357,6 +357,35 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             return parse_config(raw)
     config.check_references(config.build_space())
     return config
+
+
+def _partial_tables(raw: dict[str, Any]) -> list[str]:
+    """The ``[space.NAME]`` tables of a ``[task]`` config that leave out ``low``, ``high`` or ``init``."""
+    space = raw.get("space")
+    if not isinstance(raw.get("task"), dict) or not isinstance(space, dict):
+        return []
+    return [name for name, table in space.items()
+            if isinstance(table, dict) and not {"low", "high", "init"} <= table.keys()]
+
+
+def _laid_over_task_space(raw: dict[str, Any]) -> dict[str, Any]:
+    """The task's own space with the config's ``[space]`` tables laid over it, field by field.
+
+    Why: ``--set space.dropout1.init=0.5`` (or a ``[space.dropout1]`` table giving only ``init``) means
+    "start this one elsewhere"; replacing the task's whole space with a table of one key refused it, and
+    the user had to copy every hyperparameter out of the task's code. Whole tables alone still replace the
+    task's space (a config that declares its own space entirely)."""
+    try:
+        task = TaskConfig.model_validate(raw["task"])
+    except ValidationError as err:
+        raise from_validation(err, prefix="task") from None
+    from .task import resolve_source
+
+    own = _task_space({"task": {"source": resolve_source(task.source), "args": task.args}})
+    merged = {name: dict(table) for name, table in own.items()}
+    for name, table in raw["space"].items():
+        merged[name] = {**merged.get(name, {}), **table} if isinstance(table, dict) else table
+    return merged
 
 
 def _task_space(raw: dict[str, Any]) -> dict[str, Any]:

@@ -504,6 +504,26 @@ def test_bad_task_sources_are_one_line_errors(tmp_path):
         load_config(tmp_path / "c.toml", ["data.train_subset=10"])
 
 
+def test_a_partial_space_table_changes_only_those_fields_of_the_tasks_own_space():
+    # `--set space.dropout1.init=0.5` on a task that declares its space was refused ("low is required"): the
+    # one-key table replaced the whole space; it now changes one start and keeps the task's other hyperparameters
+    config = load_config(OWN, ["space.dropout1.init=0.5", "space.weight_decay.high=0.2"])
+    space = config.build_space()
+    assert space.names == ["dropout_in", "dropout1", "dropout2", "weight_decay"]
+    assert (space["dropout1"].low, space["dropout1"].high, space["dropout1"].init) == (0.0, 0.9, 0.5)
+    assert space["weight_decay"].high == 0.2 and space["weight_decay"].log and space["dropout2"].init == 0.3
+    # a resumed run reads the recorded config: it holds the whole space
+    assert set(config.model_dump()["space"]["dropout_in"]) >= {"low", "high", "init"}
+    with pytest.raises(ConfigError, match=r"^space.nope.low: is required: the task's space does not declare 'nope'"):
+        load_config(OWN, ["space.nope.init=0.5"])
+    with pytest.raises(ConfigError, match=r"^space.dropout1: init \(1.5\) must lie within \[0.0, 0.9\]"):
+        load_config(OWN, ["space.dropout1.init=1.5"])
+    # whole tables alone still replace the task's space
+    whole = load_config(OWN, ["space={d = {low = 0.0, high = 0.5, init = 0.1}}", "objective.weight_decay=0.0",
+                                "bench.starts={}"])
+    assert whole.build_space().names == ["d"]
+
+
 def test_an_objective_error_on_a_task_config_names_its_own_field(tmp_path, monkeypatch, capsys):
     """Every ValueError of the objective was reported as label smoothing with a task's own loss: an empty
     weight_decay table, in a config that sets no label_smoothing, said to remove it."""
