@@ -10,7 +10,9 @@ process's run of the same repeat (median and range)::
     OMP_NUM_THREADS=1 .venv/bin/python scripts/workers_speed.py --cost 2 --workers 1 2 --repeats 3
 
 Every run with workers ends with the same weights whatever their number (asserted here too); with none the
-transforms draw from the run's generator directly, so that run differs.
+transforms draw from the run's generator directly, so that run differs. ``--no-ahead`` adds, for each count,
+runs whose workers do not fetch the next training batch while a step trains (``Source.prefetch`` switched
+off), interleaved with the others: what fetching ahead saves.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Costly(Dataset):
         return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
 
 
-def run(workers: int, cost: float, epochs: int) -> tuple[float, list[torch.Tensor]]:
+def run(workers: int, cost: float, epochs: int, ahead: bool = True) -> tuple[float, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1200, 32, generator=g)
     y = (x[:, :4].sum(1) > 0).long()
@@ -52,8 +54,12 @@ def run(workers: int, cost: float, epochs: int) -> tuple[float, list[torch.Tenso
     tuner = st.SelfTuner(net, DataLoader(Costly(x[:1000], y[:1000], cost), batch_size=64, num_workers=workers),
                          DataLoader(Costly(x[1000:], y[1000:], cost), batch_size=64, num_workers=workers), seed=0,
                          settings=st.TunerSettings(batch_size=64, lr=0.05))
+    if not ahead:
+        for source in tuner.sources.values():
+            source.prefetch = lambda index, seed: None  # type: ignore[method-assign]
     start = time.perf_counter()
     fit = tuner.fit(epochs)
+    tuner.close()
     return time.perf_counter() - start, [t.clone() for t in fit.net.state_dict().values()]
 
 
@@ -63,22 +69,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--no-ahead", action="store_true", help="also time workers that do not fetch ahead")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seconds: dict[int, list[float]] = {n: [] for n in [0, *args.workers]}
+    kinds = [(0, True)] + [(n, ahead) for n in args.workers for ahead in ([True, False] if args.no_ahead else [True])]
+    seconds: dict[tuple[int, bool], list[float]] = {kind: [] for kind in kinds}
     reference: list[torch.Tensor] | None = None  # the first run with workers: every other one must equal it
     for _ in range(args.repeats):
-        for n in seconds:
-            took, weights = run(n, args.cost / 1000, args.epochs)
-            seconds[n].append(took)
+        for n, ahead in seconds:
+            took, weights = run(n, args.cost / 1000, args.epochs, ahead)
+            seconds[n, ahead].append(took)
             if n > 0:
                 reference = weights if reference is None else reference
                 same = all(torch.equal(a, b) for a, b in zip(reference, weights, strict=True))
                 assert same, "the number of workers changed the run"
     print(f"delta-ift, {args.epochs} epochs, 1,000 + 200 examples of {args.cost} ms each, interleaved x{args.repeats}")
-    for n, taken in seconds.items():
-        ratios = [t / base for t, base in zip(taken, seconds[0], strict=True)]
-        print(f"workers {n}: {statistics.median(taken):.2f} s (median; {min(taken):.2f}-{max(taken):.2f}), "
+    for (n, ahead), taken in seconds.items():
+        ratios = [t / base for t, base in zip(taken, seconds[0, True], strict=True)]
+        label = f"workers {n}" + ("" if ahead or n == 0 else ", not ahead")
+        print(f"{label}: {statistics.median(taken):.2f} s (median; {min(taken):.2f}-{max(taken):.2f}), "
               f"x{statistics.median(ratios):.2f} of the main process ({min(ratios):.2f}-{max(ratios):.2f})")
 
 

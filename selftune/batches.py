@@ -12,10 +12,12 @@ a warning (its draw cannot be checkpointed).
 
 ``num_workers`` is honoured by :class:`Workers`: each batch the tuner asks for is fetched by the workers
 in parallel, a share each (the loader's ``worker_init_fn`` and ``multiprocessing_context`` included), and
-collated in the main process. Each example is fetched with PyTorch's, Python's and NumPy's generators
-seeded for it from one draw of the run's generator per batch, so a dataset's random transforms give the
-same examples whatever the number of workers, a run reproduces from its seed and a resumed run fetches
-what the uninterrupted one fetched.
+collated in the main process, and the next training batch is fetched while a step trains
+(:meth:`Source.prefetch`). Each example is fetched with PyTorch's, Python's and NumPy's generators seeded
+for it from the run's seed and the batch's place in the run (:func:`batch_seed`), drawing nothing from the
+run's own generator, so a dataset's random transforms give the same examples whatever the number of
+workers, a run whose dataset draws nothing is the same with workers as without, a run reproduces from its
+seed and a resumed run fetches what the uninterrupted one fetched.
 
 A collated batch is split into inputs and targets by :class:`Fields`:
 
@@ -41,7 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +187,16 @@ def example_seed(batch_seed: int, k: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
     return (z ^ (z >> 31)) >> 1
+
+
+def batch_seed(*parts: int) -> int:
+    """A 63-bit seed for a batch from the run's seed and its place in the run (which split, epoch, batch):
+    known before the batch is drawn, so workers can fetch it ahead, and drawn from no generator, so the run
+    draws the same numbers with workers as without."""
+    seed = 0
+    for part in parts:
+        seed = example_seed(seed ^ (part & _MASK), 0)
+    return seed
 
 
 def _seed_generators(seed: int) -> None:
@@ -363,8 +375,9 @@ class Workers:
 
     Why a share per worker and not a batch per worker, as a ``DataLoader`` does: the tuner decides each
     batch when it needs it (the data order is part of every checkpoint; Delta-STN's hyper steps, the
-    adaptive batch and roll-backs change what comes next), so there is no queue of future batches to
-    hand out, but every batch can be fetched in ``num_workers`` parallel parts. The processes (a
+    adaptive batch and roll-backs change what comes next), so there is no long queue of future batches
+    to hand out, only the next training batch (:meth:`submit` it ahead, :meth:`collect` it when asked);
+    every batch is fetched in ``num_workers`` parallel parts. The processes (a
     ``concurrent.futures.ProcessPoolExecutor``) start with :meth:`start` (the tuner calls it before it
     reads a first example itself: a dataset that opens its file in ``__getitem__`` would otherwise hand
     every forked worker the main process's open file, one shared offset) and stop with :meth:`close`,
@@ -385,6 +398,8 @@ class Workers:
         self.timeout = float(getattr(loader, "timeout", 0) or 0) or None
         self._pool: ProcessPoolExecutor | None = None
         self._ids: Any = None
+        #: how many times the workers were stopped: a fetch submitted to earlier ones is not taken
+        self.generation = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None, "_ids": None}
@@ -444,15 +459,32 @@ class Workers:
             whatever the dataset raised in a worker (its own type); ``BrokenProcessPool`` where a worker
             died (the next batch starts new ones).
         """
+        return self.collect(self.submit(index, batch_seed))
+
+    def submit(self, index: list[int], batch_seed: int) -> list[Future]:
+        """Hand the examples ``index`` to the workers, a share each, without waiting: :meth:`collect` them."""
         items = [(example_seed(batch_seed, k), i) for k, i in enumerate(index)]
         if not items:
             return []
         size = -(-len(items) // self.num_workers)
         pool = self.start()
         try:
-            shares = pool.map(_fetch_share, [items[start:start + size] for start in range(0, len(items), size)],
-                              timeout=self.timeout)
-            return [example for share in shares for example in _unpack(share)]
+            return [pool.submit(_fetch_share, items[start:start + size]) for start in range(0, len(items), size)]
+        except BrokenProcessPool:
+            self.close(kill=True)
+            raise
+
+    def collect(self, shares: list[Future]) -> list[Any]:
+        """The examples of :meth:`submit`'s shares, in order, once every share is fetched (within the
+        loader's ``timeout`` from now, for the whole batch).
+
+        Raises:
+            as :meth:`fetch`.
+        """
+        end = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            return [example for share in shares for example in _unpack(
+                share.result(timeout=None if end is None else max(0.0, end - time.monotonic())))]
         except BrokenProcessPool:
             self.close(kill=True)
             raise
@@ -467,6 +499,7 @@ class Workers:
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is None:
             return
+        self.generation += 1
         if kill:
             for process in list((getattr(pool, "_processes", None) or {}).values()):  # (the executor's own)
                 process.kill()
@@ -570,17 +603,51 @@ class Source:
         else:
             n_workers = (loader.num_workers if loader is not None else 0) if workers is None else workers
             self.workers = Workers(data, n_workers, loader, what) if n_workers > 0 and not fast else None
+        #: a batch handed to the workers ahead of time: (its indices, its seed, the workers' generation, shares)
+        self._ahead: tuple[list[int], int, int, list[Future]] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def take(self, index: torch.Tensor, fields: Fields, *, draw: bool = False) -> tuple[Any, Any]:
+    def prefetch(self, index: torch.Tensor, seed: int) -> None:
+        """Start fetching the batch ``index`` (with ``seed``, as :meth:`take` will be asked for it) in the
+        workers now, so that it is ready when the step that trains on it comes: the tuner hands over the
+        next training batch while a step trains on this one, as a ``DataLoader`` loads ahead of its loop.
+        Nothing without workers. A batch fetched ahead that is then not asked for (the batch grew, a
+        roll-back) is dropped, its error with it."""
+        if self.workers is None:
+            return
+        self._drop_ahead()
+        ids = index.tolist()
+        try:
+            shares = self.workers.submit(ids, seed)
+        except BrokenProcessPool:  # (the workers were stopped: :meth:`take` starts new ones and says why)
+            return
+        self._ahead = (ids, seed, self.workers.generation, shares)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            for share in self._ahead[3]:
+                share.cancel()  # (one already running finishes in its worker, unread)
+            self._ahead = None
+
+    def _fetch(self, ids: list[int], seed: int) -> list[Any]:
+        assert self.workers is not None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead[:3] == (ids, seed, self.workers.generation) and not any(f.cancelled() for f in ahead[3]):
+                return self.workers.collect(ahead[3])
+            self._ahead = ahead
+            self._drop_ahead()
+        return self.workers.fetch(ids, seed)
+
+    def take(self, index: torch.Tensor, fields: Fields, *, seed: int | None = None) -> tuple[Any, Any]:
         """The batch of examples ``index`` as ``(inputs, targets)``.
 
-        ``draw``: seed the workers' per-example generators from one draw of PyTorch's global generator (the
-        run's own inside ``fit``: the training loop's batches, whose random transforms differ from epoch to
-        epoch); otherwise from the batch's indices, which draws nothing from the caller's generator (scoring,
-        the checks before training) and gives one batch the same examples every time."""
+        ``seed``: what the workers' per-example generators are seeded from (:func:`batch_seed`: the training
+        loop's batches, whose random transforms differ from epoch to epoch); ``None``: from the batch's
+        indices (scoring, the checks before training), which gives one batch the same examples every time.
+        Neither draws from the caller's generators."""
         data = self.dataset
         if isinstance(data, TensorDataset) and len(data.tensors) == 2 and self.collate is default_collate:
             # fast path: what default_collate would stack (a loader's own collate_fn may change the batch)
@@ -588,11 +655,12 @@ class Source:
         else:
             if self.workers is None:
                 examples = [data[i] for i in index.tolist()]
-            else:  # one draw of the run's generator per batch seeds its examples' transforms
+            else:
                 ids = index.tolist()
-                seed = int(torch.randint(1 << 62, ())) if draw else example_seed(len(ids), ids[0] if ids else 0)
+                if seed is None:
+                    seed = example_seed(len(ids), ids[0] if ids else 0)
                 try:
-                    examples = self.workers.fetch(ids, seed)
+                    examples = self._fetch(ids, seed)
                 except BrokenProcessPool:
                     raise DataError(f"{self.what}: a worker process fetching its examples died (killed, out of "
                                     "memory, or a crash in the dataset's code); set tuner.workers = 0 (or the "

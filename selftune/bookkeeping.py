@@ -82,13 +82,24 @@ class BatchOrder:
             else:
                 weights, n, replacement = self.weights
                 self.perm = torch.multinomial(weights.to(generator.device), n, replacement, generator=generator).cpu()
-        stop = self.pos + self.batch_size
-        if self.fold_single and self.n_train - stop == 1 and stop > self.pos + 1:
-            stop += 1
-        index = self.perm[self.pos:stop]
+        index = self.perm[self.pos:self._train_stop()]
         self.pos += len(index)
         self.batch += 1
         return index
+
+    def _train_stop(self) -> int:
+        stop = self.pos + self.batch_size
+        if self.fold_single and self.n_train - stop == 1 and stop > self.pos + 1:
+            stop += 1  # (a single example left would make a batch of one: it joins this one)
+        return stop
+
+    def peek_train(self) -> torch.Tensor | None:
+        """Indices :meth:`next_train` will give next if nothing changes before (the batch size, a roll-back),
+        without drawing anything; ``None`` where they are not known yet (a new epoch's permutation is drawn
+        by that call). What the tuner's workers fetch ahead while a step trains."""
+        if self.perm is None or self.epoch_done:
+            return None
+        return self.perm[self.pos:self._train_stop()]
 
     def next_val(self, generator: torch.Generator) -> torch.Tensor:
         """Indices of the next validation batch (cycling through reshuffled permutations)."""

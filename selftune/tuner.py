@@ -46,7 +46,7 @@ from .batch_size import (
     per_example_gradients,
     scaling_rule,
 )
-from .batches import Fields, Kwargs, Source, early_workers, rows, to_device
+from .batches import Fields, Kwargs, Source, batch_seed, early_workers, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
@@ -1542,13 +1542,29 @@ class SelfTuner:
         if value is not None and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(what, group, self.counters.steps + 1)
 
-    def _batch(self, split: str, index: torch.Tensor, *, draw: bool = True) -> tuple[Any, Any]:
-        source = self.sources[split]
-        x, y = source.take(index, self.fields, draw=draw)  # (draw: the loop's batches, inside fit)
+    def _batch(self, split: str, index: torch.Tensor, *, loop: bool = True) -> tuple[Any, Any]:
+        """The batch ``index`` of ``split``, checked, on the device. ``loop``: one the training loop drew
+        just now (``order`` has counted it), whose examples' random transforms are seeded by its place in the
+        run (:func:`~selftune.batches.batch_seed`); after a training batch, the next one is handed to the
+        workers to fetch while this one trains (:meth:`~selftune.batches.Source.prefetch`)."""
+        source, order = self.sources[split], self.order
+        seed = self._batch_seed(split, order.epoch, order.batch) if loop else None
+        x, y = source.take(index, self.fields, seed=seed)
         if not source.checked_whole:  # a Dataset of the user's: each batch as it comes (validation.check_batch)
             check_batch(x, y, index if source.origin is None else source.origin[index], split,
                         classes=self._n_outputs, batch_dim=self.net.batch_dim)
+        if loop and split == "train" and source.workers is not None:
+            ahead = order.peek_train()
+            if ahead is not None:
+                source.prefetch(ahead, self._batch_seed("train", order.epoch, order.batch + 1))
         return to_device(x, self.device), to_device(y, self.device)
+
+    def _batch_seed(self, split: str, epoch: int, batch: int) -> int:
+        """The seed of the examples of training batch ``batch`` (counted from 1) of ``epoch``, or of the
+        validation batch drawn after it (its place in the validation order tells several apart)."""
+        if split == "train":
+            return batch_seed(self.seed, 0, epoch, batch)
+        return batch_seed(self.seed, 1, epoch, batch, self.order.val_pos)
 
     def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:
         """:func:`score` of ``net`` (default: the tuner's own) on ``data`` (default: the validation data, with
@@ -1609,7 +1625,7 @@ class SelfTuner:
     @torch.no_grad()
     def _classes(self) -> int:
         """The number of classes the network's outputs score (one validation example, in eval mode)."""
-        x, y = self._batch("val", torch.arange(1), draw=False)
+        x, y = self._batch("val", torch.arange(1), loop=False)
         was_training = self.net.training
         self.net.eval()
         try:

@@ -234,8 +234,9 @@ def _started(worker_id):
 def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_number_of_them(tmp_path, monkeypatch):
     """``num_workers`` was ignored: a Dataset with per-example work (decoding, random transforms) was fetched
     in the main process alone. Workers now fetch each batch, a share each; every example's transforms are
-    seeded from one draw of the run's generator, so 1, 2 or 3 workers give the same run, bit for bit, and a
-    run stopped mid-epoch resumes as the uninterrupted one; a dataset's error reaches the caller as raised."""
+    seeded from the run's seed and the batch's place in the run, so 1, 2 or 3 workers give the same run, bit
+    for bit, and a run stopped mid-epoch resumes as the uninterrupted one; a dataset's error reaches the
+    caller as raised."""
     import os
     monkeypatch.setenv("SELFTUNE_TEST_WORKER_DIR", str(tmp_path))
     x, y = regression(200)
@@ -274,8 +275,9 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
     state = torch.get_rng_state()
     a, b = (source.take(torch.tensor([4, 5]), two.fields)[0] for _ in range(2))
     assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
-    a, b = (source.take(torch.tensor([4, 5]), two.fields, draw=True)[0] for _ in range(2))
-    assert not torch.equal(a[0], a[1] - x[5] + x[4]) and not torch.equal(a, b)
+    a, b, c = (source.take(torch.tensor([4, 5]), two.fields, seed=seed)[0] for seed in (1, 2, 1))
+    assert not torch.equal(a[0], a[1] - x[5] + x[4]) and not torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(KeyError, match="record 7 is missing"):
         tuner(fail_at=7).fit(1)
     with pytest.raises(DataError, match="train: a worker process fetching its examples died"):
@@ -286,6 +288,55 @@ def test_a_loaders_workers_fetch_each_batch_and_the_run_is_the_same_for_any_numb
         pool = done.sources["train"].workers
         assert pool._pool is not None
     assert pool._pool is None
+
+
+class _Decoded(Dataset):
+    """Examples with fixed per-example work and no randomness (a decoded file)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] * 1.0, self.y[i]
+
+
+def test_workers_fetch_the_next_training_batch_while_a_step_trains_and_change_nothing_else(monkeypatch):
+    """The tuner fetched each batch only when a step asked for it, so loading never overlapped training (a
+    DataLoader loads ahead). The next training batch is now handed to the workers as the step before it
+    starts; and since the examples' seeds come from the batch's place in the run, not from the run's
+    generator, a dataset that draws nothing trains the same run with workers as without."""
+    from selftune.batches import Workers
+
+    x, y = regression(200)
+    calls = {"fetch": 0, "collect": 0}
+    fetch, collect = Workers.fetch, Workers.collect
+
+    def counted(name, method):
+        def wrapper(self, *args):
+            calls[name] += 1
+            return method(self, *args)
+        return wrapper
+
+    def run(workers):
+        torch.manual_seed(0)
+        net = regression_net(st.Space([st.Float("drop", 0.0, 0.9, 0.3)]), hidden=16)
+        tuner = st.SelfTuner(net, DataLoader(_Decoded(x[:150], y[:150]), num_workers=workers),
+                             DataLoader(_Decoded(x[150:], y[150:]), num_workers=workers), loss=mse, seed=2,
+                             settings=st.TunerSettings(batch_size=25, lr=0.05))
+        with tuner:
+            return tuner.fit(2)
+
+    monkeypatch.setattr(Workers, "fetch", counted("fetch", fetch))
+    monkeypatch.setattr(Workers, "collect", counted("collect", collect))
+    plain, two = run(0), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.net.state_dict().values(), two.net.state_dict().values()))
+    assert plain.hparams == two.hparams and calls["fetch"] > 0
+    # 6 training batches an epoch: the first of each is fetched when asked for (its permutation is drawn
+    # then), the other 5 were fetched ahead, while the step before trained (a fetch collects what it submits)
+    assert calls["collect"] - calls["fetch"] == 2 * 5
 
 
 def test_loaders_that_split_one_dataset_by_subset_samplers_train_and_validate_on_their_own_parts():
@@ -711,15 +762,16 @@ def test_the_demo_adds_regularisation_and_beats_fixed_training():
     assert tuned.test["loss"] < 0.9 * fixed.test["loss"]
 
 
-def test_overriding_one_value_of_a_tasks_space_says_that_a_space_table_replaces_it(tmp_path, monkeypatch, capsys):
+def test_overriding_one_value_of_a_name_the_tasks_space_lacks_is_one_line_and_writes_nothing(tmp_path, monkeypatch,
+                                                                                             capsys):
     from selftune.cli import main
 
     monkeypatch.chdir(tmp_path)
-    code = main(["run", str(ROOT / "examples" / "own_task.toml"), "--set", "space.dropout1.init=0.3",
+    code = main(["run", str(ROOT / "examples" / "own_task.toml"), "--set", "space.dropout9.init=0.3",
                  "--store", f"sqlite:///{tmp_path / 's.db'}", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "space.dropout1.low: is required" in err and "replace the task's own space" in err
+    assert "space.dropout9.low: is required: the task's space does not declare 'dropout9'" in err
     assert not (tmp_path / "s.db").exists()
 
 
