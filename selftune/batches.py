@@ -61,9 +61,10 @@ from torch.utils.data import (
     TensorDataset,
     WeightedRandomSampler,
     default_collate,
+    default_convert,
 )
 
-from .errors import DataError, SelftuneWarning
+from .errors import ConfigTypeError, DataError, SelftuneWarning
 
 __all__ = ["Fields", "Kwargs", "Source", "Workers", "batch_size", "early_workers", "example_seed", "head",
            "loader_dataset", "loader_sampler", "subset_origin", "to_device"]
@@ -89,6 +90,17 @@ class Fields:
 
     input: str | Sequence[str] | None = None
     target: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, list | tuple | set | dict):  # (an unhashable key failed inside the split)
+            raise ConfigTypeError("target_key", f"must be one key of the examples (got a "
+                                                f"{type(self.target).__name__}); several targets travel together: "
+                                                "return them under one key (a dict or tuple) and pass a loss that "
+                                                "unpacks them")
+        if self.input is not None and not isinstance(self.input, str) and (
+                not isinstance(self.input, Sequence) or not all(isinstance(k, str) for k in self.input)):
+            raise ConfigTypeError("input_key", f"must be a key of the examples or a list of keys (got "
+                                               f"{self.input!r:.60})")
 
     def split(self, batch: Any, what: str) -> tuple[Any, Any]:
         """``(inputs, targets)`` of a collated batch.
@@ -131,6 +143,27 @@ def loader_sampler(loader: DataLoader) -> Any:
     if type(batches) is BatchSampler and batches.sampler is not loader.sampler:
         return batches.sampler
     return loader.sampler
+
+
+def loader_batching(loader: DataLoader) -> tuple[int | None, bool]:
+    """A loader's batch size and ``drop_last``, also when a ``batch_sampler=BatchSampler(...)`` holds them
+    (the loader's own are then ``None`` and ``False``)."""
+    batches = loader.batch_sampler
+    if loader.batch_size is None and isinstance(batches, BatchSampler):
+        return batches.batch_size, bool(batches.drop_last)
+    return loader.batch_size, bool(loader.drop_last)
+
+
+def loader_collate(loader: DataLoader) -> Collate:
+    """How the tuner's batches of a loader's examples are collated: its ``collate_fn``, or, for a loader built
+    without automatic batching (``batch_size=None``: its ``collate_fn`` converts one example at a time),
+    that function on each example and PyTorch's ``default_collate`` over them (the tuner batches itself)."""
+    collate = loader.collate_fn
+    if loader.batch_size is not None or loader.batch_sampler is not None:
+        return collate
+    if collate is default_convert:
+        return default_collate
+    return lambda examples: default_collate([collate(example) for example in examples])
 
 
 def subset_origin(loader: DataLoader) -> torch.Tensor | None:
@@ -518,7 +551,7 @@ def early_workers(data: Any, what: str, workers: int | None = None) -> Workers |
     if n <= 0 or isinstance(data, tuple):
         return None
     raw = loader_dataset(loader) if loader is not None else data
-    custom = loader is not None and loader.collate_fn is not default_collate
+    custom = loader is not None and loader_collate(loader) is not default_collate
     if (isinstance(raw, TensorDataset) and not custom) or isinstance(raw, IterableDataset) or \
             not (hasattr(raw, "__getitem__") and hasattr(raw, "__len__")):
         return None  # (indexed in place; or no map-style dataset at all, which the checks refuse)
@@ -561,9 +594,10 @@ class Source:
         #: a training loader's ``WeightedRandomSampler``: ``(weights, num_samples, replacement)``
         self.weights: tuple[torch.Tensor, int, bool] | None = None
         if isinstance(data, DataLoader):
-            if batch_size is not None and data.batch_size not in (None, batch_size):
+            loader_batch = loader_batching(data)[0]
+            if batch_size is not None and loader_batch not in (None, batch_size):
                 warnings.warn(SelftuneWarning(
-                    f"{what}: the DataLoader's batch_size {data.batch_size} is not used: the tuner draws batches of "
+                    f"{what}: the DataLoader's batch_size {loader_batch} is not used: the tuner draws batches of "
                     f"tuner.batch_size = {batch_size} from its dataset, in its own checkpointed order, with its "
                     "collate_fn"), stacklevel=3)
             sampler = loader_sampler(data)
@@ -585,7 +619,7 @@ class Source:
                     f"{what}: the DataLoader's {' and '.join(custom)} is not used: {how}; weight the loss "
                     "(e.g. CrossEntropyLoss(weight=...)) or resample the dataset itself to keep that balance"),
                     stacklevel=3)
-            collate = data.collate_fn
+            collate = loader_collate(data)
             self.origin = subset_origin(data)
             data = loader_dataset(data) if dataset is None else dataset  # (the checked one: as_dataset's)
         self.dataset = data

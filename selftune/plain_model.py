@@ -34,7 +34,8 @@ def export(net: HyperNet) -> nn.Module:
     ``nn.Embedding`` / ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` it computes at those values;
     every selftune dropout keeps its class (so the copy still loads into the user's own model) with the
     tuned rate fixed, so it trains and evaluates without a HyperNet. ``net`` itself is not changed. The copy's outputs
-    equal ``net(x)`` in eval mode.
+    equal ``net(x)`` in eval mode (a ``TransformerEncoder``'s nested-tensor fast path is switched off in the copy,
+    as the tuned net runs: it returns 0 at padded positions, which the net computes).
 
     Raises:
         TypeError: ``net`` is not a HyperNet.
@@ -64,6 +65,13 @@ def export(net: HyperNet) -> nn.Module:
             module.batch_dim = net.batch_dim  # (a sequence-first model's masks stay per sequence)
         if isinstance(module, HyperModule):
             object.__setattr__(module, "_hyper_state", None)  # the copy answers to no HyperNet
+        if isinstance(module, nn.TransformerEncoder):
+            # PyTorch's fast path packs a padded batch into nested tensors in eval mode and returns 0 at the
+            # padded positions; the tuned net runs without it (it would skip the responses), so with it a
+            # model that pools over padding scored 0.639 where the tuned net validated at 0.626
+            module.enable_nested_tensor = False
+            if hasattr(module, "use_nested_tensor"):
+                module.use_nested_tensor = False
     retie(model, ties, only_equal=True)
     untied = [group for group in ties
               if len({id(getattr(model.get_submodule(m), n)) for m, n in group}) > 1]

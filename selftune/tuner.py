@@ -46,10 +46,10 @@ from .batch_size import (
     per_example_gradients,
     scaling_rule,
 )
-from .batches import Fields, Kwargs, Source, batch_seed, early_workers, rows, to_device
+from .batches import Fields, Kwargs, Source, batch_seed, early_workers, loader_batching, rows, to_device
 from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
-from .errors import ConfigError, DataError, DivergenceError, SelftuneWarning
+from .errors import ConfigError, ConfigTypeError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
 from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
@@ -201,11 +201,13 @@ def _score(net: torch.nn.Module, source: Source, objective: Objective, metrics: 
                     kept = flat[flat != IGNORE_INDEX]  # (padding: not scored, as F.cross_entropy skips it)
                     scored = len(kept)
                     low, high = (int(kept.min()), int(kept.max())) if scored else (0, 0)
-                    if low < 0 or high >= logits.shape[-1]:
+                    if low < 0 or high >= logits.shape[-1]:  # the split, the example and the label, as training's
+                        check_batch((), y, index if source.origin is None else source.origin[index], source.what,
+                                    classes=logits.shape[-1], batch_dim=batch_dim or 0)
                         bad = low if low < 0 else high
-                        raise DataError(f"data: label {bad} is outside the model's {logits.shape[-1]} outputs; "
-                                        "labels must be class indices from 0 to the number of outputs - 1 (or "
-                                        f"{IGNORE_INDEX}, not scored)")
+                        raise DataError(f"{source.what}: label {bad} is outside the model's {logits.shape[-1]} "
+                                        "outputs; labels must be class indices from 0 to the number of outputs - 1 "
+                                        f"(or {IGNORE_INDEX}, not scored)")
                 sums["loss"] = sums.get("loss", 0.0) + F.cross_entropy(logits, flat, reduction="sum").item()
                 tokens += scored
                 classification = classification and _is_classification(out, y)
@@ -426,7 +428,7 @@ class SelfTuner:
             net.find_shared_layers(few, more)
         # A weight step draws all its micro-batches at once: the order, and so the run, is the one of a
         # batch accumulate times larger (weight_step splits it).
-        drop_last = s.drop_last or (isinstance(train, DataLoader) and bool(train.drop_last))
+        drop_last = s.drop_last or (isinstance(train, DataLoader) and loader_batching(train)[1])
         if drop_last != s.drop_last:  # a DataLoader's drop_last: the settings say what the run does
             self.settings = s = s.model_copy(update={"drop_last": drop_last})
         #: whether the model normalises over its batch (its running statistics skip extra passes)
@@ -643,11 +645,20 @@ class SelfTuner:
                         raise DataError(f"{what}: the model returns a {type(out).__name__}, and the default loss "
                                         "(cross-entropy) needs a tensor of logits; return the logits, or pass a loss "
                                         "that takes the model's outputs (Task.loss, SelfTuner(loss=...))")
+                    if not isinstance(y, torch.Tensor):
+                        first = y[0] if isinstance(y, list | tuple) and y else y
+                        raise DataError(f"{what}: the targets are a {type(y).__name__}"
+                                        + (f" of {type(first).__name__} ({first!r:.40})" if first is not y else "")
+                                        + ", and the default loss (cross-entropy) needs class indices as a tensor; map "
+                                          "the labels to integers in the dataset (e.g. {'cat': 0, 'dog': 1}), or pass "
+                                          "a loss that takes these targets")
                     check_targets(out, y, what)
                     classes = classes_last(out, y).shape[-1]
                     if what == "train":
                         self._fix_layout(out, y)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
+                if what == "train":
+                    self._check_training_outputs(x, y, out)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)
         finally:
@@ -656,6 +667,42 @@ class SelfTuner:
             check_all_targets(source.dataset, classes, what, origin=source.origin)
         if self.objective.loss is None and what in ("train", "val"):
             self._n_outputs = classes  # what each batch of a dataset not checked whole is checked against
+
+    def _check_training_outputs(self, x: Any, y: Any, evaluated: Any) -> None:
+        """The checks above read the model in evaluation mode; one that returns something else while training
+        (Inception's ``(logits, aux)``) failed at the first step with a raw error inside the loss. One
+        training-mode pass over the same examples (the model's buffers and PyTorch's generator put back,
+        so the run is unchanged) must give what the loss takes."""
+        net = self.net
+        buffers = [(b, b.clone()) for b in net.model.buffers()]
+        try:
+            device = net.hparams.device
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                net.train()
+                try:
+                    out = net(x)
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+                    return  # (BatchNorm on too few examples and the like: training itself says what it is)
+        finally:
+            net.eval()
+            for b, saved in buffers:
+                b.copy_(saved)
+        if type(out) is type(evaluated):
+            return
+        if self.objective.loss is None:
+            raise DataError(f"train: in training mode the model returns a {type(out).__name__} (in evaluation mode "
+                            f"a {type(evaluated).__name__}), and the default loss (cross-entropy) needs a tensor of "
+                            "logits; pass a loss that takes both, e.g. loss=lambda out, y: F.cross_entropy(out[0] if "
+                            "isinstance(out, tuple) else out, y)")
+        try:
+            float(self.objective.eval_loss(out, y))
+        except Exception as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise DataError(f"train: loss(outputs, targets) failed on the model's training-mode outputs, a "
+                            f"{type(out).__name__} (in evaluation mode a {type(evaluated).__name__}): {reason}; make "
+                            "the loss take both") from err
 
     def _fix_layout(self, logits: Any, y: Any) -> None:
         """Fix the default cross-entropy's layout for the run (``Objective.classes_dim``) from the first
@@ -744,6 +791,28 @@ class SelfTuner:
                 reason = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
                                 f"model's outputs are {_shape(out)} and the targets {_shape(y)}") from err
+            if name == "loss" and what == "train":
+                self._refuse_summed(fn, out, y, float(value))
+
+    def _refuse_summed(self, fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any, value: float) -> None:
+        """A loss of the user's own that sums over the batch (``F.cross_entropy(out, y, reduction="sum")``,
+        ``((out - y) ** 2).sum()``) scales with the batch: the hyper steps compare losses over batches of other
+        sizes, and scores depend on the scoring batch. A mean is the same over a batch and over that batch
+        twice; a sum doubles (the module form, ``reduction='sum'``, is refused by :class:`Objective`)."""
+        if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and self.net.batch_dim == 0
+                and out.dim() >= 1 and y.dim() >= 1 and len(out) == len(y) >= 1):
+            return
+        if not math.isfinite(value) or abs(value) < 1e-6:
+            return
+        try:
+            twice = float(fn(torch.cat([out, out]), torch.cat([y, y])))
+        except Exception:  # a loss that cannot take the doubled batch: nothing to compare
+            return
+        if abs(twice - 2 * value) <= 1e-4 * abs(value) and abs(twice - value) > 1e-4 * abs(value):
+            raise ConfigTypeError("loss", f"it sums over the batch (over these examples twice it is {twice:.4g}, "
+                                          f"once {value:.4g}), and selftune needs the batch's mean loss (it compares "
+                                          "losses over batches of other sizes); return the mean (reduction='mean', "
+                                          ".mean()), and a larger learning rate where the sum set its scale")
 
     @staticmethod
     def _warn_pairwise(fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any, what: str) -> None:

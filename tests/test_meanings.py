@@ -62,7 +62,8 @@ def test_the_test_split_is_checked_before_training(digits):
 def test_score_with_a_label_the_outputs_lack_is_a_data_error(digits):
     tuner = _tuner(digits, st.Space([st.Float("d0", 0.0, 0.9, init=0.5)]))
     x, y = digits.test.tensors
-    with pytest.raises(DataError, match=r"label 1[0-9] is outside the model's 10 outputs"):
+    with pytest.raises(DataError, match=r"^data: label 1[0-9] at example [0-9]+ of the dataset is outside the "
+                                        r"model's 10 outputs"):
         st.score(tuner.net, (x, y + 10))
 
 

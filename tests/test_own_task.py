@@ -1084,9 +1084,9 @@ def test_a_hand_written_loss_that_pairs_every_output_with_every_target_is_a_warn
                                              r"targets .*make them one shape \(out.squeeze\(-1\)\)"):
         st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=lambda o, t: ((o - t) ** 2).mean(),
                      settings=st.TunerSettings(batch_size=16))
-    with warnings.catch_warnings():  # summed, or with a batch statistic: still each output with its own target
+    with warnings.catch_warnings():  # scaled, or with a batch statistic: still each output with its own target
         warnings.simplefilter("error", SelftuneWarning)
-        for loss in (mse, lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="sum"),
+        for loss in (mse, lambda o, t: 3 * F.mse_loss(o.squeeze(-1), t),
                      lambda o, t: mse(o, t) + 0.1 * o.std(unbiased=False)):
             st.SelfTuner(net, (x[:80], y[:80]), (x[80:], y[80:]), loss=loss, settings=st.TunerSettings(batch_size=16))
         big = y * 1e5 + 2e5  # targets in the hundreds of thousands (prices): no false alarm

@@ -364,10 +364,21 @@ CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.
                                             nn.MultiheadAttention)
 
 
+def _hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` itself."""
+    return [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                              "_state_dict_hooks", "_load_state_dict_pre_hooks") if getattr(module, kind, None)]
+
+
 def _variant_plain_reason(module: nn.Module) -> str | None:
     """Why a layer of a convertible kind cannot become a best-response layer in the variant it is
     (``None``: it can): such a layer is left plain when every layer is converted, and refused by name when
     ``modules=`` names it."""
+    hooks = _hooks(module)
+    if hooks:  # torch.nn.utils.spectral_norm / weight_norm are hooks: converted, their constraint was dropped
+        return (f"it has hooks ({', '.join(h.strip('_') for h in hooks)}: torch.nn.utils.spectral_norm or weight_norm, "
+                "or one you registered) that a best-response layer would drop; torch.nn.utils.parametrizations' "
+                "forms are kept plain too")
     if isinstance(module, nn.MultiheadAttention):
         return _attention_plain_reason(module)
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
@@ -444,6 +455,8 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
 
 
 def _converted(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
+    if _hooks(module):
+        raise TypeError(f"{type(module).__name__} cannot become a best-response layer: {_variant_plain_reason(module)}")
     if isinstance(module, nn.LSTM | nn.GRU):
         return _convert_recurrent(module, encoding_size, form)
     if isinstance(module, nn.MultiheadAttention):
