@@ -150,7 +150,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
     """Build a user's task: call its function after seeding PyTorch's, NumPy's and Python's generators from
     the run's seed (its model's init and any split it draws follow the seed), convert its model and hand its
     data, loss and metrics to the tuner."""
-    from .task import call_task, seed_task_generators, source_digest
+    from .task import call_task, data_digest, seed_task_generators, source_digest
 
     assert config.task is not None
     device = config.resolve_device()
@@ -187,7 +187,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
     tuner.check_schedule(config.epochs)  # a scheduler that fails within the run: before it is recorded
     sizes = {"train": tuner.n_train, "val": tuner.n_val, "test": len(as_dataset(task.test, "test"))}
     info = {"name": task.name, **sizes, "source": config.task.source, "sha256": source_digest(config.task.source),
-            **_code(config)}
+            **_code(config), "values": data_digest({"train": task.train, "val": task.val, "test": task.test})}
     if tuner.settings.drop_last != config.tuner.drop_last:  # the task's DataLoader drops: record what ran
         config = config.model_copy(update={"tuner": tuner.settings})
     return Prepared(config, tuner, task.test, info)
@@ -475,6 +475,10 @@ class RecordedRun:
         if changed:
             self.notes.append(f"the data changed since this run's checkpoint was written ({', '.join(changed)} "
                               "examples): the run goes on with the data as it is now")
+        elif saved.get("values") and now.get("values") and saved["values"] != now["values"]:
+            self.notes.append("the data's values changed since this run's checkpoint was written (the splits are "
+                              "the same sizes: a data file the task reads was edited?): the run goes on with the "
+                              "data as it is now, so it no longer ends where the uninterrupted run would have")
 
     def drive(self, prepared: Prepared, *, every: int | None = 100,
               callbacks: list[Callback] | None = None) -> RunResult:
@@ -503,7 +507,13 @@ class RecordedRun:
                     raise Interrupted(f"{message}; resume with: selftune resume {self.run_id}"
                                       f"{_store_hint(self.store)}", caught.signum)
                 result = evaluate_run(prepared, fit, method=self.store.get_run(self.run_id).method)
-                return self.complete(fit, result)
+                done = self.complete(fit, result)
+                if caught.signum is not None:  # after the last step (scoring, writing): the run is whole, the
+                    name = signal.Signals(caught.signum).name  # command stops (a bench went on through the rest)
+                    raise Interrupted(f"run {self.run_id} finished before {name} could stop it (its results are "
+                                      f"recorded: selftune show {self.run_id}{_store_hint(self.store)}); stopped",
+                                      caught.signum)
+                return done
         except (Interrupted, LeaseError):
             raise  # recorded as interrupted already / the run is someone else's now
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, from the last checkpoint

@@ -302,3 +302,77 @@ def call_task(source: str, args: Mapping[str, Any]) -> Task:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+#: Examples of a dataset that is not made of tensors read for its digest (spread over it): reading all of them
+#: would cost an epoch of loading at every start.
+SAMPLED_EXAMPLES = 64
+
+
+def data_digest(splits: Mapping[str, Any]) -> str:
+    """SHA-1 of the values a task's splits hold: what a benchmark compares before it keeps an earlier run, and
+    a resume before it says nothing changed. A task that reads a file beside it (``data.csv``) builds the same
+    code and split sizes from other values once the file is edited; only the values tell.
+
+    Tensors (pairs, ``TensorDataset``s, a loader over one) are hashed whole; another dataset by
+    :data:`SAMPLED_EXAMPLES` examples spread over it, fetched with PyTorch's, Python's and NumPy's
+    generators seeded (a random transform gives the same values every time) and put back after."""
+    import random
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .batches import loader_dataset
+
+    digest = hashlib.sha1()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.layout == torch.strided and t.numel():
+                digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, Mapping):
+            for key in value:
+                digest.update(repr(key).encode())
+                add(value[key])
+        elif isinstance(value, tuple | list):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    for name in sorted(splits):
+        data = splits[name]
+        digest.update(name.encode())
+        if isinstance(data, DataLoader):
+            data = loader_dataset(data)
+        if isinstance(data, TensorDataset):
+            data = data.tensors
+        if isinstance(data, tuple | list) and all(isinstance(t, torch.Tensor) for t in data):
+            add(list(data))
+            continue
+        try:
+            n = len(data)
+        except TypeError:
+            continue  # (no map-style dataset: the checks refuse it)
+        picks = sorted({round(k * (n - 1) / max(1, SAMPLED_EXAMPLES - 1)) for k in range(min(n, SAMPLED_EXAMPLES))})
+        state = (random.getstate(), np.random.get_state())
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for i in picks:
+                    torch.manual_seed(i)
+                    random.seed(i)
+                    np.random.seed(i)
+                    add(data[i])
+        except Exception:  # a dataset that fails to fetch: the checks before training say which example
+            digest.update(b"unreadable")
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+    return digest.hexdigest()

@@ -1367,3 +1367,55 @@ def test_a_fork_server_worker_imports_a_task_files_dataset_as_the_main_process_d
     finally:
         pool.close()
     assert torch.equal(fetched[0][0], data[0][0]) and torch.equal(fetched[1][0], data[5][0])
+
+
+CSV_TASK = '''
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import selftune as st
+
+
+def table():
+    a = np.loadtxt(Path(__file__).with_name("data.csv"), delimiter=",", dtype=np.float32)
+    x, y = torch.as_tensor(a[:, :-1]), torch.as_tensor(a[:, -1])
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), st.Dropout("d"), nn.Linear(16, 1))
+    return st.Task(model=model, space=st.Space([st.Float("d", 0.0, 0.8, 0.2)]),
+                   loss=lambda o, t: F.mse_loss(o.squeeze(-1), t),
+                   train=(x[:60], y[:60]), val=(x[60:80], y[60:80]), test=(x[80:], y[80:]))
+'''
+
+
+def test_a_bench_run_again_after_the_tasks_data_file_changed_trains_again(tmp_path):
+    """A task that reads ``data.csv`` beside it builds the same code and split sizes from an edited file: a
+    bench run again kept its runs ("same config, data and versions") and went on with its search study,
+    mixing results on the old values with new ones."""
+    from selftune.task import data_digest
+
+    def write(scale):
+        g = np.random.default_rng(0)
+        x = g.normal(size=(100, 3))
+        np.savetxt(tmp_path / "data.csv", np.c_[x, scale * x.sum(1)], delimiter=",")
+
+    np = pytest.importorskip("numpy")
+    (tmp_path / "t.py").write_text(CSV_TASK)
+    (tmp_path / "t.toml").write_text('method = "fixed"\nepochs = 2\n[task]\nsource = "t.py:table"\n'
+                                     '[tuner]\nbatch_size = 20\n')
+    args = ["bench", "t.toml", "--methods", "fixed", "random", "--trials", "2", "--seeds", "1", "--out", "b"]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    write(1.0)
+    first = cli(args, cwd=tmp_path, store=url)
+    assert first.returncode == 0, first.stderr
+    write(10.0)  # the user corrects the table: the same rows, other values
+    again = cli(args, cwd=tmp_path, store=url)
+    assert again.returncode == 0, again.stderr
+    assert "kept run" not in again.stdout
+    losses = [[r["test_loss"] for r in json.loads((tmp_path / "b" / "results.json").read_text())]]
+    assert losses[0][0] > 10  # trained on the new values (the old ones scored about 1)
+    x = torch.arange(6.0).reshape(3, 2)
+    assert data_digest({"train": (x, x)}) != data_digest({"train": (x, x + 1)})
+    assert data_digest({"train": (x, x)}) == data_digest({"train": DataLoader(torch.utils.data.TensorDataset(x, x))})

@@ -156,3 +156,80 @@ def test_a_bench_run_again_keeps_what_it_finished_and_resumes_what_it_was_traini
     fresh = cli([*args, "--out", "cut", "--fresh"], cwd=tmp_path, store=url)
     assert fresh.returncode == 0 and "kept run" not in fresh.stdout, fresh.stderr
     assert len(RunStore(url, create=False).list_runs()) == 4
+
+
+SIGNALLING_TASK = '''
+import os
+import signal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import selftune as st
+
+
+def signal_on_test(out, y):
+    """A metric that sends this process a SIGINT while the test split (37 rows) is scored after training (the
+    first time is the check before training)."""
+    if len(y) == 37:
+        os.environ["SIGNALLED"] = os.environ.get("SIGNALLED", "") + "x"
+        if os.environ["SIGNALLED"] == "xx":
+            os.kill(os.getpid(), signal.SIGINT)
+    return F.mse_loss(out.squeeze(-1), y)
+
+
+def task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(157, 4, generator=g)
+    y = x.sum(1)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), st.Dropout("d"), nn.Linear(16, 1))
+    return st.Task(model=model, train=(x[:80], y[:80]), val=(x[80:120], y[80:120]), test=(x[120:], y[120:]),
+                   space=st.Space([st.Float("d", 0.0, 0.9, 0.2)]),
+                   loss=lambda out, t: F.mse_loss(out.squeeze(-1), t), metrics={"late": signal_on_test})
+'''
+
+
+def test_a_signal_after_the_last_step_stops_the_command_and_keeps_the_finished_run(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the test split was scored (or the outputs written) was recorded and then ignored: the
+    command exited 0, and a bench went on through every other method and seed."""
+    from selftune.cli import main
+
+    (tmp_path / "t.py").write_text(SIGNALLING_TASK)
+    (tmp_path / "t.toml").write_text('method = "fixed"\nepochs = 2\n[task]\nsource = "t.py:task"\n'
+                                     '[tuner]\nbatch_size = 16\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SIGNALLED", raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["run", "t.toml", "--store", url, "--out", "o", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "run 1 finished before SIGINT could stop it (its results are recorded: selftune show 1" in err
+    assert [r.status for r in RunStore(url, create=False).list_runs()] == ["finished"]
+    assert (tmp_path / "o" / "result.json").is_file()
+
+
+def test_a_signal_while_a_search_commits_a_trial_waits_for_the_commit_then_stops_the_study(tmp_path, monkeypatch):
+    """A Ctrl-C inside Optuna's commit of a trial broke its bookkeeping (a raw UnboundLocalError traceback),
+    and one inside a garbage collector's callback was swallowed (the bench ran on); the study now finishes
+    the commit and stops with the one-line message."""
+    import os
+
+    import optuna
+
+    from selftune.errors import Interrupted
+    from selftune.methods import _study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    commit = storage.set_trial_state_values
+
+    def signalled_commit(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # (the handler runs here, in the middle of Optuna's tell)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "set_trial_state_values", signalled_commit)
+    with pytest.raises(Interrupted, match=r"^study s stopped by SIGINT \(the trials it finished are kept\)"):
+        _study.run_budget(study, storage, lambda trial: trial.suggest_float("x", 0, 1) ** 2, 3)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]  # committed whole, and nothing after
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -23,16 +23,19 @@ it began and run the rest itself: the study ended with twice its budget, the two
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
-from ..errors import SelftuneError, StoreError
+from ..errors import Interrupted, SelftuneError, StoreError
 from ..store import process_gone
 from ._sampling import FINISHED
 
@@ -145,6 +148,44 @@ def fail_dead(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
                 pass
 
 
+class _Between:
+    """SIGINT/SIGTERM while a study runs: inside a trial's training they stop it at once (KeyboardInterrupt:
+    the trial fails, as a Ctrl-C in a training loop does); inside Optuna's own bookkeeping (creating a
+    trial, committing its result) they wait until it is done. A KeyboardInterrupt raised in the middle of
+    a commit broke Optuna's tell (a raw ``UnboundLocalError`` traceback), and one raised in a garbage
+    collector's callback was swallowed (the bench ran to its end); the signal is kept here either way."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_trial = False
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.signum = self.signum or signum
+        if self.in_trial:
+            raise KeyboardInterrupt
+
+    def stop_if_signalled(self, study: optuna.Study) -> None:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"study {study.study_name} stopped by {name} (the trials it finished are kept); run "
+                              "it again to go on", self.signum)
+
+
+@contextmanager
+def _signals_between_trials() -> Iterator[_Between]:
+    guard = _Between()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        guard.in_trial = True
+        yield guard
+        return
+    old = {s: signal.signal(s, guard) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objective: Callable[[optuna.Trial], float],
                n_trials: int, *, before_each: Callable[[], None] = lambda: None,
                progress: Callable[[str], None] | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -156,11 +197,16 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
     waited, ran, lost = False, [], 0  # ran: the trial whose objective this process ran to its end (or pruned)
 
     def run(trial: optuna.Trial) -> float:
+        if guard.signum is not None:  # (a signal while Optuna created this trial: it fails, nothing trains)
+            raise KeyboardInterrupt
+        guard.in_trial = True
         try:
             value = objective(trial)
         except optuna.TrialPruned:
             ran.append(trial.number)
             raise
+        finally:
+            guard.in_trial = False
         ran.append(trial.number)  # an error inside the objective is the user's to see, never "lost"
         return value
 
@@ -181,7 +227,12 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
             continue
         ran.clear()
         try:
-            study.optimize(run, n_trials=1, catch=(SurplusTrialError,))
+            with _signals_between_trials() as guard:
+                try:
+                    study.optimize(run, n_trials=1, catch=(SurplusTrialError,))
+                except KeyboardInterrupt:
+                    guard.signum = guard.signum or signal.SIGINT
+                guard.stop_if_signalled(study)
         except Exception as err:  # Optuna's tell of a trial another process failed meanwhile (module docstring)
             if isinstance(err, SelftuneError) or not ran or not _failed_elsewhere(study, ran[-1]):
                 raise

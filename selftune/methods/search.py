@@ -107,8 +107,20 @@ class Search(Method):
         """Names the study in the store: the same task, method, seed and budget continue one study. The
         name ends in a digest of what a trial trains (:func:`trial_digest`), so an edited file or a
         ``--set`` that changes the training starts a study of its own instead of continuing one whose
-        trials trained something else."""
-        return f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{trial_digest(config)}"
+        trials trained something else. A ``[task]``'s study is also named by the values of its data
+        (:func:`~selftune.task.data_digest`): a task that reads a file beside it builds the same code from
+        an edited file, and its study would go on with trials that trained on the old values."""
+        name = f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{trial_digest(config)}"
+        if config.task is not None:
+            import torch
+
+            from ..task import call_task, data_digest, seed_task_generators
+
+            with torch.random.fork_rng(devices=[]):
+                seed_task_generators(seed)  # (as each trial's run builds it)
+                task = call_task(config.task.source, config.task.args)
+            name += f"-data{data_digest({'train': task.train, 'val': task.val, 'test': task.test})[:8]}"
+        return name
 
     def make_sampler(self, seed: int, config: RunConfig, n_trials: int) -> optuna.samplers.BaseSampler:
         return self.sampler(seed)
