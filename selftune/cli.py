@@ -189,7 +189,7 @@ def _summary(result) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .algorithms import ALGORITHMS
     from .config import load_config
-    from .errors import ConfigError
+    from .errors import ConfigError, Interrupted
     from .outputs import claim_folder
     from .runner import prepare
 
@@ -218,11 +218,21 @@ def _run(args: argparse.Namespace) -> int:
         check_writable(Path("runs"), "--out")
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
     store = _open_store(args.store)
-    result, out = _recorded_run(args, prepared, store)
+    try:
+        result, out = _recorded_run(args, prepared, store)
+    except Interrupted as err:
+        if baseline is None:
+            raise
+        raise Interrupted(f"{err}; the --compare {args.compare} run has not started: once this one is finished, "
+                          f"train it with selftune run {args.config} --method {args.compare} (and the same --set), "
+                          "and compare the two with selftune show", err.signum) from None
     if baseline is None:
         return 0
     assert prepared_baseline is not None
-    other, _ = _recorded_run(args, prepared_baseline, store, out=_beside(out, args.compare))
+    try:
+        other, _ = _recorded_run(args, prepared_baseline, store, out=_beside(out, args.compare))
+    except Interrupted as err:
+        raise Interrupted(f"{err}; then compare it with run {result.run_id} by selftune show", err.signum) from None
     _comparison(result, other)
     return 0
 

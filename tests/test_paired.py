@@ -115,3 +115,9 @@ def test_a_change_against_a_loss_of_zero_or_below_is_a_plain_difference(capsys):
     assert "delta-stn lowers the test loss by 0.2142 against fixed" in capsys.readouterr().out
     _comparison(run("delta-stn", 0.0, 2), run("fixed", 0.0, 1))
     assert "delta-stn leaves the test loss against fixed" in capsys.readouterr().out
+
+
+def test_a_cell_where_every_run_diverged_says_so_not_equal():
+    """Every tuned and fixed run diverged (NaN test losses): the cell read "equal on every seed"."""
+    nan = float("nan")
+    assert describe([nan, nan], [nan, nan]) == "no pair to compare: both runs diverged on every seed"

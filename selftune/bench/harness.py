@@ -450,14 +450,17 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
 
     fixed = {r.seed: r.examples for r in results if r.method == Fixed.name and not r.failed}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {}
+    colors: dict[tuple[str, str], str] = {}  # one colour per method and start: the starts of a method told apart
+    labelled: set[tuple[str, str]] = set()
     for r in results:
         if r.failed or r.seed not in fixed:
             continue
-        color = colors.setdefault(r.method, f"C{len(colors)}")
+        key = (r.method, r.start)
+        color = colors.setdefault(key, f"C{len(colors) % 10}")
         xs = [c[0] / fixed[r.seed] for c in r.curve]
         ys = [c[1] for c in r.curve]
-        label = r.method if r.seed == min(x.seed for x in results if x.method == r.method) else None
+        label = None if key in labelled else (f"{r.method} from {r.start}" if r.start else r.method)
+        labelled.add(key)
         ax.plot(xs, ys, "o-" if len(xs) == 1 else "-", color=color, label=label, alpha=0.8, markersize=5)
     ax.set_xscale("log")
     loss_scale(ax, [c[1] for r in results if not r.failed and r.seed in fixed for c in r.curve])
@@ -465,7 +468,8 @@ def plot_compute(task: str, results: list[MethodResult], path: Path) -> None:
     ax.set_ylabel("test loss of the returned model")
     ax.set_title(task)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if labelled:  # (every run failed: an empty plot, without matplotlib's warning about an empty legend)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

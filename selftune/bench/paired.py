@@ -107,6 +107,8 @@ def describe(tuned: Sequence[float], fixed: Sequence[float]) -> str:
     ``-12.4%, p 0.031: better`` or ``+1.0%, p 0.69: inside the seed noise``."""
     if not tuned:
         return "-"
+    if all(math.isnan(t) and math.isnan(f) for t, f in zip(tuned, fixed, strict=False)):
+        return "no pair to compare: both runs diverged on every seed"
     r = paired_test(tuned, fixed)
     if math.isnan(r.median):
         change = "median undefined (diverged runs on both sides)"
