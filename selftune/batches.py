@@ -651,7 +651,7 @@ class Source:
         roll-back) is dropped, its error with it."""
         if self.workers is None:
             return
-        self._drop_ahead()
+        self.drop_ahead()
         ids = index.tolist()
         try:
             shares = self.workers.submit(ids, seed)
@@ -659,11 +659,21 @@ class Source:
             return
         self._ahead = (ids, seed, self.workers.generation, shares)
 
-    def _drop_ahead(self) -> None:
+    def drop_ahead(self) -> None:
+        """Forget the batch fetched ahead (the shares not started are cancelled; one already running finishes
+        in its worker, unread)."""
         if self._ahead is not None:
             for share in self._ahead[3]:
-                share.cancel()  # (one already running finishes in its worker, unread)
+                share.cancel()
             self._ahead = None
+
+    def close(self) -> None:
+        """Stop the workers: at once where a batch fetched ahead is still being fetched (nothing waits for a
+        share nobody will read: a slow or stuck dataset hung the close)."""
+        pending = self._ahead is not None and not all(share.done() for share in self._ahead[3])
+        self.drop_ahead()
+        if self.workers is not None:
+            self.workers.close(kill=pending)
 
     def _fetch(self, ids: list[int], seed: int) -> list[Any]:
         assert self.workers is not None
@@ -672,7 +682,7 @@ class Source:
             if ahead[:3] == (ids, seed, self.workers.generation) and not any(f.cancelled() for f in ahead[3]):
                 return self.workers.collect(ahead[3])
             self._ahead = ahead
-            self._drop_ahead()
+            self.drop_ahead()
         return self.workers.fetch(ids, seed)
 
     def take(self, index: torch.Tensor, fields: Fields, *, seed: int | None = None) -> tuple[Any, Any]:

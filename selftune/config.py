@@ -381,7 +381,14 @@ def _laid_over_task_space(raw: dict[str, Any]) -> dict[str, Any]:
         raise from_validation(err, prefix="task") from None
     from .task import resolve_source
 
-    own = _task_space({"task": {"source": resolve_source(task.source), "args": task.args}})
+    try:
+        own = _task_space({"task": {"source": resolve_source(task.source), "args": task.args}})
+    except ConfigError as err:
+        if err.field != "space":
+            raise
+        name = _partial_tables(raw)[0]
+        raise ConfigError(f"space.{name}", "gives only some of low, high and init, but the task returns no space "
+                                           "(Task.space) to take the others from; declare it whole") from None
     merged = {name: dict(table) for name, table in own.items()}
     for name, table in raw["space"].items():
         merged[name] = {**merged.get(name, {}), **table} if isinstance(table, dict) else table

@@ -112,8 +112,9 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         state = log.algorithm
         if "handover_epoch" in state:
             lines.append(f"{tuner.method}: the validation loss was best after epoch {state['best_epoch']} "
-                         f"({state['best_val']:.4f}) and stood above it until epoch {state['handover_epoch']}, so "
-                         f"implicit hypergradients took over from Delta-STN after that epoch (the model over-fitted)")
+                         f"({state['best_val']:.4f}) and had stood above it in the epochs since, so implicit "
+                         f"hypergradients took over from Delta-STN after epoch {state['handover_epoch']} (the model "
+                         "over-fitted)")
         elif tuner.method == "delta-ift" and hyper_steps:
             lines.append(f"{tuner.method}: Delta-STN for the whole run (the validation loss never stood "
                          f"{tuner.settings.handover_rise:.0%} above its best for long enough to hand over)")

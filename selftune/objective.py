@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import batch_axis
-from .errors import ConfigError, ConfigTypeError
+from .errors import ConfigError, ConfigTypeError, DataError
 
 Lookup = Callable[[str], torch.Tensor]
 #: A user's loss: ``loss(outputs, targets)`` returns the batch's mean loss as a scalar tensor.
@@ -304,6 +304,12 @@ class Objective:
         ``differentiable``: keep the loss's dependence on the decay and smoothing rates (implicit
         differentiation takes the mixed derivative in weights and hyperparameters); otherwise they
         are constants of the weight step."""
+        if self.loss is None and not isinstance(logits, torch.Tensor):
+            # the checks before training read the model in evaluation mode; one that returns more while training
+            # (Inception's (logits, aux)) failed here with "'tuple' object has no attribute 'dim'"
+            raise DataError(f"train: in training mode the model returns a {type(logits).__name__}, and the default "
+                            "loss (cross-entropy) needs a tensor of logits; pass a loss that takes it, e.g. loss="
+                            "lambda out, y: F.cross_entropy(out[0] if isinstance(out, tuple) else out, y)")
         if self.loss is not None:
             loss = self.eval_loss(logits, target)
         elif self.label_smoothing is None:

@@ -472,10 +472,11 @@ class RecordedRun:
                               "restore it to continue the same run")
         changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("train", "val", "test")
                    if k in saved and k in now and saved[k] != now[k]]
+        code_changed = any(saved.get(k) and now.get(k) and saved[k] != now[k] for k in ("sha256", "code"))
         if changed:
             self.notes.append(f"the data changed since this run's checkpoint was written ({', '.join(changed)} "
                               "examples): the run goes on with the data as it is now")
-        elif saved.get("values") and now.get("values") and saved["values"] != now["values"]:
+        elif not code_changed and saved.get("values") and now.get("values") and saved["values"] != now["values"]:
             self.notes.append("the data's values changed since this run's checkpoint was written (the splits are "
                               "the same sizes: a data file the task reads was edited?): the run goes on with the "
                               "data as it is now, so it no longer ends where the uninterrupted run would have")

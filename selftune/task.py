@@ -314,9 +314,11 @@ def data_digest(splits: Mapping[str, Any]) -> str:
     a resume before it says nothing changed. A task that reads a file beside it (``data.csv``) builds the same
     code and split sizes from other values once the file is edited; only the values tell.
 
-    Tensors (pairs, ``TensorDataset``s, a loader over one) are hashed whole; another dataset by
-    :data:`SAMPLED_EXAMPLES` examples spread over it, fetched with PyTorch's, Python's and NumPy's
-    generators seeded (a random transform gives the same values every time) and put back after."""
+    Tensors (pairs, ``TensorDataset``s, a loader over one) are hashed whole, in slices (no copy of the data);
+    another dataset by :data:`SAMPLED_EXAMPLES` examples spread over it, fetched with PyTorch's, Python's and
+    NumPy's generators seeded (a random transform gives the same values every time) and put back after. Only
+    values that read the same in every process are hashed: tensors, arrays, numbers, strings, images (their
+    pixels), containers of them; another object counts by its type alone (its ``repr`` names an address)."""
     import random
 
     import numpy as np
@@ -326,17 +328,33 @@ def data_digest(splits: Mapping[str, Any]) -> str:
     from .batches import loader_dataset
 
     digest = hashlib.sha1()
+    slice_bytes = 1 << 26
+
+    def add_array(a: np.ndarray) -> None:
+        if a.dtype == object:
+            add(a.tolist())
+            return
+        digest.update(f"{a.dtype}{a.shape}".encode())
+        flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        for at in range(0, len(flat), slice_bytes):
+            digest.update(memoryview(flat[at:at + slice_bytes]))
 
     def add(value: Any) -> None:
         if isinstance(value, torch.Tensor):
             t = value.detach()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            if t.layout == torch.strided and t.numel():
-                digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            if t.layout != torch.strided or t.is_meta or not t.numel():
+                return
+            t = t.resolve_conj().resolve_neg().reshape(-1)
+            step = max(1, slice_bytes // t.element_size())
+            for at in range(0, len(t), step):  # (a slice at a time: a GPU tensor is not copied to the host whole)
+                digest.update(memoryview(t[at:at + step].cpu().contiguous().view(torch.uint8).numpy()))
         elif isinstance(value, np.ndarray):
-            digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+            add_array(value)
+        elif isinstance(value, np.generic | bool | int | float | complex | str | bytes) or value is None:
+            digest.update(f"{type(value).__name__}:{value!r}".encode())
         elif isinstance(value, Mapping):
-            for key in value:
+            for key in sorted(value, key=repr):
                 digest.update(repr(key).encode())
                 add(value[key])
         elif isinstance(value, tuple | list):
@@ -344,33 +362,37 @@ def data_digest(splits: Mapping[str, Any]) -> str:
             for item in value:
                 add(item)
             digest.update(b"]")
+        elif isinstance(value, set | frozenset):
+            digest.update(b"{" + "\0".join(sorted(repr(v) for v in value)).encode() + b"}")
+        elif hasattr(value, "__array_interface__") or hasattr(value, "getdata"):  # a PIL image: its pixels
+            try:
+                add_array(np.asarray(value))
+            except Exception:
+                digest.update(type(value).__qualname__.encode())
         else:
-            digest.update(repr(value).encode())
+            digest.update(type(value).__qualname__.encode())
 
     for name in sorted(splits):
         data = splits[name]
         digest.update(name.encode())
-        if isinstance(data, DataLoader):
-            data = loader_dataset(data)
-        if isinstance(data, TensorDataset):
-            data = data.tensors
-        if isinstance(data, tuple | list) and all(isinstance(t, torch.Tensor) for t in data):
-            add(list(data))
-            continue
-        try:
-            n = len(data)
-        except TypeError:
-            continue  # (no map-style dataset: the checks refuse it)
-        picks = sorted({round(k * (n - 1) / max(1, SAMPLED_EXAMPLES - 1)) for k in range(min(n, SAMPLED_EXAMPLES))})
         state = (random.getstate(), np.random.get_state())
         try:
+            if isinstance(data, DataLoader):
+                data = loader_dataset(data)
+            if isinstance(data, TensorDataset):
+                data = data.tensors
+            if isinstance(data, tuple | list) and all(isinstance(t, torch.Tensor) for t in data):
+                add(list(data))
+                continue
+            n = len(data)
+            picks = sorted({round(k * (n - 1) / max(1, SAMPLED_EXAMPLES - 1)) for k in range(min(n, SAMPLED_EXAMPLES))})
             with torch.random.fork_rng(devices=[]):
                 for i in picks:
                     torch.manual_seed(i)
                     random.seed(i)
                     np.random.seed(i)
                     add(data[i])
-        except Exception:  # a dataset that fails to fetch: the checks before training say which example
+        except Exception:  # no map-style dataset, one that fails to fetch: the checks before training say why
             digest.update(b"unreadable")
         finally:
             random.setstate(state[0])

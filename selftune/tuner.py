@@ -624,8 +624,8 @@ class SelfTuner:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 net.eval()
                 # a metric is a batch mean over up to 512 examples when scored (score()): one that needs more
-                # than one class (an AUC) is checked on as many, a loss on the first two
-                x, y = source.take(torch.arange(min(512 if self.metrics else 2, len(source))), self.fields)
+                # than one class (an AUC) is checked on as many, a loss on the first four
+                x, y = source.take(torch.arange(min(512 if self.metrics else 4, len(source))), self.fields)
                 if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
                     raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
                                                  f"{type(x).__name__}; remove the augmentations")
@@ -657,8 +657,6 @@ class SelfTuner:
                     if what == "train":
                         self._fix_layout(out, y)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
-                if what == "train":
-                    self._check_training_outputs(x, y, out)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)
         finally:
@@ -667,42 +665,6 @@ class SelfTuner:
             check_all_targets(source.dataset, classes, what, origin=source.origin)
         if self.objective.loss is None and what in ("train", "val"):
             self._n_outputs = classes  # what each batch of a dataset not checked whole is checked against
-
-    def _check_training_outputs(self, x: Any, y: Any, evaluated: Any) -> None:
-        """The checks above read the model in evaluation mode; one that returns something else while training
-        (Inception's ``(logits, aux)``) failed at the first step with a raw error inside the loss. One
-        training-mode pass over the same examples (the model's buffers and PyTorch's generator put back,
-        so the run is unchanged) must give what the loss takes."""
-        net = self.net
-        buffers = [(b, b.clone()) for b in net.model.buffers()]
-        try:
-            device = net.hparams.device
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                net.train()
-                try:
-                    out = net(x)
-                except torch.OutOfMemoryError:
-                    raise
-                except (RuntimeError, ValueError, TypeError, IndexError, KeyError):
-                    return  # (BatchNorm on too few examples and the like: training itself says what it is)
-        finally:
-            net.eval()
-            for b, saved in buffers:
-                b.copy_(saved)
-        if type(out) is type(evaluated):
-            return
-        if self.objective.loss is None:
-            raise DataError(f"train: in training mode the model returns a {type(out).__name__} (in evaluation mode "
-                            f"a {type(evaluated).__name__}), and the default loss (cross-entropy) needs a tensor of "
-                            "logits; pass a loss that takes both, e.g. loss=lambda out, y: F.cross_entropy(out[0] if "
-                            "isinstance(out, tuple) else out, y)")
-        try:
-            float(self.objective.eval_loss(out, y))
-        except Exception as err:
-            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-            raise DataError(f"train: loss(outputs, targets) failed on the model's training-mode outputs, a "
-                            f"{type(out).__name__} (in evaluation mode a {type(evaluated).__name__}): {reason}; make "
-                            "the loss take both") from err
 
     def _fix_layout(self, logits: Any, y: Any) -> None:
         """Fix the default cross-entropy's layout for the run (``Objective.classes_dim``) from the first
@@ -798,19 +760,30 @@ class SelfTuner:
         """A loss of the user's own that sums over the batch (``F.cross_entropy(out, y, reduction="sum")``,
         ``((out - y) ** 2).sum()``) scales with the batch: the hyper steps compare losses over batches of other
         sizes, and scores depend on the scoring batch. A mean is the same over a batch and over that batch
-        twice; a sum doubles (the module form, ``reduction='sum'``, is refused by :class:`Objective`)."""
+        twice; a sum doubles, and is also the sum of its two halves' (an in-batch softmax over B examples at
+        uniform scores, log B, doubles from B = 2 to 4: hence three examples at least, and both tests). On CPU
+        copies (a probe that fails, a loss holding another device's tensors, is skipped). (The module form,
+        ``reduction='sum'``, is refused by :class:`Objective`.)"""
         if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and self.net.batch_dim == 0
-                and out.dim() >= 1 and y.dim() >= 1 and len(out) == len(y) >= 1):
+                and out.dim() >= 1 and y.dim() >= 1 and len(out) == len(y) >= 3):
             return
         if not math.isfinite(value) or abs(value) < 1e-6:
             return
+        out, y = out.detach().cpu(), y.detach().cpu()
+        half = len(out) // 2
         try:
+            once = float(fn(out, y))
             twice = float(fn(torch.cat([out, out]), torch.cat([y, y])))
-        except Exception:  # a loss that cannot take the doubled batch: nothing to compare
+            halves = float(fn(out[:half], y[:half])) + float(fn(out[half:], y[half:]))
+        except Exception:  # a loss that cannot take these batches here: nothing to compare
             return
-        if abs(twice - 2 * value) <= 1e-4 * abs(value) and abs(twice - value) > 1e-4 * abs(value):
+
+        def close(a: float, b: float) -> bool:
+            return abs(a - b) <= 1e-4 * max(abs(a), abs(b))
+
+        if close(twice, 2 * once) and close(halves, once) and not close(twice, once):
             raise ConfigTypeError("loss", f"it sums over the batch (over these examples twice it is {twice:.4g}, "
-                                          f"once {value:.4g}), and selftune needs the batch's mean loss (it compares "
+                                          f"once {once:.4g}), and selftune needs the batch's mean loss (it compares "
                                           "losses over batches of other sizes); return the mean (reduction='mean', "
                                           ".mean()), and a larger learning rate where the sum set its scale")
 
@@ -909,6 +882,8 @@ class SelfTuner:
                 return self._fit(epochs, callbacks, max_steps)
         finally:
             self.net.train(was_training)
+            for source in self.sources.values():  # a batch fetched ahead for a step that did not come
+                source.drop_ahead()
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -1353,8 +1328,7 @@ class SelfTuner:
         cell keeps them, each with its copy of the dataset); a later batch starts them again. Also on leaving
         ``with SelfTuner(...) as tuner:``."""
         for source in self.sources.values():
-            if source.workers is not None:
-                source.workers.close()
+            source.close()
 
     def __enter__(self) -> SelfTuner:
         return self
@@ -1630,10 +1604,11 @@ class SelfTuner:
 
     def _batch_seed(self, split: str, epoch: int, batch: int) -> int:
         """The seed of the examples of training batch ``batch`` (counted from 1) of ``epoch``, or of the
-        validation batch drawn after it (its place in the validation order tells several apart)."""
+        validation batch drawn after it (the hyper steps taken so far tell several apart: after one step,
+        validation batches that wrap around the validation set end at the same place)."""
         if split == "train":
             return batch_seed(self.seed, 0, epoch, batch)
-        return batch_seed(self.seed, 1, epoch, batch, self.order.val_pos)
+        return batch_seed(self.seed, 1, epoch, batch, self.order.val_pos, self.log.counters.hyper_steps)
 
     def score(self, data: Any | None = None, batch_size: int = 512, *, net: HyperNet | None = None) -> dict[str, float]:
         """:func:`score` of ``net`` (default: the tuner's own) on ``data`` (default: the validation data, with

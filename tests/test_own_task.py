@@ -1419,3 +1419,32 @@ def test_a_bench_run_again_after_the_tasks_data_file_changed_trains_again(tmp_pa
     x = torch.arange(6.0).reshape(3, 2)
     assert data_digest({"train": (x, x)}) != data_digest({"train": (x, x + 1)})
     assert data_digest({"train": (x, x)}) == data_digest({"train": DataLoader(torch.utils.data.TensorDataset(x, x))})
+
+
+def test_the_data_digest_is_the_same_in_every_process():
+    """Objects whose repr names an address (a PIL image, an object of the user's), sets of strings (hashed
+    in another order per process) and object arrays (a pandas row) gave another digest in every process:
+    a search never continued its study and a bench never kept a run."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent('''
+        import numpy as np
+        from selftune.task import data_digest
+
+        class Thing:
+            pass
+
+        class Rows:
+            def __len__(self):
+                return 3
+
+            def __getitem__(self, i):
+                return {"row": np.array([1.5, "a", i], dtype=object), "tags": {"cat", "dog", "bird"},
+                        "thing": Thing(), "label": i}
+
+        print(data_digest({"train": Rows()}))
+    ''')
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout for _ in range(3)}
+    assert len(digests) == 1 and len(next(iter(digests)).strip()) == 40

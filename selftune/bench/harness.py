@@ -211,8 +211,8 @@ def run_bench(task: str, *, methods: Sequence[str] | None = None, trials: int = 
                     try:
                         r = method.run(cfg, seed, run_ctx)
                     except Interrupted as err:  # the run's own advice, and the bench's: run it again
-                        raise Interrupted(f"{err}; or run this bench again, which resumes that run and keeps "
-                                          "the runs and trials it finished", err.signum) from None
+                        raise Interrupted(f"{err}; or run this bench again, which keeps the runs and trials it "
+                                          "finished and resumes a run it stopped", err.signum) from None
                     except KeyboardInterrupt:  # outside a run's training: a search trial, a wait, a start-up
                         raise Interrupted(f"bench of {name} interrupted by SIGINT during {method.name}; run it "
                                           "again to go on: it keeps the single runs and search trials it "

@@ -160,11 +160,16 @@ class _Between:
         self.in_trial = False
 
     def __call__(self, signum: int, _frame: object) -> None:
+        second = self.signum is not None
         self.signum = self.signum or signum
-        if self.in_trial:
+        if self.in_trial or second:  # (a second one also stops bookkeeping that hangs: a store that is locked)
             raise KeyboardInterrupt
 
     def stop_if_signalled(self, study: optuna.Study) -> None:
+        """Stop as the signal asks, now that Optuna's bookkeeping is done: a SIGINT as the KeyboardInterrupt a
+        caller expects of a Ctrl-C (a bench says how to go on), a SIGTERM as :class:`Interrupted`."""
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.signum is not None:
             name = signal.Signals(self.signum).name
             raise Interrupted(f"study {study.study_name} stopped by {name} (the trials it finished are kept); run "
@@ -197,10 +202,10 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
     waited, ran, lost = False, [], 0  # ran: the trial whose objective this process ran to its end (or pruned)
 
     def run(trial: optuna.Trial) -> float:
-        if guard.signum is not None:  # (a signal while Optuna created this trial: it fails, nothing trains)
-            raise KeyboardInterrupt
-        guard.in_trial = True
+        guard.in_trial = True  # (first: a signal from here on stops the trial at once)
         try:
+            if guard.signum is not None:  # (a signal while Optuna created this trial: it fails, nothing trains)
+                raise KeyboardInterrupt
             value = objective(trial)
         except optuna.TrialPruned:
             ran.append(trial.number)
@@ -231,7 +236,8 @@ def run_budget(study: optuna.Study, storage: optuna.storages.RDBStorage, objecti
                 try:
                     study.optimize(run, n_trials=1, catch=(SurplusTrialError,))
                 except KeyboardInterrupt:
-                    guard.signum = guard.signum or signal.SIGINT
+                    if guard.signum in (None, signal.SIGINT):
+                        raise
                 guard.stop_if_signalled(study)
         except Exception as err:  # Optuna's tell of a trial another process failed meanwhile (module docstring)
             if isinstance(err, SelftuneError) or not ran or not _failed_elsewhere(study, ran[-1]):

@@ -112,13 +112,21 @@ class Search(Method):
         an edited file, and its study would go on with trials that trained on the old values."""
         name = f"{ctx.label}-{self.name}-seed{seed}-{ctx.trials}trials-{trial_digest(config)}"
         if config.task is not None:
+            import random
+
+            import numpy as np
             import torch
 
             from ..task import call_task, data_digest, seed_task_generators
 
-            with torch.random.fork_rng(devices=[]):
-                seed_task_generators(seed)  # (as each trial's run builds it)
-                task = call_task(config.task.source, config.task.args)
+            state = (random.getstate(), np.random.get_state())
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    seed_task_generators(seed)  # (as each trial's run builds it)
+                    task = call_task(config.task.source, config.task.args)
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
             name += f"-data{data_digest({'train': task.train, 'val': task.val, 'test': task.test})[:8]}"
         return name
 
