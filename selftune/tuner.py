@@ -624,8 +624,8 @@ class SelfTuner:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 net.eval()
                 # a metric is a batch mean over up to 512 examples when scored (score()): one that needs more
-                # than one class (an AUC) is checked on as many, a loss on the first four
-                x, y = source.take(torch.arange(min(512 if self.metrics else 4, len(source))), self.fields)
+                # than one class (an AUC) is checked on as many, a loss on the first two
+                x, y = source.take(torch.arange(min(512 if self.metrics else 2, len(source))), self.fields)
                 if self.augment is not None and what == "train" and not isinstance(x, torch.Tensor):
                     raise ConfigError("augment", f"augmentations need tensor inputs, but a batch's inputs are a "
                                                  f"{type(x).__name__}; remove the augmentations")
@@ -657,6 +657,12 @@ class SelfTuner:
                     if what == "train":
                         self._fix_layout(out, y)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
+                if what == "train" and self.objective.loss is not None:
+                    if batch_of(y, net.batch_dim) < 3 <= len(source):  # (the sum test needs three at least)
+                        x, y = source.take(torch.arange(min(4, len(source))), self.fields)
+                        x, y = to_device(x, device), to_device(y, device)
+                        out = net(x)
+                    self._refuse_summed(self.objective.eval_loss, out, y)
             if what == "train" and self.objective.loss is not None:
                 self._check_differentiable(x, y)
         finally:
@@ -753,10 +759,8 @@ class SelfTuner:
                 reason = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DataError(f"{what}: {name}(outputs, targets) failed on the first examples ({reason}); the "
                                 f"model's outputs are {_shape(out)} and the targets {_shape(y)}") from err
-            if name == "loss" and what == "train":
-                self._refuse_summed(fn, out, y, float(value))
 
-    def _refuse_summed(self, fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any, value: float) -> None:
+    def _refuse_summed(self, fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any) -> None:
         """A loss of the user's own that sums over the batch (``F.cross_entropy(out, y, reduction="sum")``,
         ``((out - y) ** 2).sum()``) scales with the batch: the hyper steps compare losses over batches of other
         sizes, and scores depend on the scoring batch. A mean is the same over a batch and over that batch
@@ -767,8 +771,6 @@ class SelfTuner:
         if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and self.net.batch_dim == 0
                 and out.dim() >= 1 and y.dim() >= 1 and len(out) == len(y) >= 3):
             return
-        if not math.isfinite(value) or abs(value) < 1e-6:
-            return
         out, y = out.detach().cpu(), y.detach().cpu()
         half = len(out) // 2
         try:
@@ -776,6 +778,8 @@ class SelfTuner:
             twice = float(fn(torch.cat([out, out]), torch.cat([y, y])))
             halves = float(fn(out[:half], y[:half])) + float(fn(out[half:], y[half:]))
         except Exception:  # a loss that cannot take these batches here: nothing to compare
+            return
+        if not math.isfinite(once) or abs(once) < 1e-6:
             return
 
         def close(a: float, b: float) -> bool:
