@@ -657,8 +657,9 @@ class SelfTuner:
                     if what == "train":
                         self._fix_layout(out, y)
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
-                if what == "train" and self.objective.loss is not None:
-                    if batch_of(y, net.batch_dim) < 3 <= len(source):  # (the sum test needs three at least)
+                if what == "train" and self.objective.loss is not None and isinstance(out, torch.Tensor) \
+                        and isinstance(y, torch.Tensor) and net.batch_dim == 0:
+                    if y.dim() >= 1 and len(y) < 3 <= len(source):  # (the sum test needs three at least)
                         x, y = source.take(torch.arange(min(4, len(source))), self.fields)
                         x, y = to_device(x, device), to_device(y, device)
                         out = net(x)
