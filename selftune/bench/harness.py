@@ -309,15 +309,16 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
 
 
 def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], perplexity: bool,
-          label: Callable[[str], str] = str) -> list[str]:
+          label: Callable[[str], str] = str, metrics: Sequence[str] = ()) -> list[str]:
     lines = []
+    blank = "- | " * len(metrics)
     for m in dict.fromkeys(r.method for r in results):
         every = [i for i, r in enumerate(results) if r.method == m]
         idx = [i for i in every if not results[i].failed]
         failed = len(every) - len(idx)
         name = label(m) + (f" ({failed} of {len(every)} diverged)" if failed else "")
         if not idx:
-            lines.append(f"| {name} | - | {'- | ' if perplexity else ''}- | - | - | - |")
+            lines.append(f"| {name} | - | {'- | ' if perplexity else ''}- | {blank}- | - | - |")
             continue
         rs = [results[i] for i in idx]
         # runs whose plain run diverged have no unit to count in
@@ -326,20 +327,23 @@ def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], pe
         ex_s = f"{statistics.mean(ex):.2f}" if ex else "- (fixed diverged)"
         sec_s = f"{statistics.mean(sec):.2f}" if sec else "-"
         ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
+        own = "".join(f"{_mean_sd([r.test_metrics.get(k, math.nan) for r in rs])} | " for k in metrics)
         lines.append(f"| {name} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
-                     f"{_mean_sd([r.test_accuracy for r in rs])} | {ex_s} | {sec_s} | {rs[0].trials} |")
+                     f"{_mean_sd([r.test_accuracy for r in rs])} | {own}{ex_s} | {sec_s} | {rs[0].trials} |")
     return lines
 
 
 def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool = False,
           scheduled: Sequence[str] = (), config: RunConfig | None = None, overrides: Sequence[str] = ()) -> str:
-    """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models),
-    compute in units of one plain run; one table per start, and a verdict per start when the task
-    declares starts."""
+    """Markdown: mean ± sd over seeds of test loss and accuracy (and perplexity for language models) and
+    of the task's own metrics, compute in units of one plain run; one table per start, and a verdict per
+    start when the task declares starts."""
     units = {id(results[i]): u for i, u in _units(results).items()}
+    metrics = list(dict.fromkeys(k for r in results for k in r.test_metrics))
     quality = "test loss | test perplexity | test token accuracy" if perplexity else "test loss | test accuracy"
+    quality += "".join(f" | test {k}" for k in metrics)
     header = [f"| method | {quality} | examples (x plain) | seconds (x plain) | trials / members |",
-              "|---|---|---|---|---|---|" + ("---|" if perplexity else "")]
+              "|---|---|---|---|---|---|" + ("---|" if perplexity else "") + "---|" * len(metrics)]
     lines = [f"# {task}{' (quick)' if quick else ''}", "",
              f"Seeds: {len({r.seed for r in results})}. Compute in units of one plain (fixed) run of the same "
              "seed; searches count every trial, PBT every member-epoch."
@@ -348,7 +352,8 @@ def table(task: str, results: list[MethodResult], quick: bool, perplexity: bool 
     starts = list(dict.fromkeys(r.start for r in results if r.start))
 
     def section(rs: list[MethodResult]) -> list[str]:
-        return header + _rows(rs, {i: units[id(r)] for i, r in enumerate(rs) if id(r) in units}, perplexity)
+        return header + _rows(rs, {i: units[id(r)] for i, r in enumerate(rs) if id(r) in units}, perplexity,
+                              metrics=metrics)
 
     if not starts:
         lines += section(results)
@@ -400,6 +405,7 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
             searches.setdefault(r.method, []).append(r.test_loss)
     best_search = min(searches, key=lambda m: statistics.mean(searches[m])) if searches else None
     names = config.build_space().names
+    metrics = list(dict.fromkeys(k for r in results for k in r.test_metrics))
     lines = ["## Verdict", "",
              f"Against fixed training from the same start and seed, and against the best search"
              f"{f' ({best_search}, mean {statistics.mean(searches[best_search]):.4f})' if best_search else ''}. "
@@ -407,7 +413,10 @@ def verdict(results: list[MethodResult], config: RunConfig) -> list[str]:
              "of its transform (+ is up). Paired: the median change of the test loss against fixed training of the "
              "same seed, and whether the changes lean one way beyond the seeds' noise (Wilcoxon signed-rank test "
              "on the log ratios, or on the differences where a loss is 0 or below; 5% level; docs/cli.md, "
-             "`selftune bench`).", "",
+             "`selftune bench`)." + (
+                 f" Only the test loss is judged here: the task's own metrics ({', '.join(metrics)}) are in the "
+                 "tables above, and a method can win on the loss and lose on them."
+                 if metrics else ""), "",
              "| start | method | beats fixed | paired (median, p) | mean test loss vs fixed | vs best search | moves |",
              "|---|---|---|---|---|---|---|"]
     tuners = [m for m in dict.fromkeys(r.method for r in results if r.method in single) if m != Fixed.name]

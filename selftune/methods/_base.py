@@ -20,6 +20,9 @@ class MethodResult:
     Attributes:
         method, seed: which.
         test_loss, test_accuracy: of the model the method returns (the best trial's, for searches).
+        test_metrics: the task's own metrics (``metrics=`` of a ``[task]`` or ``SelfTuner``) of that model on
+            the test split, by name: the bench judges the loss, and a loss can win where a metric the user
+            cares about loses (an over-regularised multi-label net: lower cross-entropy, F1 halved).
         val_loss: the validation loss the method selected on.
         hparams: the final (or best) hyperparameters.
         examples: training examples forwarded + backwarded, summed over every trial (pruned included).
@@ -54,9 +57,15 @@ class MethodResult:
     start_values: dict[str, Any] = field(default_factory=dict)
     failed: str = ""
     began: dict[str, Any] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def own_metrics(test: dict[str, Any]) -> dict[str, float]:
+    """The task's own metrics in a split's scores (``loss`` and ``accuracy`` have fields of their own)."""
+    return {k: float(v) for k, v in test.items() if k not in ("loss", "accuracy")}
 
 
 @dataclass

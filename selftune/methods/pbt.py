@@ -35,7 +35,7 @@ from ..errors import DivergenceError, SelftuneWarning
 from ..extras import install_hint, missing
 from ..runner import RecordedRun, evaluate_run, prepare
 from ..store import RunStore
-from ._base import Context, Method, MethodResult
+from ._base import Context, Method, MethodResult, own_metrics
 
 _STATE = "tuner.pt"
 _DIVERGED = "diverged"  # in a member's checkpoint: the epoch it reported when it diverged
@@ -273,4 +273,5 @@ def _record(config: RunConfig, seed: int, values: dict[str, Any], best: Any, sto
     return MethodResult(method=method, seed=seed, test_loss=result.test["loss"],
                         test_accuracy=result.test.get("accuracy", math.nan), val_loss=result.val["loss"],
                         hparams=fit.hparams, examples=tally.examples, seconds=seconds,
-                        trials=population, run_id=run.run_id, curve=[(tally.examples, result.test["loss"])])
+                        trials=population, run_id=run.run_id, curve=[(tally.examples, result.test["loss"])],
+                        test_metrics=own_metrics(result.test))

@@ -19,7 +19,7 @@ from ..errors import DivergenceError
 from ..extras import install_hint, missing
 from ..task import code_digest
 from ..tuner import Callback, SelfTuner
-from ._base import Context, Method, MethodResult
+from ._base import Context, Method, MethodResult, own_metrics
 
 if TYPE_CHECKING:
     import optuna
@@ -280,6 +280,7 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
         trial.set_user_attr("seconds", float(result.compute["seconds"]))
         for key in ("loss", "accuracy"):
             trial.set_user_attr(f"test_{key}", result.test.get(key, math.nan))
+        trial.set_user_attr("test_metrics", own_metrics(result.test))
         if not math.isfinite(result.val["loss"]):  # Optuna fails such a trial, which would be drawn again
             trial.set_user_attr("diverged", True)  # for ever: it counts as a diverged one
             raise optuna.TrialPruned()
@@ -312,4 +313,5 @@ def run_search(config: RunConfig, search: Search, seed: int, n_trials: int, stor
     return MethodResult(method=search.name, seed=seed, test_loss=best.user_attrs["test_loss"],
                         test_accuracy=best.user_attrs["test_accuracy"], val_loss=float(best.value),
                         hparams=hparams, examples=examples, seconds=seconds,
-                        trials=len(trials), study=study_name, curve=curve)
+                        trials=len(trials), study=study_name, curve=curve,
+                        test_metrics=dict(best.user_attrs.get("test_metrics", {})))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import ALGORITHMS
-from ._base import Context, Method, MethodResult, began_from
+from ._base import Context, Method, MethodResult, began_from, own_metrics
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -75,7 +75,8 @@ def result_of(done: dict[str, Any], ctx: Context, config: RunConfig) -> MethodRe
                         test_accuracy=done["test"].get("accuracy", math.nan), val_loss=done["val"]["loss"],
                         hparams=done["hparams"], examples=examples, seconds=done["compute"]["seconds"],
                         run_id=done["run_id"], curve=[(examples, done["test"]["loss"])], start=ctx.start,
-                        start_values={n: h.init for n, h in config.space.items()}, began=began_from(done, config))
+                        start_values={n: h.init for n, h in config.space.items()}, began=began_from(done, config),
+                        test_metrics=own_metrics(done["test"]))
 
 
 def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodResult | None:
