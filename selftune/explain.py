@@ -37,6 +37,11 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
     log, names = tuner.log, tuner.net.space.names
     u0, u1 = _units(tuner, start), _units(tuner, end)
     hyper_steps = log.counters.hyper_steps
+    # delta-ift after its handover: hyperparameters the implicit hypergradient never reached stopped there
+    # (a rate bound to the weights' optimizer follows its own hypergradient throughout)
+    implicit = log.algorithm.get("implicit_seen")
+    bound = {b.index for b in (tuner.lr_tuner, tuner.momentum_tuner) if b is not None}
+    augmented = set(tuner.augment.hyperparameters()) if tuner.augment is not None else set()
     lines = []
     for i in indices:
         name = names[i]
@@ -48,13 +53,19 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
         if hyper_steps and not log.hypergrad_seen[i]:
             lines.append(f"{what}: never received a hypergradient in {hyper_steps} hyper steps")
             continue
+        frozen = ""
+        if implicit is not None and not implicit[i] and i not in bound:
+            why = ("an augmentation's strength has no gradient through its draws" if name in augmented else
+                   "the implicit hypergradient did not reach it")
+            frozen = (f"; it stayed where Delta-STN left it after the handover (epoch "
+                      f"{log.algorithm.get('handover_epoch')}): {why}")
         if abs(delta) < STILL:
-            lines.append(f"{what}: barely moved (under {STILL:.0%} of its range)")
+            lines.append(f"{what}: barely moved (under {STILL:.0%} of its range){frozen}")
             continue
         move = f"moved {'up' if delta > 0 else 'down'} {abs(delta):.0%} of its range"
-        bound = " and ended on its upper bound" if u1[i] > 1 - ON_BOUND else \
+        edge = " and ended on its upper bound" if u1[i] > 1 - ON_BOUND else \
             " and ended on its lower bound" if u1[i] < ON_BOUND else ""
-        lines.append(f"{what}: {move}{bound}" + (" (the range may be too narrow)" if bound else ""))
+        lines.append(f"{what}: {move}{edge}" + (" (the range may be too narrow)" if edge else "") + frozen)
     return lines
 
 
@@ -111,10 +122,10 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
             lines.append(f"no hyper step was taken ({why})")
         state = log.algorithm
         if "handover_epoch" in state:
-            lines.append(f"{tuner.method}: the validation loss was best after epoch {state['best_epoch']} "
-                         f"({state['best_val']:.4f}) and had stood above it in the epochs since, so implicit "
-                         f"hypergradients took over from Delta-STN after epoch {state['handover_epoch']} (the model "
-                         "over-fitted)")
+            lines.append(f"{tuner.method}: by epoch {state['handover_epoch']} the validation loss had stood above "
+                         f"its best so far (epoch {state['best_epoch']}, {state['best_val']:.4f}) in every epoch "
+                         f"since, so implicit hypergradients took over from Delta-STN after epoch "
+                         f"{state['handover_epoch']} (the model over-fitted)")
         elif tuner.method == "delta-ift" and hyper_steps:
             lines.append(f"{tuner.method}: Delta-STN for the whole run (the validation loss never stood "
                          f"{tuner.settings.handover_rise:.0%} above its best for long enough to hand over)")

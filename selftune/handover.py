@@ -114,6 +114,12 @@ class DeltaIFT(DeltaSTN):
                 state["momentum_buffer"] = torch.zeros_like(hparams)
             if opt.param_groups[0]["centered"]:
                 state["grad_avg"] = torch.zeros_like(hparams)
+        if hparams.grad is not None:
+            # which hyperparameters the implicit hypergradient reaches (an augmentation's strength has no
+            # gradient through its draws, so it stays where Delta-STN left it): the explanation says so
+            seen = tuner.log.algorithm.get("implicit_seen") or [False] * hparams.numel()
+            tuner.log.algorithm["implicit_seen"] = [bool(a or b) for a, b in zip(
+                seen, (hparams.grad != 0).tolist(), strict=True)]
         return val_loss
 
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:

@@ -179,3 +179,37 @@ def test_after_the_handover_the_response_paths_stop_training():
 def test_bad_handover_settings_name_their_field(override):
     with pytest.raises(ConfigError, match=r"tuner\.(handover_patience|handover_rise|compute_budget)"):
         load_config(ROOT / "examples" / "own_task.toml", [override])
+
+
+def test_after_the_handover_an_augmentation_strength_stays_put_and_the_explanation_says_why():
+    """Implicit hypergradients do not reach an augmentation's strength (no gradient through its draws): after
+    the handover it keeps Delta-STN's value, and the explanation names it (it said only how far it moved)."""
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    import selftune as st
+    from selftune.augment import Augment, Noise
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16, torch.tensor(y)
+    wrong = torch.arange(0, 100, 4)
+    y[wrong] = (y[wrong] + 3) % 10  # a quarter of the training labels wrong: the model over-fits early
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), st.Dropout("drop"), nn.Linear(256, 10))
+    space = st.Space([st.Float("drop", 0.0, 0.9, 0.05), st.Float("noise", 0.0, 1.0, 0.05),
+                      st.Float("weight_decay", 1e-6, 1e-1, 1e-5, log=True)])
+    settings = TunerSettings(lr=0.1, batch_size=32, handover_rise=0.0, handover_patience=0.01)
+    tuner = st.SelfTuner(st.hypernetize(model, space), (x[:100], y[:100]), (x[150:300], y[150:300]),
+                         augment=Augment([Noise("noise")]), objective=st.Objective(weight_decay="weight_decay"),
+                         settings=settings, seed=0)
+    tuner.fit(25)
+    at = handover_epoch(tuner.log.algorithm)
+    assert at is not None and at < 24
+    noise = tuner.net.values()["noise"]
+    tuner.fit(28)  # three epochs of implicit steps: the decay moves, the strength does not
+    assert tuner.net.values()["noise"] == noise
+    assert tuner.log.algorithm["implicit_seen"] == [True, False, True]
+    lines = explain(tuner)
+    line = next(line for line in lines if line.startswith("noise:"))
+    assert f"stayed where Delta-STN left it after the handover (epoch {at})" in line and "augmentation" in line
+    assert not any("stayed where" in line for line in lines if line.startswith(("drop:", "weight_decay:")))
