@@ -1532,6 +1532,12 @@ class SelfTuner:
             for p in (net.hparams, net.scale_raw):
                 if p.grad is not None:
                     p.grad[bound.index] = 0
+        for name in self.log.idle or ():
+            # A name nothing reads still feeds the response layers, so it had a hypergradient and drifted while
+            # the explanation said it drives nothing: it keeps its init value (and its perturbation scale).
+            for p in (net.hparams, net.scale_raw):
+                if p.grad is not None:
+                    p.grad[net.space.index(name)] = 0
         self._check(net.hparams.grad, "hypergradient", "hyper")
         if net.hparams.grad is not None:
             seen = (net.hparams.grad != 0).tolist()

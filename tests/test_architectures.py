@@ -380,3 +380,23 @@ def test_an_instance_norm_that_tracks_statistics_keeps_them_across_the_extra_pas
     assert torch.equal(norm.running_mean, before)
     net(x[:10] * 5 + 3)
     assert not torch.equal(norm.running_mean, before)
+
+
+def test_a_models_own_parameter_is_named_as_what_stays_plain():
+    """A learned table the model holds itself (a positional embedding as an ``nn.Parameter``) stays plain; the
+    summary named "the model itself" as having no best-response form while its layers were converted."""
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(4))
+            self.drop = st.Dropout("p")
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.drop(x + self.pos))
+
+    net = st.hypernetize(Positional(), st.Space([st.Float("p", 0.0, 0.9, 0.1)]))
+    assert net.converted == {"head": "Linear"}
+    assert net.left_plain == {"": "Positional's own parameter pos stays plain: only the layer kinds hypernetize "
+                                  "converts respond"}
+    assert "left plain: the model (Positional's own parameter pos" in net.summary()

@@ -49,6 +49,8 @@ def test_a_hyperparameter_that_drives_nothing_is_reported(digits):
     lines = explain(tuner)
     assert any(line.startswith("unused:") and "drives nothing" in line for line in lines), lines
     assert not any(line.startswith("d0:") and "drives nothing" in line for line in lines)
+    # it feeds the response layers, so it had a hypergradient and drifted (0.5 -> 0.5089) under that line
+    assert abs(tuner.net.values()["unused"] - 0.5) < 1e-6 and abs(tuner.net.values()["d0"] - 0.5) > 1e-3
 
 
 def test_the_explanation_says_what_moved_and_how_the_validation_loss_went(digits):

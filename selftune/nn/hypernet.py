@@ -275,7 +275,7 @@ class HyperNet(nn.Module):
             kinds[kind] = kinds.get(kind, 0) + 1
         text = "converted " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "no layer")
         if self.left_plain:
-            text += "; left plain: " + "; ".join(f"{name or 'the model itself'} ({why})"  # its own nn.Parameter
+            text += "; left plain: " + "; ".join(f"{name or 'the model'} ({why})"  # its own nn.Parameter
                                                  for name, why in self.left_plain.items())
         return text
 
@@ -674,8 +674,12 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "
         if reason is None and type(module) in CONVERTIBLE and _frozen(module, form):
             reason = ("frozen (requires_grad=False): it does not train, so it needs no response" if _frozen(module)
                       else "partly frozen (requires_grad=False): an STN response would change its frozen weights")
+        if reason is None and type(module) in CONVERTIBLE:
+            reason = "not in modules="
         if reason is None:
-            reason = ("not in modules=" if type(module) in CONVERTIBLE
-                      else f"{type(module).__name__} has no best-response form")
+            # a container's own nn.Parameter (a learned positional table): the layers inside it are converted
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            reason = (f"{type(module).__name__}'s own parameter{'s' if len(own) > 1 else ''} {', '.join(own)} "
+                      f"{'stay' if len(own) > 1 else 'stays'} plain: only the layer kinds hypernetize converts respond")
         plain[name] = reason
     return plain
