@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 
@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the config's seed")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set tuner.lr=0.05 (repeatable)")
-    run.add_argument("--out", help="output folder (default: runs/<config>-<method>-<run uuid>, new for every run); "
-                                   "an existing non-empty folder is refused unless it holds this run's outputs")
+    run.add_argument("--out", help="output folder (default: runs/<config>-<method>-<run uuid prefix>, new for "
+                                   "every run); an existing non-empty folder is refused unless it holds this "
+                                   "run's outputs")
     run.add_argument("--overwrite", action="store_true",
                      help="write into a non-empty --out folder, replacing only selftune's own files there")
     run.add_argument("--compare", metavar="METHOD",
@@ -86,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", action="store_true",
                        help="train on the CUDA device; without a task, run the paper-scale tasks "
                             "(mnist-alexnet, fashion-alexnet, ptb-lstm-650)")
-    bench.add_argument("--out", help="output folder (default bench/<task>); a non-empty folder that is not a "
+    bench.add_argument("--out", help="output folder (default bench/<task>, bench/<task>-quick with --quick); a "
+                       "non-empty folder that is not a "
                                      "benchmark's is refused unless --overwrite")
     bench.add_argument("--overwrite", action="store_true",
                        help="write into a non-empty --out folder, replacing only the benchmark's own files")
@@ -178,6 +180,17 @@ def _quality(scores: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
 
+def _wrote(run_id: int, out: Path, tuner: Any) -> None:
+    """Say which files the run wrote: a run shorter than ``log_every`` steps whose values moved has no schedule."""
+    files = ["result.json", "model.pt", *(["schedule.csv"] if tuner.schedule() is not None else []),
+             "trajectory.csv", "epochs.csv", "trajectory.png", "losses.png"]
+    print(f"run {run_id}: wrote {out}/{', '.join(files)}")
+    if "schedule.csv" not in files:
+        print(f"selftune: note: schedule.csv not written: the run took fewer steps ({tuner.counters.steps}) than "
+              f"tuner.log_every ({tuner.settings.log_every}), so the schedule it followed was never recorded; lower "
+              "tuner.log_every to record it", file=sys.stderr)
+
+
 def _summary(result) -> None:
     print("hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in result.hparams.items()))
@@ -250,8 +263,7 @@ def _recorded_run(args: argparse.Namespace, prepared, store, out: str | None = N
     print(f"layers: {prepared.tuner.net.summary()}")
     result = run.drive(prepared, every=args.checkpoint_every, callbacks=_progress(args))
     _summary(result)
-    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv, "
-          "trajectory.png, losses.png")
+    _wrote(result.run_id, run.out, prepared.tuner)
     return result, run.out
 
 
@@ -325,8 +337,7 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"replay test loss {result.test['loss']:.4f} against the tuning run's {tuned['test']['loss']:.4f} "
               f"({describe_change(result.test['loss'], tuned['test']['loss'])}); tuning + replay cost {spent} "
               "examples")
-    print(f"run {result.run_id}: wrote {run.out}/result.json, model.pt, schedule.csv, trajectory.csv, epochs.csv, "
-          "trajectory.png, losses.png")
+    _wrote(result.run_id, run.out, prepared.tuner)
     return 0
 
 

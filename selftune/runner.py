@@ -89,7 +89,9 @@ def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
     except LookupError as err:
         raise ConfigError("model.name", str(err).strip("'\"")) from None
     except (TypeError, ValueError) as err:
-        raise ConfigError("model", str(err)) from None
+        # a built-in model's message starts with the argument it refuses ("dropout needs 3 entries ...")
+        first = str(err).split(" ", 1)[0]
+        raise ConfigError(f"model.{first}" if first in config.model.kwargs() else "model", str(err)) from None
     _check_dropouts(model, space, "model.dropout")
     return _hypernetize(config, model, space)
 
@@ -726,14 +728,18 @@ def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[
     config = parse_config(recorded_meaning(info.config))
     trajectory = store.trajectory(run_id)
     steps = int((info.result or {}).get("compute", {}).get("steps", 0))
-    if not trajectory:  # its values moved between unrecorded rows: the start alone would replay another run
-        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows ({steps} steps, fewer than "
-                                 f"tuner.log_every = {config.tuner.log_every}), so its schedule is unknown; "
-                                 "run it again with a smaller tuner.log_every to replay it")
     # the run's own start (a value pulled off its bound, a tuned rate's first step), recorded with its result
     # since stop 27; before, each init, which differs there
-    start = (info.result or {}).get("start") or {n: h.init for n, h in config.space.items()}
+    recorded = (info.result or {}).get("start")
+    start = recorded or {n: h.init for n, h in config.space.items()}
     end = ((info.result or {}).get("end") or {}).get("weights_lr")  # recorded since stop 31
+    if not trajectory and not (recorded and _stayed(recorded, (info.result or {}).get("hparams") or {}, end)):
+        # its values moved between unrecorded rows: the start alone would replay another run (one where nothing
+        # moved, a run of fixed values or one a warm-up covered, has the start for its whole schedule, as the
+        # run's own schedule.csv says)
+        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows ({steps} steps, fewer than "
+                                 f"tuner.log_every = {config.tuner.log_every}) and its values moved, so its schedule "
+                                 "is unknown; run it again with a smaller tuner.log_every to replay it")
     schedule = HyperSchedule.from_trajectory(start, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
                                              source=f"run {info.uuid}", end_lr=end)
@@ -745,6 +751,17 @@ def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[
         # than the recorded rates, which are sampled every log_every steps and miss a change between rows.
         schedule = schedule.model_copy(update={"lr": None})
     return config, schedule
+
+
+def _stayed(start: dict[str, Any], end: dict[str, Any], end_lr: float | None) -> bool:
+    """Whether a run ended at the values (and the rate) it started from (``end``: its recorded ``hparams``,
+    integers rounded as applied)."""
+    def same(a: Any, b: Any) -> bool:
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+
+    rate = start.get("weights_lr")
+    return all(n in end and same(v, end[n]) for n, v in start.items() if n != "weights_lr") and (
+        rate is None or end_lr is None or same(rate, end_lr))
 
 
 def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | None = None) -> RunConfig:

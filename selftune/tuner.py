@@ -1761,9 +1761,17 @@ class SelfTuner:
 
     def schedule(self) -> HyperSchedule | None:
         """The hyperparameter schedule of the run so far (``None`` before the first step): its start
-        and every trajectory row, at :attr:`TunerSettings.log_every` resolution."""
+        and every trajectory row, at :attr:`TunerSettings.log_every` resolution. ``None`` too for a run shorter
+        than ``log_every`` steps whose values or rate moved: it recorded no row, so the start alone would be
+        presented as the schedule it followed (a fixed run's is exact: nothing moved)."""
         if not self.log.start:
             return None
+        if self.log.counters.steps and not any(int(r["step"]) > 0 for r in self.trajectory):
+            start, now = self.log.start, self.net.values()
+            rate = start.get("weights_lr")
+            if any(abs(float(now[n]) - float(start[n])) > 1e-12 for n in self.net.space.names) or (
+                    rate is not None and self.last_lr is not None and abs(self.last_lr - float(rate)) > 1e-12 * rate):
+                return None
         return HyperSchedule.from_trajectory(self.log.start, self.trajectory, self.net.space.names,
                                              steps_per_epoch=self.batches_per_epoch, end_lr=self.last_lr)
 

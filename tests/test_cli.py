@@ -70,6 +70,7 @@ BAD = {
     "unknown model": ("", "", "model.name"),
     "unknown key": ("", "\n[tuner]\nlearning_rate = 0.1\n", "tuner.learning_rate"),
     "undeclared dropout": ("", "", "model.dropout"),
+    "dropout list too short": ("", "", "model.dropout: dropout needs 2 entries"),
     "bad augment op": ("", '\n[[augment]]\nop = "rotate"\n', "augment[0]"),
     "undeclared augment": ("", '\n[[augment]]\nop = "noise"\nstd = "sigma"\n', "augment[0].std"),
     "negative lr": ("", "\n[tuner]\nlr = -1.0\n", "tuner.lr"),
@@ -83,7 +84,7 @@ def _config(case: str) -> str:
     head, tail, _ = BAD[case]
     data = "mnist-9" if case == "unknown dataset" else "digits"
     model = "transformer" if case == "unknown model" else "mlp"
-    drop = '["d0", "nope"]' if case == "undeclared dropout" else '["d0", "dropout1"]'
+    drop = {"undeclared dropout": '["d0", "nope"]', "dropout list too short": '["d0"]'}.get(case, '["d0", "dropout1"]')
     epochs = "" if case == "missing epochs" else (head if head else "epochs = 1\n")
     space1 = "" if case == "init out of range" else "\n[space.dropout1]\nlow = 0.0\nhigh = 0.9\ninit = 0.5\n"
     return (f"{epochs}[data]\nname = \"{data}\"\n[model]\nname = \"{model}\"\nhidden = [16]\ndropout = {drop}\n"

@@ -290,23 +290,37 @@ def test_report_of_a_moved_project_asks_where_to_write(tmp_path, capsys):
 
 
 def test_a_run_shorter_than_log_every_still_has_a_trajectory_header_and_a_report(tmp_path, capsys):
-    """A one-epoch run with log_every above its step count records no trajectory row: its trajectory.csv
-    still names its columns (pandas reads an empty file as an error), report rebuilds its files, and
-    replay says why it cannot follow it rather than replaying the start as if it were the schedule."""
+    """A run with log_every above its step count records no trajectory row: its trajectory.csv still names
+    its columns (pandas reads an empty file as an error) and report rebuilds its files. Where its values
+    moved (hyper steps after the warm-up), its schedule is unknown: neither the run nor report writes a
+    schedule.csv (the run wrote the start alone as "the schedule it followed", which report refused), and
+    replay says why it cannot follow it rather than replaying the start as if it were the schedule. Where
+    nothing moved (a warm-up covering the run), the start is its whole schedule, for all three alike."""
     import csv
 
-    short = [*RUN, "--set", "epochs=1", "--set", "tuner.log_every=100000"]
+    short = [*RUN, "--set", "epochs=2", "--set", "tuner.warmup_epochs=0", "--set", "tuner.log_every=100000"]
     assert main([*short, "--out", "run"]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote run/result.json, model.pt, trajectory.csv" in out and "schedule.csv not written" in err, (out, err)
+    assert not (tmp_path / "run" / "schedule.csv").exists()
     with (tmp_path / "run" / "trajectory.csv").open() as f:
         header = next(csv.reader(f))
     assert header[:2] == ["step", "epoch"] and header[-2:] == ["train_loss", "val_loss"]
     assert "dropout1" in header, header
     assert main(["report", "1", "--out", "rep"]) == 0
     assert (tmp_path / "rep" / "trajectory.csv").read_text().splitlines()[0] == ",".join(header)
+    assert not (tmp_path / "rep" / "schedule.csv").exists()
     capsys.readouterr()
     assert main(["replay", "1"]) == 2
     err = capsys.readouterr().err
-    assert "tuner.log_every = 100000" in err and "smaller tuner.log_every" in err, err
+    assert "tuner.log_every = 100000" in err and "smaller tuner.log_every" in err and "moved" in err, err
+
+    assert main([*RUN, "--set", "epochs=1", "--set", "tuner.log_every=100000", "--out", "still"]) == 0
+    assert "schedule.csv" in capsys.readouterr().out
+    assert main(["report", "2", "--out", "still-rep"]) == 0
+    mine, its = (tmp_path / "still" / "schedule.csv").read_text(), (tmp_path / "still-rep" / "schedule.csv").read_text()
+    assert mine == its and len(mine.splitlines()) == 2  # the header and the start
+    assert main(["replay", "2", "--out", "still-replay"]) == 0
 
 
 def test_report_rebuilds_the_runs_own_files_with_their_rates_and_permissions(tmp_path):
