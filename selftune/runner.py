@@ -38,7 +38,7 @@ from .errors import ConfigError, Interrupted, LeaseError, OutputError, ResumeErr
 from .models import MODELS, build, model_arguments
 from .nn import Dropout, EmbeddingDropout, HyperNet, hypernetize
 from .outputs import RunResult, claim_folder, mark_folder, write_outputs
-from .schedules import HyperSchedule
+from .schedules import HyperSchedule, stayed
 from .tuner import Callback, FitResult, SelfTuner
 from .validation import as_dataset
 
@@ -733,35 +733,31 @@ def recorded_schedule(store: Any, run_id: int, *, replay: bool = True) -> tuple[
     recorded = (info.result or {}).get("start")
     start = recorded or {n: h.init for n, h in config.space.items()}
     end = ((info.result or {}).get("end") or {}).get("weights_lr")  # recorded since stop 31
-    if not trajectory and not (recorded and _stayed(recorded, (info.result or {}).get("hparams") or {}, end)):
-        # its values moved between unrecorded rows: the start alone would replay another run (one where nothing
-        # moved, a run of fixed values or one a warm-up covered, has the start for its whole schedule, as the
-        # run's own schedule.csv says)
-        raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows ({steps} steps, fewer than "
-                                 f"tuner.log_every = {config.tuner.log_every}) and its values moved, so its schedule "
-                                 "is unknown; run it again with a smaller tuner.log_every to replay it")
+    t = config.tuner
+    diverged = any(e["kind"] == "divergence" for e in store.events(run_id))
+    # A rate nothing tuned, lowered or fitted to the run's own validation losses is its schedule's
+    # (tuner.lr_scheduler, [tuner.schedule]) at every step: a replay keeps that schedule, exact, rather than the
+    # recorded rates, which are sampled every log_every steps and miss a change between rows.
+    own_rate = replay and not isinstance(t.lr, str) and not diverged and \
+        (t.lr_scheduler or "").lower() != "reducelronplateau"
+    if not trajectory:
+        # its values (or rate) moved between unrecorded rows: the start alone would replay another run. One where
+        # nothing moved at any epoch's end nor at its last step (a run of fixed values, one a warm-up covered) has
+        # the start for its whole schedule, as the run's own schedule.csv says (the kept epoch of keep = "best"
+        # is one of those rows, not the last step).
+        rows = store.epochs(run_id)  # a finished run's last row is its last step
+        if not recorded or not rows or not all(
+                stayed(recorded, row, None if own_rate else row.get("weights_lr")) for row in rows):
+            raise ConfigError("RUN", f"run {run_id} recorded no trajectory rows ({steps} steps, fewer than "
+                                     f"tuner.log_every = {config.tuner.log_every}) and its values or rate moved, "
+                                     "so its schedule is unknown; run it again with a smaller tuner.log_every to "
+                                     "replay it")
     schedule = HyperSchedule.from_trajectory(start, trajectory,
                                              list(config.space), steps_per_epoch=max(steps // config.epochs, 1),
                                              source=f"run {info.uuid}", end_lr=end)
-    t = config.tuner
-    diverged = any(e["kind"] == "divergence" for e in store.events(run_id))
-    if replay and not isinstance(t.lr, str) and not diverged and (t.lr_scheduler or "").lower() != "reducelronplateau":
-        # A rate nothing tuned, lowered or fitted to the run's own validation losses is its schedule's
-        # (tuner.lr_scheduler, [tuner.schedule]) at every step: the replay keeps that schedule, exact, rather
-        # than the recorded rates, which are sampled every log_every steps and miss a change between rows.
+    if own_rate:
         schedule = schedule.model_copy(update={"lr": None})
     return config, schedule
-
-
-def _stayed(start: dict[str, Any], end: dict[str, Any], end_lr: float | None) -> bool:
-    """Whether a run ended at the values (and the rate) it started from (``end``: its recorded ``hparams``,
-    integers rounded as applied)."""
-    def same(a: Any, b: Any) -> bool:
-        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
-
-    rate = start.get("weights_lr")
-    return all(n in end and same(v, end[n]) for n, v in start.items() if n != "weights_lr") and (
-        rate is None or end_lr is None or same(rate, end_lr))
 
 
 def replay_config(config: RunConfig, schedule: HyperSchedule, *, seed: int | None = None) -> RunConfig:

@@ -207,6 +207,18 @@ class TorchSchedule:
 RATE_COLUMN = "weights_lr"
 
 
+def stayed(start: Mapping[str, Any], end: Mapping[str, Any], end_lr: float | None) -> bool:
+    """Whether ``end`` (a run's values at some step: an epoch row, its last step) holds the values of
+    ``start`` (and its rate ``weights_lr``, where both are known): a run that recorded no trajectory row has
+    its start for a schedule only where every such point stayed there."""
+    def same(a: Any, b: Any) -> bool:
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+
+    rate = start.get(RATE_COLUMN)
+    return all(n in end and same(v, end[n]) for n, v in start.items() if n != RATE_COLUMN) and (
+        rate is None or end_lr is None or same(rate, end_lr))
+
+
 class HyperSchedule(BaseModel):
     """Hyperparameter values (and the weights' learning rate) over the steps of a run.
 

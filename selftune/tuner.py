@@ -62,7 +62,7 @@ from .objective import (
     flatten_tokens,
     layout_of,
 )
-from .schedules import HyperSchedule, TorchSchedule, factor
+from .schedules import HyperSchedule, TorchSchedule, factor, stayed
 from .settings import TunerSettings
 from .validation import as_dataset, check_all_targets, check_batch, check_batch_sizes, check_targets
 
@@ -585,13 +585,17 @@ class SelfTuner:
                 current[col] = values[name]
             net.hparams[columns] = net.space.to_unconstrained(current)[columns].to(net.hparams.dtype)
 
-    def _check_driven(self) -> None:
-        """After the first weight step: warn about declared hyperparameters nothing reads."""
+    def _undriven(self) -> list[str]:
+        """Declared hyperparameters nothing has read so far (the model's reads accumulate over the run)."""
         used = self.net.hyperparameters_read | self.objective.hyperparameters()
         used |= {b.name for b in self._bound()}
         if self.augment is not None:
             used |= self.augment.hyperparameters()
-        self.log.idle = [n for n in self.net.space.names if n not in used]
+        return [n for n in self.net.space.names if n not in used]
+
+    def _check_driven(self) -> None:
+        """After the first weight step: warn about declared hyperparameters nothing reads."""
+        self.log.idle = self._undriven()
         if self.log.idle:
             warnings.warn(SelftuneWarning(
                 f"space: {', '.join(self.log.idle)} drive(s) nothing: no dropout, augmentation or loss term reads "
@@ -1532,6 +1536,8 @@ class SelfTuner:
             for p in (net.hparams, net.scale_raw):
                 if p.grad is not None:
                     p.grad[bound.index] = 0
+        if self.log.idle:  # read again: a dropout on a path the first batch skipped (stochastic depth) is read later
+            self.log.idle = self._undriven()
         for name in self.log.idle or ():
             # A name nothing reads still feeds the response layers, so it had a hypergradient and drifted while
             # the explanation said it drives nothing: it keeps its init value (and its perturbation scale).
@@ -1767,10 +1773,11 @@ class SelfTuner:
         if not self.log.start:
             return None
         if self.log.counters.steps and not any(int(r["step"]) > 0 for r in self.trajectory):
-            start, now = self.log.start, self.net.values()
-            rate = start.get("weights_lr")
-            if any(abs(float(now[n]) - float(start[n])) > 1e-12 for n in self.net.space.names) or (
-                    rate is not None and self.last_lr is not None and abs(self.last_lr - float(rate)) > 1e-12 * rate):
+            # every epoch's end (a value that moved and came back, or a kept epoch, is seen there) and the last step
+            # (a followed run's values are already the next step's: its epoch rows tell)
+            ends = [*self.history, *([] if self._follow is not None else
+                                     [{**self.net.values(), "weights_lr": self.last_lr}])]
+            if not all(stayed(self.log.start, end, end.get("weights_lr")) for end in ends):
                 return None
         return HyperSchedule.from_trajectory(self.log.start, self.trajectory, self.net.space.names,
                                              steps_per_epoch=self.batches_per_epoch, end_lr=self.last_lr)

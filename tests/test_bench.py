@@ -645,6 +645,25 @@ def test_moves_are_measured_from_where_a_run_began_not_from_the_start_it_was_pul
     assert unit_moves(older, config)["p"] > 0
 
 
+def test_a_task_metric_missing_or_undefined_on_some_seeds_is_averaged_over_the_others():
+    """A metric of the task's own that is NaN on one seed (an F1 without positives, a search trial from before
+    metrics were recorded) made the cell "nan ± nan", and one missing everywhere read as a metric the task
+    does not have."""
+    from selftune.bench.harness import table
+    from selftune.methods._base import MethodResult
+
+    def run(method: str, seed: int, f1: float | None) -> MethodResult:
+        return MethodResult(method=method, seed=seed, test_loss=1.0 + seed, test_accuracy=math.nan, val_loss=1.0,
+                            hparams={}, examples=10, seconds=1.0,
+                            test_metrics={} if f1 is None else {"f1": f1})
+
+    text = table("t", [run("fixed", 0, 0.5), run("fixed", 1, math.nan), run("fixed", 2, 0.7),
+                       run("random", 0, None), run("random", 1, None), run("random", 2, None)], quick=False)
+    assert "| test f1 |" in text
+    assert "| fixed | 2.0000 ± 1.0000 | — | 0.6000 ± 0.1414 (2 of 3 seeds) |" in text, text
+    assert "| random | 2.0000 ± 1.0000 | — | - |" in text, text
+
+
 def test_an_explicit_epochs_override_wins_over_quick():
     """`bench --quick --set epochs=9` trained 4 epochs while its README said --set epochs=9 was applied."""
     assert load_task("digits-mlp", quick=True).epochs == 4

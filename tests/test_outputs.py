@@ -322,6 +322,22 @@ def test_a_run_shorter_than_log_every_still_has_a_trajectory_header_and_a_report
     assert mine == its and len(mine.splitlines()) == 2  # the header and the start
     assert main(["replay", "2", "--out", "still-replay"]) == 0
 
+    # keep = "best" keeping the warm-up epoch: its values are the start's, the later epochs' are not
+    kept = [*short, "--set", "epochs=3", "--set", "tuner.warmup_epochs=1", "--set", 'tuner.keep="best"',
+            "--set", "tuner.lr=0.5"]
+    assert main([*kept, "--out", "kept"]) == 0
+    result = json.loads((tmp_path / "kept" / "result.json").read_text())
+    assert result["kept_epoch"] == 1 and result["compute"]["hyper_steps"] > 0, result
+    assert not (tmp_path / "kept" / "schedule.csv").exists()
+    capsys.readouterr()
+    assert main(["replay", "4"]) == 2 and "moved" in capsys.readouterr().err
+    # a fixed run under a cosine schedule: its rate moved (no schedule.csv of its own, whose rows hold the
+    # rates), but a replay keeps the run's own schedule of the rate, exact, and has its values
+    cosine = [*RUN, "--method", "fixed", "--set", "tuner.log_every=100000", "--set", 'tuner.schedule.kind="cosine"']
+    assert main([*cosine, "--out", "cosine"]) == 0
+    assert not (tmp_path / "cosine" / "schedule.csv").exists()
+    assert main(["replay", "5", "--out", "cosine-replay"]) == 0
+
 
 def test_report_rebuilds_the_runs_own_files_with_their_rates_and_permissions(tmp_path):
     """report's schedule.csv is the run's own (the rates each row trained at, not the replay's copy

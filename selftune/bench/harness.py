@@ -308,6 +308,17 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _metric_cell(values: list[float]) -> str:
+    """A task metric's mean ± sd over the seeds where it is a number, saying how many those are: a metric can
+    be undefined on one split (an F1 without positives), and a search continued from an earlier selftune
+    can pick a trial that did not record it."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "-"
+    shown = _mean_sd(finite)
+    return shown if len(finite) == len(values) else f"{shown} ({len(finite)} of {len(values)} seeds)"
+
+
 def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], perplexity: bool,
           label: Callable[[str], str] = str, metrics: Sequence[str] = ()) -> list[str]:
     lines = []
@@ -327,7 +338,7 @@ def _rows(results: list[MethodResult], units: dict[int, tuple[float, float]], pe
         ex_s = f"{statistics.mean(ex):.2f}" if ex else "- (fixed diverged)"
         sec_s = f"{statistics.mean(sec):.2f}" if sec else "-"
         ppl = f"{_mean_sd([math.exp(r.test_loss) for r in rs], 1)} | " if perplexity else ""
-        own = "".join(f"{_mean_sd([r.test_metrics.get(k, math.nan) for r in rs])} | " for k in metrics)
+        own = "".join(f"{_metric_cell([r.test_metrics.get(k, math.nan) for r in rs])} | " for k in metrics)
         lines.append(f"| {name} | {_mean_sd([r.test_loss for r in rs])} | {ppl}"
                      f"{_mean_sd([r.test_accuracy for r in rs])} | {own}{ex_s} | {sec_s} | {rs[0].trials} |")
     return lines
