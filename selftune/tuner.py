@@ -1218,6 +1218,13 @@ class SelfTuner:
                 self._checked = self._good  # judged (else _checked would be set): it stays the fallback
             # the kept epoch's tensors are never changed in place: the roll-back point shares them
             shared = {id(t): t for t in (self._best or {}).get("net", {}).values()}
+            # the log's rows are fresh dicts of numbers (RunLog.state_dict) that nothing changes afterwards:
+            # copying them again took most of the snapshot's time, and grew with the run (each epoch end
+            # copied every row so far)
+            for key in ("trajectory", "history"):
+                rows = state["log"][key]
+                shared[id(rows)] = rows
+                shared.update((id(r), r) for r in rows)
             self._good = copy.deepcopy(state, shared)
         good = self._good
         state["rollback"] = None if _position(good) == _position(state) else good
