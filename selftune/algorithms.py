@@ -26,6 +26,7 @@ import torch
 
 from .batches import batch_size, head
 from .errors import ConfigError
+from .layer_rates import rate_groups
 
 if TYPE_CHECKING:
     from .nn.hypernet import HyperNet
@@ -189,9 +190,16 @@ class Algorithm:
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}
 
+    def _general_groups(self, net: HyperNet) -> list[dict[str, Any]]:
+        """The network's own weights as optimizer groups: one, or one more per layer pattern of
+        ``tuner.lr_scales`` (:func:`~selftune.layer_rates.rate_groups`)."""
+        if not self.settings.lr_scales:
+            return [{"params": net.general_parameters()}]
+        return rate_groups(net.model, net.general_parameters(), self.settings.lr_scales, self.lr)
+
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
         """Optimizers of the weights by group name; :meth:`step` passes those names to the tuner."""
-        return {"weights": self._weight_optimizer(net.general_parameters())}
+        return {"weights": self._weight_optimizer(self._general_groups(net))}
 
     def hyper_settings(self) -> tuple[str, float, float]:
         """``(optimizer, lr, scale_lr)`` of the hyperparameters, defaults filled in."""
@@ -272,7 +280,7 @@ class STN(Algorithm):
     description = "Self-Tuning Networks (MacKay et al. 2019)"
 
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
-        return {"weights": self._weight_optimizer([{"params": net.general_parameters()}, self._response_group(net)])}
+        return {"weights": self._weight_optimizer([*self._general_groups(net), self._response_group(net)])}
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:
         u = tuner.net.perturb(batch_size(x, tuner.net.batch_dim), tuner.generator).detach()
@@ -290,7 +298,7 @@ class DeltaSTN(Algorithm):
     description = "Delta-STN (Bae & Grosse 2020)"
 
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
-        return {"general": self._weight_optimizer(net.general_parameters()),
+        return {"general": self._weight_optimizer(self._general_groups(net)),
                 "response": self._weight_optimizer([self._response_group(net)])}
 
     def step(self, tuner: SelfTuner, x: Any, y: Any) -> float:

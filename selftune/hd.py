@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from .layer_rates import follows
 from .nn import HyperNet
 
 __all__ = ["HypergradientLR", "HypergradientMomentum"]
@@ -61,6 +62,16 @@ _BETA1, _BETA2 = 0.9, 0.999
 #: would let one step move the rate 20x (measured: 0.01 -> 0.21 in one step, then a finite blow-up
 #: that no roll-back caught); halving, as a roll-back does, is the largest move either way.
 MAX_CHANGE = 2.0
+
+
+def _following(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], list[torch.nn.Parameter],
+                                                         list[float]]:
+    """The groups of ``optimizer`` that train at the run's rate (:func:`~selftune.layer_rates.follows`), their
+    parameters in order, and each parameter's ``lr_scale``."""
+    groups = [g for i, g in enumerate(optimizer.param_groups) if follows(i, g)]
+    params = [p for g in groups for p in g["params"]]
+    scales = [float(g.get("lr_scale", 1.0)) for g in groups for _ in g["params"]]
+    return groups, params, scales
 
 
 class HypergradientLR:
@@ -91,7 +102,9 @@ class HypergradientLR:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return list(self.optimizer.param_groups[0]["params"])
+        """The weights that train at the rate: the first group's, and a scaled layer's (``tuner.lr_scales``),
+        whose update the rate scales alike, so ``g . delta`` over them all is the rate's hypergradient."""
+        return _following(self.optimizer)[1]
 
     @property
     def value(self) -> float:
@@ -99,8 +112,11 @@ class HypergradientLR:
         return float(self.net.space.values_dict(self.net.hparams)[self.name])
 
     def apply(self) -> None:
-        """Write the hyperparameter's value into the optimizer (first group)."""
-        self.optimizer.param_groups[0]["lr"] = self.value
+        """Write the hyperparameter's value into the optimizer: the first group, and a scaled layer's group
+        times its ``lr_scale``."""
+        value = self.value
+        for group in _following(self.optimizer)[0]:
+            group["lr"] = value * group.get("lr_scale", 1.0)
 
     def plan(self, steps: int, travel: float) -> None:
         """Size the per-step move so ``travel`` unconstrained units take ``steps`` steps (on the
@@ -259,7 +275,8 @@ class HypergradientMomentum:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return list(self.optimizer.param_groups[0]["params"])
+        """The weights that train at the rate (:attr:`HypergradientLR.params`)."""
+        return _following(self.optimizer)[1]
 
     @property
     def value(self) -> float:
@@ -305,8 +322,10 @@ class HypergradientMomentum:
         after ``backward``, before ``optimizer.step()``. Returns whether it received a hypergradient."""
         moved = False
         if self.tune and self._older is not None and self.step_size > 0:
-            pairs = [(p.grad, b) for p, b in zip(self.params, self._older, strict=True)
-                     if p.grad is not None and b is not None]
+            # dL/dmu sums -lr_i g_i . b_i: a scaled layer's term (tuner.lr_scales) counts at its rate
+            pairs = [(p.grad, b if s == 1.0 else b * s) for p, b, s in zip(
+                self.params, self._older, _following(self.optimizer)[2], strict=True)
+                if p.grad is not None and b is not None]
             if pairs:
                 dot = sum(float((g.double() * b.double()).sum()) for g, b in pairs)
                 g_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in pairs))

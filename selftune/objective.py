@@ -36,6 +36,49 @@ def matches(pattern: str, module: str) -> bool:
     return any(fnmatchcase(".".join(parts[:k]), pattern) for k in range(1, len(parts) + 1))
 
 
+def holders(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[tuple[str, list[torch.Tensor]]]:
+    """Each layer of ``model`` (its qualified name) with those of ``params`` it holds itself, in
+    ``named_modules()`` order; a parameter shared by two layers (tied embeddings) answers to the first."""
+    keep, seen = {id(p) for p in params}, set()
+    found: list[tuple[str, list[torch.Tensor]]] = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in keep and id(p) not in seen]
+        if own:
+            seen.update(id(p) for p in own)
+            found.append((name, own))
+    return found
+
+
+def check_pattern(where: str, pattern: str, model: torch.nn.Module, owned: list[tuple[str, list[torch.Tensor]]],
+                  took: bool, what: str, tied_rule: str) -> None:
+    """Refuse a layer pattern that reaches none of the parameters ``owned`` (:func:`holders`), saying why:
+    it names only frozen layers, only layers whose weights are tied to an earlier holder, no layer at all
+    (the message lists the layers), or (``took`` False) only layers an earlier pattern took. A typo would
+    otherwise leave ``what`` (a decay, a rate scale) that drives nothing."""
+    names = [name for name, _ in owned]
+    if any(matches(pattern, name) for name in names):
+        if not took:
+            raise ConfigError(where, "every layer it names is taken by an earlier pattern (the first match "
+                                     "wins); move it before the broader one")
+        return
+    frozen = [name for name, module in model.named_modules() if matches(pattern, name)
+              and any(not p.requires_grad for p in module.parameters(recurse=False))]
+    if frozen:  # it names layers, whose weights do not train
+        raise ConfigError(where, f"names only frozen layers ({', '.join(repr(n) for n in frozen[:4])}"
+                                 f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), whose weights do not "
+                                 f"train, so {what} there would drive nothing; remove the pattern, or unfreeze "
+                                 "those layers")
+    owner = {id(p): name for name, own in owned for p in own}
+    tied = sorted({owner[id(p)] for name, module in model.named_modules() if matches(pattern, name)
+                   for p in module.parameters(recurse=False) if id(p) in owner})
+    if tied:  # a decoder whose weight is its embedding's: the matrix belongs to its first holder
+        raise ConfigError(where, f"names only layers whose weights are tied to {', '.join(repr(n) for n in tied)}, "
+                                 f"which holds them first: {tied_rule}, its first holder's; set it on {tied[0]!r} "
+                                 "(or a pattern matching it), or untie the weights")
+    layers = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+    raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
+
+
 def _is_spec(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, str | int | float)
 
@@ -240,44 +283,16 @@ class Objective:
             ConfigError: a layer pattern that names no layer holding one of ``weights`` (a typo would
                 otherwise leave a decay that drives nothing); the message lists the layers.
         """
-        keep = {id(w) for w in weights}
         groups: list[list[torch.Tensor]] = [[] for _ in self.decays()]
-        holders: list[str] = []
-        seen: set[int] = set()
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if id(p) in keep and id(p) not in seen]
-            if not own:
-                continue
-            holders.append(name)
-            seen.update(id(p) for p in own)
+        owned = holders(model, weights)
+        for name, own in owned:
             g = self.decay_group(name)
             if g is not None:
                 groups[g].extend(own)
         if isinstance(self.weight_decay, Mapping):
             for pattern, group in zip(self.weight_decay, groups, strict=True):
-                where = f"objective.weight_decay[\"{pattern}\"]"
-                if not any(matches(pattern, name) for name in holders):
-                    frozen = [name for name, module in model.named_modules() if matches(pattern, name)
-                              and any(not p.requires_grad for p in module.parameters(recurse=False))]
-                    if frozen:  # it names layers, whose weights do not train
-                        raise ConfigError(where, f"names only frozen layers ({', '.join(repr(n) for n in frozen[:4])}"
-                                                 f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), whose "
-                                                 "weights do not train, so a decay there would drive nothing; remove "
-                                                 "the pattern, or unfreeze those layers")
-                    owner = {id(p): name for name in holders for p in model.get_submodule(name).parameters(
-                        recurse=False) if id(p) in keep}
-                    tied = sorted({owner[id(p)] for name, module in model.named_modules() if matches(pattern, name)
-                                   for p in module.parameters(recurse=False) if id(p) in owner})
-                    if tied:  # a decoder whose weight is its embedding's: the matrix belongs to its first holder
-                        raise ConfigError(where, f"names only layers whose weights are tied to "
-                                                 f"{', '.join(repr(n) for n in tied)}, which holds them first: a tied "
-                                                 "matrix has one decay, its first holder's; set it on "
-                                                 f"{tied[0]!r} (or a pattern matching it), or untie the weights")
-                    layers = ", ".join(repr(n) for n in holders[:12]) + (", ..." if len(holders) > 12 else "")
-                    raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
-                if not group:
-                    raise ConfigError(where, "every layer it names is taken by an earlier pattern (the first match "
-                                             "wins); move it before the broader one")
+                check_pattern(f"objective.weight_decay[\"{pattern}\"]", pattern, model, owned, bool(group),
+                              "a decay", "a tied matrix has one decay")
         return groups
 
     def hyperparameters(self) -> set[str]:

@@ -68,6 +68,7 @@ import torch
 from .algorithms import register
 from .errors import ConfigError
 from .implicit import ImplicitDifferentiation
+from .layer_rates import follows
 
 if TYPE_CHECKING:
     from .tuner import SelfTuner
@@ -185,7 +186,7 @@ class OnePass(ImplicitDifferentiation):
             state = before["state"].get(id(w), {}) if before is not None else optimizer.state.get(w, {})
             lr: Any = group["lr"]
             mu: Any = group["betas"][0] if adam else group.get("momentum", 0.0)
-            if index == 0 and lr_bound is not None:  # the bound rate drives the first group
+            if lr_bound is not None and follows(index, settings):  # the bound rate drives these groups
                 value = values[lr_bound]
                 lr = lr * value / value.detach()
             if mu_bound is not None:  # d u / d mu at the value the step used

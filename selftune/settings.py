@@ -68,6 +68,14 @@ class TunerSettings(BaseModel):
                           "(declare it log-scaled, e.g. [space.lr] low = 1e-4, high = 1, log = true): fixed trains at "
                           "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
                           "descent (selftune.hd)")
+    lr_scales: dict[str, float] = Field(
+        {}, description="a rate per layer: layer pattern (objective.weight_decay's syntax: a module's name from "
+                        "model.named_modules(), or a block that holds it, with * and ?) -> multiple of the weights' "
+                        "rate for that layer's parameters, e.g. {backbone = 0.1} fine-tunes a pretrained backbone at "
+                        "a tenth of the head's rate. Every parameter no pattern names trains at the rate itself "
+                        "(fixed, scheduled, tuned or replayed: the scales multiply it at every step); the first "
+                        "pattern that names a layer decides its scale. Freeze a layer with requires_grad=False, "
+                        "not a scale of 0")
     momentum: float | str = Field(
         DEFAULT_MOMENTUM,
         description="SGD's momentum (0 <= m < 1; another optimizer refuses a number it would ignore), or the "
@@ -253,6 +261,18 @@ class TunerSettings(BaseModel):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError("must be finite")
         return v
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _positive_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        for pattern, scale in v.items():
+            where = f"tuner.lr_scales[\"{pattern}\"]"
+            if not pattern.strip():
+                raise ConfigError(where, "an empty layer pattern names no layer; use \"*\" for every layer")
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+                raise ConfigError(where, f"must be a positive number (got {scale!r}); freeze a layer with "
+                                         "requires_grad=False instead of a scale of 0")
+        return {k: float(s) for k, s in v.items()}
 
     @field_validator("momentum")
     @classmethod

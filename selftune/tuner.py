@@ -51,6 +51,7 @@ from .batches import batch_size as batch_of
 from .bookkeeping import NORM_GROWTH, BatchOrder, Counters, RunLog
 from .errors import ConfigError, ConfigTypeError, DataError, DivergenceError, SelftuneWarning
 from .hd import HypergradientLR, HypergradientMomentum
+from .layer_rates import follows
 from .nn import Dropout, EmbeddingDropout
 from .nn.hypernet import HyperNet
 from .objective import (
@@ -1298,7 +1299,10 @@ class SelfTuner:
         factor = self.settings.divergence_lr_factor
         for key in groups:
             for i, group in enumerate(self.optimizers[key].param_groups):
-                if self.lr_tuner is not None and key == self.algorithm.lr_group and i == 0:
+                bound = self.lr_tuner is not None and key == self.algorithm.lr_group and follows(i, group)
+                if bound and i > 0:  # a scaled layer's rate follows the bound one, which is lowered once
+                    continue
+                if bound:
                     old = self.lr_tuner.value
                     self.lr_tuner.scale(factor)  # the rate is a hyperparameter: lower it there
                     new = self.lr_tuner.value
@@ -1450,8 +1454,8 @@ class SelfTuner:
             f = factor(s, clock, self._planned_steps or self.batches_per_epoch, self.batches_per_epoch)
         f *= self._batch_scale()
         for i, g in enumerate(self.optimizers[group].param_groups):
-            bound = self.lr_tuner is not None and group == self.algorithm.lr_group and i == 0
-            g["lr"] = (self.lr_tuner.value if bound else self._base_lrs[group][i]) * f
+            bound = self.lr_tuner is not None and group == self.algorithm.lr_group and follows(i, g)
+            g["lr"] = (self.lr_tuner.value * g.get("lr_scale", 1.0) if bound else self._base_lrs[group][i]) * f
 
     @property
     def weights_lr(self) -> float:
