@@ -11,7 +11,6 @@ regulariser applies a constant rate. :func:`export` folds them, so the result is
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from .errors import SelftuneWarning
 from .nn import HyperNet
 from .nn.dropout import Dropout, EmbeddingDropout
-from .nn.hypernet import keep_frozen, registrations, replace_everywhere, retie, tied_parameters
+from .nn.hypernet import copy_module, keep_frozen, registrations, replace_everywhere, retie, tied_parameters
 from .nn.layers import BestResponseModule
 from .nn.state import HyperModule
 
@@ -47,7 +46,8 @@ def export(net: HyperNet) -> nn.Module:
         # Delta-STN is centred: at its own hyperparameters the response is exactly zero.
         cond = net.encode(u.unsqueeze(0))[0] if net.form == "stn" else None
         values = net.values()
-    model = copy.deepcopy(net.model)  # deepcopy keeps tied weights tied
+    # deepcopy keeps tied weights tied; an activation the model keeps (a cache of its last pass) is copied detached
+    model = copy_module(net.model)
     ties = tied_parameters(model)
     replaced: tuple[str, ...] = ()
     for name, module in list(model.named_modules()):

@@ -17,12 +17,10 @@ it together with the data order and position, so a restored tuner continues bit-
 
 from __future__ import annotations
 
-import collections
 import copy
 import itertools
 import math
 import operator
-import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,7 +51,7 @@ from .errors import ConfigError, ConfigTypeError, DataError, DivergenceError, Se
 from .hd import HypergradientLR, HypergradientMomentum
 from .layer_rates import follows
 from .nn import Dropout, EmbeddingDropout
-from .nn.hypernet import HyperNet
+from .nn.hypernet import HyperNet, copy_module, linearizable
 from .objective import (
     IGNORE_INDEX,
     LossFn,
@@ -661,6 +659,10 @@ class SelfTuner:
                     classes = classes_last(out, y).shape[-1]
                     if what == "train":
                         self._fix_layout(out, y)
+                if what == "train" and self.settings.linearize and net.form == "delta" and not linearizable(out):
+                    raise ConfigError("tuner.linearize", f"the model returns {type(out).__name__} objects, whose tensors "
+                                                         "the first-order response cannot reach; return a tensor, or "
+                                                         "a tuple, list or dict of them, or turn linearize off")
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
                 if what == "train" and self.objective.loss is not None and isinstance(out, torch.Tensor) \
                         and isinstance(y, torch.Tensor) and net.batch_dim == 0:
@@ -1762,7 +1764,7 @@ class SelfTuner:
         otherwise the net itself. A copy, so training can go on from the last step's weights."""
         if self.settings.keep != "best" or self._best is None:
             return self.net, None
-        net = _copy_module(self.net)
+        net = copy_module(self.net)
         net.load_state_dict(self._best["net"])
         return net, int(self._best["epoch"])
 
@@ -1934,40 +1936,6 @@ def has_batch_norm(net: torch.nn.Module) -> bool:
 def _shape(v: Any) -> str:
     """A batch's shape for a message: a tensor's, else its type (a dict or tuple of inputs)."""
     return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``module``. A model that keeps an activation of its last forward pass as an attribute
-    (``self.features = h``, or inside a dict, list or object it holds) holds a tensor of the autograd graph,
-    which ``copy.deepcopy`` refuses: such tensors are copied detached (they are caches, overwritten at the
-    next forward pass)."""
-    memo: dict[int, Any] = {}
-    seen: set[int] = set()
-
-    def walk(value: Any, depth: int) -> None:
-        if id(value) in seen or depth > 8:
-            return
-        seen.add(id(value))
-        if isinstance(value, torch.Tensor):
-            if not value.is_leaf:
-                memo[id(value)] = value.detach()
-        elif isinstance(value, torch.nn.Module | types.ModuleType):
-            return  # a module's own tensors are walked as a module below; a Python module holds no cache
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v, depth + 1)
-        elif isinstance(value, list | tuple | set | frozenset | collections.deque):
-            for v in value:
-                walk(v, depth + 1)
-        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
-            for v in vars(value).values():
-                walk(v, depth + 1)
-
-    for m in module.modules():
-        for key, value in vars(m).items():
-            if key not in ("_parameters", "_buffers", "_modules"):
-                walk(value, 0)
-    return copy.deepcopy(module, memo)
 
 
 #: added to a run's seed for PyTorch's global generators, so their stream is not the tuner's own generator's

@@ -288,3 +288,31 @@ def test_a_block_shared_by_several_positions_is_converted_and_exported_at_every_
                                         r"the attention \('0'\) in modules= instead"):
         st.hypernetize(nn.Sequential(nn.MultiheadAttention(8, 2)), st.Space([st.Float("p", 0.0, 0.9, init=0.3)]),
                        modules=["0.out_proj"])
+
+
+def test_a_model_that_keeps_an_activation_exports_after_a_forward_with_gradients():
+    """A model that keeps its last activation (``self.features = h``) holds a tensor of the autograd graph
+    after a forward pass with gradients on (``net(x)`` outside ``torch.no_grad``): export copies it detached,
+    as the tuner's own copies do, instead of PyTorch's deepcopy error (found by fuzz round 44)."""
+
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.drop, self.fc2 = nn.Linear(6, 16), st.Dropout("d1"), nn.Linear(16, 3)
+            self.features = None
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            self.features = h
+            return self.fc2(self.drop(h))
+
+    torch.manual_seed(0)
+    net = st.hypernetize(Caching(), st.Space([st.Float("d1", 0.0, 0.9, init=0.3)]))
+    x = torch.randn(4, 6)
+    net.eval()
+    expected = net(x)  # with gradients: the model now holds a non-leaf tensor
+    assert net.model.features.grad_fn is not None
+    plain = st.export(net)
+    assert plain.features is not None and plain.features.grad_fn is None
+    plain.eval()
+    assert torch.allclose(plain(x), expected.detach(), atol=1e-6)

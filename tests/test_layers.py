@@ -1,6 +1,8 @@
 import copy
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import selftune as st
@@ -109,3 +111,53 @@ def test_linearized_response_is_first_order_exact_and_trains_the_response():
     assert (linear_change - exact_change).abs().max() < 1e-2 * exact_change.abs().max()
     net.forward_linearized(x, centre + 1.0).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.response_parameters())
+
+
+class TwoHeads(nn.Module):
+    """Logits and an auxiliary output, as a tuple or a dict (found by fuzz round 44: linearize crashed)."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.drop, self.head, self.aux = nn.Linear(6, 8), st.Dropout("d"), nn.Linear(8, 3), nn.Linear(8, 1)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.body(x)))
+        return {"logits": self.head(h), "aux": self.aux(h)} if self.as_dict else (self.head(h), self.aux(h))
+
+
+def test_a_model_with_several_outputs_is_linearized_output_by_output():
+    for as_dict in (False, True):
+        torch.manual_seed(0)
+        net = st.hypernetize(TwoHeads(as_dict), st.Space([st.Float("d", 0.0, 0.9, init=0.3)]), form="delta")
+        randomize_gates(net)
+        net.eval()
+        x, centre = torch.randn(5, 6), net.hparams.detach().expand(5, -1)
+        step = 1e-3 * torch.randn(5, 1)
+        exact, plain, linear = net(x, centre + step), net(x), net.forward_linearized(x, centre + step)
+        keys = ("logits", "aux") if as_dict else (0, 1)
+        for k in keys:
+            change = exact[k] - plain[k]
+            assert (linear[k] - plain[k] - change).abs().max() < 1e-2 * change.abs().max()
+
+
+def test_linearize_refuses_outputs_it_cannot_reach_before_the_run():
+    from dataclasses import dataclass
+
+    from selftune.errors import ConfigError
+
+    @dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Wrapped(TwoHeads):
+        def forward(self, x):
+            return Out(super().forward(x)[0])
+
+    torch.manual_seed(0)
+    net = st.hypernetize(Wrapped(False), st.Space([st.Float("d", 0.0, 0.9, init=0.3)]), form="delta")
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    with pytest.raises(ConfigError, match=r"^tuner\.linearize: the model returns Out objects, whose tensors the "
+                                          r"first-order response cannot reach"):
+        st.SelfTuner(net, (x, y), (x, y), method="delta-stn", loss=lambda out, t: F.cross_entropy(out.logits, t),
+                     settings=st.TunerSettings(linearize=True, batch_size=8))

@@ -52,6 +52,33 @@ def test_a_layer_with_hooks_stays_plain_so_spectral_norm_and_its_keys_survive():
         st.hypernetize(mlp(torch.nn.utils.weight_norm(nn.Linear(8, 32))), SPACE, modules=["0"])
 
 
+@pytest.mark.parametrize("form", ["orthogonal", "spectral_norm", "weight_norm"])
+def test_a_parametrized_layer_stays_plain_and_keeps_its_constraint(form):
+    """``torch.nn.utils.parametrizations`` (the modern forms): a layer named in ``modules=`` was converted into
+    a copy of its current weight, silently dropping the constraint (an orthogonal layer drifted to
+    max|W W^T - I| = 0.18) and the export's keys (fuzz round 44). It is refused by name and kept plain by
+    default, reported once with its parametrization."""
+    def model():
+        layer = nn.Linear(8, 8)
+        getattr(nn.utils.parametrizations, form)(layer)
+        torch.manual_seed(0)
+        return nn.Sequential(layer, nn.ReLU(), st.Dropout("d1"), nn.Linear(8, 2))
+
+    kind = {"orthogonal": "Orthogonal", "spectral_norm": "SpectralNorm", "weight_norm": "WeightNorm"}[form]
+    with pytest.raises(TypeError, match=rf"^model\.0: Linear cannot become a best-response layer: it has a "
+                                        rf"parametrization \({kind}: .*leave it out of modules= to keep it plain$"):
+        st.hypernetize(model(), SPACE, modules=["0", "3"])
+    net = st.hypernetize(model(), SPACE)
+    assert list(net.left_plain) == ["0"] and kind in net.left_plain["0"] and list(net.converted) == ["3"]
+    x, y = data()
+    st.SelfTuner(net, (x[:160], y[:160]), (x[160:], y[160:]), method="delta-stn",
+                 settings=st.TunerSettings(batch_size=32, lr=0.5)).fit(2)
+    weight = st.export(net)[0].weight.detach()
+    if form == "orthogonal":
+        assert torch.allclose(weight @ weight.T, torch.eye(8), atol=1e-5)
+    model().load_state_dict(st.export(net).state_dict())
+
+
 class Inception(nn.Module):
     """Auxiliary logits while training, the logits alone in evaluation (torchvision's Inception and GoogLeNet)."""
 

@@ -7,6 +7,9 @@ evaluates at the tuned hyperparameters and ``net.state_dict()`` carries them.
 
 from __future__ import annotations
 
+import collections
+import copy
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from ..batches import Kwargs, batch_size
 from ..errors import ConfigError
@@ -203,6 +208,9 @@ class HyperNet(nn.Module):
         it stays differentiable, so the response weights train through it. Dropout and other
         regularisers run at ``u``, as in the exact forward.
 
+        The model may return a tensor or a tuple, list or dict of them (each linearized); PyTorch cannot
+        reach the tensors of another object (a dataclass), which :func:`linearizable` tells before a run.
+
         Raises:
             ValueError: for an STN-form net (its response is not centred).
         """
@@ -216,8 +224,15 @@ class HyperNet(nn.Module):
             cond = fwad.make_dual(torch.zeros_like(delta), delta)
             with self._state.bind(values, cond, generator):
                 out = self._call(x)
-            primal, tangent = fwad.unpack_dual(out)
-        return primal if tangent is None else primal + tangent
+
+            def first_order(value: Any) -> Any:
+                if not isinstance(value, torch.Tensor):
+                    return value
+                primal, tangent = fwad.unpack_dual(value)
+                return primal if tangent is None else primal + tangent
+
+            # a model's outputs may be a tuple, list or dict of tensors (logits and an auxiliary output)
+            return pytree.tree_map(first_order, out)
 
     @contextmanager
     def relaxed(self, temperature: float) -> Iterator[None]:
@@ -374,6 +389,10 @@ def _variant_plain_reason(module: nn.Module) -> str | None:
     """Why a layer of a convertible kind cannot become a best-response layer in the variant it is
     (``None``: it can): such a layer is left plain when every layer is converted, and refused by name when
     ``modules=`` names it."""
+    if parametrize.is_parametrized(module):
+        kinds = sorted({type(f).__name__.lstrip("_") for plist in module.parametrizations.values() for f in plist})
+        return (f"it has a parametrization ({', '.join(kinds)}: torch.nn.utils.parametrizations or one you "
+                "registered) that a best-response layer would drop")
     hooks = _hooks(module)
     if hooks:  # torch.nn.utils.spectral_norm / weight_norm are hooks: converted, their constraint was dropped
         return (f"it has hooks ({', '.join(h.strip('_') for h in hooks)}: torch.nn.utils.spectral_norm or weight_norm, "
@@ -455,8 +474,9 @@ def _convert(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
 
 
 def _converted(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
-    if _hooks(module):
-        raise TypeError(f"{type(module).__name__} cannot become a best-response layer: {_variant_plain_reason(module)}")
+    if _hooks(module) or parametrize.is_parametrized(module):
+        kind = type(module).__name__.removeprefix("Parametrized")
+        raise TypeError(f"{kind} cannot become a best-response layer: {_variant_plain_reason(module)}")
     if isinstance(module, nn.LSTM | nn.GRU):
         return _convert_recurrent(module, encoding_size, form)
     if isinstance(module, nn.MultiheadAttention):
@@ -663,13 +683,15 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "
     plain: dict[str, str] = {}
     inside = tuple(f"{n}." for n, m in named.items()
                    if isinstance(m, nn.MultiheadAttention) or (n in converted and isinstance(m, BestResponseModule)))
+    # a parametrized layer's weights live in its parametrizations: reported with the layer
+    inside += tuple(f"{n}.parametrizations." for n, m in named.items() if parametrize.is_parametrized(m))
     for name, module in named.items():
         if name in converted or not any(True for _ in module.parameters(recurse=False)):
             continue
         if name.startswith(inside):
             continue  # an attention's out_proj: reported with the attention
         reason = next((why for kind, why in _PLAIN_REASONS if isinstance(module, kind)), None)
-        if type(module) in CONVERTIBLE:
+        if type(module) in CONVERTIBLE or (isinstance(module, CONVERTIBLE) and parametrize.is_parametrized(module)):
             reason = _variant_plain_reason(module)
         if reason is None and type(module) in CONVERTIBLE and _frozen(module, form):
             reason = ("frozen (requires_grad=False): it does not train, so it needs no response" if _frozen(module)
@@ -683,3 +705,49 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "
                       f"{'stay' if len(own) > 1 else 'stays'} plain: only the layer kinds hypernetize converts respond")
         plain[name] = reason
     return plain
+
+
+def linearizable(outputs: Any) -> bool:
+    """Whether :meth:`HyperNet.forward_linearized` reaches every tensor of a model's ``outputs``: a tensor, or
+    tuples, lists and dicts of them (PyTorch's pytrees); a dataclass or another object holding tensors
+    would be returned without its first-order response."""
+    return all(not _holds_tensors(leaf) or isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(outputs))
+
+
+def _holds_tensors(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (hasattr(value, "__dict__") and any(
+        isinstance(v, torch.Tensor) for v in vars(value).values()))
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``. A model that keeps an activation of its last forward pass as an attribute
+    (``self.features = h``, or inside a dict, list or object it holds) holds a tensor of the autograd graph,
+    which ``copy.deepcopy`` refuses: such tensors are copied detached (they are caches, overwritten at the
+    next forward pass)."""
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def walk(value: Any, depth: int) -> None:
+        if id(value) in seen or depth > 8:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                memo[id(value)] = value.detach()
+        elif isinstance(value, nn.Module | types.ModuleType):
+            return  # a module's own tensors are walked as a module below; a Python module holds no cache
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v, depth + 1)
+        elif isinstance(value, list | tuple | set | frozenset | collections.deque):
+            for v in value:
+                walk(v, depth + 1)
+        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
+            for v in vars(value).values():
+                walk(v, depth + 1)
+
+    for m in module.modules():
+        for key, value in vars(m).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                walk(value, 0)
+    return copy.deepcopy(module, memo)
