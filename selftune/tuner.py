@@ -660,9 +660,10 @@ class SelfTuner:
                     if what == "train":
                         self._fix_layout(out, y)
                 if what == "train" and self.settings.linearize and net.form == "delta" and not linearizable(out):
-                    raise ConfigError("tuner.linearize", f"the model returns {type(out).__name__} objects, whose tensors "
-                                                         "the first-order response cannot reach; return a tensor, or "
-                                                         "a tuple, list or dict of them, or turn linearize off")
+                    raise ConfigError("tuner.linearize", f"the model returns {type(out).__name__} objects, whose "
+                                                         "tensors the first-order response cannot reach; return a "
+                                                         "tensor, or a tuple, list or dict of them, or turn linearize "
+                                                         "off")
                 self._try_loss(out, y, what, loss=self.objective.loss is not None)
                 if what == "train" and self.objective.loss is not None and isinstance(out, torch.Tensor) \
                         and isinstance(y, torch.Tensor) and net.batch_dim == 0:

@@ -161,3 +161,27 @@ def test_linearize_refuses_outputs_it_cannot_reach_before_the_run():
                                           r"first-order response cannot reach"):
         st.SelfTuner(net, (x, y), (x, y), method="delta-stn", loss=lambda out, t: F.cross_entropy(out.logits, t),
                      settings=st.TunerSettings(linearize=True, batch_size=8))
+
+
+def test_an_embedding_that_scales_its_gradient_by_frequency_keeps_doing_so():
+    """``nn.Embedding(scale_grad_by_freq=True)`` lost the option when converted and exported: a token seen
+    three times in a batch got three times the gradient (fuzz round 44)."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 3)
+
+        def forward(self, t):
+            return self.fc(self.emb(t).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    reference = copy.deepcopy(model)
+    net = st.hypernetize(model, st.Space([st.Float("d", 0.0, 0.9, init=0.3)]))
+    assert "emb" in net.converted
+    tokens = torch.tensor([[1, 1, 1, 2]])
+    reference(tokens).sum().backward()
+    net(tokens).sum().backward()
+    assert torch.allclose(net.model.emb.weight.grad, reference.emb.weight.grad)
+    assert st.export(net).emb.scale_grad_by_freq

@@ -215,3 +215,17 @@ def test_export_of_a_transformer_over_padding_gives_the_tuned_nets_outputs():
     plain.eval()
     with torch.no_grad():
         assert torch.allclose(net(x), plain(x), atol=1e-5)
+
+
+def test_the_summary_names_the_models_own_dropouts_that_stay_untuned():
+    """A user who replaced some ``nn.Dropout`` by selftune's learns of the ones left, which train at their
+    fixed rates (fuzz round 44: nothing said so)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.ReLU(), st.Dropout("d1"), nn.AlphaDropout(0.0),
+                          nn.Linear(16, 2))
+    net = st.hypernetize(model, SPACE)
+    assert net.untuned == {"1": "Dropout p=0.3"}  # a rate of 0 drops nothing: no news
+    assert "kept at their own rates (untuned): 1 (Dropout p=0.3)" in net.summary()
+    lstm = st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.2)), SPACE)
+    assert lstm.untuned == {"0": "dropout=0.2 between layers"}
+    assert not st.hypernetize(mlp(), SPACE).untuned

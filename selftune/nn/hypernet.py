@@ -90,6 +90,8 @@ class HyperNet(nn.Module):
         #: what :func:`hypernetize` did: converted layers by name, and layers with weights left plain (why)
         self.converted: dict[str, str] = {}
         self.left_plain: dict[str, str] = {}
+        #: the model's own dropouts, which train at their fixed rates (:func:`own_dropouts`)
+        self.untuned: dict[str, str] = {}
         for qualname, module in model.named_modules():
             if isinstance(module, HyperModule):
                 _check_name(qualname, module, space)
@@ -292,6 +294,11 @@ class HyperNet(nn.Module):
         if self.left_plain:
             text += "; left plain: " + "; ".join(f"{name or 'the model'} ({why})"  # its own nn.Parameter
                                                  for name, why in self.left_plain.items())
+        if self.untuned:
+            shown = ", ".join(f"{name} ({what})" for name, what in list(self.untuned.items())[:4])
+            more = f" and {len(self.untuned) - 4} more" if len(self.untuned) > 4 else ""
+            text += (f"; kept at their own rates (untuned): {shown}{more}; a selftune Dropout in a dropout's place "
+                     "tunes it")
         return text
 
     # -- hyperparameters ------------------------------------------------------------------------
@@ -422,13 +429,9 @@ def _convert_recurrent(module: nn.LSTM | nn.GRU, encoding_size: int, form: Form)
     kind = type(module).__name__
     if getattr(module, "proj_size", 0):
         raise TypeError(f"{kind} with proj_size cannot become a best-response layer; use proj_size=0")
-    if module.dropout:
-        raise TypeError(f"{kind}(dropout={module.dropout}) between stacked layers is not tunable and draws from the "
-                        f"global random generator (a resumed run would differ); use dropout=0, or stack one-layer "
-                        f"{kind}s with selftune.Dropout between them")
     cls = BestResponseLSTM if isinstance(module, nn.LSTM) else BestResponseGRU
     new = cls(module.input_size, module.hidden_size, encoding_size, num_layers=module.num_layers, bias=module.bias,
-              batch_first=module.batch_first, bidirectional=module.bidirectional, form=form)
+              batch_first=module.batch_first, bidirectional=module.bidirectional, dropout=module.dropout, form=form)
     new.load_state_dict(module.state_dict(), strict=False)  # general weights share PyTorch's names
     first = next(module.parameters())
     return new.to(device=first.device, dtype=first.dtype)
@@ -485,7 +488,8 @@ def _converted(module: nn.Module, encoding_size: int, form: Form) -> nn.Module:
         if module.max_norm is not None or module.sparse:
             raise TypeError("Embedding with max_norm or sparse gradients cannot become a best-response layer")
         new: BestResponseModule = BestResponseEmbedding(module.num_embeddings, module.embedding_dim, encoding_size,
-                                                        padding_idx=module.padding_idx, form=form)
+                                                        padding_idx=module.padding_idx,
+                                                        scale_grad_by_freq=module.scale_grad_by_freq, form=form)
     elif isinstance(module, nn.Linear):
         new = BestResponseLinear(module.in_features, module.out_features, encoding_size,
                                  bias=module.bias is not None, form=form)
@@ -545,7 +549,7 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     Raises:
         LookupError: a name in ``modules`` that the model does not have.
         TypeError: a named module that cannot respond (not one of the kinds above, an LSTM with a
-            projection, a recurrent module with its own dropout between layers).
+            projection, a layer with hooks or a parametrization).
     """
     named = dict(model.named_modules())
     # Layers an earlier call converted (a notebook cell run twice on one model): kept as they are when they
@@ -592,7 +596,24 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     net.converted = {**{n: f"{type(m).__name__} (an earlier hypernetize's)" for n, m in earlier.items()},
                      **converted}
     net.left_plain = _left_plain(named, set(targets) | set(earlier), form)
+    net.untuned = own_dropouts(model)
     return net
+
+
+def own_dropouts(model: nn.Module) -> dict[str, str]:
+    """The model's own dropouts, which train at their fixed rates (PyTorch's ``nn.Dropout`` family, a
+    recurrent module's dropout between its layers, an attention's): a user who replaced some of them by
+    selftune's :class:`~selftune.nn.Dropout` learns of the ones left. A functional ``F.dropout`` in a
+    ``forward`` cannot be seen."""
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found[name] = f"{type(module).__name__} p={module.p:g}"
+        elif isinstance(module, nn.LSTM | nn.GRU | BestResponseRecurrent) and module.dropout:
+            found[name] = f"dropout={module.dropout:g} between layers"
+        elif isinstance(module, nn.MultiheadAttention | BestResponseMultiheadAttention) and module.dropout:
+            found[name] = f"attention dropout={module.dropout:g}"
+    return found
 
 
 def _check_name(qualname: str, module: nn.Module, space: Space) -> None:

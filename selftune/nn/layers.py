@@ -293,15 +293,16 @@ class BestResponseEmbedding(_BestResponse):
     ``y = E[ids] + g(c) * E_r[ids]`` (``s * E[ids]`` first for STN).
 
     Args:
-        num_embeddings, embedding_dim, padding_idx: as for ``nn.Embedding``.
+        num_embeddings, embedding_dim, padding_idx, scale_grad_by_freq: as for ``nn.Embedding``.
         encoding_size: width of the gate input (``space.encoding_width(encoding)``).
         form: ``"stn"`` or ``"delta"``.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, encoding_size: int, *,
-                 padding_idx: int | None = None, form: Form = "delta") -> None:
+                 padding_idx: int | None = None, scale_grad_by_freq: bool = False, form: Form = "delta") -> None:
         super().__init__()
         plain = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.scale_grad_by_freq = scale_grad_by_freq
         self.num_embeddings, self.embedding_dim, self.out_units = num_embeddings, embedding_dim, embedding_dim
         self.padding_idx = plain.padding_idx
         self.weight = plain.weight
@@ -313,7 +314,7 @@ class BestResponseEmbedding(_BestResponse):
                 self.response_weight[self.padding_idx].zero_()  # no gradient, so it stays 0)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.embedding(x, weight, self.padding_idx)
+        return F.embedding(x, weight, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
 
     def _unit_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()  # a gate scales one embedding dimension across the vocabulary
@@ -322,13 +323,15 @@ class BestResponseEmbedding(_BestResponse):
         return rows.t()
 
     def _plain_shell(self) -> nn.Module:
-        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                            scale_grad_by_freq=self.scale_grad_by_freq)
 
     def _unit_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _batch_view(self, g, like)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, form={self.form!r}"
+        freq = ", scale_grad_by_freq=True" if self.scale_grad_by_freq else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{freq}, form={self.form!r}"
 
 
 _RNN_UNITS = {"LSTM": 4, "GRU": 3}
@@ -361,18 +364,19 @@ class BestResponseRecurrent(BestResponseModule):
     response parameters of layer 0's forward direction have no suffix (``response_weight_ih``,
     ``gate``), the others ``_l{k}`` and ``_reverse`` as PyTorch's do.
 
-    PyTorch's own ``dropout`` between stacked layers is refused at conversion: it draws from the global
-    random generator (a resumed run would differ) and cannot be tuned; put a
-    :class:`~selftune.nn.Dropout` between one-layer modules instead.
+    PyTorch's own ``dropout`` between stacked layers is kept as it is, untuned (as an attention's own
+    ``dropout``): it draws from PyTorch's global generator, which a run seeds and checkpoints. To tune it,
+    stack one-layer modules with a :class:`~selftune.nn.Dropout` between them.
     """
 
     mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, encoding_size: int, *, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, bidirectional: bool = False,
-                 form: Form = "delta") -> None:
+                 dropout: float = 0.0, form: Form = "delta") -> None:
         super().__init__()
         _check_form(form)
+        self.dropout = float(dropout)
         plain = self._plain_class()(input_size, hidden_size, num_layers=num_layers, bias=bias,
                                     batch_first=batch_first, bidirectional=bidirectional)
         self.input_size, self.hidden_size, self.batch_first, self.form = input_size, hidden_size, batch_first, form
@@ -452,8 +456,8 @@ class BestResponseRecurrent(BestResponseModule):
         if cond is None and self.scale is None:
             weights = self.general_parameters()
             run = torch.lstm if self.mode == "LSTM" else torch.gru
-            out, *state = run(x, hx, weights, self.has_bias, self.num_layers, 0.0, self.training, self.bidirectional,
-                              True)
+            out, *state = run(x, hx, weights, self.has_bias, self.num_layers, self.dropout, self.training,
+                              self.bidirectional, True)
         else:
             out, state = self._unrolled(x, hx, cond)
         out = out if self.batch_first else out.transpose(0, 1)
@@ -482,7 +486,7 @@ class BestResponseRecurrent(BestResponseModule):
         if cond is None and self.scale is None:
             run = torch.lstm if lstm else torch.gru
             out, *state = run(data, sizes, permute(hx, order), self.general_parameters(), self.has_bias,
-                              self.num_layers, 0.0, self.training, self.bidirectional)
+                              self.num_layers, self.dropout, self.training, self.bidirectional)
             final = permute(tuple(state) if lstm else state[0], unorder)
             return PackedSequence(out, sizes, order, unorder), final
         # where each sorted sequence's step t sits in the packed data: time-major, batch_sizes[t] rows a step
@@ -523,6 +527,8 @@ class BestResponseRecurrent(BestResponseModule):
                 finals_h.append(h)
                 finals_c.append(c)
             layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout and layer < self.num_layers - 1:  # PyTorch's: on every layer's output but the last
+                layer_input = F.dropout(layer_input, self.dropout, self.training)
         state = [torch.stack(finals_h)] + ([torch.stack(finals_c)] if lstm else [])
         return layer_input, state
 
@@ -599,7 +605,8 @@ class BestResponseRecurrent(BestResponseModule):
         scale = 1.0 if self.scale is None else float(self.scale)
         first = self.general_parameters()[0]
         module = self._plain_class()(self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.has_bias,
-                                     batch_first=self.batch_first, bidirectional=self.bidirectional)
+                                     batch_first=self.batch_first, bidirectional=self.bidirectional,
+                                     dropout=self.dropout)
         module = module.to(device=first.device, dtype=first.dtype)
         units = _RNN_UNITS[self.mode] * self.hidden_size
         for layer, direction in self._cells():
@@ -621,7 +628,8 @@ class BestResponseRecurrent(BestResponseModule):
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.has_bias}, "
-                f"batch_first={self.batch_first}, bidirectional={self.bidirectional}, form={self.form!r}")
+                f"batch_first={self.batch_first}, bidirectional={self.bidirectional}"
+                + (f", dropout={self.dropout:g}" if self.dropout else "") + f", form={self.form!r}")
 
 
 class BestResponseLSTM(BestResponseRecurrent):
