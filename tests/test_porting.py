@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
 import selftune as st
-from selftune.errors import ConfigTypeError, DataError, SelftuneWarning
+from selftune.errors import ConfigError, ConfigTypeError, DataError, SelftuneWarning
 
 SPACE = st.Space([st.Float("d1", 0.0, 0.9, 0.2)])
 
@@ -229,3 +229,34 @@ def test_the_summary_names_the_models_own_dropouts_that_stay_untuned():
     lstm = st.hypernetize(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.2)), SPACE)
     assert lstm.untuned == {"0": "dropout=0.2 between layers"}
     assert not st.hypernetize(mlp(), SPACE).untuned
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("method", ["fixed", "delta-stn"])
+def test_gradient_checkpointing_around_selftune_layers_is_refused_before_the_run(reentrant, method):
+    """``torch.utils.checkpoint`` recomputes its block in the backward pass, after the HyperNet forward pass
+    has ended: a selftune Dropout there crashed inside autograd, a converted layer recomputed without its
+    response (PyTorch's CheckpointError, or, reentrant, gradients of another function, silently). Refused in
+    one line when the tuner is built (fuzz round 44)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.block, self.head = nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), \
+                nn.Linear(16, 2)
+            self.drop = st.Dropout("d1")
+
+        def forward(self, x):
+            h = self.drop(torch.relu(self.first(x)))
+            return self.head(checkpoint(self.block, h, use_reentrant=reentrant))
+
+    x, y = data()
+    net = st.hypernetize(Checkpointed(), SPACE)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ConfigError, match=r"^model: a selftune layer ran again during the backward pass "
+                                          r"\(torch\.utils\.checkpoint recomputes its block there\).*remove it"):
+        st.SelfTuner(net, (x[:160], y[:160]), (x[160:], y[160:]), method=method,
+                     settings=st.TunerSettings(batch_size=32))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert all(p.grad is None for p in net.parameters())

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import DataError
-from .state import HyperModule
+from .state import HyperModule, refuse_recomputation
 
 Form = Literal["stn", "delta"]
 FORMS: tuple[str, ...] = ("stn", "delta")
@@ -54,6 +54,8 @@ class BestResponseModule(HyperModule):
 
     def _cond(self) -> torch.Tensor | None:
         state = self._hyper_state
+        if state is not None and state.values is None:
+            refuse_recomputation()  # outside a pass: plain weights, unless autograd is recomputing a pass's block
         return state.cond if state is not None else None
 
 
@@ -184,10 +186,10 @@ class _BestResponse(BestResponseModule):
         return shell
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cond = self._cond()  # first: a recomputation in backward stops at the first result it needs
         y = self._op(x, self.weight, self.bias)
         if self.scale is not None:
             y = y * self.scale
-        cond = self._cond()
         if cond is None:
             self._record_norm(None)
             return y
@@ -441,6 +443,7 @@ class BestResponseRecurrent(BestResponseModule):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
+        self._cond()  # first: refuses a recomputation in backward (torch.utils.checkpoint) before any result
         if isinstance(x, PackedSequence):
             return self._packed(x, hx)
         if x.dim() != 3:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batches import batch_axis, data_axis
+from ..errors import ConfigError
 from ..space import Space
 
 
@@ -88,9 +89,26 @@ class HyperState:
             LookupError: for a name the space does not declare.
         """
         if self.values is None:
+            refuse_recomputation()
             raise RuntimeError(f"hyperparameter {name!r} read outside a HyperNet forward pass")
         self.read.add(name)
         return self.values[:, self.space.index(name)]
+
+
+def refuse_recomputation() -> None:
+    """Raise when a selftune module runs inside a backward pass: ``torch.utils.checkpoint`` recomputes a
+    block there, after its HyperNet forward pass has ended, so the pass's hyperparameters, responses and
+    dropout masks are gone; the recomputed block would read none (a crash) or compute the plain layer (a
+    gradient of another function than the loss's, silently).
+
+    Raises:
+        ConfigError: naming ``model``.
+    """
+    if torch._C._current_graph_task_id() != -1:
+        raise ConfigError("model", "a selftune layer ran again during the backward pass (torch.utils.checkpoint "
+                                   "recomputes its block there), after its HyperNet forward pass had ended, so that "
+                                   "pass's hyperparameters and dropout masks are gone; selftune does not support "
+                                   "gradient checkpointing: remove it around blocks that hold selftune layers")
 
 
 class HyperModule(torch.nn.Module):
