@@ -895,6 +895,7 @@ class SelfTuner:
             raise TypeError(f"callbacks must be a list of selftune.Callback instances (got {type(callbacks).__name__}; "
                             "a single one: [callback])")
         callbacks = list(callbacks)
+        self._check_trainable()
         if self.log.start and self._planned_steps and epochs * self.batches_per_epoch > self._planned_steps:
             self._check_extension(epochs)
         if epochs < self.order.epoch:  # (equal: a finished run asked again, which returns its result)
@@ -1121,6 +1122,27 @@ class SelfTuner:
                 row = self._end_epoch()
                 for cb in callbacks:
                     cb.on_epoch_end(self, row)
+                self._check_trainable()  # a callback may have unfrozen layers
+
+    def _check_trainable(self) -> None:
+        """Refuse weights that train now but were frozen when the tuner was built: its optimizers were built
+        over the weights that trained then, so "train the head, then unfreeze the backbone" computed the
+        backbone's gradients at every step and never moved it, silently (fuzz round 44).
+
+        Raises:
+            ConfigError: naming ``model`` and the first such weights.
+        """
+        held = {id(p) for o in self.optimizers.values() for g in o.param_groups for p in g["params"]}
+        held.update(id(p) for p in self.net.response_parameters())  # (a method that trains none: fixed, hd, ift)
+        new = [n for n, p in self.net.model.named_parameters() if p.requires_grad and id(p) not in held]
+        if new:
+            shown = ", ".join(new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
+            many = len(new) > 1
+            raise ConfigError("model", f"{shown} {'train' if many else 'trains'} now (requires_grad=True) but "
+                                       f"{'were' if many else 'was'} frozen when this SelfTuner was built, so no "
+                                       "optimizer holds them and they would never move; build a new SelfTuner after "
+                                       "unfreezing (its layers stay plain; hypernetize a fresh model for them to "
+                                       "respond)")
 
     def _bound(self) -> list[HypergradientLR | HypergradientMomentum]:
         """The optimizer settings bound to hyperparameters (``tuner.lr``, ``tuner.momentum``)."""

@@ -260,3 +260,36 @@ def test_gradient_checkpointing_around_selftune_layers_is_refused_before_the_run
                      settings=st.TunerSettings(batch_size=32))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("method", ["fixed", "delta-stn"])
+def test_unfreezing_after_the_tuner_was_built_is_refused_and_a_new_tuner_trains_the_layer(method):
+    """"Train the head, then unfreeze the backbone": the tuner's optimizers hold the weights that trained when
+    it was built, so the unfrozen backbone's gradients were computed at every step and it never moved,
+    silently (fuzz round 44). A later fit, or the next epoch end after a callback unfroze it, refuses in one
+    line; a new SelfTuner over the same net trains it (as a plain layer)."""
+    x, y = data()
+    train, val = (x[:160], y[:160]), (x[160:], y[160:])
+    model = mlp()
+    model[0].requires_grad_(False)
+    net = st.hypernetize(model, SPACE)
+    assert "0" in net.left_plain
+    tuner = st.SelfTuner(net, train, val, method=method, settings=st.TunerSettings(batch_size=32))
+    tuner.fit(1)
+    model[0].requires_grad_(True)
+    with pytest.raises(ConfigError, match=r"^model: 0\.weight, 0\.bias train now \(requires_grad=True\) but were "
+                                          r"frozen when this SelfTuner was built.*build a new SelfTuner"):
+        tuner.fit(2)
+    before = model[0].weight.detach().clone()
+    st.SelfTuner(net, train, val, method=method, settings=st.TunerSettings(batch_size=32)).fit(1)
+    assert not torch.equal(before, model[0].weight)
+
+    class Unfreeze(st.Callback):
+        def on_epoch_end(self, tuner, row):
+            model[0].requires_grad_(True)
+
+    model[0].requires_grad_(False)
+    tuner = st.SelfTuner(net, train, val, method=method, settings=st.TunerSettings(batch_size=32))
+    with pytest.raises(ConfigError, match=r"^model: 0\.weight, 0\.bias train now"):
+        tuner.fit(3, callbacks=[Unfreeze()])
+    assert tuner.order.epoch == 1
