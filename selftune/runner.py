@@ -66,10 +66,16 @@ class Prepared:
         return result
 
 
-def _check_dropouts(model: torch.nn.Module, space: Any, where: str) -> None:
+def _check_dropouts(model: torch.nn.Module, space: Any, where: str, replaced: Any = None) -> None:
+    """``replaced``: the task's own space, which the config's ``[space.*]`` tables replaced (the message
+    says so: one table added for a decay left the task's dropouts undeclared)."""
     for module in model.modules():
         if isinstance(module, Dropout | EmbeddingDropout) and module.name not in space:
-            raise ConfigError(where, f"{module.name!r} is not declared; add a [space.{module.name}] table")
+            why = ""
+            if replaced is not None and module.name in replaced:
+                why = (f" (the task's space declares it, but this config's [space.*] tables replace the task's "
+                       f"whole space: declare each of {list(replaced.names)} you keep)")
+            raise ConfigError(where, f"{module.name!r} is not declared{why}; add a [space.{module.name}] table")
 
 
 def _build_net(config: RunConfig, splits: Splits) -> HyperNet:
@@ -164,7 +170,7 @@ def _prepare_task(config: RunConfig) -> Prepared:
         raise ConfigError("task.source", "the task returns no test data (Task.test); every method is scored on "
                                          "the same held-out test split, so return one")
     space = config.build_space()
-    _check_dropouts(task.model, space, "space")
+    _check_dropouts(task.model, space, "space", task.space if config.space and task.space is not None else None)
     net = _hypernetize(config, task.model, space, task.batch_dim)
     objective = config.build_objective()  # its own errors name their fields (an empty weight_decay table)
     try:

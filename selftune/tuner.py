@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .algorithms import DEFAULT_ALGORITHM, Algorithm, get_algorithm
@@ -503,7 +504,12 @@ class SelfTuner:
         self.planned_epochs = 0  # the epochs of the current fit (its total, also when resumed)
         self._torch_schedule: TorchSchedule | None = None  # settings.lr_scheduler, built with the run's length
         # the weights of each decay (objective.weight_decay: one for all, or one per layer pattern)
-        self._decayed = self.objective.weight_groups(net.model, [p for p in self.general_params if p.dim() > 1])
+        # (not a parametrized layer's own tensors: its weight is computed from them, and a penalty on them is not
+        # the weight's; an orthogonal map sends a decayed raw matrix to a zero weight, fuzz round 44)
+        raw = {id(p) for m in net.model.modules() if isinstance(m, parametrize.ParametrizationList)
+               for p in m.parameters()}
+        self._decayed = self.objective.weight_groups(
+            net.model, [p for p in self.general_params if p.dim() > 1 and id(p) not in raw])
         self._stop = False
         self._step_clock = 0  # _progress() before the current batch was drawn (adaptive batch)
         self._trained_batch: int | None = None  # examples in the current step's batch (None before the first)

@@ -587,6 +587,23 @@ def test_an_objective_error_on_a_task_config_names_its_own_field(tmp_path, monke
     assert "objective.weight_decay: an empty table decays nothing" in err and "label_smoothing" not in err, err
 
 
+def test_whole_space_tables_that_leave_out_a_tasks_dropout_say_they_replaced_its_space(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """One whole [space.*] table added (for a decay) replaces a task's whole space, as documented; the error
+    named the task's dropout as undeclared without saying why (fuzz round 44)."""
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(OWN), "--set", "space={d = {low = 0.0, high = 0.5, init = 0.1}}", "--set",
+                 "objective.weight_decay=0.0", "--set", "bench.starts={}", "--store",
+                 f"sqlite:///{tmp_path / 's.db'}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "space: 'dropout_in' is not declared (the task's space declares it, but this config's [space.*] tables " \
+           "replace the task's whole space: declare each of ['dropout_in', 'dropout1', 'dropout2', 'weight_decay'] " \
+           "you keep); add a [space.dropout_in] table" in err, err
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_a_replay_after_the_task_file_changed_says_so(tmp_path, monkeypatch, capsys):
     """replay compares its test loss with the tuning run's; after an edit of the task file the two ran on
     different code or data, which a resume says and replay did not."""
