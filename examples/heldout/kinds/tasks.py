@@ -14,6 +14,9 @@ Run through the CLI only (``selftune bench examples/heldout/kinds/multilabel.tom
   rest; 100 training rows.
 * ``imbalanced``: a 90/10 classification with a class-weighted cross-entropy passed as the loss, balanced
   accuracy and minority recall as metrics; 300 training rows.
+* ``finetune`` (stop 35): transfer learning. An MLP body pretrained on the digits 0-4 (every such image), a
+  new head for the digits 5-9 from 100 training images; the body trains at a third of the head's rate
+  (``tuner.lr_scales``), a dropout in the body and one before the head and a weight decay are tuned.
 """
 from __future__ import annotations
 
@@ -209,3 +212,47 @@ def imbalanced(hidden: int = 256, n_train: int = 300, split_seed: int = 0) -> st
     return st.Task(model=model, space=space, loss=WeightedCE(w),
                    metrics={"balanced_acc": balanced_acc, "minority_recall": minority_recall},
                    train=(x[tr], y[tr]), val=(x[va], y[va]), test=(x[te], y[te]))
+
+
+# 6. fine-tuning a pretrained body (stop 35) -----------------------------------------------------------
+class FineTune(nn.Module):
+    def __init__(self, body: nn.Sequential, classes: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(body[0], nn.ReLU(), st.Dropout("dropout_body"), body[2], nn.ReLU())
+        self.head = nn.Sequential(st.Dropout("dropout_head"), nn.Linear(body[2].out_features, classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _pretrained_body(x: torch.Tensor, y: torch.Tensor, hidden: int) -> nn.Sequential:
+    """An MLP body trained on the source classes, the same for every run (its own seed; the caller's
+    generators are left as they were, so the new head's initialisation follows the run's seed)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        body = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        head = nn.Linear(hidden, int(y.max()) + 1)
+        opt = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=1e-3)
+        g = torch.Generator().manual_seed(7)
+        for _ in range(30):
+            for idx in torch.randperm(len(x), generator=g).split(64):
+                opt.zero_grad()
+                F.cross_entropy(head(body(x[idx])), y[idx]).backward()
+                opt.step()
+    return body
+
+
+def finetune(n_train: int = 100, hidden: int = 256, split_seed: int = 0) -> st.Task:
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(y)
+    source = y < 5
+    body = _pretrained_body(x[source], y[source], hidden)
+    xt, yt = x[~source], y[~source] - 5
+    o = _order(len(xt), split_seed)
+    tr, va, te = o[:n_train], o[n_train:n_train + 150], o[n_train + 150:]
+    space = st.Space([st.Float("dropout_body", 0.0, 0.9, 0.1), st.Float("dropout_head", 0.0, 0.9, 0.3),
+                      st.Float("weight_decay", 1e-6, 1e-1, 1e-4, log=True)])
+    return st.Task(model=FineTune(body), space=space, loss=F.cross_entropy, metrics={"accuracy": acc},
+                   train=(xt[tr], yt[tr]), val=(xt[va], yt[va]), test=(xt[te], yt[te]))
