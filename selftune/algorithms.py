@@ -178,14 +178,23 @@ class Algorithm:
             if built is None or first is None:
                 continue
             cls, kwargs, field = built
-            stand_in = torch.zeros(tuple(min(n, 4) for n in first.shape), dtype=first.dtype, device=device,
-                                   requires_grad=True)
-            stand_in.grad = torch.ones_like(stand_in)
-            try:
-                cls([stand_in], **kwargs).step()
-            except Exception as err:
-                raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: "
-                                         f"{_one_line(err)}") from None
+            # at each group's own rate too: a layer's scale (tuner.lr_scales) can take it where the class fails
+            rates = [(None, kwargs["lr"])] + [(g, g["lr"]) for g in optimizer.param_groups
+                                              if "lr_scale" in g and g["lr"] != kwargs["lr"]]
+            for group, lr in rates:
+                stand_in = torch.zeros(tuple(min(n, 4) for n in first.shape), dtype=first.dtype, device=device,
+                                       requires_grad=True)
+                stand_in.grad = torch.ones_like(stand_in)
+                try:
+                    cls([stand_in], **{**kwargs, "lr": lr}).step()
+                except Exception as err:
+                    if group is None:
+                        raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: "
+                                                 f"{_one_line(err)}") from None
+                    pattern = self._scaled_pattern(group)
+                    raise ConfigError(f"tuner.lr_scales[\"{pattern}\"]",
+                                      f"{optimizer_label(cls)} failed its first step at the rate it gives ({lr:g}): "
+                                      f"{_one_line(err)}") from None
 
     def _response_group(self, net: HyperNet) -> dict:
         return {"params": net.response_parameters(), "lr": response_lr(self.settings, self.lr)}
@@ -200,6 +209,11 @@ class Algorithm:
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
         """Optimizers of the weights by group name; :meth:`step` passes those names to the tuner."""
         return {"weights": self._weight_optimizer(self._general_groups(net))}
+
+    def _scaled_pattern(self, group: Mapping[str, Any]) -> str:
+        """The ``tuner.lr_scales`` pattern whose parameter group ``group`` is (groups follow the table's order)."""
+        scales = list(self.settings.lr_scales.items())
+        return next((p for p, s in scales if s == group["lr_scale"]), scales[0][0] if scales else "?")
 
     def hyper_settings(self) -> tuple[str, float, float]:
         """``(optimizer, lr, scale_lr)`` of the hyperparameters, defaults filled in."""

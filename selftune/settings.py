@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,11 +263,17 @@ class TunerSettings(BaseModel):
             raise ValueError("must be finite")
         return v
 
-    @field_validator("lr_scales")
+    @field_validator("lr_scales", mode="before")
     @classmethod
-    def _positive_scales(cls, v: dict[str, float]) -> dict[str, float]:
+    def _positive_scales(cls, v: Any) -> Any:
+        """Every error names ``tuner.lr_scales["pattern"]`` (pydantic's own spelling, ``lr_scales.fc.0``, reads
+        as a nested key where a pattern holds a dot)."""
+        if not isinstance(v, Mapping):
+            return v  # pydantic's own error: a table is expected
         for pattern, scale in v.items():
             where = f"tuner.lr_scales[\"{pattern}\"]"
+            if not isinstance(pattern, str):
+                raise ConfigError(where, f"a layer pattern is text, not a {type(pattern).__name__}; quote it")
             if not pattern.strip():
                 raise ConfigError(where, "an empty layer pattern names no layer; use \"*\" for every layer")
             if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:

@@ -92,9 +92,12 @@ def test_a_run_with_scales_resumes_exactly():
                     r"'net\.5', 'net\.8'$"),
     ('{"net.*"=0.1, "net.5"=2}', r'^tuner\.lr_scales\["net\.5"\]: every layer it names is taken by an earlier '
                                  r"pattern"),
-    ('{"net.2"=0}', r'^tuner\.lr_scales\["net\.2"\]: must be a positive number \(got 0\.0\); freeze a layer with '
+    ('{"net.2"=0}', r'^tuner\.lr_scales\["net\.2"\]: must be a positive number \(got 0\); freeze a layer with '
                     r"requires_grad=False"),
     ('{"net.2"=-1}', r'^tuner\.lr_scales\["net\.2"\]: must be a positive number'),
+    ('{"net.2"="x"}', r'^tuner\.lr_scales\["net\.2"\]: must be a positive number \(got \'x\'\)'),
+    ('{"net.2"=1e41}', r'^tuner\.lr_scales\["net\.2"\]: torch\.optim\.SGD failed its first step at the rate it '
+                       r"gives \(5e\+39\)"),
 ])
 def test_a_scale_that_reaches_no_parameter_is_refused(scales, match):
     with pytest.raises(ConfigError, match=match):
