@@ -6,6 +6,7 @@ model arguments) happens before anything is written. The format is documented in
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import tomllib
@@ -326,6 +327,23 @@ class RunConfig(BaseModel):
             if isinstance(value, str) and value not in space:
                 table = value if value.isprintable() and value.strip() == value and value else "NAME"  # one line
                 raise ConfigError(where, f"{value!r} is not declared; add a [space.{table}] table or use a number")
+
+
+def comparable(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config (``RunConfig.model_dump(mode="json")``) as what compares equal for what it trains:
+    the tables whose order decides (``tuner.lr_scales`` and a table of ``objective.weight_decay``: the first
+    pattern that names a layer wins) become lists of pairs when their order is not sorted (a dict compares,
+    and ``json.dumps(sort_keys=True)`` hashes, without order), and an empty ``lr_scales`` is left out, as
+    configs recorded before the setting existed lack it (their kept runs and studies go on)."""
+    out = copy.deepcopy(dumped)
+    tuner, objective = out.get("tuner") or {}, out.get("objective") or {}
+    if tuner.get("lr_scales") == {}:
+        del tuner["lr_scales"]
+    for table, key in ((tuner, "lr_scales"), (objective, "weight_decay")):
+        value = table.get(key)
+        if isinstance(value, dict) and list(value) != sorted(value):
+            table[key] = [[k, v] for k, v in value.items()]
+    return out
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:

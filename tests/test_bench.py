@@ -707,6 +707,8 @@ def test_a_bench_run_again_trains_again_what_changed_and_fresh_trains_everything
     assert bench(fresh=True) == 6  # all three again, the replay's tuning run included
     (tmp_path / "helper.py").write_text("WIDTH = 24\n")
     assert bench() == 9 and not any("kept run" in s for s in said)
+    # and says why (a scratch script beside the task file retrained everything silently: fuzz round 45)
+    assert sum("training anew: run" in s and "trained on other code" in s for s in said) == 2, said
     (tmp_path / "b" / "runs" / "delta-stn-seed0" / "trajectory.csv").unlink()
     assert bench() == 11  # that run, and its replay (which follows the new run: its config names it)
     assert (tmp_path / "b" / "README.md").is_file()

@@ -123,3 +123,22 @@ def test_a_scale_on_frozen_layers_says_they_are_frozen():
     assert torch.equal(model[0].weight, frozen)
     groups = tuner.optimizers["weights"].param_groups
     assert [len(g["params"]) for g in groups] == [0, 2] and math.isclose(groups[1]["lr"], 0.01 * 0.1)
+
+
+def test_the_order_of_the_patterns_is_part_of_what_a_bench_keeps_and_a_study_continues():
+    """The first pattern that names a layer decides its scale (and its decay), so two orders train
+    differently; a bench kept the runs and continued the studies of the other order (dicts compare, and
+    sorted JSON hashes, without order: fuzz round 45). A config without scales keeps its study's name."""
+    from selftune.config import comparable
+    from selftune.methods.search import trial_digest
+    from selftune.testing import digits_config
+
+    first = digits_config('tuner.lr_scales={"net.*"=0.1, "net.8"=3}')
+    swapped = digits_config('tuner.lr_scales={"net.8"=3, "net.*"=0.1}')
+    assert first.tuner.lr_scales == swapped.tuner.lr_scales  # equal as dicts, yet they train apart
+    assert trial_digest(first) != trial_digest(swapped)
+    assert comparable(first.model_dump(mode="json")) != comparable(swapped.model_dump(mode="json"))
+    assert trial_digest(first) == trial_digest(digits_config('tuner.lr_scales={"net.*"=0.1, "net.8"=3}'))
+    plain = digits_config().model_dump(mode="json")
+    recorded_before = {**plain, "tuner": {k: v for k, v in plain["tuner"].items() if k != "lr_scales"}}
+    assert comparable(plain) == comparable(recorded_before)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..algorithms import Fixed
+from ..config import comparable
 from ..errors import DivergenceError
 from ..extras import install_hint, missing
 from ..task import code_digest
@@ -159,7 +160,7 @@ def trial_digest(config: RunConfig) -> str:
         task["task"]["source"] = code_digest(config.task.source)
     if ".py:" in config.tuner.optimizer:  # a user's optimizer class from a file: the same rule
         task["tuner"]["optimizer"] = code_digest(config.tuner.optimizer)
-    return hashlib.sha1(json.dumps(task, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha1(json.dumps(comparable(task), sort_keys=True).encode()).hexdigest()[:8]
 
 
 

@@ -92,6 +92,7 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
     Raises:
         TrainAnew: a resume that started failed; ``prepared`` may hold part of its checkpoint.
     """
+    from ..config import comparable
     from ..errors import ConfigError, LeaseError, ResumeError
     from ..outputs import read_marker
     from ..runner import resume_recorded, versions
@@ -104,16 +105,27 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
     except LookupError:
         return None
     config = prepared.config
-    if info.uuid != marker.get("run_uuid") or info.config != config.model_dump(mode="json"):
-        return None
     say = ctx.progress or (lambda line: None)
+    if info.uuid != marker.get("run_uuid"):
+        return None
+
+    def anew(why: str) -> None:  # a re-run that trains everything again says why (fuzz round 45)
+        say(f"    training anew: run {info.id}, which an earlier bench left in this folder, {why}")
+
+    if comparable(info.config) != comparable(config.model_dump(mode="json")):
+        return anew("had another config")
     if info.status == "finished":
         try:
             done = json.loads((folder / "result.json").read_text())
         except (OSError, ValueError):
             return None
-        if (not isinstance(done, dict) or done.get("run_uuid") != info.uuid or done.get("data") != prepared.data
-                or done.get("versions") != versions() or not (folder / "trajectory.csv").is_file()):
+        if not isinstance(done, dict) or done.get("run_uuid") != info.uuid:
+            return None
+        if done.get("data") != prepared.data:
+            return anew(_what_changed(done.get("data"), prepared.data))
+        if done.get("versions") != versions():
+            return anew(f"ran on other versions ({_versions_changed(done.get('versions'), versions())})")
+        if not (folder / "trajectory.csv").is_file():
             return None  # (the bench plots the schedule from the folder's trajectory.csv)
         say(f"    kept run {info.id}: an earlier bench in this folder finished it (same config, data and versions)")
         return result_of(done, ctx, config)
@@ -137,6 +149,22 @@ def continue_earlier(ctx: Context, folder: Path, prepared: Prepared) -> MethodRe
     for note in notes:
         say(f"    note: {note}")
     return result_of(r.to_json(), ctx, config)
+
+
+def _what_changed(before: Any, now: dict[str, Any]) -> str:
+    """Why a run's recorded ``data`` is not this run's, in words."""
+    if not isinstance(before, dict):
+        return "recorded no data"
+    if before.get("code") != now.get("code"):
+        return ("trained on other code (the task's file, or a .py module or package beside it, was added, "
+                "removed or edited)")
+    return "trained on other data"
+
+
+def _versions_changed(before: Any, now: dict[str, Any]) -> str:
+    if not isinstance(before, dict):
+        return "not recorded"
+    return ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v) or "other"
 
 
 def superseded(ctx: Context, folder: Path) -> str | None:
