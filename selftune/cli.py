@@ -407,7 +407,7 @@ def _show(args: argparse.Namespace) -> int:
         print(f"resume with: selftune resume {r.id}{_store_hint(store)}")  # pasteable anywhere, as a stop prints
     for e in store.events(r.id):
         print(f"event at step {e['step']}: {e['kind']}: {e['message']}")
-    print("config: " + json.dumps(r.config, sort_keys=True))
+    print("config: " + json.dumps(r.config))  # in its own order: the first of lr_scales' patterns decides
     return 0
 
 

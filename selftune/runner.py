@@ -14,6 +14,7 @@ import functools
 import hashlib
 import math
 import platform
+import re
 import shlex
 import signal
 import tempfile
@@ -504,6 +505,11 @@ class RecordedRun:
         recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
                                  every=every or 2**62, at_epoch_end=every is not None,
                                  data={**prepared.data, "versions": versions()})
+        if tuner.counters.steps == 0 and self.checkpointing is None:
+            # the interval decides the roll-back points, so a resume must keep it; a run killed before its first
+            # checkpoint has none to read it from (it resumed at the default 100, and ended elsewhere)
+            self.store.add_event(self.run_id, step=0, kind=CHECKPOINTING_EVENT,
+                                 message=f"every {every} steps and at epoch ends" if every else "only at the end")
         try:
             with _stop_on_signals() as caught, _heartbeat(self.store, self.run_id):
                 caught.tuner = tuner
@@ -662,6 +668,19 @@ def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = Non
     return run.drive(prepared, every=every, callbacks=callbacks)
 
 
+#: the event a run records when it starts: its checkpoint interval, for a resume before its first checkpoint
+CHECKPOINTING_EVENT = "checkpointing"
+
+
+def _recorded_interval(store: Any, run_id: int) -> dict[str, Any] | None:
+    """The checkpoint interval a run recorded when it started (:data:`CHECKPOINTING_EVENT`), or ``None``."""
+    events = [e for e in store.events(run_id) if e["kind"] == CHECKPOINTING_EVENT]
+    if not events:
+        return None
+    found = re.fullmatch(r"every (\d+) steps and at epoch ends", events[-1]["message"])
+    return {"every": int(found[1]), "at_epoch_end": True} if found else {"every": 2**62, "at_epoch_end": False}
+
+
 def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callbacks: list[Callback] | None = None,
                     force: bool = False, notes: list[str] | None = None,
                     prepared: Prepared | None = None) -> RunResult:
@@ -692,7 +711,7 @@ def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callba
         for note in run.notes:
             notes.append(note) if notes is not None else warnings.warn(note, stacklevel=2)
     if every is None:
-        recorded = run.checkpointing or {"every": 100, "at_epoch_end": True}
+        recorded = run.checkpointing or _recorded_interval(store, run_id) or {"every": 100, "at_epoch_end": True}
         every = int(recorded["every"]) if recorded.get("at_epoch_end", True) else None
     return run.drive(prepared, every=every, callbacks=callbacks)
 

@@ -604,3 +604,18 @@ def test_a_shared_study_finds_its_dead_trials_and_runs_its_budget_on_either_data
     done = _study.run_budget(study, storage, objective, 3)
     assert [t.number for t in done] == [live.number, 3, 4]
     storage.engine.dispose()
+
+
+def test_a_run_records_its_checkpoint_interval_when_it_starts(tmp_path):
+    """The interval decides the roll-back points, so a resume keeps it; a run killed before its first
+    checkpoint had none to read it from and resumed at the default 100, ending elsewhere (fuzz round 45)."""
+    from selftune.runner import _recorded_interval, prepare, run_recorded
+    from selftune.testing import digits_config
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    for every, expected in ((5, {"every": 5, "at_epoch_end": True}), (None, {"every": 2**62, "at_epoch_end": False})):
+        result = run_recorded(prepare(digits_config("epochs=1")), store, out=tmp_path / f"out{every}",
+                              checkpoint_root=tmp_path / "ck", every=every)
+        run_id = result.run_id
+        assert [e["step"] for e in store.events(run_id) if e["kind"] == "checkpointing"] == [0]
+        assert _recorded_interval(store, run_id) == expected
