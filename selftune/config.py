@@ -10,7 +10,7 @@ import copy
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -313,9 +313,10 @@ class RunConfig(BaseModel):
         kinds = {"cutout": Cutout, "noise": Noise, "shift": Shift, "flip": Flip}
         return Augment([kinds[a.op](**a.model_dump(exclude={"op"})) for a in self.augment])
 
-    def check_references(self, space: Space) -> None:
+    def check_references(self, space: Space, task_names: Callable[[], Collection[str]] | None = None) -> None:
         """Every hyperparameter named by the objective, an augmentation, the rate or the momentum must be
-        declared (checked before a run creates anything)."""
+        declared (checked before a run creates anything). ``task_names``: the names of the space a ``[task]``
+        returns, which this config's whole ``[space.*]`` tables replaced (asked for only to explain an error)."""
         refs = [(f"objective.{k}", v) for k, v in self.objective.model_dump().items() if not isinstance(v, dict)]
         if isinstance(self.objective.weight_decay, dict):
             refs += [(f"objective.weight_decay[\"{k}\"]", v) for k, v in self.objective.weight_decay.items()]
@@ -326,7 +327,11 @@ class RunConfig(BaseModel):
         for where, value in refs:
             if isinstance(value, str) and value not in space:
                 table = value if value.isprintable() and value.strip() == value and value else "NAME"  # one line
-                raise ConfigError(where, f"{value!r} is not declared; add a [space.{table}] table or use a number")
+                names = list(task_names()) if task_names is not None else []
+                why = (f" (the task's space declares it, but this config's whole [space.*] tables replace the task's "
+                       f"space: declare each of {names} you keep)") if value in names else ""
+                raise ConfigError(where, f"{value!r} is not declared{why}; add a [space.{table}] table or use a "
+                                         "number")
 
 
 def comparable(dumped: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +378,14 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             if not config.space:
                 raw["space"] = _task_space(raw)
             return parse_config(raw)
-    config.check_references(config.build_space())
+    replaced = None
+    if config.task is not None and config.space:
+        def replaced() -> list[str]:  # the task's own names, read only to explain an undeclared one
+            try:
+                return list(_task_space(config.model_dump(mode="python")))
+            except Exception:  # (the error being explained is the one to raise)
+                return []
+    config.check_references(config.build_space(), replaced)
     return config
 
 

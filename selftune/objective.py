@@ -75,7 +75,14 @@ def check_pattern(where: str, pattern: str, model: torch.nn.Module, owned: list[
         raise ConfigError(where, f"names only layers whose weights are tied to {', '.join(repr(n) for n in tied)}, "
                                  f"which holds them first: {tied_rule}, its first holder's; set it on {tied[0]!r} "
                                  "(or a pattern matching it), or untie the weights")
-    layers = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+    for name, module in model.named_modules():  # a parameter's name: patterns name its layer
+        for pname, _ in module.named_parameters(recurse=False):
+            if fnmatchcase(f"{name}.{pname}" if name else pname, pattern):
+                use = f"use {name!r}" if name else "only \"*\" reaches the model's own parameters"
+                raise ConfigError(where, f"names a parameter; patterns name layers (model.named_modules()), not "
+                                         f"parameters: {use}")
+    shown = [repr(n) if n else "the model itself (\"*\")" for n in names]
+    layers = ", ".join(shown[:12]) + (", ..." if len(names) > 12 else "")
     raise ConfigError(where, f"names no layer with weights; the model's are {layers}")
 
 

@@ -142,3 +142,31 @@ def test_the_order_of_the_patterns_is_part_of_what_a_bench_keeps_and_a_study_con
     plain = digits_config().model_dump(mode="json")
     recorded_before = {**plain, "tuner": {k: v for k, v in plain["tuner"].items() if k != "lr_scales"}}
     assert comparable(plain) == comparable(recorded_before)
+
+
+def test_a_pattern_that_names_a_parameter_says_patterns_name_layers():
+    """A user naming a parameter (a temperature of the model's own, a block's gain) was told it named no
+    layer, in a list that offered '' (the model itself) as one (fuzz round 45)."""
+    import selftune as st
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.temperature = torch.nn.Parameter(torch.ones(()))
+            self.block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(x)) / self.temperature
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    space = st.Space([st.Float("wd", 1e-6, 1e-1, init=1e-4, log=True)])
+    for pattern, match in (("temperature", r"names a parameter; patterns name layers \(model\.named_modules\(\)\), "
+                                           r"not parameters: only \"\*\" reaches the model's own parameters$"),
+                           ("block.0.weight", r"names a parameter; .*: use 'block\.0'$"),
+                           ("nope", r"names no layer with weights; the model's are the model itself \(\"\*\"\), "
+                                    r"'block\.0', 'head'$")):
+        with pytest.raises(ConfigError, match=rf'^tuner\.lr_scales\["{pattern}"\]: {match}'):
+            st.SelfTuner(st.hypernetize(Scaled(), space), (x, y), (x, y), method="fixed",
+                         objective=st.Objective(weight_decay="wd"),
+                         settings=st.TunerSettings(lr_scales={pattern: 0.1}, batch_size=16))

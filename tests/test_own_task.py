@@ -602,6 +602,12 @@ def test_whole_space_tables_that_leave_out_a_tasks_dropout_say_they_replaced_its
            "replace the task's whole space: declare each of ['dropout_in', 'dropout1', 'dropout2', 'weight_decay'] " \
            "you keep); add a [space.dropout_in] table" in err, err
     assert not (tmp_path / "s.db").exists()
+    # a name the objective reads says the same (fuzz round 45: it said to add a table for a name the task declares)
+    assert main(["run", str(OWN), "--set", "space={d = {low = 0.0, high = 0.5, init = 0.1}}", "--set",
+                 "bench.starts={}", "--store", f"sqlite:///{tmp_path / 's.db'}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.weight_decay: 'weight_decay' is not declared (the task's space declares it, but this config's " \
+           "whole [space.*] tables replace the task's space" in err, err
 
 
 def test_a_replay_after_the_task_file_changed_says_so(tmp_path, monkeypatch, capsys):
