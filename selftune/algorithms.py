@@ -191,8 +191,7 @@ class Algorithm:
                     if group is None:
                         raise ConfigError(field, f"{optimizer_label(cls)} failed its first step with them: "
                                                  f"{_one_line(err)}") from None
-                    pattern = self._scaled_pattern(group)
-                    raise ConfigError(f"tuner.lr_scales[\"{pattern}\"]",
+                    raise ConfigError(f"tuner.lr_scales[\"{group['lr_pattern']}\"]",
                                       f"{optimizer_label(cls)} failed its first step at the rate it gives ({lr:g}): "
                                       f"{_one_line(err)}") from None
 
@@ -209,11 +208,6 @@ class Algorithm:
     def weight_optimizers(self, net: HyperNet) -> dict[str, torch.optim.Optimizer]:
         """Optimizers of the weights by group name; :meth:`step` passes those names to the tuner."""
         return {"weights": self._weight_optimizer(self._general_groups(net))}
-
-    def _scaled_pattern(self, group: Mapping[str, Any]) -> str:
-        """The ``tuner.lr_scales`` pattern whose parameter group ``group`` is (groups follow the table's order)."""
-        scales = list(self.settings.lr_scales.items())
-        return next((p for p, s in scales if s == group["lr_scale"]), scales[0][0] if scales else "?")
 
     def hyper_settings(self) -> tuple[str, float, float]:
         """``(optimizer, lr, scale_lr)`` of the hyperparameters, defaults filled in."""

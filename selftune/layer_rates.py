@@ -25,10 +25,10 @@ def rate_groups(model: torch.nn.Module, params: Sequence[torch.Tensor], scales: 
                 lr: float) -> list[dict[str, Any]]:
     """The optimizer groups of ``params`` (the network's own trainable weights, held by ``model``'s
     layers): first those no pattern of ``scales`` names, at ``lr``, then one group per pattern, at
-    ``lr x scale`` and tagged ``lr_scale``. A layer answers to the first pattern that names it (by
-    :func:`~selftune.objective.matches`: the layer or a block holding it); a parameter two layers share, to
-    its first holder. Order within a group is ``params``' order, so a run without scales has the optimizer
-    it had before.
+    ``lr x scale`` and tagged ``lr_scale`` and ``lr_pattern`` (which a checkpoint keeps). A layer answers to
+    the first pattern that names it (by :func:`~selftune.objective.matches`: the layer or a block holding
+    it); a parameter two layers share, to its first holder. Order within a group is ``params``' order, so a
+    run without scales has the optimizer it had before.
 
     Raises:
         ConfigError: a pattern that reaches no parameter (it names no layer, only frozen layers, only tied
@@ -49,7 +49,7 @@ def rate_groups(model: torch.nn.Module, params: Sequence[torch.Tensor], scales: 
     for index, pattern in enumerate(patterns):
         scale = float(scales[pattern])
         groups.append({"params": [p for p in params if which.get(id(p)) == index], "lr": lr * scale,
-                       "lr_scale": scale})
+                       "lr_scale": scale, "lr_pattern": pattern})
     return groups
 
 

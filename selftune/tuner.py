@@ -1359,7 +1359,9 @@ class SelfTuner:
                     old = self._base_lrs[key][i]
                     new = self._base_lrs[key][i] = old * factor
                     group["lr"] = group["lr"] * factor
-                changes.append(f"{key} lr {old:.3g} -> {new:.3g}")
+                scale = group.get("lr_scale")  # a layer's group (tuner.lr_scales): which one, by its pattern
+                label = f"{key} lr" if scale is None else f"{key} lr of {group.get('lr_pattern')!r} (x{scale:g})"
+                changes.append(f"{label} {old:.3g} -> {new:.3g}")
         if div.group != "hyper" and "response" in self.optimizers and self.net.form == "delta":
             # the restored state may hold a response already on its way up (HyperNet.reset_response)
             self.net.reset_response()
@@ -1907,6 +1909,17 @@ class SelfTuner:
         order = self.order.mismatch(state["order"])
         if order:
             raise ConfigError("checkpoint", f"{order}; a run continues on the data it started with")
+        group = self.algorithm.lr_group  # the layers' rate scales are the optimizer's groups (tuner.lr_scales)
+        saved_groups = ((state.get("optimizers") or {}).get(group) or {}).get("param_groups")
+        if saved_groups is not None:
+            groups = self.optimizers[group].param_groups
+            saved_scales = {g.get("lr_pattern"): g["lr_scale"] for g in saved_groups if "lr_scale" in g}
+            mine = {g["lr_pattern"]: g["lr_scale"] for g in groups if "lr_scale" in g}
+            sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in groups]
+            if list(saved_scales.items()) != list(mine.items()) or (mine and sizes[0] != sizes[1]):
+                raise ConfigError("checkpoint", f"it was saved with layer rate scales {saved_scales or 'none'}, this "
+                                                f"tuner has {mine or 'none'} (tuner.lr_scales); build it with the "
+                                                "scales it was saved with")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` into a tuner built with the same net, data and settings.

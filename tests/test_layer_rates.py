@@ -170,3 +170,22 @@ def test_a_pattern_that_names_a_parameter_says_patterns_name_layers():
             st.SelfTuner(st.hypernetize(Scaled(), space), (x, y), (x, y), method="fixed",
                          objective=st.Objective(weight_decay="wd"),
                          settings=st.TunerSettings(lr_scales={pattern: 0.1}, batch_size=16))
+
+
+def test_a_state_saved_with_other_scales_is_refused_and_a_roll_back_names_the_pattern():
+    """A state saved with other scales loaded into a tuner silently kept the checkpoint's (or failed with
+    PyTorch's "different number of parameter groups"); a roll-back named every group "weights lr"
+    (fuzz round 45)."""
+    saved = digits_tuner('tuner.lr_scales={"net.2"=0.1}', method="delta-stn")
+    saved.fit(1, max_steps=3)
+    state = saved.state_dict()
+    for other, match in (((), r"layer rate scales \{'net\.2': 0\.1\}, this tuner has none"),
+                         (('tuner.lr_scales={"net.2"=0.5}',), r"layer rate scales \{'net\.2': 0\.1\}, this tuner "
+                                                               r"has \{'net\.2': 0\.5\}"),
+                         (('tuner.lr_scales={"net.5"=0.1}',), r"layer rate scales \{'net\.2': 0\.1\}, this tuner "
+                                                               r"has \{'net\.5': 0\.1\}")):
+        with pytest.raises(ConfigError, match=rf"^checkpoint: it was saved with {match}"):
+            digits_tuner(*other, method="delta-stn").load_state_dict(state)
+    poison = PoisonAt(5)
+    digits_tuner('tuner.lr_scales={"net.2"=0.1}', method="delta-stn").fit(1, callbacks=[poison])
+    assert "general lr of 'net.2' (x0.1) 0.005 -> 0.0025" in poison.events[0]["message"]
