@@ -811,8 +811,20 @@ def rows(x: Any, start: int, stop: int, batch_dim: int = 0, n: int | None = None
     if isinstance(x, Mapping):
         return _like(x, {key: rows(v, start, stop, batch_dim, n) for key, v in x.items()})
     if isinstance(x, tuple | list):
+        if n is not None and len(x) == n and not all(_batched(v, n, batch_dim) for v in x):
+            return x[start:stop]  # one entry per example (labels as strings, a detection's target dicts)
         return type(x)(rows(v, start, stop, batch_dim, n) for v in x)
     return x
+
+
+def _batched(x: Any, n: int, batch_dim: int) -> bool:
+    """Whether ``x`` holds a batch of ``n`` examples itself (a field of the batch), rather than being one
+    example's entry of a per-example list."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() > 0 and (x.shape[0] == n or (batch_dim != 0 and x.shape[data_axis(x, n, batch_dim)] == n))
+    if isinstance(x, Mapping):
+        return all(_batched(v, n, batch_dim) for v in x.values())
+    return False
 
 
 def to_device(x: Any, device: torch.device | str) -> Any:

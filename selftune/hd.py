@@ -75,12 +75,14 @@ def _following(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], 
 
 
 class HypergradientLR:
-    """Drives the learning rate of ``optimizer``'s first parameter group from hyperparameter ``name``.
+    """Drives the learning rate of ``optimizer``'s first parameter group (and of the scaled layers' groups,
+    ``tuner.lr_scales``, at the rate x their scale) from hyperparameter ``name``.
 
     Args:
         net: the HyperNet whose space declares ``name`` (its ``hparams`` hold the rate).
         name: the hyperparameter bound to the learning rate (``[tuner] lr = "name"``).
-        optimizer: the weight optimizer whose first group (the network's own weights) it sets.
+        optimizer: the weight optimizer whose first group (the network's own weights) and scaled layers'
+            groups it sets.
         tune: ``False`` only applies the hyperparameter's value (fixed training, search trials).
         margin: share of the unit range kept free at each bound (the transform is flat there).
     """
@@ -233,7 +235,7 @@ class HypergradientLR:
 
 
 class HypergradientMomentum:
-    """Drives the momentum of ``optimizer``'s first group from hyperparameter ``name`` (``[tuner]
+    """Drives the momentum of ``optimizer``'s groups from hyperparameter ``name`` (``[tuner]
     momentum = "name"``): SGD's heavy ball, or Adam's (and AdamW's) ``beta1``, by the same normalised
     hypergradient as the rate.
 

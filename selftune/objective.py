@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .batches import batch_axis
 from .errors import ConfigError, ConfigTypeError, DataError
@@ -68,6 +69,14 @@ def check_pattern(where: str, pattern: str, model: torch.nn.Module, owned: list[
                                  f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False), whose weights do not "
                                  f"train, so {what} there would drive nothing; remove the pattern, or unfreeze "
                                  "those layers")
+    parametrized = [name for name, module in model.named_modules() if matches(pattern, name)
+                    and parametrize.is_parametrized(module)]
+    if parametrized:  # (the decay leaves their tensors alone: they are not the weight the layer applies)
+        shown = ", ".join(repr(n) for n in parametrized[:4]) + (", ..." if len(parametrized) > 4 else "")
+        raise ConfigError(where, f"names only layers with a parametrization ({shown}: "
+                                 "torch.nn.utils.parametrizations), whose "
+                                 f"tensors are not the weight they apply, so {what} does not apply to them; remove "
+                                 "the pattern")
     owner = {id(p): name for name, own in owned for p in own}
     tied = sorted({owner[id(p)] for name, module in model.named_modules() if matches(pattern, name)
                    for p in module.parameters(recurse=False) if id(p) in owner})

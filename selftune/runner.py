@@ -509,7 +509,8 @@ class RecordedRun:
             # the interval decides the roll-back points, so a resume must keep it; a run killed before its first
             # checkpoint has none to read it from (it resumed at the default 100, and ended elsewhere)
             self.store.add_event(self.run_id, step=0, kind=CHECKPOINTING_EVENT,
-                                 message=f"every {every} steps and at epoch ends" if every else "only at the end")
+                                 message="only at the end" if every is None else "at epoch ends" if not every
+                                 else f"every {every} steps and at epoch ends")
         try:
             with _stop_on_signals() as caught, _heartbeat(self.store, self.run_id):
                 caught.tuner = tuner
@@ -677,8 +678,11 @@ def _recorded_interval(store: Any, run_id: int) -> dict[str, Any] | None:
     events = [e for e in store.events(run_id) if e["kind"] == CHECKPOINTING_EVENT]
     if not events:
         return None
-    found = re.fullmatch(r"every (\d+) steps and at epoch ends", events[-1]["message"])
-    return {"every": int(found[1]), "at_epoch_end": True} if found else {"every": 2**62, "at_epoch_end": False}
+    message = events[-1]["message"]
+    found = re.fullmatch(r"every (\d+) steps and at epoch ends", message)
+    if found:
+        return {"every": int(found[1]), "at_epoch_end": True}
+    return {"every": 2**62, "at_epoch_end": message == "at epoch ends"}
 
 
 def resume_recorded(store: Any, run_id: int, *, every: int | None = None, callbacks: list[Callback] | None = None,

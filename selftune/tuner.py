@@ -680,6 +680,7 @@ class SelfTuner:
                     self._refuse_summed(self.objective.eval_loss, out, y)
             if what == "train":
                 self._check_differentiable(x, y)
+                self._refuse_recomputation(source)
         finally:
             net.train(was_training)
         if self.objective.loss is None and source.collate is default_collate:  # a loader's own may map labels
@@ -735,32 +736,42 @@ class SelfTuner:
                                              "remove it from [[augment]] (Python: from the Augment list)") from None
 
     def _check_differentiable(self, x: Any, y: Any) -> None:
-        """One backward pass through the loss on the first examples (in evaluation mode, every gradient put
-        back as it was): a loss of the user's own must return a tensor the weights' gradient flows through
-        (one that detaches its input, ``.item()``, ``.detach()``, NumPy or ``torch.no_grad`` inside it, failed
-        at the first backward pass with PyTorch's "element 0 of tensors does not require grad"), and a model
-        that recomputes selftune layers in its backward pass (``torch.utils.checkpoint``) is refused before
-        the run is recorded (:func:`~selftune.nn.state.refuse_recomputation`)."""
-        device, dim = self.net.hparams.device, self.net.batch_dim
-        n = batch_of(x, dim)
-        if n > 2:  # (the first checks score up to 512 examples for a metric; two are enough here)
-            x, y = rows(x, 0, 2, dim, n), rows(y, 0, 2, dim, n)
+        """A loss of the user's own must return a tensor the weights' gradient flows through: one that detaches
+        its input (``.item()``, ``.detach()``, NumPy, ``torch.no_grad`` inside it) failed at the first
+        backward pass with PyTorch's "element 0 of tensors does not require grad"."""
+        if self.objective.loss is None:
+            return
+        device = self.net.hparams.device
         with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             value = self.objective.eval_loss(self.net(x), y)
-            if (not isinstance(value, torch.Tensor) or not value.requires_grad) and self.objective.loss is not None:
-                got = "a tensor without a gradient" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise DataError(f"loss: it returned {got} on the first examples, so training cannot differentiate "
-                                "it; compute it from the model's outputs with torch operations (no .item(), "
-                                ".detach(), NumPy or torch.no_grad inside it) and return the tensor")
-            if isinstance(value, torch.Tensor) and value.requires_grad and value.dim() == 0 \
-                    and math.isfinite(float(value.detach())):
-                # backward() (a reentrant checkpoint refuses autograd.grad), every gradient put back after it
-                grads = {p: p.grad for p in self.net.parameters() if p.requires_grad}
-                try:
-                    value.backward()
-                finally:
-                    for p, grad in grads.items():
-                        p.grad = grad
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            got = "a tensor without a gradient" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise DataError(f"loss: it returned {got} on the first examples, so training cannot differentiate it; "
+                            "compute it from the model's outputs with torch operations (no .item(), .detach(), "
+                            "NumPy or torch.no_grad inside it) and return the tensor")
+
+    def _refuse_recomputation(self, source: Source) -> None:
+        """One backward pass through the loss on the first two training examples (in evaluation mode, cuDNN
+        off, as its RNNs refuse a backward in evaluation mode; every gradient put back after it), so a model
+        that recomputes selftune layers in its backward pass (``torch.utils.checkpoint``) is refused before
+        the run is recorded (:func:`~selftune.nn.state.refuse_recomputation`). It is a probe for that alone:
+        anything else it meets is left to the checks above and to training."""
+        device = self.net.hparams.device
+        grads = {p: p.grad for p in self.net.parameters() if p.requires_grad}
+        try:
+            with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    torch.backends.cudnn.flags(enabled=False):
+                x, y = source.take(torch.arange(min(2, len(source))), self.fields)
+                value = self.objective.eval_loss(self.net(to_device(x, device)), to_device(y, device))
+                if isinstance(value, torch.Tensor) and value.requires_grad and value.dim() == 0:
+                    value.backward()  # (not autograd.grad, which a reentrant checkpoint refuses)
+        except ConfigError:
+            raise
+        except Exception:  # a probe: a model it cannot run this way trains as before
+            pass
+        finally:
+            for p, grad in grads.items():
+                p.grad = grad
 
     def _try_loss(self, out: Any, y: Any, what: str, loss: bool = True) -> None:
         """The user's loss (unless ``loss`` is false) and metrics on a first batch: a shape mismatch, or a

@@ -171,3 +171,18 @@ def test_a_parametrized_layers_own_tensors_take_no_decay():
     tuner.fit(2)
     weight = model[2].weight.detach()
     assert torch.allclose(weight @ weight.T, torch.eye(3), atol=1e-5)
+
+
+def test_a_decay_pattern_that_names_only_a_parametrized_layer_says_so():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    torch.nn.utils.parametrizations.orthogonal(model[0])
+    space = st.Space([st.Float("wd", 1e-6, 1e-1, init=1e-2, log=True)])
+    net = st.hypernetize(model, space)
+    assert "Orthogonal" in net.left_plain["0"]  # (with no bias, it holds no parameter of its own)
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    with pytest.raises(ConfigError, match=r'^objective\.weight_decay\["0"\]: names only layers with a parametrization '
+                                          r"\('0': torch\.nn\.utils\.parametrizations\), whose tensors are not the "
+                                          r"weight they apply"):
+        st.SelfTuner(net, (x, y), (x, y), method="fixed", objective=st.Objective(weight_decay={"0": "wd", "2": "wd"}),
+                     settings=st.TunerSettings(batch_size=16))

@@ -293,3 +293,58 @@ def test_unfreezing_after_the_tuner_was_built_is_refused_and_a_new_tuner_trains_
     with pytest.raises(ConfigError, match=r"^model: 0\.weight, 0\.bias train now"):
         tuner.fit(3, callbacks=[Unfreeze()])
     assert tuner.order.epoch == 1
+
+
+class _EvalGuard(torch.autograd.Function):
+    """A backward that refuses evaluation mode, as cuDNN's RNNs do."""
+
+    @staticmethod
+    def forward(ctx, x, training):
+        ctx.training = training
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if not ctx.training:
+            raise RuntimeError("cudnn RNN backward can only be called in training mode")
+        return g, None
+
+
+def test_the_checkpointing_probe_never_refuses_a_model_it_cannot_run():
+    """The probe for gradient checkpointing (one backward pass in evaluation mode) refused a model whose
+    backward needs training mode (cuDNN's LSTM on a GPU) and, cutting a batch to two examples, one whose
+    targets are a list the cut did not reach (the review of stop 35): it probes for recomputation alone."""
+    from torch.utils.data import Dataset
+
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(8, 2), st.Dropout("d1")
+
+        def forward(self, x):
+            return _EvalGuard.apply(self.fc(self.drop(x)), self.training)
+
+    x, y = data()
+    st.SelfTuner(st.hypernetize(Guarded(), SPACE), (x[:160], y[:160]), (x[160:], y[160:]),
+                 settings=st.TunerSettings(batch_size=32)).fit(1)
+
+    names = ["no", "yes"]
+
+    class Named(Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return x[self.rows[i]], names[int(y[self.rows[i]])]
+
+    def loss(out, labels):
+        return F.cross_entropy(out, torch.tensor([names.index(s) for s in labels]))
+
+    def accuracy(out, labels):
+        return (out.argmax(-1) == torch.tensor([names.index(s) for s in labels])).float().mean()
+
+    st.SelfTuner(st.hypernetize(mlp(), SPACE), Named(range(160)), Named(range(160, 240)), loss=loss,
+                 metrics={"accuracy": accuracy}, settings=st.TunerSettings(batch_size=32)).fit(1)

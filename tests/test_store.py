@@ -613,7 +613,8 @@ def test_a_run_records_its_checkpoint_interval_when_it_starts(tmp_path):
     from selftune.testing import digits_config
 
     store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
-    for every, expected in ((5, {"every": 5, "at_epoch_end": True}), (None, {"every": 2**62, "at_epoch_end": False})):
+    for every, expected in ((5, {"every": 5, "at_epoch_end": True}), (None, {"every": 2**62, "at_epoch_end": False}),
+                            (0, {"every": 2**62, "at_epoch_end": True})):
         result = run_recorded(prepare(digits_config("epochs=1")), store, out=tmp_path / f"out{every}",
                               checkpoint_root=tmp_path / "ck", every=every)
         run_id = result.run_id

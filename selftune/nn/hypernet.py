@@ -609,7 +609,7 @@ def own_dropouts(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             found[name] = f"{type(module).__name__} p={module.p:g}"
-        elif isinstance(module, nn.LSTM | nn.GRU | BestResponseRecurrent) and module.dropout:
+        elif isinstance(module, nn.LSTM | nn.GRU | BestResponseRecurrent) and module.dropout and module.num_layers > 1:
             found[name] = f"dropout={module.dropout:g} between layers"
         elif isinstance(module, nn.MultiheadAttention | BestResponseMultiheadAttention) and module.dropout:
             found[name] = f"attention dropout={module.dropout:g}"
@@ -707,7 +707,8 @@ def _left_plain(named: dict[str, nn.Module], converted: set[str], form: Form = "
     # a parametrized layer's weights live in its parametrizations: reported with the layer
     inside += tuple(f"{n}.parametrizations." for n, m in named.items() if parametrize.is_parametrized(m))
     for name, module in named.items():
-        if name in converted or not any(True for _ in module.parameters(recurse=False)):
+        if name in converted or not (any(True for _ in module.parameters(recurse=False))
+                                     or parametrize.is_parametrized(module)):  # (its weight in its parametrization)
             continue
         if name.startswith(inside):
             continue  # an attention's out_proj: reported with the attention

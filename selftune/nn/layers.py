@@ -14,6 +14,7 @@ into them and :func:`~selftune.hypernetize` preserves a model's initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -367,8 +368,9 @@ class BestResponseRecurrent(BestResponseModule):
     ``gate``), the others ``_l{k}`` and ``_reverse`` as PyTorch's do.
 
     PyTorch's own ``dropout`` between stacked layers is kept as it is, untuned (as an attention's own
-    ``dropout``): it draws from PyTorch's global generator, which a run seeds and checkpoints. To tune it,
-    stack one-layer modules with a :class:`~selftune.nn.Dropout` between them.
+    ``dropout``): it draws from PyTorch's global generator, which a run seeds and checkpoints (on a GPU the
+    layer then runs without cuDNN, whose RNN dropout keeps a state no checkpoint holds). To tune it, stack
+    one-layer modules with a :class:`~selftune.nn.Dropout` between them.
     """
 
     mode = "LSTM"
@@ -459,8 +461,9 @@ class BestResponseRecurrent(BestResponseModule):
         if cond is None and self.scale is None:
             weights = self.general_parameters()
             run = torch.lstm if self.mode == "LSTM" else torch.gru
-            out, *state = run(x, hx, weights, self.has_bias, self.num_layers, self.dropout, self.training,
-                              self.bidirectional, True)
+            with _own_dropout_generator(self, x):
+                out, *state = run(x, hx, weights, self.has_bias, self.num_layers, self.dropout, self.training,
+                                  self.bidirectional, True)
         else:
             out, state = self._unrolled(x, hx, cond)
         out = out if self.batch_first else out.transpose(0, 1)
@@ -488,8 +491,9 @@ class BestResponseRecurrent(BestResponseModule):
         self._record_norm(cond)
         if cond is None and self.scale is None:
             run = torch.lstm if lstm else torch.gru
-            out, *state = run(data, sizes, permute(hx, order), self.general_parameters(), self.has_bias,
-                              self.num_layers, self.dropout, self.training, self.bidirectional)
+            with _own_dropout_generator(self, data):
+                out, *state = run(data, sizes, permute(hx, order), self.general_parameters(), self.has_bias,
+                                  self.num_layers, self.dropout, self.training, self.bidirectional)
             final = permute(tuple(state) if lstm else state[0], unorder)
             return PackedSequence(out, sizes, order, unorder), final
         # where each sorted sequence's step t sits in the packed data: time-major, batch_sizes[t] rows a step
@@ -633,6 +637,14 @@ class BestResponseRecurrent(BestResponseModule):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.has_bias}, "
                 f"batch_first={self.batch_first}, bidirectional={self.bidirectional}"
                 + (f", dropout={self.dropout:g}" if self.dropout else "") + f", form={self.form!r}")
+
+
+def _own_dropout_generator(layer: BestResponseRecurrent, x: torch.Tensor) -> Any:
+    """cuDNN draws an RNN's dropout between layers from a state of its own, which no checkpoint holds, so a
+    resumed run would drop other units than an uninterrupted one: with that dropout on, a GPU run trains the
+    layer with PyTorch's own kernels, which draw from the CUDA generator the run checkpoints (slower)."""
+    return torch.backends.cudnn.flags(enabled=False) if layer.dropout and layer.training and x.is_cuda \
+        else contextlib.nullcontext()
 
 
 class BestResponseLSTM(BestResponseRecurrent):
