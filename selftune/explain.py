@@ -73,6 +73,12 @@ def _moves(tuner: SelfTuner, start: dict[str, float], end: dict[str, float], ind
 DEGRADED = 1.5
 
 
+#: A best validation loss at least this share of log C (the cross-entropy of a uniform guess over C classes)
+#: gets a line saying the network learned next to nothing (a dead network from too much regularisation gives
+#: no hypergradient to lower it with: stop 34's digits_bn from its over-regularised start).
+UNLEARNED = 0.95
+
+
 def explain(tuner: SelfTuner, kept_epoch: int | None = None,
             kept_values: dict[str, float | int] | None = None) -> list[str]:
     """One line per hyperparameter, then on the validation loss, for the run ``tuner`` holds; ``kept_epoch``:
@@ -181,6 +187,12 @@ def explain(tuner: SelfTuner, kept_epoch: int | None = None,
         best = min(val, key=lambda e: e[1])
         lines.append(f"validation loss: {first[1]:.4f} after epoch {first[0]} -> {last[1]:.4f} after epoch {last[0]} "
                      f"(best {best[1]:.4f} after epoch {best[0]})")
+        classes = tuner._n_outputs if tuner.objective.loss is None else None  # (the default cross-entropy)
+        if classes and classes > 1 and len(val) >= 2 and best[1] >= UNLEARNED * math.log(classes):
+            lines.append(f"the validation loss never went below {UNLEARNED:g}x a uniform guess's (log {classes} = "
+                         f"{math.log(classes):.4f}): the network learned next to nothing, and a network that learns "
+                         "nothing gives the hyperparameters no signal either; from a heavily regularised start, start "
+                         "lighter; otherwise check the learning rate and the data")
         kept = next((e for e in val if e[0] == kept_epoch), None)
         if kept is not None:
             which = "the last epoch's too" if kept[0] == last[0] else "not the last epoch's"

@@ -152,3 +152,17 @@ def test_a_run_without_hyper_steps_says_why_warm_up_or_too_few_steps():
                         settings=st.TunerSettings(batch_size=16))
     warm.fit(1)
     assert "no hyper step was taken (1 warm-up epochs cover the run)" in explain(warm)
+
+
+def test_a_network_that_learned_nothing_is_said_to():
+    """A dead network (stop 34's digits_bn from 0.8 dropouts, noise and a heavy decay) read only as "validation
+    loss 2.3158 -> 2.3137": nothing said that it never beat a uniform guess, nor that it gives no signal."""
+    from selftune.testing import digits_tuner
+
+    dead = digits_tuner("tuner.lr=1e-9", method="delta-stn")
+    dead.fit(2)
+    said = " ".join(explain(dead))
+    assert "the validation loss never went below 0.95x a uniform guess's (log 10 = 2.3026)" in said, said
+    alive = digits_tuner(method="delta-stn")
+    alive.fit(2)
+    assert "uniform guess" not in " ".join(explain(alive))
