@@ -503,7 +503,7 @@ class RecordedRun:
 
         config, tuner = prepared.config, prepared.tuner
         recorder = StoreRecorder(self.store, self.run_id, self.checkpoint_dir, run_uuid=self.uuid,
-                                 every=every or 2**62, at_epoch_end=every is not None,
+                                 every=every or 2**62, at_epoch_end=every is not None, epoch_gap_s=EPOCH_GAP_S,
                                  data={**prepared.data, "versions": versions()})
         if tuner.counters.steps == 0 and self.checkpointing is None:
             # the interval decides the roll-back points, so a resume must keep it; a run killed before its first
@@ -668,6 +668,10 @@ def run_recorded(prepared: Prepared, store: Any, *, out: str | Path | None = Non
                             name=name)
     return run.drive(prepared, every=every, callbacks=callbacks)
 
+
+#: Seconds an epoch end's checkpoint waits after the last one (StoreRecorder.epoch_gap_s): the diabetes MLP's 150
+#: epochs of 5 steps trained in 2.3 s and checkpointed for 1.6 s more at every epoch end.
+EPOCH_GAP_S = 2.0
 
 #: the event a run records when it starts: its checkpoint interval, for a resume before its first checkpoint
 CHECKPOINTING_EVENT = "checkpointing"

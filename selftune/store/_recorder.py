@@ -72,19 +72,25 @@ class StoreRecorder(Callback):
             resume falls back to the previous one when the newest is torn).
         heartbeat_s: seconds between heartbeats when no checkpoint happens.
         at_epoch_end: also checkpoint at every epoch end (benchmarks turn it off: only the final one).
+        epoch_gap_s: skip an epoch end's checkpoint when the last one is more recent than this: a run of
+            short epochs (150 epochs of 5 steps) spent more time checkpointing than training. An epoch end's
+            checkpoint is no roll-back point of its own (the tuner takes one there anyway), so skipping it
+            changes no result, only how far back a crash resumes from.
         data: what the run trains on (name, split sizes and, for a user's task, its file's digest; the
             ``data`` entry of ``result.json``), kept in every checkpoint.
     """
 
     def __init__(self, store: RunStore, run_id: int, checkpoint_dir: str | Path, *, run_uuid: str, every: int = 100,
-                 keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True,
+                 keep: int = 2, heartbeat_s: float = 10.0, at_epoch_end: bool = True, epoch_gap_s: float = 0.0,
                  data: dict[str, Any] | None = None) -> None:
         self.store, self.run_id, self.uuid = store, run_id, run_uuid
         self.data = dict(data) if data is not None else None
         self.dir = Path(checkpoint_dir)
         self.every, self.keep, self.heartbeat_s, self.at_epoch_end = every, keep, heartbeat_s, at_epoch_end
-        self._last_beat = time.monotonic()
+        self.epoch_gap_s = epoch_gap_s
+        self._last_beat = self._last_saved = time.monotonic()
         self._committed: tuple[int, int] | None = None  # (steps, epochs) the store holds rows up to
+        self._deleted: set[Path] = set()  # checkpoint files _prune deleted (a path written again leaves it)
 
     def on_fit_start(self, tuner: SelfTuner, total_steps: int) -> None:
         self._committed = (tuner.counters.steps, tuner.epoch)  # a resumed store holds rows up to here
@@ -97,7 +103,7 @@ class StoreRecorder(Callback):
             self._last_beat = time.monotonic()
 
     def on_epoch_end(self, tuner: SelfTuner, row: dict[str, float]) -> None:
-        if self.at_epoch_end:
+        if self.at_epoch_end and time.monotonic() - self._last_saved >= self.epoch_gap_s:
             self.checkpoint(tuner)
 
     def on_fit_end(self, tuner: SelfTuner) -> None:
@@ -116,9 +122,11 @@ class StoreRecorder(Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{steps:09d}-epoch-{epochs:05d}.pt"
         save_atomic(self._payload(tuner.snapshot(point)), path)
+        self._deleted.discard(path)  # (a roll-back can train back to a step whose file was pruned)
         self.store.commit_checkpoint(self.run_id, step=steps, epoch=epochs, path=str(path), trajectory=trajectory,
                                      epochs=history)
         self._committed, self._last_beat = (steps, epochs), time.monotonic()
+        self._last_saved = self._last_beat
         self._prune(path)
 
     def _payload(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +155,7 @@ class StoreRecorder(Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
         save_atomic(self._payload(tuner.snapshot(point=False)), path)
+        self._deleted.discard(path)
         self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), event_step=int(info["step"]),
                              message=info["message"])
         self._committed, self._last_beat = here, time.monotonic()
@@ -161,8 +170,9 @@ class StoreRecorder(Callback):
         crash between a save and its commit. Files of other runs are never touched."""
         committed = [Path(path) for _, _, path in self.store.checkpoints(self.run_id)]
         kept = {newest, *committed[-self.keep:]}
-        doomed = set(committed) - kept
+        doomed = set(committed) - kept - self._deleted  # (each file once: every commit listed them all again)
         if self.dir.name == self.uuid:
             doomed |= {p for p in self.dir.glob("step-*.pt") if p not in kept}
         for old in doomed:
             old.unlink(missing_ok=True)
+        self._deleted |= doomed
