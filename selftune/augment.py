@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigTypeError
+
 __all__ = ["Augment", "Cutout", "Flip", "Noise", "Shift", "cutout", "gaussian_noise", "random_flip", "random_shift"]
 
 
@@ -143,17 +145,31 @@ class Augment:
 
     Args:
         ops: :class:`Cutout`, :class:`Noise`, :class:`Shift`, :class:`Flip` (or any callable with the
-            same ``(x, lookup, generator)`` signature).
+            same ``(x, lookup, generator)`` signature, which reads a hyperparameter's per-example values as
+            ``lookup(name)``: a name it asks for counts as read, and is tuned through it).
+
+    Raises:
+        ConfigTypeError: an op that is not callable, or ``ops`` that is not a sequence of them.
     """
 
     def __init__(self, ops: Sequence[Callable[[torch.Tensor, Lookup, torch.Generator | None], torch.Tensor]]) -> None:
+        if isinstance(ops, Augment):
+            ops = ops.ops
+        if callable(ops) or not isinstance(ops, Sequence) or isinstance(ops, str):
+            raise ConfigTypeError("augment", f"takes a list of augmentations (got {type(ops).__name__}); wrap one: "
+                                             "Augment([op])")
+        for i, op in enumerate(ops):
+            if not callable(op):
+                raise ConfigTypeError(f"augment[{i}]", f"{type(op).__name__} is not an augmentation: pass Cutout, "
+                                                       "Noise, Shift, Flip or a callable (x, lookup, generator) -> x")
         self.ops = tuple(ops)
 
     def hyperparameters(self) -> set[str]:
-        """Names of the hyperparameters the chain reads."""
+        """Names of the hyperparameters the chain's built-in ops name (a callable of your own is counted as it
+        reads them through ``lookup``)."""
         names: set[str] = set()
         for op in self.ops:
-            names.update(v for v in vars(op).values() if isinstance(v, str))
+            names.update(v for v in getattr(op, "__dict__", {}).values() if isinstance(v, str))
         return names
 
     def __call__(self, x: torch.Tensor, lookup: Lookup, generator: torch.Generator | None = None) -> torch.Tensor:

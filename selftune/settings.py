@@ -254,7 +254,8 @@ class TunerSettings(BaseModel):
                     "low: a run that blows up over several epochs while its values stay finite rolls back to "
                     "before the blow-up, not to the last finite state (docs/store.md)")
 
-    @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip", "rollback_val_ratio")
+    @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip", "rollback_val_ratio",
+                     "init_scale")
     @classmethod
     def _finite(cls, v: Any) -> Any:
         """A rate, decay or clip of inf (pydantic lets inf through where it refuses nan) would train on

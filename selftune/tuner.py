@@ -21,6 +21,8 @@ import copy
 import itertools
 import math
 import operator
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -384,6 +386,16 @@ class SelfTuner:
         _check_loss_parameters(self.objective.loss, net)
         self.metrics = _checked_metrics(metrics)
         self.fields = Fields(input_key, target_key)
+        for field, net_has, where in (("init_scale", getattr(net, "init_scale", None), "init_scale"),
+                                      ("encoding", net.encoding, "encoding")):
+            given = getattr(self.settings, field)
+            if field in self.settings.model_fields_set and net_has is not None and given != net_has:
+                # hypernetize sets them (the CLI passes the config's); set here, they were silently ignored
+                raise ConfigError(f"tuner.{field}", f"{given!r} differs from the net's {net_has!r}, which "
+                                                    f"hypernetize set; pass it there: selftune.hypernetize(model, "
+                                                    f"space, {where}={given!r})")
+        if augment is not None and not isinstance(augment, Augment):  # a list of ops: the chain they make
+            augment = Augment(augment)
         self.augment = augment
         _check_declared(net.space, self.objective, augment)
         _check_meanings(net, self.objective)
@@ -409,6 +421,7 @@ class SelfTuner:
         self._rng: torch.Tensor | None = None
         self._rehearsed: tuple[float, int] | None = None  # the scheduler run check_schedule stepped through
         self._n_outputs: int | None = None  # the model's outputs under the default cross-entropy
+        self._looked_up: set[str] = set()  # names the loss terms and augmentations asked for (_lookup)
         self._cuda_rng: list[torch.Tensor] | None = None
         self._in_fit = False
         self.n_train = len(self.train_data)  # type: ignore[arg-type]
@@ -592,7 +605,7 @@ class SelfTuner:
 
     def _undriven(self) -> list[str]:
         """Declared hyperparameters nothing has read so far (the model's reads accumulate over the run)."""
-        used = self.net.hyperparameters_read | self.objective.hyperparameters()
+        used = self.net.hyperparameters_read | self.objective.hyperparameters() | self._looked_up
         used |= {b.name for b in self._bound()}
         if self.augment is not None:
             used |= self.augment.hyperparameters()
@@ -924,12 +937,43 @@ class SelfTuner:
         self._stop = False
         was_training = self.net.training  # put back afterwards, as score() does: a net the caller had in
         try:                              # eval() mode predicts without dropout after fit too
-            with self._own_rng():
-                return self._fit(epochs, callbacks, max_steps)
+            with self._own_rng(), self._interrupt_between_steps() as interrupted:
+                result = self._fit(epochs, callbacks, max_steps)
+            if interrupted:
+                raise KeyboardInterrupt(f"fit stopped after step {self.counters.steps} (Ctrl-C); the tuner is as "
+                                        "after that step, so fit again goes on exactly (tuner.result() holds the run "
+                                        "so far)")
+            return result
         finally:
             self.net.train(was_training)
             for source in self.sources.values():  # a batch fetched ahead for a step that did not come
                 source.drop_ahead()
+
+    @contextmanager
+    def _interrupt_between_steps(self) -> Iterator[list[bool]]:
+        """A Ctrl-C (SIGINT) during ``fit`` stops it after the current step, whose batch was drawn and whose
+        update was half made: interrupted there, the next ``fit`` skipped that batch and trained another run
+        (found by fuzz round 46). A second Ctrl-C interrupts at once. Only where Python's own handler is in
+        place, in the main thread (``selftune run`` has its own, which checkpoints); yields a list that holds
+        ``True`` once interrupted."""
+        caught: list[bool] = []
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield caught
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            if caught:  # the second one: at once
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            caught.append(True)
+            self.request_stop()
+
+        signal.signal(signal.SIGINT, stop)
+        try:
+            yield caught
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -1628,8 +1672,16 @@ class SelfTuner:
     # Helpers
     # ------------------------------------------------------------------------------------------
     def _lookup(self, values: torch.Tensor):
-        index = self.net.space.index
-        return lambda name: values[:, index(name)]
+        """Per-example values by name, for the loss terms and augmentations; a name asked for counts as read
+        (a custom augmentation reads its strength through it: without this it was "drives nothing", its
+        hypergradient zeroed)."""
+        index, read = self.net.space.index, self._looked_up
+
+        def lookup(name: str) -> torch.Tensor:
+            read.add(name)
+            return values[:, index(name)]
+
+        return lookup
 
     @contextmanager
     def kept_statistics(self) -> Iterator[None]:
@@ -2040,6 +2092,8 @@ def _check_meanings(net: HyperNet, objective: Objective) -> None:
     for spec in objective.decays():
         if isinstance(spec, str):
             rules[spec] = ("is a weight decay, which must be >= 0", 0.0, math.inf)
+        elif not math.isfinite(spec):  # (it trained to a divergence that blamed the rate)
+            raise ConfigError("objective.weight_decay", f"{spec:g} is not a finite number; use a value >= 0")
         elif spec < 0:
             raise ConfigError("objective.weight_decay", f"{spec:g} is negative: a negative decay rewards large "
                                                         "weights; use a value >= 0")

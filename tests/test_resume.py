@@ -142,3 +142,33 @@ def test_a_run_recorded_before_encodings_resumes_with_the_net_it_was_recorded_wi
     lr = raw["tuner"]["lr"]
     assert old.optimizers["response"].param_groups[0]["lr"] == lr
     assert today.optimizers["response"].param_groups[0]["lr"] == min(lr, 0.01)
+
+
+def test_a_ctrl_c_inside_a_step_stops_fit_after_it_and_fit_again_goes_on_exactly():
+    """A notebook's Ctrl-C lands inside a step (the model's forward): the batch had been drawn and the
+    step not counted, so fit again skipped a batch and trained another run (fuzz round 46). The step now
+    finishes, fit raises KeyboardInterrupt, and fit again equals an uninterrupted run."""
+    import os
+
+    from selftune.testing import digits_tuner
+
+    whole = digits_tuner(method="delta-stn")
+    whole.fit(3)
+    tuner = digits_tuner(method="delta-stn")
+    calls = [0]
+
+    def ctrl_c(module, inputs, output):
+        calls[0] += 1
+        if calls[0] == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook = tuner.net.model.net[2].register_forward_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match=r"fit stopped after step \d+ \(Ctrl-C\)"):
+        tuner.fit(3)
+    hook.remove()
+    assert 0 < tuner.counters.steps < whole.counters.steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    tuner.fit(3)
+    assert tuner.net.values() == whole.net.values()
+    for a, b in zip(whole.net.state_dict().values(), tuner.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

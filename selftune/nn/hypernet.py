@@ -73,6 +73,8 @@ class HyperNet(nn.Module):
         self.encoding: Encoding = encoding
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0 (got {init_scale})")
+        #: the perturbation scale it started at (a SelfTuner checks that its settings agree)
+        self.init_scale = float(init_scale)
         self.model = model
         self.space = space
         self.form = form
@@ -330,9 +332,12 @@ class HyperNet(nn.Module):
         return self.space.values_dict(self.hparams)
 
     def set_values(self, values: dict[str, float]) -> None:
-        """Set hyperparameters from constrained values (names missing from ``values`` go to init)."""
+        """Set the hyperparameters ``values`` names, from constrained values; the others keep theirs (as
+        ``dict.update``: a partial dict reset the others to their init, a tuned decay among them)."""
+        given = self.space.from_dict(values)
+        keep = torch.tensor([name not in values for name in self.space.names], device=self.hparams.device)
         with torch.no_grad():
-            self.hparams.copy_(self.space.from_dict(values))
+            self.hparams.copy_(torch.where(keep, self.hparams, given.to(self.hparams)))
 
     # -- parameter groups -----------------------------------------------------------------------
     def best_response_layers(self) -> list[BestResponseModule]:
