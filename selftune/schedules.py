@@ -35,6 +35,7 @@ import bisect
 import csv
 import inspect
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -274,6 +275,8 @@ class HyperSchedule(BaseModel):
 
     # -- reading ----------------------------------------------------------------------------------
     def _row(self, step: int) -> int:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be a whole number >= 0, a weight step's 0-based index (got {step!r})")
         return max(bisect.bisect_right(self.steps, step) - 1, 0)
 
     def at(self, step: int) -> dict[str, float]:

@@ -255,7 +255,7 @@ class TunerSettings(BaseModel):
                     "before the blow-up, not to the last finite state (docs/store.md)")
 
     @field_validator("lr", "response_lr", "hyper_lr", "scale_lr", "weight_decay", "grad_clip", "rollback_val_ratio",
-                     "init_scale")
+                     "init_scale", "entropy_weight", "relax_temperature")
     @classmethod
     def _finite(cls, v: Any) -> Any:
         """A rate, decay or clip of inf (pydantic lets inf through where it refuses nan) would train on

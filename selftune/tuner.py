@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 import operator
 import signal
 import threading
@@ -154,11 +155,13 @@ def _checked_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
     which every roll-back, ``keep = "best"`` and handover then judged. (One called ``accuracy`` is the
     user's own accuracy: with a loss of their own, selftune computes none; with the default one, theirs
     is the column.)"""
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise ConfigTypeError("metrics", f"takes a dict {{name: fn(outputs, targets)}} (got {type(metrics).__name__})")
     checked = dict(metrics or {})
     for name, metric in checked.items():
         if not callable(metric):
-            raise TypeError(f"metrics[{name!r}] must be a callable metric(outputs, targets) (got "
-                            f"{type(metric).__name__})")
+            raise ConfigTypeError(f"metrics[{name!r}]", f"must be a callable metric(outputs, targets) (got "
+                                                        f"{type(metric).__name__})")
         if name == "loss":
             raise ConfigError("metrics['loss']", "'loss' is the validation loss selftune computes itself (val_loss) "
                                                  "and judges the run by; name the metric otherwise, e.g. 'my_loss'")
@@ -917,14 +920,21 @@ class SelfTuner:
             DivergenceError: the run diverged more than ``settings.max_divergences`` times in a row, without
                 getting past the step where the previous roll-back's divergence happened.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:  # (numpy's too)
             raise ConfigError("epochs", f"must be a whole number >= 1 (got {epochs!r})")
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        epochs = int(epochs)
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral)
+                                      or max_steps < 1):
             raise ConfigError("max_steps", f"must be a whole number >= 1, or None for no limit (got {max_steps!r})")
+        max_steps = None if max_steps is None else int(max_steps)
         if isinstance(callbacks, Callback | str) or not isinstance(callbacks, Iterable):
             raise TypeError(f"callbacks must be a list of selftune.Callback instances (got {type(callbacks).__name__}; "
                             "a single one: [callback])")
         callbacks = list(callbacks)
+        for i, cb in enumerate(callbacks):  # one of another class failed at its first missing hook, mid-run
+            if not isinstance(cb, Callback):
+                raise ConfigTypeError(f"callbacks[{i}]", f"{type(cb).__name__} is not a selftune.Callback; subclass "
+                                                         "it (its hooks do nothing until you override them)")
         self._check_trainable()
         if self.log.start and self._planned_steps and epochs * self.batches_per_epoch > self._planned_steps:
             self._check_extension(epochs)
@@ -1176,13 +1186,13 @@ class SelfTuner:
                 if log.counters.steps % s.log_every == 0:
                     row = log.log_row(order.epoch, self._hparam_columns())
                 for cb in callbacks:
-                    cb.on_step(self, row)
+                    cb.on_step(self, None if row is None else dict(row))  # (a copy: the run's own stays whole)
                 if max_steps is not None and log.counters.steps >= max_steps:
                     self._stop = True
             if order.epoch_done:
                 row = self._end_epoch()
                 for cb in callbacks:
-                    cb.on_epoch_end(self, row)
+                    cb.on_epoch_end(self, dict(row))
                 self._check_trainable()  # a callback may have unfrozen layers
 
     def _check_trainable(self) -> None:
@@ -1882,7 +1892,8 @@ class SelfTuner:
         c = self.counters
         net, epoch = self.kept()
         return FitResult(
-            net=net, hparams=net.values(), trajectory=list(self.trajectory), history=list(self.history),
+            net=net, hparams=net.values(), trajectory=[dict(r) for r in self.trajectory],
+            history=[dict(r) for r in self.history],
             compute={"examples": c.examples, "eval_examples": c.eval_examples, "seconds": self.log.seconds,
                      "steps": c.steps, "hyper_steps": c.hyper_steps},
             schedule=self.schedule(), kept_epoch=epoch)
@@ -1933,6 +1944,7 @@ class SelfTuner:
             "method": self.method,
             "net": self.net.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "optimizer_classes": {k: type(o).__name__ for k, o in self.optimizers.items()},
             "generator": self.generator.get_state(),
             # PyTorch's global generators: a model's own nn.Dropout, a Transformer layer's dropout or a
             # torch.rand in its forward draw from them, so a resumed run needs them to equal an uninterrupted one
@@ -1972,6 +1984,21 @@ class SelfTuner:
         order = self.order.mismatch(state["order"])
         if order:
             raise ConfigError("checkpoint", f"{order}; a run continues on the data it started with")
+        mine_net = self.net.state_dict()
+        saved_net = state.get("net") or {}
+        shapes = next((f"{k} {tuple(v.shape)} (this net's {tuple(mine_net[k].shape)})" for k, v in saved_net.items()
+                       if k in mine_net and isinstance(v, torch.Tensor) and v.shape != mine_net[k].shape), None)
+        missing = sorted(set(mine_net) ^ set(saved_net))
+        if shapes or missing:
+            what = f"a weight of another shape, {shapes}" if shapes else f"other weights ({', '.join(missing[:3])}" \
+                   f"{', ...' if len(missing) > 3 else ''} in one and not the other)"
+            raise ConfigError("checkpoint", f"it was saved by a net with {what}; build the net it was saved with")
+        classes = state.get("optimizer_classes") or {}  # (absent in states of selftune before stop 35)
+        for key, opt in self.optimizers.items():  # another optimizer's state fails inside torch, half loaded
+            if key in classes and classes[key] != type(opt).__name__:
+                raise ConfigError("checkpoint", f"it was saved with optimizer {classes[key]} for the {key!r} weights, "
+                                                f"this tuner has {type(opt).__name__} (tuner.optimizer); build it with "
+                                                "the optimizer it was saved with")
         group = self.algorithm.lr_group  # the layers' rate scales are the optimizer's groups (tuner.lr_scales)
         saved_groups = ((state.get("optimizers") or {}).get(group) or {}).get("param_groups")
         if saved_groups is not None:
@@ -1990,6 +2017,11 @@ class SelfTuner:
         Raises:
             ConfigError: the state was saved by a tuner of another method, or by an older selftune.
         """
+        if not isinstance(state, Mapping) or ("format" not in state and "method" not in state):
+            looks = "a network's state_dict (load it with net.load_state_dict)" if isinstance(state, Mapping) and \
+                state and all(isinstance(v, torch.Tensor) for v in state.values()) else "not a tuner's state"
+            raise ConfigError("checkpoint", f"this is {looks}; pass what tuner.state_dict() returned, or a "
+                                            "checkpoint file's \"tuner\" entry")
         if state.get("format") != _STATE_FORMAT:
             raise ConfigError("checkpoint", "it was written by an older selftune (format "
                                             f"{state.get('format', 1)}, this one reads {_STATE_FORMAT}); "
@@ -2004,15 +2036,16 @@ class SelfTuner:
         if "rollback" in state:  # a checkpoint (see snapshot()): its roll-back point, or itself
             rollback = state["rollback"]
             # the state itself is loaded into the optimizers, which then share its tensors: the point is a copy
-            self._good = rollback if rollback is not None else \
+            good = rollback if rollback is not None else \
                 copy.deepcopy({k: v for k, v in state.items() if k not in ("rollback", "rollback_checked")})
-            self._checked = state.get("rollback_checked")
+            checked = state.get("rollback_checked")
         else:  # a state of the tuner alone (a roll-back's own target): fit() or the roll-back snapshots it
-            self._good = self._checked = None
+            good = checked = None
         self.net.load_state_dict(state["net"])
-        self._best = state.get("best")
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
+        self._good, self._checked = good, checked  # (after the loads, which _check_fits has made safe)
+        self._best = state.get("best")
         self.generator.set_state(state["generator"])
         # absent in checkpoints of selftune before stop 27; None before a run's first fit (which seeds them)
         rng = state.get("torch_rng")

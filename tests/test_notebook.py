@@ -85,3 +85,98 @@ def test_a_decay_that_is_not_a_finite_number_is_refused(decay):
     x, y = _data(40, 0)
     with pytest.raises(ConfigError, match=r"^objective\.weight_decay: (nan|inf) is not a finite number"):
         st.SelfTuner(st.hypernetize(_cnn(), _space()), (x, y), (x, y), objective=st.Objective(weight_decay=decay))
+
+
+def test_a_model_hypernetized_again_leaves_the_first_net_saying_so():
+    """A cell run twice: the first HyperNet failed inside the model ("read outside a HyperNet forward pass",
+    while inside its own), and a HyperNet given to hypernetize was wrapped again."""
+    model = _cnn()
+    first = st.hypernetize(model, _space())
+    second = st.hypernetize(model, _space())
+    x = torch.randn(2, 1, 6, 6)
+    assert second(x).shape == (2, 2)
+    with pytest.raises(RuntimeError, match=r"^this HyperNet's model was given to hypernetize again"):
+        first(x)
+    with pytest.raises(TypeError, match=r"^model is already a HyperNet"):
+        st.hypernetize(second, _space())
+    assert "_bound" not in dict(second.named_modules())  # (the reference is no second registration)
+
+
+def test_metrics_that_are_not_a_dict_of_callables_are_one_line_errors():
+    x, y = _data(40, 0)
+    for metrics, match in (([lambda o, t: o.mean()], r"^metrics: takes a dict \{name: fn\(outputs, targets\)\} "
+                                                      r"\(got list\)"),
+                           ({"m": 3}, r"^metrics\['m'\]: must be a callable metric")):
+        with pytest.raises(ConfigTypeError, match=match):
+            st.SelfTuner(st.hypernetize(_cnn(), _space()), (x, y), (x, y), metrics=metrics,
+                         settings=st.TunerSettings(batch_size=20))
+
+
+def test_a_state_from_another_optimizer_net_or_object_is_refused_before_anything_loads():
+    """An SGD tuner's state loaded into an Adam one failed inside PyTorch with the net already holding the
+    checkpoint's weights and the roll-back point the foreign state (the next fit crashed); a network's
+    state_dict was called "written by an older selftune"."""
+    x, y = _data(40, 0)
+
+    def tuner(optimizer="sgd", hidden=144):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), st.Dropout("dp"), nn.Flatten(),
+                              nn.Linear(hidden, 2))
+        if hidden != 144:
+            model = nn.Sequential(nn.Flatten(), nn.Linear(36, hidden), nn.ReLU(), st.Dropout("dp"),
+                                  nn.Linear(hidden, 2))
+        return st.SelfTuner(st.hypernetize(model, _space()), (x, y), (x, y), method="delta-stn",
+                            settings=st.TunerSettings(batch_size=20, optimizer=optimizer))
+
+    saved = tuner()
+    saved.fit(1)
+    state = saved.state_dict()
+    adam = tuner("adam")
+    before = [p.detach().clone() for p in adam.net.parameters()]
+    with pytest.raises(ConfigError, match=r"^checkpoint: it was saved with optimizer SGD for the 'general' weights, "
+                                          r"this tuner has Adam"):
+        adam.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, adam.net.parameters(), strict=True))
+    adam.fit(1)  # still usable
+    with pytest.raises(ConfigError, match=r"^checkpoint: it was saved by a net with a weight of another shape, "
+                                          r"model\.4\.weight \(2, 144\) \(this net.s \(2, 8\)\)"):
+        tuner(hidden=8).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"^checkpoint: this is a network's state_dict \(load it with "
+                                          r"net\.load_state_dict\)"):
+        tuner().load_state_dict(saved.net.state_dict())
+
+
+def test_callbacks_get_copies_of_rows_and_odd_arguments_are_one_line_errors():
+    """A logging callback that popped a key from its row corrupted the run's history (and explain then
+    failed); fit(np.int64(3)) was refused; a callback of another class failed at its first missing hook;
+    an infinite entropy weight or relaxation temperature trained to a misleading end."""
+    import numpy as np
+
+    from selftune.explain import explain
+    from selftune.testing import digits_tuner
+
+    class Popper(st.Callback):
+        def on_epoch_end(self, tuner, row):
+            row.pop("val_loss")
+
+        def on_step(self, tuner, row):
+            if row is not None:
+                row.clear()
+
+    tuner = digits_tuner(method="delta-stn")
+    fit = tuner.fit(np.int64(2), callbacks=[Popper()])
+    assert all("val_loss" in r for r in tuner.history) and all(r for r in tuner.trajectory)
+    fit.history[0].clear()  # the result's rows are copies too
+    assert tuner.history[0] and explain(tuner)
+
+    class NotACallback:
+        def on_step(self, tuner, row):
+            pass
+
+    with pytest.raises(ConfigTypeError, match=r"^callbacks\[0\]: NotACallback is not a selftune\.Callback"):
+        digits_tuner(method="fixed").fit(1, callbacks=[NotACallback()])
+    for field in ("entropy_weight", "relax_temperature"):
+        with pytest.raises(ConfigError, match=rf"^tuner\.{field}: must be finite"):
+            st.TunerSettings(**{field: math.inf})
+    with pytest.raises(ValueError, match=r"step must be a whole number >= 0"):
+        fit.schedule.at(-1)

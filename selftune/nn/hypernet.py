@@ -94,10 +94,15 @@ class HyperNet(nn.Module):
         self.left_plain: dict[str, str] = {}
         #: the model's own dropouts, which train at their fixed rates (:func:`own_dropouts`)
         self.untuned: dict[str, str] = {}
+        #: one of the model's modules that read this net's state (a later hypernetize of the same model takes
+        #: them over: this net then says so, instead of failing inside the model)
+        bound: HyperModule | None = None
         for qualname, module in model.named_modules():
             if isinstance(module, HyperModule):
                 _check_name(qualname, module, space)
                 module.bind_state(self._state)
+                bound = bound or module
+        object.__setattr__(self, "_bound", bound)  # (a plain attribute: not a second registration of the module)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Any, u: torch.Tensor | None = None, *, respond: bool = True,
@@ -126,6 +131,10 @@ class HyperNet(nn.Module):
                 # Delta-STN is centred: at the current hyperparameters the response is exactly 0,
                 # so the response path is skipped there and such a step costs a plain step.
                 cond = self.encode(u) - self.encode(centre.detach())
+        if self._bound is not None and self._bound._hyper_state is not self._state:
+            raise RuntimeError("this HyperNet's model was given to hypernetize again (a notebook cell run twice?): "
+                               "its layers now answer to the newer HyperNet; use that one, or hypernetize a fresh "
+                               "model")
         with self._state.bind(values, cond, generator):
             return self._call(x)
 
@@ -556,6 +565,9 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
         TypeError: a named module that cannot respond (not one of the kinds above, an LSTM with a
             projection, a layer with hooks or a parametrization).
     """
+    if isinstance(model, HyperNet):
+        raise TypeError("model is already a HyperNet (from selftune.hypernetize); use it as it is, or pass its "
+                        ".model to hypernetize it for another space")
     named = dict(model.named_modules())
     # Layers an earlier call converted (a notebook cell run twice on one model): kept as they are when they
     # respond to this space's encoding in this form, and reported as converted (they read as "no
