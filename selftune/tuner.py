@@ -594,6 +594,23 @@ class SelfTuner:
                                                   f"[{p.low:g}, {p.high:g}]; widen [space.{name}] or fix the schedule")
         return schedule, [space.index(n) for n in schedule.values]
 
+    def _warn_follow_length(self, epochs: int) -> None:
+        """A schedule is followed by weight step: recorded at another number of steps per epoch (another
+        batch size, another training set) its path is squeezed or stretched over this run's epochs, and a
+        run longer than it holds its last values. Both were silent (fuzz round 46)."""
+        assert self._follow is not None
+        schedule = self._follow[0]
+        per_epoch, total = self.batches_per_epoch, epochs * self.batches_per_epoch
+        if schedule.steps_per_epoch and schedule.steps_per_epoch != per_epoch:
+            warnings.warn(SelftuneWarning(
+                f"tuner.follow: the schedule was recorded at {schedule.steps_per_epoch} weight steps an epoch, this "
+                f"run takes {per_epoch}; it is followed step by step, so its epochs do not line up with this "
+                "run's (follow it at the batch size and data it was recorded with)"), stacklevel=3)
+        elif schedule.steps and total > schedule.steps[-1] + max(per_epoch, self.settings.log_every):
+            warnings.warn(SelftuneWarning(
+                f"tuner.follow: the schedule covers {schedule.steps[-1] + 1} weight steps, this run takes {total}; "
+                "its last values hold for the rest"), stacklevel=3)
+
     def _follow_step(self) -> None:
         """Set the followed hyperparameters to the schedule's values for the step about to be taken."""
         assert self._follow is not None
@@ -944,6 +961,8 @@ class SelfTuner:
                 f"epochs is the run's total, not more epochs (fit({self.order.epoch + epochs}) trains {epochs} "
                 "more)"), stacklevel=2)
         self.planned_epochs = epochs
+        if self._follow is not None and not self.log.start:  # a fresh fit that follows a recorded schedule
+            self._warn_follow_length(epochs)
         self._stop = False
         was_training = self.net.training  # put back afterwards, as score() does: a net the caller had in
         try:                              # eval() mode predicts without dropout after fit too

@@ -180,3 +180,26 @@ def test_callbacks_get_copies_of_rows_and_odd_arguments_are_one_line_errors():
             st.TunerSettings(**{field: math.inf})
     with pytest.raises(ValueError, match=r"step must be a whole number >= 0"):
         fit.schedule.at(-1)
+
+
+def test_following_a_schedule_at_another_pace_or_past_its_end_warns():
+    """A schedule is followed by weight step: at another batch size its path was squeezed over this run's
+    epochs, and past its end its last values held, silently."""
+    x, y = _data(80, 0)
+    xv, yv = _data(40, 1)
+
+    def tuner(method, **settings):
+        return st.SelfTuner(st.hypernetize(_cnn(), _space()), (x, y), (xv, yv), method=method,
+                            settings=st.TunerSettings(lr=0.05, log_every=1, **settings))
+
+    schedule = tuner("delta-stn", batch_size=20).fit(2).schedule
+    with pytest.warns(SelftuneWarning, match=r"^tuner\.follow: the schedule was recorded at 4 weight steps an epoch, "
+                                             r"this run takes 8"):
+        tuner("fixed", batch_size=10, follow=schedule).fit(2)
+    with pytest.warns(SelftuneWarning, match=r"^tuner\.follow: the schedule covers \d+ weight steps, this run takes "
+                                             r"16; its last values hold"):
+        tuner("fixed", batch_size=20, follow=schedule).fit(4)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        tuner("fixed", batch_size=20, follow=schedule).fit(2)
+    assert not [w for w in said if "tuner.follow" in str(w.message)]
