@@ -41,6 +41,13 @@ def export(net: HyperNet) -> nn.Module:
     """
     if not isinstance(net, HyperNet):
         raise TypeError(f"export takes the HyperNet from selftune.hypernetize (got {type(net).__name__})")
+    # the plain layers it builds initialise their weights (overwritten) from PyTorch's global generator: a
+    # caller's random stream must not depend on whether it exported (fuzz round 46)
+    with torch.random.fork_rng(devices=[net.hparams.device] if net.hparams.device.type == "cuda" else []):
+        return _export(net)
+
+
+def _export(net: HyperNet) -> nn.Module:
     with torch.no_grad():
         u = net.hparams.detach()
         # Delta-STN is centred: at its own hyperparameters the response is exactly zero.

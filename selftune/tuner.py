@@ -143,6 +143,8 @@ def score(net: torch.nn.Module, data: Any, *, loss: LossFn | None = None, metric
     if device is None:  # where the model's weights (or, without any, its buffers) are
         device = net.hparams.device if isinstance(net, HyperNet) else \
             next((t.device for t in itertools.chain(net.parameters(), net.buffers())), torch.device("cpu"))
+    else:  # (a CUDA device on a CPU build failed inside PyTorch)
+        device = _usable_device(device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be a whole number >= 1 (got {batch_size!r})")
     return _score(net, source, Objective(loss=loss, classes_dim=classes_dim), _checked_metrics(metrics),
@@ -1227,12 +1229,12 @@ class SelfTuner:
         new = [n for n, p in self.net.model.named_parameters() if p.requires_grad and id(p) not in held]
         if new:
             shown = ", ".join(new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
-            many = len(new) > 1
-            raise ConfigError("model", f"{shown} {'train' if many else 'trains'} now (requires_grad=True) but "
-                                       f"{'were' if many else 'was'} frozen when this SelfTuner was built, so no "
-                                       "optimizer holds them and they would never move; build a new SelfTuner after "
-                                       "unfreezing (its layers stay plain; hypernetize a fresh model for them to "
-                                       "respond)")
+            they, them, were = ("they", "them", "were") if len(new) > 1 else ("it", "it", "was")
+            raise ConfigError("model", f"{shown} {'train' if len(new) > 1 else 'trains'} now (requires_grad=True) "
+                                       f"but no optimizer holds {them} ({they} {were} frozen, or not in the model, "
+                                       f"when this SelfTuner was built), so {they} would never move; build a new "
+                                       "SelfTuner after unfreezing or replacing layers (they stay plain; hypernetize a "
+                                       "fresh model for them to respond)")
 
     def _bound(self) -> list[HypergradientLR | HypergradientMomentum]:
         """The optimizer settings bound to hyperparameters (``tuner.lr``, ``tuner.momentum``)."""

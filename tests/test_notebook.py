@@ -203,3 +203,15 @@ def test_following_a_schedule_at_another_pace_or_past_its_end_warns():
         warnings.simplefilter("always")
         tuner("fixed", batch_size=20, follow=schedule).fit(2)
     assert not [w for w in said if "tuner.follow" in str(w.message)]
+
+
+def test_export_leaves_the_global_generator_alone_and_score_refuses_a_device_it_lacks():
+    net = st.hypernetize(_cnn(), _space())
+    torch.manual_seed(7)
+    st.export(net)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device: 'cuda': CUDA is not available here"):
+            st.score(net, _data(8, 0), device="cuda")

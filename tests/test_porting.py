@@ -277,8 +277,9 @@ def test_unfreezing_after_the_tuner_was_built_is_refused_and_a_new_tuner_trains_
     tuner = st.SelfTuner(net, train, val, method=method, settings=st.TunerSettings(batch_size=32))
     tuner.fit(1)
     model[0].requires_grad_(True)
-    with pytest.raises(ConfigError, match=r"^model: 0\.weight, 0\.bias train now \(requires_grad=True\) but were "
-                                          r"frozen when this SelfTuner was built.*build a new SelfTuner"):
+    with pytest.raises(ConfigError, match=r"^model: 0\.weight, 0\.bias train now \(requires_grad=True\) but no "
+                                          r"optimizer holds them \(they were frozen, or not in the model, when this "
+                                          r"SelfTuner was built\).*build a new SelfTuner"):
         tuner.fit(2)
     before = model[0].weight.detach().clone()
     st.SelfTuner(net, train, val, method=method, settings=st.TunerSettings(batch_size=32)).fit(1)
