@@ -804,6 +804,8 @@ def rows(x: Any, start: int, stop: int, batch_dim: int = 0, n: int | None = None
     """Examples ``start:stop`` of a (possibly nested) batch of ``n`` examples (a micro-batch of gradient
     accumulation); each tensor is cut along its :func:`batch_axis`."""
     if isinstance(x, torch.Tensor):
+        if x.dim() == 0:  # a scalar every example shares (a flag among keyword inputs)
+            return x
         if batch_dim == 0 or n is None:
             return x[start:stop]
         axis = data_axis(x, n, batch_dim)
@@ -811,19 +813,21 @@ def rows(x: Any, start: int, stop: int, batch_dim: int = 0, n: int | None = None
     if isinstance(x, Mapping):
         return _like(x, {key: rows(v, start, stop, batch_dim, n) for key, v in x.items()})
     if isinstance(x, tuple | list):
-        if n is not None and len(x) == n and not all(_batched(v, n, batch_dim) for v in x):
+        if n is not None and len(x) == n and x and not any(_batched(v, n) for v in x):
             return x[start:stop]  # one entry per example (labels as strings, a detection's target dicts)
         return type(x)(rows(v, start, stop, batch_dim, n) for v in x)
     return x
 
 
-def _batched(x: Any, n: int, batch_dim: int) -> bool:
-    """Whether ``x`` holds a batch of ``n`` examples itself (a field of the batch), rather than being one
-    example's entry of a per-example list."""
+def _batched(x: Any, n: int) -> bool:
+    """Whether ``x`` holds the batch's ``n`` examples somewhere (a field of the batch, or a structure of
+    fields), rather than being one example's entry of a per-example list (whose entries hold none)."""
     if isinstance(x, torch.Tensor):
-        return x.dim() > 0 and (x.shape[0] == n or (batch_dim != 0 and x.shape[data_axis(x, n, batch_dim)] == n))
+        return x.dim() > 0 and (x.shape[0] == n or (x.dim() > 1 and x.shape[1] == n))
     if isinstance(x, Mapping):
-        return all(_batched(v, n, batch_dim) for v in x.values())
+        return any(_batched(v, n) for v in x.values())
+    if isinstance(x, tuple | list):
+        return any(_batched(v, n) for v in x)
     return False
 
 

@@ -399,7 +399,7 @@ class SelfTuner:
                 raise ConfigError(f"tuner.{field}", f"{given!r} differs from the net's {net_has!r}, which "
                                                     f"hypernetize set; pass it there: selftune.hypernetize(model, "
                                                     f"space, {where}={given!r})")
-        if augment is not None and not isinstance(augment, Augment):  # a list of ops: the chain they make
+        if isinstance(augment, list | tuple):  # a list of ops: the chain they make
             augment = Augment(augment)
         self.augment = augment
         _check_declared(net.space, self.objective, augment)
@@ -714,7 +714,7 @@ class SelfTuner:
                         out = net(x)
                     self._refuse_summed(self.objective.eval_loss, out, y)
             if what == "train":
-                self._check_differentiable(x, y)
+                self._check_differentiable(source)
                 self._refuse_recomputation(source)
         finally:
             net.train(was_training)
@@ -770,15 +770,18 @@ class SelfTuner:
                 raise ConfigError("augment", f"{name} cannot augment the training inputs ({str(err).splitlines()[0]}); "
                                              "remove it from [[augment]] (Python: from the Augment list)") from None
 
-    def _check_differentiable(self, x: Any, y: Any) -> None:
+    def _check_differentiable(self, source: Source) -> None:
         """A loss of the user's own must return a tensor the weights' gradient flows through: one that detaches
         its input (``.item()``, ``.detach()``, NumPy, ``torch.no_grad`` inside it) failed at the first
-        backward pass with PyTorch's "element 0 of tensors does not require grad"."""
+        backward pass with PyTorch's "element 0 of tensors does not require grad". On the first two training
+        examples (a forward with gradients on the checks' batch, up to 512 for a metric, could run out of
+        the memory a training batch fits)."""
         if self.objective.loss is None:
             return
         device = self.net.hparams.device
+        x, y = source.take(torch.arange(min(2, len(source))), self.fields)
         with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            value = self.objective.eval_loss(self.net(x), y)
+            value = self.objective.eval_loss(self.net(to_device(x, device)), to_device(y, device))
         if not isinstance(value, torch.Tensor) or not value.requires_grad:
             got = "a tensor without a gradient" if isinstance(value, torch.Tensor) else type(value).__name__
             raise DataError(f"loss: it returned {got} on the first examples, so training cannot differentiate it; "
@@ -938,6 +941,9 @@ class SelfTuner:
         Raises:
             DivergenceError: the run diverged more than ``settings.max_divergences`` times in a row, without
                 getting past the step where the previous roll-back's divergence happened.
+            KeyboardInterrupt: a Ctrl-C (SIGINT), after the step it came in has finished: ``fit`` again goes
+                on exactly (with Python's own SIGINT handler, in the main thread; a second Ctrl-C stops at
+                once).
         """
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:  # (numpy's too)
             raise ConfigError("epochs", f"must be a whole number >= 1 (got {epochs!r})")
@@ -970,11 +976,11 @@ class SelfTuner:
         try:                              # eval() mode predicts without dropout after fit too
             with self._own_rng(), self._interrupt_between_steps() as interrupted:
                 result = self._fit(epochs, callbacks, max_steps)
-            if interrupted:
+            if interrupted and self.order.epoch < epochs and (max_steps is None or self.counters.steps < max_steps):
                 raise KeyboardInterrupt(f"fit stopped after step {self.counters.steps} (Ctrl-C); the tuner is as "
                                         "after that step, so fit again goes on exactly (tuner.result() holds the run "
                                         "so far)")
-            return result
+            return result  # (a Ctrl-C after the last step: the run is whole)
         finally:
             self.net.train(was_training)
             for source in self.sources.values():  # a batch fetched ahead for a step that did not come

@@ -215,3 +215,19 @@ def test_export_leaves_the_global_generator_alone_and_score_refuses_a_device_it_
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^device: 'cuda': CUDA is not available here"):
             st.score(net, _data(8, 0), device="cuda")
+
+
+def test_a_cut_of_a_batch_cuts_per_example_lists_and_keeps_structures_of_fields():
+    """rows() cuts the examples of a batch (a micro-batch, Delta-STN's response share): a list with one entry
+    per example (string labels) is cut as a list; a structure of fields keeps its shape even when it has as
+    many members as the batch has examples (the review of stop 35: [a, [b, c]] of 2 examples became [a])."""
+    from selftune.batches import Kwargs, rows
+
+    a, b, c = torch.randn(2, 3), torch.randn(2, 5), torch.randn(2)
+    nested = rows([a, [b, c]], 0, 1, 0, 2)
+    assert nested[0].shape == (1, 3) and nested[1][0].shape == (1, 5) and nested[1][1].shape == (1,)
+    pair = rows((a, None), 0, 1, 0, 2)
+    assert pair[0].shape == (1, 3) and pair[1] is None
+    keywords = rows((a, Kwargs(mask=b, flag=torch.tensor(1.0))), 0, 1, 0, 2)
+    assert keywords[1]["mask"].shape == (1, 5) and keywords[1]["flag"].dim() == 0
+    assert rows(["cat", "dog"], 0, 1, 0, 2) == ["cat"]

@@ -131,7 +131,8 @@ class HyperNet(nn.Module):
                 # Delta-STN is centred: at the current hyperparameters the response is exactly 0,
                 # so the response path is skipped there and such a step costs a plain step.
                 cond = self.encode(u) - self.encode(centre.detach())
-        if self._bound is not None and self._bound._hyper_state is not self._state:
+        bound = getattr(self, "_bound", None)  # (absent in a net pickled before stop 35)
+        if bound is not None and bound._hyper_state is not self._state:
             raise RuntimeError("this HyperNet's model was given to hypernetize again (a notebook cell run twice?): "
                                "its layers now answer to the newer HyperNet; use that one, or hypernetize a fresh "
                                "model")
@@ -567,7 +568,8 @@ def hypernetize(model: nn.Module, space: Space, *, form: Form = "delta",
     """
     if isinstance(model, HyperNet):
         raise TypeError("model is already a HyperNet (from selftune.hypernetize); use it as it is, or pass its "
-                        ".model to hypernetize it for another space")
+                        ".model to hypernetize it for another space (a [task] returns the plain model, which "
+                        "selftune converts)")
     named = dict(model.named_modules())
     # Layers an earlier call converted (a notebook cell run twice on one model): kept as they are when they
     # respond to this space's encoding in this form, and reported as converted (they read as "no

@@ -643,8 +643,8 @@ def _own_dropout_generator(layer: BestResponseRecurrent, x: torch.Tensor) -> Any
     """cuDNN draws an RNN's dropout between layers from a state of its own, which no checkpoint holds, so a
     resumed run would drop other units than an uninterrupted one: with that dropout on, a GPU run trains the
     layer with PyTorch's own kernels, which draw from the CUDA generator the run checkpoints (slower)."""
-    return torch.backends.cudnn.flags(enabled=False) if layer.dropout and layer.training and x.is_cuda \
-        else contextlib.nullcontext()
+    return torch.backends.cudnn.flags(enabled=False) if layer.dropout and layer.num_layers > 1 and layer.training \
+        and x.is_cuda else contextlib.nullcontext()
 
 
 class BestResponseLSTM(BestResponseRecurrent):

@@ -156,6 +156,7 @@ class StoreRecorder(Callback):
         path = self.dir / f"step-{here[0]:09d}-epoch-{here[1]:05d}-rollback-{int(info['divergences'])}.pt"
         save_atomic(self._payload(tuner.snapshot(point=False)), path)
         self._deleted.discard(path)
+        self._last_saved = time.monotonic()
         self.store.roll_back(self.run_id, step=here[0], epoch=here[1], path=str(path), event_step=int(info["step"]),
                              message=info["message"])
         self._committed, self._last_beat = here, time.monotonic()
