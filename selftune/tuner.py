@@ -608,7 +608,8 @@ class SelfTuner:
                 f"tuner.follow: the schedule was recorded at {schedule.steps_per_epoch} weight steps an epoch, this "
                 f"run takes {per_epoch}; it is followed step by step, so its epochs do not line up with this "
                 "run's (follow it at the batch size and data it was recorded with)"), stacklevel=3)
-        elif schedule.steps and total > schedule.steps[-1] + max(per_epoch, self.settings.log_every):
+        elif schedule.steps_per_epoch and len(schedule.steps) > 1 and \
+                total > schedule.steps[-1] + max(per_epoch, self.settings.log_every):  # (a run's, not a constant)
             warnings.warn(SelftuneWarning(
                 f"tuner.follow: the schedule covers {schedule.steps[-1] + 1} weight steps, this run takes {total}; "
                 "its last values hold for the rest"), stacklevel=3)
