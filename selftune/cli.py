@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                           "<out>-METHOD, and print both results side by side: did tuning help?")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
-                     help="steps between checkpoints (also one at every epoch end; default 100)")
+                     help="steps between checkpoints (also one at an epoch end, unless the last is under 2 s old; "
+                          "default 100)")
     run.add_argument("--checkpoint-dir", default="checkpoints",
                      help="folder under which each run's checkpoints go, as DIR/<run uuid>/ (default ./checkpoints)")
     _store_arg(run)
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(another host); a live driver is never taken over")
     resume.add_argument("--quiet", action="store_true", help="no progress bar")
     resume.add_argument("--checkpoint-every", type=_positive, default=None, metavar="STEPS",
-                        help="steps between checkpoints (also one at every epoch end; default: the run's own "
+                        help="steps between checkpoints (also one at an epoch end, unless the last is under 2 s "
+                             "old; default: the run's own "
                              "interval, so the resumed run rolls back where the uninterrupted one would)")
     _store_arg(resume)
 
@@ -113,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="write into a non-empty --out, replacing only selftune's own files")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.add_argument("--checkpoint-every", type=_positive, default=100, metavar="STEPS",
-                        help="steps between checkpoints (also one at every epoch end; default 100)")
+                        help="steps between checkpoints (also one at an epoch end, unless the last is under 2 s old; "
+                          "default 100)")
     replay.add_argument("--checkpoint-dir", default="checkpoints",
                         help="where the replay's checkpoints go, as DIR/<run uuid>/ (default ./checkpoints)")
     _store_arg(replay)

@@ -67,8 +67,8 @@ class TunerSettings(BaseModel):
     lr: PositiveFloat | str = Field(
         0.01, description="learning rate of the weights, or the name of a hyperparameter of the space that holds it "
                           "(declare it log-scaled, e.g. [space.lr] low = 1e-4, high = 1, log = true): fixed trains at "
-                          "its init, searches sample it, and hd, stn and delta-stn tune it in the run by hypergradient "
-                          "descent (selftune.hd)")
+                          "its init, searches sample it, and hd, stn, delta-stn, ift and delta-ift tune it in the run "
+                          "by hypergradient descent (selftune.hd; one-pass by its implicit hypergradient)")
     lr_scales: dict[str, float] = Field(
         {}, description="a rate per layer: layer pattern (objective.weight_decay's syntax: a module's name from "
                         "model.named_modules(), or a block that holds it, with * and ?) -> multiple of the weights' "

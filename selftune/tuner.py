@@ -2043,7 +2043,9 @@ class SelfTuner:
         """Restore a :meth:`state_dict` into a tuner built with the same net, data and settings.
 
         Raises:
-            ConfigError: the state was saved by a tuner of another method, or by an older selftune.
+            ConfigError: the state was saved by a tuner of another method or an older selftune, over other
+                data sizes, hyperparameters, net weights or shapes, optimizer class or ``lr_scales``; or it is
+                not a tuner's state (a network's ``state_dict``). Nothing is loaded then.
         """
         if not isinstance(state, Mapping) or ("format" not in state and "method" not in state):
             looks = "a network's state_dict (load it with net.load_state_dict)" if isinstance(state, Mapping) and \

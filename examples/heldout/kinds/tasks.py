@@ -15,7 +15,7 @@ Run through the CLI only (``selftune bench examples/heldout/kinds/multilabel.tom
 * ``imbalanced``: a 90/10 classification with a class-weighted cross-entropy passed as the loss, balanced
   accuracy and minority recall as metrics; 300 training rows.
 * ``finetune`` (stop 35): transfer learning. An MLP body pretrained on the digits 0-4 (every such image), a
-  new head for the digits 5-9 from 100 training images; the body trains at a third of the head's rate
+  new head for the digits 5-9 from 100 training images; the body trains at 0.3x the head's rate
   (``tuner.lr_scales``), a dropout in the body and one before the head and a weight decay are tuned.
 """
 from __future__ import annotations
